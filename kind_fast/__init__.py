@@ -1,0 +1,21 @@
+"""kind_fast: fused kernels and drop-in PyTorch modules for KIND in Diffusion Transformers.
+
+Importing this package never initialises CUDA, imports Triton or loads the compiled
+extension; backends are resolved on first use (see ``python -m kind_fast.info``).
+"""
+
+from kind_fast._version import __version__
+from kind_fast.backends import current_backend, use_backend
+from kind_fast.gate import ClassGate
+from kind_fast.layers import FastKindLinear
+from kind_fast.ops.kind_linear import kind_linear, kind_linear_ref
+
+__all__ = [
+    "__version__",
+    "ClassGate",
+    "FastKindLinear",
+    "kind_linear",
+    "kind_linear_ref",
+    "use_backend",
+    "current_backend",
+]

@@ -1,0 +1,446 @@
+"""KIND-DiT: Diffusion Transformers whose token-wise linears are KIND layers.
+
+Written from scratch after the DiT paper's architecture (Peebles & Xie, 2023): patchify,
+adaLN-Zero blocks conditioned on timestep + class, learned sigma, a null class for
+classifier-free guidance. Module names follow the DiT checkpoint layout (``blocks.{i}.attn.qkv``,
+``mlp.fc1``, ``adaLN_modulation.1`` …) so converted weights line up. With ``kind=None`` this is
+a plain dense DiT (fused ``qkv``), which is also what ``kindify`` converts.
+
+KIND layers (DESIGN §1): q, k, v (or fused qkv), attention proj, fc1, fc2; adaLN modulation,
+embedders and the final layer stay dense.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kind_fast.gate import ClassGate
+from kind_fast.layers import FastKindLinear
+
+
+# =====================================================================================
+# Config
+# =====================================================================================
+@dataclass
+class KindConfig:
+    """How a DiT is decomposed (defaults: DESIGN §1)."""
+
+    tailor_rank: int = 96  # N_T per matrix
+    active: int = 32  # tailors each class switches on
+    gate: str = "block"  # block | random_k | all_on
+    null: str = "off"  # null (CFG) class: off | all | class
+    qkv: str = "split"  # split: q, k, v are separate KIND layers; fused: one 3d×d layer
+    learngene_rank: int | None = None  # N_G; None: min(in, out) - tailor_rank
+    seed: int = 0  # random_k gates
+
+    def __post_init__(self):
+        if self.qkv not in ("split", "fused"):
+            raise ValueError(f"qkv must be 'split' or 'fused', got {self.qkv!r}")
+        if self.gate not in ("block", "random_k", "all_on"):
+            raise ValueError(f"gate must be block, random_k or all_on, got {self.gate!r}")
+
+    def make_gate(self, num_classes: int) -> ClassGate:
+        if self.gate == "block":
+            return ClassGate.block(num_classes, self.tailor_rank, self.active, null=self.null)
+        if self.gate == "random_k":
+            return ClassGate.random_k(num_classes, self.tailor_rank, self.active, seed=self.seed, null=self.null)
+        return ClassGate.all_on(num_classes, self.tailor_rank)
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+# =====================================================================================
+# Embedders
+# =====================================================================================
+class PatchEmbed(nn.Module):
+    """(N, C, H, W) image or latent -> (N, T, d) tokens, T = (H/p)·(W/p)."""
+
+    def __init__(self, input_size: int, patch_size: int, in_channels: int, hidden_size: int):
+        super().__init__()
+        if input_size % patch_size:
+            raise ValueError(f"input_size {input_size} is not a multiple of patch_size {patch_size}")
+        self.num_patches = (input_size // patch_size) ** 2
+        self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class TimestepEmbedder(nn.Module):
+    """Scalar timesteps -> (N, d) through sinusoidal features and a two-layer MLP."""
+
+    def __init__(self, hidden_size: int, freq_size: int = 256):
+        super().__init__()
+        self.freq_size = freq_size
+        self.mlp = nn.Sequential(nn.Linear(freq_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
+
+    @staticmethod
+    def sinusoidal(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+        half = dim // 2
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        args = t[:, None].float() * freqs[None]
+        emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+        return F.pad(emb, (0, dim % 2))
+
+    def forward(self, t: Tensor) -> Tensor:
+        return self.mlp(self.sinusoidal(t, self.freq_size).to(self.mlp[0].weight.dtype))
+
+
+class LabelEmbedder(nn.Module):
+    """Class ids -> (N, d); id ``num_classes`` is the null class that label dropout feeds in."""
+
+    def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float):
+        super().__init__()
+        self.num_classes = num_classes
+        self.dropout_prob = dropout_prob
+        self.embedding_table = nn.Embedding(num_classes + 1, hidden_size)
+
+    def drop(self, labels: Tensor, force_drop_ids: Tensor | None = None) -> Tensor:
+        """Replace labels by the null id: randomly in training, or where force_drop_ids == 1."""
+        if force_drop_ids is not None:
+            drop = force_drop_ids == 1
+        elif self.training and self.dropout_prob > 0:
+            drop = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
+        else:
+            return labels
+        return torch.where(drop, torch.full_like(labels, self.num_classes), labels)
+
+    def forward(self, labels: Tensor) -> Tensor:
+        return self.embedding_table(labels)
+
+
+# =====================================================================================
+# Blocks
+# =====================================================================================
+def _linear(d_in: int, d_out: int, kind: KindConfig | None, gate: ClassGate | None) -> nn.Module:
+    if kind is None:
+        return nn.Linear(d_in, d_out)
+    return FastKindLinear(d_in, d_out, tailor_rank=kind.tailor_rank, learngene_rank=kind.learngene_rank,
+                          gate=gate, device="meta")
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention; q, k, v separate (KIND split) or one fused qkv layer."""
+
+    def __init__(self, dim: int, num_heads: int, kind: KindConfig | None, gate: ClassGate | None):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"hidden size {dim} is not divisible by {num_heads} heads")
+        self.num_heads = num_heads
+        self.split = kind is not None and kind.qkv == "split"
+        if self.split:
+            self.q, self.k, self.v = (_linear(dim, dim, kind, gate) for _ in range(3))
+        else:
+            self.qkv = _linear(dim, 3 * dim, kind, gate)
+        self.proj = _linear(dim, dim, kind, gate)
+
+    def forward(self, x: Tensor) -> Tensor:
+        n, t, d = x.shape
+        if self.split:
+            q, k, v = self.q(x), self.k(x), self.v(x)
+        else:
+            q, k, v = self.qkv(x).chunk(3, dim=-1)
+        q, k, v = (z.view(n, t, self.num_heads, d // self.num_heads).transpose(1, 2) for z in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v)  # (N, heads, T, d/heads)
+        return self.proj(out.transpose(1, 2).reshape(n, t, d))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int, kind: KindConfig | None, gate: ClassGate | None):
+        super().__init__()
+        self.fc1 = _linear(dim, hidden, kind, gate)
+        self.fc2 = _linear(hidden, dim, kind, gate)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class DiTBlock(nn.Module):
+    """Transformer block with adaLN-Zero conditioning (gated residuals, zero-initialised)."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, kind, gate):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(dim, num_heads, kind, gate)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), kind, gate)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+
+    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = x + gate_a.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_a, scale_a))
+        return x + gate_m.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_m, scale_m))
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, dim: int, patch_size: int, out_channels: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(dim, patch_size * patch_size * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+
+    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+def sincos_pos_embed(dim: int, grid: int) -> np.ndarray:
+    """Fixed 2-D sin-cos position table (grid², dim): half the channels per axis."""
+    if dim % 4:
+        raise ValueError(f"hidden size {dim} must be a multiple of 4 for 2-D sin-cos embeddings")
+    omega = 1.0 / 10000 ** (np.arange(dim // 4, dtype=np.float64) / (dim / 4.0))
+    coords = np.arange(grid, dtype=np.float64)
+    gy, gx = np.meshgrid(coords, coords, indexing="ij")
+
+    def axis(pos):
+        out = np.outer(pos.reshape(-1), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    return np.concatenate([axis(gx), axis(gy)], axis=1)
+
+
+# =====================================================================================
+# DiT
+# =====================================================================================
+class DiT(nn.Module):
+    """Class-conditional DiT; with ``kind`` set its token-wise linears are KIND layers.
+
+    forward(x (N, C, H, W), t (N,), y (N,)) -> (N, C or 2C, H, W). With ``kind`` the class
+    labels (after label dropout) are routed to every KIND layer through ``self.kind_gate``.
+    """
+
+    def __init__(
+        self,
+        input_size: int = 32,
+        patch_size: int = 2,
+        in_channels: int = 4,
+        hidden_size: int = 1152,
+        depth: int = 28,
+        num_heads: int = 16,
+        mlp_ratio: float = 4.0,
+        class_dropout_prob: float = 0.1,
+        num_classes: int = 1000,
+        learn_sigma: bool = True,
+        kind: KindConfig | None = None,
+        gate: ClassGate | None = None,
+    ):
+        super().__init__()
+        self.in_channels = in_channels
+        self.out_channels = in_channels * 2 if learn_sigma else in_channels
+        self.patch_size = patch_size
+        self.num_heads = num_heads
+        self.num_classes = num_classes
+        self.kind = kind
+        self.arch = dict(input_size=input_size, patch_size=patch_size, in_channels=in_channels,
+                         hidden_size=hidden_size, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
+                         class_dropout_prob=class_dropout_prob, num_classes=num_classes,
+                         learn_sigma=learn_sigma)
+        if kind is not None:
+            gate = gate if gate is not None else kind.make_gate(num_classes)
+            if gate.num_classes != num_classes:
+                raise ValueError(f"gate has {gate.num_classes} classes but the model has {num_classes}")
+            self.kind_gate = gate
+        elif gate is not None:
+            raise ValueError("a gate was given but kind=None (a dense DiT has no tailors)")
+
+        self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
+        grid = input_size // patch_size
+        self.register_buffer("pos_embed", torch.from_numpy(sincos_pos_embed(hidden_size, grid)).float()[None])
+        self.blocks = nn.ModuleList(
+            DiTBlock(hidden_size, num_heads, mlp_ratio, kind, gate) for _ in range(depth)
+        )
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.initialize_weights()
+
+    # ------------------------------------------------------------------ init
+    @torch.no_grad()
+    def initialize_weights(self) -> None:
+        """DiT init: xavier linears (KIND layers: SVD of a xavier matrix), zero adaLN and output.
+
+        A model built under ``torch.device("meta")`` stays uninitialised (for counting
+        parameters of big configs without paying for the SVDs); call ``to_empty`` and then
+        this method to materialise it.
+        """
+        if self.x_embedder.proj.weight.is_meta:
+            return
+        for layer in self.kind_layers():
+            if layer.u_g.is_meta:  # KIND layers are built on meta: the SVD init happens below
+                layer.to_empty(device=self.x_embedder.proj.weight.device)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        for block in self.blocks:
+            attn = block.attn
+            if attn.split:  # xavier over the fused 3d×d matrix, as a dense DiT's qkv
+                d = attn.q.in_features
+                w = nn.init.xavier_uniform_(torch.empty(3 * d, d, dtype=torch.float64))
+                parts = [(attn.q, w[:d]), (attn.k, w[d:2 * d]), (attn.v, w[2 * d:])]
+            else:
+                parts = [(attn.qkv, None)]
+            parts += [(attn.proj, None), (block.mlp.fc1, None), (block.mlp.fc2, None)]
+            for layer, w in parts:
+                if isinstance(layer, FastKindLinear):
+                    if w is None:
+                        w = nn.init.xavier_uniform_(
+                            torch.empty(layer.out_features, layer.in_features, dtype=torch.float64))
+                    layer.load_dense_weight(w)
+                    if layer.bias is not None:
+                        layer.bias.zero_()
+        pw = self.x_embedder.proj.weight
+        nn.init.xavier_uniform_(pw.view(pw.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for block in self.blocks:
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        for lin in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
+            nn.init.zeros_(lin.weight)
+            nn.init.zeros_(lin.bias)
+
+    # ------------------------------------------------------------------ forward
+    def unpatchify(self, x: Tensor) -> Tensor:
+        """(N, T, p²·C) -> (N, C, H, W)."""
+        p, c = self.patch_size, self.out_channels
+        h = w = int(round(x.shape[1] ** 0.5))
+        x = x.reshape(x.shape[0], h, w, p, p, c)
+        return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, h * p, w * p)
+
+    def forward(self, x: Tensor, t: Tensor, y: Tensor, force_drop_ids: Tensor | None = None) -> Tensor:
+        y = self.y_embedder.drop(y, force_drop_ids)
+        if self.kind is not None:
+            self.kind_gate.labels = y  # every KIND layer reads the (post-dropout) labels
+        x = self.x_embedder(x) + self.pos_embed.to(x.dtype)
+        c = self.t_embedder(t) + self.y_embedder(y)
+        for block in self.blocks:
+            x = block(x, c)
+        return self.unpatchify(self.final_layer(x, c))
+
+    def forward_with_cfg(self, x: Tensor, t: Tensor, y: Tensor, cfg_scale: float) -> Tensor:
+        """Classifier-free guidance in one batch: the first half of x/y is conditional, the
+        second half's labels are replaced by the null class; guidance acts on all ε channels."""
+        half = x[: x.shape[0] // 2]
+        both = torch.cat([half, half], dim=0)
+        out = self(both, t, y)
+        eps, rest = out[:, : self.in_channels], out[:, self.in_channels :]
+        cond, uncond = eps.chunk(2, dim=0)
+        guided = uncond + cfg_scale * (cond - uncond)
+        return torch.cat([torch.cat([guided, guided], dim=0), rest], dim=1)
+
+    # ------------------------------------------------------------------ KIND life cycle
+    def kind_layers(self):
+        return [m for m in self.modules() if isinstance(m, FastKindLinear)]
+
+    def set_mode(self, mode: str) -> DiT:
+        """pretrain / full_finetune: everything trains; transfer: tailors + label table +
+        final layer train, learngenes and every other dense weight are frozen."""
+        if mode in ("pretrain", "full_finetune"):
+            self.requires_grad_(True)
+        elif mode == "transfer":
+            if self.kind is None:
+                raise ValueError("transfer mode needs a KIND-DiT (kind=None is a dense DiT)")
+            self.requires_grad_(False)
+            for layer in self.kind_layers():
+                for p in (layer.u_t, layer.sigma_t, layer.v_t):
+                    p.requires_grad_(True)
+            self.y_embedder.requires_grad_(True)
+            self.final_layer.requires_grad_(True)
+            if self.kind_gate.trainable:
+                self.kind_gate.table.requires_grad_(True)
+        else:
+            raise ValueError(f"mode must be pretrain, transfer or full_finetune, got {mode!r}")
+        self.mode = mode
+        return self
+
+    def retarget(self, num_classes: int, gate: ClassGate | None = None) -> DiT:
+        """New classes: a fresh label table (num_classes + 1 rows) and, for KIND, a new gate."""
+        d = self.y_embedder.embedding_table.embedding_dim
+        dev = self.y_embedder.embedding_table.weight.device
+        self.y_embedder = LabelEmbedder(num_classes, d, self.y_embedder.dropout_prob).to(dev)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        self.num_classes = self.arch["num_classes"] = num_classes
+        if self.kind is not None:
+            gate = gate if gate is not None else self.kind.make_gate(num_classes)
+            if gate.num_classes != num_classes:
+                raise ValueError(f"gate has {gate.num_classes} classes, expected {num_classes}")
+            self.kind_gate = gate.to(dev)
+            for layer in self.kind_layers():
+                layer.set_gate(self.kind_gate)
+        elif gate is not None:
+            raise ValueError("a dense DiT has no gate")
+        return self
+
+    def prepare_transfer(self, num_classes: int, gate: ClassGate | None = None, *,
+                         generator: torch.Generator | None = None) -> DiT:
+        """KIND transfer: keep (and freeze) learngenes, re-initialise tailors, new gate and
+        label table for ``num_classes`` new classes."""
+        self.retarget(num_classes, gate)
+        for layer in self.kind_layers():
+            layer.reset_tailors(generator=generator)
+        return self.set_mode("transfer")
+
+    @torch.no_grad()
+    def to_dense(self, class_id: int | None = None) -> DiT:
+        """Export a plain dense DiT (fused qkv) whose block linears are what ``class_id``
+        sees (None: learngenes only). Everything else is copied."""
+        dense = DiT(**self.arch, kind=None).to(self.pos_embed.device)
+        own = {k: v for k, v in self.state_dict().items() if not k.startswith("kind_gate")}
+        for i, (src, dst) in enumerate(zip(self.blocks, dense.blocks)):
+            prefix = f"blocks.{i}."
+            for k in [k for k in own if k.startswith(prefix + "attn.") or k.startswith(prefix + "mlp.")]:
+                own.pop(k)
+            a = src.attn
+            qkv = [a.q, a.k, a.v] if a.split else [a.qkv]
+            dst.attn.qkv.weight.copy_(torch.cat([_dense(m, class_id) for m in qkv], 0))
+            dst.attn.qkv.bias.copy_(torch.cat([m.bias for m in qkv], 0))
+            for name in ("attn.proj", "mlp.fc1", "mlp.fc2"):
+                s, d = src.get_submodule(name), dst.get_submodule(name)
+                d.weight.copy_(_dense(s, class_id))
+                d.bias.copy_(s.bias)
+        missing, unexpected = dense.load_state_dict(own, strict=False)
+        copied = {k for k in missing if ".attn." in k or ".mlp." in k}
+        if unexpected or set(missing) - copied:
+            raise RuntimeError(f"to_dense: unexpected {unexpected}, missing {sorted(set(missing) - copied)}")
+        return dense
+
+
+def _dense(layer: nn.Module, class_id: int | None) -> Tensor:
+    return layer.to_dense(class_id) if isinstance(layer, FastKindLinear) else layer.weight
+
+
+# =====================================================================================
+# Configs (DiT paper: S/B/L/XL × patch 2/4/8)
+# =====================================================================================
+_SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
+DiT_models = {
+    f"DiT-{size}/{p}": (depth, hidden, heads, p)
+    for size, (depth, hidden, heads) in _SIZES.items()
+    for p in (2, 4, 8)
+}
+
+
+def build_dit(name: str, *, kind: KindConfig | None = None, **kwargs) -> DiT:
+    """``build_dit("DiT-L/2", kind=KindConfig(), num_classes=150)``; kwargs override DiT args."""
+    if name not in DiT_models:
+        raise ValueError(f"unknown DiT config {name!r}; choose one of {sorted(DiT_models)}")
+    depth, hidden, heads, p = DiT_models[name]
+    args = dict(depth=depth, hidden_size=hidden, num_heads=heads, patch_size=p)
+    args.update(kwargs)
+    return DiT(kind=kind, **args)
+
+
+def kind_config_dict(kind: KindConfig | None) -> dict | None:
+    return None if kind is None else asdict(kind)

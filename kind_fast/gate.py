@@ -1,0 +1,308 @@
+"""The class gate: which tailors each class switches on.
+
+A gate is a table G over (classes + null) × N_T. Row c says how strongly class c uses each
+tailor; the last row (index ``num_classes``) is the null class that classifier-free guidance
+feeds in. One gate is shared by every KIND layer of a model (as in KIND), so it is changed in
+one place.
+
+For the kernels a gate compiles to ``idx`` (C+1, K) int32, the active tailor ids of each row
+in increasing order, and ``val`` (C+1, K) float32, their gate values; rows with fewer than K
+active tailors are padded with id 0 and value 0 (DESIGN §2).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+NULL_POLICIES = ("off", "all", "class")
+GATE_KINDS = ("block", "random_k", "dense", "all_on")
+
+
+def _check_int(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _check_null(null: str) -> str:
+    if null not in NULL_POLICIES:
+        raise ValueError(f"null must be one of {NULL_POLICIES}, got {null!r}")
+    return null
+
+
+class ClassGate(nn.Module):
+    """Class gate shared by all KIND layers of a model; build it with a classmethod builder.
+
+    Args:
+        table: (num_classes + 1, tailor_rank) gate values; the last row is the null class.
+        support: optional bool mask of the same shape: which entries are active. Defaults to
+            the nonzero entries of ``table``. It is fixed at construction (a trainable gate
+            changes values, not which tailors a class uses).
+        trainable: make the table an ``nn.Parameter`` (soft gates); gradients flow to it
+            through the compiled ``val``.
+        kind, null, config: bookkeeping for save/load and repr.
+    """
+
+    def __init__(
+        self,
+        table: Tensor,
+        *,
+        support: Tensor | None = None,
+        trainable: bool = False,
+        kind: str = "dense",
+        null: str = "off",
+        config: dict | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(table, Tensor):
+            raise TypeError(f"table must be a torch.Tensor, got {type(table).__name__}")
+        if table.dim() != 2 or table.shape[0] < 2 or table.shape[1] < 1:
+            raise ValueError(
+                "table must be 2-D (num_classes + 1, tailor_rank) with at least one class, "
+                f"got shape {tuple(table.shape)}"
+            )
+        if not table.is_floating_point():
+            raise TypeError(f"table must be a floating-point tensor, got {table.dtype}")
+        # Gates are built on the CPU (even under a torch.device context) and move with the model.
+        table = table.detach().to("cpu", torch.float32).clone()
+        if support is None:
+            support = table != 0
+        elif support.shape != table.shape:
+            raise ValueError(f"support shape {tuple(support.shape)} != table shape {tuple(table.shape)}")
+        support = support.to(torch.bool).cpu()
+        k = max(int(support.sum(1).max()), 1)
+        # Active ids in increasing order, padded with 0: a stable sort of ~support puts the
+        # active columns first in their original order.
+        order = torch.sort((~support).to(torch.int8), dim=1, stable=True).indices[:, :k]
+        mask = torch.gather(support, 1, order)
+        idx = torch.where(mask, order, torch.zeros_like(order)).to(torch.int32)
+        if trainable:
+            self.table = nn.Parameter(table)
+        else:
+            self.register_buffer("table", table)
+        self.register_buffer("idx", idx)
+        self.register_buffer("mask", mask.to(torch.float32))
+        self.trainable = trainable
+        self.kind = kind
+        self.null = null
+        self.config = dict(config or {})
+        # Labels of the current batch, set by kindify's forward pre-hook or by KindDiT.forward;
+        # every layer that is not given labels= reads them here. A tensor: no host sync.
+        self.labels: Tensor | None = None
+        self._val_cache: dict[Any, Tensor] = {}
+
+    # ------------------------------------------------------------------ builders
+    @classmethod
+    def block(cls, num_classes: int, tailor_rank: int, active: int, *, null: str = "off") -> ClassGate:
+        """Class c switches on block c mod (tailor_rank // active) of ``active`` contiguous tailors."""
+        _check_int("num_classes", num_classes, 1)
+        _check_int("tailor_rank", tailor_rank, 1)
+        _check_int("active", active, 1)
+        if active > tailor_rank:
+            raise ValueError(f"active ({active}) must be <= tailor_rank ({tailor_rank})")
+        _check_null(null)
+        n_blocks = tailor_rank // active
+        rows = num_classes + (1 if null == "class" else 0)
+        table = torch.zeros(num_classes + 1, tailor_rank, device="cpu")
+        for c in range(rows):
+            b = c % n_blocks
+            table[c, b * active : (b + 1) * active] = 1.0
+        if null == "all":
+            table[num_classes] = 1.0
+        cfg = dict(num_classes=num_classes, tailor_rank=tailor_rank, active=active, null=null)
+        return cls(table, kind="block", null=null, config=cfg)
+
+    @classmethod
+    def random_k(
+        cls, num_classes: int, tailor_rank: int, active: int, *, seed: int = 0, null: str = "off"
+    ) -> ClassGate:
+        """Each class switches on a seeded random subset of ``active`` tailors."""
+        _check_int("num_classes", num_classes, 1)
+        _check_int("tailor_rank", tailor_rank, 1)
+        _check_int("active", active, 1)
+        if active > tailor_rank:
+            raise ValueError(f"active ({active}) must be <= tailor_rank ({tailor_rank})")
+        _check_null(null)
+        gen = torch.Generator().manual_seed(int(seed))
+        rows = num_classes + (1 if null == "class" else 0)
+        table = torch.zeros(num_classes + 1, tailor_rank, device="cpu")
+        for c in range(rows):
+            table[c, torch.randperm(tailor_rank, generator=gen, device="cpu")[:active]] = 1.0
+        if null == "all":
+            table[num_classes] = 1.0
+        cfg = dict(num_classes=num_classes, tailor_rank=tailor_rank, active=active, null=null, seed=seed)
+        return cls(table, kind="random_k", null=null, config=cfg)
+
+    @classmethod
+    def dense(
+        cls, table: Tensor, *, null_row: Tensor | None = None, trainable: bool = False
+    ) -> ClassGate:
+        """Any real-valued table (e.g. soft gates) of shape (num_classes, tailor_rank).
+
+        The null row is ``null_row`` if given, else all zeros (learngenes only). A table of
+        shape (num_classes + 1, tailor_rank) may be passed with ``null_row=None`` meaning its
+        last row already is the null row: pass it through ``ClassGate(table)`` instead.
+        With ``trainable=True`` every entry is active and learns.
+        """
+        if not isinstance(table, Tensor) or table.dim() != 2:
+            raise TypeError("table must be a 2-D tensor (num_classes, tailor_rank)")
+        if null_row is None:
+            null_row = torch.zeros(table.shape[1], dtype=table.dtype, device="cpu")
+        if null_row.shape != (table.shape[1],):
+            raise ValueError(f"null_row must have shape ({table.shape[1]},), got {tuple(null_row.shape)}")
+        full = torch.cat([table.detach().cpu().float(), null_row.detach().cpu().float()[None]], 0)
+        support = torch.ones_like(full, dtype=torch.bool) if trainable else None
+        cfg = dict(num_classes=table.shape[0], tailor_rank=table.shape[1], null="table")
+        return cls(full, support=support, trainable=trainable, kind="dense", null="table", config=cfg)
+
+    @classmethod
+    def all_on(cls, num_classes: int, tailor_rank: int, *, null: str = "all") -> ClassGate:
+        """Every class (and by default the null class) switches on every tailor.
+
+        With this gate a KIND layer equals the dense layer it was converted from for every
+        label, which is what ``from_linear``/``kindify`` exactness is checked against.
+        """
+        _check_int("num_classes", num_classes, 1)
+        _check_int("tailor_rank", tailor_rank, 1)
+        _check_null(null)
+        table = torch.ones(num_classes + 1, tailor_rank, device="cpu")
+        if null == "off":
+            table[num_classes] = 0.0
+        cfg = dict(num_classes=num_classes, tailor_rank=tailor_rank, null=null)
+        return cls(table, kind="all_on", null=null, config=cfg)
+
+    @classmethod
+    def from_config(cls, config: dict, table: Tensor | None = None) -> ClassGate:
+        """Rebuild a gate from ``to_config()`` (and its saved table for dense gates)."""
+        kind = config.get("kind")
+        args = {k: v for k, v in config.items() if k not in ("kind", "trainable")}
+        if kind == "block":
+            gate = cls.block(**args)
+        elif kind == "random_k":
+            gate = cls.random_k(**args)
+        elif kind == "all_on":
+            gate = cls.all_on(**args)
+        elif kind == "dense":
+            if table is None:
+                raise ValueError("a dense gate needs its saved table to be rebuilt")
+            support = torch.ones_like(table, dtype=torch.bool) if config.get("trainable") else None
+            return cls(table, support=support, trainable=bool(config.get("trainable")), kind="dense",
+                       null="table", config=args)
+        else:
+            raise ValueError(f"unknown gate kind {kind!r}; expected one of {GATE_KINDS}")
+        if table is not None:
+            if table.shape != gate.table.shape:
+                raise ValueError(f"saved gate table {tuple(table.shape)} != config {tuple(gate.table.shape)}")
+            if not torch.equal(table.float().cpu(), gate.table.cpu()):
+                raise ValueError(f"saved gate table does not match the {kind} gate its config describes")
+        return gate
+
+    def to_config(self) -> dict:
+        return dict(self.config, kind=self.kind, trainable=self.trainable)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def num_classes(self) -> int:
+        """Number of real classes C; the null class id is C."""
+        return self.table.shape[0] - 1
+
+    @property
+    def null_class(self) -> int:
+        return self.num_classes
+
+    @property
+    def tailor_rank(self) -> int:
+        return self.table.shape[1]
+
+    @property
+    def active(self) -> int:
+        """K: active tailors per row in the compiled form (max over rows)."""
+        return self.idx.shape[1]
+
+    def row(self, class_id: int) -> Tensor:
+        """Dense gate row (tailor_rank,) of one class (``num_classes`` for the null class)."""
+        if isinstance(class_id, bool) or not isinstance(class_id, int):
+            raise TypeError(f"class_id must be an int, got {type(class_id).__name__}")
+        if not 0 <= class_id <= self.num_classes:
+            raise ValueError(f"class_id must be in [0, {self.num_classes}] (null = {self.num_classes}), got {class_id}")
+        return self.table[class_id] * self.support_mask()[class_id]
+
+    def support_mask(self) -> Tensor:
+        """(C+1, N_T) float mask of the active entries."""
+        m = torch.zeros_like(self.table)
+        return m.scatter(1, self.idx.long(), self.mask)
+
+    # ------------------------------------------------------------------ compiled form
+    def compiled(self, device: torch.device | None = None) -> tuple[Tensor, Tensor]:
+        """(idx int32 (C+1, K), val float32 (C+1, K)) on ``device`` for the kernels.
+
+        ``val`` carries gradients to ``table`` when the gate is trainable. For a fixed gate it
+        is cached per device and table version, so layers pay nothing per forward.
+        """
+        device = self.table.device if device is None else torch.device(device)
+        if self.trainable:
+            if self.table.device != device:
+                raise ValueError(
+                    f"trainable gate lives on {self.table.device} but the input is on {device}: "
+                    "register the gate in your model (kindify does) or move it with gate.to(...)"
+                )
+            return self.idx, self.table.gather(1, self.idx.long()) * self.mask
+        if torch.compiler.is_compiling():
+            val = self.table.gather(1, self.idx.long()) * self.mask
+            return self.idx.to(device), val.to(device)
+        key = (device, self.table._version, self.table.data_ptr())
+        hit = self._val_cache.get(key)
+        if hit is None:
+            with torch.no_grad():
+                val = (self.table.gather(1, self.idx.long()) * self.mask).to(device)
+                hit = (self.idx.to(device), val)
+            # one entry per device: a stale version of the same device is dropped
+            self._val_cache = {k: v for k, v in self._val_cache.items() if k[0] != device}
+            self._val_cache[key] = hit
+        return hit
+
+    def _apply(self, fn, recurse=True):
+        self._val_cache = {}
+        return super()._apply(fn, recurse)
+
+    def extra_repr(self) -> str:
+        return (
+            f"kind={self.kind}, num_classes={self.num_classes}, tailor_rank={self.tailor_rank}, "
+            f"active={self.active}, null={self.null}, trainable={self.trainable}"
+        )
+
+
+def check_labels(labels: Any, num_classes: int, *, name: str = "labels") -> Tensor:
+    """Validate per-sample labels: a 1-D integer tensor with values in [0, num_classes].
+
+    ``num_classes`` is the gate's C; the value C is the null class. The range check reads
+    the values, so it runs where that is free: on CPU tensors, and on GPU tensors only as an
+    asynchronous device assertion (no host sync). Under torch.compile only the static checks
+    run.
+    """
+    if not isinstance(labels, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of class ids, got {type(labels).__name__}")
+    if labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+        raise TypeError(f"{name} must have an integer dtype, got {labels.dtype}")
+    if labels.dim() != 1:
+        raise ValueError(f"{name} must be 1-D (one class id per sample), got shape {tuple(labels.shape)}")
+    if torch.compiler.is_compiling() or labels.numel() == 0:
+        return labels
+    if labels.device.type == "cpu":
+        lo, hi = int(labels.min()), int(labels.max())
+        if lo < 0 or hi > num_classes:
+            raise ValueError(
+                f"{name} out of range: got values in [{lo}, {hi}], expected [0, {num_classes}] "
+                f"({num_classes} classes; {num_classes} is the null class)"
+            )
+    elif labels.device.type == "cuda" and not torch.cuda.is_current_stream_capturing():
+        torch._assert_async(
+            ((labels >= 0) & (labels <= num_classes)).all(),
+            f"{name} out of range [0, {num_classes}]",
+        )
+    return labels

@@ -1,0 +1,378 @@
+"""kind_linear: the KIND linear layer as one op family.
+
+Math (DESIGN §1–2). For row m of x, belonging to sample b = m // T of class c = labels[b]:
+
+    y[m] = x[m] · W_Gᵀ + Σ_k  val[c, k] · σ_T[idx[c, k]] · (x[m] · v_T[idx[c, k]]) · u_T[idx[c, k]] + b
+
+with W_G = Σ_{i<N_G} σ_i u_iᵀ v_i materialised by the caller (path M1: once per step; autograd
+of that materialisation projects dW_G onto U_G, σ_G, V_G). Write s[b, k] = σ_T[idx[c,k]]·val[c,k]
+and h[m, k] = x[m]·v_T[idx[c,k]] (the "shrink"); then y = x·W_Gᵀ + (h ⊙ s)·U_T[idx[c]] + b.
+
+Backward, with g = dL/dy and dh_s = g·U_T[idx[c]]ᵀ:
+    dx   = g·W_G + (dh_s ⊙ s)·V_T[idx[c]]
+    dU_T = Σ_rows (h ⊙ s)ᵀ g          scattered to the active ids
+    dV_T = Σ_rows (dh_s ⊙ s)ᵀ x       scattered to the active ids
+    ds   = Σ_rows dh_s ⊙ h            per sample, then dσ_T[idx] += ds·val, dval[c] += ds·σ_T[idx]
+    dW_G = gᵀ x,  db = Σ_rows g       only when asked for
+
+Layering, as in FlashAttention's layer_norm.py: reference → registered ops (forward, backward)
+with fake kernels → autograd → functional. The reference is the oracle for every backend,
+the CPU path and the benchmark baseline. It never loops over rows or samples in Python and
+never builds a per-sample dense weight. Two plans, chosen from shapes only:
+
+* "sample" (T ≥ K and K < N_T, e.g. DiT's 256 tokens per image): gather each sample's K
+  active tailor rows once ((B, K, in) and (B, K, out), small next to x) and run batched GEMMs.
+* "row" (otherwise, e.g. one row per sample or an all-on gate): one GEMM against all N_T
+  tailors, then gather/scatter the K active columns per row. Costs N_T/K more tailor FLOPs
+  but stays GEMM-shaped where the per-sample gather would be larger than x itself.
+
+σ and gate values are applied in float32 (float64 for float64 inputs) on h.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "kind_linear",
+    "kind_linear_ref",
+    "kind_linear_backward_ref",
+    "tailor_plan",
+    "acc_dtype",
+    "SUPPORTED_DTYPES",
+]
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Dtype that σ, gate values and h use: float64 for float64 inputs, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def tailor_plan(rows: int, batch: int, active: int, tailor_rank: int) -> str:
+    """'sample' or 'row' (see the module docstring); depends on shapes only."""
+    t = rows // max(batch, 1)
+    return "sample" if (t >= active and active < tailor_rank) else "row"
+
+
+# =====================================================================================
+# Reference
+# =====================================================================================
+def _per_sample(idx: Tensor, val: Tensor, sigma_t: Tensor, labels: Tensor, acc: torch.dtype):
+    """ids (B, K) int64 active tailor ids and s (B, K) = σ_T[ids] ⊙ val[labels], in acc."""
+    lab = labels.long()
+    ids = idx.index_select(0, lab).long()
+    s = sigma_t.to(acc)[ids] * val.to(acc).index_select(0, lab)
+    return lab, ids, s
+
+
+def _scatter_cols(values: Tensor, ids: Tensor, n: int) -> Tensor:
+    """(M, K) values placed at columns ids (M, K) of an (M, n) zero matrix (sums duplicates)."""
+    return values.new_zeros(values.shape[0], n).scatter_add_(1, ids, values)
+
+
+def kind_linear_ref(
+    x: Tensor,
+    w_g: Tensor,
+    bias: Tensor | None,
+    u_t: Tensor,
+    sigma_t: Tensor,
+    v_t: Tensor,
+    idx: Tensor,
+    val: Tensor,
+    labels: Tensor,
+    *,
+    upcast: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """Forward reference on 2-D x (M, in), M = B·T. Returns (y (M, out), h (M, K)).
+
+    ``upcast=True`` computes in float32 (the test oracle for half-precision inputs).
+    """
+    if upcast and x.dtype in (torch.float16, torch.bfloat16):
+        x, w_g, u_t, v_t = x.float(), w_g.float(), u_t.float(), v_t.float()
+        bias = bias.float() if bias is not None else None
+    dt, acc = x.dtype, acc_dtype(x.dtype)
+    m, n_in = x.shape
+    n_out, n_t, k = w_g.shape[0], u_t.shape[0], idx.shape[1]
+    b = labels.shape[0]
+    t = m // b
+    y = F.linear(x, w_g, bias)
+    if k == 0 or n_t == 0 or m == 0:
+        return y, x.new_zeros((m, k), dtype=acc)
+    _, ids, s = _per_sample(idx, val, sigma_t, labels, acc)
+    if tailor_plan(m, b, k, n_t) == "sample":
+        h = torch.bmm(x.view(b, t, n_in), v_t[ids].transpose(1, 2)).to(acc)  # (B, T, K)
+        hs = (h * s[:, None, :]).to(dt)
+        y.view(b, t, n_out).baddbmm_(hs, u_t[ids])  # (B, T, K)·(B, K, out)
+        return y, h.view(m, k)
+    ids_r = ids.repeat_interleave(t, 0)  # (M, K)
+    h = F.linear(x, v_t).gather(1, ids_r).to(acc)  # (M, N_T) -> (M, K)
+    hs = _scatter_cols(h * s.repeat_interleave(t, 0), ids_r, n_t).to(dt)  # (M, N_T)
+    y.addmm_(hs, u_t)
+    return y, h
+
+
+def kind_linear_backward_ref(
+    grad_y: Tensor,
+    x: Tensor,
+    w_g: Tensor,
+    u_t: Tensor,
+    sigma_t: Tensor,
+    v_t: Tensor,
+    idx: Tensor,
+    val: Tensor,
+    labels: Tensor,
+    h: Tensor,
+    output_mask: Sequence[bool],
+) -> tuple[Tensor, ...]:
+    """Backward reference: (dx, dw_g, dbias, du_t, dsigma_t, dv_t, dval).
+
+    ``output_mask`` (7 bools, same order) says which gradients to compute; the others are
+    returned as empty tensors and cost nothing.
+    """
+    need_dx, need_dw, need_db, need_du, need_ds, need_dv, need_dval = (bool(v) for v in output_mask)
+    dt, acc = x.dtype, acc_dtype(x.dtype)
+    m, n_in = x.shape
+    n_out, n_t, k = w_g.shape[0], u_t.shape[0], idx.shape[1]
+    b = labels.shape[0]
+    t = m // b
+    g = grad_y
+
+    def empty():  # a fresh one per output: registered ops may not return aliased outputs
+        return x.new_empty(0)
+
+    dx = g @ w_g if need_dx else empty()
+    dw = g.t() @ x if need_dw else empty()
+    db = g.sum(0, dtype=acc).to(dt) if need_db else empty()
+    du = torch.zeros_like(u_t) if need_du else empty()
+    dv = torch.zeros_like(v_t) if need_dv else empty()
+    dsig = torch.zeros_like(sigma_t) if need_ds else empty()
+    dval = torch.zeros_like(val) if need_dval else empty()
+    if k == 0 or n_t == 0 or m == 0 or not (need_dx or need_du or need_ds or need_dv or need_dval):
+        return dx, dw, db, du, dsig, dv, dval
+
+    lab, ids, s = _per_sample(idx, val, sigma_t, labels, acc)
+    need_dhs = need_dx or need_dv or need_ds or need_dval
+    if tailor_plan(m, b, k, n_t) == "sample":
+        gb, xb, hb = g.view(b, t, n_out), x.view(b, t, n_in), h.view(b, t, k)
+        flat = ids.reshape(-1)
+        if need_dhs:
+            dhs = torch.bmm(gb, u_t[ids].transpose(1, 2)).to(acc)  # (B, T, K)
+            dh = (dhs * s[:, None, :]).to(dt)
+        if need_dx:
+            dx.view(b, t, n_in).baddbmm_(dh, v_t[ids])
+        if need_du:
+            hs = (hb * s[:, None, :]).to(dt)
+            dug = torch.bmm(hs.transpose(1, 2), gb)  # (B, K, out)
+            du = torch.zeros(n_t, n_out, dtype=acc, device=x.device)
+            du = du.index_add_(0, flat, dug.reshape(-1, n_out).to(acc)).to(u_t.dtype)
+        if need_dv:
+            dvg = torch.bmm(dh.transpose(1, 2), xb)  # (B, K, in)
+            dv = torch.zeros(n_t, n_in, dtype=acc, device=x.device)
+            dv = dv.index_add_(0, flat, dvg.reshape(-1, n_in).to(acc)).to(v_t.dtype)
+        if need_ds or need_dval:
+            ds = (dhs * hb).sum(1)  # (B, K)
+    else:
+        ids_r = ids.repeat_interleave(t, 0)
+        s_r = s.repeat_interleave(t, 0)
+        if need_dhs:
+            dhs = F.linear(g, u_t.t()).gather(1, ids_r).to(acc)  # (M, K)
+            dh_full = _scatter_cols(dhs * s_r, ids_r, n_t).to(dt)  # (M, N_T)
+        if need_dx:
+            dx.addmm_(dh_full, v_t)
+        if need_du:
+            du = (_scatter_cols(h * s_r, ids_r, n_t).to(dt).t() @ g).to(u_t.dtype)
+        if need_dv:
+            dv = (dh_full.t() @ x).to(v_t.dtype)
+        if need_ds or need_dval:
+            ds = (dhs * h).view(b, t, k).sum(1)  # (B, K)
+    if need_ds:
+        contrib = (ds * val.to(acc).index_select(0, lab)).reshape(-1)
+        dsig = torch.zeros(n_t, dtype=acc, device=x.device).index_add_(0, ids.reshape(-1), contrib)
+        dsig = dsig.to(sigma_t.dtype)
+    if need_dval:
+        contrib = ds * sigma_t.to(acc)[ids]
+        dval = torch.zeros(val.shape, dtype=acc, device=x.device).index_add_(0, lab, contrib)
+        dval = dval.to(val.dtype)
+    return dx, dw, db, du, dsig, dv, dval
+
+
+# =====================================================================================
+# Registered ops (torch.library): the reference is the kernel on every device
+# =====================================================================================
+@torch.library.custom_op("kind_fast::kind_linear", mutates_args=())
+def _kind_linear_op(
+    x: Tensor,
+    w_g: Tensor,
+    bias: Tensor | None,
+    u_t: Tensor,
+    sigma_t: Tensor,
+    v_t: Tensor,
+    idx: Tensor,
+    val: Tensor,
+    labels: Tensor,
+) -> tuple[Tensor, Tensor]:
+    return kind_linear_ref(x, w_g, bias, u_t, sigma_t, v_t, idx, val, labels)
+
+
+@_kind_linear_op.register_fake
+def _(x, w_g, bias, u_t, sigma_t, v_t, idx, val, labels):
+    y = x.new_empty((x.shape[0], w_g.shape[0]))
+    h = x.new_empty((x.shape[0], idx.shape[1]), dtype=acc_dtype(x.dtype))
+    return y, h
+
+
+@torch.library.custom_op("kind_fast::kind_linear_backward", mutates_args=())
+def _kind_linear_backward_op(
+    grad_y: Tensor,
+    x: Tensor,
+    w_g: Tensor,
+    u_t: Tensor,
+    sigma_t: Tensor,
+    v_t: Tensor,
+    idx: Tensor,
+    val: Tensor,
+    labels: Tensor,
+    h: Tensor,
+    output_mask: list[bool],
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return kind_linear_backward_ref(grad_y, x, w_g, u_t, sigma_t, v_t, idx, val, labels, h, output_mask)
+
+
+@_kind_linear_backward_op.register_fake
+def _(grad_y, x, w_g, u_t, sigma_t, v_t, idx, val, labels, h, output_mask):
+    like = (x, w_g, w_g[0], u_t, sigma_t, v_t, val)
+    return tuple(
+        torch.empty_like(ref) if need else x.new_empty(0) for ref, need in zip(like, output_mask)
+    )
+
+
+# =====================================================================================
+# Autograd
+# =====================================================================================
+def _setup_context(ctx, inputs, output):
+    x, w_g, bias, u_t, sigma_t, v_t, idx, val, labels = inputs
+    _, h = output
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(x, w_g, u_t, sigma_t, v_t, idx, val, labels, h)
+    ctx.mark_non_differentiable(h)
+
+
+def _backward(ctx, grad_y, grad_h):
+    x, w_g, u_t, sigma_t, v_t, idx, val, labels, h = ctx.saved_tensors
+    n = ctx.needs_input_grad
+    mask = [n[0], n[1], n[2] and ctx.has_bias, n[3], n[4], n[5], n[7]]
+    if not any(mask):
+        return (None,) * 9
+    dx, dw, db, du, ds, dv, dval = torch.ops.kind_fast.kind_linear_backward(
+        grad_y.contiguous(), x, w_g, u_t, sigma_t, v_t, idx, val, labels, h, mask
+    )
+    pick = lambda t, need: t if need else None  # noqa: E731
+    return (
+        pick(dx, mask[0]), pick(dw, mask[1]), pick(db, mask[2]), pick(du, mask[3]),
+        pick(ds, mask[4]), pick(dv, mask[5]), None, pick(dval, mask[6]), None,
+    )
+
+
+_kind_linear_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# =====================================================================================
+# Functional (the one entry point: validation, autocast, flattening, backend choice)
+# =====================================================================================
+def _check(cond: bool, msg: str, exc: type[Exception] = ValueError) -> None:
+    if not cond:
+        raise exc(msg)
+
+
+def _validate(x, w_g, bias, u_t, sigma_t, v_t, idx, val, labels) -> None:
+    for name, t in (("x", x), ("w_g", w_g), ("u_t", u_t), ("sigma_t", sigma_t), ("v_t", v_t),
+                    ("idx", idx), ("val", val), ("labels", labels)):
+        _check(isinstance(t, Tensor), f"{name} must be a torch.Tensor, got {type(t).__name__}", TypeError)
+    _check(x.dtype in SUPPORTED_DTYPES, f"x dtype {x.dtype} is not supported; use one of {SUPPORTED_DTYPES}", TypeError)
+    _check(x.dim() >= 1, "x must have at least one dimension (..., in_features)")
+    n_in = x.shape[-1]
+    _check(w_g.dim() == 2 and w_g.shape[1] == n_in,
+           f"w_g must be (out_features, {n_in}) to match x's last dim, got {tuple(w_g.shape)}")
+    n_out = w_g.shape[0]
+    _check(u_t.dim() == 2 and u_t.shape[1] == n_out, f"u_t must be (tailor_rank, {n_out}), got {tuple(u_t.shape)}")
+    n_t = u_t.shape[0]
+    _check(v_t.shape == (n_t, n_in), f"v_t must be ({n_t}, {n_in}), got {tuple(v_t.shape)}")
+    _check(sigma_t.shape == (n_t,), f"sigma_t must be ({n_t},), got {tuple(sigma_t.shape)}")
+    for name, t in (("w_g", w_g), ("u_t", u_t), ("v_t", v_t)) + ((("bias", bias),) if bias is not None else ()):
+        _check(t.dtype == x.dtype, f"{name} dtype {t.dtype} != x dtype {x.dtype} (cast them, or use autocast)", TypeError)
+    if bias is not None:
+        _check(bias.shape == (n_out,), f"bias must be ({n_out},), got {tuple(bias.shape)}")
+    _check(sigma_t.is_floating_point() and val.is_floating_point(), "sigma_t and val must be floating point", TypeError)
+    _check(idx.dtype in (torch.int32, torch.int64), f"idx must be int32 or int64, got {idx.dtype}", TypeError)
+    _check(idx.dim() == 2 and val.shape == idx.shape,
+           f"idx and val must both be (num_classes + 1, K), got {tuple(idx.shape)} and {tuple(val.shape)}")
+    devs = {t.device for t in (x, w_g, u_t, sigma_t, v_t, idx, val, labels)}
+    if bias is not None:
+        devs.add(bias.device)
+    _check(len(devs) == 1, f"all tensors must be on one device, got {sorted(map(str, devs))}")
+
+
+def kind_linear(
+    x: Tensor,
+    w_g: Tensor,
+    bias: Tensor | None,
+    u_t: Tensor,
+    sigma_t: Tensor,
+    v_t: Tensor,
+    idx: Tensor,
+    val: Tensor,
+    labels: Tensor,
+) -> Tensor:
+    """Class-gated KIND linear layer.
+
+    Args:
+        x: (B, T, in), (B, in) or (M, in) with M = B·T rows grouped by sample.
+        w_g: (out, in) materialised learngene weight, x's dtype.
+        bias: (out,) or None, x's dtype.
+        u_t: (N_T, out) tailor output vectors, component-major; x's dtype.
+        sigma_t: (N_T,) tailor singular values (applied in float32).
+        v_t: (N_T, in) tailor input vectors, component-major; x's dtype.
+        idx: (C+1, K) int32 active tailor ids per class (last row: null class).
+        val: (C+1, K) float gate values (0 in padding slots).
+        labels: (B,) int class id of each sample, in [0, C].
+
+    Returns:
+        y with x's leading shape and out features, in x's dtype.
+
+    Under autocast, x and the weights are cast to the autocast dtype here, once; σ and the
+    gate values stay float32.
+    """
+    _validate(x, w_g, bias, u_t, sigma_t, v_t, idx, val, labels)
+    from kind_fast.gate import check_labels
+
+    check_labels(labels, idx.shape[0] - 1)
+    dev_type = x.device.type
+    if torch.is_autocast_enabled(dev_type):
+        dt = torch.get_autocast_dtype(dev_type)
+        x, w_g, u_t, v_t = x.to(dt), w_g.to(dt), u_t.to(dt), v_t.to(dt)
+        bias = bias.to(dt) if bias is not None else None
+    lead = x.shape[:-1]
+    n_b = labels.shape[0]
+    if x.dim() == 3:
+        _check(x.shape[0] == n_b, f"x is (B, T, in) with B={x.shape[0]} but labels has {n_b} entries")
+    x2 = x.reshape(-1, x.shape[-1])
+    m = x2.shape[0]
+    if m == 0:
+        return F.linear(x, w_g, bias)
+    _check(n_b > 0, "labels is empty but x has rows")
+    _check(m % n_b == 0,
+           f"x has {m} rows, not a multiple of the {n_b} samples in labels (rows must be grouped by sample)")
+    acc = acc_dtype(x2.dtype)
+    from kind_fast.backends import resolve_op
+
+    op = resolve_op(x2.device)
+    with torch.autocast(dev_type, enabled=False):
+        y, _ = op(x2.contiguous(), w_g.contiguous(), bias, u_t.contiguous(), sigma_t.to(acc),
+                  v_t.contiguous(), idx, val.to(acc), labels)
+    return y.view(*lead, w_g.shape[0])

@@ -1,0 +1,237 @@
+"""Save and load KIND models as two parts (safetensors + a JSON config).
+
+A directory written by ``save_kind`` holds:
+
+    kind_config.json        layers, gate config, model architecture (for KIND-DiT), versions
+    learngenes.safetensors  what every class shares: the learngene components and biases of
+                            every KIND layer, and all class-agnostic dense weights (embedders,
+                            adaLN, final layer, ...)
+    tailors.safetensors     what is class-specific: tailor components, the gate table, and the
+                            label-embedding table
+
+so a transfer run loads only the learngenes (``load_learngenes``) and starts fresh tailors.
+Every file is written to a temporary name and renamed: an interrupted save never leaves a
+half-written file under the final name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from kind_fast._version import __version__
+from kind_fast.gate import ClassGate
+from kind_fast.layers import LEARNGENE_PARAMS, TAILOR_PARAMS, FastKindLinear
+from kind_fast.utils import kind_layers
+
+__all__ = [
+    "save_kind", "load_learngenes", "load_tailors", "split_state_dict",
+    "save_pretrained", "load_pretrained",
+]
+
+CONFIG_FILE = "kind_config.json"
+PART_FILES = {"learngenes": "learngenes.safetensors", "tailors": "tailors.safetensors"}
+FORMAT_VERSION = 1
+# dense weights that belong to one class set (they move with the tailors, not the learngenes)
+CLASS_SPECIFIC = re.compile(r"(^|\.)(y_embedder|class_embedder)\.")
+
+
+def _gate_prefixes(model: nn.Module) -> list[str]:
+    return [n + "." if n else "" for n, m in model.named_modules() if isinstance(m, ClassGate)]
+
+
+def split_state_dict(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """(learngene part, tailor part) of ``model.state_dict()`` (see the module docstring)."""
+    state = model.state_dict()
+    tailor_keys = set()
+    for name, _ in kind_layers(model):
+        tailor_keys.update(f"{name}.{p}" for p in TAILOR_PARAMS)
+    gate_prefixes = _gate_prefixes(model)
+    learn, tail = {}, {}
+    for k, v in state.items():
+        if any(k.startswith(g) for g in gate_prefixes):
+            if k.endswith(".table") or k == "table":  # idx/mask are rebuilt from the table
+                tail[k] = v
+        elif k in tailor_keys or CLASS_SPECIFIC.search(k):
+            tail[k] = v
+        else:
+            learn[k] = v
+    return learn, tail
+
+
+def _atomic_save_tensors(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+def _atomic_write_text(text: str, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _model_config(model: nn.Module) -> dict:
+    from kind_fast.dit import DiT, kind_config_dict
+
+    layers = {
+        n: dict(in_features=m.in_features, out_features=m.out_features, learngene_rank=m.learngene_rank,
+                tailor_rank=m.tailor_rank, bias=m.bias is not None)
+        for n, m in kind_layers(model)
+    }
+    gate = getattr(model, "kind_gate", None)
+    cfg = {
+        "format": "kind_fast",
+        "format_version": FORMAT_VERSION,
+        "kind_fast_version": __version__,
+        "torch_version": torch.__version__,
+        "layers": layers,
+        "gate": gate.to_config() if isinstance(gate, ClassGate) else None,
+        "model": None,
+    }
+    if isinstance(model, DiT):
+        cfg["model"] = {"class": "kind_fast.dit.DiT", "arch": dict(model.arch), "kind": kind_config_dict(model.kind)}
+    return cfg
+
+
+def save_kind(model: nn.Module, directory: str | os.PathLike, *, parts=("learngenes", "tailors")) -> Path:
+    """Write ``parts`` of ``model`` and its config to ``directory`` (created if needed)."""
+    unknown = set(parts) - set(PART_FILES)
+    if unknown:
+        raise ValueError(f"unknown parts {sorted(unknown)}; choose from {sorted(PART_FILES)}")
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    learn, tail = split_state_dict(model)
+    meta = {"format": "kind_fast", "kind_fast_version": __version__}
+    for part in parts:
+        _atomic_save_tensors(learn if part == "learngenes" else tail, d / PART_FILES[part], dict(meta, part=part))
+    cfg = _model_config(model)
+    cfg["parts"] = {p: PART_FILES[p] for p in parts}
+    _atomic_write_text(json.dumps(cfg, indent=2, sort_keys=True), d / CONFIG_FILE)
+    return d
+
+
+def _read_config(directory: Path) -> dict:
+    path = directory / CONFIG_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: not a kind_fast save directory")
+    try:
+        cfg = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); the save is corrupt") from e
+    if cfg.get("format") != "kind_fast" or cfg.get("format_version", 0) > FORMAT_VERSION:
+        raise ValueError(f"{path}: unsupported format {cfg.get('format')!r} v{cfg.get('format_version')}")
+    return cfg
+
+
+def _read_part(directory: Path, cfg: dict, part: str) -> dict[str, Tensor]:
+    name = cfg.get("parts", {}).get(part)
+    if name is None:
+        raise FileNotFoundError(f"{directory} was saved without the {part} part")
+    path = directory / name
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing")
+    try:
+        return load_file(str(path))
+    except Exception as e:  # noqa: BLE001 - safetensors raises several types for corrupt files
+        raise ValueError(f"{path} could not be read ({type(e).__name__}: {e}); the save is corrupt") from e
+
+
+@torch.no_grad()
+def _copy_into(model: nn.Module, tensors: dict[str, Tensor], *, what: str) -> None:
+    state = model.state_dict(keep_vars=True)
+    missing = [k for k in tensors if k not in state]
+    if missing:
+        raise ValueError(f"{what}: the model has no {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    for k, v in tensors.items():
+        dst = state[k]
+        if dst.shape != v.shape:
+            raise ValueError(f"{what}: {k} has shape {tuple(v.shape)} in the save but {tuple(dst.shape)} in the model")
+    for k, v in tensors.items():
+        state[k].copy_(v.to(device=state[k].device, dtype=state[k].dtype))
+    for _, layer in kind_layers(model):
+        layer._wg_cache = None
+
+
+def load_learngenes(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
+    """Load the shared part (learngenes, biases, class-agnostic dense weights) into ``model``.
+
+    Every KIND layer of the save must exist in ``model`` with the same learngene shapes;
+    tailors, gate and label table of ``model`` are left as they are.
+    """
+    d = Path(directory)
+    cfg = _read_config(d)
+    tensors = _read_part(d, cfg, "learngenes")
+    layers = dict(kind_layers(model))
+    for name, spec in cfg["layers"].items():
+        if name not in layers:
+            raise ValueError(f"load_learngenes: the model has no KIND layer {name!r}")
+        m = layers[name]
+        if (m.in_features, m.out_features, m.learngene_rank) != (spec["in_features"], spec["out_features"], spec["learngene_rank"]):
+            raise ValueError(
+                f"load_learngenes: layer {name} is {m.in_features}->{m.out_features} with "
+                f"learngene_rank {m.learngene_rank}, the save has {spec['in_features']}->"
+                f"{spec['out_features']} with {spec['learngene_rank']}"
+            )
+    _copy_into(model, tensors, what="load_learngenes")
+    return model
+
+
+def load_tailors(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
+    """Load the class-specific part: tailors, label table, and the gate (rebuilt from the
+    saved config and shared by every KIND layer again)."""
+    d = Path(directory)
+    cfg = _read_config(d)
+    tensors = _read_part(d, cfg, "tailors")
+    gate_tables = {k: v for k, v in tensors.items() if k == "table" or k.endswith(".table")}
+    rest = {k: v for k, v in tensors.items() if k not in gate_tables}
+    _copy_into(model, rest, what="load_tailors")
+    if cfg.get("gate") is not None:
+        if len(gate_tables) != 1:
+            raise ValueError(f"load_tailors: expected one gate table in the save, found {sorted(gate_tables)}")
+        (key, table), = gate_tables.items()
+        gate = ClassGate.from_config(cfg["gate"], table)
+        prefix = key[: -len("table")].rstrip(".")
+        old = model.get_submodule(prefix) if prefix else None
+        if not isinstance(old, ClassGate):
+            raise ValueError(f"load_tailors: the model has no gate at {prefix!r}")
+        gate = gate.to(old.table.device)
+        parent, _, child = prefix.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, gate)
+        for _, layer in kind_layers(model):
+            if layer.gate is old or layer.gate is None:
+                layer.set_gate(gate)
+    return model
+
+
+def save_pretrained(model: nn.Module, directory: str | os.PathLike) -> Path:
+    """Both parts and the full config (a KIND-DiT can be rebuilt by ``load_pretrained``)."""
+    return save_kind(model, directory, parts=("learngenes", "tailors"))
+
+
+def load_pretrained(directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild a kind_fast.dit.DiT saved with ``save_pretrained``."""
+    from kind_fast.dit import DiT, KindConfig
+
+    d = Path(directory)
+    cfg = _read_config(d)
+    mcfg = cfg.get("model")
+    if not mcfg or mcfg.get("class") != "kind_fast.dit.DiT":
+        raise ValueError(f"{d} does not hold a kind_fast.dit.DiT (saved model: {mcfg and mcfg.get('class')})")
+    kind = KindConfig(**mcfg["kind"]) if mcfg.get("kind") else None
+    with torch.device("meta"):
+        model = DiT(**mcfg["arch"], kind=kind)
+    model.to_empty(device=map_location)  # every tensor is overwritten below
+    covered = set(_read_part(d, cfg, "learngenes")) | set(_read_part(d, cfg, "tailors"))
+    uncovered = [k for k in model.state_dict() if k not in covered and not k.startswith("kind_gate.")]
+    if uncovered:
+        raise ValueError(f"{d}: the save does not cover {uncovered[:5]}; it is incomplete or from another model")
+    load_learngenes(model, d)
+    load_tailors(model, d)
+    return model

@@ -1,0 +1,70 @@
+"""Model-level conveniences users know from PEFT: parameter counts and freezing."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from kind_fast.gate import ClassGate
+from kind_fast.layers import LEARNGENE_PARAMS, TAILOR_PARAMS, FastKindLinear
+
+__all__ = ["kind_layers", "parameter_breakdown", "print_trainable_parameters", "freeze_learngenes"]
+
+PARTS = ("learngene", "tailor", "kind_bias", "gate", "dense")
+
+
+def kind_layers(model: nn.Module) -> list[tuple[str, FastKindLinear]]:
+    """(name, layer) of every FastKindLinear in ``model``."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, FastKindLinear)]
+
+
+def _part_of(model: nn.Module) -> dict[int, str]:
+    part = {}
+    for _, layer in kind_layers(model):
+        for name in LEARNGENE_PARAMS:
+            p = getattr(layer, name)
+            if p is not None:
+                part[id(p)] = "kind_bias" if name == "bias" else "learngene"
+        for name in TAILOR_PARAMS:
+            part[id(getattr(layer, name))] = "tailor"
+    for m in model.modules():
+        if isinstance(m, ClassGate):
+            for p in m.parameters(recurse=False):
+                part[id(p)] = "gate"
+    return part
+
+
+def parameter_breakdown(model: nn.Module) -> dict[str, dict[str, int]]:
+    """{part: {"total": n, "trainable": n}} for learngene, tailor, kind_bias (biases of KIND
+    layers, shared like learngenes), gate, dense (everything else), and "all"."""
+    part = _part_of(model)
+    out = {k: {"total": 0, "trainable": 0} for k in PARTS + ("all",)}
+    for p in model.parameters():  # deduplicated by torch
+        k = part.get(id(p), "dense")
+        for key in (k, "all"):
+            out[key]["total"] += p.numel()
+            out[key]["trainable"] += p.numel() if p.requires_grad else 0
+    return out
+
+
+def print_trainable_parameters(model: nn.Module, *, breakdown: bool = True) -> str:
+    """Print (and return) PEFT's line, then the KIND breakdown::
+
+        trainable params: 45,086,240 || all params: 608,585,760 || trainable%: 7.4083
+    """
+    b = parameter_breakdown(model)
+    total, train = b["all"]["total"], b["all"]["trainable"]
+    lines = [f"trainable params: {train:,d} || all params: {total:,d} || trainable%: {100 * train / max(total, 1):.4f}"]
+    if breakdown:
+        for k in PARTS:
+            if b[k]["total"]:
+                lines.append(f"  {k:<10} trainable {b[k]['trainable']:>14,d} of {b[k]['total']:>14,d}")
+    text = "\n".join(lines)
+    print(text)
+    return text
+
+
+def freeze_learngenes(model: nn.Module, frozen: bool = True) -> nn.Module:
+    """Freeze (or unfreeze) the learngenes and biases of every KIND layer of ``model``."""
+    for _, layer in kind_layers(model):
+        layer.freeze_learngenes(frozen)
+    return model
