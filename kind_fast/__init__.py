@@ -7,8 +7,10 @@ extension; backends are resolved on first use (see ``python -m kind_fast.info``)
 from kind_fast._version import __version__
 from kind_fast.backends import current_backend, use_backend
 from kind_fast.gate import ClassGate
+from kind_fast.kindify import kindify
 from kind_fast.layers import FastKindLinear
 from kind_fast.ops.kind_linear import kind_linear, kind_linear_ref
+from kind_fast.utils import print_trainable_parameters
 
 __all__ = [
     "__version__",
@@ -16,6 +18,8 @@ __all__ = [
     "FastKindLinear",
     "kind_linear",
     "kind_linear_ref",
+    "kindify",
+    "print_trainable_parameters",
     "use_backend",
     "current_backend",
 ]

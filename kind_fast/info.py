@@ -49,6 +49,11 @@ def collect() -> dict:
     return info
 
 
+def run(args=None) -> int:
+    main()
+    return 0
+
+
 def main() -> None:
     info = collect()
     width = max(len(k) for k in info)
