@@ -5,7 +5,7 @@ extension; backends are resolved on first use (see ``python -m kind_fast.info``)
 """
 
 from kind_fast._version import __version__
-from kind_fast.backends import current_backend, use_backend
+from kind_fast.backends import current_backend, set_backend, use_backend
 from kind_fast.gate import ClassGate
 from kind_fast.kindify import kindify
 from kind_fast.layers import FastKindLinear
@@ -22,4 +22,5 @@ __all__ = [
     "print_trainable_parameters",
     "use_backend",
     "current_backend",
+    "set_backend",
 ]

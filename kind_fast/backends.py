@@ -2,28 +2,41 @@
 
 Backends:
     torch   the pure-PyTorch reference (path M1), every device and dtype. Always available.
-    triton  fused Triton kernels (kernels/), CUDA tensors.
-    cuda    the compiled extension kind_fast._C (csrc/), CUDA tensors.
+    triton  fused Triton kernels (kernels/), CUDA tensors in fp16/bf16.
+    cuda    the compiled extension kind_fast._C (csrc/), CUDA tensors in fp16/bf16.
 
-``auto`` (the default, or ``KIND_FAST_BACKEND``) picks per device: the fastest available
-fused backend on a GPU, the reference elsewhere. ``use_backend`` switches it for a block::
+``auto`` (the default, or ``KIND_FAST_BACKEND``) picks per device: on a GPU the first available
+fused backend of ``AUTO_ORDER``, elsewhere the reference. ``use_backend`` switches it::
 
     with kind_fast.use_backend("torch"):
         y = layer(x, labels=labels)
 
-The selection is a module-level value (not a ContextVar) so torch.compile can guard on it.
+Plugging in a backend: a module named in ``_BACKEND_MODULES`` provides
+    status() -> (available: bool, reason: str)
+    supports(device_type: str, dtype: torch.dtype) -> bool
+    OP: the registered forward op, same schema as torch.ops.kind_fast.kind_linear
+It is imported on first use, never at ``import kind_fast``. A fp32/fp64 input that a fused
+backend does not support runs on the reference.
+
+The selection is a module attribute (not a ContextVar) and the choice is made in a function
+torch.compile treats as a constant of its arguments, so compiled code guards on the selection
+and recompiles when it changes.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from types import ModuleType
 
 import torch
 
 BACKENDS = ("torch", "triton", "cuda")
 _CHOICES = ("auto",) + BACKENDS
+_BACKEND_MODULES = {"triton": "kind_fast.ops.kind_linear_triton", "cuda": "kind_fast.ops.kind_linear_cuda"}
+AUTO_ORDER = ("triton", "cuda")  # tried in this order on CUDA tensors under "auto"
 
 
 class _State:
@@ -33,25 +46,30 @@ class _State:
 _STATE = _State()
 if _STATE.backend not in _CHOICES:
     raise ValueError(f"KIND_FAST_BACKEND={_STATE.backend!r} is not one of {_CHOICES}")
+_MODULES: dict[str, tuple[ModuleType | None, str]] = {}
+
+
+def _backend_module(name: str) -> tuple[ModuleType | None, str]:
+    """(module, "") or (None, why it is missing). Cached."""
+    if name not in _MODULES:
+        try:
+            _MODULES[name] = (importlib.import_module(_BACKEND_MODULES[name]), "")
+        except ModuleNotFoundError as e:
+            if e.name == _BACKEND_MODULES[name]:
+                _MODULES[name] = (None, "not part of this version of kind_fast")
+            else:
+                _MODULES[name] = (None, f"cannot be imported: {e}")
+        except Exception as e:  # noqa: BLE001 - a broken backend is a reason, not a crash
+            _MODULES[name] = (None, f"failed to import: {type(e).__name__}: {e}")
+    return _MODULES[name]
 
 
 def backend_status() -> dict[str, tuple[bool, str]]:
-    """name -> (available, reason) for every backend. Imports Triton / loads _C lazily."""
+    """name -> (available, reason) for every backend."""
     status = {"torch": (True, "pure-PyTorch reference (any device, any dtype)")}
-    try:
-        import triton  # noqa: F401
-
-        status["triton"] = (False, f"triton {triton.__version__} installed, but the fused Triton "
-                                   "kernels are not part of this version yet")
-    except ImportError:
-        status["triton"] = (False, "triton is not installed (pip install 'kind_fast[triton]')")
-    from kind_fast._ext import load_extension
-
-    mod, reason = load_extension()
-    if mod is None:
-        status["cuda"] = (False, f"compiled extension: {reason}")
-    else:
-        status["cuda"] = (False, "compiled extension loaded, but it serves no kind_linear op yet")
+    for name in _BACKEND_MODULES:
+        mod, why = _backend_module(name)
+        status[name] = (False, why) if mod is None else mod.status()
     return status
 
 
@@ -60,36 +78,58 @@ def current_backend() -> str:
     return _STATE.backend
 
 
-@contextmanager
-def use_backend(name: str) -> Iterator[None]:
-    """Select a backend for the duration of the block ('auto', 'torch', 'triton', 'cuda')."""
+def set_backend(name: str) -> None:
+    """Select a backend globally ('auto', 'torch', 'triton', 'cuda')."""
     if name not in _CHOICES:
         raise ValueError(f"unknown backend {name!r}; choose one of {_CHOICES}")
     if name != "auto":
         ok, reason = backend_status()[name]
         if not ok:
             raise RuntimeError(f"backend {name!r} is not available: {reason}")
-    previous = _STATE.backend
     _STATE.backend = name
+
+
+@contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Select a backend for the duration of the block ('auto', 'torch', 'triton', 'cuda')."""
+    previous = _STATE.backend
+    set_backend(name)
     try:
         yield
     finally:
         _STATE.backend = previous
 
 
-def resolve_backend(device: torch.device) -> str:
-    """Concrete backend for tensors on ``device`` under the current selection."""
-    name = _STATE.backend
-    if name == "auto":
-        return "torch"  # no fused backend is available yet on any device
-    if name != "torch" and device.type != "cuda":
-        raise RuntimeError(f"backend {name!r} runs on CUDA tensors, got tensors on {device}")
-    return name
+@torch.compiler.assume_constant_result
+def _choose(device_type: str, dtype: torch.dtype, selection: str) -> str:
+    if selection == "torch":
+        return "torch"
+    if selection == "auto":
+        if device_type != "cuda":
+            return "torch"
+        for name in AUTO_ORDER:
+            mod, _ = _backend_module(name)
+            if mod is not None and mod.status()[0] and mod.supports(device_type, dtype):
+                return name
+        return "torch"
+    mod, why = _backend_module(selection)
+    if mod is None:
+        raise RuntimeError(f"backend {selection!r} is not available: {why}")
+    if mod.supports(device_type, dtype):
+        return selection
+    if dtype in (torch.float32, torch.float64):
+        return "torch"  # fused backends are half-precision kernels; full precision runs the reference
+    raise RuntimeError(f"backend {selection!r} does not run {dtype} tensors on {device_type}")
 
 
-def resolve_op(device: torch.device) -> Callable:
-    """The registered forward op of the backend that runs on ``device``."""
-    name = resolve_backend(device)
+def resolve_backend(device: torch.device, dtype: torch.dtype = torch.float32) -> str:
+    """Concrete backend for tensors on ``device`` of ``dtype`` under the current selection."""
+    return _choose(device.type, dtype, _STATE.backend)
+
+
+def resolve_op(device: torch.device, dtype: torch.dtype) -> Callable:
+    """The registered forward op that runs tensors on ``device`` of ``dtype``."""
+    name = resolve_backend(device, dtype)
     if name == "torch":
         return torch.ops.kind_fast.kind_linear
-    raise RuntimeError(f"backend {name!r} has no kind_linear op in this version")
+    return _MODULES[name][0].OP

@@ -246,7 +246,7 @@ def _kind_linear_backward_op(
 
 @_kind_linear_backward_op.register_fake
 def _(grad_y, x, w_g, u_t, sigma_t, v_t, idx, val, labels, h, output_mask):
-    like = (x, w_g, w_g[0], u_t, sigma_t, v_t, val)
+    like = (x, w_g, w_g[:, 0], u_t, sigma_t, v_t, val)  # dbias is (out,)
     return tuple(
         torch.empty_like(ref) if need else x.new_empty(0) for ref, need in zip(like, output_mask)
     )
@@ -371,7 +371,7 @@ def kind_linear(
     acc = acc_dtype(x2.dtype)
     from kind_fast.backends import resolve_op
 
-    op = resolve_op(x2.device)
+    op = resolve_op(x2.device, x2.dtype)
     with torch.autocast(dev_type, enabled=False):
         y, _ = op(x2.contiguous(), w_g.contiguous(), bias, u_t.contiguous(), sigma_t.to(acc),
                   v_t.contiguous(), idx, val.to(acc), labels)
