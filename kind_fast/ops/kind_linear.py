@@ -36,11 +36,13 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.flop_counter import register_flop_formula
 
 __all__ = [
     "kind_linear",
     "kind_linear_ref",
     "kind_linear_backward_ref",
+    "kind_linear_flops",
     "tailor_plan",
     "acc_dtype",
     "SUPPORTED_DTYPES",
@@ -280,6 +282,35 @@ def _backward(ctx, grad_y, grad_h):
 
 
 _kind_linear_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# =====================================================================================
+# FLOP formulas (torch.utils.flop_counter counts a custom op as 0 without one)
+# =====================================================================================
+# The op's intrinsic GEMM work with K active tailors per row (FLOPs = 2 × MACs). The
+# reference's "row" plan does more (all N_T tailors); a formula describes the op, not a plan.
+def kind_linear_flops(m: int, n_in: int, n_out: int, k: int, output_mask: Sequence[bool] | None = None) -> int:
+    """Forward FLOPs when ``output_mask`` is None, else backward FLOPs for that mask."""
+    if output_mask is None:
+        return 2 * m * n_in * n_out + 2 * m * k * (n_in + n_out)
+    need_dx, need_dw, _, need_du, need_ds, need_dv, need_dval = (bool(v) for v in output_mask)
+    flops = 2 * m * n_out * k if (need_dx or need_dv or need_ds or need_dval) else 0  # dh_s
+    flops += (2 * m * n_out * n_in + 2 * m * k * n_in) if need_dx else 0
+    flops += 2 * m * n_in * n_out if need_dw else 0
+    flops += 2 * m * k * n_out if need_du else 0
+    flops += 2 * m * k * n_in if need_dv else 0
+    return flops
+
+
+@register_flop_formula(torch.ops.kind_fast.kind_linear)
+def _(x_shape, w_g_shape, bias_shape, u_t_shape, sigma_t_shape, v_t_shape, idx_shape, *args, **kwargs) -> int:
+    return kind_linear_flops(x_shape[0], x_shape[1], w_g_shape[0], idx_shape[1])
+
+
+@register_flop_formula(torch.ops.kind_fast.kind_linear_backward)
+def _(grad_y_shape, x_shape, w_g_shape, u_t_shape, sigma_t_shape, v_t_shape, idx_shape, val_shape,
+      labels_shape, h_shape, output_mask, *args, **kwargs) -> int:
+    return kind_linear_flops(x_shape[0], x_shape[1], w_g_shape[0], idx_shape[1], output_mask)
 
 
 # =====================================================================================
