@@ -31,7 +31,7 @@ never builds a per-sample dense weight. Two plans, chosen from shapes only:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -183,7 +183,7 @@ def kind_linear_backward_ref(
         ids_r = ids.repeat_interleave(t, 0)
         s_r = s.repeat_interleave(t, 0)
         if need_dhs:
-            dhs = F.linear(g, u_t.t()).gather(1, ids_r).to(acc)  # (M, K)
+            dhs = F.linear(g, u_t).gather(1, ids_r).to(acc)  # (M, N_T) -> (M, K)
             dh_full = _scatter_cols(dhs * s_r, ids_r, n_t).to(dt)  # (M, N_T)
         if need_dx:
             dx.addmm_(dh_full, v_t)
@@ -222,11 +222,14 @@ def _kind_linear_op(
     return kind_linear_ref(x, w_g, bias, u_t, sigma_t, v_t, idx, val, labels)
 
 
-@_kind_linear_op.register_fake
-def _(x, w_g, bias, u_t, sigma_t, v_t, idx, val, labels):
+def kind_linear_fake(x, w_g, bias, u_t, sigma_t, v_t, idx, val, labels):
+    """Fake (meta) kernel of every backend's forward op: y (M, out), h (M, K)."""
     y = x.new_empty((x.shape[0], w_g.shape[0]))
     h = x.new_empty((x.shape[0], idx.shape[1]), dtype=acc_dtype(x.dtype))
     return y, h
+
+
+_kind_linear_op.register_fake(kind_linear_fake)
 
 
 @torch.library.custom_op("kind_fast::kind_linear_backward", mutates_args=())
@@ -246,18 +249,23 @@ def _kind_linear_backward_op(
     return kind_linear_backward_ref(grad_y, x, w_g, u_t, sigma_t, v_t, idx, val, labels, h, output_mask)
 
 
-@_kind_linear_backward_op.register_fake
-def _(grad_y, x, w_g, u_t, sigma_t, v_t, idx, val, labels, h, output_mask):
+def kind_linear_backward_fake(grad_y, x, w_g, u_t, sigma_t, v_t, idx, val, labels, h, output_mask):
+    """Fake (meta) kernel of every backend's backward op."""
     like = (x, w_g, w_g[:, 0], u_t, sigma_t, v_t, val)  # dbias is (out,)
     return tuple(
         torch.empty_like(ref) if need else x.new_empty(0) for ref, need in zip(like, output_mask)
     )
 
 
+_kind_linear_backward_op.register_fake(kind_linear_backward_fake)
+
+
 # =====================================================================================
 # Autograd
 # =====================================================================================
-def _setup_context(ctx, inputs, output):
+# Shared by every backend: its forward op saves (x, w_g, u_t, σ_T, v_T, idx, val, labels, h)
+# and its backward op has kind_linear_backward's schema.
+def kind_linear_setup_context(ctx, inputs, output):
     x, w_g, bias, u_t, sigma_t, v_t, idx, val, labels = inputs
     _, h = output
     ctx.has_bias = bias is not None
@@ -265,23 +273,31 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(h)
 
 
-def _backward(ctx, grad_y, grad_h):
-    x, w_g, u_t, sigma_t, v_t, idx, val, labels, h = ctx.saved_tensors
-    n = ctx.needs_input_grad
-    mask = [n[0], n[1], n[2] and ctx.has_bias, n[3], n[4], n[5], n[7]]
-    if not any(mask):
-        return (None,) * 9
-    dx, dw, db, du, ds, dv, dval = torch.ops.kind_fast.kind_linear_backward(
-        grad_y.contiguous(), x, w_g, u_t, sigma_t, v_t, idx, val, labels, h, mask
-    )
-    pick = lambda t, need: t if need else None  # noqa: E731
-    return (
-        pick(dx, mask[0]), pick(dw, mask[1]), pick(db, mask[2]), pick(du, mask[3]),
-        pick(ds, mask[4]), pick(dv, mask[5]), None, pick(dval, mask[6]), None,
-    )
+def make_kind_linear_backward(backward_op: Callable) -> Callable:
+    """The autograd backward of a forward op whose gradients ``backward_op`` computes."""
+
+    def _backward(ctx, grad_y, grad_h):
+        x, w_g, u_t, sigma_t, v_t, idx, val, labels, h = ctx.saved_tensors
+        n = ctx.needs_input_grad
+        mask = [n[0], n[1], n[2] and ctx.has_bias, n[3], n[4], n[5], n[7]]
+        if not any(mask):
+            return (None,) * 9
+        dx, dw, db, du, ds, dv, dval = backward_op(
+            grad_y.contiguous(), x, w_g, u_t, sigma_t, v_t, idx, val, labels, h, mask
+        )
+        pick = lambda t, need: t if need else None  # noqa: E731
+        return (
+            pick(dx, mask[0]), pick(dw, mask[1]), pick(db, mask[2]), pick(du, mask[3]),
+            pick(ds, mask[4]), pick(dv, mask[5]), None, pick(dval, mask[6]), None,
+        )
+
+    return _backward
 
 
-_kind_linear_op.register_autograd(_backward, setup_context=_setup_context)
+_kind_linear_op.register_autograd(
+    make_kind_linear_backward(torch.ops.kind_fast.kind_linear_backward),
+    setup_context=kind_linear_setup_context,
+)
 
 
 # =====================================================================================

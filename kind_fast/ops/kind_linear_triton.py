@@ -1,0 +1,262 @@
+"""The Triton backend of the kind_linear op family (kernels in kernels/kind_linear.py).
+
+Registered ops, with exactly the schemas and semantics of the reference's
+(``kind_fast::kind_linear`` / ``kind_fast::kind_linear_backward``, see
+kind_fast/ops/kind_linear.py for the math):
+
+    torch.ops.kind_fast.kind_linear_triton(x, w_g, bias, u_t, sigma_t, v_t, idx, val, labels) -> (y, h)
+    torch.ops.kind_fast.kind_linear_triton_backward(grad_y, x, w_g, u_t, sigma_t, v_t, idx, val,
+                                                    labels, h, output_mask) -> 7 gradients
+
+with the reference's fake kernels, autograd (``make_kind_linear_backward``) and FLOP formulas.
+The backend registry (kind_fast/backends.py) imports this module on first use; nothing here
+imports Triton until a kernel runs or ``status()`` is asked.
+
+Paths (``choose_path`` is the cost model; ``python -m kind_fast.info`` shows it for the DiT
+shapes and ``KIND_FAST_DEBUG=1`` logs each new choice to stderr):
+    M1  one fused kernel: x·W_Gᵀ + gathered gated tailor term + bias, shrink in the same K-loop
+        (forward); dx fused the same way, dU_T/dV_T, dσ_T, dval by the tailor kernels (backward).
+    M0  the reference (no active tailors, or K > 128 active tailors: the fused kernels keep a
+        BM×K shrink accumulator in registers).
+    M2 (fully factored back-to-back) and M3 (per-class merged weights) are evaluated by the
+    cost model and reported, but not implemented: where they would win, M1 runs.
+
+Supported: CUDA tensors in float16/bfloat16 (float32 runs the reference through the
+registry); with TRITON_INTERPRET=1 also CPU tensors in float16/float32 (the interpreter has
+no bfloat16), which is how CI tests the kernels.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.utils.flop_counter import register_flop_formula
+
+from kind_fast.ops.kind_linear import (
+    kind_linear_backward_fake,
+    kind_linear_backward_ref,
+    kind_linear_fake,
+    kind_linear_flops,
+    kind_linear_ref,
+    kind_linear_setup_context,
+    make_kind_linear_backward,
+)
+
+__all__ = ["OP", "BACKWARD_OP", "status", "supports", "choose_path", "PathChoice", "MAX_ACTIVE"]
+
+MAX_ACTIVE = 128  # = kernels.kind_linear.MAX_ACTIVE (kept here so the cost model needs no Triton)
+_KERNEL_MODULE = "kind_fast.kernels.kind_linear"
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def _kernels():
+    """The kernel module, decorated for the interpreter iff TRITON_INTERPRET is set now.
+
+    Triton picks compiled vs interpreted kernels when ``@triton.jit`` runs, so a module first
+    imported in the other mode is reloaded (tests switch the interpreter on in-process).
+    """
+    mod = importlib.import_module(_KERNEL_MODULE)
+    if mod.INTERPRETED != _interpret():
+        mod = importlib.reload(mod)
+    return mod
+
+
+# =====================================================================================
+# Backend protocol (kind_fast.backends)
+# =====================================================================================
+def status() -> tuple[bool, str]:
+    """(available, reason)."""
+    try:
+        import triton
+    except ImportError:
+        return False, "Triton is not installed (pip install 'kind_fast[triton]')"
+    if _interpret():
+        return True, f"Triton {triton.__version__} under TRITON_INTERPRET=1 (CPU fp16/fp32, slow; for tests)"
+    if not torch.cuda.is_available():
+        return False, f"Triton {triton.__version__} is installed but no CUDA GPU is visible"
+    return True, f"Triton {triton.__version__}: fused M1 kernels for CUDA fp16/bf16"
+
+
+def supports(device_type: str, dtype: torch.dtype) -> bool:
+    if device_type == "cuda":
+        return dtype in (torch.float16, torch.bfloat16)
+    if device_type == "cpu" and _interpret():
+        return dtype in (torch.float16, torch.float32)
+    return False
+
+
+# =====================================================================================
+# Cost model: which path runs a shape
+# =====================================================================================
+@dataclass(frozen=True)
+class PathChoice:
+    path: str            # "M1" or "M0"
+    reason: str
+    flop_ratio: float    # KIND forward FLOPs / dense F.linear FLOPs of the same shape
+    would_prefer: str    # the path the cost model would pick if every path were implemented
+
+
+def choose_path(
+    rows: int, n_in: int, n_out: int, active: int, tailor_rank: int, *,
+    learngene_rank: int | None = None, distinct_classes: int | None = None, training: bool = True,
+) -> PathChoice:
+    """The path the Triton backend takes for one layer shape, and the cost model's reasons.
+
+    FLOPs per path (forward; the backward scales alike), M rows, K active tailors:
+        M1  2·M·in·out + 2·M·K·(in + out)               (+ W_G materialised once by the layer)
+        M2  2·M·(r_G + K)·(in + out)                    wins when r_G + K < ~0.5·min(in, out)
+        M3  2·M·in·out + 2·C_b·K·in·out (merge C_b weights; inference only) wins when the
+            merge is cheaper than the tailor term: C_b < M·(in + out)/(in·out)
+    """
+    dense = 2 * rows * n_in * n_out
+    m1 = kind_linear_flops(rows, n_in, n_out, active)
+    ratio = m1 / max(dense, 1)
+    prefer = "M1"
+    if learngene_rank is not None and 2 * rows * (learngene_rank + active) * (n_in + n_out) < dense:
+        prefer = "M2"
+    if (not training and distinct_classes is not None
+            and distinct_classes * n_in * n_out < rows * (n_in + n_out)):
+        prefer = "M3"
+    if active == 0 or tailor_rank == 0 or rows == 0:
+        return PathChoice("M0", "no active tailors: the reference is one F.linear", ratio, "M0")
+    if active > MAX_ACTIVE:
+        return PathChoice("M0", f"K={active} active tailors > {MAX_ACTIVE}: reference", ratio, prefer)
+    reason = "fused GEMM + gathered tailor term, shrink in the same K-loop"
+    if prefer != "M1":
+        reason += f" ({prefer} would be cheaper by the FLOP model but is not implemented)"
+    return PathChoice("M1", reason, ratio, prefer)
+
+
+_LOGGED: set = set()
+
+
+def _debug_log(kind: str, x: Tensor, n_out: int, k: int, n_t: int, b: int, extra: str = "") -> None:
+    if os.environ.get("KIND_FAST_DEBUG", "0") in ("", "0"):
+        return
+    key = (kind, tuple(x.shape), n_out, k, n_t, b, x.dtype, extra)
+    if key in _LOGGED:
+        return
+    _LOGGED.add(key)
+    m, n_in = x.shape
+    choice = choose_path(m, n_in, n_out, k, n_t)
+    print(f"kind_fast[triton] {kind}: M={m} in={n_in} out={n_out} K={k} N_T={n_t} T={m // max(b, 1)} "
+          f"{x.dtype} -> {choice.path} ({choice.reason}) {extra}", file=sys.stderr)
+
+
+# =====================================================================================
+# Implementations
+# =====================================================================================
+def _fallback(m: int, k: int, n_t: int) -> bool:
+    return m == 0 or k == 0 or n_t == 0 or k > MAX_ACTIVE
+
+
+def kind_linear_triton_forward(x, w_g, bias, u_t, sigma_t, v_t, idx, val, labels) -> tuple[Tensor, Tensor]:
+    m, k, n_t = x.shape[0], idx.shape[1], u_t.shape[0]
+    if _fallback(m, k, n_t):
+        _debug_log("forward", x, w_g.shape[0], k, n_t, labels.shape[0])
+        return kind_linear_ref(x, w_g, bias, u_t, sigma_t, v_t, idx, val, labels)
+    kern = _kernels()
+    y, h, _, cfg = kern.fused(
+        x.contiguous(), w_g, True, bias, v_t, u_t, sigma_t.float().contiguous(), idx.contiguous(),
+        val.float().contiguous(), labels.contiguous())
+    _debug_log("forward", x, w_g.shape[0], k, n_t, labels.shape[0], str(cfg))
+    return y, h
+
+
+def kind_linear_triton_backward(
+    grad_y, x, w_g, u_t, sigma_t, v_t, idx, val, labels, h, output_mask
+) -> tuple[Tensor, ...]:
+    need_dx, need_dw, need_db, need_du, need_ds, need_dv, need_dval = (bool(v) for v in output_mask)
+    m, k, n_t = x.shape[0], idx.shape[1], u_t.shape[0]
+    if _fallback(m, k, n_t):
+        return kind_linear_backward_ref(grad_y, x, w_g, u_t, sigma_t, v_t, idx, val, labels, h, output_mask)
+    kern = _kernels()
+    g, x = grad_y.contiguous(), x.contiguous()
+    sigma, val32 = sigma_t.float().contiguous(), val.float().contiguous()
+    idx, labels, h = idx.contiguous(), labels.contiguous(), h.float().contiguous()
+
+    def empty():  # a fresh one per output: registered ops may not return aliased outputs
+        return x.new_empty(0)
+
+    # ---- learngene side: plain GEMM / reduction, only when asked for
+    dw = g.t() @ x if need_dw else empty()
+    db = g.sum(0, dtype=torch.float32).to(x.dtype) if need_db else empty()
+    # ---- dx = g·W_G + (dh_s ⊙ s)·V_T[ids] fused, with dh_s and the ds partials on the way
+    need_part = need_ds or need_dval
+    dx, dhs, part, cfg = empty(), None, None, None
+    if need_dx or need_dv or need_part:
+        out, dhs, part, cfg = kern.fused(
+            g, w_g if need_dx else None, False, None, u_t, v_t, sigma, idx, val32, labels,
+            h_saved=h if need_part else None, write_shrink=need_dv)
+        if need_dx:
+            dx = out
+    du, dv, dsig, dval = empty(), empty(), empty(), empty()
+    if need_du or need_dv or need_part:
+        pos, dg = kern.gate_tables(idx, val32, n_t)
+        if need_du:
+            du = kern.tailor_grad(h, g, pos, dg, sigma, labels, n_t, u_t.dtype)
+        if need_dv:
+            dv = kern.tailor_grad(dhs, x, pos, dg, sigma, labels, n_t, v_t.dtype)
+        if need_part:
+            ds = kern.sample_ds(part, cfg, m, labels.shape[0])
+            dval_, dsig_ = kern.gate_grads(ds, labels, idx, val32, sigma, pos, dg, need_dval, need_ds)
+            if need_dval:
+                dval = dval_.to(val.dtype)
+            if need_ds:
+                dsig = dsig_.to(sigma_t.dtype)
+    _debug_log("backward", x, w_g.shape[0], k, n_t, labels.shape[0],
+               f"mask={[int(v) for v in output_mask]}")
+    return dx, dw, db, du, dsig, dv, dval
+
+
+# =====================================================================================
+# Registered ops
+# =====================================================================================
+@torch.library.custom_op("kind_fast::kind_linear_triton", mutates_args=())
+def _kind_linear_triton_op(
+    x: Tensor, w_g: Tensor, bias: Tensor | None, u_t: Tensor, sigma_t: Tensor, v_t: Tensor,
+    idx: Tensor, val: Tensor, labels: Tensor,
+) -> tuple[Tensor, Tensor]:
+    return kind_linear_triton_forward(x, w_g, bias, u_t, sigma_t, v_t, idx, val, labels)
+
+
+_kind_linear_triton_op.register_fake(kind_linear_fake)
+
+
+@torch.library.custom_op("kind_fast::kind_linear_triton_backward", mutates_args=())
+def _kind_linear_triton_backward_op(
+    grad_y: Tensor, x: Tensor, w_g: Tensor, u_t: Tensor, sigma_t: Tensor, v_t: Tensor,
+    idx: Tensor, val: Tensor, labels: Tensor, h: Tensor, output_mask: list[bool],
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return kind_linear_triton_backward(grad_y, x, w_g, u_t, sigma_t, v_t, idx, val, labels, h, output_mask)
+
+
+_kind_linear_triton_backward_op.register_fake(kind_linear_backward_fake)
+_kind_linear_triton_op.register_autograd(
+    make_kind_linear_backward(torch.ops.kind_fast.kind_linear_triton_backward),
+    setup_context=kind_linear_setup_context,
+)
+
+
+@register_flop_formula(torch.ops.kind_fast.kind_linear_triton)
+def _(x_shape, w_g_shape, bias_shape, u_t_shape, sigma_t_shape, v_t_shape, idx_shape, *args, **kwargs) -> int:
+    return kind_linear_flops(x_shape[0], x_shape[1], w_g_shape[0], idx_shape[1])
+
+
+@register_flop_formula(torch.ops.kind_fast.kind_linear_triton_backward)
+def _(grad_y_shape, x_shape, w_g_shape, u_t_shape, sigma_t_shape, v_t_shape, idx_shape, val_shape,
+      labels_shape, h_shape, output_mask: Sequence[bool], *args, **kwargs) -> int:
+    return kind_linear_flops(x_shape[0], x_shape[1], w_g_shape[0], idx_shape[1], output_mask)
+
+
+OP = torch.ops.kind_fast.kind_linear_triton
+BACKWARD_OP = torch.ops.kind_fast.kind_linear_triton_backward
