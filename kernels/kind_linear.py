@@ -69,6 +69,20 @@ MAX_ACTIVE = 128  # largest supported K (padded): the BM×KP fp32 shrink accumul
 # =====================================================================================
 # Fused GEMM + gathered gated low-rank term (forward and dx)
 # =====================================================================================
+# Triton's standard library (tl.sum, tl.max, tl.zeros, tl.cdiv, ...) is decorated when Triton
+# is imported, so under an interpreter switched on later it would not run. These kernels use
+# only builtins and their own jit functions; reductions go through tl.reduce with the standard
+# combine functions, which both the compiler and the interpreter (numpy fast path) recognise.
+@triton.jit
+def _sum(x, AXIS: tl.constexpr):
+    return tl.reduce(x, AXIS, tl.standard._sum_combine)
+
+
+@triton.jit
+def _max(x, AXIS: tl.constexpr):
+    return tl.reduce(x, AXIS, tl.standard._elementwise_max)
+
+
 @triton.jit
 def _load_rows(ptr, rm, row_ok, kk, k_ok, s_m, s_k):
     """A (BM, BK) tile of a row-major-ish matrix."""
@@ -126,7 +140,7 @@ def _out_tile(
         for s in range(s_lo, s_hi + 1):
             ids_s = _class_ids(lab_ptr, idx_ptr, s, rj, slot_ok, K)
             q = _load_factor(q_ptr, ids_s, slot_ok, rn, n_ok, s_qr, s_qn)
-            hs_s = tl.where((samp == s)[:, None], hs, tl.zeros_like(hs))
+            hs_s = tl.where((samp == s)[:, None], hs, 0.0).to(hs.dtype)
             acc = tl.dot(hs_s, q, acc, input_precision=PREC)
     # ---- epilogue
     if HAS_BIAS:
@@ -198,16 +212,16 @@ def kind_linear_fused_kernel(
         s_hi = (tl.minimum(m0 + BM, M) - 1) // T
 
     # ---- N-tiles of this group
-    n_tiles = tl.cdiv(N, BN)
-    per = tl.cdiv(n_tiles, NG)
+    n_tiles = (N + BN - 1) // BN
+    per = (n_tiles + NG - 1) // NG
     n_beg = grp * per
     n_end = tl.minimum(n_beg + per, n_tiles)
     rn = n_beg * BN + tl.arange(0, BN)
     n_ok = rn < N
 
     # ---- first N-tile: one K-loop over the rows, two dots per step (x is read once)
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
-    acc_h = tl.zeros((BM, KP), dtype=tl.float32)
+    acc = tl.full((BM, BN), 0.0, tl.float32)
+    acc_h = tl.full((BM, KP), 0.0, tl.float32)
     for k0 in range(0, KD, BK):
         kk = k0 + rk
         k_ok = kk < KD
@@ -223,7 +237,7 @@ def kind_linear_fused_kernel(
             for s in range(s_lo, s_hi + 1):
                 ids_s = _class_ids(lab_ptr, idx_ptr, s, rj, slot_ok, K)
                 p = _load_factor_t(p_ptr, ids_s, slot_ok, kk, k_ok, s_pr, s_pk)
-                a_s = tl.where((samp == s)[:, None], a, tl.zeros_like(a))
+                a_s = tl.where((samp == s)[:, None], a, 0.0).to(a.dtype)
                 acc_h = tl.dot(a_s, p, acc_h, input_precision=PREC)
 
     # ---- group 0 stores the shrink and the per-(tile, sample) partials of Σ dh_s ⊙ h
@@ -235,11 +249,11 @@ def kind_linear_fused_kernel(
         if DS_PARTIAL:
             prod = acc_h * tl.load(hsv_ptr + shr_off, mask=shr_mask, other=0.0)       # (BM, KP)
             if ONE_CLASS:
-                tl.store(part_ptr + pid_m * KP + rj, tl.sum(prod, axis=0))
+                tl.store(part_ptr + pid_m * KP + rj, _sum(prod, 0))
             else:
                 for s in range(s_lo, s_hi + 1):
-                    sel = tl.where((samp == s)[:, None], prod, tl.zeros_like(prod))
-                    tl.store(part_ptr + (pid_m * SPT + s - s_lo) * KP + rj, tl.sum(sel, axis=0))
+                    sel = tl.where((samp == s)[:, None], prod, 0.0)
+                    tl.store(part_ptr + (pid_m * SPT + s - s_lo) * KP + rj, _sum(sel, 0))
 
     # ---- expand into every N-tile of the group
     if HAS_BASE:
@@ -249,7 +263,7 @@ def kind_linear_fused_kernel(
                   s_am, s_ak, s_bk, s_bn, s_qr, s_qn, s_om, s_on,
                   BN, BK, False, HAS_BIAS, ONE_CLASS, PREC)
         for nt in range(n_beg + 1, n_end):
-            acc = tl.zeros((BM, BN), dtype=tl.float32)
+            acc = tl.full((BM, BN), 0.0, tl.float32)
             _out_tile(acc, hs, nt, rm, row_ok, rj, slot_ok, ids, samp, s_lo, s_hi,
                       a_ptr, b_ptr, q_ptr, bias_ptr, out_ptr, lab_ptr, idx_ptr, M, N, KD, K,
                       s_am, s_ak, s_bk, s_bn, s_qr, s_qn, s_om, s_on,
@@ -285,12 +299,12 @@ def kind_linear_tailor_grad_kernel(
     ro = pid_o * BO + tl.arange(0, BO)
     o_ok = ro < O
     sig = tl.load(sig_ptr + rt, mask=t_ok, other=0.0)                                 # (BT,)
-    m_tiles = tl.cdiv(M, BM)
-    per = tl.cdiv(m_tiles, SPLIT)
+    m_tiles = (M + BM - 1) // BM
+    per = (m_tiles + SPLIT - 1) // SPLIT
     mt_beg = pid_s * per
     mt_end = tl.minimum(mt_beg + per, m_tiles)
 
-    acc = tl.zeros((BT, BO), dtype=tl.float32)
+    acc = tl.full((BT, BO), 0.0, tl.float32)
     for mt in range(mt_beg, mt_end):
         rm = mt * BM + tl.arange(0, BM)
         row_ok = rm < M
@@ -304,7 +318,7 @@ def kind_linear_tailor_grad_kernel(
             pos = tl.load(pos_ptr + cls_r[:, None] * NT + rt[None, :], mask=t_ok[None, :], other=-1)
             dg = tl.load(dg_ptr + cls_r[:, None] * NT + rt[None, :], mask=t_ok[None, :], other=0.0)
         # blocks no row uses are skipped (block gates: only the class's own block works)
-        if tl.max(tl.max(pos, axis=1), axis=0) >= 0:
+        if _max(_max(pos, 1), 0) >= 0:
             on = pos >= 0
             wv = tl.load(w_ptr + rm[:, None] * K + tl.where(on, pos, 0),
                          mask=row_ok[:, None] & on, other=0.0)                         # (BM, BT)
@@ -339,8 +353,8 @@ def kind_linear_gate_tables_kernel(
     for t0 in range(0, NT, BT):
         rt = t0 + tl.arange(0, BT)
         hit = ids[None, :] == rt[:, None]                                             # (BT, KP)
-        dg = tl.sum(tl.where(hit, val[None, :], 0.0), axis=1)
-        pos = tl.max(tl.where(hit, rj[None, :], -1), axis=1)
+        dg = _sum(tl.where(hit, val[None, :], 0.0), 1)
+        pos = _max(tl.where(hit, rj[None, :], -1), 1)
         tl.store(dg_ptr + c * NT + rt, dg, mask=rt < NT)
         tl.store(pos_ptr + c * NT + rt, pos.to(tl.int32), mask=rt < NT)
 
@@ -356,7 +370,7 @@ def kind_linear_sample_ds_kernel(
     rj = tl.arange(0, KP)
     t_beg = (b * T) // BM
     t_end = ((b + 1) * T - 1) // BM
-    acc = tl.zeros((KP,), dtype=tl.float32)
+    acc = tl.full((KP,), 0.0, tl.float32)
     for t in range(t_beg, t_end + 1):
         slot = b - (t * BM) // T
         acc += tl.load(part_ptr + (t * SPT + slot) * KP + rj)
@@ -381,13 +395,13 @@ def kind_linear_gate_grad_kernel(
     if pid < C1:
         # ---- dval[c, k] = σ_T[idx[c, k]] · Σ_{b: labels[b] = c} ds[b, k]
         if NEED_DVAL:
-            acc = tl.zeros((KP,), dtype=tl.float32)
+            acc = tl.full((KP,), 0.0, tl.float32)
             for b0 in range(0, B, BB):
                 rb = b0 + tl.arange(0, BB)
                 lab = tl.load(lab_ptr + rb, mask=rb < B, other=-1)
                 sel = (lab == pid) & (rb < B)
-                acc += tl.sum(tl.load(ds_ptr + rb[:, None] * KP + rj[None, :],
-                                      mask=sel[:, None], other=0.0), axis=0)
+                acc += _sum(tl.load(ds_ptr + rb[:, None] * KP + rj[None, :],
+                                      mask=sel[:, None], other=0.0), 0)
             slot_ok = rj < K
             ids = tl.load(idx_ptr + pid * K + rj, mask=slot_ok, other=0)
             tl.store(dval_ptr + pid * K + rj,
@@ -397,7 +411,7 @@ def kind_linear_gate_grad_kernel(
         if NEED_DSIG:
             rt = (pid - C1) * BT + tl.arange(0, BT)
             t_ok = rt < NT
-            acc = tl.zeros((BT,), dtype=tl.float32)
+            acc = tl.full((BT,), 0.0, tl.float32)
             for b0 in range(0, B, BB):
                 rb = b0 + tl.arange(0, BB)
                 b_ok = rb < B
@@ -408,7 +422,7 @@ def kind_linear_gate_grad_kernel(
                 on = pos >= 0
                 dg = tl.load(dg_ptr + tab, mask=on, other=0.0)
                 d = tl.load(ds_ptr + rb[:, None] * KP + tl.where(on, pos, 0), mask=on, other=0.0)
-                acc += tl.sum(d * dg, axis=0)
+                acc += _sum(d * dg, 0)
             tl.store(dsig_ptr + rt, acc.to(dsig_ptr.dtype.element_ty), mask=t_ok)
 
 
