@@ -12,6 +12,7 @@ active tailors are padded with id 0 and value 0 (DESIGN §2).
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -309,6 +310,11 @@ def check_labels(labels: Any, num_classes: int, *, name: str = "labels") -> Tens
         raise ValueError(f"{name} must be 1-D (one class id per sample), got shape {tuple(labels.shape)}")
     if torch.compiler.is_compiling() or labels.numel() == 0:
         return labels
+    # Every KIND layer of a model sees the same labels tensor: check it once per value.
+    key = (labels._version, num_classes)
+    ref, seen = _LAST_CHECKED
+    if ref is not None and ref() is labels and seen == key:
+        return labels
     if labels.device.type == "cpu":
         lo, hi = int(labels.min()), int(labels.max())
         if lo < 0 or hi > num_classes:
@@ -321,4 +327,8 @@ def check_labels(labels: Any, num_classes: int, *, name: str = "labels") -> Tens
             ((labels >= 0) & (labels <= num_classes)).all(),
             f"{name} out of range [0, {num_classes}]",
         )
+    _LAST_CHECKED[:] = [weakref.ref(labels), key]
     return labels
+
+
+_LAST_CHECKED: list = [None, None]  # [weakref to the last labels checked, (version, num_classes)]

@@ -145,3 +145,14 @@ def test_gate_built_under_meta_device_context_is_real():
     with torch.device("meta"):
         g = ClassGate.random_k(3, 8, 2)
     assert g.table.device.type == "cpu" and g.idx.device.type == "cpu"
+
+
+def test_check_labels_rechecks_after_in_place_change():
+    labels = torch.tensor([0, 1])
+    check_labels(labels, 3)
+    check_labels(labels, 3)  # cached
+    labels[1] = 7
+    with pytest.raises(ValueError, match="out of range"):
+        check_labels(labels, 3)
+    with pytest.raises(ValueError, match="out of range"):
+        check_labels(torch.tensor([0, 1]), 0)
