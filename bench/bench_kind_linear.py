@@ -110,3 +110,110 @@ def test_gpu_layer_reference(benchmark, name, n_in, n_out, mode):
             torch.cuda.synchronize()
 
         benchmark.pedantic(timed, rounds=10, iterations=1, warmup_rounds=2)
+
+
+# =====================================================================================
+# GPU: the Triton backend beside nn.Linear, the unfused reference and its torch.compile
+# =====================================================================================
+# DESIGN §6 goals, recorded per row in extra_info["goals"] as {goal: [value, target, met]}:
+#   forward          t(triton) <= 1.10 · t(F.linear) · (1 + K/in + K/out)
+#   transfer         t(triton) <= 0.80 · t(nn.Linear fwd+bwd), for d = min(in, out) >= 768
+#   every mode       t(reference) / t(triton) >= 2  and  t(compiled reference) / t(triton) >= 1.3
+# KIND_FAST_BENCH_COMPILE=0 skips the compiled reference (it costs a compile per shape and mode).
+GPU_TRITON_MODES = ["forward", "transfer", "pretrain"]
+GPU_DEVICE, GPU_DTYPE, GPU_TOKENS = "cuda", torch.bfloat16, 32 * TOKENS  # overridable for dry runs
+
+
+def _ref_step(layer, x, labels, g, mode):
+    """The reference as plain PyTorch ops (kind_linear_ref, autograd through it): what
+    torch.compile can see into, unlike the registered op."""
+    from kind_fast.ops.kind_linear import kind_linear_ref
+
+    def step():
+        idx, val = layer.gate.compiled(x.device)
+        w_g = layer.learngene_weight(x.dtype)
+        x2 = x.reshape(-1, x.shape[-1])
+        y, _ = kind_linear_ref(x2, w_g, layer.bias, layer.u_t, layer.sigma_t.float(), layer.v_t, idx,
+                               val.float(), labels)
+        if mode == "forward":
+            return y
+        y.backward(g.reshape(y.shape))
+
+    if mode == "forward":
+        def run():
+            with torch.no_grad():
+                return step()
+        return run
+    return step
+
+
+def _gpu_goals(times, n_in, n_out, mode):
+    t = times["triton"]
+    goals = {}
+    if mode == "forward":
+        target = 1.10 * (1 + ACTIVE / n_in + ACTIVE / n_out)
+        goals["forward_vs_linear"] = [t / times["linear"], target, t / times["linear"] <= target]
+    if mode == "transfer" and min(n_in, n_out) >= 768:
+        goals["transfer_vs_linear"] = [t / times["linear"], 0.80, t / times["linear"] <= 0.80]
+    goals["speedup_vs_reference"] = [times["reference"] / t, 2.0, times["reference"] / t >= 2.0]
+    if times.get("compiled") is not None:
+        goals["speedup_vs_compiled_reference"] = [times["compiled"] / t, 1.3, times["compiled"] / t >= 1.3]
+    return goals
+
+
+@requires_cuda
+@pytest.mark.parametrize("mode", GPU_TRITON_MODES)
+@pytest.mark.parametrize("name,n_in,n_out", GPU_CASES, ids=[c[0] for c in GPU_CASES])
+def test_gpu_layer_triton(benchmark, name, n_in, n_out, mode):
+    """Triton backend (bf16) vs nn.Linear, the unfused reference and torch.compile(reference)."""
+    import os
+
+    m = GPU_TOKENS
+    dev, dt = GPU_DEVICE, GPU_DTYPE
+    run_linear = _setup(n_in, n_out, m, mode, dev, dt)[1]
+    run_triton = _setup(n_in, n_out, m, mode, dev, dt)[0]
+    _on("triton", run_triton)  # compile the kernels outside the timing
+    run_reference = _setup(n_in, n_out, m, mode, dev, dt)[0]
+
+    # the same layer state for the compiled reference (fresh objects: no shared grads)
+    gen = torch.Generator().manual_seed(1)
+    gate = kf.ClassGate.block(CLASSES, TAILORS, ACTIVE)
+    layer = kf.FastKindLinear(n_in, n_out, tailor_rank=TAILORS, gate=gate).to(dev, dt)
+    if mode == "transfer":
+        layer.freeze_learngenes()
+    b = m // TOKENS
+    x = torch.randn(b, TOKENS, n_in, generator=gen).to(dev, dt).requires_grad_(mode != "forward")
+    labels = torch.randint(0, CLASSES, (b,), generator=gen).to(dev)
+    g = torch.randn(b, TOKENS, n_out, generator=gen).to(dev, dt)
+    fns = {"triton": lambda: _on("triton", run_triton), "linear": run_linear,
+           "reference": lambda: _on("torch", run_reference)}
+    if os.environ.get("KIND_FAST_BENCH_COMPILE", "1") != "0":
+        fns["compiled"] = torch.compile(_ref_step(layer, x, labels, g, mode))
+        fns["compiled"]()  # compile outside the timing
+    times = interleaved(fns, gpu_median)
+    times.setdefault("compiled", None)
+    goals = _gpu_goals(times, n_in, n_out, mode)
+    _record(benchmark, {"kind": times["triton"], "linear": times["linear"]}, _flops(n_in, n_out, m, mode),
+            GPU_GOALS.get(mode) if min(n_in, n_out) >= 768 else None, _device_name(dev))
+    benchmark.extra_info.update(
+        shape=name, tokens=m, backend="triton", mode=mode,
+        t_reference_ms=times["reference"] * 1e3,
+        t_compiled_reference_ms=None if times["compiled"] is None else times["compiled"] * 1e3,
+        goals=goals, all_goals_met=all(v[2] for v in goals.values()),
+    )
+
+    def timed():
+        _on("triton", run_triton)
+        if dev == "cuda":
+            torch.cuda.synchronize()
+
+    benchmark.pedantic(timed, rounds=10, iterations=1, warmup_rounds=2)
+
+
+def _on(backend, run):
+    with kf.use_backend(backend):
+        return run()
+
+
+def _device_name(dev):
+    return torch.cuda.get_device_name() if dev == "cuda" else dev

@@ -274,6 +274,19 @@ def kind_linear_fused_kernel(
 # dU_T and dV_T: long-K skinny GEMM over the rows, gathered through the slot table
 # =====================================================================================
 @triton.jit
+def _tailor_grad_step(acc, w_ptr, z_ptr, rm, row_ok, ro, o_ok, pos, dg, sig, K, s_zm, s_zo,
+                      PREC: tl.constexpr):
+    """acc (BT, BO) += (w[rows, slot] · σ · D)ᵀ (BT, BM) · z[rows] (BM, BO)."""
+    on = pos >= 0
+    wv = tl.load(w_ptr + rm[:, None] * K + tl.where(on, pos, 0),
+                 mask=row_ok[:, None] & on, other=0.0)                                 # (BM, BT)
+    ws = (wv * (dg * sig[None, :])).to(z_ptr.dtype.element_ty)
+    z = tl.load(z_ptr + rm[:, None] * s_zm + ro[None, :] * s_zo,
+                mask=row_ok[:, None] & o_ok[None, :], other=0.0)                       # (BM, BO)
+    return tl.dot(tl.trans(ws), z, acc, input_precision=PREC)
+
+
+@triton.jit
 def kind_linear_tailor_grad_kernel(
     # -- operands
     w_ptr,       # (M, K) fp32: h (for dU_T) | dh_s (for dV_T), one column per active slot
@@ -289,7 +302,7 @@ def kind_linear_tailor_grad_kernel(
     s_zm, s_zo,
     # -- meta
     BM: tl.constexpr, BT: tl.constexpr, BO: tl.constexpr, SPLIT: tl.constexpr,
-    ONE_CLASS: tl.constexpr, PREC: tl.constexpr,
+    ONE_CLASS: tl.constexpr, SKIP: tl.constexpr, PREC: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
     pid_o = tl.program_id(1)
@@ -317,15 +330,15 @@ def kind_linear_tailor_grad_kernel(
             cls_r = tl.load(lab_ptr + tl.minimum(rm, M - 1) // T)                      # (BM,)
             pos = tl.load(pos_ptr + cls_r[:, None] * NT + rt[None, :], mask=t_ok[None, :], other=-1)
             dg = tl.load(dg_ptr + cls_r[:, None] * NT + rt[None, :], mask=t_ok[None, :], other=0.0)
-        # blocks no row uses are skipped (block gates: only the class's own block works)
-        if _max(_max(pos, 1), 0) >= 0:
-            on = pos >= 0
-            wv = tl.load(w_ptr + rm[:, None] * K + tl.where(on, pos, 0),
-                         mask=row_ok[:, None] & on, other=0.0)                         # (BM, BT)
-            ws = (wv * (dg * sig[None, :])).to(z_ptr.dtype.element_ty)
-            z = tl.load(z_ptr + rm[:, None] * s_zm + ro[None, :] * s_zo,
-                        mask=row_ok[:, None] & o_ok[None, :], other=0.0)               # (BM, BO)
-            acc = tl.dot(tl.trans(ws), z, acc, input_precision=PREC)
+        if SKIP:
+            # blocks no row uses are skipped (block gates: only the class's own block works);
+            # the branch keeps the loads out of the software pipeline, so dense gates don't skip
+            if _max(_max(pos, 1), 0) >= 0:
+                acc = _tailor_grad_step(acc, w_ptr, z_ptr, rm, row_ok, ro, o_ok, pos, dg, sig,
+                                        K, s_zm, s_zo, PREC)
+        else:
+            acc = _tailor_grad_step(acc, w_ptr, z_ptr, rm, row_ok, ro, o_ok, pos, dg, sig,
+                                    K, s_zm, s_zo, PREC)
 
     out_off = rt[:, None] * O + ro[None, :]
     out_mask = t_ok[:, None] & o_ok[None, :]
@@ -600,6 +613,8 @@ def tailor_grad(
     bm, one = row_tile(t, padded_active(k), interpret)
     bm = min(bm, 64)
     bt = 32 if interpret else (32 if n_t <= 32 else 64)
+    # skip unused tailor blocks only when classes use a small part of the tailors (block gates)
+    skip = 2 * k <= n_t
     bo = 32 if interpret else (64 if o <= 512 else 128)
     t_blocks, o_blocks, m_tiles = triton.cdiv(n_t, bt), triton.cdiv(o, bo), triton.cdiv(m, bm)
     split = max(1, min(m_tiles, triton.cdiv(2 * num_sms(dev), t_blocks * o_blocks)))
@@ -610,8 +625,8 @@ def tailor_grad(
         out = torch.empty((split, n_t, o), dtype=torch.float32, device=dev)
     kind_linear_tailor_grad_kernel[(t_blocks, o_blocks, split)](
         w, z, out, pos, dg, sigma, labels, m, o, n_t, k, t, z.stride(0), z.stride(1),
-        BM=bm, BT=bt, BO=bo, SPLIT=split, ONE_CLASS=one, PREC=_prec(z.dtype),
-        num_warps=4, num_stages=2 if not interpret else 1)
+        BM=bm, BT=bt, BO=bo, SPLIT=split, ONE_CLASS=one, SKIP=skip, PREC=_prec(z.dtype),
+        num_warps=4, num_stages=3 if not interpret else 1)
     if split > 1:
         out = out.sum(0).to(out_dtype)  # fixed-order reduction (no atomics)
     return out

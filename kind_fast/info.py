@@ -48,7 +48,22 @@ def collect() -> dict:
     info["backends"] = {
         k: ("available" if ok else "unavailable") + f": {why}" for k, (ok, why) in backend_status().items()
     }
+    info["triton paths"] = _triton_paths()
     return info
+
+
+def _triton_paths() -> dict:
+    """The Triton backend's cost-model choice per DiT-XL/2 layer (KIND_FAST_DEBUG=1 logs each call)."""
+    try:
+        from kind_fast.ops.kind_linear_triton import choose_path
+    except Exception as e:  # noqa: BLE001 - info reports, never crashes
+        return {"error": f"{type(e).__name__}: {e}"}
+    d, m, k, n_t = 1152, 32 * 256, 32, 96
+    out = {}
+    for name, (n_in, n_out) in {"qkv": (d, 3 * d), "proj": (d, d), "fc1": (d, 4 * d), "fc2": (4 * d, d)}.items():
+        c = choose_path(m, n_in, n_out, k, n_t, learngene_rank=min(n_in, n_out) - n_t)
+        out[f"DiT-XL/2.{name}"] = f"{c.path} (B=32, K={k} of {n_t}, FLOPs {c.flop_ratio:.3f}x dense): {c.reason}"
+    return out
 
 
 def run(args=None) -> int:

@@ -412,3 +412,61 @@ def test_gpu_deterministic_bitwise(monkeypatch):
     assert torch.equal(y1, y2)
     for n in g1:
         assert torch.equal(g1[n], g2[n]), f"d{n}"
+
+
+# ------------------------------------------------------------------ compiled mode without a GPU
+def _compile_for_sm90(fn, ptrs, consts, ones=(), div16=(), warps=8, stages=3):
+    """Compile a kernel ahead of time for sm_90 (no GPU needed), specialised as a real launch
+    would be (16-byte aligned pointers, sizes divisible by 16, unit strides as constants)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    sig, cx = {}, dict(consts)
+    for n in fn.arg_names:
+        if n in consts or n in ones:
+            sig[n] = "constexpr"
+            cx.setdefault(n, 1)
+        else:
+            sig[n] = ptrs.get(n, "i32")
+    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in (*ptrs, *div16) if n not in ones}
+    ck = triton.compile(ASTSource(fn, sig, constexprs=cx, attrs=attrs), target=GPUTarget("cuda", 90, 32),
+                        options=dict(num_warps=warps, num_stages=stages))
+    return ck.asm["ttgir"]
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_hopper(monkeypatch):
+    """The interpreter is lenient; this compiles the real kernels for sm_90 on the CPU and checks
+    that the fused kernel uses wgmma and a software-pipelined (async-copy) K-loop."""
+    pytest.importorskip("triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    from kind_fast.ops.kind_linear_triton import _kernels
+
+    K = _kernels()
+    bf, f32 = "*bf16", "*fp32"
+    ptrs = dict(a_ptr=bf, out_ptr=bf, shr_ptr=f32, hsv_ptr=f32, part_ptr=f32, b_ptr=bf, bias_ptr=bf, p_ptr=bf,
+                q_ptr=bf, sig_ptr=f32, idx_ptr="*i32", val_ptr=f32, lab_ptr="*i64")
+    div = ("M", "N", "KD", "K", "T", "M_BUCKET", "s_am", "s_om", "s_bn", "s_bk", "s_pr", "s_qr")
+    try:
+        for one in (True, False):
+            consts = dict(BM=128 if one else 64, BN=128, BK=64, KP=32, NG=2, SPT=1 if one else 3, HAS_BASE=True,
+                          HAS_BIAS=True, ONE_CLASS=one, WRITE_SHRINK=True, DS_PARTIAL=not one, PREC="tf32")
+            ttgir = _compile_for_sm90(K.kind_linear_fused_kernel, ptrs, consts,
+                                      ("s_ak", "s_bk", "s_pk", "s_qn", "s_on"), div)
+            assert "warp_group_dot" in ttgir, "fused kernel does not use wgmma on sm_90"
+            assert "async_copy_global_to_local" in ttgir, "fused kernel's K-loop is not pipelined"
+        tg = dict(w_ptr=f32, z_ptr=bf, out_ptr=f32, pos_ptr="*i32", dg_ptr=f32, sig_ptr=f32, lab_ptr="*i64")
+        for skip in (True, False):
+            ttgir = _compile_for_sm90(K.kind_linear_tailor_grad_kernel, tg,
+                                      dict(BM=64, BT=64, BO=128, SPLIT=4, ONE_CLASS=True, SKIP=skip, PREC="tf32"),
+                                      ("s_zo",), ("M", "O", "NT", "K", "T", "s_zm"), warps=4)
+            assert "warp_group_dot" in ttgir
+        _compile_for_sm90(K.kind_linear_gate_tables_kernel, dict(idx_ptr="*i32", val_ptr=f32, pos_ptr="*i32",
+                          dg_ptr=f32), dict(KP=32, BT=64), warps=4)
+        _compile_for_sm90(K.kind_linear_sample_ds_kernel, dict(part_ptr=f32, ds_ptr=f32), dict(KP=32), warps=4)
+        _compile_for_sm90(K.kind_linear_gate_grad_kernel, dict(ds_ptr=f32, lab_ptr="*i64", idx_ptr="*i32",
+                          sig_ptr=f32, pos_ptr="*i32", dg_ptr=f32, dval_ptr=f32, dsig_ptr=f32),
+                          dict(KP=32, BB=64, BT=32, NEED_DVAL=True, NEED_DSIG=True), warps=4)
+    except (TypeError, ImportError, AttributeError) as e:  # the AOT API moves between Triton versions
+        pytest.skip(f"this Triton's ahead-of-time compile API differs: {e}")
