@@ -138,8 +138,11 @@ def test_class_distributions(interpreter, dist, t):
 
 @pytest.mark.parametrize("t", [16, 9])
 def test_shrink_h_matches_reference(interpreter, t):
-    """The op's second output h (saved for backward) equals the reference's, padding slots too."""
+    """The op's second output h (saved for backward) equals the reference's, padding slots too;
+    int32 labels and int64 ids work as well as the usual int64 labels and int32 ids."""
     inp = cast(make_case(33, 45, 12, 7, 3, t, gate_kind="block", seed=2), torch.float32)
+    if t == 9:
+        inp["labels"], inp["idx"] = inp["labels"].int(), inp["idx"].long()
     y, h = _triton_op()(*args_of(inp))
     y_r, h_r = kind_linear_ref(*args_of(inp))
     assert h.dtype == torch.float32 and h.shape == h_r.shape
@@ -250,6 +253,20 @@ def test_fallback_to_reference(interpreter, case):
     y_r, h_r = kind_linear_ref(*args_of(inp))
     torch.testing.assert_close(y, y_r)
     torch.testing.assert_close(h, h_r)
+
+
+def test_autotune_space_is_pruned_and_wraps_the_kernel(interpreter):
+    """KIND_FAST_AUTOTUNE=1 wraps the fused kernel in triton.autotune (tuning itself needs a GPU)."""
+    from kind_fast.ops.kind_linear_triton import _kernels
+
+    K = _kernels()
+    tuner = K._autotuned_fused()
+    assert len(tuner.configs) >= 8
+    prune = tuner.early_config_prune
+    kept = prune(tuner.configs, {"N": 100}, KP=128)
+    assert kept and all(c.kwargs["BN"] != 256 and (100 + c.kwargs["BN"] - 1) // c.kwargs["BN"] >= c.kwargs["NG"]
+                        for c in kept)
+    assert not K._autotune_enabled(torch.device("cpu"))
 
 
 def test_kernels_follow_the_interpreter_switch(interpreter, monkeypatch):
