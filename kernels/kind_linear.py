@@ -175,7 +175,8 @@ def kind_linear_fused_kernel(
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, KP: tl.constexpr,
     NG: tl.constexpr,           # N-tile groups per row tile (programs = row tiles × NG)
     SPT: tl.constexpr,          # max samples one row tile touches (1 when ONE_CLASS)
-    HAS_BASE: tl.constexpr,     # False: shrink only (no output tiles; dh_s for dV_T/dσ)
+    HAS_BASE: tl.constexpr,     # the dense base GEMM a·B (False: path M2, or shrink only)
+    HAS_OUT: tl.constexpr,      # output tiles (False: shrink only, e.g. dh_s for dV_T/dσ)
     HAS_BIAS: tl.constexpr,
     ONE_CLASS: tl.constexpr,    # T % BM == 0: one class per row tile
     WRITE_SHRINK: tl.constexpr,
@@ -256,7 +257,7 @@ def kind_linear_fused_kernel(
                     tl.store(part_ptr + (pid_m * SPT + s - s_lo) * KP + rj, _sum(sel, 0))
 
     # ---- expand into every N-tile of the group
-    if HAS_BASE:
+    if HAS_OUT:
         hs = (acc_h * scale).to(q_ptr.dtype.element_ty)                              # (BM, KP)
         _out_tile(acc, hs, n_beg, rm, row_ok, rj, slot_ok, ids, samp, s_lo, s_hi,
                   a_ptr, b_ptr, q_ptr, bias_ptr, out_ptr, lab_ptr, idx_ptr, M, N, KD, K,
@@ -267,7 +268,7 @@ def kind_linear_fused_kernel(
             _out_tile(acc, hs, nt, rm, row_ok, rj, slot_ok, ids, samp, s_lo, s_hi,
                       a_ptr, b_ptr, q_ptr, bias_ptr, out_ptr, lab_ptr, idx_ptr, M, N, KD, K,
                       s_am, s_ak, s_bk, s_bn, s_qr, s_qn, s_om, s_on,
-                      BN, BK, True, HAS_BIAS, ONE_CLASS, PREC)
+                      BN, BK, HAS_BASE, HAS_BIAS, ONE_CLASS, PREC)
 
 
 # =====================================================================================
@@ -525,7 +526,7 @@ def _autotuned_fused():
         return [c for c in configs if not (kp >= 128 and c.kwargs["BN"] == 256)
                 and triton.cdiv(n, c.kwargs["BN"]) >= c.kwargs["NG"]] or configs[:1]
 
-    return triton.autotune(configs=configs, key=["M_BUCKET", "N", "KD", "KP", "HAS_BASE", "ONE_CLASS"],
+    return triton.autotune(configs=configs, key=["M_BUCKET", "N", "KD", "KP", "HAS_BASE", "HAS_OUT", "ONE_CLASS"],
                            prune_configs_by={"early_config_prune": prune})(kind_linear_fused_kernel)
 
 
@@ -540,13 +541,14 @@ def fused(
     a: torch.Tensor, base: torch.Tensor | None, base_transposed: bool, bias: torch.Tensor | None,
     p: torch.Tensor, q: torch.Tensor, sigma: torch.Tensor, idx: torch.Tensor, val: torch.Tensor,
     labels: torch.Tensor, *, h_saved: torch.Tensor | None = None, write_shrink: bool = True,
+    with_out: bool = True,
 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None, dict]:
     """out = a·B + ((a·P[ids]ᵀ) ⊙ s)·Q[ids] + bias, with the shrink returned.
 
     ``base`` is W_G (out, in); the forward passes ``base_transposed=True`` (B = W_Gᵀ), the
-    dx pass False (B = W_G). ``base=None`` runs the shrink only (no output). With ``h_saved``
-    the per-tile partials of Σ dh_s ⊙ h come back too. Returns (out, shrink (M, K) fp32,
-    partials, config).
+    dx pass False (B = W_G). ``base=None`` drops the dense term (path M2: the learngenes are
+    slots of P/Q); ``with_out=False`` runs the shrink only. With ``h_saved`` the per-tile
+    partials of Σ dh_s ⊙ h come back too. Returns (out, shrink (M, K) fp32, partials, config).
     """
     m, kd = a.shape
     k = idx.shape[1]
@@ -559,7 +561,7 @@ def fused(
     spt = 1 if cfg["ONE_CLASS"] else samples_per_tile(bm, t)
     m_tiles = triton.cdiv(m, bm)
     has_base = base is not None
-    out = torch.empty((m, n), dtype=a.dtype, device=dev) if has_base else None
+    out = torch.empty((m, n), dtype=a.dtype, device=dev) if with_out else None
     shr = torch.empty((m, k), dtype=torch.float32, device=dev)
     part = torch.empty((m_tiles, spt, kp), dtype=torch.float32, device=dev) if h_saved is not None else None
     if has_base:
@@ -568,22 +570,22 @@ def fused(
         s_bk = s_bn = 0
     dummy = shr
     args = (
-        a, out if has_base else dummy, shr, h_saved if h_saved is not None else dummy,
+        a, out if with_out else dummy, shr, h_saved if h_saved is not None else dummy,
         part if part is not None else dummy,
         base if has_base else a, bias if bias is not None else dummy, p, q, sigma, idx, val, labels,
         m, n, kd, k, t, bucket(m),
         a.stride(0), a.stride(1),
-        out.stride(0) if has_base else 0, out.stride(1) if has_base else 0,
+        out.stride(0) if with_out else 0, out.stride(1) if with_out else 0,
         s_bk, s_bn, p.stride(0), p.stride(1), q.stride(0), q.stride(1),
     )
-    flags = dict(BM=bm, KP=kp, SPT=spt, HAS_BASE=has_base, HAS_BIAS=bias is not None,
+    flags = dict(BM=bm, KP=kp, SPT=spt, HAS_BASE=has_base, HAS_OUT=with_out, HAS_BIAS=bias is not None,
                  ONE_CLASS=cfg["ONE_CLASS"], WRITE_SHRINK=write_shrink, DS_PARTIAL=h_saved is not None,
                  PREC=_prec(a.dtype))
-    if has_base and _autotune_enabled(dev):
+    if with_out and _autotune_enabled(dev):
         kernel = _autotuned_fused()
         kernel[lambda meta: (m_tiles * meta["NG"],)](*args, **flags)
     else:
-        ng = cfg["NG"] if has_base else 1
+        ng = cfg["NG"] if with_out else 1
         kind_linear_fused_kernel[(m_tiles * ng,)](
             *args, BN=cfg["BN"], BK=cfg["BK"], NG=ng, num_warps=cfg["num_warps"],
             num_stages=cfg["num_stages"], **flags)

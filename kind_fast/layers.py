@@ -266,9 +266,9 @@ class FastKindLinear(nn.Module):
                     f"FastKindLinear: input dtype {x.dtype} != parameter dtype {dt}; cast the input "
                     "or the layer, or run under torch.autocast"
                 )
-        w_g = self.learngene_weight(dt)
         gate = self.gate
         if gate is None:
+            w_g = self.learngene_weight(dt)
             if self.tailor_rank == 0:
                 return F.linear(x, w_g, self.bias.to(dt) if self.bias is not None else None)
             # no gate: every tailor always on, i.e. one dense weight
@@ -286,7 +286,27 @@ class FastKindLinear(nn.Module):
         if labels.device != x.device:
             labels = labels.to(x.device, non_blocking=True)
         idx, val = gate.compiled(x.device)
+        if self._factored_path(x, dt, idx.shape[1]):  # path M2: no W_G at all
+            from kind_fast.ops.kind_linear_triton import kind_linear_factored
+
+            return kind_linear_factored(x, self.u_g, self.sigma_g, self.v_g, self.bias, self.u_t,
+                                        self.sigma_t, self.v_t, idx, val, labels)
+        w_g = self.learngene_weight(dt)
         return kind_linear(x, w_g, self.bias, self.u_t, self.sigma_t, self.v_t, idx, val, labels)
+
+    def _factored_path(self, x: Tensor, dtype: torch.dtype, active: int) -> bool:
+        """Whether the Triton backend's cost model picks path M2 (fully factored: small
+        N_G + K) for this call. Decided from shapes; the reference never takes it."""
+        from kind_fast.backends import resolve_backend
+
+        if resolve_backend(x.device, dtype) != "triton":
+            return False
+        from kind_fast.ops.kind_linear_triton import choose_path
+
+        rows = x.numel() // self.in_features
+        choice = choose_path(rows, self.in_features, self.out_features, active, self.tailor_rank,
+                             learngene_rank=self.learngene_rank)
+        return choice.path == "M2"
 
     def _apply(self, fn, recurse=True):
         self._wg_cache = None

@@ -280,6 +280,101 @@ def test_kernels_follow_the_interpreter_switch(interpreter, monkeypatch):
     assert _kernels().INTERPRETED is True
 
 
+# ------------------------------------------------------------------ path M2 (fully factored)
+M2_GRADS = ("x", "u_g", "sigma_g", "v_g", "bias", "u_t", "sigma_t", "v_t", "val")
+M2_ARGS = ("x", "u_g", "sigma_g", "v_g", "bias", "u_t", "sigma_t", "v_t", "idx", "val", "labels")
+
+
+def make_m2_case(n_in, n_out, n_g, n_t, k, b, t, **kw):
+    inp = make_case(n_in, n_out, n_t, k, b, t, **kw)
+    g = torch.Generator().manual_seed(11)
+    inp.pop("w_g")
+    inp["u_g"] = torch.randn(n_g, n_out, generator=g, dtype=torch.float64) * n_out ** -0.5
+    inp["v_g"] = torch.randn(n_g, n_in, generator=g, dtype=torch.float64) * n_in ** -0.5
+    inp["sigma_g"] = torch.rand(n_g, generator=g, dtype=torch.float64) + 1.0
+    return inp
+
+
+def run_m2(inp, backend, g):
+    from kind_fast.ops.kind_linear_triton import kind_linear_factored
+
+    leaves = {n: inp[n].clone().requires_grad_(True) for n in M2_GRADS if inp[n] is not None}
+    full = {**inp, **leaves}
+    if backend is None:  # oracle: W_G materialised in float64, autograd through it
+        w_g = (full["u_g"].t() * full["sigma_g"]) @ full["v_g"]
+        y = naive_kind_linear(full["x"], w_g, *[full[n] for n in ARGS[2:]])
+    else:
+        with kf.use_backend(backend):
+            y = kind_linear_factored(*[full[n] for n in M2_ARGS])
+    y.backward(g.to(y.dtype))
+    return y, {n: leaves[n].grad for n in leaves}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("t", [32, 7])
+def test_factored_m2_matches_oracle(interpreter, t, dtype):
+    """kind_linear_factored on the Triton backend (learngenes as always-on slots, no W_G) vs the
+    float64 oracle, every gradient including U_G, σ_G, V_G; torch's error = the M1 reference."""
+    inp = make_m2_case(40, 52, 9, 14, 6, 3, t, gate_kind="random_k", seed=t)
+    low = cast({**inp, "w_g": None}, dtype)
+    low.pop("w_g")
+    for n in ("u_g", "v_g"):
+        low[n] = inp[n].to(dtype)
+    low["sigma_g"] = inp["sigma_g"].float()
+    g = torch.randn(inp["x"].shape[0], 52, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    y_o, gr_o = run_m2(inp, None, g)
+    y_l, gr_l = run_m2(low, "torch", g)
+    y_t, gr_t = run_m2(low, "triton", g)
+    assert y_t.dtype == dtype
+    assert_close_to_oracle(y_t, y_o, y_l, dtype, "M2 y")
+    for n in gr_o:
+        assert_close_to_oracle(gr_t[n], gr_o[n], gr_l[n], dtype, f"M2 d{n}")
+
+
+def test_layer_routes_small_rank_to_m2(interpreter, monkeypatch):
+    """FastKindLinear with a small learngene rank takes path M2 on the Triton backend."""
+    from kind_fast.ops import kind_linear_triton as kt
+
+    calls = []
+    real = kt._kernels
+
+    def spy():
+        mod = real()
+        calls.append(mod)
+        return mod
+
+    monkeypatch.setattr(kt, "_kernels", spy)
+    torch.manual_seed(0)
+    gate = kf.ClassGate.block(4, 16, 8)
+    layer = kf.FastKindLinear(64, 80, tailor_rank=16, learngene_rank=8, gate=gate)
+    assert kt.choose_path(64, 64, 80, 8, 16, learngene_rank=8).path == "M2"
+    x = torch.randn(2, 32, 64)
+    labels = torch.tensor([1, 4])
+    with kf.use_backend("triton"):
+        y = layer(x, labels=labels)
+        y.square().mean().backward()
+    grads = [p.grad.clone() for p in (layer.u_g, layer.sigma_g, layer.v_g, layer.u_t)]
+    assert calls, "the Triton kernels did not run"
+    layer.zero_grad(set_to_none=True)
+    with kf.use_backend("torch"):
+        y_r = layer(x, labels=labels)
+        y_r.square().mean().backward()
+    torch.testing.assert_close(y, y_r, rtol=1e-4, atol=1e-4)
+    for a, p in zip(grads, (layer.u_g, layer.sigma_g, layer.v_g, layer.u_t)):
+        torch.testing.assert_close(a, p.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_factored_opcheck(interpreter):
+    from kind_fast.ops.kind_linear_triton import FACTORED_OP
+
+    inp = cast(make_case(20, 24, 6, 3, 2, 16, seed=1), torch.float32)
+    args = [inp["x"], inp["bias"], inp["u_t"], inp["sigma_t"], inp["v_t"], inp["idx"], inp["val"], inp["labels"]]
+    for i in (0, 1, 2, 3, 4, 6):
+        args[i] = args[i].requires_grad_(True)
+    torch.library.opcheck(FACTORED_OP, tuple(args), test_utils=("test_schema", "test_faketensor",
+                                                                "test_autograd_registration"))
+
+
 # ------------------------------------------------------------------ backend protocol, cost model
 def test_supports_and_status(monkeypatch):
     from kind_fast.ops import kind_linear_triton as kt
@@ -301,7 +396,10 @@ def test_cost_model_paths():
     c = choose_path(8192, 1152, 4608, 32, 96, learngene_rank=1056)
     assert c.path == "M1" and c.would_prefer == "M1"
     assert c.flop_ratio == pytest.approx(1 + 32 / 1152 + 32 / 4608)
-    assert choose_path(8192, 1152, 1152, 32, 96, learngene_rank=16).would_prefer == "M2"
+    m2 = choose_path(8192, 1152, 1152, 32, 96, learngene_rank=16)
+    assert m2.would_prefer == "M2" and m2.path == "M2"
+    big = choose_path(8192, 4096, 4096, 32, 96, learngene_rank=512)  # M2 cheaper but > 128 slots
+    assert big.would_prefer == "M2" and big.path == "M1"
     assert choose_path(8192, 1152, 1152, 32, 96, distinct_classes=2, training=False).would_prefer == "M3"
     assert choose_path(8192, 1152, 1152, 32, 96, distinct_classes=2, training=True).would_prefer == "M1"
     assert choose_path(512, 1152, 1152, 32, 96, distinct_classes=2, training=False).would_prefer == "M1"
@@ -334,6 +432,26 @@ def test_gpu_dit_shapes(monkeypatch, n_in, n_out, t, dtype):
     b = 8 if t == 256 else 24
     inp = make_case(n_in, n_out, 96, 32, b, t, gate_kind="random_k", classes=10, seed=n_in, device="cuda")
     check_against_oracle(inp, dtype, GRADS, f"GPU {n_in}x{n_out} T={t}")
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("t", [256, 17])
+def test_gpu_factored_m2(monkeypatch, t):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    b = 8 if t == 256 else 24
+    inp = {n: (v.cuda() if isinstance(v, torch.Tensor) else v)
+           for n, v in make_m2_case(1152, 1152, 64, 96, 32, b, t, classes=10, seed=5).items()}
+    low = {n: (v.to(torch.bfloat16) if n in ("x", "u_g", "v_g", "bias", "u_t", "v_t") else v)
+           for n, v in inp.items()}
+    low["sigma_g"], low["sigma_t"], low["val"] = inp["sigma_g"].float(), inp["sigma_t"].float(), inp["val"].float()
+    g = torch.randn(inp["x"].shape[0], 1152, dtype=torch.float64, device="cuda")
+    y_o, gr_o = run_m2(inp, None, g)
+    y_l, gr_l = run_m2(low, "torch", g)
+    y_t, gr_t = run_m2(low, "triton", g)
+    assert_close_to_oracle(y_t, y_o, y_l, torch.bfloat16, "GPU M2 y")
+    for n in gr_o:
+        assert_close_to_oracle(gr_t[n], gr_o[n], gr_l[n], torch.bfloat16, f"GPU M2 d{n}")
 
 
 @pytest.mark.gpu
@@ -467,12 +585,17 @@ def test_kernels_compile_for_hopper(monkeypatch):
     div = ("M", "N", "KD", "K", "T", "M_BUCKET", "s_am", "s_om", "s_bn", "s_bk", "s_pr", "s_qr")
     try:
         for one in (True, False):
-            consts = dict(BM=128 if one else 64, BN=128, BK=64, KP=32, NG=2, SPT=1 if one else 3, HAS_BASE=True,
+            consts = dict(BM=128 if one else 64, BN=128, BK=64, KP=32, NG=2, SPT=1 if one else 3, HAS_BASE=True, HAS_OUT=True,
                           HAS_BIAS=True, ONE_CLASS=one, WRITE_SHRINK=True, DS_PARTIAL=not one, PREC="tf32")
             ttgir = _compile_for_sm90(K.kind_linear_fused_kernel, ptrs, consts,
                                       ("s_ak", "s_bk", "s_pk", "s_qn", "s_on"), div)
             assert "warp_group_dot" in ttgir, "fused kernel does not use wgmma on sm_90"
             assert "async_copy_global_to_local" in ttgir, "fused kernel's K-loop is not pipelined"
+        # path M2: no dense term, up to 128 slots (learngenes + active tailors)
+        consts = dict(BM=64, BN=64, BK=64, KP=128, NG=2, SPT=1, HAS_BASE=False, HAS_OUT=True, HAS_BIAS=True,
+                      ONE_CLASS=True, WRITE_SHRINK=True, DS_PARTIAL=False, PREC="tf32")
+        ttgir = _compile_for_sm90(K.kind_linear_fused_kernel, ptrs, consts, ("s_ak", "s_pk", "s_qn", "s_on"), div)
+        assert "warp_group_dot" in ttgir and "async_copy_global_to_local" in ttgir
         tg = dict(w_ptr=f32, z_ptr=bf, out_ptr=f32, pos_ptr="*i32", dg_ptr=f32, sig_ptr=f32, lab_ptr="*i64")
         for skip in (True, False):
             ttgir = _compile_for_sm90(K.kind_linear_tailor_grad_kernel, tg,

@@ -48,7 +48,8 @@ from kind_fast.ops.kind_linear import (
     make_kind_linear_backward,
 )
 
-__all__ = ["OP", "BACKWARD_OP", "status", "supports", "choose_path", "PathChoice", "MAX_ACTIVE"]
+__all__ = ["OP", "BACKWARD_OP", "FACTORED_OP", "kind_linear_factored", "status", "supports",
+           "choose_path", "PathChoice", "MAX_ACTIVE"]
 
 MAX_ACTIVE = 128  # = kernels.kind_linear.MAX_ACTIVE (kept here so the cost model needs no Triton)
 _KERNEL_MODULE = "kind_fast.kernels.kind_linear"
@@ -126,13 +127,19 @@ def choose_path(
     if (not training and distinct_classes is not None
             and distinct_classes * n_in * n_out < rows * (n_in + n_out)):
         prefer = "M3"
+    if prefer == "M2" and 0 < learngene_rank + active <= MAX_ACTIVE and rows > 0:
+        m2 = 2 * rows * (learngene_rank + active) * (n_in + n_out) / max(dense, 1)
+        return PathChoice("M2", f"fully factored, no W_G: r_G + K = {learngene_rank + active} slots "
+                          "in the fused kernel (kind_linear_factored)", m2, "M2")
     if active == 0 or tailor_rank == 0 or rows == 0:
         return PathChoice("M0", "no active tailors: the reference is one F.linear", ratio, "M0")
     if active > MAX_ACTIVE:
         return PathChoice("M0", f"K={active} active tailors > {MAX_ACTIVE}: reference", ratio, prefer)
     reason = "fused GEMM + gathered tailor term, shrink in the same K-loop"
-    if prefer != "M1":
-        reason += f" ({prefer} would be cheaper by the FLOP model but is not implemented)"
+    if prefer == "M2":
+        reason += f" (M2 would be cheaper by the FLOP model but r_G + K > {MAX_ACTIVE})"
+    elif prefer == "M3":
+        reason += " (M3 would be cheaper by the FLOP model but is not implemented)"
     return PathChoice("M1", reason, ratio, prefer)
 
 
@@ -175,10 +182,12 @@ def kind_linear_triton_forward(x, w_g, bias, u_t, sigma_t, v_t, idx, val, labels
 def kind_linear_triton_backward(
     grad_y, x, w_g, u_t, sigma_t, v_t, idx, val, labels, h, output_mask
 ) -> tuple[Tensor, ...]:
+    """The 7 gradients of kind_linear; ``w_g=None`` means no dense term (path M2: no dw_g)."""
     need_dx, need_dw, need_db, need_du, need_ds, need_dv, need_dval = (bool(v) for v in output_mask)
     m, k, n_t = x.shape[0], idx.shape[1], u_t.shape[0]
     if _fallback(m, k, n_t):
-        return kind_linear_backward_ref(grad_y, x, w_g, u_t, sigma_t, v_t, idx, val, labels, h, output_mask)
+        w = w_g if w_g is not None else x.new_zeros((u_t.shape[1], x.shape[1]))
+        return kind_linear_backward_ref(grad_y, x, w, u_t, sigma_t, v_t, idx, val, labels, h, output_mask)
     kern = _kernels()
     g, x = grad_y.contiguous(), x.contiguous()
     sigma, val32 = sigma_t.float().contiguous(), val.float().contiguous()
@@ -195,8 +204,8 @@ def kind_linear_triton_backward(
     dx, dhs, part, cfg = empty(), None, None, None
     if need_dx or need_dv or need_part:
         out, dhs, part, cfg = kern.fused(
-            g, w_g if need_dx else None, False, None, u_t, v_t, sigma, idx, val32, labels,
-            h_saved=h if need_part else None, write_shrink=need_dv)
+            g, w_g if need_dx else None, False, None, u_t, v_t, sigma, idx, val32, labels,  # M2: w_g None
+            h_saved=h if need_part else None, write_shrink=need_dv, with_out=need_dx)
         if need_dx:
             dx = out
     du, dv, dsig, dval = empty(), empty(), empty(), empty()
@@ -213,7 +222,7 @@ def kind_linear_triton_backward(
                 dval = dval_.to(val.dtype)
             if need_ds:
                 dsig = dsig_.to(sigma_t.dtype)
-    _debug_log("backward", x, w_g.shape[0], k, n_t, labels.shape[0],
+    _debug_log("backward", x, u_t.shape[1], k, n_t, labels.shape[0],
                f"mask={[int(v) for v in output_mask]}")
     return dx, dw, db, du, dsig, dv, dval
 
@@ -260,3 +269,151 @@ def _(grad_y_shape, x_shape, w_g_shape, u_t_shape, sigma_t_shape, v_t_shape, idx
 
 OP = torch.ops.kind_fast.kind_linear_triton
 BACKWARD_OP = torch.ops.kind_fast.kind_linear_triton_backward
+
+
+# =====================================================================================
+# Path M2: fully factored. The learngenes become N_G always-on slots (gate value 1) in front
+# of each class's tailor slots, so the same fused kernel runs without the dense term:
+#     y = ((x·V[ids]ᵀ) ⊙ s)·U[ids] + b,   U = [U_G; U_T], V = [V_G; V_T], σ = [σ_G; σ_T]
+# No W_G is materialised and no dense GEMM runs; worth it when r_G + K << min(in, out).
+# =====================================================================================
+def _m2_flops(m: int, n_in: int, n_out: int, k: int, output_mask: Sequence[bool] | None = None) -> int:
+    if output_mask is None:
+        return 2 * m * k * (n_in + n_out)
+    need_dx, _, need_du, need_ds, need_dv, need_dval = (bool(v) for v in output_mask)
+    flops = 2 * m * n_out * k if (need_dx or need_dv or need_ds or need_dval) else 0
+    return flops + (2 * m * k * n_in if need_dx else 0) + (2 * m * k * n_out if need_du else 0) + (
+        2 * m * k * n_in if need_dv else 0)
+
+
+@torch.library.custom_op("kind_fast::kind_linear_factored_triton", mutates_args=())
+def _kind_linear_factored_op(
+    x: Tensor, bias: Tensor | None, u: Tensor, sigma: Tensor, v: Tensor, idx: Tensor, val: Tensor,
+    labels: Tensor,
+) -> tuple[Tensor, Tensor]:
+    m, k, n_r = x.shape[0], idx.shape[1], u.shape[0]
+    if _fallback(m, k, n_r):
+        zeros = x.new_zeros((u.shape[1], x.shape[1]))
+        return kind_linear_ref(x, zeros, bias, u, sigma, v, idx, val, labels)
+    _debug_log("forward (M2)", x, u.shape[1], k, n_r, labels.shape[0])
+    y, h, _, _ = _kernels().fused(
+        x.contiguous(), None, True, bias, v, u, sigma.float().contiguous(), idx.contiguous(),
+        val.float().contiguous(), labels.contiguous())
+    return y, h
+
+
+@_kind_linear_factored_op.register_fake
+def _(x, bias, u, sigma, v, idx, val, labels):
+    return kind_linear_fake(x, u.t(), bias, u, sigma, v, idx, val, labels)
+
+
+@torch.library.custom_op("kind_fast::kind_linear_factored_triton_backward", mutates_args=())
+def _kind_linear_factored_backward_op(
+    grad_y: Tensor, x: Tensor, u: Tensor, sigma: Tensor, v: Tensor, idx: Tensor, val: Tensor,
+    labels: Tensor, h: Tensor, output_mask: list[bool],
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    dx, db, du, dsig, dv, dval = output_mask
+    out = kind_linear_triton_backward(grad_y, x, None, u, sigma, v, idx, val, labels, h,
+                                      [dx, False, db, du, dsig, dv, dval])
+    return (out[0], out[2], out[3], out[4], out[5], out[6])
+
+
+@_kind_linear_factored_backward_op.register_fake
+def _(grad_y, x, u, sigma, v, idx, val, labels, h, output_mask):
+    like = (x, u[0], u, sigma, v, val)  # dbias is (out,)
+    return tuple(torch.empty_like(r) if need else x.new_empty(0) for r, need in zip(like, output_mask))
+
+
+def _m2_setup_context(ctx, inputs, output):
+    x, bias, u, sigma, v, idx, val, labels = inputs
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(x, u, sigma, v, idx, val, labels, output[1])
+    ctx.mark_non_differentiable(output[1])
+
+
+def _m2_backward(ctx, grad_y, grad_h):
+    x, u, sigma, v, idx, val, labels, h = ctx.saved_tensors
+    n = ctx.needs_input_grad
+    mask = [n[0], n[1] and ctx.has_bias, n[2], n[3], n[4], n[6]]
+    if not any(mask):
+        return (None,) * 8
+    dx, db, du, dsig, dv, dval = torch.ops.kind_fast.kind_linear_factored_triton_backward(
+        grad_y.contiguous(), x, u, sigma, v, idx, val, labels, h, mask)
+    pick = lambda t, need: t if need else None  # noqa: E731
+    return (pick(dx, mask[0]), pick(db, mask[1]), pick(du, mask[2]), pick(dsig, mask[3]),
+            pick(dv, mask[4]), None, pick(dval, mask[5]), None)
+
+
+_kind_linear_factored_op.register_autograd(_m2_backward, setup_context=_m2_setup_context)
+
+
+@register_flop_formula(torch.ops.kind_fast.kind_linear_factored_triton)
+def _(x_shape, bias_shape, u_shape, sigma_shape, v_shape, idx_shape, *args, **kwargs) -> int:
+    return _m2_flops(x_shape[0], x_shape[1], u_shape[1], idx_shape[1])
+
+
+@register_flop_formula(torch.ops.kind_fast.kind_linear_factored_triton_backward)
+def _(grad_y_shape, x_shape, u_shape, sigma_shape, v_shape, idx_shape, val_shape, labels_shape, h_shape,
+      output_mask, *args, **kwargs) -> int:
+    return _m2_flops(x_shape[0], x_shape[1], u_shape[1], idx_shape[1], output_mask)
+
+
+FACTORED_OP = torch.ops.kind_fast.kind_linear_factored_triton
+
+
+def kind_linear_factored(
+    x: Tensor, u_g: Tensor, sigma_g: Tensor, v_g: Tensor, bias: Tensor | None, u_t: Tensor,
+    sigma_t: Tensor, v_t: Tensor, idx: Tensor, val: Tensor, labels: Tensor,
+) -> Tensor:
+    """KIND layer from its components without materialising W_G (path M2 on the Triton backend).
+
+    Arguments as ``kind_linear`` with the learngenes U_G (N_G, out), σ_G (N_G,), V_G (N_G, in)
+    instead of W_G. Gradients reach every component (and ``val``) through the concatenation.
+    Where the Triton backend does not run these tensors, or N_G + K > 128, W_G is materialised
+    and ``kind_linear`` (path M1 / reference) runs instead: same result.
+    """
+    from kind_fast.backends import resolve_backend
+    from kind_fast.ops.kind_linear import acc_dtype, kind_linear
+
+    for name, t in (("u_g", u_g), ("sigma_g", sigma_g), ("v_g", v_g)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    n_g = u_g.shape[0]
+    if u_g.dim() != 2 or u_g.shape[1] != u_t.shape[-1] or v_g.shape != (n_g, v_t.shape[-1]) or sigma_g.shape != (n_g,):
+        raise ValueError(f"learngenes must be u_g (N_G, {u_t.shape[-1]}), sigma_g (N_G,), v_g (N_G, "
+                         f"{v_t.shape[-1]}); got {tuple(u_g.shape)}, {tuple(sigma_g.shape)}, {tuple(v_g.shape)}")
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    dev_type = x.device.type
+    if torch.is_autocast_enabled(dev_type) and x.is_floating_point():
+        dt = torch.get_autocast_dtype(dev_type)  # the one autocast entry point, as kind_linear's
+        x, u_g, v_g, u_t, v_t = (t.to(dt) for t in (x, u_g, v_g, u_t, v_t))
+        bias = bias.to(dt) if isinstance(bias, Tensor) else bias
+    dt = x.dtype
+    acc = acc_dtype(dt)
+    k = idx.shape[1] if isinstance(idx, Tensor) and idx.dim() == 2 else 0
+    if resolve_backend(x.device, dt) != "triton" or not 0 < n_g + k <= MAX_ACTIVE:
+        with torch.autocast(dev_type, enabled=False):
+            w_g = ((u_g.t().to(acc) * sigma_g.to(acc)) @ v_g.to(acc)).to(dt)
+        return kind_linear(x, w_g, bias, u_t, sigma_t, v_t, idx, val, labels)
+    # kind_linear's own checks, on a 0-byte stand-in for W_G
+    from kind_fast.gate import check_labels
+    from kind_fast.ops.kind_linear import _validate
+
+    _validate(x, x.new_empty(()).expand(u_t.shape[-1], x.shape[-1]), bias, u_t, sigma_t, v_t, idx, val, labels)
+    if u_g.dtype != dt or v_g.dtype != dt:
+        raise TypeError(f"u_g/v_g dtype {u_g.dtype}/{v_g.dtype} != x dtype {dt} (cast them, or use autocast)")
+    check_labels(labels, idx.shape[0] - 1)
+    c1 = idx.shape[0]
+    with torch.autocast(dev_type, enabled=False):
+        u = torch.cat([u_g, u_t])
+        v = torch.cat([v_g, v_t])
+        sigma = torch.cat([sigma_g.to(acc), sigma_t.to(acc)])
+        ids = torch.cat([torch.arange(n_g, device=idx.device, dtype=idx.dtype).expand(c1, n_g), idx + n_g], 1)
+        vals = torch.cat([torch.ones((c1, n_g), device=val.device, dtype=acc), val.to(acc)], 1)
+        x2 = x.reshape(-1, x.shape[-1])
+        if labels.shape[0] == 0 or x2.shape[0] % labels.shape[0]:
+            raise ValueError(f"x has {x2.shape[0]} rows, not a multiple of the {labels.shape[0]} samples "
+                             "in labels (rows must be grouped by sample)")
+        y, _ = FACTORED_OP(x2.contiguous(), bias, u, sigma, v, ids.contiguous(), vals, labels)
+    return y.view(*x.shape[:-1], u.shape[1])
