@@ -122,6 +122,7 @@ def test_gpu_layer_reference(benchmark, name, n_in, n_out, mode):
 # KIND_FAST_BENCH_COMPILE=0 skips the compiled reference (it costs a compile per shape and mode).
 GPU_TRITON_MODES = ["forward", "transfer", "pretrain"]
 GPU_DEVICE, GPU_DTYPE, GPU_TOKENS = "cuda", torch.bfloat16, 32 * TOKENS  # overridable for dry runs
+GPU_M2_WIDTH = 1152  # DiT-XL/2.proj
 
 
 def _ref_step(layer, x, labels, g, mode):
@@ -217,3 +218,52 @@ def _on(backend, run):
 
 def _device_name(dev):
     return torch.cuda.get_device_name() if dev == "cuda" else dev
+
+
+@requires_cuda
+@pytest.mark.parametrize("mode", ["forward", "pretrain"])
+@pytest.mark.parametrize("learngene_rank", [32, 64])
+def test_gpu_layer_triton_m2(benchmark, learngene_rank, mode):
+    """Path M2 (fully factored, small N_G + K) against M1 on the same layer and nn.Linear:
+    checks the cost model's claim that M2 wins when r_G + K << min(in, out)."""
+    from kind_fast.ops.kind_linear_triton import choose_path
+
+    n_in = n_out = GPU_M2_WIDTH
+    m, dev, dt = GPU_TOKENS, GPU_DEVICE, GPU_DTYPE
+    gen = torch.Generator().manual_seed(0)
+    gate = kf.ClassGate.block(CLASSES, TAILORS, ACTIVE)
+    layer = kf.FastKindLinear(n_in, n_out, tailor_rank=TAILORS, learngene_rank=learngene_rank, gate=gate)
+    layer = layer.to(dev, dt)
+    lin = torch.nn.Linear(n_in, n_out).to(dev, dt)
+    b = m // TOKENS
+    x = torch.randn(b, TOKENS, n_in, generator=gen).to(dev, dt).requires_grad_(mode != "forward")
+    labels = torch.randint(0, CLASSES, (b,), generator=gen).to(dev)
+    g = torch.randn(b, TOKENS, n_out, generator=gen).to(dev, dt)
+    choice = choose_path(m, n_in, n_out, ACTIVE, TAILORS, learngene_rank=learngene_rank)
+
+    def call(module, force_m1=False):
+        def run():
+            if force_m1:
+                module._factored_path = lambda *a: False  # instance attribute shadows the method
+            try:
+                with kf.use_backend("triton"):
+                    if mode == "forward":
+                        with torch.no_grad():
+                            return module(x, labels=labels) if module is layer else module(x)
+                    (module(x, labels=labels) if module is layer else module(x)).backward(g)
+            finally:
+                module.__dict__.pop("_factored_path", None)
+        return run
+
+    fns = {"m2": call(layer), "m1": call(layer, force_m1=True), "linear": call(lin)}
+    for fn in fns.values():
+        fn()  # compile outside the timing
+    times = interleaved(fns, gpu_median)
+    benchmark.extra_info.update(
+        device=_device_name(dev), mode=mode, learngene_rank=learngene_rank, tokens=m, path=choice.path,
+        predicted_flop_ratio_m2_vs_dense=choice.flop_ratio,
+        t_m2_ms=times["m2"] * 1e3, t_m1_ms=times["m1"] * 1e3, t_linear_ms=times["linear"] * 1e3,
+        ratio_m2_vs_m1=times["m2"] / times["m1"], ratio_m2_vs_linear=times["m2"] / times["linear"],
+        m2_faster_than_m1=times["m2"] < times["m1"], torch=torch.__version__,
+    )
+    benchmark.pedantic(fns["m2"], rounds=10, iterations=1, warmup_rounds=2)

@@ -620,8 +620,9 @@ def test_kernels_compile_for_hopper(monkeypatch):
     div = ("M", "N", "KD", "K", "T", "M_BUCKET", "s_am", "s_om", "s_bn", "s_bk", "s_pr", "s_qr")
     try:
         for one in (True, False):
-            consts = dict(BM=128 if one else 64, BN=128, BK=64, KP=32, NG=2, SPT=1 if one else 3, HAS_BASE=True, HAS_OUT=True,
-                          HAS_BIAS=True, ONE_CLASS=one, WRITE_SHRINK=True, DS_PARTIAL=not one, PREC="tf32")
+            consts = dict(BM=128 if one else 64, BN=128, BK=64, KP=32, NG=2, SPT=1 if one else 3, HAS_BASE=True,
+                          HAS_OUT=True, HAS_BIAS=True, ONE_CLASS=one, WRITE_SHRINK=True, DS_PARTIAL=not one,
+                          PREC="tf32")
             ttgir = _compile_for_sm90(K.kind_linear_fused_kernel, ptrs, consts,
                                       ("s_ak", "s_bk", "s_pk", "s_qn", "s_on"), div)
             assert "warp_group_dot" in ttgir, "fused kernel does not use wgmma on sm_90"

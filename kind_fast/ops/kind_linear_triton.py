@@ -16,10 +16,13 @@ Paths (``choose_path`` is the cost model; ``python -m kind_fast.info`` shows it 
 shapes and ``KIND_FAST_DEBUG=1`` logs each new choice to stderr):
     M1  one fused kernel: x·W_Gᵀ + gathered gated tailor term + bias, shrink in the same K-loop
         (forward); dx fused the same way, dU_T/dV_T, dσ_T, dval by the tailor kernels (backward).
-    M0  the reference (no active tailors, or K > 128 active tailors: the fused kernels keep a
-        BM×K shrink accumulator in registers).
-    M2 (fully factored back-to-back) and M3 (per-class merged weights) are evaluated by the
-    cost model and reported, but not implemented: where they would win, M1 runs.
+    M2  fully factored (``kind_linear_factored``; FastKindLinear takes it on this backend when
+        the cost model says so): the learngenes become N_G always-on slots of the same kernel,
+        no W_G, no dense GEMM. Needs N_G + K <= 128.
+    M0  the reference (no active tailors, K > 128 active tailors: the fused kernels keep a BM×K
+        shrink accumulator in registers; or M·max(in, out) >= 2^31: int32 offsets).
+    M3 (per-class merged weights for sampling) is evaluated by the cost model and reported, but
+    not implemented: where it would win, M1 runs.
 
 Supported: CUDA tensors in float16/bfloat16 (float32 runs the reference through the
 registry); with TRITON_INTERPRET=1 also CPU tensors in float16/float32 (the interpreter has
@@ -162,13 +165,14 @@ def _debug_log(kind: str, x: Tensor, n_out: int, k: int, n_t: int, b: int, extra
 # =====================================================================================
 # Implementations
 # =====================================================================================
-def _fallback(m: int, k: int, n_t: int) -> bool:
-    return m == 0 or k == 0 or n_t == 0 or k > MAX_ACTIVE
+def _fallback(m: int, k: int, n_t: int, width: int = 0) -> bool:
+    """Shapes the kernels do not take: no rows/tailors, K > 128, or offsets past int32."""
+    return m == 0 or k == 0 or n_t == 0 or k > MAX_ACTIVE or m * max(width, k) >= 2**31
 
 
 def kind_linear_triton_forward(x, w_g, bias, u_t, sigma_t, v_t, idx, val, labels) -> tuple[Tensor, Tensor]:
     m, k, n_t = x.shape[0], idx.shape[1], u_t.shape[0]
-    if _fallback(m, k, n_t):
+    if _fallback(m, k, n_t, max(x.shape[1], w_g.shape[0])):
         _debug_log("forward", x, w_g.shape[0], k, n_t, labels.shape[0])
         return kind_linear_ref(x, w_g, bias, u_t, sigma_t, v_t, idx, val, labels)
     kern = _kernels()
@@ -185,7 +189,7 @@ def kind_linear_triton_backward(
     """The 7 gradients of kind_linear; ``w_g=None`` means no dense term (path M2: no dw_g)."""
     need_dx, need_dw, need_db, need_du, need_ds, need_dv, need_dval = (bool(v) for v in output_mask)
     m, k, n_t = x.shape[0], idx.shape[1], u_t.shape[0]
-    if _fallback(m, k, n_t):
+    if _fallback(m, k, n_t, max(x.shape[1], u_t.shape[1])):
         w = w_g if w_g is not None else x.new_zeros((u_t.shape[1], x.shape[1]))
         return kind_linear_backward_ref(grad_y, x, w, u_t, sigma_t, v_t, idx, val, labels, h, output_mask)
     kern = _kernels()
@@ -292,7 +296,7 @@ def _kind_linear_factored_op(
     labels: Tensor,
 ) -> tuple[Tensor, Tensor]:
     m, k, n_r = x.shape[0], idx.shape[1], u.shape[0]
-    if _fallback(m, k, n_r):
+    if _fallback(m, k, n_r, max(x.shape[1], u.shape[1])):
         zeros = x.new_zeros((u.shape[1], x.shape[1]))
         return kind_linear_ref(x, zeros, bias, u, sigma, v, idx, val, labels)
     _debug_log("forward (M2)", x, u.shape[1], k, n_r, labels.shape[0])
