@@ -496,10 +496,24 @@ def fused_config(m: int, n: int, kd: int, kp: int, t: int, device: torch.device)
         stages = 3
     n_tiles = triton.cdiv(n, bn)
     m_tiles = triton.cdiv(m, bm)
-    # Enough programs for about one wave; each extra N-group recomputes the shrink (KP/N).
-    ng = max(1, min(n_tiles, triton.cdiv(num_sms(device), m_tiles)))
-    ng = triton.cdiv(n_tiles, triton.cdiv(n_tiles, ng))  # no empty group
+    ng = n_groups(m_tiles, n_tiles, kp / bn, num_sms(device))
     return dict(BM=bm, BN=bn, BK=bk, NG=ng, ONE_CLASS=one, num_warps=warps, num_stages=stages)
+
+
+def n_groups(m_tiles: int, n_tiles: int, shrink_cost: float, sms: int) -> int:
+    """N-tile groups per row tile. Programs = m_tiles·NG, each does ceil(n_tiles/NG) output
+    tiles plus one shrink (shrink_cost ≈ KP/BN of a tile). Minimise waves × work per program:
+    few groups repeat the shrink less, but too few (or a wave count just past an integer)
+    leave SMs idle. Ties go to fewer groups."""
+    best, best_t = 1, float("inf")
+    for ng in range(1, n_tiles + 1):
+        per = triton.cdiv(n_tiles, ng)
+        if triton.cdiv(n_tiles, per) != ng:  # would leave an empty group
+            continue
+        t = triton.cdiv(m_tiles * ng, sms) * (per + shrink_cost)
+        if t < best_t - 1e-9:
+            best, best_t = ng, t
+    return best
 
 
 def _autotune_enabled(device: torch.device) -> bool:
