@@ -414,7 +414,10 @@ def _with_ratios(steps: Sequence[dict]) -> list[dict]:
     out = []
     for s in steps:
         b = base.get((s["model"], s["depth"], s["batch"], s["device"]))
-        out.append(dict(s, ratio=None if b is None else s["step_ms"] / b))
+        ratio = s.get("time_ratio_vs_full_ft")  # measured interleaved (bench_model_step.py)
+        if ratio is None and b is not None:
+            ratio = s["step_ms"] / b
+        out.append(dict(s, ratio=ratio))
     return out
 
 
@@ -435,14 +438,21 @@ def format_bench_markdown(results: dict) -> str:
     samp = results.get("sampling", [])
     if samp:
         lines += ["## CFG sampling (forward_with_cfg, 2·batch rows per denoising step)", "",
-                  "| model | depth | mode | batch | ms per step | images/s per step | TFLOP/s |",
-                  "|---|---|---|---|---|---|---|"]
-        lines += [f"| {s['model']} | {s['depth']} | {s['mode']} | {s['batch']} | "
-                  f"{s['step_ms']:.4g} | {s['images_per_s']:.4g} | {s['achieved_tflops']:.4g} |"
-                  for s in samp]
+                  "| model | depth | mode | batch | ms per step | images/s per step | TFLOP/s "
+                  "| × dense |", "|---|---|---|---|---|---|---|---|"]
+        dense = {(s["model"], s["depth"], s["batch"]): s["step_ms"] for s in samp
+                 if s["mode"] == "dense"}
+        for s in samp:
+            r = s.get("time_ratio_vs_dense")
+            d = dense.get((s["model"], s["depth"], s["batch"]))
+            r = r if r is not None else (s["step_ms"] / d if d else None)
+            lines.append(f"| {s['model']} | {s['depth']} | {s['mode']} | {s['batch']} | "
+                         f"{s['step_ms']:.4g} | {s['images_per_s']:.4g} | "
+                         f"{s['achieved_tflops']:.4g} | {_fmt(r)} |")
         lines.append("")
     lines += ["Columns: `step ms` median time of forward + loss + backward + AdamW step; "
-              "`× full FT` against the full fine-tuning step of the same model, batch and device; "
+              "`× full FT` against the full fine-tuning step of the same model, batch and device "
+              "(timed interleaved in one process where the bench suite measured it); "
               "`TFLOP/s` analytic FLOPs (`kind_fast.flops`, per step) / time; `peak MiB` CUDA "
               "max_memory_allocated over one step (GPU only); `saved-for-bwd MiB` non-parameter "
               "tensors autograd keeps for backward; `optim MiB` AdamW state.", ""]
@@ -496,6 +506,8 @@ def load_results(path: str | Path) -> dict:
                    machine=data.get("machine_info", {}).get("cpu", {}).get("brand_raw"))
         if steps and "torch" in steps[0]:
             env["torch"] = steps[0]["torch"]
+        if steps and "threads" in steps[0]:
+            env["threads"] = steps[0]["threads"]
         return dict(steps=steps, sampling=samp, environment=env)
     return data
 
@@ -528,8 +540,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="images per step (default: 4 on CPU, 32 on GPU)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads (default: torch's; 1 is steadier on a shared machine)")
     p.add_argument("--no-sampling", action="store_true", help="skip the CFG sampling measurement")
     p.add_argument("--out", default="runs/bench", help="output folder")
+    p.add_argument("--note", help="a line for the report (machine, load, what was measured)")
     p.add_argument("--no-plot", action="store_true")
 
 
@@ -537,6 +552,8 @@ def run(args: argparse.Namespace) -> int:
     if args.load:
         results = load_results(args.load)
     else:
+        if args.threads:
+            torch.set_num_threads(args.threads)
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         gpu = device.type == "cuda"
         models = args.models or (list(SIZES) if gpu else ["DiT-S/2"])
@@ -565,6 +582,8 @@ def run(args: argparse.Namespace) -> int:
             f"CPU measurement ({torch.get_num_threads()} threads), fp32, depth {depth}, "
             f"batch {batch}: relative costs on the reference backend, not GPU performance.")
         results = dict(steps=steps, sampling=samp, environment=environment(), note=note)
+    if args.note:
+        results["note"] = args.note
     print(format_bench_markdown(results))
     if args.report or not args.load:
         paths = write_bench_report(results, args.out, plot=not args.no_plot)
