@@ -13,6 +13,8 @@ import sys
 COMMANDS = {
     "demo": ("kind_fast.demo", "main job: pretrain on digits 0-7, transfer learngenes to 8-9"),
     "info": ("kind_fast.info", "versions, devices and which backends are live"),
+    "flops": ("kind_fast.flops", "analytic FLOPs per mode (KIND, full FT, LoRA, SVDiff): table, markdown, plot"),
+    "bench": ("kind_fast.benchmark", "time one training step per mode and CFG sampling; --report writes markdown + plot"),
 }
 
 

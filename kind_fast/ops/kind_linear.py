@@ -183,7 +183,7 @@ def kind_linear_backward_ref(
         ids_r = ids.repeat_interleave(t, 0)
         s_r = s.repeat_interleave(t, 0)
         if need_dhs:
-            dhs = F.linear(g, u_t).gather(1, ids_r).to(acc)  # (M, N_T) -> (M, K)
+            dhs = F.linear(g, u_t).gather(1, ids_r).to(acc)  # g·U_Tᵀ (M, N_T) -> (M, K)
             dh_full = _scatter_cols(dhs * s_r, ids_r, n_t).to(dt)  # (M, N_T)
         if need_dx:
             dx.addmm_(dh_full, v_t)
