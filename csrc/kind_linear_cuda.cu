@@ -401,7 +401,8 @@ Tensor kind_linear_merged(const Tensor& x_, const Tensor& w_g_, const std::optio
   AT_DISPATCH_REDUCED_FLOATING_TYPES(x.scalar_type(), "kind_linear_cuda_merged", [&] {
     // W_s = W_G + U_T[ids_c]ᵀ·diag(s_c)·V_T[ids_c] for each used slot s (class c): rows (s, o)
     // of Wm are "samples" of out rows each, so expand() adds the low-rank part.
-    Tensor wm = w_g.unsqueeze(0).expand({slots, d.n_out, d.n_in}).contiguous().view({slots * d.n_out, d.n_in});
+    // (repeat always copies; expand().contiguous() would alias w_g when slots == 1)
+    Tensor wm = w_g.unsqueeze(0).repeat({slots, 1, 1}).view({slots * d.n_out, d.n_in});
     Tensor ug = at::empty({slots, d.n_out, d.k_slots}, x.options().dtype(at::kFloat));
     launch(k::gather_left_kernel<scalar_t>, dim3(ceil_div(slots * d.n_out * d.k_slots, 256)), dim3(256), stream,
            u_t.data_ptr<scalar_t>(), t.ids.data_ptr<int32_t>(), slot_class.data_ptr<int32_t>(), ug.data_ptr<float>(),

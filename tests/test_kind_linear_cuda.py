@@ -171,37 +171,39 @@ def test_extension_built_for_another_torch_is_refused(monkeypatch):
     assert "built against torch 1.0.0" in _ext._check_loaded(fake)
 
 
-def _setup_decision(env: dict) -> dict:
-    """Run setup.py's decision in a subprocess (setup() itself is not run on import)."""
+def _setup_decisions(envs: list[dict]) -> list[dict]:
+    """setup.py's decision for each environment, computed in one subprocess (importing setup.py
+    does not run setup(); build_decision takes the environment as a mapping)."""
     code = textwrap.dedent(f"""
-        import importlib.util, json, os
+        import importlib.util, json, os, sys
         spec = importlib.util.spec_from_file_location("kind_fast_setup", {str(ROOT / 'setup.py')!r})
         setup = importlib.util.module_from_spec(spec); spec.loader.exec_module(setup)
-        out = {{"sources": setup.cuda_sources()}}
-        try:
-            out["decision"] = list(setup.build_decision())
-        except Exception as e:
-            out["error"] = [type(e).__name__, str(e)]
-        print(json.dumps(out))
+        outs = []
+        for env in json.loads(sys.stdin.read()):
+            out = {{"sources": setup.cuda_sources()}}
+            try:
+                out["decision"] = list(setup.build_decision({{**os.environ, **env}}))
+            except Exception as e:
+                out["error"] = [type(e).__name__, str(e)]
+            outs.append(out)
+        print(json.dumps(outs))
     """)
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                       env={**os.environ, **env})
+    r = subprocess.run([sys.executable, "-c", code], input=json.dumps(envs), capture_output=True, text=True,
+                       timeout=300)
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
 def test_setup_switch():
-    srcs = _setup_decision({})["sources"]
+    auto, off, bad, forced = _setup_decisions([{}, {"KIND_FAST_BUILD_CUDA": "0"}, {"KIND_FAST_BUILD_CUDA": "yes"},
+                                               {"KIND_FAST_BUILD_CUDA": "1"}])
+    srcs = auto["sources"]
     assert "csrc/kind_linear_cuda.cu" in srcs and "csrc/module.cpp" in srcs
     assert not any("emulation" in s for s in srcs), "the emulated test build must not be compiled into _C"
-    off = _setup_decision({"KIND_FAST_BUILD_CUDA": "0"})
     assert off["decision"][0] is False and "KIND_FAST_BUILD_CUDA=0" in off["decision"][1]
-    bad = _setup_decision({"KIND_FAST_BUILD_CUDA": "yes"})
     assert bad["error"][0] == "ValueError"
     if torch.version.cuda is None:  # this torch cannot build it: auto skips, forcing fails clearly
-        auto = _setup_decision({})
         assert auto["decision"][0] is False and "has no CUDA support" in auto["decision"][1]
-        forced = _setup_decision({"KIND_FAST_BUILD_CUDA": "1"})
         assert forced["error"][0] == "RuntimeError"
         assert "KIND_FAST_BUILD_CUDA=1 but the CUDA extension cannot be built" in forced["error"][1]
         assert "no CUDA support" in forced["error"][1]
@@ -460,6 +462,20 @@ def test_emulated_merged_path(emu, dist, max_classes):
     no_bias = dict(args, bias=None)
     y2 = emu.kind_linear_cuda_merged(*[no_bias[k] for k in ORDER], max_classes)
     assert torch.equal(y2.double(), ref - args["bias"].double())
+
+
+def test_emulated_ops_do_not_mutate_inputs(emu):
+    for t_rows in (9, 2):  # both plans
+        args, grad_y = make_problem(40, 72, 16, 6, 4, t_rows, dtype=torch.bfloat16, dist="cfg", seed=17)
+        before = {k: v.clone() for k, v in args.items()}
+        g_before = grad_y.clone()
+        _, h = emu.kind_linear_cuda(*[args[k] for k in ORDER])
+        emu.kind_linear_cuda_backward(grad_y, *[args[k] for k in BWD_ORDER], h, [True] * 7)
+        for max_classes in (1, 2):
+            emu.kind_linear_cuda_merged(*[args[k] for k in ORDER], max_classes)
+        for k, v in before.items():
+            assert torch.equal(args[k], v), f"{k} was modified"
+        assert torch.equal(grad_y, g_before)
 
 
 # =====================================================================================
