@@ -16,6 +16,7 @@
 // Nothing synchronises with the host; everything runs on the current stream.
 #include <torch/library.h>
 
+#include <atomic>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -73,6 +74,21 @@ void check_device(const char* op, const Tensor& ref, const Tensor& t, const char
   TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " is on ", t.device(), " but x is on ", ref.device(),
               " (all tensors must be on one device)");
 }
+
+#ifndef KIND_FAST_EMULATE
+// Cached per device: no CUDA API call per op call (and none inside a CUDA-graph capture
+// after the first eager call).
+int compute_capability_major(int dev) {
+  static std::atomic<int> cache[256] = {};
+  TORCH_CHECK(dev >= 0 && dev < 256, "kind_fast: device index ", dev, " out of range");
+  int major = cache[dev].load(std::memory_order_relaxed);
+  if (major == 0) {
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+    cache[dev].store(major, std::memory_order_relaxed);
+  }
+  return major;
+}
+#endif
 
 struct Dims {
   int64_t rows, n_in, n_out, n_tailors, num_classes, samples, rows_per_sample;
@@ -138,13 +154,10 @@ Dims check_inputs(const char* op, const Tensor& x, const Tensor& w_g, const std:
   d.rows_per_sample = d.samples > 0 ? d.rows / d.samples : 0;
 #ifndef KIND_FAST_EMULATE
   if (d.rows > 0) {
-    int major = 0, minor = 0;
     const int dev = x.device().index();
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev));
+    const int major = compute_capability_major(dev);
     TORCH_CHECK(major >= 8, op, ": the kind_fast CUDA kernels need compute capability 8.0 or newer (bf16 ",
-                "tensor cores); cuda:", dev, " is ", major, ".", minor,
-                ". Use kind_fast.use_backend('torch') or 'triton'.");
+                "tensor cores); cuda:", dev, " is ", major, ".x. Use kind_fast.use_backend('torch') or 'triton'.");
   }
 #endif
   return d;

@@ -295,7 +295,8 @@ def emu():
     """torch.ops.kind_fast_emu: csrc/ compiled with g++ as plain C++ (about 15-60 s once)."""
     from torch.utils.cpp_extension import load
 
-    build = Path(tempfile.gettempdir()) / f"kind_fast_emu_{torch.__version__}_{sys.version_info[0]}{sys.version_info[1]}"
+    py = f"{sys.version_info[0]}{sys.version_info[1]}"
+    build = Path(tempfile.gettempdir()) / f"kind_fast_emu_{torch.__version__}_{py}"
     build.mkdir(parents=True, exist_ok=True)
     load(name="kind_fast_emu", sources=[str(ROOT / "csrc" / "emulation" / "kind_fast_emu.cpp")],
          extra_include_paths=[str(ROOT / "csrc")], extra_cflags=["-O1"], build_directory=str(build),

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import threading
 import warnings
-from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -31,8 +30,9 @@ from torch import Tensor
 from kind_fast._ext import load_extension
 from kind_fast.ops.kind_linear import acc_dtype, kind_linear_backward_ref, kind_linear_flops, kind_linear_ref
 
-__all__ = ["OP", "BACKWARD_OP", "MERGED_OP", "status", "supports", "auto_ready", "self_check",
-           "self_check_results", "kind_linear_merged", "SUPPORTED_DTYPES"]
+# OP, BACKWARD_OP and MERGED_OP are module attributes resolved on first access (__getattr__)
+__all__ = ["status", "supports", "auto_ready", "self_check", "self_check_results", "kind_linear_merged",
+           "SUPPORTED_DTYPES"]
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 OP_NAMES = ("kind_linear_cuda", "kind_linear_cuda_backward", "kind_linear_cuda_merged")
