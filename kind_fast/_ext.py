@@ -5,6 +5,10 @@ Nothing here runs at ``import kind_fast``. The first caller that asks (the backe
 a broken one is additionally one warning (never an ImportError). Set
 ``KIND_FAST_DISABLE_CUDA_EXT=1`` to never load it.
 
+Where ``pip install`` did not build it, ``KIND_FAST_CUDA_JIT=1`` compiles csrc/ on first use
+with ``torch.utils.cpp_extension.load`` (a source checkout, a CUDA-enabled torch, nvcc and
+ninja needed; cached in ``TORCH_EXTENSIONS_DIR``; a few minutes the first time).
+
 "Broken" covers: the import itself fails (missing CUDA libraries, undefined symbols), the
 extension was built against another torch minor version (its C++ ABI is not stable), or it
 imported but did not register its ops.
@@ -48,7 +52,11 @@ def load_extension() -> tuple[ModuleType | None, str]:
     if os.environ.get("KIND_FAST_DISABLE_CUDA_EXT", "") == "1":
         result = (None, "disabled by KIND_FAST_DISABLE_CUDA_EXT=1")
     elif importlib.util.find_spec("kind_fast._C") is None:
-        result = (None, "not built (install with a CUDA-enabled torch and nvcc: see README, 'CUDA extension')")
+        if os.environ.get("KIND_FAST_CUDA_JIT", "") == "1":
+            result = _jit_build()
+        else:
+            result = (None, "not built (install with a CUDA-enabled torch and nvcc, or set KIND_FAST_CUDA_JIT=1: "
+                            "see README, 'CUDA extension')")
     else:
         try:
             mod = importlib.import_module("kind_fast._C")
@@ -64,3 +72,35 @@ def load_extension() -> tuple[ModuleType | None, str]:
             result = (None, reason)
     _state["result"] = result
     return result
+
+
+def _jit_build() -> tuple[ModuleType | None, str]:
+    """Compile csrc/ now (KIND_FAST_CUDA_JIT=1); (module, "loaded (JIT)") or (None, why not)."""
+    from pathlib import Path
+
+    import torch
+
+    csrc = Path(__file__).resolve().parents[1] / "csrc"
+    sources = sorted(str(p) for p in (*csrc.glob("*.cu"), *csrc.glob("*.cpp")))
+    if not sources:
+        return None, f"not built, and KIND_FAST_CUDA_JIT=1 needs the csrc/ sources of a source checkout ({csrc})"
+    if torch.version.cuda is None:
+        return None, f"not built, and KIND_FAST_CUDA_JIT=1 needs a CUDA-enabled torch (this is {torch.__version__})"
+    try:
+        from torch.utils.cpp_extension import load
+
+        root = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(os.path.expanduser("~"), ".cache",
+                                                                       "torch_extensions")
+        build = os.path.join(root, f"kind_fast_C_{torch.__version__}")
+        os.makedirs(build, exist_ok=True)
+        # the module's init function is PyInit__C, so the extension is named _C
+        mod = load(name="_C", sources=sources, extra_include_paths=[str(csrc)],
+                   extra_cuda_cflags=["-O3", "-lineinfo"], build_directory=build, verbose=False)
+        problem = _check_loaded(mod)
+    except Exception as e:  # noqa: BLE001 - a failed build is a reason, never an ImportError
+        problem = f"{type(e).__name__}: {e}"
+    if problem is not None:
+        reason = f"JIT build (KIND_FAST_CUDA_JIT=1) failed: {problem}"
+        warnings.warn(f"kind_fast: {reason}; falling back to the torch/Triton backends", RuntimeWarning, stacklevel=3)
+        return None, reason
+    return mod, "loaded (JIT-compiled from csrc/)"

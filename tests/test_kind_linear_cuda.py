@@ -162,6 +162,22 @@ def test_broken_extension_is_one_warning_not_an_import_error(monkeypatch):
     assert len([w for w in rec if issubclass(w.category, RuntimeWarning)]) == 1
 
 
+def test_jit_switch_without_cuda_torch_says_why(monkeypatch):
+    import importlib.util
+
+    from kind_fast import _ext
+
+    if torch.version.cuda is not None:
+        pytest.skip("this torch could JIT-build the extension")
+    real_find = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a, **k: None if name == "kind_fast._C" else real_find(name, *a, **k))
+    monkeypatch.setattr(_ext, "_state", {})
+    monkeypatch.setenv("KIND_FAST_CUDA_JIT", "1")
+    mod, why = _ext.load_extension()
+    assert mod is None and "KIND_FAST_CUDA_JIT=1 needs a CUDA-enabled torch" in why
+
+
 def test_extension_built_for_another_torch_is_refused(monkeypatch):
     import types
 

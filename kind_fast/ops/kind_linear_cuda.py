@@ -45,17 +45,26 @@ _self_checks: dict[tuple[int, torch.dtype], tuple[bool, str]] = {}
 # =====================================================================================
 # Backend protocol (kind_fast.backends)
 # =====================================================================================
+_status: list = []  # [(available, reason)] once computed; reset when a self-check adds a result
+
+
 def status() -> tuple[bool, str]:
-    """(available, reason): the extension is built, loads, and serves its ops."""
+    """(available, reason): the extension is built, loads, and serves its ops. Cheap after the
+    first call (the registry asks on every layer call)."""
+    if _status:
+        return _status[0]
     mod, reason = load_extension()
     if mod is None:
-        return False, f"compiled extension {reason}"
-    _register()
-    archs = getattr(mod, "ARCH_LIST", "?")
-    checks = "; ".join(f"cuda:{d} {str(dt).replace('torch.', '')} self-check {'passed' if ok else 'FAILED'}"
-                       for (d, dt), (ok, _) in sorted(_self_checks.items(), key=lambda kv: (kv[0][0], str(kv[0][1]))))
-    return True, f"kind_fast._C (archs {archs}, CUDA {getattr(mod, 'CUDA_VERSION', '?')})" + (
-        f"; {checks}" if checks else "")
+        result = (False, f"compiled extension {reason}")
+    else:
+        _register()
+        done = sorted(_self_checks.items(), key=lambda kv: (kv[0][0], str(kv[0][1])))
+        checks = "; ".join(f"cuda:{d} {str(dt).replace('torch.', '')} self-check {'passed' if ok else 'FAILED'}"
+                           for (d, dt), (ok, _) in done)
+        built = f"archs {getattr(mod, 'ARCH_LIST', '?')}, CUDA {getattr(mod, 'CUDA_VERSION', '?')}"
+        result = (True, f"kind_fast._C ({built})" + (f"; {checks}" if checks else ""))
+    _status[:] = [result]
+    return result
 
 
 def supports(device_type: str, dtype: torch.dtype) -> bool:
@@ -91,6 +100,7 @@ def auto_ready(device_type: str, dtype: torch.dtype) -> bool:
             if key not in _self_checks:
                 ok, msg = self_check(torch.device("cuda", key[0]), dtype)
                 _self_checks[key] = (ok, msg)
+                _status.clear()  # status() lists the self-checks
                 if not ok:
                     warnings.warn(f"kind_fast: the CUDA backend failed its self-check on cuda:{key[0]} ({dtype}): "
                                   f"{msg}. use_backend('auto') will not use it there; please report this.",
@@ -103,7 +113,7 @@ def self_check_results() -> dict[tuple[int, torch.dtype], tuple[bool, str]]:
     return dict(_self_checks)
 
 
-def __getattr__(name: str):  # OP, BACKWARD_OP, MERGED_OP: resolved when first asked for
+def __getattr__(name: str):  # OP, BACKWARD_OP, MERGED_OP before status() has registered them
     ops = {"OP": "kind_linear_cuda", "BACKWARD_OP": "kind_linear_cuda_backward", "MERGED_OP": "kind_linear_cuda_merged"}
     if name in ops:
         ok, why = status()
@@ -184,6 +194,10 @@ def _register() -> None:
             slots = min(max_classes, labels_shape[0], idx_shape[0])
             return 2 * m * n_in * n_out + 2 * slots * n_out * n_in * kk  # segmented GEMM + merges
 
+        # plain module attributes from now on (torch.compile reads them without tracing __getattr__)
+        ops = torch.ops.kind_fast
+        globals().update(OP=ops.kind_linear_cuda, BACKWARD_OP=ops.kind_linear_cuda_backward,
+                         MERGED_OP=ops.kind_linear_cuda_merged)
         _registered = True
 
 
