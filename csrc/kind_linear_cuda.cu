@@ -208,13 +208,30 @@ Tensor scaled_slots(const Tensor& P, const Tables& t, const Dims& d, at::ScalarT
 // ------------------------------------------------------------------------------------------
 // Kernel launchers
 // ------------------------------------------------------------------------------------------
+// out (M, K) fp32 = the shrink of A against W's gathered rows. When M gives few row tiles,
+// the depth is split over blockIdx.z (about 4 blocks per SM of an H100, each split at least 256
+// deep) and the partial sums are added in a fixed order.
 template <typename T>
 void run_shrink(const Tensor& A, const Tensor& W, const Tables& t, const Dims& d, const Tensor& labels32,
                 Tensor& out, Stream stream) {
-  const dim3 grid(k::num_row_tiles(d.samples, d.rows_per_sample, kShrinkBM), ceil_div(d.k_slots, kShrinkBN));
-  launch(k::shrink_kernel<T>, grid, dim3(k::kThreads), stream, A.data_ptr<T>(), W.data_ptr<T>(),
-         t.ids.data_ptr<int32_t>(), labels32.data_ptr<int32_t>(), out.data_ptr<float>(), d.rows_per_sample,
-         A.size(1), d.k_slots);
+  constexpr int64_t kTargetBlocks = 528, kMinSplitDepth = 256, kBK = 32;
+  const int64_t depth = A.size(1);
+  const unsigned tiles = k::num_row_tiles(d.samples, d.rows_per_sample, kShrinkBM);
+  const unsigned slot_tiles = ceil_div(d.k_slots, kShrinkBN);
+  const int64_t blocks = std::max<int64_t>(1, static_cast<int64_t>(tiles) * slot_tiles);
+  int64_t splits = std::max<int64_t>(1, std::min((kTargetBlocks + blocks - 1) / blocks,
+                                                 (depth + kMinSplitDepth - 1) / kMinSplitDepth));
+  const int64_t split_depth = std::max<int64_t>(kBK, (depth + splits - 1) / splits + kBK - 1) / kBK * kBK;
+  splits = std::max<int64_t>(1, (depth + split_depth - 1) / split_depth);  // no empty splits
+  Tensor part = splits == 1 ? out : at::empty({splits, d.rows, d.k_slots}, out.options());
+  launch(k::shrink_kernel<T>, dim3(tiles, slot_tiles, static_cast<unsigned>(splits)), dim3(k::kThreads), stream,
+         A.data_ptr<T>(), W.data_ptr<T>(), t.ids.data_ptr<int32_t>(), labels32.data_ptr<int32_t>(),
+         part.data_ptr<float>(), d.rows, d.rows_per_sample, depth, split_depth, d.k_slots);
+  if (splits > 1) {
+    const int64_t n = d.rows * d.k_slots;
+    launch(k::sum_splits_kernel, dim3(ceil_div(n, 256)), dim3(256), stream, part.data_ptr<float>(),
+           out.data_ptr<float>(), n, static_cast<int>(splits));
+  }
 }
 
 template <typename T>

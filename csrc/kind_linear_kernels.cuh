@@ -99,15 +99,18 @@ __global__ void check_labels_kernel(const int32_t* __restrict__ labels, int64_t 
 }
 
 // ------------------------------------------------------------------------------------------
-// shrink: out[m, k] = Σ_i A[m, i] · W[ids[c, k], i]      (fp32 out)
-// grid (row tiles, ceil(K / 32)), 128 threads. A (M, D), W (N_T, D) row-major; out (M, K).
+// shrink: out[z, m, k] = Σ_{i in split z} A[m, i] · W[ids[c, k], i]      (fp32 out)
+// grid (row tiles, ceil(K / 32), splits), 128 threads. A (M, D), W (N_T, D) row-major;
+// out (splits, M, K). Split z covers depth [z·split_depth, (z+1)·split_depth) (a multiple of
+// 32): with few row tiles (small M) the depth is cut so that the GPU has enough blocks, and
+// sum_splits_kernel adds the splits in order afterwards (deterministic, no atomics).
 // A class c < 0 skips the tile (path M3 marks samples that a merged weight already served).
 // ------------------------------------------------------------------------------------------
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     shrink_kernel(const T* __restrict__ A, const T* __restrict__ W, const int32_t* __restrict__ ids,
-                  const int32_t* __restrict__ labels, float* __restrict__ out, int64_t rows_per_sample,
-                  int64_t depth, int k_slots) {
+                  const int32_t* __restrict__ labels, float* __restrict__ out, int64_t rows, int64_t rows_per_sample,
+                  int64_t depth, int64_t split_depth, int k_slots) {
 #if KF_HAS_TENSOR_CORES
   using E = typename WmmaElem<T>::type;
   constexpr int BM = 64, BN = 32, BK = 32, LDA = BK + 8, LDC = BN + 4;
@@ -120,6 +123,9 @@ __global__ void __launch_bounds__(kThreads)
   const int c = labels[tile.sample];
   if (c < 0) return;  // whole block: no barrier is skipped by only some threads
   const int n0 = blockIdx.y * BN;
+  const int64_t k_begin = static_cast<int64_t>(blockIdx.z) * split_depth;
+  const int64_t k_end = k_begin + split_depth < depth ? k_begin + split_depth : depth;
+  out += static_cast<int64_t>(blockIdx.z) * rows * k_slots;  // this split's partial (M, K)
   const int tid = threadIdx.x, warp = tid / 32;
   if (tid < BN) {
     const int n = n0 + tid;
@@ -131,16 +137,16 @@ __global__ void __launch_bounds__(kThreads)
   wmma::fill_fragment(acc[1], 0.0f);
   __syncthreads();
 
-  for (int64_t k0 = 0; k0 < depth; k0 += BK) {
+  for (int64_t k0 = k_begin; k0 < k_end; k0 += BK) {
     for (int e = tid; e < BM * BK; e += kThreads) {
       const int r = e / BK, kk = e % BK;
       const int64_t col = k0 + kk;
-      As[r * LDA + kk] = (r < tile.rows && col < depth) ? A[(tile.row0 + r) * depth + col] : T(0.0f);
+      As[r * LDA + kk] = (r < tile.rows && col < k_end) ? A[(tile.row0 + r) * depth + col] : T(0.0f);
     }
     for (int e = tid; e < BN * BK; e += kThreads) {
       const int n = e / BK, kk = e % BK;
       const int64_t col = k0 + kk;
-      Ws[n * LDA + kk] = (w_off[n] >= 0 && col < depth) ? W[w_off[n] + col] : T(0.0f);
+      Ws[n * LDA + kk] = (w_off[n] >= 0 && col < k_end) ? W[w_off[n] + col] : T(0.0f);
     }
     __syncthreads();
     for (int kk = 0; kk < BK; kk += 16) {
@@ -166,6 +172,15 @@ __global__ void __launch_bounds__(kThreads)
 #else
   KF_DEVICE_CHECK(false, "kind_fast CUDA kernels need sm_80 or newer");
 #endif
+}
+
+// out[i] = Σ_z part[z, i], z ascending, one thread per element (the shrink's split-K sum).
+__global__ void sum_splits_kernel(const float* __restrict__ part, float* __restrict__ out, int64_t n, int splits) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  float acc = 0.0f;
+  for (int z = 0; z < splits; ++z) acc += part[z * n + i];
+  out[i] = acc;
 }
 
 // ------------------------------------------------------------------------------------------

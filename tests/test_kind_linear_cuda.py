@@ -330,7 +330,7 @@ def emu():
 
 # (in, out, N_T, K, B, T): the reference's odd shapes plus multi-tile ones: in > 32 (several
 # depth steps), out > 64 (several column tiles), K > 32 (several slot tiles), T > 64 and
-# T % 64 != 0 (several, partly masked row tiles per sample)
+# T % 64 != 0 (several, partly masked row tiles per sample), depth > 512 with few rows (split-K)
 EMU_SHAPES = [
     (37, 53, 11, 5, 4, 7),    # sample plan
     (37, 53, 11, 5, 6, 3),    # row plan (T < K)
@@ -338,6 +338,8 @@ EMU_SHAPES = [
     (64, 33, 20, 20, 3, 9),   # K = N_T: row plan
     (70, 130, 40, 33, 2, 70),  # multi-tile everything, sample plan
     (19, 70, 13, 4, 2, 131),  # T prime, 3 row tiles per sample
+    (600, 40, 12, 5, 2, 9),   # deep forward shrink: split over depth (split-K) and summed
+    (40, 600, 12, 5, 2, 9),   # deep backward shrink (g·U_T[ids]ᵀ over 600 outputs): split-K
 ]
 
 
