@@ -658,3 +658,20 @@ def test_gpu_merged_path(dist, max_classes):
     y_low = reference(args, torch.zeros_like(args["x"][:, :1]).expand(-1, 1152), torch.bfloat16)[0]
     err, base = (y.float() - y_ref).abs().max().item(), (y_low.float() - y_ref).abs().max().item()
     assert err <= 2 * base + ATOL_FLOOR[torch.bfloat16] * max(1.0, y_ref.abs().max().item())
+
+
+@gpu
+@pytest.mark.gpu
+def test_gpu_per_shape_timing_caches_a_choice(ops):
+    """autoselect on real ops: times both candidates once per shape bucket, then reuses the choice."""
+    from kind_fast import autoselect
+
+    autoselect.clear_cache()
+    args, _ = make_problem(1152, 4608, 96, 32, 8, 256, dtype=torch.bfloat16, device="cuda")
+    op = autoselect.PerShapeOp(("cuda", "torch"), (ops.kind_linear_cuda, ops.kind_linear))
+    a = [args[k] for k in ORDER]
+    y, _ = op(*a)
+    (key, name), = autoselect.cached_choices().items()
+    assert name in ("cuda", "torch") and key[2] == 2048
+    y2, _ = op(*a)
+    assert len(autoselect.cached_choices()) == 1 and torch.equal(y, y2)
