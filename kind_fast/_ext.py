@@ -27,6 +27,14 @@ _state: dict = {}
 EXPECTED_OPS = ("kind_linear_cuda", "kind_linear_cuda_backward", "kind_linear_cuda_merged")
 
 
+def arch_names(arch_list: str) -> str:
+    """nvcc's __CUDA_ARCH_LIST__ ("800,900") as "sm_80, sm_90" (other text unchanged)."""
+    parts = [p.strip() for p in str(arch_list).split(",")]
+    if parts and all(p.isdigit() for p in parts):
+        return ", ".join(f"sm_{int(p) // 10}" for p in parts)
+    return str(arch_list)
+
+
 def _minor(version: str) -> tuple[str, ...]:
     return tuple(version.split("+")[0].split(".")[:2])
 

@@ -27,7 +27,7 @@ import warnings
 import torch
 from torch import Tensor
 
-from kind_fast._ext import load_extension
+from kind_fast._ext import arch_names, load_extension
 from kind_fast.ops.kind_linear import acc_dtype, kind_linear_backward_ref, kind_linear_flops, kind_linear_ref
 
 # OP, BACKWARD_OP and MERGED_OP are module attributes resolved on first access (__getattr__)
@@ -61,7 +61,7 @@ def status() -> tuple[bool, str]:
         done = sorted(_self_checks.items(), key=lambda kv: (kv[0][0], str(kv[0][1])))
         checks = "; ".join(f"cuda:{d} {str(dt).replace('torch.', '')} self-check {'passed' if ok else 'FAILED'}"
                            for (d, dt), (ok, _) in done)
-        built = f"archs {getattr(mod, 'ARCH_LIST', '?')}, CUDA {getattr(mod, 'CUDA_VERSION', '?')}"
+        built = f"{arch_names(getattr(mod, 'ARCH_LIST', '?'))}, CUDA {getattr(mod, 'CUDA_VERSION', '?')}"
         result = (True, f"kind_fast._C ({built})" + (f"; {checks}" if checks else ""))
     _status[:] = [result]
     return result
