@@ -40,6 +40,7 @@ echo "cuda_build_check: CUDA_HOME=$CUDA_HOME ($("$CUDA_HOME/bin/nvcc" --version 
 
 # --- a separate venv with a CUDA-enabled torch (the main .venv has the CPU build)
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+VENV=$(cd "$VENV" && pwd)  # absolute: the check below runs from another folder
 "$VENV/bin/python" -m pip install -q --upgrade pip
 "$VENV/bin/python" -c "import torch, sys; sys.exit(torch.version.cuda is None)" 2>/dev/null \
     || "$VENV/bin/python" -m pip install -q "${KIND_FAST_CUDA_TORCH:-torch}"
@@ -47,7 +48,7 @@ echo "cuda_build_check: CUDA_HOME=$CUDA_HOME ($("$CUDA_HOME/bin/nvcc" --version 
 t1=$(date +%s)
 
 # --- build: forced, so a missing toolchain is an error, not a silent pure-Python install
-export PATH="$(cd "$VENV" && pwd)/bin:$PATH"  # the venv's ninja
+export PATH="$VENV/bin:$PATH"  # the venv's ninja
 KIND_FAST_BUILD_CUDA=1 "$VENV/bin/python" -m pip install -q --no-build-isolation "$ROOT"
 t2=$(date +%s)
 
