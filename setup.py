@@ -11,10 +11,15 @@ Switch (environment):
     KIND_FAST_BUILD_CUDA=1      always build; fail with a clear message when it cannot.
     TORCH_CUDA_ARCH_LIST        honoured; defaults to "8.0;9.0" when no GPU is visible.
     MAX_JOBS                    honoured by torch.utils.cpp_extension (ninja).
+    CUDA_HOME / CUDA_PATH       the CUDA toolkit folder (bin/nvcc, include/, lib64/); found
+                                from nvcc's real path or /usr/local/cuda when unset.
 
 The extension must be built against the torch that is already installed, so install with
 ``pip install --no-build-isolation .`` (pyproject.toml does not list torch as a build
 requirement: an isolated build would pull a second torch).
+
+``build_decision()`` is the whole decision and is importable without running setup()
+(tests/test_kind_linear_cuda.py checks it in a subprocess).
 """
 
 from __future__ import annotations
@@ -23,11 +28,11 @@ import glob
 import os
 import shutil
 import sys
-
-from setuptools import setup
+from collections.abc import Mapping
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 CSRC = os.path.join(ROOT, "csrc")
+BUILD_INFO = os.path.join(ROOT, "kind_fast", "_build_info.py")  # generated; gitignored
 DEFAULT_ARCHS = "8.0;9.0"
 
 
@@ -35,84 +40,134 @@ def _log(msg: str) -> None:
     print(f"kind_fast setup: {msg}", file=sys.stderr)
 
 
-def _cuda_sources() -> list[str]:
+def cuda_sources() -> list[str]:
+    """csrc/ sources of the extension (csrc/emulation/ is the CPU test build, not part of it)."""
     srcs = glob.glob(os.path.join(CSRC, "**", "*.cu"), recursive=True)
     srcs += glob.glob(os.path.join(CSRC, "**", "*.cpp"), recursive=True)
-    return sorted(os.path.relpath(s, ROOT) for s in srcs)
+    skip = os.path.join(CSRC, "emulation") + os.sep
+    return sorted(os.path.relpath(s, ROOT) for s in srcs if not s.startswith(skip))
 
 
-def _find_cuda_home() -> str | None:
-    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
-    if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
-        return home
-    nvcc = shutil.which("nvcc")
+def _is_toolkit(home: str | None) -> bool:
+    """A CUDA toolkit folder: nvcc, the runtime headers and libcudart (not e.g. /usr/local)."""
+    if not home:
+        return False
+    has_lib = any(os.path.exists(os.path.join(home, d, "libcudart.so")) for d in ("lib64", "lib"))
+    return (os.path.exists(os.path.join(home, "bin", "nvcc"))
+            and os.path.exists(os.path.join(home, "include", "cuda_runtime_api.h")) and has_lib)
+
+
+def find_cuda_home(environ: Mapping[str, str] = os.environ) -> str | None:
+    """The CUDA toolkit folder, or None. CUDA_HOME/CUDA_PATH first (only if it is a toolkit),
+    then the folder above nvcc's real path, then /usr/local/cuda. A `nvcc` on PATH may be a
+    wrapper script elsewhere, so candidates are checked, not trusted."""
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if _is_toolkit(environ.get(var)):
+            return environ[var]
+    nvcc = shutil.which("nvcc", path=environ.get("PATH"))
     if nvcc:
         cand = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
-        if os.path.exists(os.path.join(cand, "lib64")) or os.path.exists(os.path.join(cand, "lib")):
+        if _is_toolkit(cand):
             return cand
-    if os.path.exists("/usr/local/cuda/bin/nvcc"):
+        try:  # a wrapper script such as `exec /usr/local/cuda-13.0/bin/nvcc "$@"`
+            with open(nvcc, errors="replace") as f:
+                head = f.read(4096)
+            for tok in head.replace('"', " ").split():
+                if tok.endswith("/bin/nvcc") and _is_toolkit(os.path.dirname(os.path.dirname(tok))):
+                    return os.path.dirname(os.path.dirname(tok))
+        except OSError:
+            pass
+    if _is_toolkit("/usr/local/cuda"):
         return "/usr/local/cuda"
     return None
 
 
-def _why_not_build() -> str | None:
+def why_not_build(environ: Mapping[str, str] = os.environ) -> str | None:
     """None when the CUDA extension can be built here, else the reason it cannot."""
-    sources = _cuda_sources()
-    if not sources:
-        return "csrc/ has no CUDA/C++ sources yet"
+    if not cuda_sources():
+        return "csrc/ has no CUDA/C++ sources"
     try:
-        import torch  # noqa: F401  (only importable with --no-build-isolation)
+        import torch
     except ImportError:
-        return "torch is not importable in the build environment (use --no-build-isolation)"
-    import torch
-
+        return "torch is not importable in the build environment (install torch first, then use --no-build-isolation)"
     if torch.version.cuda is None:
-        return f"the installed torch {torch.__version__} has no CUDA support"
-    if _find_cuda_home() is None:
-        return "nvcc not found (set CUDA_HOME to the CUDA toolkit folder)"
+        return f"the installed torch {torch.__version__} has no CUDA support (a CPU build)"
+    if find_cuda_home(environ) is None:
+        return "nvcc / the CUDA toolkit was not found (set CUDA_HOME to the toolkit folder, e.g. /usr/local/cuda)"
+    try:
+        import ninja  # noqa: F401
+    except ImportError:
+        if shutil.which("ninja", path=environ.get("PATH")) is None:
+            return "ninja is not installed (pip install ninja)"
     return None
 
 
-def _extensions():
-    switch = os.environ.get("KIND_FAST_BUILD_CUDA", "").strip()
+def build_decision(environ: Mapping[str, str] = os.environ) -> tuple[bool, str]:
+    """(build the extension?, why). Raises RuntimeError when KIND_FAST_BUILD_CUDA=1 and it
+    cannot be built, ValueError for a switch value other than unset/0/1."""
+    switch = environ.get("KIND_FAST_BUILD_CUDA", "").strip()
+    if switch not in ("", "0", "1"):
+        raise ValueError(f"KIND_FAST_BUILD_CUDA must be unset, 0 or 1, got {switch!r}")
     if switch == "0":
-        _log("KIND_FAST_BUILD_CUDA=0: not building the CUDA extension")
-        return [], {}
-    reason = _why_not_build()
+        return False, "KIND_FAST_BUILD_CUDA=0: not building the CUDA extension"
+    reason = why_not_build(environ)
     if reason is not None:
         if switch == "1":
             raise RuntimeError(f"KIND_FAST_BUILD_CUDA=1 but the CUDA extension cannot be built: {reason}")
-        _log(f"not building the CUDA extension ({reason}); the torch and Triton paths work without it")
+        return False, f"not building the CUDA extension ({reason}); the torch and Triton paths work without it"
+    return True, "building the CUDA extension kind_fast._C"
+
+
+def arch_list(environ: Mapping[str, str] = os.environ, gpu_visible: bool | None = None) -> str | None:
+    """TORCH_CUDA_ARCH_LIST to build for: the user's, else DEFAULT_ARCHS when no GPU is visible,
+    else None (torch derives it from the visible GPUs)."""
+    if environ.get("TORCH_CUDA_ARCH_LIST", "").strip():
+        return environ["TORCH_CUDA_ARCH_LIST"].strip()
+    if gpu_visible is None:
+        import torch
+
+        try:
+            gpu_visible = torch.cuda.is_available()
+        except Exception:  # noqa: BLE001 - a broken driver means "no GPU" here
+            gpu_visible = False
+    return None if gpu_visible else DEFAULT_ARCHS
+
+
+def _extensions():
+    build, why = build_decision()
+    _log(why)
+    if not build:
         return [], {}
 
+    cuda_home = find_cuda_home()
+    os.environ["CUDA_HOME"] = cuda_home  # before cpp_extension is imported: it reads CUDA_HOME once
+    archs = arch_list()
+    if archs is not None:
+        os.environ["TORCH_CUDA_ARCH_LIST"] = archs
     import torch
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension
 
-    cuda_home = _find_cuda_home()
-    os.environ.setdefault("CUDA_HOME", cuda_home)
-    if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
-        has_gpu = False
-        try:
-            has_gpu = torch.cuda.is_available()
-        except Exception:  # noqa: BLE001 - a broken driver means "no GPU" here
-            pass
-        if not has_gpu:
-            os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCHS
-    archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "(detected from the visible GPU)")
-    _log(f"building kind_fast._C with CUDA_HOME={os.environ['CUDA_HOME']} archs={archs}")
-    with open(os.path.join(ROOT, "kind_fast", "_build_info.py"), "w") as f:
-        f.write(f"TORCH_CUDA_ARCH_LIST = {archs!r}\nTORCH_VERSION = {torch.__version__!r}\n")
+    shown = archs or "(derived from the visible GPU)"
+    _log(f"CUDA_HOME={cuda_home} TORCH_CUDA_ARCH_LIST={shown} MAX_JOBS={os.environ.get('MAX_JOBS', '(ninja default)')}")
+    with open(BUILD_INFO, "w") as f:
+        f.write("# Written by setup.py when it builds kind_fast._C (not tracked by git).\n"
+                f"TORCH_CUDA_ARCH_LIST = {shown!r}\nTORCH_VERSION = {torch.__version__!r}\n"
+                f"CUDA_HOME = {cuda_home!r}\n")
     ext = CUDAExtension(
         name="kind_fast._C",
-        sources=_cuda_sources(),
+        sources=cuda_sources(),
         include_dirs=[CSRC],
         extra_compile_args={
-            "cxx": ["-O3", "-std=c++17"],
-            "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"],
+            # no -std here: torch.utils.cpp_extension adds the standard its headers need
+            "cxx": ["-O3"],
+            "nvcc": ["-O3", "-lineinfo"],
         },
     )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 
-ext_modules, cmdclass = _extensions()
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+if __name__ == "__main__":  # also how setuptools' build backend runs this file
+    from setuptools import setup
+
+    ext_modules, cmdclass = _extensions()
+    setup(ext_modules=ext_modules, cmdclass=cmdclass)

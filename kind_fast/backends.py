@@ -5,8 +5,11 @@ Backends:
     triton  fused Triton kernels (kernels/), CUDA tensors in fp16/bf16.
     cuda    the compiled extension kind_fast._C (csrc/), CUDA tensors in fp16/bf16.
 
-``auto`` (the default, or ``KIND_FAST_BACKEND``) picks per device: on a GPU the first available
-fused backend of ``AUTO_ORDER``, elsewhere the reference. ``use_backend`` switches it::
+``auto`` (the default, or ``KIND_FAST_BACKEND``) picks per device: on a GPU the fused backends of
+``AUTO_ORDER`` that are ready (available, supporting the dtype, and passing the backend's
+optional ``auto_ready`` gate, e.g. the CUDA backend's one-time self-check); with several ready,
+the fastest per shape from measurements it caches (kind_fast.autoselect); elsewhere the
+reference. ``use_backend`` switches it::
 
     with kind_fast.use_backend("torch"):
         y = layer(x, labels=labels)
@@ -15,6 +18,7 @@ Plugging in a backend: a module named in ``_BACKEND_MODULES`` provides
     status() -> (available: bool, reason: str)
     supports(device_type: str, dtype: torch.dtype) -> bool
     OP: the registered forward op, same schema as torch.ops.kind_fast.kind_linear
+    auto_ready(device_type, dtype) -> bool   (optional) whether "auto" may use it now
 It is imported on first use, never at ``import kind_fast``. A fp32/fp64 input that a fused
 backend does not support runs on the reference.
 
@@ -100,18 +104,28 @@ def use_backend(name: str) -> Iterator[None]:
         _STATE.backend = previous
 
 
+def _auto_candidates(device_type: str, dtype: torch.dtype) -> tuple[str, ...]:
+    """Fused backends "auto" may use for these tensors, in AUTO_ORDER."""
+    if device_type != "cuda":
+        return ()
+    names = []
+    for name in AUTO_ORDER:
+        mod, _ = _backend_module(name)
+        if mod is None or not mod.status()[0] or not mod.supports(device_type, dtype):
+            continue
+        ready = getattr(mod, "auto_ready", None)
+        if ready is None or ready(device_type, dtype):
+            names.append(name)
+    return tuple(names)
+
+
 @torch.compiler.assume_constant_result
 def _choose(device_type: str, dtype: torch.dtype, selection: str) -> str:
     if selection == "torch":
         return "torch"
     if selection == "auto":
-        if device_type != "cuda":
-            return "torch"
-        for name in AUTO_ORDER:
-            mod, _ = _backend_module(name)
-            if mod is not None and mod.status()[0] and mod.supports(device_type, dtype):
-                return name
-        return "torch"
+        candidates = _auto_candidates(device_type, dtype)
+        return candidates[0] if candidates else "torch"
     mod, why = _backend_module(selection)
     if mod is None:
         raise RuntimeError(f"backend {selection!r} is not available: {why}")
@@ -132,4 +146,10 @@ def resolve_op(device: torch.device, dtype: torch.dtype) -> Callable:
     name = resolve_backend(device, dtype)
     if name == "torch":
         return torch.ops.kind_fast.kind_linear
+    if _STATE.backend == "auto" and not torch.compiler.is_compiling():
+        candidates = _auto_candidates(device.type, dtype)
+        if len(candidates) > 1:  # several fused backends ready: the fastest per shape
+            from kind_fast.autoselect import PerShapeOp
+
+            return PerShapeOp(candidates, [_MODULES[n][0].OP for n in candidates])
     return _MODULES[name][0].OP

@@ -36,7 +36,12 @@ def collect() -> dict:
     mod, reason = load_extension()
     ext = {"status": reason}
     if mod is not None:
-        ext["archs"] = getattr(mod, "ARCH_LIST", "unknown")
+        from kind_fast._ext import arch_names
+
+        ext["archs"] = arch_names(getattr(mod, "ARCH_LIST", "unknown"))
+        ext["CUDA runtime"] = getattr(mod, "CUDA_VERSION", "unknown")
+        ext["built with torch"] = getattr(mod, "TORCH_VERSION", "unknown")
+        ext["ops served"] = ", ".join(f"kind_fast::{op}" for op in getattr(mod, "OPS", ()))
         try:
             from kind_fast import _build_info
 

@@ -1,0 +1,289 @@
+"""The CUDA C++ backend of the kind_linear op family (csrc/, compiled as ``kind_fast._C``).
+
+Registered ops (defined in C++, csrc/module.cpp; the schemas and semantics of the reference's
+``kind_fast::kind_linear`` / ``kind_linear_backward``, see kind_fast/ops/kind_linear.py):
+
+    torch.ops.kind_fast.kind_linear_cuda(x, w_g, bias, u_t, sigma_t, v_t, idx, val, labels) -> (y, h)
+    torch.ops.kind_fast.kind_linear_cuda_backward(grad_y, x, w_g, u_t, sigma_t, v_t, idx, val,
+                                                  labels, h, output_mask) -> 7 gradients
+    torch.ops.kind_fast.kind_linear_cuda_merged(x, w_g, bias, u_t, sigma_t, v_t, idx, val,
+                                                labels, max_classes) -> y        (path M3, no grad)
+
+This module adds their fake kernels, autograd and FLOP formulas (C++ names it with
+``set_python_module``), the backend protocol of kind_fast/backends.py, and the safety rule for
+``use_backend("auto")``: these kernels were written without a GPU to run them, so "auto" uses
+them on a device only after a one-time self-check there (a small random problem per dtype,
+both tailor plans, every output and gradient against the reference) has passed. An explicit
+``use_backend("cuda")`` runs them directly.
+
+Nothing here loads the extension at import; ``status()`` or the first use does.
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+
+import torch
+from torch import Tensor
+
+from kind_fast._ext import arch_names, load_extension
+from kind_fast.ops.kind_linear import acc_dtype, kind_linear_backward_ref, kind_linear_flops, kind_linear_ref
+
+# OP, BACKWARD_OP and MERGED_OP are module attributes resolved on first access (__getattr__)
+__all__ = ["status", "supports", "auto_ready", "self_check", "self_check_results", "kind_linear_merged",
+           "SUPPORTED_DTYPES"]
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
+OP_NAMES = ("kind_linear_cuda", "kind_linear_cuda_backward", "kind_linear_cuda_merged")
+
+_lock = threading.Lock()
+_registered = False
+_self_checks: dict[tuple[int, torch.dtype], tuple[bool, str]] = {}
+
+
+# =====================================================================================
+# Backend protocol (kind_fast.backends)
+# =====================================================================================
+_status: list = []  # [(available, reason)] once computed; reset when a self-check adds a result
+
+
+def status() -> tuple[bool, str]:
+    """(available, reason): the extension is built, loads, and serves its ops. Cheap after the
+    first call (the registry asks on every layer call)."""
+    if _status:
+        return _status[0]
+    mod, reason = load_extension()
+    if mod is None:
+        result = (False, f"compiled extension {reason}")
+    else:
+        _register()
+        done = sorted(_self_checks.items(), key=lambda kv: (kv[0][0], str(kv[0][1])))
+        checks = "; ".join(f"cuda:{d} {str(dt).replace('torch.', '')} self-check {'passed' if ok else 'FAILED'}"
+                           for (d, dt), (ok, _) in done)
+        built = f"{arch_names(getattr(mod, 'ARCH_LIST', '?'))}, CUDA {getattr(mod, 'CUDA_VERSION', '?')}"
+        result = (True, f"kind_fast._C ({built})" + (f"; {checks}" if checks else ""))
+    _status[:] = [result]
+    return result
+
+
+def supports(device_type: str, dtype: torch.dtype) -> bool:
+    """CUDA tensors in float16/bfloat16 (float32/float64 run the reference through the registry)."""
+    return device_type == "cuda" and dtype in SUPPORTED_DTYPES
+
+
+def _capturing_or_tracing() -> bool:
+    """True inside torch.compile tracing or CUDA-graph capture: no self-checks, no timing."""
+    if torch.compiler.is_compiling():
+        return True
+    try:
+        from torch._guards import TracingContext
+
+        if TracingContext.try_get() is not None:
+            return True
+    except ImportError:  # pragma: no cover - very old torch
+        pass
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def auto_ready(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether ``use_backend("auto")`` may pick this backend for ``dtype`` on the current CUDA
+    device: only once its self-check passed there. The check runs on the first eager call
+    (never while compiling or capturing a CUDA graph: there it counts as not passed yet)."""
+    if not supports(device_type, dtype) or not status()[0]:
+        return False
+    key = (torch.cuda.current_device(), dtype)
+    if key not in _self_checks:
+        if _capturing_or_tracing():
+            return False
+        with _lock:
+            if key not in _self_checks:
+                ok, msg = self_check(torch.device("cuda", key[0]), dtype)
+                _self_checks[key] = (ok, msg)
+                _status.clear()  # status() lists the self-checks
+                if not ok:
+                    warnings.warn(f"kind_fast: the CUDA backend failed its self-check on cuda:{key[0]} ({dtype}): "
+                                  f"{msg}. use_backend('auto') will not use it there; please report this.",
+                                  RuntimeWarning, stacklevel=2)
+    return _self_checks[key][0]
+
+
+def self_check_results() -> dict[tuple[int, torch.dtype], tuple[bool, str]]:
+    """(device index, dtype) -> (passed, details) of the self-checks run so far."""
+    return dict(_self_checks)
+
+
+def __getattr__(name: str):  # OP, BACKWARD_OP, MERGED_OP before status() has registered them
+    ops = {"OP": "kind_linear_cuda", "BACKWARD_OP": "kind_linear_cuda_backward", "MERGED_OP": "kind_linear_cuda_merged"}
+    if name in ops:
+        ok, why = status()
+        if not ok:
+            raise RuntimeError(f"the CUDA backend is not available: {why}")
+        return getattr(torch.ops.kind_fast, ops[name])
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# =====================================================================================
+# Fake kernels, autograd, FLOP formulas (registered once, when the extension has loaded)
+# =====================================================================================
+def _fake_forward(x, w_g, bias, u_t, sigma_t, v_t, idx, val, labels):
+    y = x.new_empty((x.shape[0], w_g.shape[0]))
+    h = x.new_empty((x.shape[0], idx.shape[1]), dtype=acc_dtype(x.dtype))
+    return y, h
+
+
+def _fake_backward(grad_y, x, w_g, u_t, sigma_t, v_t, idx, val, labels, h, output_mask):
+    like = (x, w_g, w_g[:, 0], u_t, sigma_t, v_t, val)  # dbias is (out,)
+    return tuple(torch.empty_like(ref) if need else x.new_empty(0) for ref, need in zip(like, output_mask))
+
+
+def _fake_merged(x, w_g, bias, u_t, sigma_t, v_t, idx, val, labels, max_classes):
+    return x.new_empty((x.shape[0], w_g.shape[0]))
+
+
+def _setup_context(ctx, inputs, output):
+    x, w_g, bias, u_t, sigma_t, v_t, idx, val, labels = inputs
+    _, h = output
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(x, w_g, u_t, sigma_t, v_t, idx, val, labels, h)
+    ctx.mark_non_differentiable(h)
+
+
+def _backward(ctx, grad_y, grad_h):
+    x, w_g, u_t, sigma_t, v_t, idx, val, labels, h = ctx.saved_tensors
+    n = ctx.needs_input_grad
+    mask = [n[0], n[1], n[2] and ctx.has_bias, n[3], n[4], n[5], n[7]]
+    if not any(mask):
+        return (None,) * 9
+    dx, dw, db, du, ds, dv, dval = torch.ops.kind_fast.kind_linear_cuda_backward(
+        grad_y.contiguous(), x, w_g, u_t, sigma_t, v_t, idx, val, labels, h, mask
+    )
+    pick = lambda t, need: t if need else None  # noqa: E731
+    return (pick(dx, mask[0]), pick(dw, mask[1]), pick(db, mask[2]), pick(du, mask[3]),
+            pick(ds, mask[4]), pick(dv, mask[5]), None, pick(dval, mask[6]), None)
+
+
+def _register() -> None:
+    """Fake kernels, autograd and FLOP formulas for the C++ ops (once)."""
+    global _registered
+    if _registered:
+        return
+    with _lock:
+        if _registered:
+            return
+        from torch.utils.flop_counter import register_flop_formula
+
+        torch.library.register_fake("kind_fast::kind_linear_cuda", _fake_forward)
+        torch.library.register_fake("kind_fast::kind_linear_cuda_backward", _fake_backward)
+        torch.library.register_fake("kind_fast::kind_linear_cuda_merged", _fake_merged)
+        torch.library.register_autograd("kind_fast::kind_linear_cuda", _backward, setup_context=_setup_context)
+
+        @register_flop_formula(torch.ops.kind_fast.kind_linear_cuda)
+        def _(x_shape, w_g_shape, bias_shape, u_t_shape, sigma_t_shape, v_t_shape, idx_shape, *a, **k) -> int:
+            return kind_linear_flops(x_shape[0], x_shape[1], w_g_shape[0], idx_shape[1])
+
+        @register_flop_formula(torch.ops.kind_fast.kind_linear_cuda_backward)
+        def _(grad_y_shape, x_shape, w_g_shape, u_t_shape, sigma_t_shape, v_t_shape, idx_shape, val_shape,
+              labels_shape, h_shape, output_mask, *a, **k) -> int:
+            return kind_linear_flops(x_shape[0], x_shape[1], w_g_shape[0], idx_shape[1], output_mask)
+
+        @register_flop_formula(torch.ops.kind_fast.kind_linear_cuda_merged)
+        def _(x_shape, w_g_shape, bias_shape, u_t_shape, sigma_t_shape, v_t_shape, idx_shape, val_shape,
+              labels_shape, max_classes, *a, **k) -> int:
+            m, n_in, n_out, kk = x_shape[0], x_shape[1], w_g_shape[0], idx_shape[1]
+            slots = min(max_classes, labels_shape[0], idx_shape[0])
+            return 2 * m * n_in * n_out + 2 * slots * n_out * n_in * kk  # segmented GEMM + merges
+
+        # plain module attributes from now on (torch.compile reads them without tracing __getattr__)
+        ops = torch.ops.kind_fast
+        globals().update(OP=ops.kind_linear_cuda, BACKWARD_OP=ops.kind_linear_cuda_backward,
+                         MERGED_OP=ops.kind_linear_cuda_merged)
+        _registered = True
+
+
+# =====================================================================================
+# Path M3 (sampling)
+# =====================================================================================
+def kind_linear_merged(x: Tensor, w_g: Tensor, bias: Tensor | None, u_t: Tensor, sigma_t: Tensor, v_t: Tensor,
+                       idx: Tensor, val: Tensor, labels: Tensor, max_classes: int = 2) -> Tensor:
+    """Path M3 for sampling: y for 2-D x (M, in) through one merged dense weight per class,
+    W_c = W_G + U_T[idx[c]]ᵀ·diag(σ_T[idx[c]]⊙val[c])·V_T[idx[c]], for the first ``max_classes``
+    distinct classes of ``labels`` (CFG batches have 2), then a segmented GEMM; samples of any
+    further class take path M1. Same result as ``kind_linear`` up to rounding; no autograd."""
+    if torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad
+                                       for t in (x, w_g, bias, u_t, sigma_t, v_t, val)):
+        raise RuntimeError("kind_linear_merged (path M3) is inference-only: call it under torch.no_grad()")
+    if not isinstance(max_classes, int) or max_classes < 1:
+        raise ValueError(f"max_classes must be a positive int, got {max_classes!r}")
+    ok, why = status()
+    if not ok:
+        raise RuntimeError(f"the CUDA backend is not available: {why}")
+    acc = acc_dtype(x.dtype)
+    return torch.ops.kind_fast.kind_linear_cuda_merged(
+        x.contiguous(), w_g.contiguous(), bias, u_t.contiguous(), sigma_t.to(acc), v_t.contiguous(), idx,
+        val.to(acc), labels, max_classes)
+
+
+# =====================================================================================
+# Self-check (the gate for use_backend("auto"))
+# =====================================================================================
+# (in, out, N_T, K, B, T, C): odd sizes, K not a multiple of 16, T not a multiple of the 64-row
+# tile, both tailor plans (T >= K: "sample"; T < K: "row"), a padded gate row (fewer active
+# tailors than K) and a repeated tailor id inside a row.
+_CHECK_CASES = ((72, 80, 24, 7, 3, 37, 5), (40, 56, 16, 9, 4, 3, 3))
+
+
+def _check_problem(case, device: torch.device, dtype: torch.dtype, seed: int):
+    n_in, n_out, n_t, k, b, t, classes = case
+    g = torch.Generator().manual_seed(seed)  # CPU generator: the global RNG streams stay untouched
+    ids = torch.stack([torch.randperm(n_t, generator=g)[:k] for _ in range(classes + 1)]).to(torch.int32)
+    val = torch.randn(classes + 1, k, generator=g)
+    val[0, k - 2:] = 0.0  # a padded row: id 0 with value 0
+    ids[0, k - 2:] = 0
+    ids[1, 1] = ids[1, 0]  # a repeated id: contributions are summed
+    tensors = dict(
+        x=torch.randn(b * t, n_in, generator=g), w_g=torch.randn(n_out, n_in, generator=g) * n_in ** -0.5,
+        bias=torch.randn(n_out, generator=g), u_t=torch.randn(n_t, n_out, generator=g) * n_out ** -0.5,
+        v_t=torch.randn(n_t, n_in, generator=g) * n_in ** -0.5,
+    )
+    args = {kk: v.to(device, dtype) for kk, v in tensors.items()}
+    args.update(sigma_t=(torch.rand(n_t, generator=g) + 0.5).to(device), idx=ids.to(device), val=val.to(device),
+                labels=torch.randint(0, classes + 1, (b,), generator=g).to(device))
+    grad_y = torch.randn(b * t, n_out, generator=g).to(device, dtype)
+    return args, grad_y
+
+
+def self_check(device: torch.device, dtype: torch.dtype) -> tuple[bool, str]:
+    """Run the CUDA ops on small random problems on ``device`` and compare every output and
+    gradient with the reference computed in float32 from the same (rounded) inputs.
+    Returns (passed, details). Runs eagerly; synchronises the device once at the end."""
+    order = ("x", "w_g", "bias", "u_t", "sigma_t", "v_t", "idx", "val", "labels")
+    names = ("y", "h", "dx", "dw_g", "dbias", "du_t", "dsigma_t", "dv_t", "dval")
+    tol = {torch.float16: 2e-2, torch.bfloat16: 6e-2}[dtype]
+    worst = 0.0
+    try:
+        for i, case in enumerate(_CHECK_CASES):
+            args, grad_y = _check_problem(case, device, dtype, seed=1234 + i)
+            a = [args[k] for k in order]
+            y, h = torch.ops.kind_fast.kind_linear_cuda(*a)
+            grads = torch.ops.kind_fast.kind_linear_cuda_backward(
+                grad_y, *[args[k] for k in order if k != "bias"], h, [True] * 7)
+            f32 = [t.float() if t.is_floating_point() else t for t in a]
+            y_ref, h_ref = kind_linear_ref(*f32)
+            ref_grads = kind_linear_backward_ref(grad_y.float(), *[t for k, t in zip(order, f32) if k != "bias"],
+                                                 h_ref, [True] * 7)
+            for name, got, ref in zip(names, (y, h, *grads), (y_ref, h_ref, *ref_grads)):
+                if got.shape != ref.shape:
+                    return False, f"case {case}: {name} has shape {tuple(got.shape)}, expected {tuple(ref.shape)}"
+                got32 = got.float()
+                if not bool(torch.isfinite(got32).all()):
+                    return False, f"case {case}: {name} has non-finite values"
+                scale = 1.0 + float(ref.abs().max()) if ref.numel() else 1.0
+                err = float((got32 - ref).abs().max()) if ref.numel() else 0.0
+                if err > tol * scale:
+                    return False, f"case {case}: {name} max error {err:.3g} > {tol * scale:.3g}"
+                worst = max(worst, err / scale)
+        torch.cuda.synchronize(device)
+    except Exception as e:  # noqa: BLE001 - a crash is a failed check, reported, not raised
+        return False, f"{type(e).__name__}: {e}"
+    return True, f"max relative error {worst:.2e} (tolerance {tol:g})"

@@ -1,0 +1,677 @@
+"""The CUDA C++ backend (csrc/, kind_fast._C).
+
+Three layers, so that a CPU-only machine checks as much as it can:
+
+* CPU: the backend module, guarded loading, the setup.py switch, and the registry's "auto"
+  rules (self-check gate, per-shape choice).
+* CPU, emulated: csrc/'s kernels and launchers compiled as plain C++ (csrc/emulation/) and run
+  on CPU tensors as ops ``kind_fast_emu::*``: the *same kernel source* against the reference
+  (index math, masks, class lookup, both plans, reductions, determinism, device-side checks).
+  Integer-valued inputs make fp16 arithmetic exact, so several checks are bit-for-bit.
+* GPU (skipped without a GPU and the built extension): the real ops against the reference for
+  every output and gradient, graphs, compile, opcheck, determinism, path M3.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import kind_fast as kf
+from kind_fast.ops import kind_linear_cuda as cuda_backend
+from kind_fast.ops.kind_linear import kind_linear_backward_ref, kind_linear_ref
+from kind_fast.testing import ATOL_FLOOR, DISTRIBUTIONS, GATE_KINDS, make_gate, make_labels
+
+ROOT = Path(__file__).resolve().parents[1]
+ORDER = ("x", "w_g", "bias", "u_t", "sigma_t", "v_t", "idx", "val", "labels")
+BWD_ORDER = ("x", "w_g", "u_t", "sigma_t", "v_t", "idx", "val", "labels")
+GRAD_NAMES = ("dx", "dw_g", "dbias", "du_t", "dsigma_t", "dv_t", "dval")
+HALF = (torch.float16, torch.bfloat16)
+
+
+# =====================================================================================
+# Problems and the comparison rule
+# =====================================================================================
+def make_problem(n_in, n_out, n_t, k, b, t, *, dtype, device="cpu", gate_kind="random_k", dist="uniform",
+                 classes=6, seed=0, bias=True, integer=False):
+    """Inputs of the op (x, w_g, ... labels) and a grad_y; ``integer`` draws small integers (and
+    σ·val in {±0.5, ±1, ±2}) so that every fp16 product and sum below is exact."""
+    g = torch.Generator().manual_seed(seed)
+    gate = make_gate(gate_kind, classes, n_t, k if gate_kind != "all_on" else n_t, seed=seed)
+    idx, val = gate.compiled()
+    labels = make_labels(dist, b, classes, generator=g)
+
+    def r(*shape, scale=1.0):
+        if integer:
+            return torch.randint(-1, 2, shape, generator=g).double()
+        return torch.randn(*shape, generator=g, dtype=torch.float64) * scale
+
+    if integer:
+        sigma = torch.randint(1, 3, (n_t,), generator=g).double()
+        val = torch.where(val != 0, torch.tensor([-1.0, 0.5, 1.0])[torch.randint(0, 3, val.shape, generator=g)],
+                          torch.zeros(()))
+    else:
+        sigma = torch.rand(n_t, generator=g, dtype=torch.float64) + 0.5
+    args = dict(x=r(b * t, n_in), w_g=r(n_out, n_in, scale=n_in ** -0.5), bias=r(n_out) if bias else None,
+                u_t=r(n_t, n_out, scale=n_out ** -0.5), v_t=r(n_t, n_in, scale=n_in ** -0.5))
+    args = {kk: (v.to(device, dtype) if v is not None else None) for kk, v in args.items()}
+    args.update(sigma_t=sigma.float().to(device), idx=idx.to(device), val=val.detach().float().to(device),
+                labels=labels.to(device))
+    grad_y = r(b * t, n_out).to(device, dtype)
+    return args, grad_y
+
+
+def run_op(ops, args, grad_y, mask=(True,) * 7):
+    y, h = ops.kind_linear_cuda(*[args[k] for k in ORDER])
+    grads = ops.kind_linear_cuda_backward(grad_y, *[args[k] for k in BWD_ORDER], h, list(mask))
+    return (y, h, *grads)
+
+
+def reference(args, grad_y, dtype_of_ref, mask=(True,) * 7):
+    """The reference (forward then backward) with floating inputs cast to ``dtype_of_ref``."""
+    cast = {k: (v.to(dtype_of_ref) if k in ("x", "w_g", "bias", "u_t", "v_t") and v is not None else v)
+            for k, v in args.items()}
+    if dtype_of_ref == torch.float64:
+        cast.update(sigma_t=args["sigma_t"].double(), val=args["val"].double())
+    y, h = kind_linear_ref(*[cast[k] for k in ORDER])
+    grads = kind_linear_backward_ref(grad_y.to(dtype_of_ref), *[cast[k] for k in BWD_ORDER], h, list(mask))
+    return (y, h, *grads)
+
+
+def assert_matches_reference(got, args, grad_y, dtype, what=""):
+    """Every output within FlashAttention's rule: |got - oracle| <= 2·|torch_lowp - oracle| + floor,
+    oracle = the reference in float32 on the same (rounded) inputs."""
+    oracle = reference(args, grad_y, torch.float32)
+    lowp = reference(args, grad_y, dtype)
+    for name, a, o, lp in zip(("y", "h") + GRAD_NAMES, got, oracle, lowp):
+        assert a.shape == o.shape, f"{what} {name}: shape {tuple(a.shape)} != {tuple(o.shape)}"
+        assert a.dtype == lp.dtype, f"{what} {name}: dtype {a.dtype} != reference's {lp.dtype}"
+        if o.numel() == 0:
+            continue
+        a64, o64 = a.double().cpu(), o.double().cpu()
+        err = (a64 - o64).abs().max().item()
+        base = (lp.double().cpu() - o64).abs().max().item()
+        bound = 2 * base + ATOL_FLOOR[dtype] * max(1.0, o64.abs().max().item())
+        assert err <= bound, f"{what} {name}: max error {err:.3e} > bound {bound:.3e} (torch's own {base:.3e})"
+
+
+# =====================================================================================
+# CPU: backend module, loading, registry
+# =====================================================================================
+def test_backend_module_protocol():
+    assert cuda_backend.supports("cuda", torch.bfloat16) and cuda_backend.supports("cuda", torch.float16)
+    assert not cuda_backend.supports("cuda", torch.float32) and not cuda_backend.supports("cpu", torch.bfloat16)
+    assert not cuda_backend.auto_ready("cpu", torch.bfloat16)
+    ok, why = cuda_backend.status()
+    assert isinstance(ok, bool) and why
+
+
+def test_status_says_why_when_not_built():
+    from kind_fast._ext import load_extension
+
+    if load_extension()[0] is not None:
+        pytest.skip("the extension is built here")
+    ok, why = cuda_backend.status()
+    assert not ok and "not built" in why and "README" in why
+    with pytest.raises(RuntimeError, match="backend 'cuda' is not available: compiled extension not built"):
+        kf.set_backend("cuda")
+    with pytest.raises(RuntimeError, match="CUDA backend is not available"):
+        cuda_backend.OP  # noqa: B018
+
+
+def test_disable_switch_and_info(tmp_path):
+    env = dict(os.environ, KIND_FAST_DISABLE_CUDA_EXT="1")
+    r = subprocess.run([sys.executable, "-m", "kind_fast.info"], capture_output=True, text=True, env=env,
+                       timeout=300, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "disabled by KIND_FAST_DISABLE_CUDA_EXT=1" in r.stdout
+    assert "cuda" in r.stdout and "unavailable" in r.stdout
+
+
+def test_broken_extension_is_one_warning_not_an_import_error(monkeypatch):
+    import importlib
+    import importlib.util
+
+    from kind_fast import _ext
+
+    real_find, real_import = importlib.util.find_spec, importlib.import_module
+
+    def find_spec(name, *a, **k):
+        return object() if name == "kind_fast._C" else real_find(name, *a, **k)
+
+    def import_module(name, *a, **k):
+        if name == "kind_fast._C":
+            raise OSError("libcudart.so.13: cannot open shared object file")
+        return real_import(name, *a, **k)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    monkeypatch.setattr(importlib, "import_module", import_module)
+    monkeypatch.setattr(_ext, "_state", {})
+    with pytest.warns(RuntimeWarning, match="unusable: OSError: libcudart") as rec:
+        mod, why = _ext.load_extension()
+        again = _ext.load_extension()  # cached: no second warning
+    assert mod is None and "unusable" in why and again == (None, why)
+    assert len([w for w in rec if issubclass(w.category, RuntimeWarning)]) == 1
+
+
+def test_jit_switch_without_cuda_torch_says_why(monkeypatch):
+    import importlib.util
+
+    from kind_fast import _ext
+
+    if torch.version.cuda is not None:
+        pytest.skip("this torch could JIT-build the extension")
+    real_find = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a, **k: None if name == "kind_fast._C" else real_find(name, *a, **k))
+    monkeypatch.setattr(_ext, "_state", {})
+    monkeypatch.setenv("KIND_FAST_CUDA_JIT", "1")
+    mod, why = _ext.load_extension()
+    assert mod is None and "KIND_FAST_CUDA_JIT=1 needs a CUDA-enabled torch" in why
+
+
+def test_extension_built_for_another_torch_is_refused(monkeypatch):
+    import types
+
+    from kind_fast import _ext
+
+    fake = types.SimpleNamespace(TORCH_VERSION="1.0.0")
+    assert "built against torch 1.0.0" in _ext._check_loaded(fake)
+
+
+def _setup_decisions(envs: list[dict]) -> list[dict]:
+    """setup.py's decision for each environment, computed in one subprocess (importing setup.py
+    does not run setup(); build_decision takes the environment as a mapping)."""
+    code = textwrap.dedent(f"""
+        import importlib.util, json, os, sys
+        spec = importlib.util.spec_from_file_location("kind_fast_setup", {str(ROOT / 'setup.py')!r})
+        setup = importlib.util.module_from_spec(spec); spec.loader.exec_module(setup)
+        outs = []
+        for env in json.loads(sys.stdin.read()):
+            out = {{"sources": setup.cuda_sources()}}
+            try:
+                out["decision"] = list(setup.build_decision({{**os.environ, **env}}))
+            except Exception as e:
+                out["error"] = [type(e).__name__, str(e)]
+            outs.append(out)
+        print(json.dumps(outs))
+    """)
+    r = subprocess.run([sys.executable, "-c", code], input=json.dumps(envs), capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_setup_switch():
+    auto, off, bad, forced = _setup_decisions([{}, {"KIND_FAST_BUILD_CUDA": "0"}, {"KIND_FAST_BUILD_CUDA": "yes"},
+                                               {"KIND_FAST_BUILD_CUDA": "1"}])
+    srcs = auto["sources"]
+    assert "csrc/kind_linear_cuda.cu" in srcs and "csrc/module.cpp" in srcs
+    assert not any("emulation" in s for s in srcs), "the emulated test build must not be compiled into _C"
+    assert off["decision"][0] is False and "KIND_FAST_BUILD_CUDA=0" in off["decision"][1]
+    assert bad["error"][0] == "ValueError"
+    if torch.version.cuda is None:  # this torch cannot build it: auto skips, forcing fails clearly
+        assert auto["decision"][0] is False and "has no CUDA support" in auto["decision"][1]
+        assert forced["error"][0] == "RuntimeError"
+        assert "KIND_FAST_BUILD_CUDA=1 but the CUDA extension cannot be built" in forced["error"][1]
+        assert "no CUDA support" in forced["error"][1]
+
+
+def _load_setup_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("kind_fast_setup", ROOT / "setup.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_setup_finds_the_toolkit_not_a_wrapper_folder(tmp_path):
+    setup = _load_setup_module()
+    tk = tmp_path / "cuda-13.0"
+    for f in ("bin/nvcc", "include/cuda_runtime_api.h", "lib64/libcudart.so"):
+        (tk / f).parent.mkdir(parents=True, exist_ok=True)
+        (tk / f).write_text("")
+    wrap = tmp_path / "usr" / "bin"
+    (tmp_path / "usr" / "lib").mkdir(parents=True)  # the wrapper's parent has a lib/, but is no toolkit
+    wrap.mkdir(parents=True)
+    (wrap / "nvcc").write_text(f'#!/bin/sh\nexec {tk}/bin/nvcc "$@"\n')
+    (wrap / "nvcc").chmod(0o755)
+    assert setup.find_cuda_home({"PATH": str(wrap)}) == str(tk)
+    assert setup.find_cuda_home({"PATH": str(wrap), "CUDA_HOME": str(tmp_path / "usr")}) == str(tk)
+    assert setup.find_cuda_home({"PATH": "", "CUDA_HOME": str(tk)}) == str(tk)
+    assert setup.arch_list({"TORCH_CUDA_ARCH_LIST": "9.0"}) == "9.0"
+    assert setup.arch_list({}, gpu_visible=False) == "8.0;9.0"
+    assert setup.arch_list({}, gpu_visible=True) is None
+
+
+def _fake_backend(ready: bool, op_name: str):
+    import types
+
+    calls = []
+    mod = types.SimpleNamespace(
+        status=lambda: (True, "fake"), supports=lambda dt, dtype: dt == "cuda",
+        auto_ready=lambda dt, dtype: (calls.append((dt, dtype)) or ready), OP=op_name)
+    return mod, calls
+
+
+def test_auto_uses_cuda_only_after_its_self_check(monkeypatch):
+    from kind_fast import backends
+    from kind_fast.autoselect import PerShapeOp
+
+    dev = torch.device("cuda")
+    tri, _ = _fake_backend(True, "triton-op")
+    cud, calls = _fake_backend(False, "cuda-op")
+    monkeypatch.setattr(backends, "_MODULES", {"triton": (tri, ""), "cuda": (cud, "")})
+    assert backends.resolve_backend(dev, torch.bfloat16) == "triton"
+    assert backends.resolve_op(dev, torch.bfloat16) == "triton-op"
+    assert calls, "auto must ask the CUDA backend whether it passed its self-check"
+    monkeypatch.setattr(backends, "_MODULES", {"triton": (None, "missing"), "cuda": (cud, "")})
+    assert backends.resolve_backend(dev, torch.bfloat16) == "torch"  # not checked: not used
+    cud2, _ = _fake_backend(True, "cuda-op")
+    monkeypatch.setattr(backends, "_MODULES", {"triton": (tri, ""), "cuda": (cud2, "")})
+    op = backends.resolve_op(dev, torch.bfloat16)
+    assert isinstance(op, PerShapeOp) and op.names == ("triton", "cuda")
+    with kf.use_backend("cuda"):  # explicit: no gate
+        cud3, calls3 = _fake_backend(False, "cuda-op")
+        monkeypatch.setattr(backends, "_MODULES", {"triton": (tri, ""), "cuda": (cud3, "")})
+        assert backends.resolve_op(dev, torch.bfloat16) == "cuda-op" and not calls3
+    assert backends.resolve_backend(torch.device("cpu"), torch.bfloat16) == "torch"
+
+
+def test_per_shape_choice_without_timing(monkeypatch):
+    from kind_fast import autoselect
+
+    monkeypatch.setenv("KIND_FAST_AUTOTUNE", "0")
+    autoselect.clear_cache()
+    seen = []
+    op = autoselect.PerShapeOp(("a", "b"), (lambda *a: seen.append("a") or "A", lambda *a: seen.append("b") or "B"))
+    args, _ = make_problem(8, 8, 4, 2, 2, 3, dtype=torch.float32)
+    assert op(*[args[k] for k in ORDER]) == "A" and seen == ["a"]  # no timing: first in AUTO_ORDER
+    assert autoselect.cached_choices() == {}
+    key = autoselect.shape_key([args[k] for k in ORDER], needs_grad=False)
+    assert key[2] == 8 and key[7] == 4  # M = 6 and T = 3 bucketed to powers of two
+    autoselect._CACHE[key + (("a", "b"),)] = "b"
+    assert op(*[args[k] for k in ORDER]) == "B"  # a measured choice is used
+
+
+# =====================================================================================
+# CPU, emulated: the kernel source on the host
+# =====================================================================================
+@pytest.fixture(scope="module")
+def emu():
+    """torch.ops.kind_fast_emu: csrc/ compiled with g++ as plain C++ (about 15-60 s once)."""
+    from torch.utils.cpp_extension import load
+
+    py = f"{sys.version_info[0]}{sys.version_info[1]}"
+    build = Path(tempfile.gettempdir()) / f"kind_fast_emu_{torch.__version__}_{py}"
+    build.mkdir(parents=True, exist_ok=True)
+    load(name="kind_fast_emu", sources=[str(ROOT / "csrc" / "emulation" / "kind_fast_emu.cpp")],
+         extra_include_paths=[str(ROOT / "csrc")], extra_cflags=["-O1"], build_directory=str(build),
+         is_python_module=False, verbose=False)
+    ops = torch.ops.kind_fast_emu
+    for name, fake in (("kind_linear_cuda", cuda_backend._fake_forward),
+                       ("kind_linear_cuda_backward", cuda_backend._fake_backward),
+                       ("kind_linear_cuda_merged", cuda_backend._fake_merged)):
+        try:
+            torch.library.register_fake(f"kind_fast_emu::{name}", fake)
+        except RuntimeError:  # already registered (module re-run in one process)
+            pass
+    return ops
+
+
+# (in, out, N_T, K, B, T): the reference's odd shapes plus multi-tile ones: in > 32 (several
+# depth steps), out > 64 (several column tiles), K > 32 (several slot tiles), T > 64 and
+# T % 64 != 0 (several, partly masked row tiles per sample), depth > 512 with few rows (split-K)
+EMU_SHAPES = [
+    (37, 53, 11, 5, 4, 7),    # sample plan
+    (37, 53, 11, 5, 6, 3),    # row plan (T < K)
+    (24, 40, 8, 3, 5, 1),     # one row per sample
+    (64, 33, 20, 20, 3, 9),   # K = N_T: row plan
+    (70, 130, 40, 33, 2, 70),  # multi-tile everything, sample plan
+    (19, 70, 13, 4, 2, 131),  # T prime, 3 row tiles per sample
+    (600, 40, 12, 5, 2, 9),   # deep forward shrink: split over depth (split-K) and summed
+    (40, 600, 12, 5, 2, 9),   # deep backward shrink (g·U_T[ids]ᵀ over 600 outputs): split-K
+]
+
+
+@pytest.mark.parametrize("shape", EMU_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_emulated_exact_on_integers(emu, shape):
+    """fp16 with small-integer inputs: the kernels' results are exact, so they must equal the
+    float64 reference bit for bit; any index or mask error shows as a wrong integer."""
+    n_in, n_out, n_t, k, b, t = shape
+    args, grad_y = make_problem(n_in, n_out, n_t, k, b, t, dtype=torch.float16, integer=True, seed=sum(shape))
+    got = run_op(emu, args, grad_y)
+    ref = reference(args, grad_y, torch.float64)
+    for name, a, r in zip(("y", "h") + GRAD_NAMES, got, ref):
+        assert a.shape == r.shape, name
+        assert torch.equal(a.double(), r.double()), f"{name}: max diff {(a.double() - r.double()).abs().max()}"
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+@pytest.mark.parametrize("shape", EMU_SHAPES[:2] + EMU_SHAPES[4:5], ids=lambda s: "x".join(map(str, s)))
+def test_emulated_matches_reference(emu, shape, dtype):
+    n_in, n_out, n_t, k, b, t = shape
+    args, grad_y = make_problem(n_in, n_out, n_t, k, b, t, dtype=dtype, seed=7)
+    assert_matches_reference(run_op(emu, args, grad_y), args, grad_y, dtype, f"{shape} {dtype}")
+
+
+@pytest.mark.parametrize("gate_kind", GATE_KINDS)
+def test_emulated_gate_kinds(emu, gate_kind):
+    args, grad_y = make_problem(40, 72, 16, 6, 4, 9, dtype=torch.bfloat16, gate_kind=gate_kind, seed=3)
+    assert_matches_reference(run_op(emu, args, grad_y), args, grad_y, torch.bfloat16, gate_kind)
+
+
+@pytest.mark.parametrize("dist", DISTRIBUTIONS)
+def test_emulated_class_distributions(emu, dist):
+    b = 7 if dist == "distinct" else 10
+    args, grad_y = make_problem(24, 40, 16, 6, b, 8, dtype=torch.float16, gate_kind="block", dist=dist,
+                                classes=8, integer=True, seed=11)
+    got = run_op(emu, args, grad_y)
+    for name, a, r in zip(("y", "h") + GRAD_NAMES, got, reference(args, grad_y, torch.float64)):
+        assert torch.equal(a.double(), r.double()), f"{dist}: {name}"
+
+
+@pytest.mark.parametrize("plan_t", [9, 2])
+def test_emulated_output_mask_and_no_bias(emu, plan_t):
+    args, grad_y = make_problem(24, 40, 12, 4, 3, plan_t, dtype=torch.float16, integer=True, bias=False)
+    full = run_op(emu, args, grad_y)
+    ref = reference(args, grad_y, torch.float64)
+    assert torch.equal(full[0].double(), ref[0].double())
+    for i in range(7):
+        mask = [j == i for j in range(7)]
+        out = run_op(emu, args, grad_y, mask)[2:]
+        for j, t in enumerate(out):
+            if j == i:
+                assert torch.equal(t, full[2 + j]), f"{GRAD_NAMES[j]} alone"
+            else:
+                assert t.numel() == 0, f"{GRAD_NAMES[j]} computed although not requested"
+
+
+def test_emulated_padding_and_repeated_ids(emu):
+    """Padded slots (id 0, value 0) and a tailor listed twice in a row: duplicates are summed."""
+    args, grad_y = make_problem(30, 50, 10, 6, 4, 12, dtype=torch.float16, integer=True, seed=5)
+    idx, val = args["idx"].clone(), args["val"].clone()
+    idx[0, 4:], val[0, 4:] = 0, 0.0
+    idx[1, 1], val[1, 1] = idx[1, 0], 2.0
+    args.update(idx=idx, val=val, labels=torch.tensor([0, 1, 1, 0]))
+    for t_rows in (12, 2):  # both plans
+        a = dict(args, x=args["x"][: 4 * t_rows])
+        g = grad_y[: 4 * t_rows]
+        got = run_op(emu, a, g)
+        for name, x, r in zip(("y", "h") + GRAD_NAMES, got, reference(a, g, torch.float64)):
+            assert torch.equal(x.double(), r.double()), f"T={t_rows}: {name}"
+
+
+def test_emulated_deterministic(emu):
+    args, grad_y = make_problem(70, 130, 40, 33, 2, 70, dtype=torch.bfloat16, seed=9, dist="zipf")
+    a, b = run_op(emu, args, grad_y), run_op(emu, args, grad_y)
+    for name, x, y in zip(("y", "h") + GRAD_NAMES, a, b):
+        assert torch.equal(x, y), name
+
+
+def test_emulated_empty_and_no_tailors(emu):
+    args, grad_y = make_problem(16, 24, 8, 3, 2, 5, dtype=torch.float16)
+    empty = dict(args, x=args["x"][:0], labels=args["labels"][:0])
+    y, h = emu.kind_linear_cuda(*[empty[k] for k in ORDER])
+    assert y.shape == (0, 24) and h.shape == (0, 3) and h.dtype == torch.float32
+    no_k = dict(args, idx=args["idx"][:, :0], val=args["val"][:, :0])
+    got = run_op(emu, no_k, grad_y)
+    ref = reference(no_k, grad_y, torch.float32)
+    assert got[1].shape == (10, 0)
+    assert_matches_reference(got, no_k, grad_y, torch.float16, "K=0")
+    assert torch.equal(got[0].float(), ref[0].half().float()) or (got[0].float() - ref[0]).abs().max() < 1e-2
+
+
+def test_emulated_checks(emu):
+    args, grad_y = make_problem(16, 24, 8, 3, 2, 5, dtype=torch.float16)
+
+    def call(**over):
+        a = dict(args, **over)
+        return emu.kind_linear_cuda(*[a[k] for k in ORDER])
+
+    with pytest.raises(RuntimeError, match="labels out of range"):
+        call(labels=torch.tensor([0, 7]))
+    with pytest.raises(RuntimeError, match="tailor id outside"):
+        bad = args["idx"].clone()
+        bad[2, 1] = 8
+        call(idx=bad)
+    with pytest.raises(RuntimeError, match="float16 or bfloat16"):
+        call(x=args["x"].float(), w_g=args["w_g"].float(), u_t=args["u_t"].float(), v_t=args["v_t"].float(),
+             bias=args["bias"].float())
+    with pytest.raises(RuntimeError, match="w_g must be"):
+        call(w_g=args["w_g"][:, :5])
+    with pytest.raises(RuntimeError, match="not a multiple of the 3 samples"):
+        call(labels=torch.tensor([0, 1, 2]))
+    with pytest.raises(RuntimeError, match="output_mask must have 7"):
+        emu.kind_linear_cuda_backward(grad_y, *[args[k] for k in BWD_ORDER],
+                                      torch.zeros(10, 3), [True] * 6)
+
+
+def test_emulated_opcheck(emu):
+    """The fake kernels registered for the real ops describe what the kernels return."""
+    args, grad_y = make_problem(16, 24, 8, 3, 2, 5, dtype=torch.float16)
+    utils = ("test_schema", "test_faketensor")
+    torch.library.opcheck(emu.kind_linear_cuda, tuple(args[k] for k in ORDER), test_utils=utils)
+    _, h = emu.kind_linear_cuda(*[args[k] for k in ORDER])
+    for mask in ([True] * 7, [True, False, False, True, True, True, False]):
+        torch.library.opcheck(emu.kind_linear_cuda_backward,
+                              (grad_y, *[args[k] for k in BWD_ORDER], h, mask), test_utils=utils)
+    torch.library.opcheck(emu.kind_linear_cuda_merged, (*[args[k] for k in ORDER], 2), test_utils=utils)
+
+
+@pytest.mark.parametrize("dist,max_classes", [("cfg", 2), ("uniform", 2), ("same", 1), ("distinct", 8)])
+def test_emulated_merged_path(emu, dist, max_classes):
+    """Path M3: merged weights for up to max_classes classes, M1 for the others; exact on
+    integers whether a sample got a merged weight or not."""
+    b = 6
+    args, _ = make_problem(40, 72, 16, 6, b, 9, dtype=torch.float16, gate_kind="random_k", dist=dist,
+                           classes=6, integer=True, seed=13)
+    y = emu.kind_linear_cuda_merged(*[args[k] for k in ORDER], max_classes)
+    ref = reference(args, torch.zeros(b * 9, 72, dtype=torch.float16), torch.float64)[0]
+    assert torch.equal(y.double(), ref), (y.double() - ref).abs().max()
+    no_bias = dict(args, bias=None)
+    y2 = emu.kind_linear_cuda_merged(*[no_bias[k] for k in ORDER], max_classes)
+    assert torch.equal(y2.double(), ref - args["bias"].double())
+
+
+def test_emulated_ops_do_not_mutate_inputs(emu):
+    for t_rows in (9, 2):  # both plans
+        args, grad_y = make_problem(40, 72, 16, 6, 4, t_rows, dtype=torch.bfloat16, dist="cfg", seed=17)
+        before = {k: v.clone() for k, v in args.items()}
+        g_before = grad_y.clone()
+        _, h = emu.kind_linear_cuda(*[args[k] for k in ORDER])
+        emu.kind_linear_cuda_backward(grad_y, *[args[k] for k in BWD_ORDER], h, [True] * 7)
+        for max_classes in (1, 2):
+            emu.kind_linear_cuda_merged(*[args[k] for k in ORDER], max_classes)
+        for k, v in before.items():
+            assert torch.equal(args[k], v), f"{k} was modified"
+        assert torch.equal(grad_y, g_before)
+
+
+# =====================================================================================
+# GPU: the real extension (skipped without a GPU or without the built extension)
+# =====================================================================================
+def _gpu_ready() -> tuple[bool, str]:
+    if not torch.cuda.is_available():
+        return False, "needs a CUDA GPU"
+    ok, why = cuda_backend.status()
+    return ok, why
+
+
+gpu = pytest.mark.skipif(not _gpu_ready()[0], reason=f"CUDA backend: {_gpu_ready()[1]}")
+
+
+@pytest.fixture
+def ops():
+    return torch.ops.kind_fast
+
+
+GPU_SHAPES = EMU_SHAPES + [(1152, 4608, 96, 32, 4, 256), (4608, 1152, 96, 32, 2, 256), (384, 1152, 96, 32, 3, 200)]
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_gpu_matches_reference(ops, shape, dtype):
+    n_in, n_out, n_t, k, b, t = shape
+    args, grad_y = make_problem(n_in, n_out, n_t, k, b, t, dtype=dtype, device="cuda", seed=sum(shape))
+    assert_matches_reference(run_op(ops, args, grad_y), args, grad_y, dtype, f"{shape} {dtype}")
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", EMU_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_gpu_exact_on_integers(ops, shape):
+    n_in, n_out, n_t, k, b, t = shape
+    args, grad_y = make_problem(n_in, n_out, n_t, k, b, t, dtype=torch.float16, device="cuda", integer=True,
+                                seed=sum(shape))
+    for name, a, r in zip(("y", "h") + GRAD_NAMES, run_op(ops, args, grad_y), reference(args, grad_y, torch.float64)):
+        assert torch.equal(a.double(), r.double()), f"{name}: max diff {(a.double() - r.double()).abs().max()}"
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("gate_kind", GATE_KINDS)
+@pytest.mark.parametrize("dist", DISTRIBUTIONS)
+def test_gpu_gates_and_distributions(ops, gate_kind, dist):
+    b = 7 if dist == "distinct" else 12
+    args, grad_y = make_problem(72, 136, 24, 8, b, 40, dtype=torch.bfloat16, device="cuda", gate_kind=gate_kind,
+                                dist=dist, classes=8, seed=2)
+    assert_matches_reference(run_op(ops, args, grad_y), args, grad_y, torch.bfloat16, f"{gate_kind} {dist}")
+
+
+@gpu
+@pytest.mark.gpu
+def test_gpu_layer_through_autograd_and_backend_switch():
+    gate = kf.ClassGate.random_k(10, 24, 8, seed=1)
+    layer = kf.FastKindLinear(96, 160, tailor_rank=24, gate=gate).cuda().to(torch.bfloat16)
+    x = torch.randn(6, 50, 96, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    labels = torch.tensor([0, 3, 10, 7, 3, 9], device="cuda")
+    outs = {}
+    for name in ("torch", "cuda"):
+        with kf.use_backend(name):
+            for p in (x, *layer.parameters()):
+                p.grad = None
+            y = layer(x, labels=labels)
+            y.float().square().sum().backward()
+            outs[name] = [y.float()] + [p.grad.float() for p in (x, layer.u_t, layer.v_t, layer.sigma_t)
+                                        if p.grad is not None]
+    for a, b in zip(outs["cuda"], outs["torch"]):
+        torch.testing.assert_close(a, b, rtol=5e-2, atol=5e-2 * max(1.0, b.abs().max().item()))
+
+
+@gpu
+@pytest.mark.gpu
+def test_gpu_self_check_and_auto():
+    ok, msg = cuda_backend.self_check(torch.device("cuda"), torch.bfloat16)
+    assert ok, msg
+    assert cuda_backend.auto_ready("cuda", torch.bfloat16)
+    assert kf.backends.resolve_backend(torch.device("cuda"), torch.bfloat16) in ("triton", "cuda")
+
+
+@gpu
+@pytest.mark.gpu
+def test_gpu_deterministic(ops):
+    args, grad_y = make_problem(1152, 4608, 96, 32, 4, 256, dtype=torch.bfloat16, device="cuda", dist="zipf")
+    a, b = run_op(ops, args, grad_y), run_op(ops, args, grad_y)
+    for name, x, y in zip(("y", "h") + GRAD_NAMES, a, b):
+        assert torch.equal(x, y), name
+
+
+@gpu
+@pytest.mark.gpu
+def test_gpu_cuda_graph_capture(ops):
+    args, grad_y = make_problem(72, 136, 24, 8, 4, 40, dtype=torch.bfloat16, device="cuda", seed=4)
+    eager = run_op(ops, args, grad_y)
+    static = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in args.items()}
+    static_g = grad_y.clone()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        run_op(ops, static, static_g)  # warm-up on the side stream, as torch recommends
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run_op(ops, static, static_g)
+    fresh, fresh_g = make_problem(72, 136, 24, 8, 4, 40, dtype=torch.bfloat16, device="cuda", seed=5)
+    for k in ("x", "u_t", "v_t", "labels"):
+        static[k].copy_(fresh[k])
+    static_g.copy_(fresh_g)
+    graph.replay()
+    want = run_op(ops, static, static_g)
+    for name, a, b in zip(("y", "h") + GRAD_NAMES, out, want):
+        assert torch.equal(a, b), name
+    assert not torch.equal(out[0], eager[0])
+
+
+@gpu
+@pytest.mark.gpu
+def test_gpu_opcheck(ops):
+    args, grad_y = make_problem(40, 72, 16, 6, 3, 9, dtype=torch.bfloat16, device="cuda")
+    leaves = dict(args)
+    for k in ("x", "w_g", "bias", "u_t", "sigma_t", "v_t", "val"):
+        leaves[k] = args[k].clone().requires_grad_(True)
+    torch.library.opcheck(ops.kind_linear_cuda, tuple(leaves[k] for k in ORDER))
+    _, h = ops.kind_linear_cuda(*[args[k] for k in ORDER])
+    torch.library.opcheck(ops.kind_linear_cuda_backward, (grad_y, *[args[k] for k in BWD_ORDER], h, [True] * 7))
+    torch.library.opcheck(ops.kind_linear_cuda_merged, (*[args[k] for k in ORDER], 2))
+
+
+@gpu
+@pytest.mark.gpu
+def test_gpu_compile_fullgraph():
+    gate = kf.ClassGate.block(5, 16, 8)
+    layer = kf.FastKindLinear(64, 96, tailor_rank=16, gate=gate).cuda().to(torch.bfloat16)
+    x = torch.randn(3, 40, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    labels = torch.tensor([0, 5, 3], device="cuda")
+
+    def step(x, labels):
+        return layer(x, labels=labels).float().square().sum()
+
+    with kf.use_backend("cuda"):
+        loss_c = torch.compile(step, fullgraph=True)(x, labels)
+        (gx_c,) = torch.autograd.grad(loss_c, (x,))
+        loss_e = step(x, labels)
+        (gx_e,) = torch.autograd.grad(loss_e, (x,))
+    torch.testing.assert_close(loss_c, loss_e, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(gx_c.float(), gx_e.float(), rtol=2e-2, atol=2e-2)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("dist,max_classes", [("cfg", 2), ("uniform", 2), ("same", 1)])
+def test_gpu_merged_path(dist, max_classes):
+    args, _ = make_problem(1152, 1152, 96, 32, 8, 256, dtype=torch.bfloat16, device="cuda", dist=dist, seed=6)
+    with torch.no_grad():
+        y = cuda_backend.kind_linear_merged(*[args[k] for k in ORDER], max_classes=max_classes)
+    y_ref = reference(args, torch.zeros_like(args["x"][:, :1]).expand(-1, 1152), torch.float32)[0]
+    y_low = reference(args, torch.zeros_like(args["x"][:, :1]).expand(-1, 1152), torch.bfloat16)[0]
+    err, base = (y.float() - y_ref).abs().max().item(), (y_low.float() - y_ref).abs().max().item()
+    assert err <= 2 * base + ATOL_FLOOR[torch.bfloat16] * max(1.0, y_ref.abs().max().item())
+
+
+@gpu
+@pytest.mark.gpu
+def test_gpu_per_shape_timing_caches_a_choice(ops):
+    """autoselect on real ops: times both candidates once per shape bucket, then reuses the choice."""
+    from kind_fast import autoselect
+
+    autoselect.clear_cache()
+    args, _ = make_problem(1152, 4608, 96, 32, 8, 256, dtype=torch.bfloat16, device="cuda")
+    op = autoselect.PerShapeOp(("cuda", "torch"), (ops.kind_linear_cuda, ops.kind_linear))
+    a = [args[k] for k in ORDER]
+    y, _ = op(*a)
+    (key, name), = autoselect.cached_choices().items()
+    assert name in ("cuda", "torch") and key[2] == 2048
+    y2, _ = op(*a)
+    assert len(autoselect.cached_choices()) == 1 and torch.equal(y, y2)
