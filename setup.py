@@ -106,7 +106,10 @@ def _extensions():
         name="kind_fast._C",
         sources=_cuda_sources(),
         include_dirs=[CSRC],
-        extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]},
+        extra_compile_args={
+            "cxx": ["-O3", "-std=c++17"],
+            "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"],
+        },
     )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 

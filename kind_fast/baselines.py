@@ -35,8 +35,9 @@ class LoRALinear(nn.Module):
         super().__init__()
         if not isinstance(base, nn.Linear):
             raise TypeError(f"LoRALinear wraps an nn.Linear, got {type(base).__name__}")
-        if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= min(base.in_features, base.out_features):
-            raise ValueError(f"rank must be an int in [1, {min(base.in_features, base.out_features)}], got {rank!r}")
+        r_max = min(base.in_features, base.out_features)
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= r_max:
+            raise ValueError(f"rank must be an int in [1, {r_max}], got {rank!r}")
         self.base = base
         self.base.requires_grad_(False)
         self.rank = rank

@@ -67,7 +67,8 @@ class PatchEmbed(nn.Module):
         super().__init__()
         if input_size % patch_size:
             raise ValueError(f"input_size {input_size} is not a multiple of patch_size {patch_size}")
-        self.num_patches = (input_size // patch_size) ** 2
+        self.num_patches_side = input_size // patch_size
+        self.num_patches = self.num_patches_side ** 2
         self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -273,6 +274,10 @@ class DiT(nn.Module):
         """
         if self.x_embedder.proj.weight.is_meta:
             return
+        if self.kind is not None:
+            self.kind_gate.reset_parameters()
+        grid = self.x_embedder.num_patches_side
+        self.pos_embed.copy_(torch.from_numpy(sincos_pos_embed(self.pos_embed.shape[-1], grid)))
         for layer in self.kind_layers():
             if layer.u_g.is_meta:  # KIND layers are built on meta: the SVD init happens below
                 layer.to_empty(device=self.x_embedder.proj.weight.device)
@@ -373,14 +378,20 @@ class DiT(nn.Module):
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
         self.num_classes = self.arch["num_classes"] = num_classes
         if self.kind is not None:
-            gate = gate if gate is not None else self.kind.make_gate(num_classes)
-            if gate.num_classes != num_classes:
-                raise ValueError(f"gate has {gate.num_classes} classes, expected {num_classes}")
-            self.kind_gate = gate.to(dev)
-            for layer in self.kind_layers():
-                layer.set_gate(self.kind_gate)
+            self.set_gate(gate if gate is not None else self.kind.make_gate(num_classes))
         elif gate is not None:
             raise ValueError("a dense DiT has no gate")
+        return self
+
+    def set_gate(self, gate: ClassGate) -> DiT:
+        """Replace the gate shared by every KIND layer (its classes must match the model's)."""
+        if self.kind is None:
+            raise ValueError("a dense DiT has no gate")
+        if gate.num_classes != self.num_classes:
+            raise ValueError(f"gate has {gate.num_classes} classes, the model has {self.num_classes}")
+        self.kind_gate = gate.to(self.pos_embed.device)
+        for layer in self.kind_layers():
+            layer.set_gate(self.kind_gate)
         return self
 
     def prepare_transfer(self, num_classes: int, gate: ClassGate | None = None, *,

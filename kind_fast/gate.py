@@ -12,6 +12,7 @@ active tailors are padded with id 0 and value 0 (DESIGN §2).
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -75,18 +76,16 @@ class ClassGate(nn.Module):
         elif support.shape != table.shape:
             raise ValueError(f"support shape {tuple(support.shape)} != table shape {tuple(table.shape)}")
         support = support.to(torch.bool).cpu()
-        k = max(int(support.sum(1).max()), 1)
-        # Active ids in increasing order, padded with 0: a stable sort of ~support puts the
-        # active columns first in their original order.
-        order = torch.sort((~support).to(torch.int8), dim=1, stable=True).indices[:, :k]
-        mask = torch.gather(support, 1, order)
-        idx = torch.where(mask, order, torch.zeros_like(order)).to(torch.int32)
+        idx, mask = self._compile_support(support)
         if trainable:
             self.table = nn.Parameter(table)
         else:
             self.register_buffer("table", table)
         self.register_buffer("idx", idx)
-        self.register_buffer("mask", mask.to(torch.float32))
+        self.register_buffer("mask", mask)
+        # construction values, kept off the module's tensors so reset_parameters() can restore
+        # them after Module.to_empty (meta-device construction)
+        self._init = (table.clone(), idx.clone(), mask.clone())
         self.trainable = trainable
         self.kind = kind
         self.null = null
@@ -95,6 +94,24 @@ class ClassGate(nn.Module):
         # every layer that is not given labels= reads them here. A tensor: no host sync.
         self.labels: Tensor | None = None
         self._val_cache: dict[Any, Tensor] = {}
+
+    @staticmethod
+    def _compile_support(support: Tensor) -> tuple[Tensor, Tensor]:
+        """(idx int32 (C+1, K), mask float32 (C+1, K)) of a bool support, K = max row count."""
+        k = max(int(support.sum(1).max()), 1)
+        # Active ids in increasing order, padded with 0: a stable sort of ~support puts the
+        # active columns first in their original order.
+        order = torch.sort((~support).to(torch.int8), dim=1, stable=True).indices[:, :k]
+        mask = torch.gather(support, 1, order)
+        idx = torch.where(mask, order, torch.zeros_like(order)).to(torch.int32)
+        return idx, mask.to(torch.float32)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Restore the table (and idx/mask) the gate was built with."""
+        for dst, src in zip((self.table, self.idx, self.mask), self._init):
+            dst.copy_(src)
+        self._val_cache = {}
 
     # ------------------------------------------------------------------ builders
     @classmethod
@@ -293,6 +310,11 @@ def check_labels(labels: Any, num_classes: int, *, name: str = "labels") -> Tens
         raise ValueError(f"{name} must be 1-D (one class id per sample), got shape {tuple(labels.shape)}")
     if torch.compiler.is_compiling() or labels.numel() == 0:
         return labels
+    # Every KIND layer of a model sees the same labels tensor: check it once per value.
+    key = (labels._version, num_classes)
+    ref, seen = _LAST_CHECKED
+    if ref is not None and ref() is labels and seen == key:
+        return labels
     if labels.device.type == "cpu":
         lo, hi = int(labels.min()), int(labels.max())
         if lo < 0 or hi > num_classes:
@@ -305,4 +327,8 @@ def check_labels(labels: Any, num_classes: int, *, name: str = "labels") -> Tens
             ((labels >= 0) & (labels <= num_classes)).all(),
             f"{name} out of range [0, {num_classes}]",
         )
+    _LAST_CHECKED[:] = [weakref.ref(labels), key]
     return labels
+
+
+_LAST_CHECKED: list = [None, None]  # [weakref to the last labels checked, (version, num_classes)]

@@ -45,7 +45,9 @@ def collect() -> dict:
             pass
     info["compiled extension"] = ext
     info["backend selected"] = current_backend()
-    info["backends"] = {k: ("available" if ok else "unavailable") + f": {why}" for k, (ok, why) in backend_status().items()}
+    info["backends"] = {
+        k: ("available" if ok else "unavailable") + f": {why}" for k, (ok, why) in backend_status().items()
+    }
     return info
 
 

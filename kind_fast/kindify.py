@@ -113,7 +113,7 @@ def kindify(
     label_arg = _detect_label_arg(model) if label_arg is None else label_arg
     signature = inspect.signature(model.forward)
     if label_arg not in signature.parameters:
-        raise ValueError(f"{type(model).__name__}.forward has no argument {label_arg!r}")
+        raise ValueError(f"{type(model).__name__}.forward has no label argument {label_arg!r}")
 
     chosen = [(n, m) for n, m in model.named_modules() if n and _matches(n, targets)]
     if not chosen:

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from kind_fast._version import __version__
 from kind_fast.gate import ClassGate
-from kind_fast.layers import LEARNGENE_PARAMS, TAILOR_PARAMS, FastKindLinear
+from kind_fast.layers import TAILOR_PARAMS
 from kind_fast.utils import kind_layers
 
 __all__ = [
@@ -173,7 +173,8 @@ def load_learngenes(model: nn.Module, directory: str | os.PathLike) -> nn.Module
         if name not in layers:
             raise ValueError(f"load_learngenes: the model has no KIND layer {name!r}")
         m = layers[name]
-        if (m.in_features, m.out_features, m.learngene_rank) != (spec["in_features"], spec["out_features"], spec["learngene_rank"]):
+        saved = (spec["in_features"], spec["out_features"], spec["learngene_rank"])
+        if (m.in_features, m.out_features, m.learngene_rank) != saved:
             raise ValueError(
                 f"load_learngenes: layer {name} is {m.in_features}->{m.out_features} with "
                 f"learngene_rank {m.learngene_rank}, the save has {spec['in_features']}->"

@@ -1,5 +1,7 @@
-"""Registered op families of kind_fast (``torch.ops.kind_fast.*``)."""
+"""Registered op families of kind_fast (``torch.ops.kind_fast.*``), one module per op.
 
-from kind_fast.ops.kind_linear import kind_linear, kind_linear_backward_ref, kind_linear_ref
+The functional is ``kind_fast.kind_linear``; ``kind_fast.ops.kind_linear`` is the module
+(reference → registered ops → autograd → functional).
+"""
 
-__all__ = ["kind_linear", "kind_linear_ref", "kind_linear_backward_ref"]
+from kind_fast.ops import kind_linear  # noqa: F401  (registers torch.ops.kind_fast.kind_linear*)

@@ -183,7 +183,7 @@ def kind_linear_backward_ref(
         ids_r = ids.repeat_interleave(t, 0)
         s_r = s.repeat_interleave(t, 0)
         if need_dhs:
-            dhs = F.linear(g, u_t.t()).gather(1, ids_r).to(acc)  # (M, K)
+            dhs = F.linear(g, u_t).gather(1, ids_r).to(acc)  # (M, N_T) -> (M, K)
             dh_full = _scatter_cols(dhs * s_r, ids_r, n_t).to(dt)  # (M, N_T)
         if need_dx:
             dx.addmm_(dh_full, v_t)
@@ -336,7 +336,8 @@ def _validate(x, w_g, bias, u_t, sigma_t, v_t, idx, val, labels) -> None:
     _check(v_t.shape == (n_t, n_in), f"v_t must be ({n_t}, {n_in}), got {tuple(v_t.shape)}")
     _check(sigma_t.shape == (n_t,), f"sigma_t must be ({n_t},), got {tuple(sigma_t.shape)}")
     for name, t in (("w_g", w_g), ("u_t", u_t), ("v_t", v_t)) + ((("bias", bias),) if bias is not None else ()):
-        _check(t.dtype == x.dtype, f"{name} dtype {t.dtype} != x dtype {x.dtype} (cast them, or use autocast)", TypeError)
+        _check(t.dtype == x.dtype, f"{name} dtype {t.dtype} != x dtype {x.dtype} (cast them, or use autocast)",
+               TypeError)
     if bias is not None:
         _check(bias.shape == (n_out,), f"bias must be ({n_out},), got {tuple(bias.shape)}")
     _check(sigma_t.is_floating_point() and val.is_floating_point(), "sigma_t and val must be floating point", TypeError)
@@ -379,15 +380,18 @@ def kind_linear(
     Under autocast, x and the weights are cast to the autocast dtype here, once; σ and the
     gate values stay float32.
     """
+    _check(isinstance(x, Tensor), f"x must be a torch.Tensor, got {type(x).__name__}", TypeError)
+    dev_type = x.device.type
+    if torch.is_autocast_enabled(dev_type) and x.is_floating_point():
+        # the one autocast entry point: activations and factors in the autocast dtype,
+        # σ and gate values stay float32
+        dt = torch.get_autocast_dtype(dev_type)
+        x, w_g, u_t, v_t = (t.to(dt) if isinstance(t, Tensor) else t for t in (x, w_g, u_t, v_t))
+        bias = bias.to(dt) if isinstance(bias, Tensor) else bias
     _validate(x, w_g, bias, u_t, sigma_t, v_t, idx, val, labels)
     from kind_fast.gate import check_labels
 
     check_labels(labels, idx.shape[0] - 1)
-    dev_type = x.device.type
-    if torch.is_autocast_enabled(dev_type):
-        dt = torch.get_autocast_dtype(dev_type)
-        x, w_g, u_t, v_t = x.to(dt), w_g.to(dt), u_t.to(dt), v_t.to(dt)
-        bias = bias.to(dt) if bias is not None else None
     lead = x.shape[:-1]
     n_b = labels.shape[0]
     if x.dim() == 3:

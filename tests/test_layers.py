@@ -1,0 +1,188 @@
+"""FastKindLinear: drop-in behaviour, conversion, dense views, life cycle, caching, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import kind_fast as kf
+from kind_fast.gate import ClassGate
+
+
+def _layer(n_in=40, n_out=56, n_t=12, active=4, classes=5, **kw):
+    gate = ClassGate.block(classes, n_t, active)
+    return kf.FastKindLinear(n_in, n_out, tailor_rank=n_t, gate=gate, **kw), gate
+
+
+def test_defaults_and_repr():
+    layer, _ = _layer()
+    assert (layer.learngene_rank, layer.tailor_rank) == (40 - 12, 12)
+    assert layer.u_g.shape == (28, 56) and layer.v_t.shape == (12, 40) and layer.sigma_t.shape == (12,)
+    assert "learngene_rank=28" in repr(layer) and "gate=block" in repr(layer)
+    assert torch.all(layer.sigma_g[:-1] >= layer.sigma_g[1:]), "components sorted by sigma"
+    assert layer.sigma_g.min() >= layer.sigma_t.max(), "largest components are the learngenes"
+    counts = layer.parameter_counts()
+    assert counts == {"learngene": 28 * (56 + 1 + 40), "tailor": 12 * (56 + 1 + 40), "bias": 56,
+                      "total": 40 * 97 + 56}
+
+
+def test_init_is_svd_of_nn_linear_init():
+    torch.manual_seed(0)
+    layer = kf.FastKindLinear(64, 64, tailor_rank=16)
+    w = layer.to_dense(class_id=0)  # no gate: all tailors
+    bound = 1 / 8
+    assert w.abs().max() <= bound * (1 + 1e-5), "kaiming_uniform(a=sqrt(5)) bound 1/sqrt(in)"
+    u = torch.cat([layer.u_g, layer.u_t]).double()
+    torch.testing.assert_close(u @ u.t(), torch.eye(64, dtype=torch.float64), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("shape", [(48, 80), (80, 48), (33, 33)])
+def test_from_linear_exact_with_all_on_gate(shape):
+    torch.manual_seed(1)
+    lin = nn.Linear(*shape)
+    gate = ClassGate.all_on(7, 16)
+    layer = kf.FastKindLinear.from_linear(lin, tailor_rank=16, gate=gate)
+    x = torch.randn(5, 9, shape[0])
+    labels = torch.tensor([0, 3, 6, 7, 2])  # 7 = null, also all on for all_on
+    torch.testing.assert_close(layer(x, labels=labels), lin(x), rtol=1e-5, atol=1e-5)
+
+
+def test_from_linear_float64_exact():
+    lin = nn.Linear(20, 30, dtype=torch.float64)
+    layer = kf.FastKindLinear.from_linear(lin, tailor_rank=5, gate=ClassGate.all_on(2, 5))
+    torch.testing.assert_close(layer.to_dense(0), lin.weight.detach(), rtol=1e-12, atol=1e-12)
+
+
+def test_to_dense_matches_forward_per_class():
+    layer, gate = _layer()
+    x = torch.randn(4, 6, 40)
+    labels = torch.tensor([0, 1, 4, 5])
+    y = layer(x, labels=labels)
+    for b, c in enumerate(labels.tolist()):
+        torch.testing.assert_close(y[b], x[b] @ layer.to_dense(c).t() + layer.bias, rtol=1e-5, atol=1e-5)
+    lin = layer.to_linear(1)
+    torch.testing.assert_close(lin(x[1]), y[1], rtol=1e-5, atol=1e-5)
+
+
+def test_labels_from_gate_state_and_missing_labels_error():
+    layer, gate = _layer()
+    x = torch.randn(2, 3, 40)
+    with pytest.raises(ValueError, match="no labels"):
+        layer(x)
+    gate.labels = torch.tensor([2, 3])
+    torch.testing.assert_close(layer(x), layer(x, labels=torch.tensor([2, 3])))
+
+
+def test_no_gate_is_a_plain_linear():
+    torch.manual_seed(0)
+    lin = nn.Linear(24, 32)
+    layer = kf.FastKindLinear.from_linear(lin, tailor_rank=8)
+    x = torch.randn(3, 24)
+    torch.testing.assert_close(layer(x), lin(x), rtol=1e-5, atol=1e-5)
+
+
+def test_2d_input_one_row_per_sample():
+    layer, _ = _layer()
+    x = torch.randn(6, 40)
+    labels = torch.tensor([0, 1, 2, 3, 4, 5])
+    y = layer(x, labels=labels)
+    ref = torch.stack([x[i] @ layer.to_dense(int(c)).t() + layer.bias for i, c in enumerate(labels)])
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_freeze_learngenes_and_transfer_grads():
+    layer, _ = _layer()
+    layer.freeze_learngenes()
+    assert not any(getattr(layer, n).requires_grad for n in ("u_g", "sigma_g", "v_g", "bias"))
+    assert all(getattr(layer, n).requires_grad for n in ("u_t", "sigma_t", "v_t"))
+    x = torch.randn(3, 4, 40, requires_grad=True)
+    layer(x, labels=torch.tensor([0, 1, 2])).sum().backward()
+    assert layer.u_g.grad is None and layer.u_t.grad is not None and x.grad is not None
+    layer.freeze_learngenes(False)
+    assert layer.u_g.requires_grad
+
+
+def test_reset_tailors_keeps_learngenes_and_sets_gate():
+    layer, _ = _layer()
+    lg = [p.clone() for p in (layer.u_g, layer.sigma_g, layer.v_g)]
+    tl = layer.u_t.clone()
+    new_gate = ClassGate.random_k(3, 12, 5, seed=1)
+    layer.reset_tailors(new_gate, generator=torch.Generator().manual_seed(0))
+    assert layer.gate is new_gate
+    for a, b in zip(lg, (layer.u_g, layer.sigma_g, layer.v_g)):
+        assert torch.equal(a, b)
+    assert not torch.allclose(tl, layer.u_t)
+    assert layer.sigma_t.min() > 0
+    with pytest.raises(ValueError, match="tailor_rank"):
+        layer.reset_tailors(ClassGate.block(3, 10, 5))
+
+
+def test_learngene_weight_cache_invalidated_by_updates():
+    layer, _ = _layer()
+    layer.freeze_learngenes()
+    w1 = layer.learngene_weight()
+    assert layer.learngene_weight() is w1, "cached while frozen"
+    with torch.no_grad():
+        layer.sigma_g.mul_(2.0)  # like an optimizer step or a load
+    w2 = layer.learngene_weight()
+    assert w2 is not w1
+    torch.testing.assert_close(w2, 2 * w1)
+    layer.freeze_learngenes(False)
+    w3 = layer.learngene_weight()
+    assert w3.requires_grad and w3 is not w2, "trainable learngenes are rebuilt with a graph"
+
+
+def test_pretrain_grads_reach_learngenes():
+    layer, _ = _layer()
+    x = torch.randn(2, 5, 40)
+    layer(x, labels=torch.tensor([0, 3])).square().sum().backward()
+    for n in ("u_g", "sigma_g", "v_g", "bias", "u_t", "sigma_t", "v_t"):
+        assert getattr(layer, n).grad is not None and getattr(layer, n).grad.abs().sum() > 0, n
+
+
+def test_factory_kwargs_and_meta():
+    layer = kf.FastKindLinear(16, 24, tailor_rank=4, device="meta", dtype=torch.float16)
+    assert layer.u_g.is_meta and layer.u_g.dtype == torch.float16
+    layer = kf.FastKindLinear(16, 24, tailor_rank=4, dtype=torch.float64)
+    assert layer.u_t.dtype == torch.float64
+
+
+def test_dtype_mismatch_and_shape_errors():
+    layer, _ = _layer()
+    with pytest.raises(TypeError, match="input dtype"):
+        layer(torch.randn(2, 3, 40, dtype=torch.float64), labels=torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="last dimension 40"):
+        layer(torch.randn(2, 3, 41), labels=torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="labels out of range"):
+        layer(torch.randn(2, 3, 40), labels=torch.tensor([0, 9]))
+
+
+def test_constructor_errors():
+    with pytest.raises(ValueError, match="tailor_rank"):
+        kf.FastKindLinear(8, 16, tailor_rank=9)
+    with pytest.raises(ValueError, match="exceeds"):
+        kf.FastKindLinear(8, 16, tailor_rank=4, learngene_rank=5)
+    with pytest.raises(TypeError, match="in_features"):
+        kf.FastKindLinear(8.0, 16, tailor_rank=4)
+    with pytest.raises(ValueError, match="gate has tailor_rank"):
+        kf.FastKindLinear(8, 16, tailor_rank=4, gate=ClassGate.block(2, 6, 2))
+    with pytest.raises(TypeError, match="ClassGate"):
+        kf.FastKindLinear(8, 16, tailor_rank=4, gate=object())
+    with pytest.raises(TypeError, match="nn.Linear"):
+        kf.FastKindLinear.from_linear(nn.Conv1d(3, 3, 1))
+
+
+def test_truncated_learngenes():
+    lin = nn.Linear(32, 32)
+    layer = kf.FastKindLinear.from_linear(lin, tailor_rank=4, learngene_rank=8, gate=ClassGate.all_on(2, 4))
+    assert layer.u_g.shape == (8, 32)
+    u, s, vh = torch.linalg.svd(lin.weight.detach().double())
+    best = (u[:, :12] * s[:12]) @ vh[:12]
+    torch.testing.assert_close(layer.to_dense(0).double(), best, rtol=1e-5, atol=1e-5)
+
+
+def test_gate_not_registered_as_submodule():
+    layer, gate = _layer()
+    assert not any(isinstance(m, ClassGate) for m in layer.modules())
+    assert all(not k.startswith("gate") for k in layer.state_dict())
