@@ -111,7 +111,8 @@ class DigitLogits(nn.Module):
         self.num_features = 10
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.clf(x)
+        # float64: IS takes log(mean softmax); a confident classifier's float32 softmax underflows to 0
+        return self.clf(x).double()
 
 
 class InceptionFeatures(nn.Module):
@@ -190,7 +191,8 @@ def inception_score(fake: Tensor, logits: nn.Module, *, splits: int = 5, seed: i
     with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
         warnings.simplefilter("ignore")
         torch.manual_seed(seed)  # IS shuffles with the global generator
-        m = InceptionScore(feature=logits, splits=splits, normalize=True)
+        # normalize=False: IS casts float inputs to bytes otherwise, even for a custom network
+        m = InceptionScore(feature=logits, splits=splits, normalize=False)
         _batched(fake, m.update)
         mean, std = m.compute()
     return float(mean), float(std)
