@@ -38,19 +38,30 @@ LABELS = {
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pretrain-steps", type=int, default=1500, help="KIND pretraining steps on digits 0-7")
-    p.add_argument("--steps", type=int, default=600, help="training steps of every transfer method (8-9)")
+    p.add_argument("--steps", type=int, default=500, help="training steps of every transfer method (8-9)")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--lora-rank", type=int, default=4)
     p.add_argument("--samples-per-class", type=int, default=100, help="generated samples per class for FID")
-    p.add_argument("--sample-steps", type=int, default=50, help="DDIM steps")
+    p.add_argument("--sample-steps", type=int, default=25, help="DDIM steps")
     p.add_argument("--cfg-scale", type=float, default=1.5)
     p.add_argument("--methods", default=",".join(METHODS), help=f"subset of {','.join(METHODS)}")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/demo", help="output folder")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (default 1: the demo's ops are too small to gain from more, "
-                        "and a shared CPU makes multi-threaded spinning slow)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads; 0 (default): all cores when the machine is idle, 1 when other "
+                        "jobs already load it (multi-threaded small ops slow down badly on a busy CPU)")
+
+
+def _auto_threads() -> int:
+    import os
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        busy = os.getloadavg()[0] >= 0.5 * cores
+    except OSError:  # pragma: no cover - no load average on this platform
+        busy = False
+    return 1 if busy else max(1, min(cores, 4))
 
 
 def _fresh(path: Path) -> None:
@@ -89,24 +100,26 @@ def run(args: argparse.Namespace) -> int:
     if bad or args.pretrain_steps < 1 or args.steps < 1 or args.batch < 1 or args.samples_per_class < 2:
         raise SystemExit(f"kind-fast demo: bad arguments (unknown methods {bad}; steps, batch >= 1; "
                          "samples per class >= 2)")
-    if args.threads < 1:
-        raise SystemExit("kind-fast demo: --threads must be >= 1")
-    torch.set_num_threads(args.threads)
+    if args.threads < 0:
+        raise SystemExit("kind-fast demo: --threads must be >= 0")
+    threads = args.threads or _auto_threads()
+    torch.set_num_threads(threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t_all = time.perf_counter()
     torch.manual_seed(args.seed)
 
+    print(f"torch {torch.__version__}, {threads} CPU thread{'s' if threads > 1 else ''}", flush=True)
     print("digit classifier (FID features, class accuracy) on real sklearn digits ...", flush=True)
     clf, report = train_digit_classifier(args.seed)
     print(f"  held-out accuracy {report['test_acc']:.3f} on {report['n_test']} real digits")
     feats = DigitFeatures(clf)
     rows, grids = [], {}
 
-    def evaluate(trainer, name: str, digits: list[int]) -> dict:
+    def evaluate(trainer, name: str, digits: list[int], per_class: int) -> dict:
         model = trainer.eval_model("ema")
         k = len(digits)
-        labels = torch.arange(k).repeat_interleave(args.samples_per_class)
+        labels = torch.arange(k).repeat_interleave(per_class)
         t0 = time.perf_counter()
         fake = sample(model, labels, shape=trainer.data.sample_shape, sampler="ddim", steps=args.sample_steps,
                       cfg_scale=args.cfg_scale, seed=args.seed + 1)
@@ -114,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
         fid = frechet_distance(trainer.data.x, fake, feats)
         acc, per = class_accuracy(fake, torch.tensor(digits)[labels], clf)
         show = torch.cat([fake[labels == c][:12] for c in range(k)])
-        grid = save_grid(show, trainer.out / "samples" / "grid.png", nrow=min(12, args.samples_per_class))
+        grid = save_grid(show, trainer.out / "samples" / "grid.png", nrow=min(12, per_class))
         grids[name] = grid
         flops = trainer.count_train_flops()
         trainable = parameter_breakdown(trainer.model)["all"]["trainable"]
@@ -140,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
     pre_digits = DIGIT_DEFAULTS["pretrain"]
     print(f"KIND pretraining on digits 0-7: {args.pretrain_steps} steps × batch {args.batch} ...", flush=True)
     tr = train("pretrain", "kind", None)
-    rows.append(evaluate(tr, "pretrain", pre_digits))
+    rows.append(evaluate(tr, "pretrain", pre_digits, max(2, args.samples_per_class // 2)))
     tr.close()
     print(f"  {rows[-1]['wall_s']:.0f} s, FID {rows[-1]['fid']:.2f}, class accuracy {rows[-1]['class_acc']:.3f}")
 
@@ -149,7 +162,7 @@ def run(args: argparse.Namespace) -> int:
     for method in methods:
         print(f"{LABELS[method]} on digits 8-9: {args.steps} steps × batch {args.batch} ...", flush=True)
         tr = train("transfer", method, out / "pretrain")
-        rows.append(evaluate(tr, method, new_digits))
+        rows.append(evaluate(tr, method, new_digits, args.samples_per_class))
         tr.close()
         print(f"  {rows[-1]['wall_s']:.0f} s, FID {rows[-1]['fid']:.2f}, class accuracy {rows[-1]['class_acc']:.3f}")
 
@@ -181,7 +194,8 @@ def run(args: argparse.Namespace) -> int:
     print()
     print("\n".join(lines))
     print(f"\nTransfer rows: {args.steps} steps × batch {args.batch}, AdamW lr {args.lr}, same seed; "
-          f"pretrain row: {args.pretrain_steps} steps on 0-7 (its FID/accuracy are on 0-7).")
+          f"pretrain row: {args.pretrain_steps} steps on 0-7 (its FID/accuracy are on 0-7, "
+          f"{max(2, args.samples_per_class // 2)} samples per class).")
     print("FID: torchmetrics FrechetInceptionDistance in the 64-d feature space of a CNN trained on real "
           f"digits (held-out acc {report['test_acc']:.3f}), {args.samples_per_class} EMA samples per class "
           f"(DDIM {args.sample_steps} steps, CFG {args.cfg_scale}) against all real digits of those classes; "
