@@ -12,7 +12,7 @@ import sys
 
 COMMANDS = {
     "demo": ("kind_fast.demo", "main job: pretrain on digits 0-7, transfer to 8-9, baselines, one table"),
-    "pretrain": ("kind_fast.train.cmd_pretrain", "KIND pretraining (or a dense DiT) from flags / a YAML or JSON config"),
+    "pretrain": ("kind_fast.train.cmd_pretrain", "KIND pretraining (or a dense DiT); flags or a YAML/JSON config"),
     "transfer": ("kind_fast.train.cmd_transfer", "KIND transfer or a baseline (full, lora, svdiff, scratch)"),
     "sample": ("kind_fast.train.cmd_sample", "CFG samples of a trained run as a PNG grid"),
     "info": ("kind_fast.info", "versions, devices and which backends are live"),

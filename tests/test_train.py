@@ -14,7 +14,12 @@ from kind_fast.diffusion import GaussianDiffusion, space_timesteps
 from kind_fast.train import checkpoint as ck
 from kind_fast.train.config import RunConfig, load_config_file, parse_int_list
 from kind_fast.train.data import (
-    GlobalBatchSampler, ImageFolder, LatentShards, batch_stream, rank_slice, write_latent_shards,
+    GlobalBatchSampler,
+    ImageFolder,
+    LatentShards,
+    batch_stream,
+    rank_slice,
+    write_latent_shards,
 )
 from kind_fast.train.loop import Trainer
 
@@ -367,7 +372,8 @@ def test_kind_op_gives_full_size_zero_grads_for_absent_tailors():
 def test_train_flops_kind_transfer_below_full_fine_tuning(tmp_path, pretrained):
     flops = {}
     for method in ("kind", "full", "lora"):
-        tr = Trainer(tiny_config(tmp_path / method, "transfer", steps=1, method={"name": method, "init": str(pretrained)}))
+        cfg = tiny_config(tmp_path / method, "transfer", steps=1, method={"name": method, "init": str(pretrained)})
+        tr = Trainer(cfg)
         tr.train()
         flops[method] = tr.count_train_flops()
         tr.close()
@@ -484,7 +490,12 @@ def test_metrics_sanity():
     pytest.importorskip("torchmetrics")
     from kind_fast.data import load_digits
     from kind_fast.train.metrics import (
-        DigitFeatures, DigitLogits, class_accuracy, frechet_distance, inception_score, kernel_distance,
+        DigitFeatures,
+        DigitLogits,
+        class_accuracy,
+        frechet_distance,
+        inception_score,
+        kernel_distance,
         train_digit_classifier,
     )
 

@@ -124,3 +124,39 @@ def test_demo_prints_one_table(tmp_path, capsys):
     assert rows["kind"]["train_gflops_per_image"] < rows["full"]["train_gflops_per_image"]
     assert all(r["fid"] == r["fid"] for r in rows.values())  # computed (not NaN)
     assert (out / "transfer_grid.png").is_file()
+
+
+def test_latent_pipeline_with_a_tiny_vae(tmp_path, capsys):
+    """encode_latents.py (random tiny AutoencoderKL saved locally) → pretrain on the shards →
+    sample decoded through the same VAE."""
+    pytest.importorskip("diffusers")
+    import numpy as np
+    from diffusers import AutoencoderKL
+    from PIL import Image
+
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
+                        latent_channels=4, norm_num_groups=4, sample_size=16)
+    vae.save_pretrained(tmp_path / "vae")
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (tmp_path / "imgs" / c).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(tmp_path / "imgs" / c / f"{i}.png")
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "scripts"))
+    import encode_latents
+
+    lat = tmp_path / "lat"
+    assert encode_latents.main(["--vae", str(tmp_path / "vae"), "--data", str(tmp_path / "imgs"), "--out", str(lat),
+                                "--image-size", "16", "--flip-copies", "--workers", "0", "--shard-size", "5",
+                                "--device", "cpu"]) == 0
+    meta = json.loads((lat / "index.json").read_text())
+    assert meta["shape"] == [4, 8, 8] and [s["count"] for s in meta["shards"]] == [5, 5, 2]
+    run = tmp_path / "run"
+    assert main(["pretrain", "--data", "latents", "--data-path", str(lat), "--steps", "2", "--out", str(run),
+                 "--no-sample", *TINY_FLAGS]) == 0
+    png = tmp_path / "decoded.png"
+    assert main(["sample", str(run), "--steps", "2", "--n-per-class", "2", "--vae", str(tmp_path / "vae"),
+                 "--out", str(png)]) == 0
+    with Image.open(png) as im:
+        assert im.size == (2 * 33 + 1, 2 * 33 + 1) and im.mode == "RGB"  # 16 px decoded × 2, 2 × 2 grid

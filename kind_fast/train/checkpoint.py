@@ -144,10 +144,13 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
             "it is not a kind_fast training checkpoint"
         ) from e
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise CheckpointError(f"{p} is not a kind_fast training checkpoint (format {state.get('format') if isinstance(state, dict) else type(state).__name__!r})")
+        what = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise CheckpointError(f"{p} is not a kind_fast training checkpoint (format {what!r})")
     if state.get("format_version", 0) > FORMAT_VERSION:
-        raise CheckpointError(f"{p} has format version {state['format_version']}; this kind_fast reads <= {FORMAT_VERSION}")
-    missing = [k for k in ("step", "spec", "config", "model", "ema", "optimizer", "scheduler", "rng", "data") if k not in state]
+        raise CheckpointError(
+            f"{p} has format version {state['format_version']}; this kind_fast reads <= {FORMAT_VERSION}")
+    keys = ("step", "spec", "config", "model", "ema", "optimizer", "scheduler", "rng", "data")
+    missing = [k for k in keys if k not in state]
     if missing:
         raise CheckpointError(f"checkpoint {p} lacks {missing}; it is incomplete")
     return state

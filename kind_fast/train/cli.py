@@ -40,7 +40,7 @@ _FLAGS = {
 
 def add_run_arguments(p: argparse.ArgumentParser, mode: str) -> None:
     p.add_argument("--config", help="YAML or JSON config file")
-    for name, (key, typ, help_text) in _FLAGS.items():
+    for name, (_key, typ, help_text) in _FLAGS.items():
         if name == "method":
             help_text = ("kind (default) | dense" if mode == "pretrain"
                          else "kind (default) | full | lora | svdiff | scratch")

@@ -187,7 +187,8 @@ class ImageFolder:
         try:
             import PIL.Image  # noqa: F401
         except ImportError:
-            raise ImportError("reading an ImageFolder needs Pillow: pip install pillow (or 'kind_fast[train]')") from None
+            raise ImportError("reading an ImageFolder needs Pillow: pip install pillow "
+                              "(or 'kind_fast[train]')") from None
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"data.path {self.root} is not a folder")
@@ -251,7 +252,8 @@ class LatentShards:
         self.folder = Path(folder)
         index = self.folder / "index.json"
         if not index.is_file():
-            raise FileNotFoundError(f"data.path {self.folder}: no index.json (write shards with scripts/encode_latents.py)")
+            raise FileNotFoundError(
+                f"data.path {self.folder}: no index.json (write shards with scripts/encode_latents.py)")
         try:
             meta = json.loads(index.read_text())
         except json.JSONDecodeError as e:

@@ -36,7 +36,13 @@ from kind_fast.train import checkpoint as ck
 from kind_fast.train.config import RunConfig
 from kind_fast.train.data import GlobalBatchSampler, batch_stream, build_dataset, rank_slice, step_generator
 from kind_fast.train.distributed import (
-    all_gather_object, all_reduce_mean, barrier, cleanup, init_distributed, unwrap, wrap_model,
+    all_gather_object,
+    all_reduce_mean,
+    barrier,
+    cleanup,
+    init_distributed,
+    unwrap,
+    wrap_model,
 )
 from kind_fast.train.logger import MetricsLogger
 from kind_fast.train.models import build_model, make_spec, model_from_state, save_weights
@@ -378,7 +384,10 @@ class Trainer:
         if self.env.distributed:
             raise RuntimeError("count_train_flops runs in a single process")
         idx = rank_slice(self.sampler.indices(self.step), 0, 1)
-        x, y = self.data.get_batch(idx) if hasattr(self.data, "get_batch") else _stack([self.data[i] for i in idx.tolist()])
+        if hasattr(self.data, "get_batch"):
+            x, y = self.data.get_batch(idx)
+        else:
+            x, y = _stack([self.data[i] for i in idx.tolist()])
         model = unwrap(self.ddp)
         model.train()
         with torch.no_grad():  # warm the learngene cache as a step after the first would find it
