@@ -160,3 +160,31 @@ def test_latent_pipeline_with_a_tiny_vae(tmp_path, capsys):
                  "--out", str(png)]) == 0
     with Image.open(png) as im:
         assert im.size == (2 * 33 + 1, 2 * 33 + 1) and im.mode == "RGB"  # 16 px decoded × 2, 2 × 2 grid
+
+
+def test_imagefolder_run_and_digits_eval(tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in ("x", "y", "z"):
+        (tmp_path / "imgs" / c).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(rng.integers(0, 256, (10, 12, 3), dtype=np.uint8)).save(tmp_path / "imgs" / c / f"{i}.png")
+    out = tmp_path / "if"
+    assert main(["pretrain", "--data", "imagefolder", "--data-path", str(tmp_path / "imgs"), "--image-size", "8",
+                 "--classes", "2,0", "--steps", "2", "--out", str(out), "--set", "data.flip=true",
+                 "--set", "eval.sample_steps=2", "--set", "eval.n_per_class=2",
+                 *TINY_FLAGS, "--batch-size", "4"]) == 0  # the last --batch-size wins
+    assert "4 samples, 2 classes" in capsys.readouterr().out
+    with Image.open(out / "samples" / "grid.png") as im:
+        assert im.mode == "RGB" and im.size == (2 * 33 + 1, 2 * 33 + 1)
+    spec = json.loads((out / "ema" / "train_spec.json").read_text())
+    assert spec["arch"]["in_channels"] == 3 and spec["arch"]["num_classes"] == 2
+    # --eval on digits: FID / KID / IS and class accuracy written to eval.json
+    pytest.importorskip("torchmetrics")
+    ev = tmp_path / "ev"
+    assert main(["pretrain", "--steps", "1", "--out", str(ev), "--eval", "--eval-samples", "3", "--no-sample",
+                 *TINY_FLAGS, "--set", "eval.sample_steps=2"]) == 0
+    res = json.loads((ev / "eval.json").read_text())
+    assert {"fid", "kid", "is", "class_acc", "classifier_test_acc"} <= set(res) and res["fid"] > 0
