@@ -369,6 +369,17 @@ def test_kind_op_gives_full_size_zero_grads_for_absent_tailors():
     assert layer.u_t.grad[~on].abs().max() == 0 and layer.u_t.grad[on].abs().max() > 0
 
 
+def test_label_dropout_reaches_the_kind_gate_as_the_null_class(tmp_path):
+    tr = Trainer(tiny_config(tmp_path / "run", steps=1, batch_size=64, model={"class_dropout": 0.5}))
+    x, y = tr.data.get_batch(tr.sampler.indices(0))
+    _, _, drop, _ = tr._draws(0)
+    assert 0 < int(drop.sum()) < 64
+    tr._forward_loss(tr.model, x, y, 0)
+    routed = tr.model.kind_gate.labels
+    assert torch.equal(routed, torch.where(drop, torch.full_like(y, tr.model.num_classes), y))
+    tr.close()
+
+
 def test_train_flops_kind_transfer_below_full_fine_tuning(tmp_path, pretrained):
     flops = {}
     for method in ("kind", "full", "lora"):

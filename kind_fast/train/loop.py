@@ -39,6 +39,7 @@ from kind_fast.train.distributed import (
     all_gather_object,
     all_reduce_mean,
     barrier,
+    broadcast_object,
     cleanup,
     init_distributed,
     unwrap,
@@ -208,7 +209,7 @@ class Trainer:
         restore_rng(rngs[self.env.rank] if len(rngs) == self.env.world_size else rngs[0])
         self.step = int(state["step"])
         self.elapsed = float(state.get("elapsed_s", 0.0))
-        self.losses = list(state.get("losses", []))
+        self.losses = torch.as_tensor(state.get("losses", [])).tolist()
 
     def full_model_state(self) -> dict[str, Tensor]:
         """Full (gathered) model state dict on the CPU; a collective under FSDP."""
@@ -233,7 +234,7 @@ class Trainer:
             "data": self.sampler.position(self.step),
             "world_size": self.env.world_size,
             "elapsed_s": self.elapsed,
-            "losses": list(self.losses),
+            "losses": torch.tensor(self.losses, dtype=torch.float64),  # float32 values, exactly
         }
 
     def save_checkpoint(self) -> Path | None:
@@ -327,8 +328,9 @@ class Trainer:
         if pending:
             self._flush(pending, t_win, bar)
         if self.step == cfg.steps and stop == cfg.steps:
-            last = ck.list_checkpoints(self.out)
-            if not last or last[-1][0] != self.step:
+            # rank 0 decides (saving is a collective; other nodes may not see the folder)
+            last = ck.list_checkpoints(self.out) if self.env.is_main else []
+            if broadcast_object(not last or last[-1][0] != self.step, self.env):
                 self.save_checkpoint()
         return list(self.losses)
 
