@@ -11,7 +11,10 @@ import importlib
 import sys
 
 COMMANDS = {
-    "demo": ("kind_fast.demo", "main job: pretrain on digits 0-7, transfer learngenes to 8-9"),
+    "demo": ("kind_fast.demo", "main job: pretrain on digits 0-7, transfer to 8-9, baselines, one table"),
+    "pretrain": ("kind_fast.train.cmd_pretrain", "KIND pretraining (or a dense DiT); flags or a YAML/JSON config"),
+    "transfer": ("kind_fast.train.cmd_transfer", "KIND transfer or a baseline (full, lora, svdiff, scratch)"),
+    "sample": ("kind_fast.train.cmd_sample", "CFG samples of a trained run as a PNG grid"),
     "info": ("kind_fast.info", "versions, devices and which backends are live"),
     "flops": ("kind_fast.flops", "analytic FLOPs per mode (KIND, full FT, LoRA, SVDiff): table, markdown, plot"),
     "bench": ("kind_fast.benchmark", "time one training step per mode and CFG sampling; --report writes markdown + plot"),

@@ -1,0 +1,249 @@
+"""Command-line front ends: ``kind-fast pretrain``, ``kind-fast transfer``, ``kind-fast sample``.
+
+Settings resolve as: built-in defaults ← ``--config FILE`` (YAML or JSON) ← the flags below
+← ``--set key=value`` (any config key, dotted: ``--set optim.ema_decay=0.999``). The resolved
+config is written to ``<out>/config.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from kind_fast.train.config import RunConfig, load_config_file, parse_int_list
+
+# flag -> config key (flags default to None: only flags the user gave override the file)
+_FLAGS = {
+    "out": ("out", str, "output folder (checkpoints, metrics.csv, config.json, weights, samples)"),
+    "steps": ("steps", int, "training steps"),
+    "batch_size": ("batch_size", int, "global batch size (over all processes)"),
+    "lr": ("optim.lr", float, "learning rate (AdamW)"),
+    "seed": ("seed", int, "seed of init, data order and noise"),
+    "device": ("device", str, "auto | cpu | cuda | cuda:N"),
+    "precision": ("precision", str, "auto (bf16 on GPU) | fp32 | bf16"),
+    "data": ("data.source", str, "digits (default) | imagefolder | latents"),
+    "data_path": ("data.path", str, "ImageFolder root or latent-shard folder"),
+    "classes": ("data.classes", str, "classes to keep, renumbered in order: e.g. 0-7 or 8,9"),
+    "image_size": ("data.image_size", int, "ImageFolder: resize/crop to this size"),
+    "model": ("model.name", str, "DiT preset, e.g. DiT-S/2 (default: a tiny DiT for digits)"),
+    "method": ("method.name", str, None),
+    "init": ("method.init", str, "transfer: the pretrain run folder (or a kind_fast save folder)"),
+    "ckpt_every": ("ckpt_every", int, "checkpoint every N steps (0: only at the end)"),
+    "keep_last": ("keep_last", int, "checkpoints to keep"),
+    "log_every": ("log_every", int, "metrics.csv / TensorBoard row every N steps"),
+    "tensorboard": ("tensorboard", str, "auto | on | off"),
+    "distributed": ("distributed", str, "under torchrun: ddp | fsdp"),
+}
+
+
+def add_run_arguments(p: argparse.ArgumentParser, mode: str) -> None:
+    p.add_argument("--config", help="YAML or JSON config file")
+    for name, (_key, typ, help_text) in _FLAGS.items():
+        if name == "method":
+            help_text = ("kind (default) | dense" if mode == "pretrain"
+                         else "kind (default) | full | lora | svdiff | scratch")
+        if name == "init" and mode == "pretrain":
+            continue
+        p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None, help=help_text)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config key, e.g. --set optim.ema_decay=0.999 (repeatable)")
+    p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="auto|PATH",
+                   help="continue from the newest checkpoint in --out (auto) or from PATH")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    p.add_argument("--no-sample", action="store_true", help="skip the sample grid at the end")
+    p.add_argument("--eval", action="store_true",
+                   help="digits: FID / KID / IS and class accuracy of samples (digit-classifier features)")
+    p.add_argument("--eval-samples", type=int, default=100, help="--eval: samples per class")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+
+
+def config_from_args(args: argparse.Namespace, mode: str) -> RunConfig:
+    base = RunConfig(mode=mode, out=f"runs/{mode}")
+    if args.config:
+        cfg = RunConfig.from_dict(load_config_file(args.config), base=base, validate=False)
+        if cfg.mode != mode:
+            raise ValueError(f"config file {args.config} says mode={cfg.mode!r} but this is `kind-fast {mode}`")
+    else:
+        cfg = base
+    flat = {}
+    for name, (key, _, _) in _FLAGS.items():
+        v = getattr(args, name, None)
+        if v is not None:
+            flat[key] = parse_int_list(v, "--classes") if name == "classes" else v
+    if args.no_progress:
+        flat["progress"] = False
+    for item in args.set:
+        if "=" not in item:
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        k, v = item.split("=", 1)
+        flat[k.strip()] = v.strip()
+    cfg = cfg.with_overrides(flat, validate=False) if flat else cfg
+    cfg.validate()
+    return cfg
+
+
+def run_training(args: argparse.Namespace, mode: str) -> int:
+    from kind_fast.train.loop import Trainer
+
+    try:
+        cfg = config_from_args(args, mode)
+    except (ValueError, FileNotFoundError, ImportError) as e:
+        print(f"kind-fast {mode}: {e}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(json.dumps(cfg.to_dict(), indent=2, sort_keys=True))
+        return 0
+    try:
+        trainer = Trainer(cfg, resume=args.resume)
+    except (ValueError, FileNotFoundError, FileExistsError, ImportError) as e:
+        print(f"kind-fast {mode}: {e}", file=sys.stderr)
+        return 2
+    try:
+        main = trainer.env.is_main
+        if main:
+            from kind_fast.utils import print_trainable_parameters
+
+            print(f"{mode}/{cfg.method.name}: {len(trainer.data)} samples, {trainer.data.num_classes} classes, "
+                  f"{cfg.steps} steps × batch {cfg.batch_size} on {trainer.device}"
+                  f"{f' × {trainer.env.world_size} processes' if trainer.env.distributed else ''}")
+            print_trainable_parameters(trainer.model)
+        losses = trainer.train()
+        paths = trainer.export()
+        if main:
+            w = max(1, len(losses) // 10)
+            print(f"loss: first {w} steps {sum(losses[:w]) / w:.4f}, last {w} steps {sum(losses[-w:]) / w:.4f}")
+            print(f"outputs in {trainer.out}: config.json, metrics.csv, checkpoints/, "
+                  f"{', '.join(p.name + '/' for p in paths.values())}")
+        if main and not args.no_sample:
+            grid = write_grid(trainer, trainer.out / "samples" / "grid.png")
+            print(f"sample grid: {grid}")
+        if main and args.eval:
+            print(json.dumps(evaluate_digits(trainer, args.eval_samples), indent=2))
+    finally:
+        trainer.close()
+    return 0
+
+
+def write_grid(trainer, path: Path):
+    import torch
+
+    from kind_fast.train.sampling import sample, save_grid
+
+    e = trainer.cfg.eval
+    model = trainer.eval_model(e.weights)
+    n = trainer.data.num_classes
+    labels = torch.arange(n).repeat_interleave(e.n_per_class)
+    images = sample(model, labels, shape=trainer.data.sample_shape, sampler=e.sampler, steps=e.sample_steps,
+                    cfg_scale=e.cfg_scale, seed=trainer.cfg.seed, device=trainer.device,
+                    autocast_dtype=trainer.amp_dtype)
+    return save_grid(images, path, nrow=e.n_per_class)
+
+
+def evaluate_digits(trainer, per_class: int) -> dict:
+    """Digits runs: sample ``per_class`` per class and score them (written to eval.json)."""
+    import torch
+
+    from kind_fast.train.checkpoint import atomic_write_text
+    from kind_fast.train.data import DIGIT_DEFAULTS
+    from kind_fast.train.metrics import digits_quality, train_digit_classifier
+    from kind_fast.train.sampling import sample
+
+    if trainer.cfg.data.source != "digits":
+        raise ValueError("--eval scores digits runs only (for real data use kind_fast.train.metrics "
+                         "with InceptionFeatures and your own reference set)")
+    e = trainer.cfg.eval
+    digits = trainer.cfg.data.classes or DIGIT_DEFAULTS[trainer.cfg.mode]
+    clf, report = train_digit_classifier(trainer.cfg.seed)
+    labels = torch.arange(len(digits)).repeat_interleave(per_class)
+    fake = sample(trainer.eval_model(e.weights), labels, shape=trainer.data.sample_shape, sampler=e.sampler,
+                  steps=e.sample_steps, cfg_scale=e.cfg_scale, seed=trainer.cfg.seed + 1, device=trainer.device)
+    out = digits_quality(fake, torch.tensor(digits)[labels], trainer.data.x, clf)
+    out["classifier_test_acc"] = report["test_acc"]
+    atomic_write_text(json.dumps(out, indent=2) + "\n", trainer.out / "eval.json")
+    return out
+
+
+# =====================================================================================
+# kind-fast sample
+# =====================================================================================
+def add_sample_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("weights", help="a run folder (uses its ema/ or model/) or a weights folder")
+    p.add_argument("--which", choices=("ema", "model"), default="ema", help="weights of a run folder")
+    p.add_argument("--out", default=None, help="PNG path (default: <run>/samples/sample_grid.png)")
+    p.add_argument("--classes", default=None, help="class ids of the model to sample (default: all)")
+    p.add_argument("--n-per-class", type=int, default=8)
+    p.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddim")
+    p.add_argument("--steps", type=int, default=50, help="respaced sampling steps (DiT: 250 DDPM)")
+    p.add_argument("--cfg-scale", type=float, default=1.5)
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM η")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--npz", action="store_true", help="also write samples.npz (uint8 NHWC, ADM evaluator layout)")
+    p.add_argument("--vae", default=None, help="latent models: a local diffusers AutoencoderKL folder to decode with")
+    p.add_argument("--latent-scale", type=float, default=0.18215, help="latent scale factor used at encoding")
+
+
+def run_sample(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+
+    from kind_fast.train.distributed import resolve_device
+    from kind_fast.train.models import SPEC_FILE, load_weights
+    from kind_fast.train.sampling import sample, save_grid, to_uint8
+
+    try:
+        src = Path(args.weights)
+        wdir = src
+        if not ((src / SPEC_FILE).is_file() or (src / "kind_config.json").is_file()):
+            wdir = src / args.which
+        if not wdir.is_dir():
+            raise FileNotFoundError(f"{src}: not a weights folder and it has no {args.which}/ folder")
+        if args.n_per_class < 1 or args.steps < 1 or args.batch_size < 1:
+            raise ValueError("--n-per-class, --steps and --batch-size must be >= 1")
+        device = resolve_device(args.device)
+        model = load_weights(wdir).to(device).eval()
+        n = model.num_classes
+        classes = parse_int_list(args.classes, "--classes") if args.classes else list(range(n))
+        bad = [c for c in classes if not 0 <= c < n]
+        if bad:
+            raise ValueError(f"--classes {bad} out of range: the model has classes 0..{n - 1}")
+    except (ValueError, FileNotFoundError) as e:
+        print(f"kind-fast sample: {e}", file=sys.stderr)
+        return 2
+    arch = model.arch
+    shape = (arch["in_channels"], arch["input_size"], arch["input_size"])
+    labels = torch.tensor(classes).repeat_interleave(args.n_per_class)
+    images = sample(model, labels, shape=shape, sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale,
+                    eta=args.eta, seed=args.seed, device=device, batch_size=args.batch_size,
+                    clip_denoised=args.vae is None and shape[0] in (1, 3),
+                    autocast_dtype=torch.bfloat16 if device.type == "cuda" else None)
+    if args.vae:
+        images = decode_latents(images, args.vae, args.latent_scale, device)
+    out = Path(args.out) if args.out else (wdir.parent / "samples" / "sample_grid.png")
+    save_grid(images, out, nrow=args.n_per_class)
+    print(f"wrote {out} ({len(classes)} classes × {args.n_per_class}, {args.sampler} {args.steps} steps, "
+          f"cfg {args.cfg_scale})")
+    if args.npz:
+        npz = out.with_suffix(".npz")
+        np.savez(npz, arr_0=to_uint8(images), labels=labels.numpy())
+        print(f"wrote {npz}")
+    return 0
+
+
+def decode_latents(latents, vae_path: str, scale: float, device):
+    """Decode latents with a local diffusers AutoencoderKL (not exercised in CI)."""
+    import torch
+
+    try:
+        from diffusers import AutoencoderKL
+    except ImportError:
+        raise ImportError("--vae needs diffusers: pip install diffusers") from None
+    vae = AutoencoderKL.from_pretrained(vae_path, local_files_only=True).to(device).eval()
+    outs = []
+    with torch.no_grad():
+        for i in range(0, latents.shape[0], 16):
+            outs.append(vae.decode(latents[i:i + 16].to(device) / scale).sample.float().clamp(-1, 1).cpu())
+    return torch.cat(outs)

@@ -1,0 +1,337 @@
+"""Run configuration: defaults ← an optional YAML/JSON file ← command-line flags.
+
+One ``RunConfig`` describes a whole run (data, model, method, optimiser, schedule, outputs).
+Sections are plain dataclasses so a config round-trips through JSON exactly; every run writes
+its resolved config to ``<out>/config.json``. Unknown keys, wrong types and impossible values
+are rejected with a ValueError naming the key.
+
+A file looks like (YAML; JSON with the same structure works too)::
+
+    mode: transfer
+    steps: 2000
+    batch_size: 256
+    data: {source: imagefolder, path: /data/flowers, image_size: 64, flip: true}
+    method: {name: kind, init: runs/pretrain}
+    optim: {lr: 1.0e-4, ema_decay: 0.9999}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import typing
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+MODES = ("pretrain", "transfer")
+PRETRAIN_METHODS = ("kind", "dense")
+TRANSFER_METHODS = ("kind", "full", "lora", "svdiff", "scratch")
+DATA_SOURCES = ("digits", "imagefolder", "latents")
+
+
+@dataclass
+class DataConfig:
+    source: str = "digits"  # digits | imagefolder | latents
+    path: str | None = None  # ImageFolder root or latent-shard folder
+    classes: list[int] | None = None  # digits / ImageFolder / shards: keep (and renumber) these
+    image_size: int | None = None  # ImageFolder: centre crop + resize to this (default: 64)
+    channels: int = 3  # ImageFolder: 3 (RGB) or 1 (L)
+    flip: bool = False  # random horizontal flip (drawn from the per-step seed)
+    workers: int = 0  # DataLoader workers for ImageFolder / shards
+
+
+@dataclass
+class ModelConfig:
+    name: str | None = None  # a DiT preset ("DiT-S/2", ...); None: the explicit sizes below
+    hidden_size: int = 64
+    depth: int = 4
+    num_heads: int = 4
+    patch_size: int = 2
+    mlp_ratio: float = 4.0
+    learn_sigma: bool = True
+    class_dropout: float = 0.1
+    # KIND decomposition (DESIGN §1 defaults are 96 / 32; these suit the tiny default model)
+    tailor_rank: int = 16
+    active: int = 4
+    gate: str = "block"  # block | random_k | all_on
+    null: str = "off"  # null-class gate: off (learngenes only) | all | class
+    qkv: str = "split"
+
+
+@dataclass
+class MethodConfig:
+    # pretrain: kind | dense; transfer: kind | full | lora | svdiff | scratch
+    name: str = "kind"
+    init: str | None = None  # transfer: a pretrain run folder or a kind_fast save folder
+    init_weights: str = "ema"  # which weights of a run folder: ema | model
+    freeze_learngenes: bool = True  # KIND transfer
+    lora_rank: int = 4
+    lora_alpha: float | None = None
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    warmup_steps: int = 0  # linear warm-up, then constant (DiT: constant)
+    grad_clip: float = 1.0  # max global grad norm; 0 disables
+    ema_decay: float = 0.9999
+    ema_warmup: bool = True  # decay_t = min(decay, (1 + t) / (10 + t))
+
+
+@dataclass
+class EvalConfig:
+    sampler: str = "ddim"  # ddpm | ddim
+    sample_steps: int = 50
+    cfg_scale: float = 1.5
+    n_per_class: int = 8  # grid columns
+    weights: str = "ema"  # ema | model
+
+
+@dataclass
+class RunConfig:
+    mode: str = "pretrain"
+    out: str = "runs/run"
+    steps: int = 1000
+    batch_size: int = 64  # global, over all processes
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
+    distributed: str = "ddp"  # ddp | fsdp (only used under torchrun)
+    ckpt_every: int = 0  # 0: only at the end
+    keep_last: int = 3
+    log_every: int = 10
+    tensorboard: str = "auto"  # auto (if installed) | on | off
+    progress: bool = True
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    # ------------------------------------------------------------------ (de)serialisation
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict, *, base: RunConfig | None = None, validate: bool = True) -> RunConfig:
+        """``base`` (default: the defaults) updated by the nested dict ``d``; validated."""
+        cfg = _merge(base if base is not None else cls(), d, "")
+        if validate:
+            cfg.validate()
+        return cfg
+
+    def with_overrides(self, overrides: dict[str, Any], *, validate: bool = True) -> RunConfig:
+        """Dotted keys (``optim.lr``) → a new validated config."""
+        return RunConfig.from_dict(_nest(overrides), base=self, validate=validate)
+
+    def save(self, path: str | os.PathLike) -> None:
+        from kind_fast.train.checkpoint import atomic_write_text
+
+        atomic_write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n", Path(path))
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        def need(cond: bool, key: str, msg: str) -> None:
+            if not cond:
+                raise ValueError(f"config {key}: {msg}")
+
+        need(self.mode in MODES, "mode", f"must be one of {MODES}, got {self.mode!r}")
+        methods = PRETRAIN_METHODS if self.mode == "pretrain" else TRANSFER_METHODS
+        need(self.method.name in methods, "method.name",
+             f"{self.mode} supports {methods}, got {self.method.name!r}")
+        for key in ("steps", "batch_size", "log_every", "keep_last"):
+            need(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
+        need(self.ckpt_every >= 0, "ckpt_every", f"must be >= 0, got {self.ckpt_every}")
+        need(self.precision in ("auto", "fp32", "bf16"), "precision", f"auto, fp32 or bf16, got {self.precision!r}")
+        need(self.distributed in ("ddp", "fsdp"), "distributed", f"ddp or fsdp, got {self.distributed!r}")
+        need(self.tensorboard in ("auto", "on", "off"), "tensorboard", f"auto, on or off, got {self.tensorboard!r}")
+        need(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"), "device",
+             f"auto, cpu, cuda or cuda:N, got {self.device!r}")
+        need(bool(self.out), "out", "must be a folder path")
+        d = self.data
+        need(d.source in DATA_SOURCES, "data.source", f"must be one of {DATA_SOURCES}, got {d.source!r}")
+        need(d.source == "digits" or bool(d.path), "data.path", f"data.source={d.source} needs a path")
+        need(d.image_size is None or d.image_size >= 1, "data.image_size", f"must be >= 1, got {d.image_size}")
+        need(d.channels in (1, 3), "data.channels", f"1 or 3, got {d.channels}")
+        need(d.workers >= 0, "data.workers", f"must be >= 0, got {d.workers}")
+        if d.classes is not None:
+            need(len(d.classes) > 0, "data.classes", "must not be empty")
+            need(len(set(d.classes)) == len(d.classes), "data.classes", f"has duplicates: {d.classes}")
+        m = self.model
+        for key in ("hidden_size", "depth", "num_heads", "patch_size", "tailor_rank", "active"):
+            need(getattr(m, key) >= 1, f"model.{key}", f"must be >= 1, got {getattr(m, key)}")
+        need(m.active <= m.tailor_rank, "model.active", f"({m.active}) must be <= model.tailor_rank ({m.tailor_rank})")
+        need(0.0 <= m.class_dropout < 1.0, "model.class_dropout", f"must be in [0, 1), got {m.class_dropout}")
+        need(m.gate in ("block", "random_k", "all_on"), "model.gate", f"block, random_k or all_on, got {m.gate!r}")
+        need(m.null in ("off", "all", "class"), "model.null", f"off, all or class, got {m.null!r}")
+        need(m.qkv in ("split", "fused"), "model.qkv", f"split or fused, got {m.qkv!r}")
+        if m.name is not None:
+            from kind_fast.dit import DiT_models
+
+            need(m.name in DiT_models, "model.name", f"unknown DiT preset {m.name!r}; one of {sorted(DiT_models)}")
+        me = self.method
+        needs_init = self.mode == "transfer" and me.name != "scratch"
+        need(not needs_init or bool(me.init), "method.init",
+             f"transfer with method {me.name!r} needs the pretrained run: --init PATH")
+        need(me.init_weights in ("ema", "model"), "method.init_weights", f"ema or model, got {me.init_weights!r}")
+        need(me.lora_rank >= 1, "method.lora_rank", f"must be >= 1, got {me.lora_rank}")
+        o = self.optim
+        need(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
+        need(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
+        need(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, "optim.beta1/beta2", f"must be in [0, 1), got {o.beta1}, {o.beta2}")
+        need(o.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {o.warmup_steps}")
+        need(o.grad_clip >= 0, "optim.grad_clip", f"must be >= 0 (0 disables), got {o.grad_clip}")
+        need(0 <= o.ema_decay < 1, "optim.ema_decay", f"must be in [0, 1), got {o.ema_decay}")
+        e = self.eval
+        need(e.sampler in ("ddpm", "ddim"), "eval.sampler", f"ddpm or ddim, got {e.sampler!r}")
+        need(1 <= e.sample_steps <= 1000, "eval.sample_steps", f"must be in [1, 1000], got {e.sample_steps}")
+        need(e.cfg_scale >= 0, "eval.cfg_scale", f"must be >= 0, got {e.cfg_scale}")
+        need(e.n_per_class >= 1, "eval.n_per_class", f"must be >= 1, got {e.n_per_class}")
+        need(e.weights in ("ema", "model"), "eval.weights", f"ema or model, got {e.weights!r}")
+
+
+# =====================================================================================
+# Merging and type checks
+# =====================================================================================
+def _merge(obj, d: dict, prefix: str):
+    if not isinstance(d, dict):
+        raise ValueError(f"config {prefix or 'file'}: expected a mapping, got {type(d).__name__}")
+    known = {f.name: f for f in fields(obj)}
+    hints = typing.get_type_hints(type(obj))
+    updates = {}
+    for key, value in d.items():
+        path = f"{prefix}{key}"
+        if key not in known:
+            raise ValueError(f"config: unknown key {path!r}; valid keys here: {sorted(known)}")
+        cur = getattr(obj, key)
+        if dataclasses.is_dataclass(cur):
+            updates[key] = _merge(cur, value, path + ".")
+        else:
+            updates[key] = _coerce(value, hints[key], path)
+    return dataclasses.replace(obj, **updates)
+
+
+def _coerce(value: Any, hint, path: str):
+    """Check (and for strings from the command line, convert) a value against a field's type."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, path)
+            except ValueError as e:
+                errors.append(str(e))
+        raise ValueError(errors[0] if errors else f"config {path}: bad value {value!r}")
+    if origin is list:
+        if isinstance(value, str):
+            value = parse_int_list(value, path)
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"config {path}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], path) for v in value]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return value.lower() in ("true", "1", "yes", "on")
+        raise ValueError(f"config {path}: expected true/false, got {value!r}")
+    if hint is int:
+        if isinstance(value, bool):
+            raise ValueError(f"config {path}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ValueError(f"config {path}: expected an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, bool):
+            raise ValueError(f"config {path}: expected a number, got {value!r}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ValueError(f"config {path}: expected a number, got {value!r}")
+    if hint is str:
+        if not isinstance(value, str):
+            raise ValueError(f"config {path}: expected a string, got {value!r}")
+        return value
+    raise ValueError(f"config {path}: unsupported type {hint}")  # pragma: no cover
+
+
+def parse_int_list(text: str, what: str = "classes") -> list[int]:
+    """``"0-7"``, ``"8,9"`` or ``"0-3,7"`` → a list of ints."""
+    out: list[int] = []
+    try:
+        for part in text.replace(" ", "").split(","):
+            if not part:
+                continue
+            if "-" in part:
+                lo, hi = part.split("-", 1)
+                lo_i, hi_i = int(lo), int(hi)
+                if hi_i < lo_i:
+                    raise ValueError
+                out.extend(range(lo_i, hi_i + 1))
+            else:
+                out.append(int(part))
+    except ValueError:
+        raise ValueError(f"config {what}: expected a list like 0-7 or 8,9, got {text!r}") from None
+    return out
+
+
+def _nest(flat: dict[str, Any]) -> dict:
+    out: dict = {}
+    for key, value in flat.items():
+        node = out
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"config: {key!r} conflicts with another override")
+        node[parts[-1]] = value
+    return out
+
+
+def load_config_file(path: str | os.PathLike) -> dict:
+    """Read a YAML (.yaml/.yml) or JSON (.json) config file into a dict."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"config file {p} not found")
+    text = p.read_text()
+    if p.suffix.lower() in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError:
+            raise ImportError(
+                f"reading {p} needs PyYAML: pip install pyyaml (or 'kind_fast[train]'), or use a .json config"
+            ) from None
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ValueError(f"config file {p} is not valid YAML: {e}") from None
+    elif p.suffix.lower() == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"config file {p} is not valid JSON: {e}") from None
+    else:
+        raise ValueError(f"config file {p}: use a .yaml, .yml or .json file")
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {p} must hold a mapping at the top level, got {type(data).__name__}")
+    return data

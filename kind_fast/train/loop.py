@@ -1,0 +1,414 @@
+"""The training loop shared by KIND pretraining, KIND transfer and every baseline.
+
+One step (DiT's recipe, DESIGN §4):
+
+1. the step's global batch of data indices and, from a CPU generator seeded by (seed, step),
+   timesteps t ~ U{0..999}, noise ε, label-dropout flags (probability ``model.class_dropout``)
+   and flips, all drawn for the whole global batch; each rank takes its slice;
+2. x_t = √ᾱ_t x_0 + √(1-ᾱ_t) ε; the model runs under bf16 autocast on GPUs. Dropped labels
+   are passed as ``force_drop_ids`` so ``DiT.forward`` turns them into the null class *before*
+   it routes labels to the KIND gate: the null row of the gate is what the null class trains;
+3. loss = ε-MSE + the learned-Σ VB term (``GaussianDiffusion.loss_terms``), batch mean;
+4. AdamW on the trainable parameters only, global grad-norm clipping, a warm-up-then-constant
+   learning rate, and an EMA of the trainable parameters (frozen ones are their own EMA).
+
+Because every random draw is a function of (seed, step) and the data order of (seed, step),
+a run resumed from a checkpoint (which also restores model, EMA, optimiser, schedule and RNG
+states) reproduces the losses of an uninterrupted run bit for bit on the same machine, and W
+processes with per-rank batch B/W reproduce a one-process run with batch B up to the float
+rounding of the gradient all-reduce.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from kind_fast.diffusion import GaussianDiffusion
+from kind_fast.train import checkpoint as ck
+from kind_fast.train.config import RunConfig
+from kind_fast.train.data import GlobalBatchSampler, batch_stream, build_dataset, rank_slice, step_generator
+from kind_fast.train.distributed import (
+    all_gather_object,
+    all_reduce_mean,
+    barrier,
+    broadcast_object,
+    cleanup,
+    init_distributed,
+    unwrap,
+    wrap_model,
+)
+from kind_fast.train.logger import MetricsLogger
+from kind_fast.train.models import build_model, make_spec, model_from_state, save_weights
+
+# config keys that may change when a run is resumed without changing what it computes
+_RESUME_FREE = {"steps", "out", "ckpt_every", "keep_last", "log_every", "tensorboard", "progress",
+                "device", "distributed", "eval", "data.workers", "data.path", "method.init"}
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def capture_rng() -> dict:
+    st = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": [s for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_initialized() else [],
+        "numpy": {"name": st[0], "keys": torch.from_numpy(st[1].astype(np.int64)), "pos": int(st[2]),
+                  "has_gauss": int(st[3]), "cached_gaussian": float(st[4])},
+        "python": [list(x) if isinstance(x, tuple) else x for x in random.getstate()],
+    }
+
+
+def restore_rng(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        for i, s in enumerate(state["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(s, i)
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    py = state["python"]
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in py))
+
+
+def _is_dtensor(t) -> bool:
+    return type(t).__name__ == "DTensor"
+
+
+def _full(t: Tensor) -> Tensor:
+    return t.full_tensor() if _is_dtensor(t) else t
+
+
+class Trainer:
+    """Builds everything a run needs from a ``RunConfig`` and trains it.
+
+    ``resume``: None (a fresh run; the output folder must hold no checkpoints), ``"auto"``
+    (the newest checkpoint in ``cfg.out`` if any, else fresh), or a checkpoint file / run folder.
+    """
+
+    def __init__(self, cfg: RunConfig, *, resume: str | None = None, log=print):
+        cfg.validate()
+        self.cfg, self.log_fn = cfg, log
+        self.env = init_distributed(cfg.device)
+        self.device = self.env.device
+        self.out = Path(cfg.out)
+        self.amp_dtype = None
+        if cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda"):
+            self.amp_dtype = torch.bfloat16
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True  # as DiT trains
+            torch.backends.cudnn.allow_tf32 = True
+
+        # ---------------------------------------------------------------- data
+        self.data = build_dataset(cfg.data, cfg.mode)
+        if cfg.batch_size % self.env.world_size:
+            raise ValueError(f"batch_size {cfg.batch_size} (global) is not divisible by the "
+                             f"{self.env.world_size} processes")
+        self.local_batch = cfg.batch_size // self.env.world_size
+        self.sampler = GlobalBatchSampler(len(self.data), cfg.batch_size, cfg.seed)
+        self.diffusion = GaussianDiffusion()
+        self.spec = make_spec(cfg, self.data.num_classes, self.data.sample_shape)
+
+        # ---------------------------------------------------------------- resume?
+        ckpt_path = ck.find_resume(self.out, resume) if resume else None
+        if resume is None and ck.list_checkpoints(self.out):
+            raise FileExistsError(
+                f"{self.out} already holds checkpoints of a run: pass --resume auto to continue it, "
+                "or choose another --out (nothing there was changed)")
+        state = ck.load_checkpoint(ckpt_path) if ckpt_path else None
+        if state is not None:
+            ck.check_compatible(state, self.spec, ckpt_path)
+            if state["step"] > cfg.steps:
+                raise ck.CheckpointError(f"checkpoint {ckpt_path} is at step {state['step']}, past steps={cfg.steps}")
+            old, new = _flat(state["config"]), _flat(cfg.to_dict())
+            changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k)
+                             and k not in _RESUME_FREE and k.split(".")[0] not in _RESUME_FREE)
+            if changed and self.env.is_main:
+                self.log_fn(f"note: resuming with changed settings {changed}; the run will differ "
+                            "from an uninterrupted one")
+
+        # ---------------------------------------------------------------- model
+        model = model_from_state(self.spec, state["model"]) if state is not None else build_model(cfg, self.spec)
+        self.model = model.to(self.device)
+        self.ddp = wrap_model(self.model, self.env, cfg.distributed)
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        if not named:
+            raise ValueError("the model has no trainable parameters")
+        self.param_names = [n for n, _ in named]
+        self.params = [p for _, p in named]
+        o = cfg.optim
+        self.opt = torch.optim.AdamW(self.params, lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay)
+        warm = o.warmup_steps
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, lambda s: min(1.0, (s + 1) / warm) if warm > 0 else 1.0)
+        self.ema = {n: p.detach().clone() for n, p in named}
+        self.step = 0
+        self.elapsed = 0.0
+        self.losses: list[float] = []
+        if state is not None:
+            self._load_state(state)
+            if self.env.is_main:
+                self.log_fn(f"resumed from {ckpt_path} at step {self.step}")
+        self.resumed_from = ckpt_path
+
+        if self.env.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            cfg.save(self.out / "config.json")
+            self.logger = MetricsLogger(self.out, resume_step=self.step if state is not None else None,
+                                        tensorboard=cfg.tensorboard)
+            if self.logger.tb_note and cfg.progress:
+                self.log_fn(self.logger.tb_note)
+        else:
+            self.logger = None
+        barrier(self.env)
+
+    # ------------------------------------------------------------------ state
+    def _dcp_options(self):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+        return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+    def _load_state(self, state: dict) -> None:
+        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+        missing = [n for n in self.param_names if n not in state["ema"]]
+        if missing or len(state["ema"]) != len(self.param_names):
+            raise ck.CheckpointError(f"checkpoint EMA does not match the trainable parameters (missing {missing[:5]})")
+        try:
+            set_optimizer_state_dict(self.ddp, self.opt, state["optimizer"], options=self._dcp_options())
+        except (KeyError, ValueError, RuntimeError) as e:
+            raise ck.CheckpointError(f"checkpoint optimizer state does not fit this run: {e}") from None
+        self.sched.load_state_dict(state["scheduler"])
+        with torch.no_grad():
+            for n, p in zip(self.param_names, self.params):
+                src = state["ema"][n]
+                if src.shape != _full(p).shape:
+                    raise ck.CheckpointError(f"checkpoint EMA {n} has shape {tuple(src.shape)}, model {tuple(p.shape)}")
+                if _is_dtensor(p):
+                    from torch.distributed.tensor import distribute_tensor
+
+                    self.ema[n] = distribute_tensor(src.to(p.dtype).to(self.device), p.device_mesh, p.placements)
+                else:
+                    self.ema[n].copy_(src)
+        rngs = state["rng"]
+        restore_rng(rngs[self.env.rank] if len(rngs) == self.env.world_size else rngs[0])
+        self.step = int(state["step"])
+        self.elapsed = float(state.get("elapsed_s", 0.0))
+        self.losses = torch.as_tensor(state.get("losses", [])).tolist()
+
+    def full_model_state(self) -> dict[str, Tensor]:
+        """Full (gathered) model state dict on the CPU; a collective under FSDP."""
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        return get_model_state_dict(self.ddp, options=self._dcp_options())
+
+    def full_ema_state(self) -> dict[str, Tensor]:
+        return {n: _full(v).detach().cpu() for n, v in self.ema.items()}
+
+    def checkpoint_state(self) -> dict:
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        return {
+            "spec": self.spec,
+            "config": self.cfg.to_dict(),
+            "model": self.full_model_state(),
+            "ema": self.full_ema_state(),
+            "optimizer": get_optimizer_state_dict(self.ddp, self.opt, options=self._dcp_options()),
+            "scheduler": self.sched.state_dict(),
+            "rng": all_gather_object(capture_rng(), self.env),
+            "data": self.sampler.position(self.step),
+            "world_size": self.env.world_size,
+            "elapsed_s": self.elapsed,
+            "losses": torch.tensor(self.losses, dtype=torch.float64),  # float32 values, exactly
+        }
+
+    def save_checkpoint(self) -> Path | None:
+        state = self.checkpoint_state()  # every rank takes part (FSDP gathers)
+        path = None
+        if self.env.is_main:
+            path = ck.save_checkpoint(state, self.out, self.step, keep_last=self.cfg.keep_last)
+        barrier(self.env)
+        return path
+
+    # ------------------------------------------------------------------ one step
+    def _draws(self, step: int) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """This rank's timesteps, noise, drop flags and flips for ``step``."""
+        b = self.cfg.batch_size
+        g = step_generator(self.cfg.seed, step)
+        t = torch.randint(0, self.diffusion.num_timesteps, (b,), generator=g)
+        noise = torch.randn((b, *self.data.sample_shape), generator=g)
+        drop = torch.rand(b, generator=g) < self.cfg.model.class_dropout
+        flip = (torch.rand(b, generator=g) < 0.5) if self.cfg.data.flip else None
+        r, w = self.env.rank, self.env.world_size
+        return (rank_slice(t, r, w), rank_slice(noise, r, w), rank_slice(drop, r, w),
+                None if flip is None else rank_slice(flip, r, w))
+
+    def _forward_loss(self, model: nn.Module, x: Tensor, y: Tensor, step: int) -> dict[str, Tensor]:
+        t, noise, drop, flip = self._draws(step)
+        dev = self.device
+        x, y = x.to(dev, non_blocking=True).float(), y.to(dev, non_blocking=True)
+        t, noise, drop = t.to(dev), noise.to(dev), drop.to(dev)
+        if flip is not None:
+            x = torch.where(flip.to(dev).view(-1, 1, 1, 1), x.flip(-1), x)
+        xt = self.diffusion.q_sample(x, t, noise)
+        with torch.autocast(dev.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
+            out = model(xt, t, y, force_drop_ids=drop.long())
+        terms = self.diffusion.loss_terms(out.float(), x, xt, t, noise)
+        return {k: v.mean() for k, v in terms.items()}
+
+    def train_step(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
+        self.ddp.train()
+        terms = self._forward_loss(self.ddp, x, y, self.step)
+        self.opt.zero_grad(set_to_none=True)
+        terms["loss"].backward()
+        clip = self.cfg.optim.grad_clip
+        gn = torch.nn.utils.clip_grad_norm_(self.params, clip if clip > 0 else math.inf)
+        self.opt.step()
+        self.sched.step()
+        self._update_ema()
+        self.step += 1
+        return {k: v.detach() for k, v in terms.items()} | {"grad_norm": _full(gn).detach()}
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        o = self.cfg.optim
+        decay = min(o.ema_decay, (1 + self.step) / (10 + self.step)) if o.ema_warmup else o.ema_decay
+        ema = [self.ema[n] for n in self.param_names]
+        if any(_is_dtensor(p) for p in self.params):
+            for e, p in zip(ema, self.params):
+                e.lerp_(p.detach(), 1.0 - decay)
+        else:
+            torch._foreach_lerp_(ema, [p.detach() for p in self.params], 1.0 - decay)
+
+    # ------------------------------------------------------------------ the loop
+    def train(self, until: int | None = None) -> list[float]:
+        """Train to ``cfg.steps`` (or stop after step ``until``: for tests that "kill" a run).
+        Returns the per-step losses (global batch means) of the whole run so far."""
+        cfg = self.cfg
+        stop = cfg.steps if until is None else min(until, cfg.steps)
+        main = self.env.is_main
+        bar = None
+        if main and cfg.progress and sys.stderr.isatty() and stop > self.step:
+            from tqdm import tqdm
+
+            bar = tqdm(total=stop, initial=self.step, desc=f"{cfg.mode}/{cfg.method.name}", unit="step",
+                       dynamic_ncols=True)
+        pending: list[dict[str, Tensor]] = []
+        t_win = time.perf_counter()
+        stream = batch_stream(self.data, self.sampler, self.step, stop, self.env.rank,
+                              self.env.world_size, cfg.data.workers)
+        try:
+            for x, y in stream:
+                pending.append(self.train_step(x, y))
+                if self.step % cfg.log_every == 0 or self.step == stop:
+                    t_win = self._flush(pending, t_win, bar)
+                    pending = []
+                if cfg.ckpt_every and self.step % cfg.ckpt_every == 0 and self.step < cfg.steps:
+                    self.save_checkpoint()
+                if bar is not None:
+                    bar.update(1)
+        finally:
+            if bar is not None:
+                bar.close()
+        if pending:
+            self._flush(pending, t_win, bar)
+        if self.step == cfg.steps and stop == cfg.steps:
+            # rank 0 decides (saving is a collective; other nodes may not see the folder)
+            last = ck.list_checkpoints(self.out) if self.env.is_main else []
+            if broadcast_object(not last or last[-1][0] != self.step, self.env):
+                self.save_checkpoint()
+        return list(self.losses)
+
+    def _flush(self, pending: list[dict[str, Tensor]], t_win: float, bar) -> float:
+        keys = ("loss", "mse", "vb")
+        stacked = torch.stack([torch.stack([p[k].float() for k in keys]) for p in pending])  # (n, 3)
+        stacked = all_reduce_mean(stacked, self.env).cpu()
+        gn = float(pending[-1]["grad_norm"])
+        now = time.perf_counter()
+        dt = max(now - t_win, 1e-9)
+        self.elapsed += dt
+        self.losses.extend(stacked[:, 0].tolist())
+        row = {"step": self.step, "loss": stacked[:, 0].mean().item(), "mse": stacked[:, 1].mean().item(),
+               "vb": stacked[:, 2].mean().item(), "lr": self.opt.param_groups[0]["lr"], "grad_norm": gn,
+               "samples_per_s": len(pending) * self.cfg.batch_size / dt, "elapsed_s": self.elapsed}
+        if self.logger is not None:
+            self.logger.log(row)
+        if bar is not None:
+            bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['samples_per_s']:.0f}")
+        return now
+
+    # ------------------------------------------------------------------ outputs
+    def export(self) -> dict[str, Path]:
+        """Write ``<out>/model`` and ``<out>/ema`` (rank 0); returns their paths."""
+        state = self.full_model_state()
+        ema = self.full_ema_state()
+        paths = {}
+        if self.env.is_main:
+            paths["model"] = save_weights(model_from_state(self.spec, state), self.spec, self.out / "model")
+            paths["ema"] = save_weights(model_from_state(self.spec, {**state, **ema}), self.spec, self.out / "ema")
+        barrier(self.env)
+        return paths
+
+    def eval_model(self, which: str = "ema") -> nn.Module:
+        """A standalone copy of the model (EMA or raw weights) on this rank's device, in eval mode."""
+        state = self.full_model_state()
+        if which == "ema":
+            state = {**state, **self.full_ema_state()}
+        elif which != "model":
+            raise ValueError(f"which must be ema or model, got {which!r}")
+        return model_from_state(self.spec, state).to(self.device).eval()
+
+    def count_train_flops(self) -> dict[str, float]:
+        """FLOPs of one training step's forward + backward (FlopCounterMode), per image.
+
+        Attention runs through the math SDPA backend while counting so its matmuls are seen
+        (fused CPU SDPA kernels have no FLOP formula); the kind_linear ops count through their
+        registered formulas. The model is not updated. Single process only.
+        """
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        from torch.utils.flop_counter import FlopCounterMode
+
+        if self.env.distributed:
+            raise RuntimeError("count_train_flops runs in a single process")
+        idx = rank_slice(self.sampler.indices(self.step), 0, 1)
+        if hasattr(self.data, "get_batch"):
+            x, y = self.data.get_batch(idx)
+        else:
+            x, y = _stack([self.data[i] for i in idx.tolist()])
+        model = unwrap(self.ddp)
+        model.train()
+        with torch.no_grad():  # warm the learngene cache as a step after the first would find it
+            self._forward_loss(model, x, y, self.step)
+        with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
+            terms = self._forward_loss(model, x, y, self.step)
+            fwd = fc.get_total_flops()
+            terms["loss"].backward()
+        total = fc.get_total_flops()
+        self.opt.zero_grad(set_to_none=True)
+        n = x.shape[0]
+        return {"train_per_image": total / n, "forward_per_image": fwd / n, "batch": n}
+
+    def close(self) -> None:
+        if self.logger is not None:
+            self.logger.close()
+        cleanup(self.env)
+
+
+def _stack(items):
+    xs, ys = zip(*items)
+    return torch.stack(xs), torch.tensor(ys)

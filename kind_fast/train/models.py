@@ -1,0 +1,269 @@
+"""The model of each training method, and how it is rebuilt from a checkpoint or a save.
+
+Methods (all trained by the same loop):
+
+==================  ===================================================================
+pretrain/kind       KIND-DiT, every component trainable; the class gate diverts tailors.
+pretrain/dense      a plain DiT (fused qkv), all trainable: the dense reference.
+transfer/kind       KIND transfer: learngenes only are loaded (``load_learngenes``), fresh
+                    tailors, gate and label table (``DiT.prepare_transfer``); trainable:
+                    tailors, label table, final layer (learngenes frozen by default).
+transfer/full       full fine-tuning of the dense DiT that the pretrained KIND model exports
+                    with ``to_dense()`` (learngenes only: the knowledge KIND transfer keeps),
+                    new label table (``retarget``), everything trainable.
+transfer/lora       that dense DiT, frozen, LoRA on the block linears (``apply_lora``), plus
+                    the label table and final layer.
+transfer/svdiff     that dense DiT, frozen, SVDiff spectral shifts on the block linears
+                    (``apply_svdiff``), plus the label table and final layer.
+transfer/scratch    a fresh dense DiT of the pretrained architecture, all trainable.
+==================  ===================================================================
+
+A *spec* (a JSON-able dict) records what ``build_from_spec`` needs to rebuild the same module
+structure and trainable set; checkpoints carry it, and resuming compares it with the run's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from kind_fast.dit import DiT, KindConfig, kind_config_dict
+from kind_fast.train.config import RunConfig
+
+SPEC_FILE = "train_spec.json"
+DENSE_WEIGHTS = "model.safetensors"
+
+
+# =====================================================================================
+# Spec
+# =====================================================================================
+def _arch_from_config(cfg: RunConfig, num_classes: int, sample_shape) -> dict:
+    from kind_fast.dit import DiT_models
+
+    m = cfg.model
+    depth, hidden, heads, patch = m.depth, m.hidden_size, m.num_heads, m.patch_size
+    if m.name is not None:
+        depth, hidden, heads, patch = DiT_models[m.name]
+    c, h, w = sample_shape
+    if h != w:
+        raise ValueError(f"images must be square, got {h}×{w}")
+    if h % patch:
+        raise ValueError(f"image size {h} is not a multiple of the patch size {patch} (model.patch_size)")
+    if hidden % heads:
+        raise ValueError(f"model.hidden_size {hidden} is not divisible by model.num_heads {heads}")
+    if hidden % 4:
+        raise ValueError(f"model.hidden_size {hidden} must be a multiple of 4")
+    return dict(input_size=h, patch_size=patch, in_channels=c, hidden_size=hidden, depth=depth,
+                num_heads=heads, mlp_ratio=m.mlp_ratio, class_dropout_prob=m.class_dropout,
+                num_classes=num_classes, learn_sigma=m.learn_sigma)
+
+
+def _kind_from_config(cfg: RunConfig, hidden: int) -> dict:
+    m = cfg.model
+    if m.tailor_rank > hidden:
+        raise ValueError(f"model.tailor_rank {m.tailor_rank} exceeds the hidden size {hidden}")
+    return kind_config_dict(KindConfig(tailor_rank=m.tailor_rank, active=m.active, gate=m.gate,
+                                       null=m.null, qkv=m.qkv, seed=cfg.seed))
+
+
+def resolve_init(path: str | os.PathLike, which: str = "ema") -> Path:
+    """A kind_fast save folder: ``path`` itself, or ``path/<which>`` of a training run."""
+    p = Path(path)
+    for cand in (p, p / which):
+        if (cand / "kind_config.json").is_file() or (cand / SPEC_FILE).is_file():
+            return cand
+    if not p.exists():
+        raise FileNotFoundError(f"method.init {p} does not exist")
+    raise FileNotFoundError(
+        f"method.init {p}: neither it nor {p / which} holds a kind_fast save "
+        f"(kind_config.json or {SPEC_FILE}); point --init at a pretrain run folder or a save folder")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); the save is corrupt") from None
+
+
+def init_info(init_dir: Path) -> dict:
+    """{"arch", "kind", "method"} of a saved model (KIND save or dense save)."""
+    if (init_dir / SPEC_FILE).is_file():
+        spec = _read_json(init_dir / SPEC_FILE)
+        return {"arch": spec["arch"], "kind": spec.get("kind"), "method": spec.get("method")}
+    cfg = _read_json(init_dir / "kind_config.json")
+    model = cfg.get("model") or {}
+    if model.get("class") != "kind_fast.dit.DiT":
+        raise ValueError(f"{init_dir} does not hold a kind_fast.dit.DiT save")
+    return {"arch": model["arch"], "kind": model.get("kind"), "method": "kind"}
+
+
+def make_spec(cfg: RunConfig, num_classes: int, sample_shape) -> dict:
+    """The model spec of a run (reads the init save's architecture for transfer)."""
+    me = cfg.method
+    spec: dict = {"mode": cfg.mode, "method": me.name}
+    if cfg.mode == "pretrain":
+        arch = _arch_from_config(cfg, num_classes, sample_shape)
+        spec["arch"] = arch
+        spec["kind"] = _kind_from_config(cfg, arch["hidden_size"]) if me.name == "kind" else None
+        return spec
+    if me.init:
+        info = init_info(resolve_init(me.init, me.init_weights))
+        arch = dict(info["arch"])
+        if (arch["in_channels"], arch["input_size"], arch["input_size"]) != tuple(sample_shape):
+            raise ValueError(
+                f"the pretrained model takes {arch['in_channels']}×{arch['input_size']}×{arch['input_size']} "
+                f"inputs but the transfer data is {'×'.join(map(str, sample_shape))}")
+        spec["pretrain_classes"] = arch["num_classes"]
+        arch["num_classes"] = num_classes
+        if me.name == "kind" and not info["kind"]:
+            raise ValueError(f"method kind needs a KIND pretrained model; {me.init} is a dense DiT "
+                             "(use method full, lora, svdiff or scratch)")
+        kind = info["kind"]
+    else:  # scratch without an init: the config's architecture
+        arch, kind = _arch_from_config(cfg, num_classes, sample_shape), None
+    spec["arch"] = arch
+    spec["kind"] = kind if me.name == "kind" else None
+    if me.name == "kind":
+        spec["freeze_learngenes"] = me.freeze_learngenes
+    if me.name == "lora":
+        spec["lora_rank"], spec["lora_alpha"] = me.lora_rank, me.lora_alpha
+    return spec
+
+
+# =====================================================================================
+# Building
+# =====================================================================================
+def build_from_spec(spec: dict, *, empty: bool = False) -> nn.Module:
+    """The module structure and trainable set of ``spec`` on the CPU. Weights are a fresh
+    init, or uninitialised memory with ``empty=True`` (built on the meta device: no SVDs; for
+    loading a full state dict right after)."""
+    if empty:
+        with torch.device("meta"):
+            model = build_from_spec(spec)
+        return model.to_empty(device="cpu")
+    from kind_fast.baselines import apply_lora, apply_svdiff
+    from kind_fast.utils import freeze_learngenes
+
+    method, arch = spec["method"], dict(spec["arch"])
+    kind = KindConfig(**spec["kind"]) if spec.get("kind") else None
+    if spec["mode"] == "pretrain":
+        return DiT(**arch, kind=kind).set_mode("pretrain")
+    if method == "kind":
+        model = DiT(**arch, kind=kind).set_mode("transfer")
+        if not spec.get("freeze_learngenes", True):
+            freeze_learngenes(model, False)
+        return model
+    model = DiT(**arch, kind=None)
+    if method in ("full", "scratch"):
+        return model.set_mode("full_finetune")
+    if method == "lora":
+        return apply_lora(model, spec["lora_rank"], alpha=spec.get("lora_alpha"))
+    if method == "svdiff":
+        return apply_svdiff(model)
+    raise ValueError(f"unknown method {method!r} in the model spec")
+
+
+def build_model(cfg: RunConfig, spec: dict) -> nn.Module:
+    """A fresh model for a new run: random init (seeded) or loaded from ``method.init``."""
+    from kind_fast.baselines import apply_lora, apply_svdiff
+    from kind_fast.serialization import load_learngenes
+    from kind_fast.utils import freeze_learngenes
+
+    torch.manual_seed(cfg.seed)
+    method, arch = spec["method"], dict(spec["arch"])
+    if spec["mode"] == "pretrain" or method == "scratch":
+        return build_from_spec(spec)
+    init = resolve_init(cfg.method.init, cfg.method.init_weights)
+    if method == "kind":
+        kind = KindConfig(**spec["kind"])
+        model = DiT(**dict(arch, num_classes=spec["pretrain_classes"]), kind=kind)
+        load_learngenes(model, init)  # learngenes, biases, class-agnostic dense weights only
+        gen = torch.Generator().manual_seed(cfg.seed)
+        model.prepare_transfer(arch["num_classes"], generator=gen)  # fresh tailors, gate, labels
+        if not spec.get("freeze_learngenes", True):
+            freeze_learngenes(model, False)
+        return model
+    dense = load_weights(init).to_dense() if init_info(init)["kind"] else load_weights(init)
+    if not isinstance(dense, DiT) or dense.kind is not None:
+        raise ValueError(f"{init}: expected a DiT")
+    dense.retarget(arch["num_classes"])  # a fresh label table for the new classes
+    dense.requires_grad_(True)
+    if method == "full":
+        return dense.set_mode("full_finetune")
+    if method == "lora":
+        return apply_lora(dense, spec["lora_rank"], alpha=spec.get("lora_alpha"))
+    if method == "svdiff":
+        return apply_svdiff(dense)
+    raise ValueError(f"unknown method {method!r}")
+
+
+# =====================================================================================
+# Final weights (<out>/model and <out>/ema)
+# =====================================================================================
+def save_weights(model: nn.Module, spec: dict, directory: str | os.PathLike) -> Path:
+    """KIND models: the ``save_pretrained`` layout (so ``--init`` and ``load_learngenes`` read
+    it); other models: ``model.safetensors``. Both with ``train_spec.json``."""
+    from safetensors.torch import save_file
+
+    from kind_fast.serialization import save_pretrained
+    from kind_fast.train.checkpoint import atomic_write_text
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    if spec.get("kind"):
+        save_pretrained(model, directory)
+    else:
+        full = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        tmp = directory / f".{DENSE_WEIGHTS}.tmp-{os.getpid()}"
+        save_file(full, str(tmp), metadata={"format": "kind_fast.train"})
+        os.replace(tmp, directory / DENSE_WEIGHTS)
+    atomic_write_text(json.dumps(spec, indent=2, sort_keys=True) + "\n", directory / SPEC_FILE)
+    return directory
+
+
+def model_from_state(spec: dict, state: dict[str, torch.Tensor]) -> nn.Module:
+    """A CPU model of ``spec`` holding exactly ``state`` (a full state dict)."""
+    model = build_from_spec(spec, empty=True)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"the weights do not fit the model spec ({spec.get('mode')}/{spec.get('method')}): "
+                         f"{str(e)[:400]}") from None
+    for m in model.modules():
+        if hasattr(m, "_wg_cache"):
+            m._wg_cache = None
+    return model
+
+
+def load_weights(directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild a model written by ``save_weights`` (or any ``save_pretrained`` KIND-DiT)."""
+    from safetensors.torch import load_file
+
+    from kind_fast.serialization import load_pretrained
+
+    d = Path(directory)
+    if not d.is_dir():
+        raise FileNotFoundError(f"weights folder {d} not found")
+    spec = _read_json(d / SPEC_FILE) if (d / SPEC_FILE).is_file() else None
+    if spec is None or spec.get("kind"):
+        if not (d / "kind_config.json").is_file():
+            raise FileNotFoundError(f"{d} holds neither {SPEC_FILE} nor kind_config.json: not a kind_fast save")
+        return load_pretrained(d, map_location=map_location)
+    path = d / DENSE_WEIGHTS
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing")
+    try:
+        tensors = load_file(str(path))
+    except Exception as e:  # noqa: BLE001 - safetensors raises several types
+        raise ValueError(f"{path} could not be read ({type(e).__name__}: {e}); the save is corrupt") from e
+    return model_from_state(spec, tensors).to(map_location)
+
+
+def read_spec(directory: str | os.PathLike) -> dict | None:
+    p = Path(directory) / SPEC_FILE
+    return _read_json(p) if p.is_file() else None

@@ -1,0 +1,530 @@
+"""Trainer: config, data readers, checkpoints, exact resume, diffusion loss and samplers, metrics."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from kind_fast.diffusion import GaussianDiffusion, space_timesteps
+from kind_fast.train import checkpoint as ck
+from kind_fast.train.config import RunConfig, load_config_file, parse_int_list
+from kind_fast.train.data import (
+    GlobalBatchSampler,
+    ImageFolder,
+    LatentShards,
+    batch_stream,
+    rank_slice,
+    write_latent_shards,
+)
+from kind_fast.train.loop import Trainer
+
+sys.path.insert(0, os.path.dirname(__file__))
+from train_helpers import tiny_config  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # the tiny models here are dominated by per-op overhead; one thread is faster and stable on
+    # a shared 2-core machine
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """A tiny finished KIND pretraining run (the init of the transfer tests)."""
+    out = tmp_path_factory.mktemp("pre")
+    tr = Trainer(tiny_config(out, steps=4))
+    tr.train()
+    tr.export()
+    tr.close()
+    return out
+
+
+# =====================================================================================
+# Config
+# =====================================================================================
+def test_config_defaults_and_round_trip(tmp_path):
+    cfg = RunConfig()
+    cfg.validate()
+    cfg.save(tmp_path / "c.json")
+    again = RunConfig.from_dict(json.loads((tmp_path / "c.json").read_text()))
+    assert again == cfg
+
+
+def test_config_yaml_and_json_files(tmp_path):
+    pytest.importorskip("yaml")
+    (tmp_path / "c.yaml").write_text("steps: 7\noptim:\n  lr: 3.0e-4\ndata: {classes: [1, 2]}\n")
+    (tmp_path / "c.json").write_text(json.dumps({"steps": 7, "optim": {"lr": 3e-4}, "data": {"classes": [1, 2]}}))
+    a = RunConfig.from_dict(load_config_file(tmp_path / "c.yaml"))
+    b = RunConfig.from_dict(load_config_file(tmp_path / "c.json"))
+    assert a == b and a.steps == 7 and a.optim.lr == 3e-4 and a.data.classes == [1, 2]
+
+
+def test_config_yaml_without_pyyaml_is_a_clear_error(tmp_path, monkeypatch):
+    (tmp_path / "c.yaml").write_text("steps: 3\n")
+    monkeypatch.setitem(sys.modules, "yaml", None)
+    with pytest.raises(ImportError, match="needs PyYAML"):
+        load_config_file(tmp_path / "c.yaml")
+
+
+@pytest.mark.parametrize("d, match", [
+    ({"stepz": 3}, "unknown key 'stepz'"),
+    ({"optim": {"lrr": 1}}, "unknown key 'optim.lrr'"),
+    ({"steps": "many"}, "steps: expected an integer"),
+    ({"steps": 0}, "steps: must be >= 1"),
+    ({"optim": {"lr": -1}}, "optim.lr: must be > 0"),
+    ({"method": {"name": "lora"}}, "pretrain supports"),
+    ({"mode": "transfer"}, "needs the pretrained run"),
+    ({"model": {"active": 9, "tailor_rank": 8}}, "model.active"),
+    ({"data": {"source": "imagefolder"}}, "data.path"),
+    ({"data": {"classes": [1, 1]}}, "duplicates"),
+    ({"model": {"name": "DiT-Q/2"}}, "unknown DiT preset"),
+    ({"progress": "maybe"}, "expected true/false"),
+    ({"optim": "fast"}, "expected a mapping"),
+])
+def test_config_rejects_bad_values_with_the_key(d, match):
+    with pytest.raises(ValueError, match=match):
+        RunConfig.from_dict(d)
+
+
+def test_config_file_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        load_config_file(tmp_path / "nope.yaml")
+    (tmp_path / "c.txt").write_text("steps: 1")
+    with pytest.raises(ValueError, match=".yaml, .yml or .json"):
+        load_config_file(tmp_path / "c.txt")
+    (tmp_path / "c.json").write_text("{steps: 1")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        load_config_file(tmp_path / "c.json")
+    (tmp_path / "l.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="mapping at the top level"):
+        load_config_file(tmp_path / "l.json")
+
+
+def test_parse_int_list_and_dotted_overrides():
+    assert parse_int_list("0-3,7") == [0, 1, 2, 3, 7]
+    assert parse_int_list("8,9") == [8, 9]
+    with pytest.raises(ValueError, match="like 0-7"):
+        parse_int_list("3-1")
+    cfg = RunConfig().with_overrides({"optim.ema_decay": "0.99", "data.flip": "true", "data.classes": "1-2"})
+    assert cfg.optim.ema_decay == 0.99 and cfg.data.flip is True and cfg.data.classes == [1, 2]
+
+
+# =====================================================================================
+# Data
+# =====================================================================================
+def test_global_batch_sampler_epochs_ranks_and_determinism():
+    s = GlobalBatchSampler(10, 4, seed=3)
+    stream = torch.cat([s.indices(i) for i in range(5)])  # 20 items = 2 epochs
+    assert sorted(stream[:10].tolist()) == list(range(10)) and sorted(stream[10:].tolist()) == list(range(10))
+    assert torch.equal(s.indices(2), GlobalBatchSampler(10, 4, seed=3).indices(2))
+    assert not torch.equal(torch.cat([s.indices(i) for i in range(3)]),
+                           torch.cat([GlobalBatchSampler(10, 4, seed=4).indices(i) for i in range(3)]))
+    g = s.indices(1)
+    assert torch.equal(torch.cat([rank_slice(g, r, 2) for r in range(2)]), g)
+    with pytest.raises(ValueError, match="not divisible"):
+        rank_slice(torch.arange(5), 0, 2)
+    assert s.position(3) == {"samples_consumed": 12, "epoch": 1, "offset": 2}
+
+
+def _write_images(root, spec):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for cls, n, size in spec:
+        (root / cls).mkdir(parents=True)
+        for i in range(n):
+            a = rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
+            Image.fromarray(a).save(root / cls / f"{i}.png")
+            arrays[(cls, i)] = a
+    return arrays
+
+
+def test_image_folder_reader(tmp_path):
+    pytest.importorskip("PIL")
+    arrays = _write_images(tmp_path, [("cat", 2, (12, 12)), ("dog", 3, (20, 12))])
+    (tmp_path / "dog" / "notes.txt").write_text("not an image")
+    ds = ImageFolder(tmp_path, image_size=12)
+    assert len(ds) == 5 and ds.class_names == ["cat", "dog"] and ds.sample_shape == (3, 12, 12)
+    x, y = ds[0]
+    assert y == 0 and x.shape == (3, 12, 12) and x.dtype == torch.float32
+    # a same-size image is passed through exactly, scaled to [-1, 1]
+    want = torch.from_numpy(arrays[("cat", 0)]).permute(2, 0, 1).float() / 127.5 - 1
+    torch.testing.assert_close(x, want)
+    x, y = ds[4]
+    assert y == 1 and x.shape == (3, 12, 12) and -1 <= x.min() and x.max() <= 1  # 20×12 → centre crop
+    gray = ImageFolder(tmp_path, image_size=6, channels=1, classes=[1])
+    assert len(gray) == 3 and gray.class_names == ["dog"] and gray[0][0].shape == (1, 6, 6) and gray[0][1] == 0
+    xb, yb = next(batch_stream(ds, GlobalBatchSampler(len(ds), 4, 0), 0, 1))
+    assert xb.shape == (4, 3, 12, 12) and yb.shape == (4,)
+
+
+def test_image_folder_bad_paths(tmp_path):
+    pytest.importorskip("PIL")
+    with pytest.raises(FileNotFoundError, match="not a folder"):
+        ImageFolder(tmp_path / "missing")
+    with pytest.raises(ValueError, match="no class sub-folders"):
+        ImageFolder(tmp_path)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "x.txt").write_text("hi")
+    with pytest.raises(ValueError, match="no images"):
+        ImageFolder(tmp_path)
+    _write_images(tmp_path / "b", [("c", 1, (4, 4))])
+    with pytest.raises(ValueError, match="classes 0..0"):
+        ImageFolder(tmp_path / "b", classes=[3])
+
+
+def test_latent_shards_round_trip(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    lat = torch.randn(7, 4, 2, 2, generator=g).half()
+    lab = torch.tensor([0, 1, 2, 0, 1, 2, 0])
+    write_latent_shards(tmp_path, [(lat[:4], lab[:4]), (lat[4:], lab[4:])], class_names=["a", "b", "c"],
+                        scale_factor=0.18215, shard_size=3)
+    meta = json.loads((tmp_path / "index.json").read_text())
+    assert [s["count"] for s in meta["shards"]] == [3, 3, 1]
+    ds = LatentShards(tmp_path)
+    assert len(ds) == 7 and ds.sample_shape == (4, 2, 2) and ds.num_classes == 3 and ds.scale_factor == 0.18215
+    for i in range(7):
+        x, y = ds[i]
+        assert torch.equal(x, lat[i].float()) and y == int(lab[i])
+    sub = LatentShards(tmp_path, classes=[2, 0])
+    assert len(sub) == 5 and sub.class_names == ["c", "a"]
+    assert [sub[i][1] for i in range(5)] == [1, 0, 1, 0, 1]
+    assert torch.equal(sub[1][0], lat[2].float())
+    xb, yb = next(batch_stream(ds, GlobalBatchSampler(7, 4, 0), 0, 1, rank=1, world=2))
+    assert xb.shape == (2, 4, 2, 2)
+
+
+def test_latent_shards_bad_folders(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no index.json"):
+        LatentShards(tmp_path)
+    (tmp_path / "index.json").write_text("{")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        LatentShards(tmp_path)
+    write_latent_shards(tmp_path / "ok", [(torch.zeros(2, 1, 2, 2), torch.tensor([0, 1]))], class_names=["a", "b"],
+                        scale_factor=1.0)
+    (tmp_path / "ok" / "shard_00000.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="is missing"):
+        LatentShards(tmp_path / "ok")
+
+
+# =====================================================================================
+# Checkpoints
+# =====================================================================================
+def test_atomic_save_leaves_no_partial_file(tmp_path, monkeypatch):
+    good = ck.save_checkpoint({"x": torch.ones(3)}, tmp_path, 1, keep_last=3)
+    before = good.read_bytes()
+    real_save = torch.save
+
+    def crash(obj, f, *a, **k):
+        f.write(b"PK\x03\x04 half a zip")  # the write starts, then the process "dies"
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError, match="disk full"):
+        ck.save_checkpoint({"x": torch.zeros(3)}, tmp_path, 2, keep_last=1)
+    monkeypatch.setattr(torch, "save", real_save)
+    files = sorted(p.name for p in (tmp_path / ck.CKPT_DIR).iterdir())
+    assert files == ["step_00000001.pt"], files  # no step 2, no temp file, step 1 kept
+    assert good.read_bytes() == before
+    assert torch.equal(torch.load(good, weights_only=True)["x"], torch.ones(3))
+
+
+def test_keep_last_n(tmp_path):
+    for step in range(1, 6):
+        ck.save_checkpoint({"v": torch.tensor(step)}, tmp_path, step, keep_last=2)
+    assert [s for s, _ in ck.list_checkpoints(tmp_path)] == [4, 5]
+    with pytest.raises(ValueError, match="keep_last"):
+        ck.prune_checkpoints(tmp_path, 0)
+
+
+def test_corrupt_and_foreign_checkpoints_give_clear_errors(tmp_path):
+    cfg = tiny_config(tmp_path / "run", steps=3, ckpt_every=1, keep_last=5)
+    tr = Trainer(cfg)
+    tr.train()
+    tr.close()
+    ckpts = ck.list_checkpoints(cfg.out)
+    assert [s for s, _ in ckpts] == [1, 2, 3]
+    last = ckpts[-1][1]
+    good_prev = ckpts[-2][1].read_bytes()
+    last.write_bytes(last.read_bytes()[:1000])  # truncated (killed mid-copy)
+    with pytest.raises(ck.CheckpointError, match="corrupt or truncated"):
+        Trainer(cfg, resume="auto")
+    assert ckpts[-2][1].read_bytes() == good_prev  # the last good one is untouched
+    tr = Trainer(cfg, resume=str(ckpts[-2][1]))  # and usable
+    assert tr.step == 2
+    tr.close()
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"state_dict": {"w": torch.ones(1)}}, foreign)
+    with pytest.raises(ck.CheckpointError, match="not a kind_fast training checkpoint"):
+        ck.load_checkpoint(foreign)
+    with pytest.raises(FileNotFoundError, match="no such checkpoint"):
+        Trainer(cfg, resume=str(tmp_path / "nope.pt"))
+
+
+def test_incompatible_checkpoint_and_occupied_output(tmp_path):
+    cfg = tiny_config(tmp_path / "run", steps=2)
+    tr = Trainer(cfg)
+    tr.train()
+    tr.close()
+    with pytest.raises(FileExistsError, match="--resume auto"):
+        Trainer(cfg)
+    bigger = tiny_config(tmp_path / "run", steps=4, model={"hidden_size": 48})
+    with pytest.raises(ck.CheckpointError, match="incompatible run.*arch"):
+        Trainer(bigger, resume="auto")
+    short = tiny_config(tmp_path / "run", steps=1)
+    with pytest.raises(ck.CheckpointError, match="past steps=1"):
+        Trainer(short, resume="auto")
+
+
+# =====================================================================================
+# Exact resume
+# =====================================================================================
+@pytest.mark.parametrize("mode", ["pretrain", "transfer"])
+def test_resume_reproduces_an_uninterrupted_run_bitwise(tmp_path, pretrained, mode):
+    kw = dict(steps=7, data={"flip": True}, optim={"ema_decay": 0.9, "warmup_steps": 3})
+    if mode == "transfer":
+        kw["method"] = {"name": "kind", "init": str(pretrained)}
+
+    def cfg(out):
+        return tiny_config(out, mode, **kw)
+
+    a = Trainer(cfg(tmp_path / "a"))
+    losses_a = a.train()
+    state_a = a.checkpoint_state()
+    a.close()
+
+    b = Trainer(cfg(tmp_path / "b"))
+    b.train(until=3)  # "killed" after step 3, with a checkpoint at step 3
+    b.save_checkpoint()
+    b.close()
+    del b
+    torch.manual_seed(12345)  # the resumed process starts with other global RNG states
+    np.random.seed(1)
+    c = Trainer(cfg(tmp_path / "b"), resume="auto")
+    assert c.step == 3
+    losses_c = c.train()
+    state_c = c.checkpoint_state()
+    c.close()
+
+    assert len(losses_a) == 7 and losses_c == losses_a  # bitwise, every step
+    for part in ("model", "ema"):
+        for k, v in state_a[part].items():
+            assert torch.equal(v, state_c[part][k]), (part, k)
+    for pid, st in state_a["optimizer"]["state"].items():
+        for k, v in st.items():
+            assert torch.equal(torch.as_tensor(v), torch.as_tensor(state_c["optimizer"]["state"][pid][k]))
+    assert state_a["scheduler"] == state_c["scheduler"]
+    rows = [r for r in (tmp_path / "b" / "metrics.csv").read_text().splitlines()[1:]]
+    assert [int(r.split(",")[0]) for r in rows] == [2, 3, 4, 6, 7]  # no duplicate rows after resume
+
+
+def test_trainer_writes_its_outputs(tmp_path):
+    cfg = tiny_config(tmp_path / "run", steps=2, tensorboard="auto")
+    tr = Trainer(cfg)
+    tr.train()
+    paths = tr.export()
+    tr.close()
+    saved = RunConfig.from_dict(json.loads((tmp_path / "run" / "config.json").read_text()))
+    assert saved == cfg
+    assert (paths["ema"] / "kind_config.json").is_file() and (paths["model"] / "train_spec.json").is_file()
+    header = (tmp_path / "run" / "metrics.csv").read_text().splitlines()[0]
+    assert header.startswith("step,loss,mse,vb,lr,grad_norm")
+    try:
+        import torch.utils.tensorboard  # noqa: F401
+    except ImportError:
+        assert not (tmp_path / "run" / "tb").exists()
+    else:
+        assert any((tmp_path / "run" / "tb").iterdir())
+
+
+def test_tensorboard_on_without_the_package_is_a_clear_error(tmp_path, monkeypatch):
+    from kind_fast.train.logger import tensorboard_writer
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    with pytest.raises(ImportError, match="pip install tensorboard"):
+        tensorboard_writer(tmp_path, "on")
+    assert tensorboard_writer(tmp_path, "auto") is None
+
+
+def test_kind_op_gives_full_size_zero_grads_for_absent_tailors():
+    """What lets DDP run KIND models with find_unused_parameters=False (see distributed.py)."""
+    from kind_fast import ClassGate, FastKindLinear
+
+    gate = ClassGate.block(4, 8, 2)
+    layer = FastKindLinear(8, 8, tailor_rank=8, gate=gate)
+    layer(torch.randn(3, 5, 8), labels=torch.tensor([1, 1, 4])).sum().backward()  # classes 1 and null only
+    for p in (layer.u_t, layer.v_t, layer.sigma_t):
+        assert p.grad is not None and p.grad.shape == p.shape
+    on = gate.row(1) != 0
+    assert layer.u_t.grad[~on].abs().max() == 0 and layer.u_t.grad[on].abs().max() > 0
+
+
+def test_label_dropout_reaches_the_kind_gate_as_the_null_class(tmp_path):
+    tr = Trainer(tiny_config(tmp_path / "run", steps=1, batch_size=64, model={"class_dropout": 0.5}))
+    x, y = tr.data.get_batch(tr.sampler.indices(0))
+    _, _, drop, _ = tr._draws(0)
+    assert 0 < int(drop.sum()) < 64
+    tr._forward_loss(tr.model, x, y, 0)
+    routed = tr.model.kind_gate.labels
+    assert torch.equal(routed, torch.where(drop, torch.full_like(y, tr.model.num_classes), y))
+    tr.close()
+
+
+def test_train_flops_kind_transfer_below_full_fine_tuning(tmp_path, pretrained):
+    flops = {}
+    for method in ("kind", "full", "lora"):
+        cfg = tiny_config(tmp_path / method, "transfer", steps=1, method={"name": method, "init": str(pretrained)})
+        tr = Trainer(cfg)
+        tr.train()
+        flops[method] = tr.count_train_flops()
+        tr.close()
+    f = {k: v["train_per_image"] for k, v in flops.items()}
+    assert 0 < f["kind"] < f["full"] and 0 < f["lora"] < f["full"], f
+    for v in flops.values():  # fwd + bwd between 2× and 3× the forward
+        assert 2.0 * v["forward_per_image"] < v["train_per_image"] <= 3.05 * v["forward_per_image"]
+
+
+# =====================================================================================
+# Diffusion loss and samplers
+# =====================================================================================
+def test_simple_loss_api_still_works():
+    from kind_fast.dit import DiT
+
+    m = DiT(input_size=8, patch_size=4, in_channels=1, hidden_size=16, depth=1, num_heads=2, num_classes=2)
+    loss = GaussianDiffusion().loss(m, torch.randn(2, 1, 8, 8), torch.tensor([0, 1]), torch.Generator().manual_seed(0))
+    assert loss.dim() == 0 and torch.isfinite(loss)
+
+
+def test_vb_term_trains_only_the_variance_and_vanishes_at_the_posterior():
+    d = GaussianDiffusion()
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.rand(6, 1, 4, 4, generator=g) * 2 - 1
+    noise = torch.randn(x0.shape, generator=g)
+    t = torch.tensor([0, 1, 10, 200, 500, 999])
+    xt = d.q_sample(x0, t, noise)
+    # exact ε and v = -1 (log Σ = log β̃): p equals the posterior, so KL = 0 for t > 0
+    out = torch.cat([noise, -torch.ones_like(noise)], 1).requires_grad_(True)
+    terms = d.loss_terms(out, x0, xt, t, noise)
+    assert terms["mse"].abs().max() < 1e-10
+    assert terms["vb"][1:].abs().max() < 1e-4 and terms["vb"][0] > 0  # t = 0: decoder NLL
+    terms["vb"].sum().backward()
+    assert out.grad[:, :1].abs().max() == 0 and out.grad[:, 1:].abs().max() > 0  # mean gradient stopped
+    assert torch.equal(d.loss_terms(noise, x0, xt, t, noise)["vb"], torch.zeros(6))  # no learned sigma
+    with pytest.raises(ValueError, match="channels"):
+        d.loss_terms(torch.zeros(6, 3, 4, 4), x0, xt, t, noise)
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_samplers_recover_a_point_mass_with_an_exact_eps(sampler):
+    """With data = one point c and the exact ε of that distribution, both samplers end at c."""
+    d = GaussianDiffusion().respaced(25)
+    c = torch.linspace(-0.8, 0.8, 16).view(1, 1, 4, 4).repeat(3, 1, 1, 1)
+    ac = d.alphas_cumprod
+
+    def eps_fn(x, t_model):
+        i = torch.searchsorted(d.timestep_map, t_model)  # back to respaced indices
+        a = ac[i].float().view(-1, 1, 1, 1)
+        return (x - a.sqrt() * c) / (1 - a).sqrt()
+
+    noise = torch.randn(c.shape, generator=torch.Generator().manual_seed(1))
+    g = torch.Generator().manual_seed(2)
+    x = d.ddpm_sample(eps_fn, noise, generator=g) if sampler == "ddpm" else d.ddim_sample(eps_fn, noise)
+    torch.testing.assert_close(x, c, atol=1e-4, rtol=0)
+
+
+def test_respacing():
+    assert space_timesteps(1000, 5) == [0, 250, 500, 749, 999]
+    d = GaussianDiffusion().respaced(50)
+    assert d.num_timesteps == 50 and d.timestep_map[0] == 0 and d.timestep_map[-1] == 999
+    assert ((d.betas > 0) & (d.betas < 1)).all()
+    full = GaussianDiffusion()
+    torch.testing.assert_close(d.alphas_cumprod, full.alphas_cumprod[d.timestep_map])
+    with pytest.raises(ValueError, match="steps"):
+        space_timesteps(1000, 0)
+
+
+def test_sampling_shapes_determinism_and_label_checks(pretrained):
+    from kind_fast.train.models import load_weights
+    from kind_fast.train.sampling import sample
+
+    model = load_weights(pretrained / "ema").train()
+    labels = torch.tensor([0, 3, 7])
+    kw = dict(shape=(1, 8, 8), steps=3, cfg_scale=2.0)
+    a = sample(model, labels, sampler="ddpm", seed=5, **kw)
+    b = sample(model, labels, sampler="ddpm", seed=5, **kw)
+    c = sample(model, labels, sampler="ddpm", seed=6, **kw)
+    assert a.shape == (3, 1, 8, 8) and torch.equal(a, b) and not torch.equal(a, c)
+    assert a.abs().max() <= 1.0
+    d = sample(model, labels, sampler="ddim", seed=5, **kw)
+    e = sample(model, labels, sampler="ddim", seed=5, batch_size=2, **kw)  # chunking is deterministic too
+    assert d.shape == a.shape and torch.equal(d[:2], e[:2])
+    assert sample(model, labels, sampler="ddim", seed=5, shape=(1, 8, 8), steps=3, cfg_scale=1.0).shape == a.shape
+    assert model.training  # sample() switches to eval and back
+    with pytest.raises(ValueError, match="class ids"):
+        sample(model, torch.tensor([8]), **kw)
+    with pytest.raises(ValueError, match="ddpm or ddim"):
+        sample(model, labels, sampler="euler", **kw)
+
+
+# =====================================================================================
+# Images and metrics
+# =====================================================================================
+def test_png_writers_agree(tmp_path):
+    PIL = pytest.importorskip("PIL.Image")
+    from kind_fast.train.sampling import make_grid, save_png
+
+    imgs = torch.rand(5, 3, 4, 6, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    grid = make_grid(imgs, nrow=2, scale=2)
+    assert grid.shape == (3 * 9 + 1, 2 * 13 + 1, 3) and grid.dtype == np.uint8
+    save_png(grid, tmp_path / "pil.png", use_pil=True)
+    save_png(grid, tmp_path / "zlib.png", use_pil=False)
+    for name in ("pil.png", "zlib.png"):
+        with PIL.open(tmp_path / name) as im:
+            assert np.array_equal(np.asarray(im), grid)
+    gray = make_grid(imgs[:, :1], nrow=5)
+    save_png(gray, tmp_path / "g.png", use_pil=False)
+    with PIL.open(tmp_path / "g.png") as im:
+        assert np.array_equal(np.asarray(im), gray[:, :, 0])
+
+
+def test_metrics_sanity():
+    pytest.importorskip("torchmetrics")
+    from kind_fast.data import load_digits
+    from kind_fast.train.metrics import (
+        DigitFeatures,
+        DigitLogits,
+        class_accuracy,
+        frechet_distance,
+        inception_score,
+        kernel_distance,
+        train_digit_classifier,
+    )
+
+    clf, report = train_digit_classifier(0)
+    assert report["test_acc"] > 0.93, report
+    x, y = load_digits()
+    acc, per = class_accuracy(x, y, clf)
+    assert acc > 0.95 and min(per.values()) > 0.85
+    feats = DigitFeatures(clf)
+    real = x[y >= 8]
+    assert abs(frechet_distance(real, real, feats)) < 1e-3
+    noise = torch.rand_like(real) * 2 - 1
+    other = x[y < 2]
+    fid_noise, fid_other = frechet_distance(real, noise, feats), frechet_distance(real, other, feats)
+    assert fid_noise > 10 and fid_other > 10
+    kid_same, _ = kernel_distance(real, real, feats, subsets=5, subset_size=100)
+    kid_noise, _ = kernel_distance(real, noise, feats, subsets=5, subset_size=100)
+    assert abs(kid_same) < 0.05 * kid_noise
+    is_real, _ = inception_score(x, DigitLogits(clf), splits=2)
+    is_one, _ = inception_score(x[y == 3], DigitLogits(clf), splits=2)
+    assert is_real > 5 and is_one < 2

@@ -1,0 +1,190 @@
+"""CLI end to end at tiny step counts: pretrain → transfer (KIND and every baseline) → sample,
+bad arguments with clear errors, and the demo's table."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+from kind_fast.__main__ import main
+
+sys.path.insert(0, os.path.dirname(__file__))
+from train_helpers import TINY_FLAGS  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def pre_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "pre"
+    assert main(["pretrain", "--steps", "3", "--out", str(out), "--no-sample", *TINY_FLAGS]) == 0
+    return out
+
+
+def test_pretrain_outputs(pre_run):
+    cfg = json.loads((pre_run / "config.json").read_text())
+    assert cfg["mode"] == "pretrain" and cfg["steps"] == 3 and cfg["model"]["hidden_size"] == 32
+    assert (pre_run / "checkpoints" / "step_00000003.pt").is_file()
+    assert (pre_run / "ema" / "learngenes.safetensors").is_file()
+    assert len((pre_run / "metrics.csv").read_text().splitlines()) == 4  # header + 3 steps
+
+
+@pytest.mark.parametrize("method", ["kind", "full", "lora", "svdiff", "scratch"])
+def test_transfer_every_method_and_sample(tmp_path, pre_run, method, capsys):
+    out = tmp_path / method
+    rc = main(["transfer", "--init", str(pre_run), "--method", method, "--steps", "2", "--out", str(out),
+               "--set", "eval.sample_steps=2", "--set", "eval.n_per_class=3", *TINY_FLAGS])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "trainable params" in text and "sample grid" in text
+    assert (out / "samples" / "grid.png").is_file()
+    assert json.loads((out / "ema" / "train_spec.json").read_text())["method"] == method
+    png = tmp_path / "s.png"
+    assert main(["sample", str(out), "--steps", "2", "--n-per-class", "2", "--out", str(png), "--npz"]) == 0
+    from PIL import Image
+
+    with Image.open(png) as im:
+        assert im.size == (2 * 33 + 1, 2 * 33 + 1)  # 2 classes × 2 samples, 8 px × 4 + 1 px pad
+    arr = __import__("numpy").load(png.with_suffix(".npz"))["arr_0"]
+    assert arr.shape == (4, 8, 8, 1) and arr.dtype.name == "uint8"
+
+
+def test_config_file_and_print_config(tmp_path, capsys):
+    (tmp_path / "c.json").write_text(json.dumps({"mode": "pretrain", "steps": 9, "optim": {"lr": 0.002}}))
+    assert main(["pretrain", "--config", str(tmp_path / "c.json"), "--steps", "5", "--print-config"]) == 0
+    cfg = json.loads(capsys.readouterr().out)
+    assert cfg["steps"] == 5 and cfg["optim"]["lr"] == 0.002  # the flag beats the file
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["transfer", "--method", "lora"], "needs the pretrained run: --init"),
+    (["transfer", "--init", "/nonexistent/run"], "does not exist"),
+    (["pretrain", "--method", "lora"], "pretrain supports"),
+    (["pretrain", "--config", "/nonexistent/c.yaml"], "not found"),
+    (["pretrain", "--set", "optim.lrr=1"], "unknown key 'optim.lrr'"),
+    (["pretrain", "--set", "steps"], "KEY=VALUE"),
+    (["pretrain", "--classes", "a-b"], "like 0-7"),
+    (["pretrain", "--data", "imagefolder", "--data-path", "/nonexistent/imgs"], "not a folder"),
+    (["pretrain", "--data", "latents", "--data-path", "/nonexistent/lat"], "no index.json"),
+    (["pretrain", "--batch-size", "0"], "batch_size: must be >= 1"),
+])
+def test_bad_arguments_exit_2_with_a_clear_message(argv, match, capsys, tmp_path):
+    assert main([*argv, "--out", str(tmp_path / "o")]) == 2
+    assert match in capsys.readouterr().err
+
+
+def test_transfer_from_a_folder_without_weights(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert main(["transfer", "--init", str(tmp_path / "empty"), "--out", str(tmp_path / "o")]) == 2
+    assert "neither it nor" in capsys.readouterr().err
+
+
+def test_sample_bad_paths(tmp_path, pre_run, capsys):
+    assert main(["sample", str(tmp_path / "nothing")]) == 2
+    assert "no ema/ folder" in capsys.readouterr().err
+    assert main(["sample", str(pre_run), "--classes", "9"]) == 2
+    assert "out of range" in capsys.readouterr().err
+
+
+def test_resume_flag_continues_a_run(tmp_path, capsys):
+    out = tmp_path / "r"
+    base = ["pretrain", "--out", str(out), "--no-sample", *TINY_FLAGS]
+    assert main([*base, "--steps", "2"]) == 0
+    assert main([*base, "--steps", "3"]) == 2  # occupied output folder
+    assert "--resume auto" in capsys.readouterr().err
+    assert main([*base, "--steps", "3", "--resume"]) == 0
+    assert "resumed from" in capsys.readouterr().out
+    assert len((out / "metrics.csv").read_text().splitlines()) == 4
+
+
+def test_demo_prints_one_table(tmp_path, capsys):
+    pytest.importorskip("torchmetrics")
+    out = tmp_path / "demo"
+    rc = main(["demo", "--pretrain-steps", "2", "--steps", "2", "--samples-per-class", "4", "--sample-steps", "2",
+               "--out", str(out)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    for label in ("KIND pretrain", "KIND transfer", "full fine-tune", "LoRA", "SVDiff", "from scratch", "real digits"):
+        assert label in text
+    assert "train GFLOP/img" in text and "transfer_grid.png" in text
+    summary = json.loads((out / "demo_summary.json").read_text())
+    rows = {r["method"]: r for r in summary["rows"]}
+    assert set(rows) == {"pretrain", "kind", "full", "lora", "svdiff", "scratch", "real"}
+    assert rows["kind"]["trainable"] < rows["full"]["trainable"]
+    assert rows["kind"]["train_gflops_per_image"] < rows["full"]["train_gflops_per_image"]
+    assert all(r["fid"] == r["fid"] for r in rows.values())  # computed (not NaN)
+    assert (out / "transfer_grid.png").is_file()
+
+
+def test_latent_pipeline_with_a_tiny_vae(tmp_path, capsys):
+    """encode_latents.py (random tiny AutoencoderKL saved locally) → pretrain on the shards →
+    sample decoded through the same VAE."""
+    pytest.importorskip("diffusers")
+    import numpy as np
+    from diffusers import AutoencoderKL
+    from PIL import Image
+
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
+                        latent_channels=4, norm_num_groups=4, sample_size=16)
+    vae.save_pretrained(tmp_path / "vae")
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (tmp_path / "imgs" / c).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(tmp_path / "imgs" / c / f"{i}.png")
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "scripts"))
+    import encode_latents
+
+    lat = tmp_path / "lat"
+    assert encode_latents.main(["--vae", str(tmp_path / "vae"), "--data", str(tmp_path / "imgs"), "--out", str(lat),
+                                "--image-size", "16", "--flip-copies", "--workers", "0", "--shard-size", "5",
+                                "--device", "cpu"]) == 0
+    meta = json.loads((lat / "index.json").read_text())
+    assert meta["shape"] == [4, 8, 8] and [s["count"] for s in meta["shards"]] == [5, 5, 2]
+    run = tmp_path / "run"
+    assert main(["pretrain", "--data", "latents", "--data-path", str(lat), "--steps", "2", "--out", str(run),
+                 "--no-sample", *TINY_FLAGS]) == 0
+    png = tmp_path / "decoded.png"
+    assert main(["sample", str(run), "--steps", "2", "--n-per-class", "2", "--vae", str(tmp_path / "vae"),
+                 "--out", str(png)]) == 0
+    with Image.open(png) as im:
+        assert im.size == (2 * 33 + 1, 2 * 33 + 1) and im.mode == "RGB"  # 16 px decoded × 2, 2 × 2 grid
+
+
+def test_imagefolder_run_and_digits_eval(tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in ("x", "y", "z"):
+        (tmp_path / "imgs" / c).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(rng.integers(0, 256, (10, 12, 3), dtype=np.uint8)).save(tmp_path / "imgs" / c / f"{i}.png")
+    out = tmp_path / "if"
+    assert main(["pretrain", "--data", "imagefolder", "--data-path", str(tmp_path / "imgs"), "--image-size", "8",
+                 "--classes", "2,0", "--steps", "2", "--out", str(out), "--set", "data.flip=true",
+                 "--set", "eval.sample_steps=2", "--set", "eval.n_per_class=2",
+                 *TINY_FLAGS, "--batch-size", "4"]) == 0  # the last --batch-size wins
+    assert "4 samples, 2 classes" in capsys.readouterr().out
+    with Image.open(out / "samples" / "grid.png") as im:
+        assert im.mode == "RGB" and im.size == (2 * 33 + 1, 2 * 33 + 1)
+    spec = json.loads((out / "ema" / "train_spec.json").read_text())
+    assert spec["arch"]["in_channels"] == 3 and spec["arch"]["num_classes"] == 2
+    # --eval on digits: FID / KID / IS and class accuracy written to eval.json
+    pytest.importorskip("torchmetrics")
+    ev = tmp_path / "ev"
+    assert main(["pretrain", "--steps", "1", "--out", str(ev), "--eval", "--eval-samples", "3", "--no-sample",
+                 *TINY_FLAGS, "--set", "eval.sample_steps=2"]) == 0
+    res = json.loads((ev / "eval.json").read_text())
+    assert {"fid", "kid", "is", "class_acc", "classifier_test_acc"} <= set(res) and res["fid"] > 0

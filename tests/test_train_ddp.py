@@ -1,0 +1,87 @@
+"""torchrun: 2 processes (gloo, CPU) with per-rank batch B/2 match one process with batch B."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from kind_fast.train.logger import read_metrics
+from kind_fast.train.loop import Trainer
+
+sys.path.insert(0, os.path.dirname(__file__))
+from train_helpers import tiny_config  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp_pre")
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        tr = Trainer(tiny_config(out, steps=3, log_every=1))
+        tr.train()
+        tr.export()
+        tr.close()
+    finally:
+        torch.set_num_threads(n)
+    return out
+
+
+def _torchrun(cfg_path, out_args: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "kind_fast", *out_args, "--config", str(cfg_path), "--no-sample"]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+
+
+def _weights(out) -> dict[str, torch.Tensor]:
+    d = out / "model"
+    if (d / "model.safetensors").is_file():
+        return load_file(str(d / "model.safetensors"))
+    return {**load_file(str(d / "learngenes.safetensors")), **load_file(str(d / "tailors.safetensors"))}
+
+
+@pytest.mark.parametrize("mode, method, strategy", [
+    ("pretrain", "kind", "ddp"),
+    ("transfer", "kind", "ddp"),
+    ("transfer", "kind", "fsdp"),
+])
+def test_two_processes_match_one(tmp_path, pretrained, mode, method, strategy):
+    kw = dict(steps=4, log_every=1, distributed=strategy, optim={"ema_decay": 0.5, "warmup_steps": 2})
+    if mode == "transfer":
+        kw["method"] = {"name": method, "init": str(pretrained)}
+    multi = tiny_config(tmp_path / "multi", mode, **kw)
+    cfg_path = tmp_path / "cfg.json"
+    cfg_path.write_text(json.dumps(multi.to_dict()))
+    r = _torchrun(cfg_path, [mode])
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    assert "× 2 processes" in r.stdout
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        single = tiny_config(tmp_path / "single", mode, **kw)
+        tr = Trainer(single)
+        tr.train()
+        tr.export()
+        tr.close()
+    finally:
+        torch.set_num_threads(n)
+
+    a, b = read_metrics(tmp_path / "single"), read_metrics(tmp_path / "multi")
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 4]
+    for ra, rb in zip(a, b):
+        for k in ("loss", "mse", "vb", "grad_norm"):
+            assert rb[k] == pytest.approx(ra[k], rel=1e-5, abs=1e-7), (ra["step"], k)
+    wa, wb = _weights(tmp_path / "single"), _weights(tmp_path / "multi")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-5, atol=1e-6, msg=k)
