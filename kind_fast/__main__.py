@@ -17,7 +17,7 @@ COMMANDS = {
     "sample": ("kind_fast.train.cmd_sample", "CFG samples of a trained run as a PNG grid"),
     "info": ("kind_fast.info", "versions, devices and which backends are live"),
     "flops": ("kind_fast.flops", "analytic FLOPs per mode (KIND, full FT, LoRA, SVDiff): table, markdown, plot"),
-    "bench": ("kind_fast.benchmark", "time one training step per mode and CFG sampling; --report writes markdown + plot"),
+    "bench": ("kind_fast.benchmark", "time a training step per mode and CFG sampling; --report: markdown + plot"),
 }
 
 
