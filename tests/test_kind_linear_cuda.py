@@ -27,7 +27,12 @@ import torch
 
 import kind_fast as kf
 from kind_fast.ops import kind_linear_cuda as cuda_backend
-from kind_fast.ops.kind_linear import kind_linear_backward_ref, kind_linear_ref
+from kind_fast.ops.kind_linear import (
+    kind_linear_backward_fake,
+    kind_linear_backward_ref,
+    kind_linear_fake,
+    kind_linear_ref,
+)
 from kind_fast.testing import ATOL_FLOOR, DISTRIBUTIONS, GATE_KINDS, make_gate, make_labels
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -318,8 +323,8 @@ def emu():
          extra_include_paths=[str(ROOT / "csrc")], extra_cflags=["-O1"], build_directory=str(build),
          is_python_module=False, verbose=False)
     ops = torch.ops.kind_fast_emu
-    for name, fake in (("kind_linear_cuda", cuda_backend._fake_forward),
-                       ("kind_linear_cuda_backward", cuda_backend._fake_backward),
+    for name, fake in (("kind_linear_cuda", kind_linear_fake),
+                       ("kind_linear_cuda_backward", kind_linear_backward_fake),
                        ("kind_linear_cuda_merged", cuda_backend._fake_merged)):
         try:
             torch.library.register_fake(f"kind_fast_emu::{name}", fake)

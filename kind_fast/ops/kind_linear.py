@@ -318,15 +318,20 @@ def kind_linear_flops(m: int, n_in: int, n_out: int, k: int, output_mask: Sequen
     return flops
 
 
-@register_flop_formula(torch.ops.kind_fast.kind_linear)
-def _(x_shape, w_g_shape, bias_shape, u_t_shape, sigma_t_shape, v_t_shape, idx_shape, *args, **kwargs) -> int:
-    return kind_linear_flops(x_shape[0], x_shape[1], w_g_shape[0], idx_shape[1])
+def register_kind_linear_flop_formulas(forward_op, backward_op) -> None:
+    """FLOP formulas of a backend's forward/backward op pair (kind_linear's schemas)."""
+
+    @register_flop_formula(forward_op)
+    def _(x_shape, w_g_shape, bias_shape, u_t_shape, sigma_t_shape, v_t_shape, idx_shape, *args, **kwargs) -> int:
+        return kind_linear_flops(x_shape[0], x_shape[1], w_g_shape[0], idx_shape[1])
+
+    @register_flop_formula(backward_op)
+    def _(grad_y_shape, x_shape, w_g_shape, u_t_shape, sigma_t_shape, v_t_shape, idx_shape, val_shape,
+          labels_shape, h_shape, output_mask, *args, **kwargs) -> int:
+        return kind_linear_flops(x_shape[0], x_shape[1], w_g_shape[0], idx_shape[1], output_mask)
 
 
-@register_flop_formula(torch.ops.kind_fast.kind_linear_backward)
-def _(grad_y_shape, x_shape, w_g_shape, u_t_shape, sigma_t_shape, v_t_shape, idx_shape, val_shape,
-      labels_shape, h_shape, output_mask, *args, **kwargs) -> int:
-    return kind_linear_flops(x_shape[0], x_shape[1], w_g_shape[0], idx_shape[1], output_mask)
+register_kind_linear_flop_formulas(torch.ops.kind_fast.kind_linear, torch.ops.kind_fast.kind_linear_backward)
 
 
 # =====================================================================================

@@ -28,7 +28,16 @@ import torch
 from torch import Tensor
 
 from kind_fast._ext import arch_names, load_extension
-from kind_fast.ops.kind_linear import acc_dtype, kind_linear_backward_ref, kind_linear_flops, kind_linear_ref
+from kind_fast.ops.kind_linear import (
+    acc_dtype,
+    kind_linear_backward_fake,
+    kind_linear_backward_ref,
+    kind_linear_fake,
+    kind_linear_ref,
+    kind_linear_setup_context,
+    make_kind_linear_backward,
+    register_kind_linear_flop_formulas,
+)
 
 # OP, BACKWARD_OP and MERGED_OP are module attributes resolved on first access (__getattr__)
 __all__ = ["status", "supports", "auto_ready", "self_check", "self_check_results", "kind_linear_merged",
@@ -126,41 +135,8 @@ def __getattr__(name: str):  # OP, BACKWARD_OP, MERGED_OP before status() has re
 # =====================================================================================
 # Fake kernels, autograd, FLOP formulas (registered once, when the extension has loaded)
 # =====================================================================================
-def _fake_forward(x, w_g, bias, u_t, sigma_t, v_t, idx, val, labels):
-    y = x.new_empty((x.shape[0], w_g.shape[0]))
-    h = x.new_empty((x.shape[0], idx.shape[1]), dtype=acc_dtype(x.dtype))
-    return y, h
-
-
-def _fake_backward(grad_y, x, w_g, u_t, sigma_t, v_t, idx, val, labels, h, output_mask):
-    like = (x, w_g, w_g[:, 0], u_t, sigma_t, v_t, val)  # dbias is (out,)
-    return tuple(torch.empty_like(ref) if need else x.new_empty(0) for ref, need in zip(like, output_mask))
-
-
 def _fake_merged(x, w_g, bias, u_t, sigma_t, v_t, idx, val, labels, max_classes):
     return x.new_empty((x.shape[0], w_g.shape[0]))
-
-
-def _setup_context(ctx, inputs, output):
-    x, w_g, bias, u_t, sigma_t, v_t, idx, val, labels = inputs
-    _, h = output
-    ctx.has_bias = bias is not None
-    ctx.save_for_backward(x, w_g, u_t, sigma_t, v_t, idx, val, labels, h)
-    ctx.mark_non_differentiable(h)
-
-
-def _backward(ctx, grad_y, grad_h):
-    x, w_g, u_t, sigma_t, v_t, idx, val, labels, h = ctx.saved_tensors
-    n = ctx.needs_input_grad
-    mask = [n[0], n[1], n[2] and ctx.has_bias, n[3], n[4], n[5], n[7]]
-    if not any(mask):
-        return (None,) * 9
-    dx, dw, db, du, ds, dv, dval = torch.ops.kind_fast.kind_linear_cuda_backward(
-        grad_y.contiguous(), x, w_g, u_t, sigma_t, v_t, idx, val, labels, h, mask
-    )
-    pick = lambda t, need: t if need else None  # noqa: E731
-    return (pick(dx, mask[0]), pick(dw, mask[1]), pick(db, mask[2]), pick(du, mask[3]),
-            pick(ds, mask[4]), pick(dv, mask[5]), None, pick(dval, mask[6]), None)
 
 
 def _register() -> None:
@@ -173,19 +149,16 @@ def _register() -> None:
             return
         from torch.utils.flop_counter import register_flop_formula
 
-        torch.library.register_fake("kind_fast::kind_linear_cuda", _fake_forward)
-        torch.library.register_fake("kind_fast::kind_linear_cuda_backward", _fake_backward)
+        torch.library.register_fake("kind_fast::kind_linear_cuda", kind_linear_fake)
+        torch.library.register_fake("kind_fast::kind_linear_cuda_backward", kind_linear_backward_fake)
         torch.library.register_fake("kind_fast::kind_linear_cuda_merged", _fake_merged)
-        torch.library.register_autograd("kind_fast::kind_linear_cuda", _backward, setup_context=_setup_context)
-
-        @register_flop_formula(torch.ops.kind_fast.kind_linear_cuda)
-        def _(x_shape, w_g_shape, bias_shape, u_t_shape, sigma_t_shape, v_t_shape, idx_shape, *a, **k) -> int:
-            return kind_linear_flops(x_shape[0], x_shape[1], w_g_shape[0], idx_shape[1])
-
-        @register_flop_formula(torch.ops.kind_fast.kind_linear_cuda_backward)
-        def _(grad_y_shape, x_shape, w_g_shape, u_t_shape, sigma_t_shape, v_t_shape, idx_shape, val_shape,
-              labels_shape, h_shape, output_mask, *a, **k) -> int:
-            return kind_linear_flops(x_shape[0], x_shape[1], w_g_shape[0], idx_shape[1], output_mask)
+        torch.library.register_autograd(
+            "kind_fast::kind_linear_cuda",
+            make_kind_linear_backward(torch.ops.kind_fast.kind_linear_cuda_backward),
+            setup_context=kind_linear_setup_context,
+        )
+        register_kind_linear_flop_formulas(torch.ops.kind_fast.kind_linear_cuda,
+                                           torch.ops.kind_fast.kind_linear_cuda_backward)
 
         @register_flop_formula(torch.ops.kind_fast.kind_linear_cuda_merged)
         def _(x_shape, w_g_shape, bias_shape, u_t_shape, sigma_t_shape, v_t_shape, idx_shape, val_shape,

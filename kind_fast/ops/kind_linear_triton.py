@@ -49,6 +49,7 @@ from kind_fast.ops.kind_linear import (
     kind_linear_ref,
     kind_linear_setup_context,
     make_kind_linear_backward,
+    register_kind_linear_flop_formulas,
 )
 
 __all__ = ["OP", "BACKWARD_OP", "FACTORED_OP", "kind_linear_factored", "status", "supports",
@@ -260,15 +261,8 @@ _kind_linear_triton_op.register_autograd(
 )
 
 
-@register_flop_formula(torch.ops.kind_fast.kind_linear_triton)
-def _(x_shape, w_g_shape, bias_shape, u_t_shape, sigma_t_shape, v_t_shape, idx_shape, *args, **kwargs) -> int:
-    return kind_linear_flops(x_shape[0], x_shape[1], w_g_shape[0], idx_shape[1])
-
-
-@register_flop_formula(torch.ops.kind_fast.kind_linear_triton_backward)
-def _(grad_y_shape, x_shape, w_g_shape, u_t_shape, sigma_t_shape, v_t_shape, idx_shape, val_shape,
-      labels_shape, h_shape, output_mask: Sequence[bool], *args, **kwargs) -> int:
-    return kind_linear_flops(x_shape[0], x_shape[1], w_g_shape[0], idx_shape[1], output_mask)
+register_kind_linear_flop_formulas(torch.ops.kind_fast.kind_linear_triton,
+                                   torch.ops.kind_fast.kind_linear_triton_backward)
 
 
 OP = torch.ops.kind_fast.kind_linear_triton
