@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kind_fast.kindify import _detect_targets, _matches
+from kind_fast.kindify import replace_linears
 from kind_fast.layers import FastKindLinear
 
 __all__ = ["LoRALinear", "apply_lora", "apply_svdiff", "HEAD_MODULES"]
@@ -69,20 +69,6 @@ class LoRALinear(nn.Module):
         return lin
 
 
-def _replace(model: nn.Module, targets, make) -> list[str]:
-    targets = _detect_targets(model) if targets is None else targets
-    chosen = [(n, m) for n, m in model.named_modules() if n and _matches(n, targets)]
-    if not chosen:
-        raise ValueError(f"no module of {type(model).__name__} matches target_modules={targets!r}")
-    for name, mod in chosen:
-        if not isinstance(mod, nn.Linear):
-            raise TypeError(f"target module {name!r} is a {type(mod).__name__}, not an nn.Linear")
-    for name, mod in chosen:
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, make(mod))
-    return [n for n, _ in chosen]
-
-
 def _unfreeze_heads(model: nn.Module, heads: Sequence[str]) -> None:
     for name in heads:
         if hasattr(model, name):
@@ -94,7 +80,7 @@ def apply_lora(model: nn.Module, rank: int, *, alpha: float | None = None, targe
     """Freeze ``model``, wrap its target linears (default: the DiT block linears) with LoRA,
     and keep ``trainable_heads`` trainable. In place; returns the model."""
     model.requires_grad_(False)
-    _replace(model, target_modules, lambda lin: LoRALinear(lin, rank, alpha))
+    replace_linears(model, target_modules, lambda name, lin: LoRALinear(lin, rank, alpha))
     _unfreeze_heads(model, trainable_heads)
     return model
 
@@ -105,12 +91,12 @@ def apply_svdiff(model: nn.Module, *, target_modules=None,
     trainable), and keep ``trainable_heads`` trainable. In place; returns the model."""
     model.requires_grad_(False)
 
-    def make(lin: nn.Linear) -> FastKindLinear:
+    def make(name: str, lin: nn.Linear) -> FastKindLinear:
         layer = FastKindLinear.from_linear(lin, tailor_rank=0, gate=None)
         layer.requires_grad_(False)
         layer.sigma_g.requires_grad_(True)
         return layer
 
-    _replace(model, target_modules, make)
+    replace_linears(model, target_modules, make)
     _unfreeze_heads(model, trainable_heads)
     return model

@@ -65,6 +65,22 @@ def _matches(name: str, targets: str | Sequence[str]) -> bool:
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
+def replace_linears(model: nn.Module, targets, make) -> list[str]:
+    """Replace every ``nn.Linear`` of ``model`` matching ``targets`` (None: the detected DiT
+    layout) by ``make(name, linear)``, in place; all matches are checked before any change."""
+    targets = _detect_targets(model) if targets is None else targets
+    chosen = [(n, m) for n, m in model.named_modules() if n and _matches(n, targets)]
+    if not chosen:
+        raise ValueError(f"no module of {type(model).__name__} matches target_modules={targets!r}")
+    for name, mod in chosen:
+        if not isinstance(mod, nn.Linear):
+            raise TypeError(f"target module {name!r} is a {type(mod).__name__}, not an nn.Linear")
+    for name, mod in chosen:
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, make(name, mod))
+    return [n for n, _ in chosen]
+
+
 def _detect_label_arg(model: nn.Module) -> str:
     params = inspect.signature(model.forward).parameters
     for cand in LABEL_ARGS:
@@ -115,34 +131,25 @@ def kindify(
     if label_arg not in signature.parameters:
         raise ValueError(f"{type(model).__name__}.forward has no label argument {label_arg!r}")
 
-    chosen = [(n, m) for n, m in model.named_modules() if n and _matches(n, targets)]
-    if not chosen:
-        raise ValueError(f"no module of {type(model).__name__} matches target_modules={targets!r}")
-    for name, mod in chosen:
-        if not isinstance(mod, nn.Linear):
-            raise TypeError(f"target module {name!r} is a {type(mod).__name__}, not an nn.Linear")
-    device = chosen[0][1].weight.device
-    gate = gate.to(device)
-    for name, lin in chosen:
+    def make(name: str, lin: nn.Linear) -> nn.Module:
+        nonlocal gate
+        gate = gate.to(lin.weight.device)  # a no-op after the first layer
         kw = dict(tailor_rank=tailor_rank, learngene_rank=learngene_rank, gate=gate)
-        if split_qkv and name.split(".")[-1] == "qkv":
-            if lin.out_features % 3:
-                raise ValueError(f"{name}: out_features {lin.out_features} is not divisible by 3")
-            parts = []
-            for w, b in zip(lin.weight.chunk(3, 0), (lin.bias.chunk(3, 0) if lin.bias is not None else [None] * 3)):
-                piece = nn.Linear(lin.in_features, w.shape[0], bias=b is not None, device=w.device, dtype=w.dtype)
-                with torch.no_grad():
-                    piece.weight.copy_(w)
-                    if b is not None:
-                        piece.bias.copy_(b)
-                parts.append(FastKindLinear.from_linear(piece, **kw))
-            new: nn.Module = SplitLinear(parts)
-        else:
-            new = FastKindLinear.from_linear(lin, **kw)
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, new)
+        if not (split_qkv and name.split(".")[-1] == "qkv"):
+            return FastKindLinear.from_linear(lin, **kw)
+        if lin.out_features % 3:
+            raise ValueError(f"{name}: out_features {lin.out_features} is not divisible by 3")
+        parts = []
+        for w, b in zip(lin.weight.chunk(3, 0), (lin.bias.chunk(3, 0) if lin.bias is not None else [None] * 3)):
+            piece = nn.Linear(lin.in_features, w.shape[0], bias=b is not None, device=w.device, dtype=w.dtype)
+            with torch.no_grad():
+                piece.weight.copy_(w)
+                if b is not None:
+                    piece.bias.copy_(b)
+            parts.append(FastKindLinear.from_linear(piece, **kw))
+        return SplitLinear(parts)
 
+    replace_linears(model, targets, make)
     model.kind_gate = gate
 
     def _route_labels(module, args, kwargs):
