@@ -53,16 +53,9 @@ def clear_cache() -> None:
 
 
 def _no_timing() -> bool:
-    if os.environ.get("KIND_FAST_AUTOTUNE", "1") == "0" or torch.compiler.is_compiling():
-        return True
-    try:
-        from torch._guards import TracingContext
+    from kind_fast.ops.self_check import capturing_or_tracing
 
-        if TracingContext.try_get() is not None:
-            return True
-    except ImportError:  # pragma: no cover
-        pass
-    return torch.cuda.is_current_stream_capturing()
+    return os.environ.get("KIND_FAST_AUTOTUNE", "1") == "0" or capturing_or_tracing()
 
 
 def _time_ms(fn: Callable[[], None]) -> float:

@@ -22,7 +22,6 @@ Nothing here loads the extension at import; ``status()`` or the first use does.
 from __future__ import annotations
 
 import threading
-import warnings
 
 import torch
 from torch import Tensor
@@ -31,13 +30,12 @@ from kind_fast._ext import arch_names, load_extension
 from kind_fast.ops.kind_linear import (
     acc_dtype,
     kind_linear_backward_fake,
-    kind_linear_backward_ref,
     kind_linear_fake,
-    kind_linear_ref,
     kind_linear_setup_context,
     make_kind_linear_backward,
     register_kind_linear_flop_formulas,
 )
+from kind_fast.ops.self_check import SelfCheckGate
 
 # OP, BACKWARD_OP and MERGED_OP are module attributes resolved on first access (__getattr__)
 __all__ = ["status", "supports", "auto_ready", "self_check", "self_check_results", "kind_linear_merged",
@@ -48,7 +46,6 @@ OP_NAMES = ("kind_linear_cuda", "kind_linear_cuda_backward", "kind_linear_cuda_m
 
 _lock = threading.Lock()
 _registered = False
-_self_checks: dict[tuple[int, torch.dtype], tuple[bool, str]] = {}
 
 
 # =====================================================================================
@@ -67,7 +64,7 @@ def status() -> tuple[bool, str]:
         result = (False, f"compiled extension {reason}")
     else:
         _register()
-        done = sorted(_self_checks.items(), key=lambda kv: (kv[0][0], str(kv[0][1])))
+        done = sorted(_gate.results().items(), key=lambda kv: (kv[0][0], str(kv[0][1])))
         checks = "; ".join(f"cuda:{d} {str(dt).replace('torch.', '')} self-check {'passed' if ok else 'FAILED'}"
                            for (d, dt), (ok, _) in done)
         built = f"{arch_names(getattr(mod, 'ARCH_LIST', '?'))}, CUDA {getattr(mod, 'CUDA_VERSION', '?')}"
@@ -81,45 +78,22 @@ def supports(device_type: str, dtype: torch.dtype) -> bool:
     return device_type == "cuda" and dtype in SUPPORTED_DTYPES
 
 
-def _capturing_or_tracing() -> bool:
-    """True inside torch.compile tracing or CUDA-graph capture: no self-checks, no timing."""
-    if torch.compiler.is_compiling():
-        return True
-    try:
-        from torch._guards import TracingContext
-
-        if TracingContext.try_get() is not None:
-            return True
-    except ImportError:  # pragma: no cover - very old torch
-        pass
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+def _statically_ready(device_type: str, dtype: torch.dtype) -> bool:
+    return supports(device_type, dtype) and status()[0]
 
 
-def auto_ready(device_type: str, dtype: torch.dtype) -> bool:
-    """Whether ``use_backend("auto")`` may pick this backend for ``dtype`` on the current CUDA
-    device: only once its self-check passed there. The check runs on the first eager call
-    (never while compiling or capturing a CUDA graph: there it counts as not passed yet)."""
-    if not supports(device_type, dtype) or not status()[0]:
-        return False
-    key = (torch.cuda.current_device(), dtype)
-    if key not in _self_checks:
-        if _capturing_or_tracing():
-            return False
-        with _lock:
-            if key not in _self_checks:
-                ok, msg = self_check(torch.device("cuda", key[0]), dtype)
-                _self_checks[key] = (ok, msg)
-                _status.clear()  # status() lists the self-checks
-                if not ok:
-                    warnings.warn(f"kind_fast: the CUDA backend failed its self-check on cuda:{key[0]} ({dtype}): "
-                                  f"{msg}. use_backend('auto') will not use it there; please report this.",
-                                  RuntimeWarning, stacklevel=2)
-    return _self_checks[key][0]
+# "auto" uses this backend on a device only after its one-time self-check passed there
+_gate = SelfCheckGate(
+    "CUDA", lambda: (torch.ops.kind_fast.kind_linear_cuda, torch.ops.kind_fast.kind_linear_cuda_backward),
+    _statically_ready, on_result=lambda: _status.clear(),  # status() lists the self-checks
+)
+auto_ready = _gate.auto_ready
+self_check_results = _gate.results
 
 
-def self_check_results() -> dict[tuple[int, torch.dtype], tuple[bool, str]]:
-    """(device index, dtype) -> (passed, details) of the self-checks run so far."""
-    return dict(_self_checks)
+def self_check(device: torch.device, dtype: torch.dtype) -> tuple[bool, str]:
+    """Run the CUDA ops on small random problems on ``device`` against the reference."""
+    return _gate.check(device, dtype)
 
 
 def __getattr__(name: str):  # OP, BACKWARD_OP, MERGED_OP before status() has registered them
@@ -195,68 +169,3 @@ def kind_linear_merged(x: Tensor, w_g: Tensor, bias: Tensor | None, u_t: Tensor,
     return torch.ops.kind_fast.kind_linear_cuda_merged(
         x.contiguous(), w_g.contiguous(), bias, u_t.contiguous(), sigma_t.to(acc), v_t.contiguous(), idx,
         val.to(acc), labels, max_classes)
-
-
-# =====================================================================================
-# Self-check (the gate for use_backend("auto"))
-# =====================================================================================
-# (in, out, N_T, K, B, T, C): odd sizes, K not a multiple of 16, T not a multiple of the 64-row
-# tile, both tailor plans (T >= K: "sample"; T < K: "row"), a padded gate row (fewer active
-# tailors than K) and a repeated tailor id inside a row.
-_CHECK_CASES = ((72, 80, 24, 7, 3, 37, 5), (40, 56, 16, 9, 4, 3, 3))
-
-
-def _check_problem(case, device: torch.device, dtype: torch.dtype, seed: int):
-    n_in, n_out, n_t, k, b, t, classes = case
-    g = torch.Generator().manual_seed(seed)  # CPU generator: the global RNG streams stay untouched
-    ids = torch.stack([torch.randperm(n_t, generator=g)[:k] for _ in range(classes + 1)]).to(torch.int32)
-    val = torch.randn(classes + 1, k, generator=g)
-    val[0, k - 2:] = 0.0  # a padded row: id 0 with value 0
-    ids[0, k - 2:] = 0
-    ids[1, 1] = ids[1, 0]  # a repeated id: contributions are summed
-    tensors = dict(
-        x=torch.randn(b * t, n_in, generator=g), w_g=torch.randn(n_out, n_in, generator=g) * n_in ** -0.5,
-        bias=torch.randn(n_out, generator=g), u_t=torch.randn(n_t, n_out, generator=g) * n_out ** -0.5,
-        v_t=torch.randn(n_t, n_in, generator=g) * n_in ** -0.5,
-    )
-    args = {kk: v.to(device, dtype) for kk, v in tensors.items()}
-    args.update(sigma_t=(torch.rand(n_t, generator=g) + 0.5).to(device), idx=ids.to(device), val=val.to(device),
-                labels=torch.randint(0, classes + 1, (b,), generator=g).to(device))
-    grad_y = torch.randn(b * t, n_out, generator=g).to(device, dtype)
-    return args, grad_y
-
-
-def self_check(device: torch.device, dtype: torch.dtype) -> tuple[bool, str]:
-    """Run the CUDA ops on small random problems on ``device`` and compare every output and
-    gradient with the reference computed in float32 from the same (rounded) inputs.
-    Returns (passed, details). Runs eagerly; synchronises the device once at the end."""
-    order = ("x", "w_g", "bias", "u_t", "sigma_t", "v_t", "idx", "val", "labels")
-    names = ("y", "h", "dx", "dw_g", "dbias", "du_t", "dsigma_t", "dv_t", "dval")
-    tol = {torch.float16: 2e-2, torch.bfloat16: 6e-2}[dtype]
-    worst = 0.0
-    try:
-        for i, case in enumerate(_CHECK_CASES):
-            args, grad_y = _check_problem(case, device, dtype, seed=1234 + i)
-            a = [args[k] for k in order]
-            y, h = torch.ops.kind_fast.kind_linear_cuda(*a)
-            grads = torch.ops.kind_fast.kind_linear_cuda_backward(
-                grad_y, *[args[k] for k in order if k != "bias"], h, [True] * 7)
-            f32 = [t.float() if t.is_floating_point() else t for t in a]
-            y_ref, h_ref = kind_linear_ref(*f32)
-            ref_grads = kind_linear_backward_ref(grad_y.float(), *[t for k, t in zip(order, f32) if k != "bias"],
-                                                 h_ref, [True] * 7)
-            for name, got, ref in zip(names, (y, h, *grads), (y_ref, h_ref, *ref_grads)):
-                if got.shape != ref.shape:
-                    return False, f"case {case}: {name} has shape {tuple(got.shape)}, expected {tuple(ref.shape)}"
-                got32 = got.float()
-                if not bool(torch.isfinite(got32).all()):
-                    return False, f"case {case}: {name} has non-finite values"
-                scale = 1.0 + float(ref.abs().max()) if ref.numel() else 1.0
-                err = float((got32 - ref).abs().max()) if ref.numel() else 0.0
-                if err > tol * scale:
-                    return False, f"case {case}: {name} max error {err:.3g} > {tol * scale:.3g}"
-                worst = max(worst, err / scale)
-        torch.cuda.synchronize(device)
-    except Exception as e:  # noqa: BLE001 - a crash is a failed check, reported, not raised
-        return False, f"{type(e).__name__}: {e}"
-    return True, f"max relative error {worst:.2e} (tolerance {tol:g})"

@@ -51,9 +51,10 @@ from kind_fast.ops.kind_linear import (
     make_kind_linear_backward,
     register_kind_linear_flop_formulas,
 )
+from kind_fast.ops.self_check import SelfCheckGate
 
-__all__ = ["OP", "BACKWARD_OP", "FACTORED_OP", "kind_linear_factored", "status", "supports",
-           "choose_path", "PathChoice", "MAX_ACTIVE"]
+__all__ = ["OP", "BACKWARD_OP", "FACTORED_OP", "kind_linear_factored", "status", "supports", "auto_ready",
+           "self_check", "choose_path", "PathChoice", "MAX_ACTIVE"]
 
 MAX_ACTIVE = 128  # = kernels.kind_linear.MAX_ACTIVE (kept here so the cost model needs no Triton)
 _KERNEL_MODULE = "kind_fast.kernels.kind_linear"
@@ -267,6 +268,20 @@ register_kind_linear_flop_formulas(torch.ops.kind_fast.kind_linear_triton,
 
 OP = torch.ops.kind_fast.kind_linear_triton
 BACKWARD_OP = torch.ops.kind_fast.kind_linear_triton_backward
+
+# "auto" uses this backend on a GPU only after its one-time self-check passed there (the
+# kernels are tested under the interpreter in CI; a compiled kernel that misbehaves on an
+# untested card/Triton version becomes one warning and the reference, not a wrong answer)
+_gate = SelfCheckGate("Triton", lambda: (OP, BACKWARD_OP),
+                      lambda device_type, dtype: device_type == "cuda" and supports(device_type, dtype)
+                      and status()[0])
+auto_ready = _gate.auto_ready
+self_check_results = _gate.results
+
+
+def self_check(device: torch.device, dtype: torch.dtype) -> tuple[bool, str]:
+    """Run the Triton ops on small random problems on ``device`` against the reference."""
+    return _gate.check(device, dtype)
 
 
 # =====================================================================================
