@@ -209,7 +209,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"  {name}: {path}")
     summary = [{k: v for k, v in r.items() if k not in ("fake_for_grid", "k")} for r in rows]
     summary.append({"method": "real", "fid": ref_fid, "class_acc": ref_acc})
-    from kind_fast.train.checkpoint import atomic_write_text
+    from kind_fast.atomic import atomic_write_text
 
     atomic_write_text(json.dumps({"rows": summary, "classifier": report, "args": vars(args)}, indent=2,
                                  default=str) + "\n", out / "demo_summary.json")

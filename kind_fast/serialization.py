@@ -22,10 +22,11 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import Tensor, nn
 
 from kind_fast._version import __version__
+from kind_fast.atomic import atomic_write_bytes, atomic_write_text
 from kind_fast.gate import ClassGate
 from kind_fast.layers import TAILOR_PARAMS
 from kind_fast.utils import kind_layers
@@ -65,18 +66,6 @@ def split_state_dict(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, Ten
     return learn, tail
 
 
-def _atomic_save_tensors(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
-
-
-def _atomic_write_text(text: str, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _model_config(model: nn.Module) -> dict:
     from kind_fast.dit import DiT, kind_config_dict
 
@@ -110,10 +99,11 @@ def save_kind(model: nn.Module, directory: str | os.PathLike, *, parts=("learnge
     learn, tail = split_state_dict(model)
     meta = {"format": "kind_fast", "kind_fast_version": __version__}
     for part in parts:
-        _atomic_save_tensors(learn if part == "learngenes" else tail, d / PART_FILES[part], dict(meta, part=part))
+        tensors = {k: v.detach().contiguous().cpu() for k, v in (learn if part == "learngenes" else tail).items()}
+        atomic_write_bytes(save(tensors, metadata=dict(meta, part=part)), d / PART_FILES[part])
     cfg = _model_config(model)
     cfg["parts"] = {p: PART_FILES[p] for p in parts}
-    _atomic_write_text(json.dumps(cfg, indent=2, sort_keys=True), d / CONFIG_FILE)
+    atomic_write_text(json.dumps(cfg, indent=2, sort_keys=True), d / CONFIG_FILE)
     return d
 
 

@@ -3,6 +3,9 @@ tolerance rule (DESIGN §7). Imported by tests/ and bench/, never by the package
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import Tensor
 
@@ -98,3 +101,15 @@ def assert_close_to_oracle(out: Tensor, oracle: Tensor, torch_lowp: Tensor, dtyp
     bound = 2 * base + ATOL_FLOOR[dtype] * max(1.0, oracle.abs().max().item() if oracle.numel() else 1.0)
     if not err <= bound:
         raise AssertionError(f"{what}: max error {err:.3e} > bound {bound:.3e} (torch's own error {base:.3e})")
+
+
+@contextmanager
+def single_thread() -> Iterator[None]:
+    """Run the block with one intra-op thread. Tiny models are dominated by per-op overhead,
+    and on a shared 2-core machine two OpenMP threads waiting on a busy core ran 5-10× slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)

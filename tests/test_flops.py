@@ -29,15 +29,7 @@ from kind_fast.gate import ClassGate
 from kind_fast.ops.kind_linear import kind_linear_backward_ref, kind_linear_flops, kind_linear_ref
 from kind_fast.utils import parameter_breakdown
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """FLOP counts do not depend on threads; one thread keeps these model-sized runs steady on
-    a shared 2-core machine (two OpenMP threads waiting on a busy core ran 5× slower here)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # =====================================================================================

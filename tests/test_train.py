@@ -26,15 +26,7 @@ from kind_fast.train.loop import Trainer
 sys.path.insert(0, os.path.dirname(__file__))
 from train_helpers import tiny_config  # noqa: E402
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # the tiny models here are dominated by per-op overhead; one thread is faster and stable on
-    # a shared 2-core machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

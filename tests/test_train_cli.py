@@ -8,20 +8,13 @@ import os
 import sys
 
 import pytest
-import torch
 
 from kind_fast.__main__ import main
 
 sys.path.insert(0, os.path.dirname(__file__))
 from train_helpers import TINY_FLAGS  # noqa: E402
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

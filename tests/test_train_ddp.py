@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from kind_fast.testing import single_thread
 from kind_fast.train.logger import read_metrics
 from kind_fast.train.loop import Trainer
 
@@ -23,15 +24,11 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="to
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp_pre")
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with single_thread():
         tr = Trainer(tiny_config(out, steps=3, log_every=1))
         tr.train()
         tr.export()
         tr.close()
-    finally:
-        torch.set_num_threads(n)
     return out
 
 
@@ -65,16 +62,12 @@ def test_two_processes_match_one(tmp_path, pretrained, mode, method, strategy):
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     assert "× 2 processes" in r.stdout
 
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with single_thread():
         single = tiny_config(tmp_path / "single", mode, **kw)
         tr = Trainer(single)
         tr.train()
         tr.export()
         tr.close()
-    finally:
-        torch.set_num_threads(n)
 
     a, b = read_metrics(tmp_path / "single"), read_metrics(tmp_path / "multi")
     assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 4]

@@ -145,7 +145,7 @@ def evaluate_digits(trainer, per_class: int) -> dict:
     """Digits runs: sample ``per_class`` per class and score them (written to eval.json)."""
     import torch
 
-    from kind_fast.train.checkpoint import atomic_write_text
+    from kind_fast.atomic import atomic_write_text
     from kind_fast.train.data import DIGIT_DEFAULTS
     from kind_fast.train.metrics import digits_quality, train_digit_classifier
     from kind_fast.train.sampling import sample

@@ -130,7 +130,7 @@ class RunConfig:
         return RunConfig.from_dict(_nest(overrides), base=self, validate=validate)
 
     def save(self, path: str | os.PathLike) -> None:
-        from kind_fast.train.checkpoint import atomic_write_text
+        from kind_fast.atomic import atomic_write_text
 
         atomic_write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n", Path(path))
 

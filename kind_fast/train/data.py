@@ -319,9 +319,9 @@ class LatentShards:
 def write_latent_shards(folder: str | os.PathLike, chunks, *, class_names: Sequence[str],
                         scale_factor: float, shard_size: int = 10000, extra: dict | None = None) -> Path:
     """Write (latents (n, C, H, W), labels (n,)) chunks as shards of ``shard_size`` + index.json."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
-    from kind_fast.train.checkpoint import atomic_write_text
+    from kind_fast.atomic import atomic_write_bytes, atomic_write_text
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -332,9 +332,7 @@ def write_latent_shards(folder: str | os.PathLike, chunks, *, class_names: Seque
             return
         x, y = torch.cat(buf_x), torch.cat(buf_y).long()
         name = f"shard_{len(shards):05d}.safetensors"
-        tmp = folder / f".{name}.tmp"
-        save_file({"latents": x.contiguous(), "labels": y.contiguous()}, str(tmp))
-        os.replace(tmp, folder / name)
+        atomic_write_bytes(save({"latents": x.contiguous(), "labels": y.contiguous()}), folder / name)
         shards.append({"file": name, "count": int(x.shape[0])})
         buf_x.clear()
         buf_y.clear()

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import csv
+import io
 import os
 from pathlib import Path
+
+from kind_fast.atomic import atomic_write_text
 
 COLUMNS = ("step", "loss", "mse", "vb", "lr", "grad_norm", "samples_per_s", "elapsed_s")
 
@@ -38,12 +41,11 @@ class MetricsLogger:
             with open(self.path, newline="") as f:
                 rows = list(csv.reader(f))
             keep = [r for r in rows[1:] if r and r[0].isdigit() and int(r[0]) <= resume_step]
-            tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-            with open(tmp, "w", newline="") as f:
-                w = csv.writer(f)
-                w.writerow(COLUMNS)
-                w.writerows(keep)
-            os.replace(tmp, self.path)
+            text = io.StringIO(newline="")
+            w = csv.writer(text)
+            w.writerow(COLUMNS)
+            w.writerows(keep)
+            atomic_write_text(text.getvalue(), self.path)
         self.tb = tensorboard_writer(Path(out) / "tb", tensorboard,
                                      purge_step=None if resume_step is None else resume_step + 1)
         self.tb_note = None

@@ -208,10 +208,10 @@ def build_model(cfg: RunConfig, spec: dict) -> nn.Module:
 def save_weights(model: nn.Module, spec: dict, directory: str | os.PathLike) -> Path:
     """KIND models: the ``save_pretrained`` layout (so ``--init`` and ``load_learngenes`` read
     it); other models: ``model.safetensors``. Both with ``train_spec.json``."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
+    from kind_fast.atomic import atomic_write_bytes, atomic_write_text
     from kind_fast.serialization import save_pretrained
-    from kind_fast.train.checkpoint import atomic_write_text
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -219,9 +219,7 @@ def save_weights(model: nn.Module, spec: dict, directory: str | os.PathLike) -> 
         save_pretrained(model, directory)
     else:
         full = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        tmp = directory / f".{DENSE_WEIGHTS}.tmp-{os.getpid()}"
-        save_file(full, str(tmp), metadata={"format": "kind_fast.train"})
-        os.replace(tmp, directory / DENSE_WEIGHTS)
+        atomic_write_bytes(save(full, metadata={"format": "kind_fast.train"}), directory / DENSE_WEIGHTS)
     atomic_write_text(json.dumps(spec, indent=2, sort_keys=True) + "\n", directory / SPEC_FILE)
     return directory
 

@@ -129,7 +129,7 @@ def _png_bytes_zlib(arr: np.ndarray) -> bytes:
 
 def save_png(arr: np.ndarray, path: str | os.PathLike, *, use_pil: bool | None = None) -> Path:
     """Write an (H, W, C) uint8 array (C = 1 or 3) as a PNG (Pillow if installed, else zlib)."""
-    from kind_fast.train.checkpoint import atomic_write_bytes
+    from kind_fast.atomic import atomic_write_bytes
 
     if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] not in (1, 3):
         raise ValueError(f"expected an (H, W, 1 or 3) uint8 array, got {arr.shape} {arr.dtype}")
