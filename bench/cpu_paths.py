@@ -58,57 +58,63 @@ def interleaved(fns: dict, rounds: int, min_time: float = 0.1) -> dict:
 
 
 def layer_rows(rounds: int) -> list[dict]:
-    rows = []
     gen = torch.Generator().manual_seed(0)
+    rows = []
     for n_in, n_out, name in ((64, 64, "q/k/v/proj"), (64, 256, "fc1"), (256, 64, "fc2")):
-        gate = kf.ClassGate.block(CLASSES, N_T, K)
-        layer = kf.FastKindLinear(n_in, n_out, tailor_rank=N_T, gate=gate).freeze_learngenes()
-        lin = nn.Linear(n_in, n_out)
-        x = torch.randn(B, T, n_in, generator=gen).requires_grad_(True)
-        g = torch.randn(B, T, n_out, generator=gen)
-        labels = torch.randint(0, CLASSES + 1, (B,), generator=gen)
-
-        def train(path):
-            def fn():
-                with force_path(path):
-                    layer(x, labels=labels).backward(g)
-            return fn
-
-        fns = {p or "cost model": train(p) for p in ("M0", "M3", "M4", None)}
-        fns["nn.Linear"] = lambda: lin(x).backward(g)
-        res = interleaved(fns, rounds)
-        auto = choose_path(B * T, n_in, n_out, K, N_T, learngene_rank=min(n_in, n_out) - N_T, samples=B,
-                           distinct_classes=CLASSES + 1, training=True, backend="torch", device_type="cpu",
-                           allow=("M0", "M1", "M2", "M3", "M4")).path
-        rows.append(dict(kind="layer", name=f"{name} {n_in}x{n_out}", mode="transfer fwd+bwd", auto_path=auto,
-                         **{k: v[0] * 1e6 for k, v in res.items()}, median={k: v[1] * 1e6 for k, v in res.items()},
-                         wall={k: v[2] * 1e6 for k, v in res.items()}))
-        layer.eval()
-        ye = torch.cat([torch.full((B // 2,), 1), torch.full((B // 2,), CLASSES)])  # a CFG batch
-        xe = x.detach()
-
-        def evaluate(path):
-            def fn():
-                with torch.no_grad(), gate.serving([1, CLASSES]), force_path(path):
-                    layer(xe, labels=ye)
-            return fn
-
-        fns = {p or "cost model": evaluate(p) for p in ("M0", "M3", "M4", None)}
-        fns["nn.Linear"] = lambda: lin(xe)
-        with torch.no_grad():
-            res = interleaved(fns, rounds)
-        auto = choose_path(B * T, n_in, n_out, K, N_T, learngene_rank=min(n_in, n_out) - N_T, samples=B,
-                           distinct_classes=2, training=False, merged_cached=True, backend="torch",
-                           device_type="cpu", allow=("M0", "M1", "M2", "M3", "M4")).path
-        rows.append(dict(kind="layer", name=f"{name} {n_in}x{n_out}", mode="eval (CFG batch)", auto_path=auto,
-                         **{k: v[0] * 1e6 for k, v in res.items()}, median={k: v[1] * 1e6 for k, v in res.items()},
-                         wall={k: v[2] * 1e6 for k, v in res.items()}))
+        rows += layer_case(n_in, n_out, name, gen, rounds)
     return rows
 
 
-def demo_model(kind: bool) -> DiT:
+def layer_case(n_in: int, n_out: int, name: str, gen: torch.Generator, rounds: int) -> list[dict]:
+    every = ("M0", "M1", "M2", "M3", "M4")
+    gate = kf.ClassGate.block(CLASSES, N_T, K)
+    layer = kf.FastKindLinear(n_in, n_out, tailor_rank=N_T, gate=gate).freeze_learngenes()
+    lin = nn.Linear(n_in, n_out)
+    x = torch.randn(B, T, n_in, generator=gen).requires_grad_(True)
+    g = torch.randn(B, T, n_out, generator=gen)
+    labels = torch.randint(0, CLASSES + 1, (B,), generator=gen)
+
+    def train(path):
+        def fn():
+            with force_path(path):
+                layer(x, labels=labels).backward(g)
+        return fn
+
+    fns = {p or "cost model": train(p) for p in ("M0", "M3", "M4", None)}
+    fns["nn.Linear"] = lambda: lin(x).backward(g)
+    res = interleaved(fns, rounds)
+    auto = choose_path(B * T, n_in, n_out, K, N_T, learngene_rank=min(n_in, n_out) - N_T, samples=B,
+                       distinct_classes=CLASSES + 1, training=True, backend="torch", device_type="cpu",
+                       allow=every).path
+    rows = [dict(kind="layer", name=f"{name} {n_in}x{n_out}", mode="transfer fwd+bwd", auto_path=auto,
+                 **{k: v[0] * 1e6 for k, v in res.items()}, median={k: v[1] * 1e6 for k, v in res.items()},
+                 wall={k: v[2] * 1e6 for k, v in res.items()})]
+    layer.eval()
+    ye = torch.cat([torch.full((B // 2,), 1), torch.full((B // 2,), CLASSES)])  # a CFG batch
+    xe = x.detach()
+
+    def evaluate(path):
+        def fn():
+            with torch.no_grad(), gate.serving([1, CLASSES]), force_path(path):
+                layer(xe, labels=ye)
+        return fn
+
+    fns = {p or "cost model": evaluate(p) for p in ("M0", "M3", "M4", None)}
+    fns["nn.Linear"] = lambda: lin(xe)
+    with torch.no_grad():
+        res = interleaved(fns, rounds)
+    auto = choose_path(B * T, n_in, n_out, K, N_T, learngene_rank=min(n_in, n_out) - N_T, samples=B,
+                       distinct_classes=2, training=False, merged_cached=True, backend="torch",
+                       device_type="cpu", allow=every).path
+    rows.append(dict(kind="layer", name=f"{name} {n_in}x{n_out}", mode="eval (CFG batch)", auto_path=auto,
+                     **{k: v[0] * 1e6 for k, v in res.items()}, median={k: v[1] * 1e6 for k, v in res.items()},
+                     wall={k: v[2] * 1e6 for k, v in res.items()}))
+    return rows
+
+
+def demo_model(kind: bool, qkv: str = "split") -> DiT:
     torch.manual_seed(0)
-    cfg = KindConfig(tailor_rank=N_T, active=K) if kind else None
+    cfg = KindConfig(tailor_rank=N_T, active=K, qkv=qkv) if kind else None
     model = DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=64, depth=4, num_heads=4,
                 num_classes=8, kind=cfg)
     if kind:
@@ -125,6 +131,7 @@ def model_rows(rounds: int) -> list[dict]:
     kind_model, dense_model = demo_model(True), demo_model(False)
     kind_step, _ = make_train_step(kind_model, B)
     full_step, _ = make_train_step(dense_model, B)
+    fused_step, _ = make_train_step(demo_model(True, qkv="fused"), B)
 
     def pinned(fn, path):
         def run():
@@ -134,6 +141,7 @@ def model_rows(rounds: int) -> list[dict]:
 
     res = interleaved({"KIND transfer, old path (M0)": pinned(kind_step, "M0"),
                        "KIND transfer, cost model": kind_step,
+                       "KIND transfer, fused qkv (one 64x192 KIND layer), cost model": fused_step,
                        "full fine-tuning": full_step}, rounds)
     rows = [dict(kind="step", name=n, mode="train step", seconds=v[0], median=v[1], wall=v[2]) for n, v in res.items()]
     kind_model.eval()

@@ -230,7 +230,8 @@ def choose_path(
               f"({'cached' if merged_cached and not training else 'merged now'}) + segmented GEMM",
         "M4": "tiny layer: plain autograd ops, all N_T tailors under a dense per-sample gate",
     }
-    reason = f"{reasons[path]}; est. {est * 1e6:.0f} us"
+    # the time estimate is shown where its constants were measured (the CPU), not on CUDA
+    reason = f"{reasons[path]}; est. {est * 1e6:.0f} us" if device_type == "cpu" else reasons[path]
     if prefer != path and prefer not in can and prefer in why_not:
         reason += f" ({prefer} would need fewer FLOPs but {why_not[prefer]})"
     if path == "M0" and "M1" in why_not:

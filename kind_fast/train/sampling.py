@@ -44,15 +44,25 @@ def cfg_model_fn(model: nn.Module, y: Tensor, cfg_scale: float, null_id: int, ch
 def sample(model: nn.Module, labels: Tensor, *, shape: tuple[int, int, int], diffusion: GaussianDiffusion | None = None,
            sampler: str = "ddim", steps: int = 50, cfg_scale: float = 1.5, eta: float = 0.0, seed: int = 0,
            device: torch.device | str = "cpu", batch_size: int = 256, clip_denoised: bool = True,
-           autocast_dtype: torch.dtype | None = None, progress: bool = False) -> Tensor:
+           autocast_dtype: torch.dtype | None = None, progress: bool = False, merged: bool = True,
+           cuda_graphs: bool | None = None) -> Tensor:
     """Samples (N, C, H, W) float32 on the CPU for class ids ``labels`` (N,).
 
     ``sampler``: ddpm (ancestral, learned variance) or ddim (η = ``eta``), on ``steps``
     respaced steps. Deterministic for a given ``seed``: noise is drawn on the CPU per chunk
     of ``batch_size`` from a generator seeded by (seed, chunk index), so results do not
     depend on the device or on other chunks.
+
+    ``merged``: declare each chunk's classes (and the null class under guidance) to the KIND
+    layers, which then run path M3 on per-class weights merged once per chunk (the cost model
+    decides per layer; same samples up to rounding). ``cuda_graphs``: capture the model call in
+    a CUDA graph per chunk (None: on for CUDA devices; see kind_fast.graphs).
     """
+    from contextlib import nullcontext
+
+    from kind_fast.graphs import graphed
     from kind_fast.train.data import derived_seed
+    from kind_fast.utils import serving
 
     if sampler not in ("ddpm", "ddim"):
         raise ValueError(f"sampler must be ddpm or ddim, got {sampler!r}")
@@ -73,12 +83,15 @@ def sample(model: nn.Module, labels: Tensor, *, shape: tuple[int, int, int], dif
             y = labels[start:start + batch_size].to(device)
             gen = torch.Generator().manual_seed(derived_seed(seed, "sample", i))
             noise = torch.randn((y.shape[0], *shape), generator=gen).to(device)
-            fn = cfg_model_fn(model, y, cfg_scale, num_classes, shape[0], autocast_dtype)
-            if sampler == "ddpm":
-                x = sched.ddpm_sample(fn, noise, generator=gen, clip_denoised=clip_denoised, progress=progress)
-            else:
-                x = sched.ddim_sample(fn, noise, eta=eta, generator=gen, clip_denoised=clip_denoised,
-                                      progress=progress)
+            fn = graphed(cfg_model_fn(model, y, cfg_scale, num_classes, shape[0], autocast_dtype), device,
+                         cuda_graphs)
+            classes = set(labels[start:start + batch_size].tolist()) | ({num_classes} if cfg_scale != 1.0 else set())
+            with serving(core, classes) if merged else nullcontext():
+                if sampler == "ddpm":
+                    x = sched.ddpm_sample(fn, noise, generator=gen, clip_denoised=clip_denoised, progress=progress)
+                else:
+                    x = sched.ddim_sample(fn, noise, eta=eta, generator=gen, clip_denoised=clip_denoised,
+                                          progress=progress)
             outs.append(x.float().cpu())
     finally:
         model.train(was_training)
