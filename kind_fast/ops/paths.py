@@ -106,12 +106,14 @@ class DeviceCosts:
     custom_op_s: float
 
 
-# CPU: fitted to the layer timings in bench/results/cpu_paths.md (2-core VM, one thread, torch
-# 2.13; shared with other jobs while measured). CUDA: launch-overhead order of magnitude only,
-# not measured on a GPU; on CUDA the choice between M1, M2 and M3 is decided by FLOPs anyway.
+# "cpu": the reference on the CPU, fitted to the layer timings in bench/results/cpu_paths.md
+# (2-core VM, one thread, torch 2.13; shared with other jobs while measured). "cuda": the fused
+# backends (also under Triton's CPU interpreter, a test vehicle for GPU kernels): no launch
+# overhead is modelled, since none was measured on a GPU, so M1, M2 and M3 are chosen by FLOPs
+# there, as before; CUDA graphs take the launches off the sampling loop.
 COSTS = {
     "cpu": DeviceCosts(flops_per_s=7.5e10, op_s=1.8e-5, custom_op_s=1.1e-4),
-    "cuda": DeviceCosts(flops_per_s=4.0e14, op_s=5e-6, custom_op_s=2e-5),
+    "cuda": DeviceCosts(flops_per_s=4.0e14, op_s=0.0, custom_op_s=0.0),
 }
 
 
@@ -123,11 +125,15 @@ def path_costs(
 ) -> dict[str, tuple[float, float]]:
     """path -> (estimated seconds, forward FLOPs, forward + backward FLOPs) for every path the
     shape could take (before asking what the backend implements; see the module docstring)."""
-    c = COSTS.get(device_type, COSTS["cuda"])
+    c = COSTS["cpu"] if (device_type == "cpu" and backend == "torch") else COSTS["cuda"]
     m, i, o, k, nt = rows, n_in, n_out, active, tailor_rank
     b = samples if samples else max(m, 1)
     dense = 2 * m * i * o
-    lg = dense if (training and learngene_grad) else 0  # dW_G = gᵀx when the learngenes train
+    # when the learngenes train: dW_G = gᵀx, and W_G is materialised (and differentiated) per
+    # step, 2·N_G·in·out forward + twice that backward; every path but M2 pays it
+    lg = dense if (training and learngene_grad) else 0
+    if training and learngene_grad and learngene_rank:
+        lg += 6 * learngene_rank * i * o
 
     def t(flops, ops, custom):
         return flops / c.flops_per_s + ops * c.op_s + custom * c.custom_op_s
@@ -137,10 +143,12 @@ def path_costs(
     ke = nt if tailor_plan(m, b, k, nt) == "row" else k
     f0 = kind_linear_flops(m, i, o, ke)
     b0 = (dense + 4 * m * ke * (i + o) + lg) if training else 0
-    out["M0"] = (t(f0 + b0, 10 + (16 if training else 0), 1 + training), kind_linear_flops(m, i, o, k), f0 + b0)
+    lg_ops = 6 if lg else 0
+    out["M0"] = (t(f0 + b0, 10 + lg_ops + (16 if training else 0), 1 + training), kind_linear_flops(m, i, o, k),
+                 f0 + b0)
     f1 = kind_linear_flops(m, i, o, k)
     b1 = (dense + 4 * m * k * (i + o) + lg) if training else 0
-    out["M1"] = (t(f1 + b1, 3 + (7 if training else 0), 1 + training), f1, f1 + b1)
+    out["M1"] = (t(f1 + b1, 3 + lg_ops + (7 if training else 0), 1 + training), f1, f1 + b1)
     if learngene_rank is not None:
         r = learngene_rank + k
         f2 = 2 * m * r * (i + o)
@@ -153,14 +161,14 @@ def path_costs(
         factor = 1 if (backend == "triton" or device_type == "cpu") else s
         merge = 0 if (merged_cached and not training) else 2 * s * k * i * o
         f3 = dense * factor + merge
-        b3 = (2 * dense * factor + 2 * merge) if training else 0
+        b3 = (2 * dense * factor + 2 * merge + lg - (dense if lg else 0)) if training else 0
         host = backend == "torch" and device_type == "cpu"  # the reference's loop over slots
         ops3 = ((2 + 3 * s) if host else 2) + (0 if merge == 0 else 6) + \
             (((8 + 6 * s) if host else 4) if training else 0)
         out["M3"] = (t(f3 + b3, ops3, 1 + training if backend != "torch" else 0), f3, f3 + b3)
     f4 = dense + 2 * m * nt * (i + o)
     b4 = (dense + 4 * m * nt * (i + o) + lg) if training else 0
-    out["M4"] = (t(f4 + b4, 12 + (14 if training else 0), 0), f4, f4 + b4)
+    out["M4"] = (t(f4 + b4, 12 + lg_ops + (14 if training else 0), 0), f4, f4 + b4)
     return out
 
 
