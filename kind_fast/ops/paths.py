@@ -122,7 +122,7 @@ def path_costs(
     learngene_rank: int | None = None, samples: int | None = None, distinct_classes: int | None = None,
     training: bool = True, learngene_grad: bool = False, merged_cached: bool = False,
     backend: str = "triton", device_type: str = "cuda",
-) -> dict[str, tuple[float, float]]:
+) -> dict[str, tuple[float, float, float]]:
     """path -> (estimated seconds, forward FLOPs, forward + backward FLOPs) for every path the
     shape could take (before asking what the backend implements; see the module docstring)."""
     c = COSTS["cpu"] if (device_type == "cpu" and backend == "torch") else COSTS["cuda"]
