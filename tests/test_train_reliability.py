@@ -259,6 +259,12 @@ def test_non_finite_loss_stops_without_writing(tmp_path, monkeypatch):
     with pytest.raises(NonFiniteError):
         tr.export()
     assert not (out / "model").exists()
+    # without checkpoints in between, the loss itself stops the run at the step it went NaN
+    tr = Trainer(tiny_config(tmp_path / "b", steps=6, log_every=1), log=lambda *a: None)
+    with pytest.raises(NonFiniteError, match=r"the loss became non-finite \(nan\) at step 3"):
+        tr.train()
+    tr.close()
+    assert tr.step == 3 and _steps(tmp_path / "b") == []
 
 
 def test_cli_non_finite_exit_code_and_finite_checkpoints(tmp_path):
