@@ -420,9 +420,9 @@ def test_auto_op_routes_by_the_gate(monkeypatch):
 @pytest.fixture(scope="module")
 def emu():
     """torch.ops.kind_fast_emu: csrc/ compiled with g++ as plain C++ (about 15-60 s once)."""
-    from torch.utils.cpp_extension import load
-
     import hashlib
+
+    from torch.utils.cpp_extension import load
 
     py = f"{sys.version_info[0]}{sys.version_info[1]}"
     tree = hashlib.sha1(str(ROOT).encode()).hexdigest()[:10]  # one build folder per checkout

@@ -414,7 +414,8 @@ def cost_table_markdown(hw: Hardware = H200, tokens: tuple[int, ...] = (8192, 65
     d, n_t, k, per_sample = 1152, 96, 32, 256
     layers = {"qkv": (d, 3 * d), "proj": (d, d), "fc1": (d, 4 * d), "fc2": (4 * d, d)}
     lines = ["| layer | M | forward goal | reference | cuda M1 | K-augmented | cuda M3 (CFG) | "
-             "transfer: reference | cuda M1 | pretrain: reference | cuda M1 | auto uses cuda M1 (fwd/transfer/pretrain) |",
+             "transfer: reference | cuda M1 | pretrain: reference | cuda M1 | "
+             "auto uses cuda M1 (fwd/transfer/pretrain) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, (n_in, n_out) in layers.items():
         for m in tokens:
