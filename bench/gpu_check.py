@@ -604,11 +604,26 @@ def environment(cfg: Config) -> dict:
     return env
 
 
+def _deadline_of(spec: str | None, section: str) -> float | None:
+    """--deadline's value for ``section``: "EPOCH" or "layers=EPOCH,steps=EPOCH" (None: no limit)."""
+    if not spec:
+        return None
+    if "=" not in spec:
+        return float(spec)
+    for part in spec.split(","):
+        name, _, value = part.partition("=")
+        if name.strip() == section:
+            return float(value)
+    return None
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
     ap.add_argument("--out", type=Path, required=True, help="results folder (one <section>.json per section)")
-    ap.add_argument("--deadline", type=float, default=None, help="epoch seconds: start no row after it")
+    ap.add_argument("--deadline", default=None,
+                    help="epoch seconds after which no row starts: one number for every section, or "
+                         "SECTION=EPOCH,... per section")
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, float32, reference backend")
     ap.add_argument("--summarize", action="store_true", help="merge OUT's section files and print the table")
     a = ap.parse_args(argv)
@@ -628,7 +643,7 @@ def main(argv=None) -> int:
             raise SystemExit(f"unknown section {sec!r}; choose from {SECTIONS}")
         t0 = time.time()
         try:
-            rows = funcs[sec](cfg, Deadline(a.deadline, sec))
+            rows = funcs[sec](cfg, Deadline(_deadline_of(a.deadline, sec), sec))
         except Exception as e:  # noqa: BLE001 - one broken section must not lose the others
             traceback.print_exc()
             rows, status = [{"section": sec, "error": f"{type(e).__name__}: {e}"}], 1

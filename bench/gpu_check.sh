@@ -11,12 +11,12 @@
 # Time budget (seconds from the start; KIND_FAST_CHECK_SECONDS scales it, default 450):
 #   0     environment; the extension build starts in the background (limit 240 s; nvcc uses a
 #         few of the 16 cores while the first GPU section runs)
-#   ~0.52 section "layers" + "steps" stop starting rows (Triton, reference, torch.compile of two
-#         reference rows, F.linear / nn.Linear; DiT-XL/2 train steps and peak memory)
-#   ~0.58 the build must be done (else the CUDA rows are skipped with the build log's tail)
-#   ~0.80 the GPU tests are stopped (pytest -m gpu; a stopped run still reports its counts)
-#   ~0.97 sections "cuda" + "sampling" stop starting rows (the CUDA backend's M1 and M3 rows;
-#         dense vs KIND-DiT M1 vs M3 sampling step)
+#   38 %  section "layers" starts no more rows (Triton, reference, torch.compile of two reference
+#         rows, F.linear / nn.Linear); 52 %: section "steps" (DiT-XL/2 train steps, peak memory)
+#   58 %  the build must be done (else the CUDA rows are skipped, with the build log)
+#   78 %  the GPU tests are stopped (pytest -m gpu; a stopped run still reports its counts)
+#   90 %  section "cuda" starts no more rows (the CUDA backend's M1 and M3 rows); 97 %: section
+#         "sampling" (dense vs KIND-DiT M1 vs M3 sampling step)
 #   then  summary.md, results.json; the table is printed last
 # Each section skips what no longer fits, with the reason; a failed step never stops the others.
 # --dry-run: no GPU, no build; every section runs on the CPU with tiny shapes and the reference
@@ -102,7 +102,7 @@ fi
 # ---- 3. layers and training steps (the extension is not loaded while it is being built) ------
 say "sections layers, steps"
 KIND_FAST_DISABLE_CUDA_EXT=1 timeout -k 10 "$(left "$(at 56)")" "$PY" bench/gpu_check.py "${FLAGS[@]}" \
-    --out "$RES" --sections layers,steps --deadline "$(at 52)" >"$RES/bench_a.log" 2>&1
+    --out "$RES" --sections layers,steps --deadline "layers=$(at 38),steps=$(at 52)" >"$RES/bench_a.log" 2>&1
 say "layers, steps: rc=$? ($(grep -c '^layers ' "$RES/bench_a.log") layer rows logged)"
 copy_out
 
@@ -124,7 +124,7 @@ if [ "$DRY" = 1 ]; then
     "$PY" -m pytest -q -m gpu --collect-only -p no:cacheprovider tests/test_kind_linear_cuda.py >"$RES/gpu_tests.log" 2>&1
     echo "GPU tests: dry run, collected only: $(tail -n 1 "$RES/gpu_tests.log")" >"$RES/gpu_tests.summary"
 else
-    timeout -k 10 "$(left "$(at 80)")" "$PY" -m pytest -m gpu -v -rs -p no:cacheprovider \
+    timeout -k 10 "$(left "$(at 78)")" "$PY" -m pytest -m gpu -v -rs -p no:cacheprovider \
         --continue-on-collection-errors tests/ >"$RES/gpu_tests.log" 2>&1
     rc=$?
     counts=$(grep -E "^(tests/)?[^ ]+::[^ ]+ (PASSED|FAILED|SKIPPED|ERROR)" "$RES/gpu_tests.log" \
@@ -140,7 +140,7 @@ copy_out
 # ---- 6. the CUDA extension's rows and the sampling step ----------------------------------------
 say "sections cuda, sampling"
 timeout -k 10 "$(left "$(at 100)")" "$PY" bench/gpu_check.py "${FLAGS[@]}" --out "$RES" --sections cuda,sampling \
-    --deadline "$(at 97)" >"$RES/bench_b.log" 2>&1
+    --deadline "cuda=$(at 90),sampling=$(at 97)" >"$RES/bench_b.log" 2>&1
 say "cuda, sampling: rc=$?"
 
 # ---- 7. summary: the ratio table, last ---------------------------------------------------------
