@@ -8,7 +8,7 @@ What it is for (docs/design.md §2, §6):
   16-byte ``cp.async`` K-loops), deterministic gradient reductions. It makes the same passes
   over memory as the reference (one GEMM, one more read of x, a read-modify-write of y), so it
   cannot meet the forward goal of §6 (about 1.14 × F.linear at DiT-XL/2; a second pass over x
-  alone costs ~10 % of the GEMM at out = 1152): the single-pass fused M1 is the Triton
+  alone costs ~16 % of the GEMM at out = 1152 on an H200): the single-pass fused M1 is the Triton
   backend's. ``use_backend("auto")`` uses this M1 only where the cost model below says it is
   no slower than the reference (``auto_shape_ok``), after its one-time self-check passed.
 * **Path M3 (sampling) on cuBLAS**: ``kind_linear_merged`` merges one dense weight per group of
