@@ -390,6 +390,8 @@ class _AutoOp:
         mode = "forward" if not grad else ("pretrain" if w_g.requires_grad else "transfer")
         key = (int(x.shape[0]), int(labels.shape[0]), int(x.shape[1]), int(w_g.shape[0]), int(u_t.shape[0]),
                int(idx.shape[1]), mode)
+        if torch.compiler.is_compiling():  # shapes are constants of the trace: no cache to mutate
+            return auto_shape_ok(*key[:6], mode)
         ok = _GATE_CACHE.get(key)
         if ok is None:
             ok = _GATE_CACHE[key] = auto_shape_ok(*key[:6], mode)
