@@ -306,6 +306,9 @@ def section_steps(cfg: Config, deadline: Deadline) -> list[dict]:
         for row in rows:
             if row["mode"] in times:
                 row["t_step_ms"] = times[row["mode"]] * 1e3
+    for row in rows:
+        if row["mode"] != "full_ft":
+            row["kind_backend"] = _auto_backend(cfg)
     base = next((r for r in rows if r["mode"] == "full_ft" and "t_step_ms" in r), None)
     for row in rows:
         if base is None or row is base or "t_step_ms" not in row:
@@ -330,6 +333,16 @@ def section_steps(cfg: Config, deadline: Deadline) -> list[dict]:
     steps.clear()
     free(cfg)
     return rows
+
+
+def _auto_backend(cfg: Config) -> str:
+    """The backend use_backend("auto") resolves to for the KIND layers (cached choices per shape
+    may differ between Triton and the CUDA extension when both are ready)."""
+    from kind_fast.backends import _auto_candidates, resolve_backend
+
+    name = resolve_backend(cfg.device, cfg.dtype if cfg.device.type == "cuda" else torch.float32)
+    cands = _auto_candidates(cfg.device.type, torch.bfloat16) if cfg.device.type == "cuda" else ()
+    return name if len(cands) < 2 else f"{name} (auto times {', '.join(cands)} per shape)"
 
 
 def _median_events(fn, cfg: Config, reps: int = 5) -> float:
@@ -500,6 +513,7 @@ def section_sampling(cfg: Config, deadline: Deadline) -> list[dict]:
         for k, v in times.items():
             row[f"t_{k}_ms"] = v * 1e3
         row["m1_vs_dense"] = times["kind_m1"] / times["dense"]
+        row["m1_backend"] = _auto_backend(cfg)
         goals = {}
         if "kind_m3" in times:
             r = times["kind_m3"] / times["dense"]
@@ -519,6 +533,8 @@ def section_sampling(cfg: Config, deadline: Deadline) -> list[dict]:
 # Summary: results.json, summary.md and the ratio table (printed last)
 # =====================================================================================
 def _f(v, fmt="{:.2f}"):
+    if isinstance(v, str):
+        return v
     return "-" if v is None else fmt.format(v)
 
 
@@ -543,7 +559,8 @@ def ratio_table(rows: list[dict]) -> list[str]:
         ctx = []
         for key, label in (("reference_vs_linear", "reference"), ("compiled_vs_linear", "compiled ref"),
                            ("cuda_vs_linear", "cuda M1"), ("m1_vs_dense", "M1"), ("memory_vs_full_ft", "memory"),
-                           ("t_step_ms", "step ms"), ("peak_mem_gib", "peak GiB")):
+                           ("t_step_ms", "step ms"), ("peak_mem_gib", "peak GiB"), ("m1_backend", "M1 on"),
+                           ("kind_backend", "KIND layers on")):
             if key in r and not (sec == "steps" and key == "memory_vs_full_ft" and "step_memory_vs_full_ft"
                                  in r.get("goals", {})):
                 ctx.append(f"{label} {_f(r[key])}")
