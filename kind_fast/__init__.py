@@ -11,6 +11,7 @@ from kind_fast.gate import ClassGate
 from kind_fast.kindify import kindify
 from kind_fast.layers import FastKindLinear
 from kind_fast.ops.kind_linear import kind_linear, kind_linear_ref
+from kind_fast.tasks import MultiTaskDiT, load_base, load_task, save_task
 from kind_fast.utils import print_trainable_parameters
 
 __all__ = [
@@ -22,6 +23,10 @@ __all__ = [
     "kindify",
     "load_export",
     "save_export",
+    "save_task",
+    "load_task",
+    "load_base",
+    "MultiTaskDiT",
     "print_trainable_parameters",
     "use_backend",
     "current_backend",

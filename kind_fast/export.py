@@ -389,7 +389,9 @@ def export_dit(model, classes, form: str = "merged", *, guidance: bool = True) -
         if guidance or len(classes) != 1:
             raise ValueError("form='dense' exports one class without guidance (guidance=False): the null label "
                              "CFG evaluates needs other block weights. Use form='merged' or 'reduced' for CFG")
-        return model.to_dense(classes[0]).eval()
+        dense = model.to_dense(classes[0]).eval()
+        dense.export_classes = classes  # recorded by save_export
+        return dense
     if not classes and not guidance:
         raise ValueError("nothing to export: no classes and no guidance")
     dtype = model.final_layer.linear.weight.dtype

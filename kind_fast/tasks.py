@@ -91,7 +91,7 @@ def base_fingerprint(model) -> str:
     for k, v in _base_items(model):
         t = v.detach().cpu().contiguous()
         h.update(f"{k}|{str(t.dtype).removeprefix('torch.')}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())  # the tensor's bytes, not copied
     return h.hexdigest()
 
 
@@ -323,7 +323,8 @@ class MultiTaskDiT(nn.Module):
         _check_kind_dit(base, "MultiTaskDiT")
         if not tasks:
             raise ValueError("MultiTaskDiT needs at least one task")
-        self.task_names = [name for name, _, _ in tasks]
+        names = [str(name) for name, _, _ in tasks]
+        self.task_names = [n if names.count(n) == 1 else f"{n}-{k}" for k, n in enumerate(names)]  # unique
         self.task_classes = [int(cfg["num_classes"]) for _, cfg, _ in tasks]
         self.arch = dict(base.arch)
         self.in_channels, self.out_channels = base.in_channels, base.out_channels

@@ -181,6 +181,7 @@ def test_dense_export_is_a_facebookresearch_layout_pt(tmp_path):
     d = kf.save_export(dense, tmp_path / "dense")
     state = torch.load(d / "model.pt", weights_only=True)
     assert set(state) == set(DiT(**m.arch, kind=None).state_dict())  # DiT checkpoint keys, fused qkv
+    assert json.loads((d / "export_config.json").read_text())["classes"] == [2]
     assert "blocks.0.attn.qkv.weight" in state and "y_embedder.embedding_table.weight" in state
     back = kf.load_export(d)
     assert isinstance(back, DiT) and back.kind is None

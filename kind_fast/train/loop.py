@@ -368,7 +368,8 @@ class Trainer:
                 from kind_fast.train.models import resolve_init
 
                 base = resolve_init(self.cfg.method.init, self.cfg.method.init_weights)
-                paths["task"] = save_task(ema_model, self.out / "task", overwrite=True, base_source=str(base))
+                paths["task"] = save_task(ema_model, self.out / "task", name=self.out.name, overwrite=True,
+                                          base_source=str(base))
         barrier(self.env)
         return paths
 
