@@ -403,7 +403,7 @@ def export_dit(model, classes, form: str = "merged", *, guidance: bool = True) -
     if form == "reduced":
         # the served labels' rows of the compiled gate, re-indexed into the bank of the tailors
         # they use (same slot order and values as the KIND layer's: the tailor term is the same)
-        idx, val = (t.detach().cpu() for t in gate.compiled(torch.device("cpu")))
+        idx, val = (t.detach().cpu() for t in gate.compiled())
         active = gate.mask.detach().cpu() > 0
         used = sorted({int(idx[ell, q]) for ell in served for q in range(idx.shape[1]) if active[ell, q]})
         pos = {j: i for i, j in enumerate(used)}

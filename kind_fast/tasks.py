@@ -334,12 +334,14 @@ class MultiTaskDiT(nn.Module):
         for c in self.task_classes:
             offsets.append(offsets[-1] + c + 1)  # each task: its classes, then its null label
         self.num_labels = offsets[-1]
+        self._offsets = offsets  # host copy: label() never syncs
         self.num_classes = self.num_labels  # label ids are [0, num_labels): what sample() checks
-        self.register_buffer("label_offset", torch.tensor(offsets), persistent=False)
+        dev = base.pos_embed.device
+        self.register_buffer("label_offset", torch.tensor(offsets, device=dev), persistent=False)
         task_of = torch.cat([torch.full((c + 1,), k) for k, c in enumerate(self.task_classes)])
         null_of = torch.cat([torch.full((c + 1,), offsets[k] + c) for k, c in enumerate(self.task_classes)])
-        self.register_buffer("task_of_label", task_of, persistent=False)
-        self.register_buffer("null_of_label", null_of, persistent=False)
+        self.register_buffer("task_of_label", task_of.to(dev), persistent=False)
+        self.register_buffer("null_of_label", null_of.to(dev), persistent=False)
 
         # the combined gate: task k's rows and columns at its label and tailor offsets
         n_t = [g.tailor_rank for g in gates]
@@ -366,7 +368,6 @@ class MultiTaskDiT(nn.Module):
             if m._wg_cache is not None:
                 memo[id(m._wg_cache[1])] = m._wg_cache[1]
         self.blocks = copy.deepcopy(base.blocks, memo)
-        dev = base.pos_embed.device
         with torch.no_grad():
             for name, layer in kind_layers(self.blocks):
                 full = f"blocks.{name}"
@@ -420,11 +421,11 @@ class MultiTaskDiT(nn.Module):
         n = self.task_classes[k]
         if c.numel() and (int(c.min()) < 0 or int(c.max()) >= n):
             raise ValueError(f"task {self.task_names[k]!r} has classes 0..{n - 1}, got {c.tolist()}")
-        return c + int(self.label_offset[k])
+        return c + self._offsets[k]
 
     def null_label(self, task: int | str) -> int:
         k = self._task_index(task)
-        return int(self.label_offset[k]) + self.task_classes[k]
+        return self._offsets[k] + self.task_classes[k]
 
     def null_labels(self, y: Tensor) -> Tensor:
         """Each sample's own task's null label (for classifier-free guidance)."""

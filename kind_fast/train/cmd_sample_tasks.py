@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
           f"steps, cfg {args.cfg_scale}")
     if args.npz:
         npz = out.with_suffix(".npz")
-        local = labels - model.label_offset[task_ids]
+        local = labels - model.label_offset.cpu()[task_ids]
         np.savez(npz, arr_0=to_uint8(images), labels=local.numpy(), tasks=task_ids.numpy())
         print(f"wrote {npz}")
     return 0
