@@ -275,6 +275,14 @@ def test_export_cli(runs, tmp_path, form, capsys):
         torch.testing.assert_close(e(x, t, y), ref(x, t, y), rtol=1e-5, atol=1e-5)
     assert main(args) == 2 and "already exists" in capsys.readouterr().err
     assert main(args + ["--overwrite"]) == 0
+    if form != "dense":  # kind-fast sample reads an export folder; its guided samples are the run's
+        import numpy as np
+
+        common = ["--steps", "2", "--n-per-class", "2", "--cfg-scale", "3", "--npz"]
+        assert main(["sample", str(out), "--out", str(tmp_path / "e.png"), *common]) == 0
+        assert main(["sample", str(t1), "--classes", "1", "--out", str(tmp_path / "k.png"), *common]) == 0
+        a, b = (np.load(tmp_path / f"{n}.npz")["arr_0"].astype(int) for n in "ek")
+        assert a.shape == (2, 8, 8, 1) and np.abs(a - b).max() <= 1  # uint8 rounding
 
 
 def test_export_cli_from_a_base_and_task_and_errors(runs, tmp_path, capsys):
