@@ -262,6 +262,9 @@ class ExportedDiT(nn.Module):
         self.register_buffer("pos_embed", pos.to(device=device, dtype=dtype or torch.float32))
         self._plan_cache: tuple | None = None
 
+    def __getstate__(self):  # the label cache holds a weak reference: not picklable, not needed
+        return {**self.__dict__, "_plan_cache": None}
+
     # ------------------------------------------------------------------ labels
     def _host_labels(self, y: Tensor) -> list[int]:
         """The labels on the host, read once per labels tensor (a sampling loop passes the
