@@ -109,10 +109,11 @@ def save_task(model, directory: str | os.PathLike, *, name: str | None = None, o
     ``name`` defaults to the folder's name; ``base_source`` (e.g. the pretrain run folder) is
     recorded for people, the fingerprint is what ``load_task`` checks.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     from kind_fast.atomic import atomic_directory
     from kind_fast.dit import kind_config_dict
+    from kind_fast.serialization import file_record
 
     _check_kind_dit(model, "save_task")
     d = Path(directory)
@@ -126,15 +127,19 @@ def save_task(model, directory: str | os.PathLike, *, name: str | None = None, o
         "dtype": str(model.pos_embed.dtype).removeprefix("torch."),
         "kind_fast_version": __version__, "torch_version": torch.__version__,
     }
+    data = save(tensors, metadata={"format": FORMAT})
+    cfg["files"] = {WEIGHTS_FILE: file_record(data)}  # checked by read_task
     with atomic_directory(d, overwrite=overwrite) as tmp:
-        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT})
+        (tmp / WEIGHTS_FILE).write_bytes(data)
         (tmp / CONFIG_FILE).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     return d
 
 
 def read_task(directory: str | os.PathLike) -> tuple[dict, dict[str, Tensor]]:
-    """(config, tensors) of a task folder, checked for format and completeness."""
-    from safetensors.torch import load_file
+    """(config, tensors) of a task folder, checked for format, integrity and completeness."""
+    from safetensors.torch import load
+
+    from kind_fast.serialization import verify_file
 
     d = Path(directory)
     path = d / CONFIG_FILE
@@ -143,16 +148,20 @@ def read_task(directory: str | os.PathLike) -> tuple[dict, dict[str, Tensor]]:
                                 "(a KIND transfer run writes one to <out>/task)")
     try:
         cfg = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is not valid JSON ({e}); the task folder is corrupt") from None
-    if cfg.get("format") != FORMAT or int(cfg.get("format_version", 0)) > FORMAT_VERSION:
-        raise ValueError(f"{path}: not a kind_fast task this version reads (format {cfg.get('format')!r} "
-                         f"v{cfg.get('format_version')})")
+    if not isinstance(cfg, dict) or cfg.get("format") != FORMAT or not isinstance(cfg.get("format_version"), int) \
+            or cfg["format_version"] > FORMAT_VERSION:
+        raise ValueError(f"{path}: not a kind_fast task this version reads")
+    for key, kind in (("files", dict), ("base", dict), ("gate", dict), ("num_classes", int)):
+        if not isinstance(cfg.get(key), kind):
+            raise ValueError(f"{path}: {key!r} is missing or malformed; the task folder is corrupt")
     wpath = d / WEIGHTS_FILE
     if not wpath.is_file():
         raise FileNotFoundError(f"{wpath} is missing")
+    data = verify_file(wpath, cfg["files"].get(WEIGHTS_FILE), CONFIG_FILE)
     try:
-        tensors = load_file(str(wpath))
+        tensors = load(data)
     except Exception as e:  # noqa: BLE001 - safetensors raises several types for corrupt files
         raise ValueError(f"{wpath} could not be read ({type(e).__name__}: {e}); the task is corrupt") from e
     return cfg, tensors

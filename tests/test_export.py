@@ -217,3 +217,22 @@ def test_atomic_directory_leaves_nothing_on_failure(tmp_path):
         (tmp / "b.txt").write_text("two")
     assert sorted(p.name for p in target.iterdir()) == ["b.txt"]
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+@pytest.mark.parametrize("form", ["merged", "dense"])
+def test_corrupt_export_is_refused(tmp_path, form):
+    m = kind_model()
+    d = kf.save_export(m.export([1], form, guidance=form != "dense"), tmp_path / "e")
+    name = "model.pt" if form == "dense" else "model.safetensors"
+    cfg = json.loads((d / "export_config.json").read_text())
+    assert cfg["files"][name]["bytes"] == (d / name).stat().st_size
+    data = bytearray((d / name).read_bytes())
+    data[-100] ^= 0x01  # one flipped bit in the tensor data
+    (d / name).write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="does not match the SHA-256"):
+        kf.load_export(d)
+    (d / "export_config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        kf.load_export(d)
+    with pytest.raises(FileNotFoundError, match="not a kind_fast export folder"):
+        kf.load_export(tmp_path)

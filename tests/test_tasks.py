@@ -124,6 +124,23 @@ def test_load_task_refuses_another_base(base, three_tasks):
         load_task(copy.deepcopy(base), dirs[0].parent)
 
 
+def test_corrupt_task_is_refused(base, three_tasks, tmp_path):
+    import shutil
+
+    _, dirs = three_tasks
+    d = shutil.copytree(dirs[0], tmp_path / "t")
+    data = bytearray((d / "task.safetensors").read_bytes())
+    data[-10] ^= 0x01
+    (d / "task.safetensors").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="does not match the SHA-256"):
+        load_task(copy.deepcopy(base), d)
+    cfg = json.loads((d / "task.json").read_text())
+    del cfg["base"]
+    (d / "task.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="'base' is missing"):
+        load_task(copy.deepcopy(base), d)
+
+
 def test_load_base_reads_only_the_learngenes(base, three_tasks, tmp_path):
     """A base saved once (learngene part only) carries every task; no pretraining tailors needed."""
     models, dirs = three_tasks
