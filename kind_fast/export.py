@@ -23,33 +23,33 @@ model's class ids and raises a clear error for any label it does not serve. Samp
 export therefore match the KIND model's for the same seed (fp32: to rounding).
 
 No ClassGate and no FastKindLinear are involved: the export's parameters are plain tensors,
-saved as safetensors + a JSON config (``save_export`` / ``load_export``).
+saved as safetensors + a JSON config by ``kind_fast.export_io`` (``save_export`` / ``load_export``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
-import os
+import copy
 import weakref
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kind_fast._version import __version__
-from kind_fast.dit import FinalLayer, PatchEmbed, TimestepEmbedder, modulate, sincos_pos_embed
 
-__all__ = ["ExportedDiT", "export_dit", "save_export", "load_export", "segmented_linear", "SegmentPlan", "FORMS"]
+__all__ = ["ExportedDiT", "export_dit", "segmented_linear", "SegmentPlan", "FORMS"]
 
 FORMS = ("merged", "reduced", "dense")
 FORMAT = "kind_fast.export"
 FORMAT_VERSION = 1
-CONFIG_FILE = "export_config.json"
-WEIGHTS_FILE = "model.safetensors"
-DENSE_PT_FILE = "model.pt"
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    """adaLN modulation, as ``kind_fast.dit.modulate`` (this module does not import kind_fast.dit:
+    ``DiT.export`` imports it, and the package has no import cycles)."""
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
 
 # =====================================================================================
@@ -211,11 +211,13 @@ class ExportedDiT(nn.Module):
 
     forward(x (N, C, H, W), t (N,), y (N,)) with y the KIND model's label ids (the null label
     is ``num_classes``); ``forward_with_cfg`` as DiT's. Build with ``DiT.export`` or
-    ``load_export``; the constructor only lays out (uninitialised) parameters.
+    ``load_export``; the constructor lays out (uninitialised) per-label linears around the
+    given DiT embedders and final layer (``kind_fast.dit`` modules, taken as they are).
     """
 
-    def __init__(self, arch: dict, classes: list[int], *, form: str, guidance: bool = True, split: bool = False,
-                 tailors: int = 0, active: int = 1, device=None, dtype=None):
+    def __init__(self, arch: dict, classes: list[int], *, form: str, x_embedder: nn.Module, t_embedder: nn.Module,
+                 final_layer: nn.Module, guidance: bool = True, split: bool = False, tailors: int = 0,
+                 active: int = 1, device=None, dtype=None):
         super().__init__()
         if form not in ("merged", "reduced"):
             raise ValueError(f"ExportedDiT form must be merged or reduced, got {form!r}")
@@ -245,21 +247,17 @@ class ExportedDiT(nn.Module):
             def make(i, o):
                 return ReducedLinear(tailors, i, o, **fk)
 
+        self.x_embedder, self.t_embedder, self.final_layer = x_embedder, t_embedder, final_layer
         with torch.device(device) if device is not None else contextlib.nullcontext():
-            self.x_embedder = PatchEmbed(arch["input_size"], self.patch_size, self.in_channels, d)
-            self.t_embedder = TimestepEmbedder(d)
             self.label_table = nn.Embedding(n_slots, d)  # rows of the served labels, in slot order
             self.blocks = nn.ModuleList(_Block(d, arch["num_heads"], arch["mlp_ratio"], self.split, make)
                                         for _ in range(arch["depth"]))
-            self.final_layer = FinalLayer(d, self.patch_size, self.out_channels)
         if dtype is not None:
-            for m in (self.x_embedder, self.t_embedder, self.label_table, self.final_layer):
-                m.to(dtype)
+            self.label_table.to(dtype)
             for b in self.blocks:
                 b.adaLN_modulation.to(dtype)
-        grid = arch["input_size"] // self.patch_size
-        pos = torch.from_numpy(sincos_pos_embed(d, grid)).float()[None]
-        self.register_buffer("pos_embed", pos.to(device=device, dtype=dtype or torch.float32))
+        tokens = (arch["input_size"] // self.patch_size) ** 2
+        self.register_buffer("pos_embed", torch.zeros(1, tokens, d, device=device, dtype=dtype or torch.float32))
         self._plan_cache: tuple | None = None
 
     def __getstate__(self):  # the label cache holds a weak reference: not picklable, not needed
@@ -380,10 +378,9 @@ def export_dit(model, classes, form: str = "merged", *, guidance: bool = True) -
     equal to ``model.to_dense(c)`` (one class, ``guidance=False``: a dense DiT cannot also
     hold the null label's weights). See the module docstring.
     """
-    from kind_fast.dit import DiT
     from kind_fast.layers import FastKindLinear
 
-    if not isinstance(model, DiT) or model.kind is None:
+    if getattr(model, "kind", None) is None or not hasattr(model, "kind_gate") or not hasattr(model, "blocks"):
         raise TypeError("export needs a KIND-DiT (kind_fast.dit.DiT with kind set); a dense DiT is its own export")
     if form not in FORMS:
         raise ValueError(f"form must be one of {FORMS}, got {form!r}")
@@ -416,13 +413,14 @@ def export_dit(model, classes, form: str = "merged", *, guidance: bool = True) -
             for q in range(idx.shape[1]):
                 if active[ell, q]:
                     r_idx[s, q], r_val[s, q] = pos[int(idx[ell, q])], val[ell, q]
-    with torch.device("meta"):
-        out = ExportedDiT(model.arch, classes, form=form, guidance=guidance, split=split, tailors=len(used),
-                          active=gate.active if form == "reduced" else 1, dtype=dtype)
-    out.to_empty(device=device)
-    # dense parts every label shares, and the served labels' rows of the label table
-    for name in ("x_embedder", "t_embedder", "final_layer"):
-        getattr(out, name).load_state_dict(getattr(model, name).state_dict())
+    shared = {name: copy.deepcopy(getattr(model, name)).requires_grad_(False)
+              for name in ("x_embedder", "t_embedder", "final_layer")}  # every label uses them as they are
+    out = ExportedDiT(model.arch, classes, form=form, guidance=guidance, split=split, tailors=len(used),
+                      active=gate.active if form == "reduced" else 1, device="meta", dtype=dtype, **shared)
+    for name in ("label_table", "blocks"):  # the per-label parts: allocated here, filled below
+        getattr(out, name).to_empty(device=device)
+    for name, buf in list(out.named_buffers(recurse=False)):
+        setattr(out, name, torch.empty_like(buf, device=device))
     out.pos_embed.copy_(model.pos_embed)
     out.label_table.weight.copy_(model.y_embedder.embedding_table.weight[torch.tensor(served, device=device)])
     if form == "reduced":
@@ -450,114 +448,3 @@ def export_dit(model, classes, form: str = "merged", *, guidance: bool = True) -
                 dst_l.v_t.copy_(m.v_t[ids])
     out._plan_cache = None
     return out.train(False).requires_grad_(False)
-
-
-# =====================================================================================
-# Save / load
-# =====================================================================================
-def save_export(model: nn.Module, directory: str | os.PathLike, *, overwrite: bool = False,
-                source: str | None = None) -> Path:
-    """Write an export as a folder, atomically as a whole.
-
-    ``ExportedDiT``: ``export_config.json`` + ``model.safetensors``. A dense DiT (form dense):
-    ``export_config.json`` + ``model.pt``, a plain state dict in the facebookresearch DiT
-    layout (``torch.load`` it into their ``DiT_models[...]``, or ``load_export`` it). The config
-    records the weights file's SHA-256 and size; ``load_export`` checks them.
-    """
-    import io
-
-    from safetensors.torch import save
-
-    from kind_fast.atomic import atomic_directory
-    from kind_fast.dit import DiT
-    from kind_fast.serialization import file_record
-
-    if isinstance(model, ExportedDiT):
-        cfg = model.config()
-        tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-        name, data = WEIGHTS_FILE, save(tensors, metadata={"format": FORMAT})
-    elif isinstance(model, DiT) and model.kind is None:
-        cfg = {"format": FORMAT, "format_version": FORMAT_VERSION, "form": "dense", "arch": dict(model.arch),
-               "classes": list(getattr(model, "export_classes", [])), "guidance": False, "split": False,
-               "dtype": str(model.pos_embed.dtype).removeprefix("torch."),
-               "kind_fast_version": __version__, "torch_version": torch.__version__}
-        buf = io.BytesIO()
-        torch.save({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, buf)
-        name, data = DENSE_PT_FILE, buf.getvalue()
-    else:
-        raise TypeError(f"save_export takes an ExportedDiT or a dense DiT, got {type(model).__name__}")
-    if source is not None:
-        cfg["source"] = source
-    cfg["files"] = {name: file_record(data)}
-    with atomic_directory(directory, overwrite=overwrite) as tmp:
-        (tmp / name).write_bytes(data)
-        (tmp / CONFIG_FILE).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-    return Path(directory)
-
-
-def read_export_config(directory: str | os.PathLike) -> dict:
-    d = Path(directory)
-    path = d / CONFIG_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: {d} is not a kind_fast export folder")
-    try:
-        cfg = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); the export is corrupt") from None
-    if not isinstance(cfg, dict) or cfg.get("format") != FORMAT or not isinstance(cfg.get("format_version"), int) \
-            or cfg["format_version"] > FORMAT_VERSION:
-        raise ValueError(f"{path}: not a kind_fast export this version reads")
-    if cfg.get("form") not in FORMS:
-        raise ValueError(f"{path}: unknown export form {cfg.get('form')!r}")
-    if not isinstance(cfg.get("files"), dict):
-        raise ValueError(f"{path}: the file records are missing; the export is corrupt")
-    return cfg
-
-
-def _read_weights(d: Path, cfg: dict, name: str) -> bytes:
-    """The bytes of the export's weights file, checked against the config's SHA-256."""
-    from kind_fast.serialization import verify_file
-
-    path = d / name
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing")
-    return verify_file(path, cfg["files"].get(name), CONFIG_FILE)
-
-
-def load_export(directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild what ``save_export`` wrote: an ``ExportedDiT`` (merged, reduced) or a dense
-    ``kind_fast.dit.DiT`` (dense), in eval mode on ``map_location``."""
-    import io
-
-    from kind_fast.dit import DiT
-
-    d = Path(directory)
-    cfg = read_export_config(d)
-    if cfg["form"] == "dense":
-        data = _read_weights(d, cfg, DENSE_PT_FILE)
-        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-        with torch.device("meta"):
-            model = DiT(**cfg["arch"], kind=None)
-        model.to_empty(device="cpu")
-        model.load_state_dict(state, strict=True)
-        model.export_classes = list(cfg.get("classes", []))
-        return model.to(map_location).eval()
-    from safetensors.torch import load
-
-    data = _read_weights(d, cfg, WEIGHTS_FILE)
-    try:
-        tensors = load(data)
-    except Exception as e:  # noqa: BLE001 - safetensors raises several types for corrupt files
-        raise ValueError(f"{d / WEIGHTS_FILE} could not be read ({type(e).__name__}: {e}); corrupt export") from e
-    dtype = getattr(torch, cfg.get("dtype", "float32"))
-    with torch.device("meta"):
-        model = ExportedDiT(cfg["arch"], cfg["classes"], form=cfg["form"], guidance=cfg["guidance"],
-                            split=cfg.get("split", False), tailors=cfg.get("tailors", 0),
-                            active=cfg.get("active", 1), dtype=dtype)
-    model.to_empty(device="cpu")
-    try:
-        model.load_state_dict(tensors, strict=True)
-    except RuntimeError as e:
-        raise ValueError(f"{d / WEIGHTS_FILE} does not match its config ({str(e)[:300]})") from None
-    model._plan_cache = None
-    return model.to(map_location).eval().requires_grad_(False)

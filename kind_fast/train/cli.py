@@ -210,7 +210,7 @@ def run_sample(args: argparse.Namespace) -> int:
             raise ValueError("--n-per-class, --steps and --batch-size must be >= 1")
         device = resolve_device(args.device)
         if export:
-            from kind_fast.export import load_export
+            from kind_fast.export_io import load_export
 
             model = load_export(wdir, map_location=device)
             served = getattr(model, "classes", None) or getattr(model, "export_classes", None)

@@ -47,7 +47,7 @@ def load_kind_model(run: str, which: str = "ema", task: str | None = None):
 
 
 def run(args: argparse.Namespace) -> int:
-    from kind_fast.export import save_export
+    from kind_fast.export_io import save_export
     from kind_fast.train.config import parse_int_list
 
     try:
