@@ -172,8 +172,7 @@ def path_costs(
     return out
 
 
-@functools.lru_cache(maxsize=4096)
-def choose_path(
+def _choose_path(
     rows: int, n_in: int, n_out: int, active: int, tailor_rank: int, *,
     learngene_rank: int | None = None, samples: int | None = None, distinct_classes: int | None = None,
     training: bool = True, learngene_grad: bool = False, merged_cached: bool = False,
@@ -245,6 +244,9 @@ def choose_path(
     if path == "M0" and "M1" in why_not:
         reason = f"{why_not['M1']}: {reason}"
     return PathChoice(path, reason, costs[path][1] / dense, prefer, backend)
+
+
+choose_path = functools.lru_cache(maxsize=4096)(_choose_path)
 
 
 # =====================================================================================
@@ -490,11 +492,14 @@ def kind_linear_layer(
             if cached:
                 allow.append("M3")
     forced = _FORCED.path
-    choice = choose_path(rows, n_in, n_out, k, u_t.shape[0], learngene_rank=n_g, samples=n_b or None,
-                         distinct_classes=len(served) if served is not None else None, training=training,
-                         learngene_grad=learngene_grad, merged_cached=cached, backend=backend,
-                         device_type=dev_type, max_active=max_active,
-                         allow=tuple(allow) if forced is None else None)
+    # under torch.compile the memo is bypassed (dynamo traces the plain function; the choice
+    # becomes part of the graph's guards through the shapes)
+    choose = _choose_path if torch.compiler.is_compiling() else choose_path
+    choice = choose(rows, n_in, n_out, k, u_t.shape[0], learngene_rank=n_g, samples=n_b or None,
+                    distinct_classes=len(served) if served is not None else None, training=training,
+                    learngene_grad=learngene_grad, merged_cached=cached, backend=backend,
+                    device_type=dev_type, max_active=max_active,
+                    allow=tuple(allow) if forced is None else None)
     path = choice.path if forced is None else forced
     if forced is not None and forced != choice.path:
         choice = PathChoice(forced, "pinned by force_path", choice.flop_ratio, choice.would_prefer, backend)
