@@ -13,6 +13,8 @@ active tailors are padded with id 0 and value 0 (DESIGN §2).
 from __future__ import annotations
 
 import weakref
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -250,9 +252,39 @@ class ClassGate(nn.Module):
         return self.table[class_id] * self.support_mask()[class_id]
 
     def support_mask(self) -> Tensor:
-        """(C+1, N_T) float mask of the active entries."""
+        """(C+1, N_T) float mask of the active entries. A scatter-add: padding slots repeat id 0
+        with mask 0, and a plain scatter with repeated ids may keep the padding's 0 over an
+        active tailor 0."""
         m = torch.zeros_like(self.table)
-        return m.scatter(1, self.idx.long(), self.mask)
+        return m.scatter_add(1, self.idx.long(), self.mask.to(m.dtype))
+
+    # ------------------------------------------------------------------ serving (path M3)
+    # Classes declared by ``serving``; the class attribute is the default (also for gates
+    # unpickled from older versions).
+    served: tuple[int, ...] | None = None
+
+    @contextmanager
+    def serving(self, classes: Iterable[int]) -> Iterator[ClassGate]:
+        """Declare the classes of the labels every KIND layer will see in the block, e.g. a
+        sampling loop's classes and the null class. The layers then merge one dense weight
+        per declared class once (path M3, cached per parameter version) and run a segmented
+        GEMM where the cost model says so. Labels outside the declared classes are an error
+        (read on the host for CPU labels, asserted asynchronously on CUDA). Nests: the outer
+        declaration comes back at exit."""
+        served = []
+        for c in classes:
+            c = int(c)
+            if not 0 <= c <= self.num_classes:
+                raise ValueError(f"served class {c} is not in [0, {self.num_classes}] (null = {self.num_classes})")
+            served.append(c)
+        if not served:
+            raise ValueError("serving needs at least one class")
+        previous = self.served
+        self.served = tuple(sorted(set(served)))
+        try:
+            yield self
+        finally:
+            self.served = previous
 
     # ------------------------------------------------------------------ compiled form
     def compiled(self, device: torch.device | None = None) -> tuple[Tensor, Tensor]:

@@ -95,8 +95,12 @@ def _triton_paths() -> dict:
     d, m, k, n_t = 1152, 32 * 256, 32, 96
     out = {}
     for name, (n_in, n_out) in {"qkv": (d, 3 * d), "proj": (d, d), "fc1": (d, 4 * d), "fc2": (4 * d, d)}.items():
-        c = choose_path(m, n_in, n_out, k, n_t, learngene_rank=min(n_in, n_out) - n_t)
+        c = choose_path(m, n_in, n_out, k, n_t, learngene_rank=min(n_in, n_out) - n_t, samples=32)
         out[f"DiT-XL/2.{name}"] = f"{c.path} (B=32, K={k} of {n_t}, FLOPs {c.flop_ratio:.3f}x dense): {c.reason}"
+        s = choose_path(2 * m, n_in, n_out, k, n_t, learngene_rank=min(n_in, n_out) - n_t, samples=64,
+                        distinct_classes=2, training=False, merged_cached=True)
+        out[f"DiT-XL/2.{name} sampling"] = (f"{s.path} (CFG, 2x32 images, classes {{c, null}}, FLOPs "
+                                            f"{s.flop_ratio:.3f}x dense): {s.reason}")
     return out
 
 

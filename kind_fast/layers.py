@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kind_fast.gate import ClassGate
+from kind_fast.merged_cache import MergedWeightCache, tokens
 from kind_fast.ops.kind_linear import SUPPORTED_DTYPES, acc_dtype
 from kind_fast.ops.paths import kind_linear_layer
 
@@ -96,6 +97,7 @@ class FastKindLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features, **fk)) if bias else None
         object.__setattr__(self, "_gate", None)
         self._wg_cache: tuple | None = None
+        self._merged = MergedWeightCache()
         if gate is not None:
             self.set_gate(gate)
         if self.u_g.device.type != "meta":
@@ -288,13 +290,35 @@ class FastKindLinear(nn.Module):
         if labels.device != x.device:
             labels = labels.to(x.device, non_blocking=True)
         idx, val = gate.compiled(x.device)
-        # the op family picks the path (M0/M1/M2) from shapes; W_G comes from this layer's cache
+        # the op family picks the path (M0-M4) from shapes and the batch's classes; W_G comes
+        # from this layer's cache, merged per-class weights (M3) from its merged-weight cache
         return kind_linear_layer(x, labels, u_g=self.u_g, sigma_g=self.sigma_g, v_g=self.v_g, bias=self.bias,
                                  u_t=self.u_t, sigma_t=self.sigma_t, v_t=self.v_t, idx=idx, val=val,
-                                 w_g=self.learngene_weight)
+                                 w_g=self.learngene_weight, merged=self.merged_cache, token=self._merged_token,
+                                 classes=gate.served, training_module=self.training)
+
+    # ------------------------------------------------------------------ merged weights (path M3)
+    @property
+    def merged_cache(self) -> MergedWeightCache:
+        """This layer's cache of merged per-class weights (set ``.capacity`` to bound it)."""
+        cache = self.__dict__.get("_merged")
+        if cache is None:  # a layer unpickled from a version without it
+            cache = self.__dict__["_merged"] = MergedWeightCache()
+        return cache
+
+    def clear_merged_cache(self) -> None:
+        """Drop the merged per-class weights (needed only after writes that bypass version
+        counters: in-place ops on ``param.data`` or on inference tensors)."""
+        self.merged_cache.clear()
+
+    def _merged_token(self) -> tuple | None:
+        gate = self.gate
+        return tokens((self.u_g, self.sigma_g, self.v_g, self.u_t, self.sigma_t, self.v_t,
+                       gate.table, gate.idx, gate.mask))
 
     def _apply(self, fn, recurse=True):
         self._wg_cache = None
+        self.merged_cache.clear()
         return super()._apply(fn, recurse)
 
     def extra_repr(self) -> str:

@@ -383,3 +383,7 @@ def kind_linear_factored(
                              "in labels (rows must be grouped by sample)")
         y, _ = FACTORED_OP(x2.contiguous(), bias, u, sigma, v, ids.contiguous(), vals, labels)
     return y.view(*x.shape[:-1], u.shape[1])
+
+
+# Path M3 (merged per-class weights, segmented GEMM): kind_fast/ops/kind_linear_merged_triton.py
+from kind_fast.ops.kind_linear_merged_triton import MERGED_GEMM_OP, MERGED_OP  # noqa: E402, F401

@@ -188,6 +188,10 @@ def add_sample_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--npz", action="store_true", help="also write samples.npz (uint8 NHWC, ADM evaluator layout)")
     p.add_argument("--vae", default=None, help="latent models: a local diffusers AutoencoderKL folder to decode with")
     p.add_argument("--latent-scale", type=float, default=0.18215, help="latent scale factor used at encoding")
+    p.add_argument("--no-merged", action="store_true",
+                   help="KIND layers keep path M1 instead of merged per-class weights (path M3)")
+    p.add_argument("--cuda-graphs", choices=("auto", "on", "off"), default="auto",
+                   help="capture each sampling step's model call in a CUDA graph (auto: on CUDA devices)")
 
 
 def run_sample(args: argparse.Namespace) -> int:
@@ -209,6 +213,8 @@ def run_sample(args: argparse.Namespace) -> int:
         if args.n_per_class < 1 or args.steps < 1 or args.batch_size < 1:
             raise ValueError("--n-per-class, --steps and --batch-size must be >= 1")
         device = resolve_device(args.device)
+        if args.cuda_graphs == "on" and device.type != "cuda":
+            raise ValueError(f"--cuda-graphs on needs a CUDA device, got {device}")
         if export:
             from kind_fast.export_io import load_export
 
@@ -232,7 +238,8 @@ def run_sample(args: argparse.Namespace) -> int:
     images = sample(model, labels, shape=shape, sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale,
                     eta=args.eta, seed=args.seed, device=device, batch_size=args.batch_size,
                     clip_denoised=args.vae is None and shape[0] in (1, 3),
-                    autocast_dtype=torch.bfloat16 if device.type == "cuda" else None)
+                    autocast_dtype=torch.bfloat16 if device.type == "cuda" else None, merged=not args.no_merged,
+                    cuda_graphs={"auto": None, "on": True, "off": False}[args.cuda_graphs])
     if args.vae:
         images = decode_latents(images, args.vae, args.latent_scale, device)
     out = Path(args.out) if args.out else (wdir.parent / "samples" / "sample_grid.png")

@@ -47,7 +47,7 @@ def sample(model: nn.Module, labels: Tensor, *, shape: tuple[int, int, int], dif
            sampler: str = "ddim", steps: int = 50, cfg_scale: float = 1.5, eta: float = 0.0, seed: int = 0,
            device: torch.device | str = "cpu", batch_size: int = 256, clip_denoised: bool = True,
            autocast_dtype: torch.dtype | None = None, progress: bool = False,
-           null_labels: Tensor | None = None) -> Tensor:
+           null_labels: Tensor | None = None, merged: bool = True, cuda_graphs: bool | None = None) -> Tensor:
     """Samples (N, C, H, W) float32 on the CPU for class ids ``labels`` (N,).
 
     ``null_labels`` (N,): the label of each sample's unconditional CFG branch; default the
@@ -57,8 +57,17 @@ def sample(model: nn.Module, labels: Tensor, *, shape: tuple[int, int, int], dif
     respaced steps. Deterministic for a given ``seed``: noise is drawn on the CPU per chunk
     of ``batch_size`` from a generator seeded by (seed, chunk index), so results do not
     depend on the device or on other chunks.
+
+    ``merged``: declare each chunk's classes (and the null class under guidance) to the KIND
+    layers, which then run path M3 on per-class weights merged once per chunk (the cost model
+    decides per layer; same samples up to rounding). ``cuda_graphs``: capture the model call in
+    a CUDA graph per chunk (None: on for CUDA devices; see kind_fast.graphs).
     """
+    from contextlib import nullcontext
+
+    from kind_fast.graphs import graphed
     from kind_fast.train.data import derived_seed
+    from kind_fast.utils import serving
 
     if sampler not in ("ddpm", "ddim"):
         raise ValueError(f"sampler must be ddpm or ddim, got {sampler!r}")
@@ -82,12 +91,16 @@ def sample(model: nn.Module, labels: Tensor, *, shape: tuple[int, int, int], dif
             gen = torch.Generator().manual_seed(derived_seed(seed, "sample", i))
             noise = torch.randn((y.shape[0], *shape), generator=gen).to(device)
             null = num_classes if null_labels is None else null_labels[start:start + batch_size]
-            fn = cfg_model_fn(model, y, cfg_scale, null, shape[0], autocast_dtype)
-            if sampler == "ddpm":
-                x = sched.ddpm_sample(fn, noise, generator=gen, clip_denoised=clip_denoised, progress=progress)
-            else:
-                x = sched.ddim_sample(fn, noise, eta=eta, generator=gen, clip_denoised=clip_denoised,
-                                      progress=progress)
+            fn = graphed(cfg_model_fn(model, y, cfg_scale, null, shape[0], autocast_dtype), device, cuda_graphs)
+            classes = set(labels[start:start + batch_size].tolist())
+            if cfg_scale != 1.0:
+                classes |= {num_classes} if null_labels is None else set(null.tolist())
+            with serving(core, classes) if merged else nullcontext():
+                if sampler == "ddpm":
+                    x = sched.ddpm_sample(fn, noise, generator=gen, clip_denoised=clip_denoised, progress=progress)
+                else:
+                    x = sched.ddim_sample(fn, noise, eta=eta, generator=gen, clip_denoised=clip_denoised,
+                                          progress=progress)
             outs.append(x.float().cpu())
     finally:
         model.train(was_training)
