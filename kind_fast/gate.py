@@ -274,6 +274,8 @@ class ClassGate(nn.Module):
             return self.idx.to(device), val.to(device)
         key = (device, self.table._version, self.table.data_ptr())
         hit = self._val_cache.get(key)
+        if hit is not None and hit[1].is_inference() and not torch.is_inference_mode_enabled():
+            hit = None  # made under torch.inference_mode: autograd may not save it
         if hit is None:
             with torch.no_grad():
                 val = (self.table.gather(1, self.idx.long()) * self.mask).to(device)

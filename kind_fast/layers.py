@@ -8,9 +8,10 @@ class-agnostic and counted with the learngenes. The class gate g is a shared ``C
 (not registered as a submodule here, so one gate serves every layer of a model and is saved
 once); the layer reads labels from ``labels=`` or from ``gate.labels``.
 
-Forward = path M1: W_G is materialised once per call (in float32, then cast) and cached while
-the learngenes cannot change (frozen, or no grad), then one ``kind_linear`` op adds the
-gathered, gated tailor term.
+Forward = path M1: W_G is materialised (in float32, then cast), then one ``kind_linear`` op adds
+the gathered, gated tailor term. W_G is rebuilt on every call unless the caller opened a
+``kind_fast.weight_cache()`` scope (``kind_fast.caching``): a cache outside such a scope could
+go stale when parameters are written through ``.data``.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kind_fast import caching
 from kind_fast.gate import ClassGate
 from kind_fast.ops.kind_linear import SUPPORTED_DTYPES, acc_dtype, kind_linear
 
@@ -209,21 +211,30 @@ class FastKindLinear(nn.Module):
     def learngene_weight(self, dtype: torch.dtype | None = None) -> Tensor:
         """W_G = U_Gᵀ diag(σ_G) V_G (out, in), built in float32 and cast to ``dtype``.
 
-        Cached while it cannot change (learngenes frozen or grad disabled); the cache key
-        holds the parameters' version counters, so optimizer steps and loads invalidate it.
+        Built from the current parameters on every call, except inside a
+        ``kind_fast.weight_cache()`` scope, where it is reused while the learngenes' version
+        counters and storage are unchanged (see ``kind_fast.caching``). Never cached while
+        gradients flow to the learngenes or under ``torch.compile``; a W_G cached under
+        ``torch.inference_mode`` is not reused outside it.
         """
         dtype = self.u_g.dtype if dtype is None else dtype
         lg = (self.u_g, self.sigma_g, self.v_g)
         tracks_grad = torch.is_grad_enabled() and any(p.requires_grad for p in lg)
-        if tracks_grad or torch.compiler.is_compiling():
+        if tracks_grad or torch.compiler.is_compiling() or not caching.enabled():
             return self._learngene_weight_fresh(dtype)
-        key = (dtype, self.u_g.device) + tuple((p._version, p.data_ptr()) for p in lg)
-        if self._wg_cache is not None and self._wg_cache[0] == key:
-            return self._wg_cache[1]
+        key = (caching.generation(), dtype, self.u_g.device) + tuple((p._version, p.data_ptr()) for p in lg)
+        hit = self._wg_cache
+        if hit is not None and hit[0] == key and (torch.is_inference_mode_enabled() or not hit[1].is_inference()):
+            return hit[1]
         with torch.no_grad():
             w = self._learngene_weight_fresh(dtype)
         self._wg_cache = (key, w)
+        caching.remember(self)
         return w
+
+    def clear_weight_cache(self) -> None:
+        """Drop the cached W_G (``kind_fast.caching.invalidate`` does it for every layer)."""
+        self._wg_cache = None
 
     @torch.no_grad()
     def to_dense(self, class_id: int | None = None) -> Tensor:

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from kind_fast.caching import weight_cache
 from kind_fast.diffusion import GaussianDiffusion
 
 
@@ -68,20 +69,21 @@ def sample(model: nn.Module, labels: Tensor, *, shape: tuple[int, int, int], dif
     was_training = model.training
     model.eval()
     outs = []
-    try:
-        for i, start in enumerate(range(0, labels.shape[0], batch_size)):
-            y = labels[start:start + batch_size].to(device)
-            gen = torch.Generator().manual_seed(derived_seed(seed, "sample", i))
-            noise = torch.randn((y.shape[0], *shape), generator=gen).to(device)
-            fn = cfg_model_fn(model, y, cfg_scale, num_classes, shape[0], autocast_dtype)
-            if sampler == "ddpm":
-                x = sched.ddpm_sample(fn, noise, generator=gen, clip_denoised=clip_denoised, progress=progress)
-            else:
-                x = sched.ddim_sample(fn, noise, eta=eta, generator=gen, clip_denoised=clip_denoised,
-                                      progress=progress)
-            outs.append(x.float().cpu())
-    finally:
-        model.train(was_training)
+    with weight_cache():  # the weights do not change while sampling: W_G is built once per layer
+        try:
+            for i, start in enumerate(range(0, labels.shape[0], batch_size)):
+                y = labels[start:start + batch_size].to(device)
+                gen = torch.Generator().manual_seed(derived_seed(seed, "sample", i))
+                noise = torch.randn((y.shape[0], *shape), generator=gen).to(device)
+                fn = cfg_model_fn(model, y, cfg_scale, num_classes, shape[0], autocast_dtype)
+                if sampler == "ddpm":
+                    x = sched.ddpm_sample(fn, noise, generator=gen, clip_denoised=clip_denoised, progress=progress)
+                else:
+                    x = sched.ddim_sample(fn, noise, eta=eta, generator=gen, clip_denoised=clip_denoised,
+                                          progress=progress)
+                outs.append(x.float().cpu())
+        finally:
+            model.train(was_training)
     return torch.cat(outs) if outs else torch.zeros(0, *shape)
 
 
