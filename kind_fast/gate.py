@@ -301,8 +301,9 @@ def check_labels(labels: Any, num_classes: int, *, name: str = "labels") -> Tens
 
     ``num_classes`` is the gate's C; the value C is the null class. The range check reads
     the values, so it runs where that is free: on CPU tensors, and on GPU tensors only as an
-    asynchronous device assertion (no host sync). Under torch.compile only the static checks
-    run.
+    asynchronous device assertion (no host sync). Under torch.compile the range check is traced
+    as a device assertion (``torch._assert_async``, lowered by Inductor into the graph): it
+    survives tracing and still names the range.
     """
     if not isinstance(labels, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of class ids, got {type(labels).__name__}")
@@ -310,7 +311,12 @@ def check_labels(labels: Any, num_classes: int, *, name: str = "labels") -> Tens
         raise TypeError(f"{name} must have an integer dtype, got {labels.dtype}")
     if labels.dim() != 1:
         raise ValueError(f"{name} must be 1-D (one class id per sample), got shape {tuple(labels.shape)}")
-    if torch.compiler.is_compiling() or labels.numel() == 0:
+    if torch.compiler.is_compiling():
+        torch._assert_async(((labels >= 0) & (labels <= num_classes)).all(),
+                            f"{name} out of range: expected class ids in [0, {num_classes}] "
+                            f"({num_classes} classes; {num_classes} is the null class)")
+        return labels
+    if labels.numel() == 0:
         return labels
     # Every KIND layer of a model sees the same labels tensor: check it once per value.
     key = (labels._version, num_classes)

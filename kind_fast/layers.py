@@ -49,7 +49,9 @@ class FastKindLinear(nn.Module):
             on (a plain factored linear layer that needs no labels).
         device, dtype: factory kwargs, as ``nn.Linear``.
 
-    Call as ``layer(x, labels=labels)`` with x (B, T, in), (B, in) or (M, in) and labels (B,).
+    Call as ``layer(x, labels=labels)`` with labels (B,) class ids and x (B, ..., in): x[b]
+    holds the rows of sample b, e.g. (B, T, in) tokens or (B, in) one row per sample. Any other
+    layout is a ValueError (rows are never silently regrouped).
     """
 
     def __init__(
@@ -291,9 +293,10 @@ class FastKindLinear(nn.Module):
             labels = gate.labels
             if labels is None:
                 raise ValueError(
-                    "FastKindLinear has a class gate but got no labels: pass labels=, or let kindify's "
-                    "hook (or KindDiT.forward) route the model's class labels"
+                    "FastKindLinear has a class gate but got no labels: pass labels=, or call it inside a "
+                    "kindified model's forward (its hook routes the model's class labels)"
                 )
+        self._check_input(x, labels)
         if labels.device != x.device:
             labels = labels.to(x.device, non_blocking=True)
         idx, val = gate.compiled(x.device)
@@ -304,6 +307,16 @@ class FastKindLinear(nn.Module):
                                         self.sigma_t, self.v_t, idx, val, labels)
         w_g = self.learngene_weight(dt)
         return kind_linear(x, w_g, self.bias, self.u_t, self.sigma_t, self.v_t, idx, val, labels)
+
+    def _check_input(self, x: Tensor, labels) -> None:
+        """Labels and the one accepted layout: x is (B, ..., in) with B = len(labels), and
+        x[b] holds the rows of sample b (class labels[b]), as for nn.Linear with a batch
+        dimension. A 2-D x is (B, in), one row per sample; flattened rows are not regrouped."""
+        from kind_fast.gate import check_labels
+        from kind_fast.ops.kind_linear import sample_rows
+
+        check_labels(labels, self.gate.num_classes)
+        sample_rows(x, labels, None, who="FastKindLinear")
 
     def _factored_path(self, x: Tensor, dtype: torch.dtype, active: int) -> bool:
         """Whether the Triton backend's cost model picks path M2 (fully factored: small

@@ -122,7 +122,7 @@ def run(inp, backend, grads, g):
         y = naive_kind_linear(*args_of(full))
     else:
         with kf.use_backend(backend):
-            y = kind_linear(*args_of(full))
+            y = kind_linear(*args_of(full), rows_per_sample=full["x"].shape[0] // full["labels"].shape[0])
     if leaves:
         y.backward(g.to(y.dtype))
     return y, {n: leaves[n].grad for n in leaves}
@@ -340,7 +340,8 @@ def run_m2(inp, backend, g):
         y = naive_kind_linear(full["x"], w_g, *[full[n] for n in ARGS[2:]])
     else:
         with kf.use_backend(backend):
-            y = kind_linear_factored(*[full[n] for n in M2_ARGS])
+            y = kind_linear_factored(*[full[n] for n in M2_ARGS],
+                                     rows_per_sample=full["x"].shape[0] // full["labels"].shape[0])
     y.backward(g.to(y.dtype))
     return y, {n: leaves[n].grad for n in leaves}
 

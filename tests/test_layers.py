@@ -243,3 +243,31 @@ def test_gate_not_registered_as_submodule():
     layer, gate = _layer()
     assert not any(isinstance(m, ClassGate) for m in layer.modules())
     assert all(not k.startswith("gate") for k in layer.state_dict())
+
+
+def test_labels_must_be_a_tensor_and_rows_are_never_regrouped():
+    layer, gate = _layer(n_in=12)
+    x = torch.randn(2, 3, 5, 12)
+    for bad in ([0, 1], 3, (0, 1)):
+        with pytest.raises(TypeError, match="labels must be a torch.Tensor"):
+            layer(x, labels=bad)
+    y = layer(x, labels=torch.tensor([0, 1]))  # (B, ..., in): sample b owns x[b]
+    torch.testing.assert_close(y, layer(x.view(2, 15, 12), labels=torch.tensor([0, 1])).view(2, 3, 5, 56))
+    with pytest.raises(ValueError, match=r"x has shape \(2, 3, 5, 12\) but labels has 3 entries"):
+        layer(x, labels=torch.tensor([0, 1, 2]))
+    with pytest.raises(ValueError, match=r"x has shape \(4, 12\) but labels has 2 entries"):
+        layer(torch.randn(4, 12), labels=torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match=r"labels out of range.*expected \[0, 5\]"):
+        layer(x, labels=torch.tensor([0, 6]))
+
+
+@pytest.mark.slow
+def test_out_of_range_labels_under_torch_compile_name_the_range():
+    layer, _ = _layer(n_in=12)
+    layer.freeze_learngenes().eval()
+    fn = torch.compile(lambda x, labels: layer(x, labels=labels), fullgraph=True)
+    x = torch.randn(2, 3, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(fn(x, torch.tensor([0, 5])), layer(x, labels=torch.tensor([0, 5])))
+        with pytest.raises(RuntimeError, match=r"labels out of range: expected class ids in \[0, 5\]"):
+            fn(x, torch.tensor([0, 6]))
