@@ -8,6 +8,7 @@ half: class c's tailors for the first, the null row for the second) and mixes th
 
 from __future__ import annotations
 
+import math
 import os
 import struct
 import zlib
@@ -41,6 +42,19 @@ def cfg_model_fn(model: nn.Module, y: Tensor, cfg_scale: float, null_id: int, ch
     return fn
 
 
+def check_sampling_args(steps, cfg_scale, eta: float = 0.0, num_timesteps: int = 1000, *,
+                        names=("steps", "cfg_scale", "eta")) -> None:
+    """ValueError unless steps is an int in [1, num_timesteps] and cfg_scale, eta are finite
+    numbers >= 0 (NaN would pass a plain range check and give NaN images). ``names``: how
+    the messages call the three (the CLI's flags)."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= num_timesteps:
+        raise ValueError(f"{names[0]} must be an int in [1, {num_timesteps}] (the diffusion has "
+                         f"{num_timesteps} timesteps), got {steps!r}")
+    for name, v in ((names[1], cfg_scale), (names[2], eta)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+
+
 @torch.no_grad()
 def sample(model: nn.Module, labels: Tensor, *, shape: tuple[int, int, int], diffusion: GaussianDiffusion | None = None,
            sampler: str = "ddim", steps: int = 50, cfg_scale: float = 1.5, eta: float = 0.0, seed: int = 0,
@@ -65,6 +79,7 @@ def sample(model: nn.Module, labels: Tensor, *, shape: tuple[int, int, int], dif
         raise ValueError(f"labels must be class ids in [0, {num_classes - 1}], got "
                          f"[{int(labels.min())}, {int(labels.max())}]")
     base = diffusion or GaussianDiffusion()
+    check_sampling_args(steps, cfg_scale, eta, base.num_timesteps)
     sched = base.respaced(steps)
     was_training = model.training
     model.eval()
