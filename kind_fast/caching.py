@@ -30,7 +30,7 @@ import contextlib
 import weakref
 from collections.abc import Iterator
 
-__all__ = ["weight_cache", "enabled", "generation", "remember", "invalidate"]
+__all__ = ["weight_cache", "training_scope", "enabled", "generation", "remember", "invalidate"]
 
 _depth = 0
 _generation = 0
@@ -60,6 +60,16 @@ def invalidate() -> None:
     for h in list(_holders):
         h.clear_weight_cache()
     _holders.clear()
+
+
+def training_scope(model):
+    """``weight_cache()`` while every learngene of ``model`` is frozen (an optimizer over the
+    trainable parameters never writes them, so W_G may be reused across training steps), else
+    a no-op scope (trainable learngenes rebuild W_G every step anyway)."""
+    from kind_fast.layers import FastKindLinear
+
+    lg = [p for m in model.modules() if isinstance(m, FastKindLinear) for p in (m.u_g, m.sigma_g, m.v_g)]
+    return weight_cache() if lg and not any(p.requires_grad for p in lg) else contextlib.nullcontext()
 
 
 @contextlib.contextmanager

@@ -29,7 +29,6 @@ export is ever written from non-finite parameters.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import random
 import sys
@@ -41,7 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from kind_fast.atomic import remove_stale_temps_under
-from kind_fast.caching import weight_cache
+from kind_fast.caching import training_scope
 from kind_fast.diffusion import GaussianDiffusion
 from kind_fast.train import checkpoint as ck
 from kind_fast.train.config import RunConfig
@@ -332,10 +331,7 @@ class Trainer:
         frozen: the trainer then writes the live model only through the optimizer, which does
         not hold them. Whoever writes learngenes of the live model through ``.data`` inside
         ``train()`` must call ``kind_fast.caching.invalidate()``. A no-op scope otherwise."""
-        from kind_fast.utils import kind_layers
-
-        lg = [p for _, m in kind_layers(unwrap(self.ddp)) for p in (m.u_g, m.sigma_g, m.v_g)]
-        return weight_cache() if lg and not any(p.requires_grad for p in lg) else contextlib.nullcontext()
+        return training_scope(unwrap(self.ddp))
 
     # ------------------------------------------------------------------ non-finite guard
     def _last_good(self) -> str:
