@@ -271,3 +271,16 @@ def test_out_of_range_labels_under_torch_compile_name_the_range():
         torch.testing.assert_close(fn(x, torch.tensor([0, 5])), layer(x, labels=torch.tensor([0, 5])))
         with pytest.raises(RuntimeError, match=r"labels out of range: expected class ids in \[0, 5\]"):
             fn(x, torch.tensor([0, 6]))
+
+
+def test_training_scope_caches_only_while_every_learngene_is_frozen():
+    from kind_fast.dit import DiT, KindConfig
+
+    m = DiT(input_size=8, patch_size=2, in_channels=2, hidden_size=32, depth=1, num_heads=2, num_classes=3,
+            kind=KindConfig(tailor_rank=8, active=2))
+    layer = m.blocks[0].mlp.fc1
+    for mode, cached in (("transfer", True), ("pretrain", False)):
+        m.set_mode(mode)
+        with kf.caching.training_scope(m), torch.no_grad():
+            assert kf.caching.enabled() is cached
+            assert (layer.learngene_weight() is layer.learngene_weight()) is cached
