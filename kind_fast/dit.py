@@ -128,6 +128,12 @@ def _linear(d_in: int, d_out: int, kind: KindConfig | None, gate: ClassGate | No
                           gate=gate, device="meta")
 
 
+def _apply(layer: nn.Module, x: Tensor, labels: Tensor | None) -> Tensor:
+    """A block linear: KIND layers get the class labels explicitly (no state is left behind,
+    so a recomputation under activation checkpointing sees the same labels)."""
+    return layer(x, labels=labels) if isinstance(layer, FastKindLinear) else layer(x)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention; q, k, v separate (KIND split) or one fused qkv layer."""
 
@@ -143,15 +149,15 @@ class Attention(nn.Module):
             self.qkv = _linear(dim, 3 * dim, kind, gate)
         self.proj = _linear(dim, dim, kind, gate)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, labels: Tensor | None = None) -> Tensor:
         n, t, d = x.shape
         if self.split:
-            q, k, v = self.q(x), self.k(x), self.v(x)
+            q, k, v = (_apply(m, x, labels) for m in (self.q, self.k, self.v))
         else:
-            q, k, v = self.qkv(x).chunk(3, dim=-1)
+            q, k, v = _apply(self.qkv, x, labels).chunk(3, dim=-1)
         q, k, v = (z.view(n, t, self.num_heads, d // self.num_heads).transpose(1, 2) for z in (q, k, v))
         out = F.scaled_dot_product_attention(q, k, v)  # (N, heads, T, d/heads)
-        return self.proj(out.transpose(1, 2).reshape(n, t, d))
+        return _apply(self.proj, out.transpose(1, 2).reshape(n, t, d), labels)
 
 
 class Mlp(nn.Module):
@@ -160,8 +166,8 @@ class Mlp(nn.Module):
         self.fc1 = _linear(dim, hidden, kind, gate)
         self.fc2 = _linear(hidden, dim, kind, gate)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+    def forward(self, x: Tensor, labels: Tensor | None = None) -> Tensor:
+        return _apply(self.fc2, F.gelu(_apply(self.fc1, x, labels), approximate="tanh"), labels)
 
 
 class DiTBlock(nn.Module):
@@ -175,10 +181,11 @@ class DiTBlock(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), kind, gate)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
-    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+    def forward(self, x: Tensor, c: Tensor, labels: Tensor | None = None) -> Tensor:
+        """``labels``: the (post-dropout) class ids, for KIND layers; None in a dense DiT."""
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.adaLN_modulation(c).chunk(6, dim=1)
-        x = x + gate_a.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_a, scale_a))
-        return x + gate_m.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_m, scale_m))
+        x = x + gate_a.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_a, scale_a), labels)
+        return x + gate_m.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_m, scale_m), labels)
 
 
 class FinalLayer(nn.Module):
@@ -214,8 +221,9 @@ def sincos_pos_embed(dim: int, grid: int) -> np.ndarray:
 class DiT(nn.Module):
     """Class-conditional DiT; with ``kind`` set its token-wise linears are KIND layers.
 
-    forward(x (N, C, H, W), t (N,), y (N,)) -> (N, C or 2C, H, W). With ``kind`` the class
-    labels (after label dropout) are routed to every KIND layer through ``self.kind_gate``.
+    forward(x (N, C, H, W), t (N,), y (N,)) -> (N, C or 2C, H, W). ``y`` holds class ids in
+    [0, num_classes] (num_classes: the null class). With ``kind`` the labels (after label
+    dropout) are passed to every KIND layer explicitly; ``kind_gate.labels`` is not used.
     """
 
     def __init__(
@@ -325,13 +333,17 @@ class DiT(nn.Module):
         return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, h * p, w * p)
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor, force_drop_ids: Tensor | None = None) -> Tensor:
+        from kind_fast.gate import check_labels
+
+        check_labels(y, self.num_classes, name="y (class labels)")
+        if isinstance(x, Tensor) and y.shape[0] != x.shape[0]:
+            raise ValueError(f"y (class labels) has {y.shape[0]} entries but x has {x.shape[0]} samples")
         y = self.y_embedder.drop(y, force_drop_ids)
-        if self.kind is not None:
-            self.kind_gate.labels = y  # every KIND layer reads the (post-dropout) labels
+        labels = y if self.kind is not None else None  # what every KIND layer sees (post-dropout)
         x = self.x_embedder(x) + self.pos_embed.to(x.dtype)
         c = self.t_embedder(t) + self.y_embedder(y)
         for block in self.blocks:
-            x = block(x, c)
+            x = block(x, c, labels)
         return self.unpatchify(self.final_layer(x, c))
 
     def forward_with_cfg(self, x: Tensor, t: Tensor, y: Tensor, cfg_scale: float) -> Tensor:

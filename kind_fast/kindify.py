@@ -3,8 +3,10 @@
 Each target ``nn.Linear`` becomes a ``FastKindLinear`` by an exact float64 SVD of its weight,
 the shared ``ClassGate`` is registered once as ``model.kind_gate``, and a forward pre-hook
 copies the model's class-label argument (a tensor: no host sync) into ``gate.labels`` where
-every converted layer reads it. With an all-on gate the converted model reproduces the
-original output to float tolerance.
+every converted layer reads it; a forward hook clears it again when the forward ends (also
+when it raises), so a later call of a layer without labels is an error, not a call with the
+previous batch's labels. With an all-on gate the converted model reproduces the original
+output to float tolerance.
 
 Known layouts (target modules detected automatically):
     DiT (facebookresearch layout, and kind_fast.dit.DiT with kind=None):
@@ -158,5 +160,9 @@ def kindify(
         module.kind_gate.labels = labels if isinstance(labels, Tensor) else None
         return None
 
+    def _clear_labels(module, args, kwargs, output):
+        module.kind_gate.labels = None
+
     model._kind_fast_hook = model.register_forward_pre_hook(_route_labels, with_kwargs=True)
+    model._kind_fast_clear_hook = model.register_forward_hook(_clear_labels, with_kwargs=True, always_call=True)
     return model

@@ -460,12 +460,11 @@ class MultiTaskDiT(nn.Module):
         y = self._check_labels(y)
         if x.shape[0] != y.shape[0]:
             raise ValueError(f"x has {x.shape[0]} samples but y has {y.shape[0]} labels")
-        self.kind_gate.labels = y
         task = self.task_of_label.to(y.device)[y]
         x = self.x_embedder(x) + self.pos_embed.to(x.dtype)
         c = self.t_embedder(t) + self.label_table(y)
         for block in self.blocks:
-            x = block(x, c)
+            x = block(x, c, y)  # labels passed explicitly: nothing is left on the gate
         from kind_fast.dit import DiT
 
         return DiT.unpatchify(self, self.heads(x, c, task))

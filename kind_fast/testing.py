@@ -104,6 +104,27 @@ def assert_close_to_oracle(out: Tensor, oracle: Tensor, torch_lowp: Tensor, dtyp
 
 
 @contextmanager
+def routed_labels(model: torch.nn.Module) -> Iterator[list[Tensor]]:
+    """Record the labels every KIND layer of ``model`` uses while the block runs (given as
+    ``labels=`` or read from the gate), one entry per layer call."""
+    from kind_fast.layers import FastKindLinear
+
+    seen: list[Tensor] = []
+
+    def hook(module, args, kwargs):
+        labels = kwargs.get("labels", args[1] if len(args) > 1 else None)
+        seen.append(labels if labels is not None else module.gate.labels)
+
+    handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in model.modules()
+               if isinstance(m, FastKindLinear)]
+    try:
+        yield seen
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
 def single_thread() -> Iterator[None]:
     """Run the block with one intra-op thread. Tiny models are dominated by per-op overhead,
     and on a shared 2-core machine two OpenMP threads waiting on a busy core ran 5-10× slower."""

@@ -374,26 +374,53 @@ def test_cache_hits_and_second_use_admission():
     layer.eval()
     x = torch.randn(4, 3, 20, dtype=torch.float64)
     labels = torch.tensor([1, 1, 6, 6])
-    _eval_calls(layer, gate, x, labels, n=3)
     c = layer.merged_cache
-    assert (c.builds, len(c), c.held()) == (1, 1, 2) and c.hits == 2
-    layer.clear_merged_cache()
-    with torch.no_grad():  # undeclared: admitted on the second use with unchanged parameters
-        layer(x, labels=labels)
+    with kf.weight_cache():
+        _eval_calls(layer, gate, x, labels, n=3)
+        assert (c.builds, len(c), c.held()) == (1, 1, 2) and c.hits == 2
+        layer.clear_merged_cache()
+        with torch.no_grad():  # undeclared: admitted on the second use with unchanged parameters
+            layer(x, labels=labels)
+            assert len(c) == 0
+            layer(x, labels=labels)
+            assert len(c) == 1
+        layer.train()
+        layer.clear_merged_cache()
+        with torch.no_grad():  # train mode, undeclared: no M3 caching
+            layer(x, labels=labels)
+            layer(x, labels=labels)
         assert len(c) == 0
-        layer(x, labels=labels)
-        assert len(c) == 1
-    layer.train()
-    layer.clear_merged_cache()
-    with torch.no_grad():  # train mode, undeclared: no M3 caching
-        layer(x, labels=labels)
-        layer(x, labels=labels)
+    layer.eval()
+    with torch.no_grad():  # outside any weight_cache() scope nothing is cached, so nothing can go stale
+        for _ in range(3):
+            layer(x, labels=labels)
     assert len(c) == 0
+
+
+def test_merged_weights_never_outlive_their_scope():
+    """Writes through .data (EMA swaps) are invisible to version counters: merged weights are
+    dropped when the serving / weight_cache scope ends, so the next scope sees the new values."""
+    layer, gate = _layer()
+    layer.eval()
+    x = torch.randn(4, 3, 20, dtype=torch.float64)
+    labels = torch.tensor([1, 1, 6, 6])
+    _eval_calls(layer, gate, x, labels)
+    assert len(layer.merged_cache) == 0
+    with torch.no_grad():
+        layer.u_t.data.mul_(2.0)
+        layer.u_g.data.mul_(0.5)
+    after = _eval_calls(layer, gate, x, labels)[-1]
+    torch.testing.assert_close(after, _fresh_ref(layer, x, labels))
 
 
 @pytest.mark.parametrize("change", ["optimizer", "load_state_dict", "data_swap", "to", "gate", "copy_no_grad",
                                     "inference_mode"])
 def test_cache_never_stale(change):
+    with kf.weight_cache():  # one scope around both evaluations: the token alone must catch the change
+        _cache_never_stale(change)
+
+
+def _cache_never_stale(change):
     layer, gate = _layer()
     layer.eval()
     x = torch.randn(4, 3, 20, dtype=torch.float64)
@@ -431,11 +458,12 @@ def test_cache_capacity_lru_and_copies():
     layer.eval()
     layer.merged_cache.capacity = 4
     x = torch.randn(4, 3, 20, dtype=torch.float64)
-    for pair in ([0, 9], [1, 9], [2, 9]):  # three entries of 2 weights: the oldest is evicted
-        _eval_calls(layer, gate, x, torch.tensor(pair * 2), n=1)
     c = layer.merged_cache
-    assert len(c) == 2 and c.held() == 4
-    assert copy.deepcopy(layer).merged_cache.held() == 0
+    with kf.weight_cache():
+        for pair in ([0, 9], [1, 9], [2, 9]):  # three entries of 2 weights: the oldest is evicted
+            _eval_calls(layer, gate, x, torch.tensor(pair * 2), n=1)
+        assert len(c) == 2 and c.held() == 4
+        assert copy.deepcopy(layer).merged_cache.held() == 0
     with pytest.raises(ValueError):
         c.capacity = -1
     c.capacity = 0

@@ -13,6 +13,8 @@ capture of forward+backward, determinism.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -35,14 +37,25 @@ ARGS = ("x", "w_g", "bias", "u_t", "sigma_t", "v_t", "idx", "val", "labels")
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
+def _cannot_run(why: str):
+    """Skip, or fail where the interpreter tests must run (CI: scripts/test.sh sets
+    KIND_FAST_REQUIRE_INTERPRETER=1, so a broken Triton/numpy pair is red, not 84 skips)."""
+    if os.environ.get("KIND_FAST_REQUIRE_INTERPRETER") == "1":
+        pytest.fail(f"KIND_FAST_REQUIRE_INTERPRETER=1 but the interpreter tests cannot run: {why}", pytrace=False)
+    pytest.skip(why)
+
+
 @pytest.fixture
 def interpreter(monkeypatch):
     """Run the Triton backend's kernels on the CPU interpreter for this test."""
-    pytest.importorskip("triton")
+    try:
+        import triton  # noqa: F401
+    except ImportError as e:
+        _cannot_run(f"triton is not installed ({e})")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     why = _interpreter_broken()
     if why:
-        pytest.skip(why)
+        _cannot_run(why)
     yield
 
 
@@ -122,7 +135,7 @@ def run(inp, backend, grads, g):
         y = naive_kind_linear(*args_of(full))
     else:
         with kf.use_backend(backend):
-            y = kind_linear(*args_of(full))
+            y = kind_linear(*args_of(full), rows_per_sample=full["x"].shape[0] // full["labels"].shape[0])
     if leaves:
         y.backward(g.to(y.dtype))
     return y, {n: leaves[n].grad for n in leaves}
@@ -270,8 +283,12 @@ def test_layer_on_triton_backend(interpreter):
             y.float().square().mean().backward()
         outs[backend] = (y.float(), layer.u_t.grad.float(), layer.v_t.grad.float(), layer.sigma_t.grad.float())
         assert layer.u_g.grad is None and layer.bias.grad is None
-    for a, b in zip(outs["torch"], outs["triton"]):
-        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
+    for name, a, b in zip(("y", "du_t", "dv_t", "dsigma_t"), outs["torch"], outs["triton"]):
+        # tolerances relative to the tensor's own scale (gradients here peak at 3e-3..2e-2):
+        # an all-zero or a 10 %-off gradient must fail
+        scale = a.abs().max().item()
+        assert scale > 0, name
+        torch.testing.assert_close(b, a, rtol=2e-2, atol=2e-2 * scale, msg=lambda m, n=name: f"{n}: {m}")
 
 
 @pytest.mark.parametrize("case", ["k_zero_tailors", "k_above_max"])
@@ -340,7 +357,8 @@ def run_m2(inp, backend, g):
         y = naive_kind_linear(full["x"], w_g, *[full[n] for n in ARGS[2:]])
     else:
         with kf.use_backend(backend):
-            y = kind_linear_factored(*[full[n] for n in M2_ARGS])
+            y = kind_linear_factored(*[full[n] for n in M2_ARGS],
+                                     rows_per_sample=full["x"].shape[0] // full["labels"].shape[0])
     y.backward(g.to(y.dtype))
     return y, {n: leaves[n].grad for n in leaves}
 
@@ -613,6 +631,11 @@ def test_kernels_compile_for_hopper(monkeypatch):
     """The interpreter is lenient; this compiles the real kernels for sm_90 on the CPU and checks
     that the fused kernel uses wgmma and a software-pipelined (async-copy) K-loop."""
     pytest.importorskip("triton")
+    try:  # the ahead-of-time API this test uses (skip only where it does not exist)
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+        from triton.compiler import ASTSource  # noqa: F401
+    except ImportError as e:
+        pytest.skip(f"this Triton has no ahead-of-time compile API (triton.compiler.ASTSource): {e}")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     from kind_fast.ops.kind_linear_triton import _kernels
 
@@ -621,31 +644,28 @@ def test_kernels_compile_for_hopper(monkeypatch):
     ptrs = dict(a_ptr=bf, out_ptr=bf, shr_ptr=f32, hsv_ptr=f32, part_ptr=f32, b_ptr=bf, bias_ptr=bf, p_ptr=bf,
                 q_ptr=bf, sig_ptr=f32, idx_ptr="*i32", val_ptr=f32, lab_ptr="*i64")
     div = ("M", "N", "KD", "K", "T", "M_BUCKET", "s_am", "s_om", "s_bn", "s_bk", "s_pr", "s_qr")
-    try:
-        for one in (True, False):
-            consts = dict(BM=128 if one else 64, BN=128, BK=64, KP=32, NG=2, SPT=1 if one else 3, HAS_BASE=True,
-                          HAS_OUT=True, HAS_BIAS=True, ONE_CLASS=one, WRITE_SHRINK=True, DS_PARTIAL=not one,
-                          PREC="tf32")
-            ttgir = _compile_for_sm90(K.kind_linear_fused_kernel, ptrs, consts,
-                                      ("s_ak", "s_bk", "s_pk", "s_qn", "s_on"), div)
-            assert "warp_group_dot" in ttgir, "fused kernel does not use wgmma on sm_90"
-            assert "async_copy_global_to_local" in ttgir, "fused kernel's K-loop is not pipelined"
-        # path M2: no dense term, up to 128 slots (learngenes + active tailors)
-        consts = dict(BM=64, BN=64, BK=64, KP=128, NG=2, SPT=1, HAS_BASE=False, HAS_OUT=True, HAS_BIAS=True,
-                      ONE_CLASS=True, WRITE_SHRINK=True, DS_PARTIAL=False, PREC="tf32")
-        ttgir = _compile_for_sm90(K.kind_linear_fused_kernel, ptrs, consts, ("s_ak", "s_pk", "s_qn", "s_on"), div)
-        assert "warp_group_dot" in ttgir and "async_copy_global_to_local" in ttgir
-        tg = dict(w_ptr=f32, z_ptr=bf, out_ptr=f32, pos_ptr="*i32", dg_ptr=f32, sig_ptr=f32, lab_ptr="*i64")
-        for skip in (True, False):
-            ttgir = _compile_for_sm90(K.kind_linear_tailor_grad_kernel, tg,
-                                      dict(BM=64, BT=64, BO=128, SPLIT=4, ONE_CLASS=True, SKIP=skip, PREC="tf32"),
-                                      ("s_zo",), ("M", "O", "NT", "K", "T", "s_zm"), warps=4)
-            assert "warp_group_dot" in ttgir
-        _compile_for_sm90(K.kind_linear_gate_tables_kernel, dict(idx_ptr="*i32", val_ptr=f32, pos_ptr="*i32",
-                          dg_ptr=f32), dict(KP=32, BT=64), warps=4)
-        _compile_for_sm90(K.kind_linear_sample_ds_kernel, dict(part_ptr=f32, ds_ptr=f32), dict(KP=32), warps=4)
-        _compile_for_sm90(K.kind_linear_gate_grad_kernel, dict(ds_ptr=f32, lab_ptr="*i64", idx_ptr="*i32",
-                          sig_ptr=f32, pos_ptr="*i32", dg_ptr=f32, dval_ptr=f32, dsig_ptr=f32),
-                          dict(KP=32, BB=64, BT=32, NEED_DVAL=True, NEED_DSIG=True), warps=4)
-    except (TypeError, ImportError, AttributeError) as e:  # the AOT API moves between Triton versions
-        pytest.skip(f"this Triton's ahead-of-time compile API differs: {e}")
+    for one in (True, False):
+        consts = dict(BM=128 if one else 64, BN=128, BK=64, KP=32, NG=2, SPT=1 if one else 3, HAS_BASE=True,
+                      HAS_OUT=True, HAS_BIAS=True, ONE_CLASS=one, WRITE_SHRINK=True, DS_PARTIAL=not one,
+                      PREC="tf32")
+        ttgir = _compile_for_sm90(K.kind_linear_fused_kernel, ptrs, consts,
+                                  ("s_ak", "s_bk", "s_pk", "s_qn", "s_on"), div)
+        assert "warp_group_dot" in ttgir, "fused kernel does not use wgmma on sm_90"
+        assert "async_copy_global_to_local" in ttgir, "fused kernel's K-loop is not pipelined"
+    # path M2: no dense term, up to 128 slots (learngenes + active tailors)
+    consts = dict(BM=64, BN=64, BK=64, KP=128, NG=2, SPT=1, HAS_BASE=False, HAS_OUT=True, HAS_BIAS=True,
+                  ONE_CLASS=True, WRITE_SHRINK=True, DS_PARTIAL=False, PREC="tf32")
+    ttgir = _compile_for_sm90(K.kind_linear_fused_kernel, ptrs, consts, ("s_ak", "s_pk", "s_qn", "s_on"), div)
+    assert "warp_group_dot" in ttgir and "async_copy_global_to_local" in ttgir
+    tg = dict(w_ptr=f32, z_ptr=bf, out_ptr=f32, pos_ptr="*i32", dg_ptr=f32, sig_ptr=f32, lab_ptr="*i64")
+    for skip in (True, False):
+        ttgir = _compile_for_sm90(K.kind_linear_tailor_grad_kernel, tg,
+                                  dict(BM=64, BT=64, BO=128, SPLIT=4, ONE_CLASS=True, SKIP=skip, PREC="tf32"),
+                                  ("s_zo",), ("M", "O", "NT", "K", "T", "s_zm"), warps=4)
+        assert "warp_group_dot" in ttgir
+    _compile_for_sm90(K.kind_linear_gate_tables_kernel, dict(idx_ptr="*i32", val_ptr=f32, pos_ptr="*i32",
+                      dg_ptr=f32), dict(KP=32, BT=64), warps=4)
+    _compile_for_sm90(K.kind_linear_sample_ds_kernel, dict(part_ptr=f32, ds_ptr=f32), dict(KP=32), warps=4)
+    _compile_for_sm90(K.kind_linear_gate_grad_kernel, dict(ds_ptr=f32, lab_ptr="*i64", idx_ptr="*i32",
+                      sig_ptr=f32, pos_ptr="*i32", dg_ptr=f32, dval_ptr=f32, dsig_ptr=f32),
+                      dict(KP=32, BB=64, BT=32, NEED_DVAL=True, NEED_DSIG=True), warps=4)

@@ -9,6 +9,7 @@ from torch import nn
 import kind_fast as kf
 from kind_fast.dit import DiT
 from kind_fast.kindify import SplitLinear, kindify
+from kind_fast.testing import routed_labels
 
 
 def dense_dit(num_classes=6):
@@ -47,8 +48,10 @@ def test_block_gate_routes_labels():
     m = dense_dit()
     x, t, _ = inputs(2)
     kindify(m, gate=kf.ClassGate.block(6, 8, 4))
-    a = m(x, t, torch.tensor([0, 0]))
-    assert torch.equal(m.kind_gate.labels, torch.tensor([0, 0]))
+    with routed_labels(m) as seen:
+        a = m(x, t, torch.tensor([0, 0]))
+    assert seen and all(torch.equal(s, torch.tensor([0, 0])) for s in seen)
+    assert m.kind_gate.labels is None, "the hook clears the routed labels after the forward"
     b = m(x, t, torch.tensor([1, 1]))
     assert not torch.allclose(a, b)
     # the gate (not only the label embedding) shapes the output: switching class 0's tailors

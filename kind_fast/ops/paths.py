@@ -29,6 +29,8 @@ cached weights: a class set is cached when the caller declares it (``classes=``,
 sampler through ``ClassGate.serving``) or on its second use with unchanged parameters. Under a
 Python dispatch mode (FlopCounterMode, fake tensors) or torch.compile nothing is cached and the
 op paths M0/M1/M2 run, so FLOP counts follow the op's convention (docs/flops.md).
+FastKindLinear passes its cache only inside a ``kind_fast.weight_cache()`` scope (the sampler
+opens one), so merged weights, like W_G, can never outlive a write the token cannot see.
 
 Which classes a batch holds: ``classes=`` (declared; labels outside them are an error, checked
 on the host for CPU labels and asynchronously on CUDA), else read from CPU labels (free; once per
@@ -43,7 +45,7 @@ Entry point (FastKindLinear passes its parameters; DiT.export or other modules m
     kind_linear_layer(x, labels, *, u_g, sigma_g, v_g, bias, u_t, sigma_t, v_t, idx, val,
                       w_g=None, merged=None, token=None, classes=None, training_module=None) -> y
 
-    x        (B, T, in), (B, in) or (M, in), rows grouped by sample; the autocast dtype (when
+    x        (B, ..., in) with x[b] the rows of sample b (kind_linear.sample_rows); the autocast dtype (when
              autocast is on) or the parameters' dtype
     labels   (B,) int class ids in [0, C] (C = null class), on x's device
     u_g, sigma_g, v_g  learngenes (N_G, out), (N_G,), (N_G, in)

@@ -200,7 +200,7 @@ def run_sample(args: argparse.Namespace) -> int:
 
     from kind_fast.train.distributed import resolve_device
     from kind_fast.train.models import SPEC_FILE, load_weights
-    from kind_fast.train.sampling import sample, save_grid, to_uint8
+    from kind_fast.train.sampling import check_sampling_args, sample, save_grid, to_uint8
 
     try:
         src = Path(args.weights)
@@ -210,8 +210,9 @@ def run_sample(args: argparse.Namespace) -> int:
             wdir = src / args.which
         if not wdir.is_dir():
             raise FileNotFoundError(f"{src}: not a weights folder and it has no {args.which}/ folder")
-        if args.n_per_class < 1 or args.steps < 1 or args.batch_size < 1:
-            raise ValueError("--n-per-class, --steps and --batch-size must be >= 1")
+        if args.n_per_class < 1 or args.batch_size < 1:
+            raise ValueError("--n-per-class and --batch-size must be >= 1")
+        check_sampling_args(args.steps, args.cfg_scale, args.eta, names=("--steps", "--cfg-scale", "--eta"))
         device = resolve_device(args.device)
         if args.cuda_graphs == "on" and device.type != "cuda":
             raise ValueError(f"--cuda-graphs on needs a CUDA device, got {device}")

@@ -8,6 +8,7 @@ half: class c's tailors for the first, the null row for the second) and mixes th
 
 from __future__ import annotations
 
+import math
 import os
 import struct
 import zlib
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from kind_fast.caching import weight_cache
 from kind_fast.diffusion import GaussianDiffusion
 
 
@@ -40,6 +42,19 @@ def cfg_model_fn(model: nn.Module, y: Tensor, cfg_scale: float, null_id: int | T
         return torch.cat([eps, cond[:, channels:]], dim=1)
 
     return fn
+
+
+def check_sampling_args(steps, cfg_scale, eta: float = 0.0, num_timesteps: int = 1000, *,
+                        names=("steps", "cfg_scale", "eta")) -> None:
+    """ValueError unless steps is an int in [1, num_timesteps] and cfg_scale, eta are finite
+    numbers >= 0 (NaN would pass a plain range check and give NaN images). ``names``: how
+    the messages call the three (the CLI's flags)."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= num_timesteps:
+        raise ValueError(f"{names[0]} must be an int in [1, {num_timesteps}] (the diffusion has "
+                         f"{num_timesteps} timesteps), got {steps!r}")
+    for name, v in ((names[1], cfg_scale), (names[2], eta)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
 
 
 @torch.no_grad()
@@ -81,29 +96,32 @@ def sample(model: nn.Module, labels: Tensor, *, shape: tuple[int, int, int], dif
     if null_labels is not None and (not isinstance(null_labels, Tensor) or null_labels.shape != labels.shape):
         raise ValueError(f"null_labels must be a tensor shaped like labels {tuple(labels.shape)}")
     base = diffusion or GaussianDiffusion()
+    check_sampling_args(steps, cfg_scale, eta, base.num_timesteps)
     sched = base.respaced(steps)
     was_training = model.training
     model.eval()
     outs = []
-    try:
-        for i, start in enumerate(range(0, labels.shape[0], batch_size)):
-            y = labels[start:start + batch_size].to(device)
-            gen = torch.Generator().manual_seed(derived_seed(seed, "sample", i))
-            noise = torch.randn((y.shape[0], *shape), generator=gen).to(device)
-            null = num_classes if null_labels is None else null_labels[start:start + batch_size]
-            fn = graphed(cfg_model_fn(model, y, cfg_scale, null, shape[0], autocast_dtype), device, cuda_graphs)
-            classes = set(labels[start:start + batch_size].tolist())
-            if cfg_scale != 1.0:
-                classes |= {num_classes} if null_labels is None else set(null.tolist())
-            with serving(core, classes) if merged else nullcontext():
-                if sampler == "ddpm":
-                    x = sched.ddpm_sample(fn, noise, generator=gen, clip_denoised=clip_denoised, progress=progress)
-                else:
-                    x = sched.ddim_sample(fn, noise, eta=eta, generator=gen, clip_denoised=clip_denoised,
-                                          progress=progress)
-            outs.append(x.float().cpu())
-    finally:
-        model.train(was_training)
+    with weight_cache():  # the weights do not change while sampling: W_G is built once per layer
+        try:
+            for i, start in enumerate(range(0, labels.shape[0], batch_size)):
+                y = labels[start:start + batch_size].to(device)
+                gen = torch.Generator().manual_seed(derived_seed(seed, "sample", i))
+                noise = torch.randn((y.shape[0], *shape), generator=gen).to(device)
+                null = num_classes if null_labels is None else null_labels[start:start + batch_size]
+                fn = graphed(cfg_model_fn(model, y, cfg_scale, null, shape[0], autocast_dtype), device, cuda_graphs)
+                classes = set(labels[start:start + batch_size].tolist())
+                if cfg_scale != 1.0:
+                    classes |= {num_classes} if null_labels is None else set(null.tolist())
+                with serving(core, classes) if merged else nullcontext():
+                    if sampler == "ddpm":
+                        x = sched.ddpm_sample(fn, noise, generator=gen, clip_denoised=clip_denoised,
+                                              progress=progress)
+                    else:
+                        x = sched.ddim_sample(fn, noise, eta=eta, generator=gen, clip_denoised=clip_denoised,
+                                              progress=progress)
+                outs.append(x.float().cpu())
+        finally:
+            model.train(was_training)
     return torch.cat(outs) if outs else torch.zeros(0, *shape)
 
 
