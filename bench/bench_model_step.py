@@ -3,17 +3,17 @@
 Modes (``kind_fast.flops``): full_ft (dense DiT), pretrain (KIND, everything trains), transfer
 (KIND, learngenes frozen), lora (r = 8), svdiff. One step = forward + DDPM ε-loss + backward +
 AdamW. Each test times the mode's step and, interleaved in the same process, the full
-fine-tuning step of the same model size and batch (the baseline of every ratio in DESIGN §6);
+fine-tuning step of the same model size and batch (the baseline of every ratio in docs/design.md §6);
 ``extra_info`` holds time per step, images/s, achieved TFLOP/s (analytic FLOPs / time), peak
 CUDA memory (GPU), bytes saved for backward, optimizer-state bytes, the ratios against full
-fine-tuning, and the DESIGN §6 goal with whether it was met.
+fine-tuning, and the docs/design.md §6 goal with whether it was met.
 
 Sizes:
     CPU   DiT-S/2 with depth reduced to 2 blocks, batch 4, 256×256 (32×32 latents, 256 tokens),
           fp32, the reference backend: relative costs on 2 cores in well under a minute a mode.
     GPU   DiT-S/2, B/2, L/2, XL/2 at full depth, batch 32 (DiT's 256 over 8 GPUs), bf16
           autocast, fp32 master weights; skipped without a GPU.
-GPU goals (DESIGN §6): DiT-XL/2 transfer step <= 0.80 × full fine-tuning and peak memory
+GPU goals (docs/design.md §6): DiT-XL/2 transfer step <= 0.80 × full fine-tuning and peak memory
 <= 0.75 ×; KIND pretraining step <= 1.10 × the dense (full fine-tuning) step.
 Model builds use ``init="cheap"`` (meta build, random values of the right scale): timing and
 FLOPs do not depend on the values, and DiT's own init costs one float64 SVD per KIND layer.

@@ -140,7 +140,7 @@ lines.append("")
 lines.append(tests)
 with open(os.path.join(res, "summary.md"), "w") as f:
     f.write(env + "\n## Triton backend vs nn.Linear / reference / torch.compile(reference), bf16\n\n"
-            "ratio = t(triton) / t(F.linear or nn.Linear fwd+bwd); goals from DESIGN §6.\n\n")
+            "ratio = t(triton) / t(F.linear or nn.Linear fwd+bwd); goals from docs/design.md §6.\n\n")
     f.write("\n".join(lines) + "\n")
 print("\n".join(lines))
 EOF

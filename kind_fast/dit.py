@@ -6,7 +6,7 @@ classifier-free guidance. Module names follow the DiT checkpoint layout (``block
 ``mlp.fc1``, ``adaLN_modulation.1`` …) so converted weights line up. With ``kind=None`` this is
 a plain dense DiT (fused ``qkv``), which is also what ``kindify`` converts.
 
-KIND layers (DESIGN §1): q, k, v (or fused qkv), attention proj, fc1, fc2; adaLN modulation,
+KIND layers (docs/design.md §1): q, k, v (or fused qkv), attention proj, fc1, fc2; adaLN modulation,
 embedders and the final layer stay dense.
 """
 
@@ -29,7 +29,7 @@ from kind_fast.layers import FastKindLinear
 # =====================================================================================
 @dataclass
 class KindConfig:
-    """How a DiT is decomposed (defaults: DESIGN §1)."""
+    """How a DiT is decomposed (defaults: docs/design.md §1)."""
 
     tailor_rank: int = 96  # N_T per matrix
     active: int = 32  # tailors each class switches on
