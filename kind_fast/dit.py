@@ -33,7 +33,7 @@ class KindConfig:
 
     tailor_rank: int = 96  # N_T per matrix
     active: int = 32  # tailors each class switches on
-    gate: str = "block"  # block | random_k | all_on
+    gate: str = "block"  # block | random_k | all_on | custom (a ClassGate given explicitly, see make_gate)
     null: str = "off"  # null (CFG) class: off | all | class
     qkv: str = "split"  # split: q, k, v are separate KIND layers; fused: one 3d×d layer
     learngene_rank: int | None = None  # N_G; None: min(in, out) - tailor_rank
@@ -42,10 +42,15 @@ class KindConfig:
     def __post_init__(self):
         if self.qkv not in ("split", "fused"):
             raise ValueError(f"qkv must be 'split' or 'fused', got {self.qkv!r}")
-        if self.gate not in ("block", "random_k", "all_on"):
-            raise ValueError(f"gate must be block, random_k or all_on, got {self.gate!r}")
+        if self.gate not in ("block", "random_k", "all_on", "custom"):
+            raise ValueError(f"gate must be block, random_k, all_on or custom, got {self.gate!r}")
 
     def make_gate(self, num_classes: int) -> ClassGate:
+        """The gate these settings describe for ``num_classes`` classes. ``gate="custom"`` marks a
+        model whose gate was given explicitly (e.g. ``kindify`` with a dense gate): it is saved
+        with the weights, and a gate for other classes must be passed (``retarget(n, gate=...)``)."""
+        if self.gate == "custom":
+            raise ValueError("KindConfig(gate='custom') cannot build a gate: pass gate= (a ClassGate) explicitly")
         if self.gate == "block":
             return ClassGate.block(num_classes, self.tailor_rank, self.active, null=self.null)
         if self.gate == "random_k":
@@ -78,21 +83,24 @@ class PatchEmbed(nn.Module):
 class TimestepEmbedder(nn.Module):
     """Scalar timesteps -> (N, d) through sinusoidal features and a two-layer MLP."""
 
-    def __init__(self, hidden_size: int, freq_size: int = 256):
+    def __init__(self, hidden_size: int, freq_size: int = 256, freq_shift: float = 0.0):
         super().__init__()
         self.freq_size = freq_size
+        self.freq_shift = freq_shift  # diffusers' DiT divides by (half - 1): freq_shift = 1
         self.mlp = nn.Sequential(nn.Linear(freq_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
 
     @staticmethod
-    def sinusoidal(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+    def sinusoidal(t: Tensor, dim: int, max_period: float = 10000.0, freq_shift: float = 0.0) -> Tensor:
         half = dim // 2
-        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device)
+        freqs = torch.exp(exponent / (half - freq_shift))
         args = t[:, None].float() * freqs[None]
         emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
         return F.pad(emb, (0, dim % 2))
 
     def forward(self, t: Tensor) -> Tensor:
-        return self.mlp(self.sinusoidal(t, self.freq_size).to(self.mlp[0].weight.dtype))
+        emb = self.sinusoidal(t, self.freq_size, freq_shift=self.freq_shift)
+        return self.mlp(emb.to(self.mlp[0].weight.dtype))
 
 
 class LabelEmbedder(nn.Module):
@@ -167,11 +175,11 @@ class Mlp(nn.Module):
 class DiTBlock(nn.Module):
     """Transformer block with adaLN-Zero conditioning (gated residuals, zero-initialised)."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, kind, gate):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, kind, gate, mlp_norm_eps: float = 1e-6):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(dim, num_heads, kind, gate)
-        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=mlp_norm_eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), kind, gate)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
@@ -232,6 +240,8 @@ class DiT(nn.Module):
         learn_sigma: bool = True,
         kind: KindConfig | None = None,
         gate: ClassGate | None = None,
+        time_freq_shift: float = 0.0,
+        mlp_norm_eps: float = 1e-6,
     ):
         super().__init__()
         self.in_channels = in_channels
@@ -244,6 +254,12 @@ class DiT(nn.Module):
                          hidden_size=hidden_size, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
                          class_dropout_prob=class_dropout_prob, num_classes=num_classes,
                          learn_sigma=learn_sigma)
+        # conventions of diffusers' DiTTransformer2DModel (kind_fast.convert maps them exactly);
+        # recorded only when they differ from DiT's, so older saves and specs stay unchanged
+        if time_freq_shift:
+            self.arch["time_freq_shift"] = time_freq_shift
+        if mlp_norm_eps != 1e-6:
+            self.arch["mlp_norm_eps"] = mlp_norm_eps
         if kind is not None:
             gate = gate if gate is not None else kind.make_gate(num_classes)
             if gate.num_classes != num_classes:
@@ -253,12 +269,12 @@ class DiT(nn.Module):
             raise ValueError("a gate was given but kind=None (a dense DiT has no tailors)")
 
         self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
-        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.t_embedder = TimestepEmbedder(hidden_size, freq_shift=time_freq_shift)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
         grid = input_size // patch_size
         self.register_buffer("pos_embed", torch.from_numpy(sincos_pos_embed(hidden_size, grid)).float()[None])
         self.blocks = nn.ModuleList(
-            DiTBlock(hidden_size, num_heads, mlp_ratio, kind, gate) for _ in range(depth)
+            DiTBlock(hidden_size, num_heads, mlp_ratio, kind, gate, mlp_norm_eps) for _ in range(depth)
         )
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self.initialize_weights()
@@ -455,3 +471,11 @@ def build_dit(name: str, *, kind: KindConfig | None = None, **kwargs) -> DiT:
 
 def kind_config_dict(kind: KindConfig | None) -> dict | None:
     return None if kind is None else asdict(kind)
+
+
+def from_dense(src, kind: KindConfig | None = None, **kwargs) -> DiT:
+    """A KIND-DiT from a dense DiT (state dict, ``.pt`` file, folder, dense DiT or diffusers
+    ``DiTTransformer2DModel``) by an exact float64 SVD; see ``kind_fast.convert.from_dense``."""
+    from kind_fast.convert import from_dense as _from_dense
+
+    return _from_dense(src, kind, **kwargs)

@@ -15,6 +15,20 @@ Known layouts (target modules detected automatically):
 The hook routes the label *argument*. A model that replaces labels by the null class inside
 its forward (label dropout) gates those samples by their real class; do label dropout
 before calling the model (kind_fast's trainer does) or use kind_fast.dit.DiT with ``kind``.
+
+kind_fast's own dense DiT (``kind_fast.dit.DiT`` with ``kind=None``, default targets) is not
+hooked: it becomes a native KIND-DiT (``kind_fast.convert.kindify_dit``: q, k, v separate with
+``split_qkv=True``, ``model.kind`` set, labels routed by ``DiT.forward`` after label dropout), so
+it saves, loads and transfers like any KIND-DiT.
+
+Round trip (docs/design.md §3.2): kindify's settings (targets, qkv split, label argument, ranks)
+are kept in ``model._kind_fast_kindify`` and written by ``kind_fast.serialization.save_pretrained``
+beside the gate and the weights; ``kindify_from_pretrained(base_model, dir)`` rebuilds the same
+model, and ``load_pretrained(dir)`` does it alone for kind_fast DiTs and diffusers models (whose
+config is saved too). A kindified model's own ``save_pretrained`` (diffusers, transformers) is
+replaced by one that raises: it would write the KIND components under names its
+``from_pretrained`` does not know, and loading that folder would re-initialise every converted
+linear (diffusers only warns about it).
 """
 
 from __future__ import annotations
@@ -29,7 +43,7 @@ from torch import Tensor, nn
 from kind_fast.gate import ClassGate
 from kind_fast.layers import FastKindLinear
 
-__all__ = ["kindify", "SplitLinear", "DIT_TARGETS", "DIFFUSERS_DIT_TARGETS"]
+__all__ = ["kindify", "kindify_from_pretrained", "SplitLinear", "DIT_TARGETS", "DIFFUSERS_DIT_TARGETS"]
 
 DIT_TARGETS = r"blocks\.\d+\.(attn\.(qkv|proj)|mlp\.fc[12])"
 DIFFUSERS_DIT_TARGETS = r"transformer_blocks\.\d+\.(attn1\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.(0\.proj|2))"
@@ -92,6 +106,47 @@ def _detect_label_arg(model: nn.Module) -> str:
     )
 
 
+class _ForeignSaveGuard:
+    """Replaces a kindified model's own ``save_pretrained`` (picklable, unlike a closure)."""
+
+    def __init__(self, cls_name: str):
+        self.cls_name = cls_name
+
+    def __call__(self, *args, **kwargs):
+        raise RuntimeError(
+            f"this {self.cls_name} was converted by kind_fast.kindify: {self.cls_name}.save_pretrained would "
+            "write the KIND components (u_g, sigma_g, ...) under names its from_pretrained does not know, and "
+            "loading that folder would re-initialise every converted linear. Save it with "
+            "kind_fast.serialization.save_pretrained(model, folder) and load it with "
+            "kind_fast.serialization.load_pretrained(folder) or kind_fast.kindify_from_pretrained(base_model, folder)")
+
+
+def _is_native_dit(model: nn.Module, target_modules) -> bool:
+    from kind_fast.dit import DiT
+
+    return isinstance(model, DiT) and model.kind is None and target_modules in (None, DIT_TARGETS)
+
+
+def _kind_config_for(gate: ClassGate, tailor_rank: int, learngene_rank: int | None, split_qkv: bool):
+    """The KindConfig of a native conversion with ``gate``: block/random_k/all_on when the
+    config rebuilds exactly this gate, else ``gate="custom"`` (the gate is saved with the model)."""
+    from kind_fast.dit import KindConfig
+
+    base = dict(tailor_rank=tailor_rank, learngene_rank=learngene_rank, qkv="split" if split_qkv else "fused")
+    cfg = gate.to_config()
+    cands = []
+    if gate.kind in ("block", "random_k"):
+        cands.append(KindConfig(**base, gate=gate.kind, active=cfg["active"], null=cfg["null"],
+                                seed=cfg.get("seed", 0)))
+    elif gate.kind == "all_on":
+        cands.append(KindConfig(**base, gate="all_on"))
+    for cand in cands:
+        built = cand.make_gate(gate.num_classes)
+        if built.to_config() == cfg and torch.equal(built.table, gate.table.detach().cpu().float()):
+            return cand
+    return KindConfig(**base, gate="custom")
+
+
 def kindify(
     model: nn.Module,
     *,
@@ -101,6 +156,7 @@ def kindify(
     target_modules: str | Sequence[str] | None = None,
     label_arg: str | None = None,
     split_qkv: bool = False,
+    svd: bool = True,
 ) -> nn.Module:
     """Convert ``model``'s target linears to ``FastKindLinear`` in place and route labels.
 
@@ -113,44 +169,67 @@ def kindify(
         label_arg: name of the forward argument holding class labels (default: detected).
         split_qkv: turn a fused ``qkv`` linear into three KIND layers (q, k, v), as KIND
             decomposes them; the output is concatenated, so the model is unchanged.
+        svd: set the components from the SVD of the dense weights (default). ``False`` leaves
+            them uninitialised, for loading saved weights right after (kindify_from_pretrained).
     Returns:
-        the same model, with ``model.kind_gate`` registered.
+        the same model, with ``model.kind_gate`` registered. A ``kind_fast.dit.DiT`` with
+        ``kind=None`` (and default targets) becomes a native KIND-DiT instead (module docstring).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if not isinstance(gate, ClassGate):
         raise TypeError(f"gate must be a ClassGate, got {type(gate).__name__}")
-    if getattr(model, "_kind_fast_hook", None) is not None:
+    if getattr(model, "_kind_fast_hook", None) is not None or getattr(model, "_kind_fast_kindify", None):
         raise ValueError("model is already kindified")
+    if getattr(model, "kind", None) is not None and hasattr(model, "kind_gate"):
+        raise ValueError("model is already a KIND-DiT")
     tailor_rank = gate.tailor_rank if tailor_rank is None else tailor_rank
     if tailor_rank != gate.tailor_rank:
         raise ValueError(f"tailor_rank {tailor_rank} != gate.tailor_rank {gate.tailor_rank}")
+    if _is_native_dit(model, target_modules):
+        from kind_fast.convert import kindify_dit
+
+        if label_arg not in (None, "y"):
+            raise ValueError(f"kind_fast.dit.DiT takes its labels as y, not {label_arg!r}")
+        kind_fast_kind = _kind_config_for(gate, tailor_rank, learngene_rank, split_qkv)
+        kindify_dit(model, kind_fast_kind, gate, svd=svd)
+        model._kind_fast_kindify = dict(target_modules=DIT_TARGETS, label_arg="y", split_qkv=bool(split_qkv),
+                                        tailor_rank=tailor_rank, learngene_rank=learngene_rank, native=True)
+        return model
     targets = _detect_targets(model) if target_modules is None else target_modules
     label_arg = _detect_label_arg(model) if label_arg is None else label_arg
     signature = inspect.signature(model.forward)
     if label_arg not in signature.parameters:
         raise ValueError(f"{type(model).__name__}.forward has no label argument {label_arg!r}")
 
+    def convert(w: Tensor, b: Tensor | None, training: bool) -> FastKindLinear:
+        layer = FastKindLinear(w.shape[1], w.shape[0], bias=b is not None, tailor_rank=tailor_rank,
+                               learngene_rank=learngene_rank, gate=gate, device="meta", dtype=w.dtype)
+        layer.to_empty(device=w.device)
+        if svd:
+            layer.load_dense_weight(w.detach())  # exact float64 SVD
+            if b is not None:
+                with torch.no_grad():
+                    layer.bias.copy_(b)
+        return layer.train(training)
+
     def make(name: str, lin: nn.Linear) -> nn.Module:
         nonlocal gate
         gate = gate.to(lin.weight.device)  # a no-op after the first layer
-        kw = dict(tailor_rank=tailor_rank, learngene_rank=learngene_rank, gate=gate)
         if not (split_qkv and name.split(".")[-1] == "qkv"):
-            return FastKindLinear.from_linear(lin, **kw)
+            return convert(lin.weight, lin.bias, lin.training)
         if lin.out_features % 3:
             raise ValueError(f"{name}: out_features {lin.out_features} is not divisible by 3")
-        parts = []
-        for w, b in zip(lin.weight.chunk(3, 0), (lin.bias.chunk(3, 0) if lin.bias is not None else [None] * 3)):
-            piece = nn.Linear(lin.in_features, w.shape[0], bias=b is not None, device=w.device, dtype=w.dtype)
-            with torch.no_grad():
-                piece.weight.copy_(w)
-                if b is not None:
-                    piece.bias.copy_(b)
-            parts.append(FastKindLinear.from_linear(piece, **kw))
-        return SplitLinear(parts)
+        bias = lin.bias.chunk(3, 0) if lin.bias is not None else [None] * 3
+        return SplitLinear([convert(w, b, lin.training) for w, b in zip(lin.weight.chunk(3, 0), bias)])
 
     replace_linears(model, targets, make)
     model.kind_gate = gate
+    model._kind_fast_kindify = dict(target_modules=targets if isinstance(targets, str) else list(targets),
+                                    label_arg=label_arg, split_qkv=bool(split_qkv), tailor_rank=tailor_rank,
+                                    learngene_rank=learngene_rank, native=False)
+    if callable(getattr(type(model), "save_pretrained", None)):
+        model.save_pretrained = _ForeignSaveGuard(type(model).__name__)
 
     def _route_labels(module, args, kwargs):
         bound = signature.bind_partial(*args, **kwargs)
@@ -160,3 +239,95 @@ def kindify(
 
     model._kind_fast_hook = model.register_forward_pre_hook(_route_labels, with_kwargs=True)
     return model
+
+
+# =====================================================================================
+# Round trip
+# =====================================================================================
+def model_record(model: nn.Module) -> dict | None:
+    """How ``load_pretrained`` rebuilds the base (dense) model of a kindified ``model``:
+    diffusers models by their config; None for other classes (use kindify_from_pretrained)."""
+    cls = type(model)
+    record = {"class": f"{cls.__module__}.{cls.__qualname__}", "config": None}
+    to_json = getattr(model, "to_json_string", None)
+    if cls.__module__.startswith("diffusers.") and callable(to_json):
+        import json
+
+        record["config"] = json.loads(to_json())
+        record["diffusers_class"] = cls.__name__
+    return record
+
+
+def build_base(record: dict) -> nn.Module:
+    """The base model of ``model_record``, with fresh (to be overwritten) weights."""
+    name = record.get("diffusers_class")
+    if not name or record.get("config") is None:
+        raise ValueError(f"the save holds a kindified {record.get('class')}, which kind_fast cannot rebuild by "
+                         "itself: build the base model and call kind_fast.kindify_from_pretrained(base_model, folder)")
+    try:
+        import diffusers
+    except ImportError:
+        raise ImportError(f"the save holds a kindified diffusers {name}: pip install diffusers") from None
+    cls = getattr(diffusers, name, None)
+    if cls is None:
+        raise ValueError(f"diffusers {diffusers.__version__} has no {name}")
+    config = {k: v for k, v in record["config"].items() if not k.startswith("_")}
+    return cls.from_config(config)
+
+
+def kindify_from_pretrained(base_model: nn.Module, directory, *, map_location=None) -> nn.Module:
+    """Restore a kindified model saved with ``kind_fast.serialization.save_pretrained``.
+
+    ``base_model`` is the dense model kindify was applied to (its architecture; its weights are
+    replaced by the saved ones). It is kindified with the saved settings and gate, then every
+    saved tensor is loaded; the result equals the saved model exactly. In place; returns it.
+    """
+    from pathlib import Path
+
+    from kind_fast.serialization import _read_config, _read_part, load_learngenes, load_tailors
+
+    d = Path(directory)
+    cfg = _read_config(d)
+    settings = cfg.get("kindify")
+    if not settings:
+        raise ValueError(f"{d} was not saved from a kindified model (no kindify settings in kind_config.json); "
+                         "for a kind_fast.dit.DiT use kind_fast.serialization.load_pretrained")
+    if cfg.get("gate") is None:
+        raise ValueError(f"{d}: the save has no gate config")
+    tensors = _read_part(d, cfg, "tailors")
+    tables = [v for k, v in tensors.items() if k == "table" or k.endswith(".table")]
+    if len(tables) != 1:
+        raise ValueError(f"{d}: expected one gate table in the save, found {len(tables)}")
+    gate = ClassGate.from_config(cfg["gate"], tables[0])
+    if map_location is not None:
+        base_model = base_model.to(map_location)
+    targets = settings["target_modules"]
+    kindify(base_model, gate=gate, tailor_rank=settings["tailor_rank"], learngene_rank=settings["learngene_rank"],
+            target_modules=None if settings.get("native") else targets, label_arg=settings["label_arg"],
+            split_qkv=settings["split_qkv"], svd=False)
+    covered = set(_read_part(d, cfg, "learngenes")) | set(tensors)
+    uncovered = [k for k in base_model.state_dict() if k not in covered and not _is_gate_key(base_model, k)]
+    if uncovered:
+        raise ValueError(f"{d}: the save does not cover {uncovered[:5]}; it is from another model")
+    load_learngenes(base_model, d)
+    load_tailors(base_model, d)
+    return base_model
+
+
+def _is_gate_key(model: nn.Module, key: str) -> bool:
+    prefixes = [n + "." for n, m in model.named_modules() if isinstance(m, ClassGate)]
+    return any(key.startswith(p) for p in prefixes)
+
+
+def load_kindified(directory, cfg: dict, map_location="cpu") -> nn.Module:
+    """``load_pretrained`` of a save written from a kindified (hooked) model."""
+    from kind_fast.dit import DiT
+
+    record = cfg.get("model") or {}
+    if record.get("class") == "kind_fast.dit.DiT":
+        with torch.device("meta"):
+            base = DiT(**record["arch"], kind=None)
+        base.to_empty(device=map_location)
+    else:
+        base = build_base(record).to(map_location)
+    return kindify_from_pretrained(base, directory).eval()

@@ -86,6 +86,13 @@ def _model_config(model: nn.Module) -> dict:
     }
     if isinstance(model, DiT):
         cfg["model"] = {"class": "kind_fast.dit.DiT", "arch": dict(model.arch), "kind": kind_config_dict(model.kind)}
+    settings = getattr(model, "_kind_fast_kindify", None)
+    if settings:  # kindify's settings: kindify_from_pretrained / load_pretrained rebuild the model
+        from kind_fast.kindify import model_record
+
+        cfg["kindify"] = dict(settings)
+        if cfg["model"] is None:
+            cfg["model"] = model_record(model)
     return cfg
 
 
@@ -207,17 +214,26 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike) -> Path:
 
 
 def load_pretrained(directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild a kind_fast.dit.DiT saved with ``save_pretrained``."""
+    """Rebuild a model saved with ``save_pretrained``: a kind_fast.dit.DiT, or a kindified
+    model whose base kind_fast can build (a diffusers model; see ``kindify_from_pretrained``)."""
     from kind_fast.dit import DiT, KindConfig
 
     d = Path(directory)
     cfg = _read_config(d)
     mcfg = cfg.get("model")
+    if cfg.get("kindify") and not (mcfg and mcfg.get("kind")):  # a kindified (hooked) model
+        from kind_fast.kindify import load_kindified
+
+        return load_kindified(d, cfg, map_location)
     if not mcfg or mcfg.get("class") != "kind_fast.dit.DiT":
         raise ValueError(f"{d} does not hold a kind_fast.dit.DiT (saved model: {mcfg and mcfg.get('class')})")
     kind = KindConfig(**mcfg["kind"]) if mcfg.get("kind") else None
+    gate = None
+    if kind is not None and kind.gate == "custom":  # an explicitly given gate: rebuilt from the save
+        tables = [v for k, v in _read_part(d, cfg, "tailors").items() if k.endswith("table")]
+        gate = ClassGate.from_config(cfg["gate"], tables[0] if len(tables) == 1 else None)
     with torch.device("meta"):
-        model = DiT(**mcfg["arch"], kind=kind)
+        model = DiT(**mcfg["arch"], kind=kind, gate=gate)
     model.to_empty(device=map_location)  # every tensor is overwritten below
     covered = set(_read_part(d, cfg, "learngenes")) | set(_read_part(d, cfg, "tailors"))
     uncovered = [k for k in model.state_dict() if k not in covered and not k.startswith("kind_gate.")]
