@@ -33,6 +33,7 @@ copies differ (e.g. trained with diffusers) is refused. Use ``kindify`` on such 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 from collections.abc import Mapping
@@ -298,15 +299,24 @@ def _load_diffusers(path: Path) -> nn.Module:
     return DiTTransformer2DModel.from_pretrained(str(path), subfolder=sub, local_files_only=True)
 
 
+def _is_diffusers_config(path: Path) -> bool:
+    if not path.is_file():
+        return False
+    try:
+        return "_class_name" in json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError):
+        return False
+
+
 def _from_folder(path: Path, which: str, num_heads, class_dropout_prob) -> DiT:
     from kind_fast.train.models import SPEC_FILE, load_weights
 
     if not ((path / "kind_config.json").is_file() or (path / SPEC_FILE).is_file()):
-        if (path / "model_index.json").is_file() or (path / "config.json").is_file():
-            return dense_from_diffusers(_load_diffusers(path))
-        for sub in (which, "ema", "model"):
+        for sub in (which, "ema", "model"):  # a trainer run folder (its config.json is not diffusers')
             if (path / sub / "kind_config.json").is_file() or (path / sub / SPEC_FILE).is_file():
                 return _from_folder(path / sub, which, num_heads, class_dropout_prob)
+        if (path / "model_index.json").is_file() or _is_diffusers_config(path / "config.json"):
+            return dense_from_diffusers(_load_diffusers(path))
         files = sorted(p.name for p in path.iterdir())[:10]
         raise ValueError(f"{path} is neither a kind_fast save folder, a trainer run, nor a diffusers model "
                          f"folder (it holds {files})")
