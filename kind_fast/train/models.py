@@ -16,8 +16,10 @@ transfer/kind       KIND transfer: learngenes only are loaded (``load_learngenes
 transfer/full       full fine-tuning of the dense DiT that the pretrained KIND model exports
                     with ``to_dense()`` (learngenes only: the knowledge KIND transfer keeps),
                     new label table (``retarget``), everything trainable.
-transfer/lora       that dense DiT, frozen, LoRA on the block linears (``apply_lora``), plus
-                    the label table and final layer.
+transfer/lora       that dense DiT, frozen, PEFT LoRA on the block linears (``apply_lora``: a
+                    ``peft.PeftModel``), plus the label table and final layer (PEFT's
+                    ``modules_to_save``). Its weights folders also hold ``adapter/`` (PEFT's
+                    adapter folder); ``load_weights`` gives the PeftModel (``merge_and_unload()``).
 transfer/svdiff     that dense DiT, frozen, SVDiff spectral shifts on the block linears
                     (``apply_svdiff``), plus the label table and final layer.
 transfer/scratch    a fresh dense DiT of the pretrained architecture, all trainable.
@@ -293,6 +295,8 @@ def save_weights(model: nn.Module, spec: dict, directory: str | os.PathLike) -> 
     else:
         full = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         atomic_write_bytes(save(full, metadata={"format": "kind_fast.train"}), directory / DENSE_WEIGHTS)
+        if spec.get("method") == "lora":  # PEFT's adapter folder: PeftModel.from_pretrained(base, <dir>/adapter)
+            model.save_pretrained(str(directory / "adapter"))
     atomic_write_text(json.dumps(spec, indent=2, sort_keys=True) + "\n", directory / SPEC_FILE)
     return directory
 
