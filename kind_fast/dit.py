@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import Tensor, nn
 
 from kind_fast.gate import ClassGate
@@ -152,14 +153,13 @@ class Attention(nn.Module):
         self.proj = _linear(dim, dim, kind, gate)
 
     def forward(self, x: Tensor) -> Tensor:
-        n, t, d = x.shape
         if self.split:
             q, k, v = self.q(x), self.k(x), self.v(x)
         else:
             q, k, v = self.qkv(x).chunk(3, dim=-1)
-        q, k, v = (z.view(n, t, self.num_heads, d // self.num_heads).transpose(1, 2) for z in (q, k, v))
+        q, k, v = (rearrange(z, "n t (h e) -> n h t e", h=self.num_heads) for z in (q, k, v))
         out = F.scaled_dot_product_attention(q, k, v)  # (N, heads, T, d/heads)
-        return self.proj(out.transpose(1, 2).reshape(n, t, d))
+        return self.proj(rearrange(out, "n h t e -> n t (h e)"))
 
 
 class Mlp(nn.Module):
@@ -334,11 +334,9 @@ class DiT(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def unpatchify(self, x: Tensor) -> Tensor:
-        """(N, T, p²·C) -> (N, C, H, W)."""
-        p, c = self.patch_size, self.out_channels
-        h = w = int(round(x.shape[1] ** 0.5))
-        x = x.reshape(x.shape[0], h, w, p, p, c)
-        return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, h * p, w * p)
+        """(N, T, p²·C) -> (N, C, H, W): token (i, j) fills the p×p patch at row i, column j."""
+        h = int(round(x.shape[1] ** 0.5))
+        return rearrange(x, "n (h w) (p q c) -> n c (h p) (w q)", h=h, p=self.patch_size, q=self.patch_size)
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor, force_drop_ids: Tensor | None = None) -> Tensor:
         y = self.y_embedder.drop(y, force_drop_ids)

@@ -675,7 +675,12 @@ def run(args: argparse.Namespace) -> int:
                                   paper=paper))
     print(f"\nwrote {md}")
     if not args.no_plot:
-        png = plot_flops(results, out / "flops.png")
-        print(f"wrote {png}")
+        from kind_fast._optional import available
+
+        if available("matplotlib"):
+            png = plot_flops(results, out / "flops.png")
+            print(f"wrote {png}")
+        else:
+            print("skipped flops.png: matplotlib is not installed (pip install 'kind_fast[report]')")
     return 0
 

@@ -99,7 +99,7 @@ def test_merge_and_unload_and_adapter_folder(tmp_path):
     x, t, y = inputs()
     model = apply_lora(copy.deepcopy(base), 4)
     with torch.no_grad():
-        for n, p in model.named_parameters():
+        for p in model.parameters():
             if p.requires_grad:
                 p.add_(torch.randn_like(p) * 0.05)
     ref = model(x, t, y)
