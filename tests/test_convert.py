@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 
 import pytest
@@ -153,9 +154,10 @@ def test_convert_cli(tmp_path, capsys):
               "--num-heads", "4", "--check"])
     text = capsys.readouterr().out
     assert rc == 0, text
-    assert "max relative difference" in text and "kind-fast pretrain --init" in text
-    rel = float(text.split("max relative difference ")[1].split()[0])
-    assert rel < 1e-5
+    assert "kind-fast pretrain --init" in text
+    weights = float(text.split("(learngenes + all tailors) ")[1].split(";")[0])
+    output = float(text.split("with every tailor on ")[1].split()[0])
+    assert weights < 1e-6 and output < 1e-5
     cfg = json.loads((out / "kind_config.json").read_text())
     assert cfg["model"]["kind"]["tailor_rank"] == 8 and cfg["gate"]["kind"] == "block"
     loaded = load_pretrained(out)
@@ -179,3 +181,18 @@ def test_load_dense_from_kind_fast_folders(tmp_path):
         (tmp_path / "empty").mkdir()
         (tmp_path / "empty" / "x.txt").write_text("")
         load_dense(tmp_path / "empty")
+
+
+def test_check_conversion_can_fail():
+    from kind_fast.convert import check_conversion, kindify_dit
+
+    dense = dense_dit()
+    m = kindify_dit(copy.deepcopy(dense), KindConfig(tailor_rank=8, active=4))
+    ok = check_conversion(dense, m)
+    assert ok["weights"] < 1e-6 and ok["output"] < 1e-5
+    with torch.no_grad():
+        m.blocks[1].mlp.fc2.sigma_t[3] += 0.1  # one component off
+    bad = check_conversion(dense, m)
+    assert bad["weights"] > 1e-3 and bad["output"] > 1e-4
+    fresh = DiT(input_size=8, patch_size=2, in_channels=2, hidden_size=32, depth=1, num_heads=4, num_classes=3)
+    assert check_conversion(fresh, kindify_dit(copy.deepcopy(fresh), KindConfig(**ALL_ON)))["output"] is None
