@@ -284,7 +284,7 @@ def kindify_from_pretrained(base_model: nn.Module, directory, *, map_location=No
     """
     from pathlib import Path
 
-    from kind_fast.serialization import _read_config, _read_part, load_learngenes, load_tailors
+    from kind_fast.serialization import _load_learngenes, _load_tailors, _read_config, _read_part
 
     d = Path(directory)
     cfg = _read_config(d)
@@ -305,12 +305,13 @@ def kindify_from_pretrained(base_model: nn.Module, directory, *, map_location=No
     kindify(base_model, gate=gate, tailor_rank=settings["tailor_rank"], learngene_rank=settings["learngene_rank"],
             target_modules=None if settings.get("native") else targets, label_arg=settings["label_arg"],
             split_qkv=settings["split_qkv"], svd=False)
-    covered = set(_read_part(d, cfg, "learngenes")) | set(tensors)
+    learn = _read_part(d, cfg, "learngenes")
+    covered = set(learn) | set(tensors)
     uncovered = [k for k in base_model.state_dict() if k not in covered and not _is_gate_key(base_model, k)]
     if uncovered:
         raise ValueError(f"{d}: the save does not cover {uncovered[:5]}; it is from another model")
-    load_learngenes(base_model, d)
-    load_tailors(base_model, d)
+    _load_learngenes(base_model, d, cfg, learn)
+    _load_tailors(base_model, cfg, tensors)
     return base_model
 
 
