@@ -165,3 +165,16 @@ def test_errors(tmp_path):
         kindify_from_pretrained(dense_dit(), tmp_path)
     with pytest.raises(ValueError, match="takes its labels as y"):
         kindify(dense_dit(), gate=kf.ClassGate.block(6, 8, 4), label_arg="labels")
+
+
+def test_edited_kindify_settings_are_refused(tmp_path):
+    """kindify's settings are part of the save's structure digest: a hand-edited one is refused."""
+    m = dense_dit()
+    kindify(m, gate=kf.ClassGate.block(6, 8, 4), target_modules=["attn.qkv", "mlp.fc1"])
+    save_pretrained(m, tmp_path)
+    path = tmp_path / "kind_config.json"
+    cfg = json.loads(path.read_text())
+    cfg["kindify"]["target_modules"] = ["attn.qkv"]
+    path.write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="differ from the ones saved"):
+        load_pretrained(tmp_path)
