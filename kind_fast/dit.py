@@ -471,9 +471,121 @@ def kind_config_dict(kind: KindConfig | None) -> dict | None:
     return None if kind is None else asdict(kind)
 
 
-def from_dense(src, kind: KindConfig | None = None, **kwargs) -> DiT:
-    """A KIND-DiT from a dense DiT (state dict, ``.pt`` file, folder, dense DiT or diffusers
-    ``DiTTransformer2DModel``) by an exact float64 SVD; see ``kind_fast.convert.from_dense``."""
-    from kind_fast.convert import from_dense as _from_dense
 
-    return _from_dense(src, kind, **kwargs)
+# =====================================================================================
+# Import of dense DiTs (bring your own DiT; docs/design.md §3.4)
+# =====================================================================================
+def _kind_layer(weight: Tensor, bias: Tensor | None, kind: KindConfig, gate: ClassGate,
+                svd: bool = True) -> FastKindLinear:
+    out_f, in_f = weight.shape
+    layer = FastKindLinear(in_f, out_f, bias=bias is not None, tailor_rank=kind.tailor_rank,
+                           learngene_rank=kind.learngene_rank, gate=gate, device="meta", dtype=weight.dtype)
+    layer.to_empty(device=weight.device)
+    if not svd:
+        return layer
+    layer.load_dense_weight(weight.detach())  # float64 SVD
+    if bias is not None:
+        with torch.no_grad():
+            layer.bias.copy_(bias)
+    return layer
+
+
+@torch.no_grad()
+def kindify_dit(model: DiT, kind: KindConfig, gate: ClassGate | None = None, *, svd: bool = True) -> DiT:
+    """Turn a dense ``kind_fast.dit.DiT`` into a KIND-DiT **in place**: the same modules and
+    parameter names as ``DiT(..., kind=kind)``, every block linear set by an exact SVD
+    (``svd=False``: left uninitialised, for loading saved weights right after).
+
+    ``gate`` defaults to ``kind.make_gate(model.num_classes)``. Returns ``model``.
+    """
+    if not isinstance(model, DiT):
+        raise TypeError(f"kindify_dit expects a kind_fast.dit.DiT, got {type(model).__name__}")
+    if model.kind is not None:
+        raise ValueError("the model is already a KIND-DiT (kind is set)")
+    if not isinstance(kind, KindConfig):
+        raise TypeError(f"kind must be a KindConfig, got {type(kind).__name__}")
+    gate = kind.make_gate(model.num_classes) if gate is None else gate
+    if not isinstance(gate, ClassGate):
+        raise TypeError(f"gate must be a ClassGate, got {type(gate).__name__}")
+    if gate.num_classes != model.num_classes:
+        raise ValueError(f"gate has {gate.num_classes} classes but the model has {model.num_classes}")
+    if gate.tailor_rank != kind.tailor_rank:
+        raise ValueError(f"gate has tailor_rank {gate.tailor_rank} but kind.tailor_rank is {kind.tailor_rank}")
+    hidden = model.pos_embed.shape[-1]
+    if kind.tailor_rank > hidden:
+        raise ValueError(f"tailor_rank {kind.tailor_rank} exceeds the hidden size {hidden}")
+    gate = gate.to(model.pos_embed.device)
+    new = []  # build every layer first: a failing SVD leaves the model unchanged
+    for block in model.blocks:
+        attn, mlp = block.attn, block.mlp
+        if kind.qkv == "split":
+            w, b = attn.qkv.weight.chunk(3, 0), attn.qkv.bias.chunk(3, 0)
+            qkv = {n: _kind_layer(w[i], b[i], kind, gate, svd) for i, n in enumerate("qkv")}
+        else:
+            qkv = {"qkv": _kind_layer(attn.qkv.weight, attn.qkv.bias, kind, gate, svd)}
+        rest = {n: _kind_layer(getattr(p, n).weight, getattr(p, n).bias, kind, gate, svd)
+                for p, n in ((attn, "proj"), (mlp, "fc1"), (mlp, "fc2"))}
+        new.append((qkv, rest))
+    for block, (qkv, rest) in zip(model.blocks, new):
+        attn, mlp = block.attn, block.mlp
+        del attn.qkv, attn.proj  # re-added in DiT's own order: q, k, v (or qkv), then proj
+        for n, layer in qkv.items():
+            setattr(attn, n, layer)
+        attn.proj = rest["proj"]
+        attn.split = kind.qkv == "split"
+        mlp.fc1, mlp.fc2 = rest["fc1"], rest["fc2"]
+        for layer in (*qkv.values(), *rest.values()):
+            layer.train(block.training)
+    model.kind = kind
+    model.kind_gate = gate
+    return model
+
+
+def load_dense(src, *, which: str = "ema", num_heads: int | None = None, class_dropout_prob: float = 0.1) -> DiT:
+    """A dense ``DiT`` (``kind=None``) holding ``src``'s weights on the CPU, in eval mode.
+
+    ``src``: a facebookresearch-layout state dict or checkpoint dict, the path of a ``.pt`` /
+    ``.safetensors`` file, a diffusers ``DiTTransformer2DModel`` or its local folder
+    (``kind_fast.dense_io``), or a dense ``DiT`` (copied). kind_fast run/weights folders are
+    read by ``kind_fast.convert.load_dense``. ``which``: ``ema`` or ``model`` weights of a
+    training checkpoint. ``num_heads``: when neither the checkpoint nor the preset says.
+    """
+    from kind_fast.dense_io import read_dense
+
+    if which not in ("ema", "model"):
+        raise ValueError(f"which must be 'ema' or 'model', got {which!r}")
+    if isinstance(src, DiT):
+        if src.kind is not None:
+            raise ValueError("src is already a KIND-DiT")
+        import copy
+
+        return copy.deepcopy(src).cpu().eval()
+    arch, state = read_dense(src, presets=DiT_models, which=which, num_heads=num_heads,
+                             class_dropout_prob=class_dropout_prob)
+    with torch.device("meta"):
+        model = DiT(**arch, kind=None)
+    model.to_empty(device="cpu")
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"the weights do not fit a DiT of the inferred architecture {arch}: {str(e)[:600]}") from None
+    return model.eval()
+
+
+def from_dense(src, kind: KindConfig | None = None, *, gate: ClassGate | None = None, which: str = "ema",
+               num_heads: int | None = None, class_dropout_prob: float = 0.1) -> DiT:
+    """A KIND-DiT from a dense DiT ``src`` by an exact float64 SVD of every block linear.
+
+    Args:
+        src: see ``load_dense`` (state dict, checkpoint file, dense DiT, diffusers
+            ``DiTTransformer2DModel`` object or folder); ``kind_fast.convert.from_dense`` also
+            reads kind_fast run and weights folders.
+        kind: the decomposition (default ``KindConfig()``: 96 tailors, block gate of 32).
+        gate: a ClassGate to use instead of ``kind.make_gate(num_classes)``.
+    Returns:
+        a new KIND-DiT in eval mode, on the CPU. With ``KindConfig(gate="all_on")`` it
+        reproduces the dense model; every other weight is copied.
+    """
+    kind = KindConfig() if kind is None else kind
+    dense = load_dense(src, which=which, num_heads=num_heads, class_dropout_prob=class_dropout_prob)
+    return kindify_dit(dense, kind, gate).eval()

@@ -17,17 +17,18 @@ its forward (label dropout) gates those samples by their real class; do label dr
 before calling the model (kind_fast's trainer does) or use kind_fast.dit.DiT with ``kind``.
 
 kind_fast's own dense DiT (``kind_fast.dit.DiT`` with ``kind=None``, default targets) is not
-hooked: it becomes a native KIND-DiT (``kind_fast.convert.kindify_dit``: q, k, v separate with
+hooked: it becomes a native KIND-DiT (``kind_fast.dit.kindify_dit``: q, k, v separate with
 ``split_qkv=True``, ``model.kind`` set, labels routed by ``DiT.forward`` after label dropout), so
 it saves, loads and transfers like any KIND-DiT.
 
 Round trip (docs/design.md §3.2): kindify's settings (targets, qkv split, label argument, ranks)
 are kept in ``model._kind_fast_kindify`` and written by ``kind_fast.serialization.save_pretrained``
-beside the gate and the weights; ``kindify_from_pretrained(base_model, dir)`` rebuilds the same
-model, and ``load_pretrained(dir)`` does it alone for kind_fast DiTs and diffusers models (whose
-config is saved too). A kindified model's own ``save_pretrained`` (diffusers, transformers) is
-replaced by one that raises: it would write the KIND components under names its
-``from_pretrained`` does not know, and loading that folder would re-initialise every converted
+beside the gate and the weights; ``kind_fast.kindify_from_pretrained(base_model, dir)`` (in
+``kind_fast.serialization``) rebuilds the same model, and ``load_pretrained(dir)`` does it alone
+for kind_fast DiTs and diffusers models (whose config is saved too). A kindified model's own
+``save_pretrained`` (diffusers, transformers) is replaced by one that raises: it would write the
+KIND components under names its ``from_pretrained`` does not know, and loading that folder would
+re-initialise every converted
 linear (diffusers only warns about it).
 """
 
@@ -43,7 +44,7 @@ from torch import Tensor, nn
 from kind_fast.gate import ClassGate
 from kind_fast.layers import FastKindLinear
 
-__all__ = ["kindify", "kindify_from_pretrained", "SplitLinear", "DIT_TARGETS", "DIFFUSERS_DIT_TARGETS"]
+__all__ = ["kindify", "SplitLinear", "DIT_TARGETS", "DIFFUSERS_DIT_TARGETS"]
 
 DIT_TARGETS = r"blocks\.\d+\.(attn\.(qkv|proj)|mlp\.fc[12])"
 DIFFUSERS_DIT_TARGETS = r"transformer_blocks\.\d+\.(attn1\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.(0\.proj|2))"
@@ -187,7 +188,7 @@ def kindify(
     if tailor_rank != gate.tailor_rank:
         raise ValueError(f"tailor_rank {tailor_rank} != gate.tailor_rank {gate.tailor_rank}")
     if _is_native_dit(model, target_modules):
-        from kind_fast.convert import kindify_dit
+        from kind_fast.dit import kindify_dit
 
         if label_arg not in (None, "y"):
             raise ValueError(f"kind_fast.dit.DiT takes its labels as y, not {label_arg!r}")
@@ -239,96 +240,3 @@ def kindify(
 
     model._kind_fast_hook = model.register_forward_pre_hook(_route_labels, with_kwargs=True)
     return model
-
-
-# =====================================================================================
-# Round trip
-# =====================================================================================
-def model_record(model: nn.Module) -> dict | None:
-    """How ``load_pretrained`` rebuilds the base (dense) model of a kindified ``model``:
-    diffusers models by their config; None for other classes (use kindify_from_pretrained)."""
-    cls = type(model)
-    record = {"class": f"{cls.__module__}.{cls.__qualname__}", "config": None}
-    to_json = getattr(model, "to_json_string", None)
-    if cls.__module__.startswith("diffusers.") and callable(to_json):
-        import json
-
-        record["config"] = json.loads(to_json())
-        record["diffusers_class"] = cls.__name__
-    return record
-
-
-def build_base(record: dict) -> nn.Module:
-    """The base model of ``model_record``, with fresh (to be overwritten) weights."""
-    name = record.get("diffusers_class")
-    if not name or record.get("config") is None:
-        raise ValueError(f"the save holds a kindified {record.get('class')}, which kind_fast cannot rebuild by "
-                         "itself: build the base model and call kind_fast.kindify_from_pretrained(base_model, folder)")
-    try:
-        import diffusers
-    except ImportError:
-        raise ImportError(f"the save holds a kindified diffusers {name}: pip install diffusers") from None
-    cls = getattr(diffusers, name, None)
-    if cls is None:
-        raise ValueError(f"diffusers {diffusers.__version__} has no {name}")
-    config = {k: v for k, v in record["config"].items() if not k.startswith("_")}
-    return cls.from_config(config)
-
-
-def kindify_from_pretrained(base_model: nn.Module, directory, *, map_location=None) -> nn.Module:
-    """Restore a kindified model saved with ``kind_fast.serialization.save_pretrained``.
-
-    ``base_model`` is the dense model kindify was applied to (its architecture; its weights are
-    replaced by the saved ones). It is kindified with the saved settings and gate, then every
-    saved tensor is loaded; the result equals the saved model exactly. In place; returns it.
-    """
-    from pathlib import Path
-
-    from kind_fast.serialization import _load_learngenes, _load_tailors, _read_config, _read_part
-
-    d = Path(directory)
-    cfg = _read_config(d)
-    settings = cfg.get("kindify")
-    if not settings:
-        raise ValueError(f"{d} was not saved from a kindified model (no kindify settings in kind_config.json); "
-                         "for a kind_fast.dit.DiT use kind_fast.serialization.load_pretrained")
-    if cfg.get("gate") is None:
-        raise ValueError(f"{d}: the save has no gate config")
-    tensors = _read_part(d, cfg, "tailors")
-    tables = [v for k, v in tensors.items() if k == "table" or k.endswith(".table")]
-    if len(tables) != 1:
-        raise ValueError(f"{d}: expected one gate table in the save, found {len(tables)}")
-    gate = ClassGate.from_config(cfg["gate"], tables[0])
-    if map_location is not None:
-        base_model = base_model.to(map_location)
-    targets = settings["target_modules"]
-    kindify(base_model, gate=gate, tailor_rank=settings["tailor_rank"], learngene_rank=settings["learngene_rank"],
-            target_modules=None if settings.get("native") else targets, label_arg=settings["label_arg"],
-            split_qkv=settings["split_qkv"], svd=False)
-    learn = _read_part(d, cfg, "learngenes")
-    covered = set(learn) | set(tensors)
-    uncovered = [k for k in base_model.state_dict() if k not in covered and not _is_gate_key(base_model, k)]
-    if uncovered:
-        raise ValueError(f"{d}: the save does not cover {uncovered[:5]}; it is from another model")
-    _load_learngenes(base_model, d, cfg, learn)
-    _load_tailors(base_model, cfg, tensors)
-    return base_model
-
-
-def _is_gate_key(model: nn.Module, key: str) -> bool:
-    prefixes = [n + "." for n, m in model.named_modules() if isinstance(m, ClassGate)]
-    return any(key.startswith(p) for p in prefixes)
-
-
-def load_kindified(directory, cfg: dict, map_location="cpu") -> nn.Module:
-    """``load_pretrained`` of a save written from a kindified (hooked) model."""
-    from kind_fast.dit import DiT
-
-    record = cfg.get("model") or {}
-    if record.get("class") == "kind_fast.dit.DiT":
-        with torch.device("meta"):
-            base = DiT(**record["arch"], kind=None)
-        base.to_empty(device=map_location)
-    else:
-        base = build_base(record).to(map_location)
-    return kindify_from_pretrained(base, directory).eval()

@@ -11,9 +11,10 @@ import torch
 
 import kind_fast as kf
 from kind_fast.__main__ import main as cli
-from kind_fast.convert import dense_from_diffusers, from_dense, load_dense
-from kind_fast.dit import DiT, KindConfig
+from kind_fast.convert import from_dense, load_dense
+from kind_fast.dit import DiT, KindConfig, kindify_dit
 from kind_fast.dit import from_dense as dit_from_dense
+from kind_fast.dit import load_dense as dit_load_dense
 from kind_fast.serialization import load_pretrained
 
 ALL_ON = dict(tailor_rank=8, gate="all_on")
@@ -124,7 +125,7 @@ def test_diffusers_random_weights_exact(qkv):
     m = diffusers_dit()
     x, t, y = inputs(channels=4, null=10)
     ref = m(x, timestep=t, class_labels=y).sample
-    dense = dense_from_diffusers(m)
+    dense = dit_load_dense(m)
     assert dense.arch["time_freq_shift"] == 1.0 and dense.arch["mlp_norm_eps"] == 1e-5
     torch.testing.assert_close(dense(x, t, y), ref, rtol=1e-6, atol=1e-6)
     k = from_dense(m, KindConfig(qkv=qkv, **ALL_ON))
@@ -184,7 +185,7 @@ def test_load_dense_from_kind_fast_folders(tmp_path):
 
 
 def test_check_conversion_can_fail():
-    from kind_fast.convert import check_conversion, kindify_dit
+    from kind_fast.dense_io import check_conversion
 
     dense = dense_dit()
     m = kindify_dit(copy.deepcopy(dense), KindConfig(tailor_rank=8, active=4))

@@ -7,7 +7,7 @@ pretrain/kind       KIND-DiT, every component trainable; the class gate diverts 
 pretrain/dense      a plain DiT (fused qkv), all trainable: the dense reference.
 pretrain + init     ``--init SRC`` continues from existing weights: a dense DiT (facebookresearch
                     ``.pt``, diffusers folder, kind_fast dense save) is converted by exact SVD
-                    (``kind_fast.convert``) with the run's KIND settings; a KIND save (e.g. from
+                    (``kind_fast.dit.kindify_dit``) with the run's KIND settings; a KIND save (e.g. from
                     ``kind-fast convert``) is loaded as it is. The init's architecture wins over
                     ``model.*``; a different class count gets a fresh label table and gate.
 transfer/kind       KIND transfer: learngenes only are loaded (``load_learngenes``), fresh
@@ -121,7 +121,7 @@ def _is_kind_fast_folder(path: Path, which: str) -> bool:
 
 def _pretrain_init_spec(cfg: RunConfig, num_classes: int, sample_shape) -> dict:
     """arch / kind of ``pretrain --init``: from the init (dense or KIND), classes from the data."""
-    from kind_fast.convert import load_dense
+    from kind_fast.dit import load_dense
 
     me = cfg.method
     src = Path(me.init)
@@ -156,13 +156,18 @@ def _pretrain_init_spec(cfg: RunConfig, num_classes: int, sample_shape) -> dict:
 
 def _pretrain_init_model(cfg: RunConfig, spec: dict) -> nn.Module:
     """The model of ``pretrain --init``: the init's weights as a KIND-DiT (or dense DiT)."""
-    from kind_fast.convert import kindify_dit, load_dense
+    from kind_fast.dit import kindify_dit, load_dense
 
     me = cfg.method
-    if spec["init_is_kind"]:
-        model = load_weights(resolve_init(me.init, me.init_weights))
+    src = Path(me.init)
+    if spec["init_is_kind"] or (src.is_dir() and _is_kind_fast_folder(src, me.init_weights)):
+        model = load_weights(resolve_init(me.init, me.init_weights))  # a kind_fast save (KIND or dense)
     else:
-        model = load_dense(me.init, which=me.init_weights)
+        model = load_dense(me.init, which=me.init_weights)  # a checkpoint file or a diffusers model
+    if not spec["init_is_kind"]:
+        if not isinstance(model, DiT) or model.kind is not None:
+            raise ValueError(f"{src}: expected a dense DiT, got a {type(model).__name__}")
+        model = model.eval()
         if spec["kind"]:
             model = kindify_dit(model, KindConfig(**spec["kind"]))  # exact float64 SVD of every block linear
     model.y_embedder.dropout_prob = spec["arch"]["class_dropout_prob"]
