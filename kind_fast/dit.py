@@ -442,6 +442,17 @@ class DiT(nn.Module):
         return dense
 
 
+    def export(self, classes, form: str = "merged", *, guidance: bool = True) -> nn.Module:
+        """A standalone model serving ``classes`` exactly as this KIND model does, and (with
+        ``guidance``) the null label too, so classifier-free-guided samples match
+        (docs/design.md §7). ``form``: ``"merged"`` (one dense weight per served label,
+        segmented GEMM: dense speed), ``"reduced"`` (W_G dense + only the tailors the labels
+        use: small), ``"dense"`` (one class, ``guidance=False``: a plain dense DiT).
+        See ``kind_fast.export``; save with ``kind_fast.save_export``."""
+        from kind_fast.export import export_dit
+
+        return export_dit(self, classes, form, guidance=guidance)
+
 def _dense(layer: nn.Module, class_id: int | None) -> Tensor:
     return layer.to_dense(class_id) if isinstance(layer, FastKindLinear) else layer.weight
 

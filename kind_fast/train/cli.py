@@ -175,7 +175,7 @@ def evaluate_digits(trainer, per_class: int) -> dict:
 # kind-fast sample
 # =====================================================================================
 def add_sample_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("weights", help="a run folder (uses its ema/ or model/) or a weights folder")
+    p.add_argument("weights", help="a run folder (uses its ema/ or model/), a weights folder or an export folder")
     p.add_argument("--which", choices=("ema", "model"), default="ema", help="weights of a run folder")
     p.add_argument("--out", default=None, help="PNG path (default: <run>/samples/sample_grid.png)")
     p.add_argument("--classes", default=None, help="class ids of the model to sample (default: all)")
@@ -203,16 +203,25 @@ def run_sample(args: argparse.Namespace) -> int:
     try:
         src = Path(args.weights)
         wdir = src
-        if not ((src / SPEC_FILE).is_file() or (src / "kind_config.json").is_file()):
+        export = (src / "export_config.json").is_file()  # a kind-fast export folder
+        if not (export or (src / SPEC_FILE).is_file() or (src / "kind_config.json").is_file()):
             wdir = src / args.which
         if not wdir.is_dir():
             raise FileNotFoundError(f"{src}: not a weights folder and it has no {args.which}/ folder")
         if args.n_per_class < 1 or args.steps < 1 or args.batch_size < 1:
             raise ValueError("--n-per-class, --steps and --batch-size must be >= 1")
         device = resolve_device(args.device)
-        model = load_weights(wdir).to(device).eval()
+        if export:
+            from kind_fast.export_io import load_export
+
+            model = load_export(wdir, map_location=device)
+            served = getattr(model, "classes", None) or getattr(model, "export_classes", None)
+        else:
+            model = load_weights(wdir).to(device).eval()
+            served = None
         n = model.num_classes
-        classes = parse_int_list(args.classes, "--classes") if args.classes else list(range(n))
+        default = served or list(range(n))
+        classes = parse_int_list(args.classes, "--classes") if args.classes else default
         bad = [c for c in classes if not 0 <= c < n]
         if bad:
             raise ValueError(f"--classes {bad} out of range: the model has classes 0..{n - 1}")

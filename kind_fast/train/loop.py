@@ -455,14 +455,23 @@ class Trainer:
 
     # ------------------------------------------------------------------ outputs
     def export(self) -> dict[str, Path]:
-        """Write ``<out>/model`` and ``<out>/ema`` (rank 0); returns their paths."""
+        """Write ``<out>/model`` and ``<out>/ema`` (rank 0), and for a KIND transfer the EMA
+        weights' task folder ``<out>/task`` (``kind_fast.tasks``); returns their paths."""
         self.check_finite_state("exporting the weights")
         state = self.full_model_state()
         ema = self.full_ema_state()
         paths = {}
         if self.env.is_main:
             paths["model"] = save_weights(model_from_state(self.spec, state), self.spec, self.out / "model")
-            paths["ema"] = save_weights(model_from_state(self.spec, {**state, **ema}), self.spec, self.out / "ema")
+            ema_model = model_from_state(self.spec, {**state, **ema})
+            paths["ema"] = save_weights(ema_model, self.spec, self.out / "ema")
+            if self.spec["mode"] == "transfer" and self.spec["method"] == "kind":
+                from kind_fast.tasks import save_task  # the task alone, beside its base (docs/design.md §7)
+                from kind_fast.train.models import resolve_init
+
+                base = resolve_init(self.cfg.method.init, self.cfg.method.init_weights)
+                paths["task"] = save_task(ema_model, self.out / "task", name=self.out.name, overwrite=True,
+                                          base_source=str(base))
         barrier(self.env)
         return paths
 

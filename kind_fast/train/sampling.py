@@ -20,11 +20,13 @@ from torch import Tensor, nn
 from kind_fast.diffusion import GaussianDiffusion
 
 
-def cfg_model_fn(model: nn.Module, y: Tensor, cfg_scale: float, null_id: int, channels: int,
+def cfg_model_fn(model: nn.Module, y: Tensor, cfg_scale: float, null_id: int | Tensor, channels: int,
                  autocast_dtype: torch.dtype | None = None):
-    """``fn(x_t, t)`` → guided output (N, C or 2C, H, W) for labels ``y``."""
+    """``fn(x_t, t)`` → guided output (N, C or 2C, H, W) for labels ``y``; ``null_id``: the null
+    label, or one per sample (multi-task models: each sample's own task's null label)."""
     guided = cfg_scale != 1.0
-    y_both = torch.cat([y, torch.full_like(y, null_id)]) if guided else y
+    nulls = null_id.to(y.device) if isinstance(null_id, Tensor) else torch.full_like(y, null_id)
+    y_both = torch.cat([y, nulls]) if guided else y
 
     def fn(x: Tensor, t: Tensor) -> Tensor:
         xin, tin = (torch.cat([x, x]), torch.cat([t, t])) if guided else (x, t)
@@ -44,8 +46,12 @@ def cfg_model_fn(model: nn.Module, y: Tensor, cfg_scale: float, null_id: int, ch
 def sample(model: nn.Module, labels: Tensor, *, shape: tuple[int, int, int], diffusion: GaussianDiffusion | None = None,
            sampler: str = "ddim", steps: int = 50, cfg_scale: float = 1.5, eta: float = 0.0, seed: int = 0,
            device: torch.device | str = "cpu", batch_size: int = 256, clip_denoised: bool = True,
-           autocast_dtype: torch.dtype | None = None, progress: bool = False) -> Tensor:
+           autocast_dtype: torch.dtype | None = None, progress: bool = False,
+           null_labels: Tensor | None = None) -> Tensor:
     """Samples (N, C, H, W) float32 on the CPU for class ids ``labels`` (N,).
+
+    ``null_labels`` (N,): the label of each sample's unconditional CFG branch; default the
+    model's null class ``num_classes`` (multi-task models pass each sample's task's null).
 
     ``sampler``: ddpm (ancestral, learned variance) or ddim (η = ``eta``), on ``steps``
     respaced steps. Deterministic for a given ``seed``: noise is drawn on the CPU per chunk
@@ -63,6 +69,8 @@ def sample(model: nn.Module, labels: Tensor, *, shape: tuple[int, int, int], dif
     if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
         raise ValueError(f"labels must be class ids in [0, {num_classes - 1}], got "
                          f"[{int(labels.min())}, {int(labels.max())}]")
+    if null_labels is not None and (not isinstance(null_labels, Tensor) or null_labels.shape != labels.shape):
+        raise ValueError(f"null_labels must be a tensor shaped like labels {tuple(labels.shape)}")
     base = diffusion or GaussianDiffusion()
     sched = base.respaced(steps)
     was_training = model.training
@@ -73,7 +81,8 @@ def sample(model: nn.Module, labels: Tensor, *, shape: tuple[int, int, int], dif
             y = labels[start:start + batch_size].to(device)
             gen = torch.Generator().manual_seed(derived_seed(seed, "sample", i))
             noise = torch.randn((y.shape[0], *shape), generator=gen).to(device)
-            fn = cfg_model_fn(model, y, cfg_scale, num_classes, shape[0], autocast_dtype)
+            null = num_classes if null_labels is None else null_labels[start:start + batch_size]
+            fn = cfg_model_fn(model, y, cfg_scale, null, shape[0], autocast_dtype)
             if sampler == "ddpm":
                 x = sched.ddpm_sample(fn, noise, generator=gen, clip_denoised=clip_denoised, progress=progress)
             else:
