@@ -1,6 +1,6 @@
 """Layer benchmarks of the CUDA C++ backend (csrc/, kind_fast._C) beside the reference.
 
-Same protocol as bench_kind_linear.py (DESIGN §6): a KIND layer (FastKindLinear, bf16, DiT
+Same protocol as bench_kind_linear.py (docs/design.md §6): a KIND layer (FastKindLinear, bf16, DiT
 shapes, M = 32·256 tokens, K = 32 of 96 tailors) timed with device events, interleaved in one
 process with nn.Linear of the same shape (the ceiling) and with the pure-PyTorch reference
 backend (the unfused baseline). Modes:
@@ -28,7 +28,7 @@ import kind_fast as kf
 from kind_fast.ops.kind_linear import kind_linear_flops
 
 TAILORS, ACTIVE, CLASSES, TOKENS, SAMPLES = 96, 32, 10, 256, 32
-GOALS = {"transfer": 0.80}  # t(KIND) / t(nn.Linear), DESIGN §6
+GOALS = {"transfer": 0.80}  # t(KIND) / t(nn.Linear), docs/design.md §6
 
 
 def _cuda_ready() -> tuple[bool, str]:

@@ -1,6 +1,6 @@
 """Shared pieces of the pytest-benchmark suites (``pytest bench/``).
 
-Timing rules (DESIGN §6-7): every ratio compares implementations measured in one process on
+Timing rules (docs/design.md §6, §8): every ratio compares implementations measured in one process on
 one device, interleaved, each timed as a median; GPU timings use device events through
 ``triton.testing.do_bench``. Ratios and TFLOP/s go into ``benchmark.extra_info``.
 """

@@ -1,6 +1,6 @@
 // Kernels of the CUDA backend of kind_linear (the parts cuBLAS cannot do).
 //
-// Math (kind_fast/ops/kind_linear.py, DESIGN §2). Rows are grouped by sample: row m belongs to
+// Math (kind_fast/ops/kind_linear.py, docs/design.md §2). Rows are grouped by sample: row m belongs to
 // sample b = m / T, of class c = labels[b]. A gate row c has K slots: tailor id ids[c, k] and
 // scale s[c, k] = σ_T[ids[c, k]] · val[c, k] (fp32; padding slots have val 0, hence s 0).
 //
@@ -16,7 +16,7 @@
 // Row tiles never straddle samples: sample b owns tiles [b·tps, (b+1)·tps) with
 // tps = ceil(T / BM), tile j of b covers rows b·T + j·BM ... b·T + min(T, (j+1)·BM) - 1. So a
 // tile has exactly one class (one scalar load) whatever T is; when T % BM != 0 the last tile of
-// each sample is partly masked. This is DESIGN §2's "tile lies in one sample" made exact.
+// each sample is partly masked. This is docs/design.md §2's "tile lies in one sample" made exact.
 //
 // Determinism: no atomics anywhere. Every output element is written by exactly one thread,
 // and every sum runs in a fixed order (k ascending inside a chain, b ascending across samples,

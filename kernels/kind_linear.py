@@ -1,6 +1,6 @@
 """Triton kernels of the kind_linear op family (path M1), and their launchers.
 
-Math (DESIGN §2; the derivation is at the top of kind_fast/ops/kind_linear.py). Row m of x
+Math (docs/design.md §2; the derivation is at the top of kind_fast/ops/kind_linear.py). Row m of x
 belongs to sample b = m // T of class c = labels[b]; the class switches on K tailors
 ids = idx[c, :] with gate values val[c, :], so s[c, k] = σ_T[ids_k] · val[c, k] and
 

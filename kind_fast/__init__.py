@@ -12,6 +12,7 @@ from kind_fast.gate import ClassGate
 from kind_fast.kindify import kindify
 from kind_fast.layers import FastKindLinear
 from kind_fast.ops.kind_linear import kind_linear, kind_linear_ref
+from kind_fast.serialization import kindify_from_pretrained
 from kind_fast.tasks import MultiTaskDiT, load_base, load_task, save_task
 from kind_fast.utils import print_trainable_parameters
 
@@ -22,6 +23,7 @@ __all__ = [
     "kind_linear",
     "kind_linear_ref",
     "kindify",
+    "kindify_from_pretrained",
     "load_export",
     "save_export",
     "save_task",

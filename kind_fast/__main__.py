@@ -15,6 +15,7 @@ COMMANDS = {
     "pretrain": ("kind_fast.train.cmd_pretrain", "KIND pretraining (or a dense DiT); flags or a YAML/JSON config"),
     "transfer": ("kind_fast.train.cmd_transfer", "KIND transfer or a baseline (full, lora, svdiff, scratch)"),
     "sample": ("kind_fast.train.cmd_sample", "CFG samples of a trained run as a PNG grid"),
+    "convert": ("kind_fast.convert", "import a dense DiT checkpoint (.pt, diffusers folder) as a KIND-DiT save folder"),
     "export": ("kind_fast.train.cmd_export", "CFG-exact standalone model for some classes (merged, reduced, dense)"),
     "sample-tasks": ("kind_fast.train.cmd_sample_tasks", "samples of several tasks on one base in mixed batches"),
     "info": ("kind_fast.info", "versions, devices and which backends are live"),

@@ -629,7 +629,12 @@ def run(args: argparse.Namespace) -> int:
         results["note"] = args.note
     print(format_bench_markdown(results))
     if args.report or not args.load:
-        paths = write_bench_report(results, args.out, plot=not args.no_plot)
+        from kind_fast._optional import available
+
+        plot = not args.no_plot and available("matplotlib")
+        paths = write_bench_report(results, args.out, plot=plot)
         for k, v in paths.items():
             print(f"wrote {k}: {v}")
+        if not args.no_plot and not plot:
+            print("skipped the PNG: matplotlib is not installed (pip install 'kind_fast[report]')")
     return 0

@@ -348,6 +348,9 @@ def dit_flops(
     tr = dict(dx=training, dw=training)  # the final layer trains in every training mode
     costs.append(_linear("final_layer.adaLN_modulation.1", d, 2 * d, 1, 1, **tr))
     costs.append(_linear("final_layer.linear", d, p * p * c_out, t, 1, **tr))
+    if mode == "lora":  # PEFT's modules_to_save trains copies of the heads and keeps the originals (frozen)
+        heads = emb + (d * 2 * d + 2 * d) + (d * p * p * c_out + p * p * c_out)
+        costs.append(Cost("heads (PEFT modules_to_save originals)", 1, params=heads))
     return ModelFlops(model=model, mode=mode, image_size=image_size, batch=batch, tokens=t,
                       costs=tuple(costs), num_classes=num_classes)
 
@@ -721,7 +724,12 @@ def run(args: argparse.Namespace) -> int:
                                   paper=paper, lora_rank=args.lora_rank))
     print(f"\nwrote {md}")
     if not args.no_plot:
-        png = plot_flops(results, out / "flops.png")
-        print(f"wrote {png}")
+        from kind_fast._optional import available
+
+        if available("matplotlib"):
+            png = plot_flops(results, out / "flops.png")
+            print(f"wrote {png}")
+        else:
+            print("skipped flops.png: matplotlib is not installed (pip install 'kind_fast[report]')")
     return 0
 

@@ -7,7 +7,7 @@ one place.
 
 For the kernels a gate compiles to ``idx`` (C+1, K) int32, the active tailor ids of each row
 in increasing order, and ``val`` (C+1, K) float32, their gate values; rows with fewer than K
-active tailors are padded with id 0 and value 0 (DESIGN §2).
+active tailors are padded with id 0 and value 0 (docs/design.md §2).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
     W_c = U_Gᵀ diag(σ_G) V_G  +  U_Tᵀ diag(σ_T ⊙ g_c) V_T          (nn.Linear layout: out × in)
 
-Parameters are component-major (DESIGN §2): ``u_g`` (N_G, out), ``sigma_g`` (N_G,), ``v_g``
+Parameters are component-major (docs/design.md §2): ``u_g`` (N_G, out), ``sigma_g`` (N_G,), ``v_g``
 (N_G, in) are the learngenes; ``u_t``, ``sigma_t``, ``v_t`` the tailors; ``bias`` (out,) is
 class-agnostic and counted with the learngenes. The class gate g is a shared ``ClassGate``
 (not registered as a submodule here, so one gate serves every layer of a model and is saved
@@ -46,7 +46,7 @@ class FastKindLinear(nn.Module):
 
     Args:
         in_features, out_features, bias: as ``nn.Linear``.
-        tailor_rank: N_T, tailor components (default 96, DESIGN §1).
+        tailor_rank: N_T, tailor components (default 96, docs/design.md §1).
         learngene_rank: N_G (default ``min(in, out) - tailor_rank``, so r = min(in, out)).
         gate: a ``ClassGate`` shared with other layers; ``None`` means every tailor is always
             on (a plain factored linear layer that needs no labels).
@@ -109,7 +109,7 @@ class FastKindLinear(nn.Module):
 
     # ------------------------------------------------------------------ init / conversion
     def reset_parameters(self) -> None:
-        """nn.Linear's init (kaiming-uniform weight, uniform bias), then its SVD (DESIGN §1)."""
+        """nn.Linear's init (kaiming-uniform weight, uniform bias), then its SVD (docs/design.md §1)."""
         w = torch.empty(self.out_features, self.in_features, dtype=torch.float64, device=self.u_g.device)
         nn.init.kaiming_uniform_(w, a=math.sqrt(5))
         self.load_dense_weight(w)

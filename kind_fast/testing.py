@@ -1,5 +1,5 @@
 """Shared test and benchmark utilities: an independent oracle, class distributions, and the
-tolerance rule (DESIGN §7). Imported by tests/ and bench/, never by the package itself."""
+tolerance rule (docs/design.md §8). Imported by tests/ and bench/, never by the package itself."""
 
 from __future__ import annotations
 

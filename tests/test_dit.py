@@ -46,7 +46,7 @@ def test_dense_configs_match_published_sizes(name):
 
 @pytest.mark.parametrize("new_classes", [461, 10])
 def test_l2_transfer_trains_45_4m(new_classes):
-    """DESIGN §1: the default config lands DiT-L/2 transfer near the paper's 45.4M."""
+    """docs/design.md §1: the default config lands DiT-L/2 transfer near the paper's 45.4M."""
     with torch.device("meta"):
         m = build_dit("DiT-L/2", kind=KindConfig(), num_classes=150)
     m.retarget(new_classes).set_mode("transfer")

@@ -29,14 +29,21 @@ def inputs(b=3, classes=6):
 
 
 @pytest.mark.parametrize("split_qkv", [False, True])
-def test_dit_layout_exact_with_all_on_gate(split_qkv):
+@pytest.mark.parametrize("targets", [None, ["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"]])
+def test_dit_layout_exact_with_all_on_gate(split_qkv, targets):
     m = dense_dit()
     x, t, y = inputs()
     ref = m(x, t, y)
-    kindify(m, gate=kf.ClassGate.all_on(6, 8), split_qkv=split_qkv)
+    kindify(m, gate=kf.ClassGate.all_on(6, 8), split_qkv=split_qkv, target_modules=targets)
     assert isinstance(m.kind_gate, kf.ClassGate)
-    qkv = m.blocks[0].attn.qkv
-    assert isinstance(qkv, SplitLinear if split_qkv else kf.FastKindLinear)
+    attn = m.blocks[0].attn
+    if targets is None:  # kind_fast's own DiT becomes a native KIND-DiT (q, k, v when split)
+        assert m.kind is not None and m.kind.qkv == ("split" if split_qkv else "fused")
+        assert getattr(m, "_kind_fast_hook", None) is None, "DiT.forward routes labels itself"
+        assert isinstance(attn.q if split_qkv else attn.qkv, kf.FastKindLinear)
+    else:  # the generic path: module names kept, labels routed by the hook
+        assert m.kind is None and m._kind_fast_hook is not None
+        assert isinstance(attn.qkv, SplitLinear if split_qkv else kf.FastKindLinear)
     n_kind = sum(isinstance(mod, kf.FastKindLinear) for mod in m.modules())
     assert n_kind == 2 * (6 if split_qkv else 4)
     assert isinstance(m.blocks[0].adaLN_modulation[-1], nn.Linear), "adaLN stays dense"

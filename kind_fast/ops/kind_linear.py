@@ -1,6 +1,6 @@
 """kind_linear: the KIND linear layer as one op family.
 
-Math (DESIGN §1–2). For row m of x, belonging to sample b = m // T of class c = labels[b]:
+Math (docs/design.md §1–2). For row m of x, belonging to sample b = m // T of class c = labels[b]:
 
     y[m] = x[m] · W_Gᵀ + Σ_k  val[c, k] · σ_T[idx[c, k]] · (x[m] · v_T[idx[c, k]]) · u_T[idx[c, k]] + b
 

@@ -45,7 +45,9 @@ def add_run_arguments(p: argparse.ArgumentParser, mode: str) -> None:
             help_text = ("kind (default) | dense" if mode == "pretrain"
                          else "kind (default) | full | lora | svdiff | scratch")
         if name == "init" and mode == "pretrain":
-            continue
+            help_text = ("continue from existing weights: a dense DiT (.pt/.safetensors, diffusers folder, "
+                         "kind_fast run) converted to KIND by exact SVD, or a KIND save (kind-fast convert); "
+                         "its architecture replaces model.*")
         p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None, help=help_text)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key, e.g. --set optim.ema_decay=0.999 (repeatable)")

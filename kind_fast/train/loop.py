@@ -1,6 +1,6 @@
 """The training loop shared by KIND pretraining, KIND transfer and every baseline.
 
-One step (DiT's recipe, DESIGN §4):
+One step (DiT's recipe, docs/design.md §4):
 
 1. the step's global batch of data indices and, from a CPU generator seeded by (seed, step),
    timesteps t ~ U{0..999}, noise ε, label-dropout flags (probability ``model.class_dropout``)
