@@ -181,7 +181,8 @@ def add_sample_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--classes", default=None, help="class ids of the model to sample (default: all)")
     p.add_argument("--n-per-class", type=int, default=8)
     p.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddim")
-    p.add_argument("--steps", type=int, default=50, help="respaced sampling steps (DiT: 250 DDPM)")
+    p.add_argument("--steps", type=int, default=50,
+                   help="sampling steps, >= 2 (DiT: 250 DDPM); DDIM runs timesteps 0, s, 2s, ... (s = 1000 // steps)")
     p.add_argument("--cfg-scale", type=float, default=1.5)
     p.add_argument("--eta", type=float, default=0.0, help="DDIM η")
     p.add_argument("--seed", type=int, default=0)

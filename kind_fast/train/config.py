@@ -193,7 +193,7 @@ class RunConfig:
         need(0 <= o.ema_decay < 1, "optim.ema_decay", f"must be in [0, 1), got {o.ema_decay}")
         e = self.eval
         need(e.sampler in ("ddpm", "ddim"), "eval.sampler", f"ddpm or ddim, got {e.sampler!r}")
-        need(1 <= e.sample_steps <= 1000, "eval.sample_steps", f"must be in [1, 1000], got {e.sample_steps}")
+        need(2 <= e.sample_steps <= 1000, "eval.sample_steps", f"must be in [2, 1000], got {e.sample_steps}")
         need(e.cfg_scale >= 0, "eval.cfg_scale", f"must be >= 0, got {e.cfg_scale}")
         need(e.n_per_class >= 1, "eval.n_per_class", f"must be >= 1, got {e.n_per_class}")
         need(e.weights in ("ema", "model"), "eval.weights", f"ema or model, got {e.weights!r}")
@@ -211,6 +211,13 @@ def _flat_items(obj, prefix: str = ""):
             yield f"{prefix}{f.name}", v
 
 
+# Hand-written on purpose. OmegaConf structured configs (tried: OmegaConf 2.4) would replace
+# _merge/_coerce (~80 lines) with ~35 lines of wrapper, but change today's behaviour: its errors
+# name the dataclass, not the dotted key ("Key 'lrr' not in 'OptimConfig'"), so every message
+# needs translating; it turns numbers into strings for str fields (data.path=5 → "5") and keeps
+# "none" as a string; the command line's "0-7" class ranges still need our parser. That is a
+# new runtime dependency for every `kind-fast pretrain` to save about 45 lines. tyro would
+# replace the whole argparse front end and its --set/--config layering, not config.py.
 def _merge(obj, d: dict, prefix: str):
     if not isinstance(d, dict):
         raise ValueError(f"config {prefix or 'file'}: expected a mapping, got {type(d).__name__}")
