@@ -576,3 +576,19 @@ def test_metrics_sanity():
     is_real, _ = inception_score(x, DigitLogits(clf), splits=2)
     is_one, _ = inception_score(x[y == 3], DigitLogits(clf), splits=2)
     assert is_real > 5 and is_one < 2
+
+
+def test_streamed_npz_and_sample_labels(tmp_path):
+    from kind_fast.train.sample_ddp import rank_chunks, sample_labels, write_npz
+
+    x = np.arange(5 * 2 * 3, dtype=np.uint8).reshape(5, 2, 3, 1)
+    write_npz(tmp_path / "s.npz", {"arr_0": (x.shape, np.uint8, [x[:2], x[2:3], x[3:]]),
+                                   "labels": ((5,), np.int64, [np.arange(5)])})
+    with np.load(tmp_path / "s.npz") as f:
+        assert np.array_equal(f["arr_0"], x) and f["labels"].tolist() == [0, 1, 2, 3, 4]
+    with pytest.raises(ValueError, match="4 rows, the array 5"):
+        write_npz(tmp_path / "t.npz", {"arr_0": (x.shape, np.uint8, [x[:4]])})
+    assert not (tmp_path / "t.npz").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["s.npz"]
+    assert sample_labels([3, 5], num_samples=5).tolist() == [3, 5, 3, 5, 3]
+    assert sample_labels([3, 5], n_per_class=2).tolist() == [3, 3, 5, 5]
+    assert rank_chunks(7, 2, 0, 2) == [0, 2] and rank_chunks(7, 2, 1, 2) == [1, 3] and rank_chunks(1, 2, 1, 2) == []

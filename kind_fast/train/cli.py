@@ -179,7 +179,9 @@ def add_sample_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--which", choices=("ema", "model"), default="ema", help="weights of a run folder")
     p.add_argument("--out", default=None, help="PNG path (default: <run>/samples/sample_grid.png)")
     p.add_argument("--classes", default=None, help="class ids of the model to sample (default: all)")
-    p.add_argument("--n-per-class", type=int, default=8)
+    p.add_argument("--n-per-class", type=int, default=8, help="samples per class (grid columns)")
+    p.add_argument("--num-samples", type=int, default=None,
+                   help="sample N images, classes cycled (e.g. 50000 for FID); the grid shows the first 100")
     p.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddim")
     p.add_argument("--steps", type=int, default=50,
                    help="sampling steps, >= 2 (DiT: 250 DDPM); DDIM runs timesteps 0, s, 2s, ... (s = 1000 // steps)")
@@ -187,8 +189,12 @@ def add_sample_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eta", type=float, default=0.0, help="DDIM η")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--npz", action="store_true", help="also write samples.npz (uint8 NHWC, ADM evaluator layout)")
+    p.add_argument("--batch-size", type=int, default=256,
+                   help="samples per forward pass on each process; the noise is seeded per batch, so this "
+                        "(not the number of processes) fixes the result for a seed")
+    p.add_argument("--npz", action="store_true",
+                   help="also write <out>.npz (uint8 NHWC arr_0 + labels: the ADM evaluator's layout); "
+                        "under torchrun every rank samples its share and rank 0 assembles it")
     p.add_argument("--vae", default=None, help="latent models: a local diffusers AutoencoderKL folder to decode with")
     p.add_argument("--latent-scale", type=float, default=0.18215, help="latent scale factor used at encoding")
     p.add_argument("--no-merged", action="store_true",
@@ -198,12 +204,12 @@ def add_sample_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_sample(args: argparse.Namespace) -> int:
-    import numpy as np
     import torch
 
-    from kind_fast.train.distributed import resolve_device
+    from kind_fast.train.distributed import cleanup, init_distributed
     from kind_fast.train.models import SPEC_FILE, load_weights
-    from kind_fast.train.sampling import check_sampling_args, sample, save_grid, to_uint8
+    from kind_fast.train.sample_ddp import sample_labels, sample_to_files
+    from kind_fast.train.sampling import check_sampling_args
 
     try:
         src = Path(args.weights)
@@ -216,16 +222,20 @@ def run_sample(args: argparse.Namespace) -> int:
         if args.n_per_class < 1 or args.batch_size < 1:
             raise ValueError("--n-per-class and --batch-size must be >= 1")
         check_sampling_args(args.steps, args.cfg_scale, args.eta, names=("--steps", "--cfg-scale", "--eta"))
-        device = resolve_device(args.device)
-        if args.cuda_graphs == "on" and device.type != "cuda":
-            raise ValueError(f"--cuda-graphs on needs a CUDA device, got {device}")
+        env = init_distributed(args.device)  # under torchrun: every rank samples its share
+    except (ValueError, FileNotFoundError) as e:
+        print(f"kind-fast sample: {e}", file=sys.stderr)
+        return 2
+    try:
+        if args.cuda_graphs == "on" and env.device.type != "cuda":
+            raise ValueError(f"--cuda-graphs on needs a CUDA device, got {env.device}")
         if export:
             from kind_fast.export_io import load_export
 
-            model = load_export(wdir, map_location=device)
+            model = load_export(wdir, map_location=env.device)
             served = getattr(model, "classes", None) or getattr(model, "export_classes", None)
         else:
-            model = load_weights(wdir).to(device).eval()
+            model = load_weights(wdir).to(env.device).eval()
             served = None
         n = model.num_classes
         default = served or list(range(n))
@@ -233,27 +243,36 @@ def run_sample(args: argparse.Namespace) -> int:
         bad = [c for c in classes if not 0 <= c < n]
         if bad:
             raise ValueError(f"--classes {bad} out of range: the model has classes 0..{n - 1}")
+        labels = sample_labels(classes, num_samples=args.num_samples, n_per_class=args.n_per_class)
+        arch = model.arch
+        shape = (arch["in_channels"], arch["input_size"], arch["input_size"])
+        if args.npz and args.vae is None and shape[0] not in (1, 3):
+            raise ValueError(f"--npz writes uint8 images; this model makes {shape[0]}-channel latents: "
+                             "add --vae FOLDER to decode them")
     except (ValueError, FileNotFoundError) as e:
+        cleanup(env)
         print(f"kind-fast sample: {e}", file=sys.stderr)
         return 2
-    arch = model.arch
-    shape = (arch["in_channels"], arch["input_size"], arch["input_size"])
-    labels = torch.tensor(classes).repeat_interleave(args.n_per_class)
-    images = sample(model, labels, shape=shape, sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale,
-                    eta=args.eta, seed=args.seed, device=device, batch_size=args.batch_size,
-                    clip_denoised=args.vae is None and shape[0] in (1, 3),
-                    autocast_dtype=torch.bfloat16 if device.type == "cuda" else None, merged=not args.no_merged,
-                    cuda_graphs={"auto": None, "on": True, "off": False}[args.cuda_graphs])
-    if args.vae:
-        images = decode_latents(images, args.vae, args.latent_scale, device)
     out = Path(args.out) if args.out else (wdir.parent / "samples" / "sample_grid.png")
-    save_grid(images, out, nrow=args.n_per_class)
-    print(f"wrote {out} ({len(classes)} classes × {args.n_per_class}, {args.sampler} {args.steps} steps, "
-          f"cfg {args.cfg_scale})")
-    if args.npz:
-        npz = out.with_suffix(".npz")
-        np.savez(npz, arr_0=to_uint8(images), labels=labels.numpy())
-        print(f"wrote {npz}")
+    grid_rows = args.n_per_class if args.num_samples is None else 10
+    try:
+        written = sample_to_files(
+            model, labels, shape=shape, env=env, grid_path=out, npz_path=out.with_suffix(".npz") if args.npz else None,
+            nrow=grid_rows, grid_max=None if args.num_samples is None else 100, batch_size=args.batch_size,
+            decode=(lambda x: decode_latents(x, args.vae, args.latent_scale, env.device)) if args.vae else None,
+            sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale, eta=args.eta, seed=args.seed,
+            device=env.device, clip_denoised=args.vae is None and shape[0] in (1, 3),
+            autocast_dtype=torch.bfloat16 if env.device.type == "cuda" else None, merged=not args.no_merged,
+            cuda_graphs={"auto": None, "on": True, "off": False}[args.cuda_graphs])
+    finally:
+        cleanup(env)
+    if env.is_main:
+        what = (f"{labels.numel()} samples over {len(classes)} classes" if args.num_samples is not None
+                else f"{len(classes)} classes × {args.n_per_class}")
+        procs = f" on {env.world_size} processes" if env.distributed else ""
+        print(f"wrote {written['grid']} ({what}, {args.sampler} {args.steps} steps, cfg {args.cfg_scale}{procs})")
+        if "npz" in written:
+            print(f"wrote {written['npz']} (arr_0: uint8 N×H×W×C, labels)")
     return 0
 
 
