@@ -32,8 +32,10 @@ _FLAGS = {
     "init": ("method.init", str, "transfer: the pretrain run folder (or a kind_fast save folder)"),
     "ckpt_every": ("ckpt_every", int, "checkpoint every N steps (0: only at the end)"),
     "keep_last": ("keep_last", int, "checkpoints to keep"),
-    "log_every": ("log_every", int, "metrics.csv / TensorBoard row every N steps"),
+    "log_every": ("log_every", int, "a metrics.csv / log.txt / tracker row every N steps (printed when no bar)"),
     "tensorboard": ("tensorboard", str, "auto | on | off"),
+    "wandb": ("wandb", str, "on | off (default): Weights & Biases; WANDB_MODE=offline logs without a network"),
+    "wandb_project": ("wandb_project", str, "W&B project (default kind_fast)"),
     "distributed": ("distributed", str, "under torchrun: ddp | fsdp"),
 }
 
@@ -102,31 +104,45 @@ def run_training(args: argparse.Namespace, mode: str) -> int:
     except (ValueError, FileNotFoundError, FileExistsError, ImportError) as e:
         print(f"kind-fast {mode}: {e}", file=sys.stderr)
         return 2
+
+    def say(text: str) -> None:  # rank 0: to stdout and to <out>/log.txt
+        print(text, flush=True)
+        if trainer.logger is not None:
+            trainer.logger.note(text)
+
     try:
         main = trainer.env.is_main
         if main:
+            import contextlib
+            import io
+
             from kind_fast.utils import print_trainable_parameters
 
-            print(f"{mode}/{cfg.method.name}: {len(trainer.data)} samples, {trainer.data.num_classes} classes, "
-                  f"{cfg.steps} steps × batch {cfg.batch_size} on {trainer.device}"
-                  f"{f' × {trainer.env.world_size} processes' if trainer.env.distributed else ''}")
-            print_trainable_parameters(trainer.model)
+            say(f"{mode}/{cfg.method.name}: {len(trainer.data)} samples, {trainer.data.num_classes} classes, "
+                f"{cfg.steps} steps × batch {cfg.batch_size} on {trainer.device}"
+                f"{f' × {trainer.env.world_size} processes' if trainer.env.distributed else ''}")
+            buf = io.StringIO()
+            with contextlib.redirect_stdout(buf):
+                print_trainable_parameters(trainer.model)
+            say(buf.getvalue().rstrip())
         try:
             losses = trainer.train()
             paths = trainer.export()
         except NonFiniteError as e:
+            if trainer.logger is not None:
+                trainer.logger.note(f"stopped: {e}")
             print(f"kind-fast {mode}: {e}", file=sys.stderr)
             return 3
         if main:
             w = max(1, len(losses) // 10)
-            print(f"loss: first {w} steps {sum(losses[:w]) / w:.4f}, last {w} steps {sum(losses[-w:]) / w:.4f}")
-            print(f"outputs in {trainer.out}: config.json, metrics.csv, checkpoints/, "
-                  f"{', '.join(p.name + '/' for p in paths.values())}")
+            say(f"loss: first {w} steps {sum(losses[:w]) / w:.4f}, last {w} steps {sum(losses[-w:]) / w:.4f}")
+            say(f"outputs in {trainer.out}: config.json, metrics.csv, log.txt, checkpoints/, "
+                f"{', '.join(p.name + '/' for p in paths.values())}")
         if main and not args.no_sample:
             grid = write_grid(trainer, trainer.out / "samples" / "grid.png")
-            print(f"sample grid: {grid}")
+            say(f"sample grid: {grid}")
         if main and args.eval:
-            print(json.dumps(evaluate_digits(trainer, args.eval_samples), indent=2))
+            say(json.dumps(evaluate_digits(trainer, args.eval_samples), indent=2))
     finally:
         trainer.close()
     return 0

@@ -107,6 +107,8 @@ class RunConfig:
     keep_last: int = 3
     log_every: int = 10
     tensorboard: str = "auto"  # auto (if installed) | on | off
+    wandb: str = "off"  # on | off: Weights & Biases (needs wandb; WANDB_MODE=offline works without a network)
+    wandb_project: str = "kind_fast"
     progress: bool = True
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -154,6 +156,8 @@ class RunConfig:
         need(self.precision in ("auto", "fp32", "bf16"), "precision", f"auto, fp32 or bf16, got {self.precision!r}")
         need(self.distributed in ("ddp", "fsdp"), "distributed", f"ddp or fsdp, got {self.distributed!r}")
         need(self.tensorboard in ("auto", "on", "off"), "tensorboard", f"auto, on or off, got {self.tensorboard!r}")
+        need(self.wandb in ("on", "off"), "wandb", f"on or off, got {self.wandb!r}")
+        need(bool(self.wandb_project), "wandb_project", "must not be empty")
         need(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"), "device",
              f"auto, cpu, cuda or cuda:N, got {self.device!r}")
         need(bool(self.out), "out", "must be a folder path")

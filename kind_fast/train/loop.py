@@ -60,7 +60,8 @@ from kind_fast.train.models import build_model, make_spec, model_from_state, sav
 from kind_fast.train.runlock import RunLock, RunLockedError
 
 # config keys that may change when a run is resumed without changing what it computes
-_RESUME_FREE = {"steps", "out", "ckpt_every", "keep_last", "log_every", "tensorboard", "progress",
+_RESUME_FREE = {"steps", "out", "ckpt_every", "keep_last", "log_every", "tensorboard", "wandb", "wandb_project",
+                "progress",
                 "device", "distributed", "eval", "data.workers", "data.path", "method.init"}
 
 
@@ -225,7 +226,8 @@ class Trainer:
                                 f"outputs made from them were moved to {moved} (nothing was deleted)")
             cfg.save(self.out / "config.json")
             self.logger = MetricsLogger(self.out, resume_step=self.step if state is not None else None,
-                                        tensorboard=cfg.tensorboard)
+                                        tensorboard=cfg.tensorboard, wandb=cfg.wandb, wandb_project=cfg.wandb_project,
+                                        config=cfg.to_dict(), total_steps=cfg.steps)
             if self.logger.tb_note and cfg.progress:
                 self.log_fn(self.logger.tb_note)
         else:
@@ -434,7 +436,22 @@ class Trainer:
             self._flush(pending, t_win, bar)
         if self.step == cfg.steps and stop == cfg.steps and self._saved_step != self.step:
             self.save_checkpoint()  # the same decision on every rank (saving is a collective)
+        if self.env.is_main and self.logger is not None:
+            self._plot()
         return list(self.losses)
+
+    def _plot(self) -> None:
+        from kind_fast.train.plot import plot_run
+
+        try:
+            path = plot_run(self.out)
+        except Exception as e:  # noqa: BLE001 - a failed picture never fails a trained run
+            path, msg = None, f"loss curve not drawn ({type(e).__name__}: {e})"
+        else:
+            msg = f"loss curve: {path}" if path else "loss curve not drawn: matplotlib is not installed"
+        self.logger.note(msg)
+        if path is None:
+            self.log_fn(msg)
 
     def _flush(self, pending: list[dict[str, Tensor]], t_win: float, bar) -> float:
         keys = ("loss", "mse", "vb")
@@ -450,7 +467,9 @@ class Trainer:
                "vb": stacked[:, 2].mean().item(), "lr": self.opt.param_groups[0]["lr"], "grad_norm": gn,
                "samples_per_s": len(pending) * self.cfg.batch_size / dt, "elapsed_s": self.elapsed}
         if self.logger is not None:
-            self.logger.log(row)
+            line = self.logger.log(row)
+            if bar is None or not sys.stdout.isatty():  # SLURM, CI, nohup: plain lines, not a bar
+                self.log_fn(line)
         if bar is not None:
             bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['samples_per_s']:.0f}")
         if len(bad):
