@@ -94,13 +94,82 @@ def _config(args, mode: str, method: str, out: Path, init: Path | None):
     return RunConfig.from_dict(d)
 
 
+def comparison_figure(groups: list[tuple[str, list[str], object]], path: Path, *, scale: int = 6,
+                      title: str = "") -> Path:
+    """One PNG of sample rows, each labelled: ``groups`` = [(method label, [row names], images)]
+    with images (rows·k, C, H, W) in [-1, 1], k per row. Small digits are enlarged ``scale``×
+    (nearest, so every pixel stays a sharp square)."""
+    import numpy as np
+    from PIL import Image, ImageDraw, ImageFont
+
+    from kind_fast.train.sampling import make_grid, save_png
+
+    font = ImageFont.load_default(size=max(12, 2 * scale + 2))
+    labels, tiles = [], []
+    for method, names, images in groups:
+        k = images.shape[0] // len(names)
+        for i, name in enumerate(names):
+            labels.append(f"{method}: {name}")
+            tiles.append(make_grid(images[i * k:(i + 1) * k], nrow=k, scale=scale, pad=2))
+    width = max(t.shape[1] for t in tiles)
+    text_w = max(int(font.getlength(t)) for t in labels) + 16
+    row_h = tiles[0].shape[0]
+    title_h = row_h // 2 if title else 0
+    canvas = Image.new("RGB", (max(text_w + width, int(font.getlength(title)) + 16), title_h + row_h * len(tiles)),
+                       "white")
+    draw = ImageDraw.Draw(canvas)
+    if title:
+        draw.text((8, title_h // 2), title, fill="black", font=font, anchor="lm")
+    for i, (label, tile) in enumerate(zip(labels, tiles)):
+        top = title_h + i * row_h
+        tile = tile if tile.shape[2] == 3 else np.repeat(tile, 3, axis=2)
+        canvas.paste(Image.fromarray(tile), (text_w, top))
+        draw.text((8, top + row_h // 2), label, fill="black", font=font, anchor="lm")
+    return save_png(np.asarray(canvas), path)
+
+
+def metrics_chart(rows: list[dict], real: dict, path: Path) -> Path | None:
+    """One PNG of FID, class accuracy and training wall time per transfer method (bars; the
+    real-digit reference as a dashed line). None when matplotlib is not installed."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        return None
+    import io
+
+    from kind_fast.atomic import atomic_write_bytes
+
+    names = [r["label"] for r in rows]
+    fig = Figure(figsize=(13, 3.8), layout="constrained")
+    axes = fig.subplots(1, 3)
+    panels = (("fid", "FID (digit-classifier features), lower is better", real.get("fid")),
+              ("class_acc", "class accuracy of samples, higher is better", real.get("class_acc")),
+              ("wall_s", "training wall time (s), this machine", None))
+    colors = ["tab:green" if r["method"] == "kind" else "tab:gray" for r in rows]
+    for ax, (key, title, ref) in zip(axes, panels):
+        vals = [r[key] for r in rows]
+        bars = ax.bar(range(len(rows)), vals, color=colors)
+        ax.bar_label(bars, fmt="%.3g", fontsize=8)
+        if ref is not None:
+            ax.axhline(ref, color="black", linestyle="--", linewidth=1)
+            ax.annotate(f"real digits {ref:.3g}", (1.0, ref), xycoords=("axes fraction", "data"),
+                        xytext=(-4, 3), textcoords="offset points", ha="right", fontsize=8)
+        ax.set_xticks(range(len(rows)), names, rotation=25, ha="right", fontsize=8)
+        ax.set_title(title, fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    atomic_write_bytes(buf.getvalue(), path)
+    return path
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
     from kind_fast.train.data import DIGIT_DEFAULTS
     from kind_fast.train.loop import Trainer
     from kind_fast.train.metrics import DigitFeatures, class_accuracy, frechet_distance, train_digit_classifier
-    from kind_fast.train.sampling import make_grid, sample, save_grid, save_png
+    from kind_fast.train.sampling import sample, save_grid
     from kind_fast.utils import parameter_breakdown
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -190,12 +259,16 @@ def run(args: argparse.Namespace) -> int:
     ref_fid = frechet_distance(real.x[perm[:half]], real.x[perm[half:]], feats)
     ref_acc, _ = class_accuracy(real.x, torch.tensor(new_digits)[real.y], clf)
 
-    # one comparison grid: two rows (8, 9) per transfer method
+    # one comparison figure: real 8s and 9s, then two labelled rows (8, 9) per transfer method
     tr_rows = [r for r in rows if r["method"] != "pretrain"]
     if tr_rows:
         per = min(12, args.samples_per_class)
-        arr = make_grid(torch.cat([r["fake_for_grid"] for r in tr_rows]), nrow=per, scale=4)
-        grids["all transfer methods (rows: 8, 9 per method, in table order)"] = save_png(arr, out / "transfer_grid.png")
+        names = [str(d) for d in new_digits]
+        real_show = torch.cat([real.x[real.y == c][:per] for c in range(len(new_digits))])
+        groups = [("real digits", names, real_show)] + [(r["label"], names, r["fake_for_grid"]) for r in tr_rows]
+        grids["all transfer methods (labelled rows, in table order)"] = comparison_figure(
+            groups, out / "transfer_grid.png", title=f"{args.steps} steps each; EMA samples, DDIM "
+            f"{args.sample_steps} steps, CFG {args.cfg_scale}; 8x8 digits shown 6x")
 
     # the table
     head = (f"{'method':<15} {'digits':<7} {'trainable':>10} {'train GFLOP/img':>16} {'wall s':>7} "
@@ -221,6 +294,10 @@ def run(args: argparse.Namespace) -> int:
     print("\nsample grids:")
     for name, path in grids.items():
         print(f"  {name}: {path}")
+    if tr_rows:
+        chart = metrics_chart(tr_rows, {"fid": ref_fid, "class_acc": ref_acc}, out / "demo_chart.png")
+        print(f"chart of FID, class accuracy and wall time per method: {chart}" if chart else
+              "no chart (demo_chart.png): matplotlib is not installed (pip install matplotlib)")
     summary = [{k: v for k, v in r.items() if k not in ("fake_for_grid", "k")} for r in rows]
     summary.append({"method": "real", "fid": ref_fid, "class_acc": ref_acc})
     from kind_fast.atomic import atomic_write_text

@@ -116,7 +116,41 @@ def test_demo_prints_one_table(tmp_path, capsys):
     assert rows["kind"]["trainable"] < rows["full"]["trainable"]
     assert rows["kind"]["train_gflops_per_image"] < rows["full"]["train_gflops_per_image"]
     assert all(r["fid"] == r["fid"] for r in rows.values())  # computed (not NaN)
-    assert (out / "transfer_grid.png").is_file()
+    from PIL import Image
+
+    with Image.open(out / "transfer_grid.png") as im:  # real + 5 methods, 2 labelled rows each, 4 digits a row
+        w, h = im.size
+        assert h > 12 * 8 * 6 and w > 4 * 8 * 6
+    if "matplotlib is not installed" not in text:
+        with Image.open(out / "demo_chart.png") as im:
+            assert im.format == "PNG"
+
+
+def test_comparison_figure_labels_and_enlarges_every_row(tmp_path):
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from kind_fast.demo import comparison_figure
+
+    g = torch.Generator().manual_seed(0)
+    imgs = torch.rand(6, 1, 8, 8, generator=g) * 2 - 1  # 2 rows (8, 9) × 3 digits
+    path = comparison_figure([("KIND transfer", ["8", "9"], imgs), ("LoRA", ["8", "9"], imgs)], tmp_path / "f.png",
+                             scale=6, title="t")
+    with Image.open(path) as im:
+        arr = np.asarray(im.convert("L"))
+    row_h = 8 * 6 + 2 * 2  # a 6× digit and its padding
+    assert arr.shape[0] == row_h // 2 + 4 * row_h
+    tiles_w = 3 * (8 * 6 + 2) + 2
+    label_w = arr.shape[1] - tiles_w
+    for r in range(4):  # every row: text in the label column, and the digits as 6×6 blocks
+        top = row_h // 2 + r * row_h
+        assert (arr[top:top + row_h, :label_w] < 128).any()
+        tile = arr[top + 2:top + 2 + 48, label_w + 2:label_w + 2 + 48]
+        blocks = tile.reshape(8, 6, 8, 6)
+        assert (blocks == blocks[:, :1, :, :1]).all()
+        want = ((imgs[(r % 2) * 3, 0].clamp(-1, 1) + 1) * 127.5).round().numpy()
+        assert np.array_equal(blocks[:, 0, :, 0], want)
 
 
 def test_latent_pipeline_with_a_tiny_vae(tmp_path, capsys):

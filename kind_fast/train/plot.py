@@ -42,12 +42,13 @@ def plot_run(run: str | os.PathLike, out: str | os.PathLike | None = None) -> Pa
     fig = Figure(figsize=(5.0 * n, 3.6), layout="constrained")
     axes = fig.subplots(1, n)
     steps = [r["step"] for r in rows]
+    mark = "o" if len(rows) < 30 else None  # a few rows: show the points
 
     ax = axes[0]
     for key, style in (("loss", "-"), ("mse", "--"), ("vb", ":")):
         ys = [r[key] for r in rows]
         if any(y is not None for y in ys):
-            ax.plot(steps, ys, style, label=key)
+            ax.plot(steps, ys, style, marker=mark, label=key)
     if all(r["loss"] is not None and r["loss"] > 0 for r in rows):
         ax.set_yscale("log")
     ax.set_xlabel("step")
@@ -56,13 +57,13 @@ def plot_run(run: str | os.PathLike, out: str | os.PathLike | None = None) -> Pa
     ax.grid(alpha=0.3)
 
     ax = axes[1]
-    ax.plot(steps, [r["grad_norm"] for r in rows], color="tab:red", label="grad norm (before clipping)")
+    ax.plot(steps, [r["grad_norm"] for r in rows], color="tab:red", marker=mark)
     ax.set_xlabel("step")
     ax.set_ylabel("grad norm", color="tab:red")
     lr = ax.twinx()
-    lr.plot(steps, [r["lr"] for r in rows], color="tab:blue")
+    lr.plot(steps, [r["lr"] for r in rows], color="tab:blue", marker=mark)
     lr.set_ylabel("learning rate", color="tab:blue")
-    ax.set_title("gradient norm and learning rate")
+    ax.set_title("grad norm (before clipping) and learning rate", fontsize=10)
     ax.grid(alpha=0.3)
 
     if eval_keys:
