@@ -59,6 +59,22 @@ def test_config_file_and_print_config(tmp_path, capsys):
     assert cfg["steps"] == 5 and cfg["optim"]["lr"] == 0.002  # the flag beats the file
 
 
+def test_scale_flags_reach_the_config(capsys):
+    assert main(["pretrain", "--grad-accum", "4", "--precision", "fp16", "--compile", "--grad-checkpoint",
+                 "--lr-schedule", "cosine", "--warmup-steps", "5", "--sample-every", "100", "--eval-every", "200",
+                 "--wandb", "on", "--wandb-project", "p", "--print-config"]) == 0
+    cfg = json.loads(capsys.readouterr().out)
+    got = (cfg["grad_accum"], cfg["precision"], cfg["compile"], cfg["grad_checkpoint"])
+    assert got == (4, "fp16", "inductor", True)
+    assert (cfg["optim"]["lr_schedule"], cfg["optim"]["warmup_steps"]) == ("cosine", 5)
+    assert (cfg["sample_every"], cfg["eval_every"], cfg["wandb"], cfg["wandb_project"]) == (100, 200, "on", "p")
+    assert main(["pretrain", "--compile", "aot_eager", "--print-config"]) == 0
+    assert json.loads(capsys.readouterr().out)["compile"] == "aot_eager"
+    assert main(["pretrain", "--print-config"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert (d["compile"], d["grad_checkpoint"], d["grad_accum"]) == ("off", False, 1)
+
+
 @pytest.mark.parametrize("argv, match", [
     (["transfer", "--method", "lora"], "needs the pretrained run: --init"),
     (["transfer", "--init", "/nonexistent/run"], "does not exist"),
@@ -70,6 +86,10 @@ def test_config_file_and_print_config(tmp_path, capsys):
     (["pretrain", "--data", "imagefolder", "--data-path", "/nonexistent/imgs"], "not a folder"),
     (["pretrain", "--data", "latents", "--data-path", "/nonexistent/lat"], "no index.json"),
     (["pretrain", "--batch-size", "0"], "batch_size: must be >= 1"),
+    (["pretrain", "--precision", "fp8"], "precision: auto, fp32, bf16 or fp16"),
+    (["pretrain", "--grad-accum", "0"], "grad_accum: must be >= 1"),
+    (["pretrain", "--lr-schedule", "step"], "optim.lr_schedule"),
+    (["pretrain", "--wandb", "maybe"], "wandb: on or off"),
 ])
 def test_bad_arguments_exit_2_with_a_clear_message(argv, match, capsys, tmp_path):
     assert main([*argv, "--out", str(tmp_path / "o")]) == 2

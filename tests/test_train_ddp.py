@@ -46,16 +46,18 @@ def _weights(out) -> dict[str, torch.Tensor]:
     return {**load_file(str(d / "learngenes.safetensors")), **load_file(str(d / "tailors.safetensors"))}
 
 
-@pytest.mark.parametrize("mode, method, strategy", [
-    ("pretrain", "kind", "ddp"),
-    ("transfer", "kind", "ddp"),
-    ("transfer", "kind", "fsdp"),
+@pytest.mark.parametrize("mode, method, strategy, extra", [
+    ("pretrain", "kind", "ddp", {}),
+    # 2 micro-batches per rank (DDP no_sync / FSDP2 gradient sync on the last one only),
+    # activation checkpointing under FSDP: still the one-process run without either
+    ("transfer", "kind", "ddp", {"grad_accum": 2}),
+    ("transfer", "kind", "fsdp", {"grad_accum": 2, "grad_checkpoint": True}),
 ])
-def test_two_processes_match_one(tmp_path, pretrained, mode, method, strategy):
+def test_two_processes_match_one(tmp_path, pretrained, mode, method, strategy, extra):
     kw = dict(steps=4, log_every=1, distributed=strategy, optim={"ema_decay": 0.5, "warmup_steps": 2})
     if mode == "transfer":
         kw["method"] = {"name": method, "init": str(pretrained)}
-    multi = tiny_config(tmp_path / "multi", mode, **kw)
+    multi = tiny_config(tmp_path / "multi", mode, **kw, **extra)
     cfg_path = tmp_path / "cfg.json"
     cfg_path.write_text(json.dumps(multi.to_dict()))
     r = _torchrun(cfg_path, [mode])

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import os
 import sys
-import types
 
 import pytest
 
 from kind_fast.train.loop import Trainer
 
 sys.path.insert(0, os.path.dirname(__file__))
-from train_helpers import tiny_config  # noqa: E402
+from train_helpers import FakeWandb, tiny_config  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -70,30 +69,8 @@ def test_kind_fast_plot_command(tmp_path, capsys):
     assert "no metrics.csv" in capsys.readouterr().err
 
 
-class _FakeWandb(types.ModuleType):
-    """Records what the trainer sends to W&B."""
-
-    def __init__(self):
-        super().__init__("wandb")
-        self.inits, self.logged, self.finished = [], [], 0
-        fake = self
-
-        class Run:
-            def log(self, values, step=None):
-                fake.logged.append((step, dict(values)))
-
-            def finish(self):
-                fake.finished += 1
-
-        self._run = Run
-
-    def init(self, **kw):
-        self.inits.append(kw)
-        return self._run()
-
-
 def test_wandb_gets_the_rows_and_a_resume_continues_its_run(tmp_path, monkeypatch):
-    fake = _FakeWandb()
+    fake = FakeWandb()
     monkeypatch.setitem(sys.modules, "wandb", fake)
     out = tmp_path / "run"
     cfg = tiny_config(out, steps=4, log_every=2, ckpt_every=2, wandb="on", wandb_project="proj")

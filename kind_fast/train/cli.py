@@ -22,7 +22,10 @@ _FLAGS = {
     "lr": ("optim.lr", float, "learning rate (AdamW)"),
     "seed": ("seed", int, "seed of init, data order and noise"),
     "device": ("device", str, "auto | cpu | cuda | cuda:N"),
-    "precision": ("precision", str, "auto (bf16 on GPU) | fp32 | bf16"),
+    "precision": ("precision", str, "auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16 (GradScaler loss scaling)"),
+    "grad_accum": ("grad_accum", int, "N micro-batches per step (same update as one batch, 1/N of the memory)"),
+    "lr_schedule": ("optim.lr_schedule", str, "constant (default) | cosine (to 0 at the last step), after warm-up"),
+    "warmup_steps": ("optim.warmup_steps", int, "linear learning-rate warm-up steps"),
     "data": ("data.source", str, "digits (default) | imagefolder | latents"),
     "data_path": ("data.path", str, "ImageFolder root or latent-shard folder"),
     "classes": ("data.classes", str, "classes to keep, renumbered in order: e.g. 0-7 or 8,9"),
@@ -31,6 +34,8 @@ _FLAGS = {
     "method": ("method.name", str, None),
     "init": ("method.init", str, "transfer: the pretrain run folder (or a kind_fast save folder)"),
     "ckpt_every": ("ckpt_every", int, "checkpoint every N steps (0: only at the end)"),
+    "sample_every": ("sample_every", int, "sample grid every N steps: <out>/samples/step_N.png and the trackers"),
+    "eval_every": ("eval_every", int, "digits: FID / KID / IS / class accuracy every N steps (eval.csv, trackers)"),
     "keep_last": ("keep_last", int, "checkpoints to keep"),
     "log_every": ("log_every", int, "a metrics.csv / log.txt / tracker row every N steps (printed when no bar)"),
     "tensorboard": ("tensorboard", str, "auto | on | off"),
@@ -51,6 +56,10 @@ def add_run_arguments(p: argparse.ArgumentParser, mode: str) -> None:
                          "kind_fast run) converted to KIND by exact SVD, or a KIND save (kind-fast convert); "
                          "its architecture replaces model.*")
         p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None, help=help_text)
+    p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                   help="torch.compile the model (backend: inductor, or e.g. aot_eager)")
+    p.add_argument("--grad-checkpoint", action="store_true", default=None,
+                   help="activation checkpointing on the DiT blocks: less memory, about 1/3 more compute")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key, e.g. --set optim.ema_decay=0.999 (repeatable)")
     p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="auto|PATH",
@@ -78,6 +87,10 @@ def config_from_args(args: argparse.Namespace, mode: str) -> RunConfig:
             flat[key] = parse_int_list(v, "--classes") if name == "classes" else v
     if args.no_progress:
         flat["progress"] = False
+    if args.compile is not None:
+        flat["compile"] = args.compile
+    if args.grad_checkpoint:
+        flat["grad_checkpoint"] = True
     for item in args.set:
         if "=" not in item:
             raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
@@ -149,40 +162,20 @@ def run_training(args: argparse.Namespace, mode: str) -> int:
 
 
 def write_grid(trainer, path: Path):
-    import torch
+    from kind_fast.train.evaluate import sample_grid
 
-    from kind_fast.train.sampling import sample, save_grid
-
-    e = trainer.cfg.eval
-    model = trainer.eval_model(e.weights)
-    n = trainer.data.num_classes
-    labels = torch.arange(n).repeat_interleave(e.n_per_class)
-    images = sample(model, labels, shape=trainer.data.sample_shape, sampler=e.sampler, steps=e.sample_steps,
-                    cfg_scale=e.cfg_scale, seed=trainer.cfg.seed, device=trainer.device,
-                    autocast_dtype=trainer.amp_dtype)
-    return save_grid(images, path, nrow=e.n_per_class)
+    return sample_grid(trainer, path)
 
 
 def evaluate_digits(trainer, per_class: int) -> dict:
     """Digits runs: sample ``per_class`` per class and score them (written to eval.json)."""
-    import torch
-
     from kind_fast.atomic import atomic_write_text
-    from kind_fast.train.data import DIGIT_DEFAULTS
-    from kind_fast.train.metrics import digits_quality, train_digit_classifier
-    from kind_fast.train.sampling import sample
+    from kind_fast.train.evaluate import digits_metrics
 
     if trainer.cfg.data.source != "digits":
         raise ValueError("--eval scores digits runs only (for real data use kind_fast.train.metrics "
                          "with InceptionFeatures and your own reference set)")
-    e = trainer.cfg.eval
-    digits = trainer.cfg.data.classes or DIGIT_DEFAULTS[trainer.cfg.mode]
-    clf, report = train_digit_classifier(trainer.cfg.seed)
-    labels = torch.arange(len(digits)).repeat_interleave(per_class)
-    fake = sample(trainer.eval_model(e.weights), labels, shape=trainer.data.sample_shape, sampler=e.sampler,
-                  steps=e.sample_steps, cfg_scale=e.cfg_scale, seed=trainer.cfg.seed + 1, device=trainer.device)
-    out = digits_quality(fake, torch.tensor(digits)[labels], trainer.data.x, clf)
-    out["classifier_test_acc"] = report["test_acc"]
+    out = digits_metrics(trainer, per_class)
     atomic_write_text(json.dumps(out, indent=2) + "\n", trainer.out / "eval.json")
     return out
 
