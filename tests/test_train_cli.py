@@ -130,6 +130,7 @@ def test_demo_prints_one_table(tmp_path, capsys):
     for label in ("KIND pretrain", "KIND transfer", "full fine-tune", "LoRA", "SVDiff", "from scratch", "real digits"):
         assert label in text
     assert "train GFLOP/img" in text and "transfer_grid.png" in text
+    assert "wall time: KIND transfer" in text  # compared with full fine-tuning, explained when slower
     summary = json.loads((out / "demo_summary.json").read_text())
     rows = {r["method"]: r for r in summary["rows"]}
     assert set(rows) == {"pretrain", "kind", "full", "lora", "svdiff", "scratch", "real"}
@@ -144,6 +145,21 @@ def test_demo_prints_one_table(tmp_path, capsys):
     if "matplotlib is not installed" not in text:
         with Image.open(out / "demo_chart.png") as im:
             assert im.format == "PNG"
+
+
+def test_wall_time_note_measures_the_layers_when_kind_is_slower():
+    from kind_fast.demo import wall_time_note
+    from kind_fast.dit import DiT, KindConfig
+
+    kind = DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=1, num_heads=2, num_classes=2,
+               kind=KindConfig(tailor_rank=8, active=2)).set_mode("transfer")
+    full = kind.to_dense()  # the dense DiT full fine-tuning trains (qkv fused)
+    rows = lambda k, f: ({"wall_s": k, "train_gflops_per_image": 0.75}, {"wall_s": f, "train_gflops_per_image": 1.0})  # noqa: E731
+    fast = wall_time_note(*rows(1.0, 2.0), kind, full, 4, (1, 8, 8), 10)
+    assert "0.50× full fine-tuning's time" in fast and "ms" not in fast
+    slow = wall_time_note(*rows(3.0, 2.0), kind, full, 4, (1, 8, 8), 10)
+    assert "1.50× full fine-tuning's time" in slow and "0.75× its FLOPs" in slow
+    assert "the 6 KIND layers" in slow and "the 4 nn.Linear layers" in slow and "64 rows" in slow
 
 
 def test_comparison_figure_labels_and_enlarges_every_row(tmp_path):
