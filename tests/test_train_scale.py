@@ -200,6 +200,15 @@ def test_trainer_cosine_schedule_reaches_the_logged_lr(tmp_path):
         tiny_config(tmp_path / "x", optim={"lr_schedule": "linear"})
 
 
+def test_resuming_a_cosine_run_with_other_steps_says_the_schedule_changes(tmp_path):
+    kw = dict(ckpt_every=2, optim={"lr_schedule": "cosine"})
+    _run(tiny_config(tmp_path / "r", steps=4, **kw), until=2)
+    notes = []
+    tr = Trainer(tiny_config(tmp_path / "r", steps=6, **kw), resume="auto", log=notes.append)
+    tr.close()
+    assert any("the length of the cosine schedule" in n for n in notes), notes
+
+
 # =====================================================================================
 # --sample-every / --eval-every
 # =====================================================================================

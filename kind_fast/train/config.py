@@ -82,7 +82,7 @@ class OptimConfig:
     lr_schedule: str = "constant"  # after warm-up: constant (DiT) | cosine (to 0 at the last step)
     grad_clip: float = 1.0  # max global grad norm; 0 disables
     ema_decay: float = 0.9999
-    ema_warmup: bool = True  # decay_t = min(decay, (1 + t) / (10 + t)); off: constant decay
+    ema_warmup: bool = True  # decay_t = min(decay, (1 + t) / (10 + t)); off: constant (the 1st update copies)
 
 
 @dataclass

@@ -223,6 +223,8 @@ class Trainer:
             old, new = _flat(state["config"]), _flat(cfg.to_dict())
             changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k)
                              and k not in _RESUME_FREE and k.split(".")[0] not in _RESUME_FREE)
+            if cfg.optim.lr_schedule == "cosine" and old.get("steps") != new.get("steps"):
+                changed.append("steps (the length of the cosine schedule)")
             if changed and self.env.is_main:
                 self.log_fn(f"note: resuming with changed settings {changed}; the run will differ "
                             "from an uninterrupted one")
@@ -444,8 +446,8 @@ class Trainer:
         for i in range(parts):
             part = slice(i * size, (i + 1) * size) if parts > 1 else None
             with self._grad_sync(i == parts - 1):
-                micro = self._forward_loss(self.train_model, x[part] if part else x, y[part] if part else y,
-                                           self.step, part)
+                micro = (self._forward_loss(self.train_model, x, y, self.step) if part is None else
+                         self._forward_loss(self.train_model, x[part], y[part], self.step, part=part))
                 self.scaler.scale(micro["loss"] / parts if parts > 1 else micro["loss"]).backward()
             for k, v in micro.items():
                 terms[k] = terms.get(k, 0.0) + v.detach() / parts
