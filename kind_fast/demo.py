@@ -163,12 +163,14 @@ def metrics_chart(rows: list[dict], real: dict, path: Path) -> Path | None:
     return path
 
 
-def linear_layer_times(kind_model, full_model, batch: int, sample_shape, *, reps: int = 15) -> dict:
-    """Where KIND transfer's wall time goes at this size: forward + backward of every decomposed
-    layer of the KIND model (FastKindLinear, learngenes frozen, tailors training) against the
-    same layers of the full fine-tuning model (nn.Linear, weights training), at one training
-    step's shape (batch × tokens rows, the input needing its gradient as inside the model).
-    Median of ``reps`` timed runs after a warm-up; milliseconds per training step."""
+def step_breakdown(kind_model, full_model, batch: int, sample_shape, *, reps: int = 11) -> dict:
+    """Where KIND transfer's wall time goes at this size, measured interleaved (so both methods
+    see the same machine load): forward + backward of one training step of each model (the
+    batch at the step's shape, labels, timesteps) and, inside it, of the decomposed layers alone:
+    every FastKindLinear of the KIND model (learngenes frozen, tailors training) against the
+    nn.Linear layers full fine-tuning trains in their place (weights training), each on an input
+    that needs its gradient, as inside the model. Medians of ``reps`` rounds after a warm-up;
+    milliseconds per training step."""
     import statistics
 
     import torch
@@ -184,54 +186,63 @@ def linear_layer_times(kind_model, full_model, batch: int, sample_shape, *, reps
     dense_layers = [m for n, m in full_model.named_modules()
                     if isinstance(m, nn.Linear) and n.startswith("blocks.") and (".attn." in n or ".mlp." in n)]
     g = torch.Generator().manual_seed(0)
-    labels = torch.randint(0, kind_model.num_classes + 1, (batch,), generator=g)
+    labels = torch.randint(0, kind_model.num_classes, (batch,), generator=g)
+    x0 = torch.randn(batch, *sample_shape, generator=g)
+    t = torch.randint(0, 1000, (batch,), generator=g)
 
-    def timed(layer, kind: bool) -> float:
+    def layer_run(layer, kind: bool):
         x = torch.randn(batch, tokens, layer.in_features, generator=g, requires_grad=True)
         grad = torch.randn(batch, tokens, layer.out_features, generator=g)
-        run = (lambda: layer(x, labels=labels)) if kind else (lambda: layer(x))
-        times = []
-        for i in range(reps + 3):
-            t0 = time.perf_counter()
-            run().backward(grad)
-            if i >= 3:
-                times.append(time.perf_counter() - t0)
-            x.grad = None
-            layer.zero_grad(set_to_none=True)
-        return statistics.median(times)
+        return lambda: (layer(x, labels=labels) if kind else layer(x)).backward(grad)
 
+    def step_run(model):
+        return lambda: model(x0, t, labels).square().mean().backward()
+
+    runs = {"kind_step": [step_run(kind_model)], "full_step": [step_run(full_model)],
+            "kind_layers": [layer_run(m, True) for m in kind_layers],
+            "full_layers": [layer_run(m, False) for m in dense_layers]}
+    times: dict[str, list[float]] = {k: [] for k in runs}
     was = kind_model.training, full_model.training
     kind_model.train()
     full_model.train()
     try:
-        kind_ms = 1e3 * sum(timed(k, True) for k in kind_layers)
-        dense_ms = 1e3 * sum(timed(d, False) for d in dense_layers)
+        for i in range(reps + 2):
+            for key, fns in runs.items():  # interleaved: one round of each, again and again
+                t0 = time.perf_counter()
+                for fn in fns:
+                    fn()
+                if i >= 2:
+                    times[key].append(time.perf_counter() - t0)
+            kind_model.zero_grad(set_to_none=True)
+            full_model.zero_grad(set_to_none=True)
     finally:
         kind_model.train(was[0])
         full_model.train(was[1])
-    return {"kind_layers": len(kind_layers), "dense_layers": len(dense_layers), "rows": batch * tokens,
-            "kind_ms": kind_ms, "dense_ms": dense_ms,
-            "shapes": sorted({(k.in_features, k.out_features) for k in kind_layers})}
+    out = {k: 1e3 * statistics.median(v) for k, v in times.items()}
+    return out | {"kind_n": len(kind_layers), "full_n": len(dense_layers), "rows": batch * tokens,
+                  "shapes": sorted({(k.in_features, k.out_features) for k in kind_layers})}
 
 
-def wall_time_note(kind: dict, full: dict, kind_model, full_model, batch: int, sample_shape, steps: int) -> str:
+def wall_time_note(kind: dict, full: dict, kind_model, full_model, batch: int, sample_shape) -> str:
     """The table's wall-time comparison of KIND transfer and full fine-tuning, explained by a
-    measurement of the decomposed layers when KIND took longer."""
+    measurement of where a step's time goes when KIND took longer."""
     ratio = kind["wall_s"] / full["wall_s"]
     if ratio <= 1.0:
         return (f"\nwall time: KIND transfer trained in {ratio:.2f}× full fine-tuning's time "
                 f"({kind['wall_s']:.1f} s vs {full['wall_s']:.1f} s).")
-    t = linear_layer_times(kind_model, full_model, batch, sample_shape)
+    t = step_breakdown(kind_model, full_model, batch, sample_shape)
     flops = kind["train_gflops_per_image"] / full["train_gflops_per_image"]
-    gap_s = (t["kind_ms"] - t["dense_ms"]) * steps / 1e3
+    gap, layer_gap = t["kind_step"] - t["full_step"], t["kind_layers"] - t["full_layers"]
+    share = f"{layer_gap / gap:.0%} of" if gap > 0 else "more than"
     return (f"\nwall time: KIND transfer took {ratio:.2f}× full fine-tuning's time ({kind['wall_s']:.1f} s vs "
-            f"{full['wall_s']:.1f} s) for {flops:.2f}× its FLOPs. Measured now, forward + backward at one step's "
-            f"shape ({t['rows']} rows): the {t['kind_layers']} KIND layers (q, k, v, proj, fc1, fc2 per block; "
-            f"(in, out) in {t['shapes']}) take {t['kind_ms']:.1f} ms, the {t['dense_layers']} nn.Linear layers "
-            f"full fine-tuning trains in their place (qkv fused) {t['dense_ms']:.1f} ms: {gap_s:+.1f} s over "
-            f"{steps} steps. At these widths a layer is a few tiny GEMMs, and each KIND call's extra ops (tailor "
-            "gathers, per-sample batched GEMMs, custom-op dispatch) cost more time than the FLOPs they save; for "
-            "384-wide DiT-S/2 layers see bench/results/cpu_model_step.md.")
+            f"{full['wall_s']:.1f} s) for {flops:.2f}× its FLOPs. Measured now, interleaved, forward + backward "
+            f"of one step (batch {batch}, {t['rows']} token rows): KIND {t['kind_step']:.1f} ms, full "
+            f"fine-tuning {t['full_step']:.1f} ms. Of that, the {t['kind_n']} KIND layers (q, k, v, proj, fc1, "
+            f"fc2 per block; (in, out) in {t['shapes']}) take {t['kind_layers']:.1f} ms and the {t['full_n']} "
+            f"nn.Linear layers full fine-tuning trains in their place (qkv fused) {t['full_layers']:.1f} ms: "
+            f"{share} the difference. At these widths a layer is a few tiny GEMMs, and each KIND call's extra "
+            "ops (tailor gathers, per-sample batched GEMMs, custom-op dispatch) cost more time than the FLOPs "
+            "they save; for 384-wide DiT-S/2 layers see bench/results/cpu_model_step.md.")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -367,7 +378,7 @@ def run(args: argparse.Namespace) -> int:
     wall_note = None
     if "kind" in by and "full" in by:
         wall_note = wall_time_note(by["kind"], by["full"], models["kind"], models["full"], args.batch,
-                                   real.sample_shape, args.steps)
+                                   real.sample_shape)
         print(wall_note)
     print("\nsample grids:")
     for name, path in grids.items():

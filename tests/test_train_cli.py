@@ -155,11 +155,12 @@ def test_wall_time_note_measures_the_layers_when_kind_is_slower():
                kind=KindConfig(tailor_rank=8, active=2)).set_mode("transfer")
     full = kind.to_dense()  # the dense DiT full fine-tuning trains (qkv fused)
     rows = lambda k, f: ({"wall_s": k, "train_gflops_per_image": 0.75}, {"wall_s": f, "train_gflops_per_image": 1.0})  # noqa: E731
-    fast = wall_time_note(*rows(1.0, 2.0), kind, full, 4, (1, 8, 8), 10)
+    fast = wall_time_note(*rows(1.0, 2.0), kind, full, 4, (1, 8, 8))
     assert "0.50× full fine-tuning's time" in fast and "ms" not in fast
-    slow = wall_time_note(*rows(3.0, 2.0), kind, full, 4, (1, 8, 8), 10)
+    slow = wall_time_note(*rows(3.0, 2.0), kind, full, 4, (1, 8, 8))
     assert "1.50× full fine-tuning's time" in slow and "0.75× its FLOPs" in slow
-    assert "the 6 KIND layers" in slow and "the 4 nn.Linear layers" in slow and "64 rows" in slow
+    assert "the 6 KIND layers" in slow and "the 4 nn.Linear layers" in slow and "64 token rows" in slow
+    assert "the difference" in slow
 
 
 def test_comparison_figure_labels_and_enlarges_every_row(tmp_path):
