@@ -240,9 +240,10 @@ def wall_time_note(kind: dict, full: dict, kind_model, full_model, batch: int, s
             f"fine-tuning {t['full_step']:.1f} ms. Of that, the {t['kind_n']} KIND layers (q, k, v, proj, fc1, "
             f"fc2 per block; (in, out) in {t['shapes']}) take {t['kind_layers']:.1f} ms and the {t['full_n']} "
             f"nn.Linear layers full fine-tuning trains in their place (qkv fused) {t['full_layers']:.1f} ms: "
-            f"{share} the difference. At these widths a layer is a few tiny GEMMs, and each KIND call's extra "
-            "ops (tailor gathers, per-sample batched GEMMs, custom-op dispatch) cost more time than the FLOPs "
-            "they save; for 384-wide DiT-S/2 layers see bench/results/cpu_model_step.md.")
+            f"{share} the difference. At these widths a layer is one or two tiny GEMMs, so the fixed work each "
+            "KIND call adds (the tailor term's small GEMMs and gathers or its dense per-sample gate, more ops to "
+            "dispatch) outweighs the FLOPs it saves, and KIND keeps q, k and v as three layers where the dense "
+            "model has one qkv layer. bench/results/cpu_demo_wall_time.md has the per-layer numbers.")
 
 
 def run(args: argparse.Namespace) -> int:
