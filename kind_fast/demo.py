@@ -94,13 +94,165 @@ def _config(args, mode: str, method: str, out: Path, init: Path | None):
     return RunConfig.from_dict(d)
 
 
+def comparison_figure(groups: list[tuple[str, list[str], object]], path: Path, *, scale: int = 6,
+                      title: str = "") -> Path:
+    """One PNG of sample rows, each labelled: ``groups`` = [(method label, [row names], images)]
+    with images (rows·k, C, H, W) in [-1, 1], k per row. Small digits are enlarged ``scale``×
+    (nearest, so every pixel stays a sharp square)."""
+    import numpy as np
+    from PIL import Image, ImageDraw, ImageFont
+
+    from kind_fast.train.sampling import make_grid, save_png
+
+    font = ImageFont.load_default(size=max(12, 2 * scale + 2))
+    labels, tiles = [], []
+    for method, names, images in groups:
+        k = images.shape[0] // len(names)
+        for i, name in enumerate(names):
+            labels.append(f"{method}: {name}")
+            tiles.append(make_grid(images[i * k:(i + 1) * k], nrow=k, scale=scale, pad=2))
+    width = max(t.shape[1] for t in tiles)
+    text_w = max(int(font.getlength(t)) for t in labels) + 16
+    row_h = tiles[0].shape[0]
+    title_h = row_h // 2 if title else 0
+    canvas = Image.new("RGB", (max(text_w + width, int(font.getlength(title)) + 16), title_h + row_h * len(tiles)),
+                       "white")
+    draw = ImageDraw.Draw(canvas)
+    if title:
+        draw.text((8, title_h // 2), title, fill="black", font=font, anchor="lm")
+    for i, (label, tile) in enumerate(zip(labels, tiles)):
+        top = title_h + i * row_h
+        tile = tile if tile.shape[2] == 3 else np.repeat(tile, 3, axis=2)
+        canvas.paste(Image.fromarray(tile), (text_w, top))
+        draw.text((8, top + row_h // 2), label, fill="black", font=font, anchor="lm")
+    return save_png(np.asarray(canvas), path)
+
+
+def metrics_chart(rows: list[dict], real: dict, path: Path) -> Path | None:
+    """One PNG of FID, class accuracy and training wall time per transfer method (bars; the
+    real-digit reference as a dashed line). None when matplotlib is not installed."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        return None
+    import io
+
+    from kind_fast.atomic import atomic_write_bytes
+
+    names = [r["label"] for r in rows]
+    fig = Figure(figsize=(13, 3.8), layout="constrained")
+    axes = fig.subplots(1, 3)
+    panels = (("fid", "FID (digit-classifier features), lower is better", real.get("fid")),
+              ("class_acc", "class accuracy of samples, higher is better", real.get("class_acc")),
+              ("wall_s", "training wall time (s), this machine", None))
+    colors = ["tab:green" if r["method"] == "kind" else "tab:gray" for r in rows]
+    for ax, (key, title, ref) in zip(axes, panels):
+        vals = [r[key] for r in rows]
+        bars = ax.bar(range(len(rows)), vals, color=colors)
+        ax.bar_label(bars, fmt="%.3g", fontsize=8)
+        if ref is not None:
+            ax.axhline(ref, color="black", linestyle="--", linewidth=1)
+            ax.annotate(f"real digits {ref:.3g}", (1.0, ref), xycoords=("axes fraction", "data"),
+                        xytext=(-4, 3), textcoords="offset points", ha="right", fontsize=8)
+        ax.set_xticks(range(len(rows)), names, rotation=25, ha="right", fontsize=8)
+        ax.set_title(title, fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    atomic_write_bytes(buf.getvalue(), path)
+    return path
+
+
+def step_breakdown(kind_model, full_model, batch: int, sample_shape, *, reps: int = 11) -> dict:
+    """Where KIND transfer's wall time goes at this size, measured interleaved (so both methods
+    see the same machine load): forward + backward of one training step of each model (the
+    batch at the step's shape, labels, timesteps) and, inside it, of the decomposed layers alone:
+    every FastKindLinear of the KIND model (learngenes frozen, tailors training) against the
+    nn.Linear layers full fine-tuning trains in their place (weights training), each on an input
+    that needs its gradient, as inside the model. Medians of ``reps`` rounds after a warm-up;
+    milliseconds per training step."""
+    import statistics
+
+    import torch
+    from torch import nn
+
+    from kind_fast.layers import FastKindLinear
+
+    patch = kind_model.patch_size
+    tokens = (sample_shape[1] // patch) * (sample_shape[2] // patch)
+    # the decomposed positions: attention and MLP linears of every block (KIND keeps q, k, v
+    # apart; the dense DiT that full fine-tuning trains fuses them into one qkv layer)
+    kind_layers = [m for m in kind_model.modules() if isinstance(m, FastKindLinear)]
+    dense_layers = [m for n, m in full_model.named_modules()
+                    if isinstance(m, nn.Linear) and n.startswith("blocks.") and (".attn." in n or ".mlp." in n)]
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, kind_model.num_classes, (batch,), generator=g)
+    x0 = torch.randn(batch, *sample_shape, generator=g)
+    t = torch.randint(0, 1000, (batch,), generator=g)
+
+    def layer_run(layer, kind: bool):
+        x = torch.randn(batch, tokens, layer.in_features, generator=g, requires_grad=True)
+        grad = torch.randn(batch, tokens, layer.out_features, generator=g)
+        return lambda: (layer(x, labels=labels) if kind else layer(x)).backward(grad)
+
+    def step_run(model):
+        return lambda: model(x0, t, labels).square().mean().backward()
+
+    runs = {"kind_step": [step_run(kind_model)], "full_step": [step_run(full_model)],
+            "kind_layers": [layer_run(m, True) for m in kind_layers],
+            "full_layers": [layer_run(m, False) for m in dense_layers]}
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    was = kind_model.training, full_model.training
+    kind_model.train()
+    full_model.train()
+    try:
+        for i in range(reps + 2):
+            for key, fns in runs.items():  # interleaved: one round of each, again and again
+                t0 = time.perf_counter()
+                for fn in fns:
+                    fn()
+                if i >= 2:
+                    times[key].append(time.perf_counter() - t0)
+            kind_model.zero_grad(set_to_none=True)
+            full_model.zero_grad(set_to_none=True)
+    finally:
+        kind_model.train(was[0])
+        full_model.train(was[1])
+    out = {k: 1e3 * statistics.median(v) for k, v in times.items()}
+    return out | {"kind_n": len(kind_layers), "full_n": len(dense_layers), "rows": batch * tokens,
+                  "shapes": sorted({(k.in_features, k.out_features) for k in kind_layers})}
+
+
+def wall_time_note(kind: dict, full: dict, kind_model, full_model, batch: int, sample_shape) -> str:
+    """The table's wall-time comparison of KIND transfer and full fine-tuning, explained by a
+    measurement of where a step's time goes when KIND took longer."""
+    ratio = kind["wall_s"] / full["wall_s"]
+    if ratio <= 1.0:
+        return (f"\nwall time: KIND transfer trained in {ratio:.2f}× full fine-tuning's time "
+                f"({kind['wall_s']:.1f} s vs {full['wall_s']:.1f} s).")
+    t = step_breakdown(kind_model, full_model, batch, sample_shape)
+    flops = kind["train_gflops_per_image"] / full["train_gflops_per_image"]
+    gap, layer_gap = t["kind_step"] - t["full_step"], t["kind_layers"] - t["full_layers"]
+    share = f"{layer_gap / gap:.0%} of" if gap > 0 else "more than"
+    return (f"\nwall time: KIND transfer took {ratio:.2f}× full fine-tuning's time ({kind['wall_s']:.1f} s vs "
+            f"{full['wall_s']:.1f} s) for {flops:.2f}× its FLOPs. Measured now, interleaved, forward + backward "
+            f"of one step (batch {batch}, {t['rows']} token rows): KIND {t['kind_step']:.1f} ms, full "
+            f"fine-tuning {t['full_step']:.1f} ms. Of that, the {t['kind_n']} KIND layers (q, k, v, proj, fc1, "
+            f"fc2 per block; (in, out) in {t['shapes']}) take {t['kind_layers']:.1f} ms and the {t['full_n']} "
+            f"nn.Linear layers full fine-tuning trains in their place (qkv fused) {t['full_layers']:.1f} ms: "
+            f"{share} the difference. At these widths a layer is one or two tiny GEMMs, so the fixed work each "
+            "KIND call adds (the tailor term's small GEMMs and gathers or its dense per-sample gate, more ops to "
+            "dispatch) outweighs the FLOPs it saves, and KIND keeps q, k and v as three layers where the dense "
+            "model has one qkv layer. bench/results/cpu_demo_wall_time.md has the per-layer numbers.")
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
     from kind_fast.train.data import DIGIT_DEFAULTS
     from kind_fast.train.loop import Trainer
     from kind_fast.train.metrics import DigitFeatures, class_accuracy, frechet_distance, train_digit_classifier
-    from kind_fast.train.sampling import make_grid, sample, save_grid, save_png
+    from kind_fast.train.sampling import sample, save_grid
     from kind_fast.utils import parameter_breakdown
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -128,7 +280,7 @@ def run(args: argparse.Namespace) -> int:
     clf, report = train_digit_classifier(args.seed)
     print(f"  held-out accuracy {report['test_acc']:.3f} on {report['n_test']} real digits")
     feats = DigitFeatures(clf)
-    rows, grids = [], {}
+    rows, grids, models = [], {}, {}
 
     def evaluate(trainer, name: str, digits: list[int], per_class: int) -> dict:
         model = trainer.eval_model("ema")
@@ -177,6 +329,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"{LABELS[method]} on digits 8-9: {args.steps} steps × batch {args.batch} ...", flush=True)
         tr = train("transfer", method, out / "pretrain")
         rows.append(evaluate(tr, method, new_digits, args.samples_per_class))
+        models[method] = tr.model
         tr.close()
         print(f"  {rows[-1]['wall_s']:.0f} s, FID {rows[-1]['fid']:.2f}, class accuracy {rows[-1]['class_acc']:.3f}")
 
@@ -190,12 +343,16 @@ def run(args: argparse.Namespace) -> int:
     ref_fid = frechet_distance(real.x[perm[:half]], real.x[perm[half:]], feats)
     ref_acc, _ = class_accuracy(real.x, torch.tensor(new_digits)[real.y], clf)
 
-    # one comparison grid: two rows (8, 9) per transfer method
+    # one comparison figure: real 8s and 9s, then two labelled rows (8, 9) per transfer method
     tr_rows = [r for r in rows if r["method"] != "pretrain"]
     if tr_rows:
         per = min(12, args.samples_per_class)
-        arr = make_grid(torch.cat([r["fake_for_grid"] for r in tr_rows]), nrow=per, scale=4)
-        grids["all transfer methods (rows: 8, 9 per method, in table order)"] = save_png(arr, out / "transfer_grid.png")
+        names = [str(d) for d in new_digits]
+        real_show = torch.cat([real.x[real.y == c][:per] for c in range(len(new_digits))])
+        groups = [("real digits", names, real_show)] + [(r["label"], names, r["fake_for_grid"]) for r in tr_rows]
+        grids["all transfer methods (labelled rows, in table order)"] = comparison_figure(
+            groups, out / "transfer_grid.png", title=f"{args.steps} steps each; EMA samples, DDIM "
+            f"{args.sample_steps} steps, CFG {args.cfg_scale}; 8x8 digits shown 6x")
 
     # the table
     head = (f"{'method':<15} {'digits':<7} {'trainable':>10} {'train GFLOP/img':>16} {'wall s':>7} "
@@ -218,14 +375,25 @@ def run(args: argparse.Namespace) -> int:
     print("train GFLOP/img: FlopCounterMode over one forward + backward of a training step / batch "
           "(FLOPs = 2 × MACs; KIND ops through their registered formulas; attention via the math SDPA "
           "backend; learngene weights cached when frozen). wall s: training only, on this machine.")
+    by = {r["method"]: r for r in rows}
+    wall_note = None
+    if "kind" in by and "full" in by:
+        wall_note = wall_time_note(by["kind"], by["full"], models["kind"], models["full"], args.batch,
+                                   real.sample_shape)
+        print(wall_note)
     print("\nsample grids:")
     for name, path in grids.items():
         print(f"  {name}: {path}")
+    if tr_rows:
+        chart = metrics_chart(tr_rows, {"fid": ref_fid, "class_acc": ref_acc}, out / "demo_chart.png")
+        print(f"chart of FID, class accuracy and wall time per method: {chart}" if chart else
+              "no chart (demo_chart.png): matplotlib is not installed (pip install matplotlib)")
     summary = [{k: v for k, v in r.items() if k not in ("fake_for_grid", "k")} for r in rows]
     summary.append({"method": "real", "fid": ref_fid, "class_acc": ref_acc})
     from kind_fast.atomic import atomic_write_text
 
-    atomic_write_text(json.dumps({"rows": summary, "classifier": report, "args": vars(args)}, indent=2,
+    atomic_write_text(json.dumps({"rows": summary, "classifier": report, "args": vars(args),
+                                  "wall_time_note": wall_note}, indent=2,
                                  default=str) + "\n", out / "demo_summary.json")
     print(f"table as JSON: {out / 'demo_summary.json'}; trained weights: {out}/<run>/ema "
           f"(e.g. kind-fast sample {out / 'kind'})")

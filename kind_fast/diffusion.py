@@ -14,22 +14,18 @@ Training (``loss_terms``), for x_t = √ᾱ_t·x_0 + √(1-ᾱ_t)·ε:
 
 ``loss`` (the original simple API) is kept: the plain ε-MSE on a random t.
 
-Sampling: ``ddpm_sample`` (ancestral, the learned variance when the model has one, else β̃_t)
-and ``ddim_sample`` (η = 0 deterministic by default), both on a respaced schedule
-(``respaced(steps)``: a subset of the training timesteps with betas recomputed from ᾱ, the
-model still sees the original timestep ids).
+Sampling runs through diffusers' ``DDPMScheduler`` (``variance_type="learned_range"``) and
+``DDIMScheduler`` built from this schedule's betas (``kind_fast.train.sampling.make_scheduler``);
+``space_timesteps`` is the DDPM respacing it uses (ADM's: evenly spaced, both ends kept).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-
-ModelFn = Callable[[Tensor, Tensor], Tensor]  # (x_t, t) -> model output (N, C or 2C, H, W)
 
 
 def _bcast(v: Tensor, t: Tensor, like: Tensor) -> Tensor:
@@ -67,16 +63,15 @@ def space_timesteps(num_timesteps: int, steps: int) -> list[int]:
 
 
 class GaussianDiffusion:
-    """Linear-beta DDPM schedule (float64 tables) with DiT's training loss and samplers.
+    """Linear-beta DDPM schedule (float64 tables) with DiT's training loss (sampling: diffusers).
 
     Args:
         num_timesteps, beta_start, beta_end: the linear schedule (DiT: 1000, 1e-4, 0.02).
-        betas: explicit betas instead (used by ``respaced``).
-        timestep_map: for a respaced schedule, the original timestep id of each step.
+        betas: explicit betas instead.
     """
 
     def __init__(self, num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02,
-                 *, betas: Tensor | None = None, timestep_map: Sequence[int] | None = None):
+                 *, betas: Tensor | None = None):
         if betas is None:
             if isinstance(num_timesteps, bool) or not isinstance(num_timesteps, int) or num_timesteps < 1:
                 raise ValueError(f"num_timesteps must be an int >= 1, got {num_timesteps!r}")
@@ -99,19 +94,8 @@ class GaussianDiffusion:
         self.posterior_log_variance_clipped = torch.log(torch.cat([pv[1:2], pv[1:]])) if n > 1 else torch.log(betas)
         self.posterior_mean_coef1 = betas * ac_prev.sqrt() / (1.0 - ac)
         self.posterior_mean_coef2 = (1.0 - ac_prev) * (1.0 - betas).sqrt() / (1.0 - ac)
-        self.timestep_map = torch.as_tensor(
-            list(range(n)) if timestep_map is None else list(timestep_map), dtype=torch.long)
-        if self.timestep_map.shape != (n,):
-            raise ValueError(f"timestep_map must have {n} entries, got {tuple(self.timestep_map.shape)}")
 
     # ------------------------------------------------------------------ schedule
-    def respaced(self, steps: int) -> GaussianDiffusion:
-        """The same process on ``steps`` of the timesteps (betas from ᾱ of the kept steps)."""
-        keep = space_timesteps(self.num_timesteps, steps)
-        ac = self.alphas_cumprod[keep]
-        prev = torch.cat([torch.ones(1, dtype=torch.float64), ac[:-1]])
-        return GaussianDiffusion(betas=1.0 - ac / prev, timestep_map=self.timestep_map[keep].tolist())
-
     def q_sample(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
         """x_t = √ᾱ_t·x_0 + √(1-ᾱ_t)·ε."""
         a = self.sqrt_ac.to(x0.device)[t].view(-1, *([1] * (x0.dim() - 1)))
@@ -175,55 +159,3 @@ class GaussianDiffusion:
         noise = torch.randn(x0.shape, device=x0.device, generator=generator, dtype=x0.dtype)
         out = model(self.q_sample(x0, t, noise), t, y)
         return F.mse_loss(out[:, : x0.shape[1]].float(), noise.float())
-
-    # ------------------------------------------------------------------ sampling
-    def _model_t(self, i: int, n: int, device) -> Tensor:
-        return torch.full((n,), int(self.timestep_map[i]), dtype=torch.long, device=device)
-
-    @torch.no_grad()
-    def ddpm_sample(self, model_fn: ModelFn, noise: Tensor, *, generator: torch.Generator | None = None,
-                    clip_denoised: bool = True, progress: bool = False) -> Tensor:
-        """Ancestral sampling from x_T = ``noise`` over this schedule's steps.
-
-        ``model_fn(x_t, t_model)`` gets the original timestep ids. Fresh noise comes from
-        ``generator`` on the CPU (so results do not depend on the device).
-        """
-        x = noise.float()
-        n = x.shape[0]
-        steps = range(self.num_timesteps - 1, -1, -1)
-        if progress:
-            from tqdm import tqdm
-
-            steps = tqdm(steps, desc="ddpm", leave=False)
-        for i in steps:
-            t = torch.full((n,), i, dtype=torch.long, device=x.device)
-            p = self.p_mean_variance(model_fn(x, self._model_t(i, n, x.device)), x, t, clip_denoised=clip_denoised)
-            if i > 0:
-                z = torch.randn(x.shape, generator=generator).to(x.device)
-                x = p["mean"] + torch.exp(0.5 * p["log_var"]) * z
-            else:
-                x = p["mean"]
-        return x
-
-    @torch.no_grad()
-    def ddim_sample(self, model_fn: ModelFn, noise: Tensor, *, eta: float = 0.0,
-                    generator: torch.Generator | None = None, clip_denoised: bool = True,
-                    progress: bool = False) -> Tensor:
-        """DDIM (Song et al.) over this schedule's steps; η = 0 is deterministic."""
-        x = noise.float()
-        n = x.shape[0]
-        steps = range(self.num_timesteps - 1, -1, -1)
-        if progress:
-            from tqdm import tqdm
-
-            steps = tqdm(steps, desc="ddim", leave=False)
-        for i in steps:
-            t = torch.full((n,), i, dtype=torch.long, device=x.device)
-            p = self.p_mean_variance(model_fn(x, self._model_t(i, n, x.device)), x, t, clip_denoised=clip_denoised)
-            eps = (_bcast(self.sqrt_recip_ac, t, x) * x - p["pred_x0"]) / _bcast(self.sqrt_recipm1_ac, t, x)
-            a, a_prev = _bcast(self.alphas_cumprod, t, x), _bcast(self.alphas_cumprod_prev, t, x)
-            sigma = eta * torch.sqrt((1 - a_prev) / (1 - a)) * torch.sqrt(1 - a / a_prev)
-            x = p["pred_x0"] * torch.sqrt(a_prev) + torch.sqrt((1 - a_prev - sigma ** 2).clamp(min=0)) * eps
-            if i > 0 and eta > 0:
-                x = x + sigma * torch.randn(x.shape, generator=generator).to(x.device)
-        return x

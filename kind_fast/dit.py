@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from kind_fast.gate import ClassGate
 from kind_fast.layers import FastKindLinear
@@ -356,8 +357,9 @@ class DiT(nn.Module):
         labels = y if self.kind is not None else None  # what every KIND layer sees (post-dropout)
         x = self.x_embedder(x) + self.pos_embed.to(x.dtype)
         c = self.t_embedder(t) + self.y_embedder(y)
+        checkpointing = self.grad_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:
-            x = block(x, c, labels)
+            x = checkpoint(block, x, c, labels, use_reentrant=False) if checkpointing else block(x, c, labels)
         return self.unpatchify(self.final_layer(x, c))
 
     def forward_with_cfg(self, x: Tensor, t: Tensor, y: Tensor, cfg_scale: float) -> Tensor:
@@ -370,6 +372,15 @@ class DiT(nn.Module):
         cond, uncond = eps.chunk(2, dim=0)
         guided = uncond + cfg_scale * (cond - uncond)
         return torch.cat([torch.cat([guided, guided], dim=0), rest], dim=1)
+
+    grad_checkpointing = False
+
+    def set_grad_checkpointing(self, enabled: bool = True) -> DiT:
+        """Activation checkpointing of every block while training: a block's activations are
+        recomputed in the backward instead of stored (the block gets the class labels as an
+        argument, so the recomputation routes them the same way)."""
+        self.grad_checkpointing = bool(enabled)
+        return self
 
     # ------------------------------------------------------------------ KIND life cycle
     def kind_layers(self):

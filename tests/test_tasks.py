@@ -15,13 +15,12 @@ from safetensors.torch import load_file
 
 import kind_fast as kf
 from kind_fast.__main__ import main
-from kind_fast.diffusion import GaussianDiffusion
 from kind_fast.dit import DiT, KindConfig
 from kind_fast.gate import ClassGate
 from kind_fast.serialization import save_kind
 from kind_fast.tasks import MultiTaskDiT, base_fingerprint, load_base, load_task, save_task
 from kind_fast.train.models import load_weights
-from kind_fast.train.sampling import cfg_model_fn, sample
+from kind_fast.train.sampling import cfg_model_fn, make_scheduler, run_scheduler, sample
 from kind_fast.utils import kind_layers
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -182,13 +181,13 @@ def test_mixed_batch_equals_each_task_alone(base, three_tasks):
     # one guided sampling step: every sample uses its own task's null label
     cond = local < torch.tensor(multi.task_classes)[tasks]
     tasks, local, y = tasks[cond], local[cond], y[cond]
-    step = GaussianDiffusion().respaced(1)
+    step = make_scheduler("ddim", 2, clip_denoised=False)  # the fewest steps: 500 then 0
     noise = torch.randn(len(y), 2, 8, 8, generator=g)
     fn = cfg_model_fn(multi, y, 2.0, multi.null_labels(y), 2)
-    got = step.ddim_sample(fn, noise, clip_denoised=False)
+    got = run_scheduler(step, fn, noise, channels=2)
     for k, m in enumerate(models):
         rows = tasks == k
-        ref = step.ddim_sample(cfg_model_fn(m, local[rows], 2.0, m.num_classes, 2), noise[rows], clip_denoised=False)
+        ref = run_scheduler(step, cfg_model_fn(m, local[rows], 2.0, m.num_classes, 2), noise[rows], channels=2)
         torch.testing.assert_close(got[rows], ref, rtol=1e-4, atol=1e-4)
 
 
@@ -204,10 +203,10 @@ def test_sample_with_per_sample_null_labels(base, three_tasks):
                  null_labels=multi.null_labels(y))
     # sample() draws the noise of its first chunk from (seed, "sample", 0): rebuild it per task
     noise = torch.randn((5, 2, 8, 8), generator=torch.Generator().manual_seed(derived_seed(11, "sample", 0)))
-    sched = GaussianDiffusion().respaced(2)
+    sched = make_scheduler("ddim", 2, clip_denoised=False)
     for k, m in enumerate(models):
         rows = tasks == k
-        ref = sched.ddim_sample(cfg_model_fn(m, local[rows], 3.0, m.num_classes, 2), noise[rows], clip_denoised=False)
+        ref = run_scheduler(sched, cfg_model_fn(m, local[rows], 3.0, m.num_classes, 2), noise[rows], channels=2)
         torch.testing.assert_close(got[rows], ref, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="null_labels must be"):
         sample(multi, y, shape=(2, 8, 8), null_labels=multi.null_labels(y)[:2])
@@ -227,7 +226,7 @@ def test_multitask_labels_and_errors(base, three_tasks):
         multi(x, t, torch.tensor([12]))
     # plain sample() would pair labels with null id num_labels: a clear error, not garbage
     with pytest.raises(ValueError, match="null_labels"):
-        sample(multi, torch.tensor([0]), shape=(2, 8, 8), steps=1)
+        sample(multi, torch.tensor([0]), shape=(2, 8, 8), steps=2)
     other = copy.deepcopy(base)
     with torch.no_grad():
         other.x_embedder.proj.bias += 1

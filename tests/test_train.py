@@ -422,30 +422,83 @@ def test_vb_term_trains_only_the_variance_and_vanishes_at_the_posterior():
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
 def test_samplers_recover_a_point_mass_with_an_exact_eps(sampler):
     """With data = one point c and the exact ε of that distribution, both samplers end at c."""
-    d = GaussianDiffusion().respaced(25)
+    from kind_fast.train.sampling import make_scheduler, run_scheduler
+
+    ac = GaussianDiffusion().alphas_cumprod
     c = torch.linspace(-0.8, 0.8, 16).view(1, 1, 4, 4).repeat(3, 1, 1, 1)
-    ac = d.alphas_cumprod
 
     def eps_fn(x, t_model):
-        i = torch.searchsorted(d.timestep_map, t_model)  # back to respaced indices
-        a = ac[i].float().view(-1, 1, 1, 1)
+        a = ac[t_model].float().view(-1, 1, 1, 1)  # the scheduler passes original timestep ids
         return (x - a.sqrt() * c) / (1 - a).sqrt()
 
     noise = torch.randn(c.shape, generator=torch.Generator().manual_seed(1))
     g = torch.Generator().manual_seed(2)
-    x = d.ddpm_sample(eps_fn, noise, generator=g) if sampler == "ddpm" else d.ddim_sample(eps_fn, noise)
+    sched = make_scheduler(sampler, 25, learned_sigma=False)
+    x = run_scheduler(sched, eps_fn, noise, channels=1, generator=g)
     torch.testing.assert_close(x, c, atol=1e-4, rtol=0)
 
 
 def test_respacing():
+    from kind_fast.train.sampling import make_scheduler
+
     assert space_timesteps(1000, 5) == [0, 250, 500, 749, 999]
-    d = GaussianDiffusion().respaced(50)
-    assert d.num_timesteps == 50 and d.timestep_map[0] == 0 and d.timestep_map[-1] == 999
-    assert ((d.betas > 0) & (d.betas < 1)).all()
-    full = GaussianDiffusion()
-    torch.testing.assert_close(d.alphas_cumprod, full.alphas_cumprod[d.timestep_map])
+    ddpm = make_scheduler("ddpm", 50)
+    ts = ddpm.timesteps.tolist()
+    assert len(ts) == 50 and ts[0] == 999 and ts[-1] == 0 and ts == space_timesteps(1000, 50)[::-1]
+    assert make_scheduler("ddim", 50).timesteps.tolist() == list(range(980, -1, -20))  # DiT/ADM "ddim50"
+    full = GaussianDiffusion()  # the scheduler's tables are ours (float32)
+    torch.testing.assert_close(ddpm.alphas_cumprod.double(), full.alphas_cumprod, rtol=1e-6, atol=0)
     with pytest.raises(ValueError, match="steps"):
         space_timesteps(1000, 0)
+    with pytest.raises(ValueError, match=r"\[2, 1000\]"):
+        make_scheduler("ddim", 1)
+
+
+def _adm_reference_sampler(fn, noise, ts, *, ddim: bool, eta: float, gen) -> torch.Tensor:
+    """ADM's respaced p_sample / ddim_sample written out in float64: the oracle of the
+    diffusers schedulers. ``ts``: descending timesteps; step i goes from ts[i] to ts[i+1]
+    (ᾱ = 1 after the last). The model sees float32 inputs, as in sampling."""
+    ac = GaussianDiffusion().alphas_cumprod
+    x = noise.double()
+    for i, t in enumerate(ts):
+        a, a_p = ac[t], (ac[ts[i + 1]] if i + 1 < len(ts) else torch.tensor(1.0, dtype=torch.float64))
+        out = fn(x.float(), torch.full((x.shape[0],), t)).double()
+        eps, v = out[:, :1], out[:, 1:]
+        x0 = ((x - (1 - a).sqrt() * eps) / a.sqrt()).clamp(-1, 1)
+        z = torch.randn(x.shape, generator=gen).double() if (t > 0 or (ddim and eta > 0)) else None
+        if ddim:
+            eps = (x - a.sqrt() * x0) / (1 - a).sqrt()  # ε re-derived from the clipped x_0
+            sigma = eta * ((1 - a_p) / (1 - a) * (1 - a / a_p)).sqrt()
+            x = a_p.sqrt() * x0 + (1 - a_p - sigma ** 2).sqrt() * eps + (sigma * z if eta > 0 else 0)
+        else:
+            beta = 1 - a / a_p
+            mean = a_p.sqrt() * beta / (1 - a) * x0 + (1 - beta).sqrt() * (1 - a_p) / (1 - a) * x
+            frac = (v + 1) / 2  # learned range: log Σ between log β̃ and log β
+            log_var = frac * beta.log() + (1 - frac) * (beta * (1 - a_p) / (1 - a)).log()
+            x = mean + (0.5 * log_var).exp() * z if z is not None else mean
+    return x.float()
+
+
+@pytest.mark.parametrize("sampler, eta", [("ddpm", 0.0), ("ddim", 0.0), ("ddim", 0.7)])
+def test_diffusers_schedulers_match_the_adm_sampler(sampler, eta):
+    """diffusers' DDPMScheduler(learned_range) / DDIMScheduler, as make_scheduler sets them up,
+    compute ADM's sampling steps on our schedule: same noise stream, equal within float32."""
+    from kind_fast.train.sampling import make_scheduler, run_scheduler
+
+    w = torch.linspace(0.5, 1.5, 16).view(1, 1, 4, 4)
+
+    def fn(x, t):  # an ε and a variance channel that depend on x and t
+        s = (t.float() / 1000).view(-1, 1, 1, 1)
+        return torch.cat([torch.tanh(w * x + s), torch.sin(3 * x * w - s)], 1)
+
+    noise = torch.randn(3, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    sched = make_scheduler(sampler, 20, learned_sigma=True)
+    ts = sched.timesteps.tolist()
+    got = run_scheduler(sched, fn, noise, channels=1, eta=eta, generator=torch.Generator().manual_seed(1))
+    want = _adm_reference_sampler(fn, noise, ts, ddim=sampler == "ddim", eta=eta,
+                                  gen=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert not torch.equal(got, noise)
 
 
 def test_sampling_shapes_determinism_and_label_checks(pretrained):
@@ -474,22 +527,22 @@ def test_sampling_shapes_determinism_and_label_checks(pretrained):
 # =====================================================================================
 # Images and metrics
 # =====================================================================================
-def test_png_writers_agree(tmp_path):
+def test_png_writer_round_trips(tmp_path):
     PIL = pytest.importorskip("PIL.Image")
     from kind_fast.train.sampling import make_grid, save_png
 
     imgs = torch.rand(5, 3, 4, 6, generator=torch.Generator().manual_seed(0)) * 2 - 1
     grid = make_grid(imgs, nrow=2, scale=2)
     assert grid.shape == (3 * 9 + 1, 2 * 13 + 1, 3) and grid.dtype == np.uint8
-    save_png(grid, tmp_path / "pil.png", use_pil=True)
-    save_png(grid, tmp_path / "zlib.png", use_pil=False)
-    for name in ("pil.png", "zlib.png"):
-        with PIL.open(tmp_path / name) as im:
-            assert np.array_equal(np.asarray(im), grid)
+    save_png(grid, tmp_path / "rgb.png")
+    with PIL.open(tmp_path / "rgb.png") as im:
+        assert np.array_equal(np.asarray(im), grid)
     gray = make_grid(imgs[:, :1], nrow=5)
-    save_png(gray, tmp_path / "g.png", use_pil=False)
+    save_png(gray, tmp_path / "g.png")
     with PIL.open(tmp_path / "g.png") as im:
-        assert np.array_equal(np.asarray(im), gray[:, :, 0])
+        assert im.mode == "L" and np.array_equal(np.asarray(im), gray[:, :, 0])
+    with pytest.raises(ValueError, match="uint8"):
+        save_png(grid.astype(np.float32), tmp_path / "bad.png")
 
 
 def test_metrics_sanity():
@@ -523,3 +576,19 @@ def test_metrics_sanity():
     is_real, _ = inception_score(x, DigitLogits(clf), splits=2)
     is_one, _ = inception_score(x[y == 3], DigitLogits(clf), splits=2)
     assert is_real > 5 and is_one < 2
+
+
+def test_streamed_npz_and_sample_labels(tmp_path):
+    from kind_fast.train.sample_ddp import rank_chunks, sample_labels, write_npz
+
+    x = np.arange(5 * 2 * 3, dtype=np.uint8).reshape(5, 2, 3, 1)
+    write_npz(tmp_path / "s.npz", {"arr_0": (x.shape, np.uint8, [x[:2], x[2:3], x[3:]]),
+                                   "labels": ((5,), np.int64, [np.arange(5)])})
+    with np.load(tmp_path / "s.npz") as f:
+        assert np.array_equal(f["arr_0"], x) and f["labels"].tolist() == [0, 1, 2, 3, 4]
+    with pytest.raises(ValueError, match="4 rows, the array 5"):
+        write_npz(tmp_path / "t.npz", {"arr_0": (x.shape, np.uint8, [x[:4]])})
+    assert not (tmp_path / "t.npz").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["s.npz"]
+    assert sample_labels([3, 5], num_samples=5).tolist() == [3, 5, 3, 5, 3]
+    assert sample_labels([3, 5], n_per_class=2).tolist() == [3, 3, 5, 5]
+    assert rank_chunks(7, 2, 0, 2) == [0, 2] and rank_chunks(7, 2, 1, 2) == [1, 3] and rank_chunks(1, 2, 1, 2) == []

@@ -59,6 +59,22 @@ def test_config_file_and_print_config(tmp_path, capsys):
     assert cfg["steps"] == 5 and cfg["optim"]["lr"] == 0.002  # the flag beats the file
 
 
+def test_scale_flags_reach_the_config(capsys):
+    assert main(["pretrain", "--grad-accum", "4", "--precision", "fp16", "--compile", "--grad-checkpoint",
+                 "--lr-schedule", "cosine", "--warmup-steps", "5", "--sample-every", "100", "--eval-every", "200",
+                 "--wandb", "on", "--wandb-project", "p", "--print-config"]) == 0
+    cfg = json.loads(capsys.readouterr().out)
+    got = (cfg["grad_accum"], cfg["precision"], cfg["compile"], cfg["grad_checkpoint"])
+    assert got == (4, "fp16", "inductor", True)
+    assert (cfg["optim"]["lr_schedule"], cfg["optim"]["warmup_steps"]) == ("cosine", 5)
+    assert (cfg["sample_every"], cfg["eval_every"], cfg["wandb"], cfg["wandb_project"]) == (100, 200, "on", "p")
+    assert main(["pretrain", "--compile", "aot_eager", "--print-config"]) == 0
+    assert json.loads(capsys.readouterr().out)["compile"] == "aot_eager"
+    assert main(["pretrain", "--print-config"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert (d["compile"], d["grad_checkpoint"], d["grad_accum"]) == ("off", False, 1)
+
+
 @pytest.mark.parametrize("argv, match", [
     (["transfer", "--method", "lora"], "needs the pretrained run: --init"),
     (["transfer", "--init", "/nonexistent/run"], "does not exist"),
@@ -70,6 +86,10 @@ def test_config_file_and_print_config(tmp_path, capsys):
     (["pretrain", "--data", "imagefolder", "--data-path", "/nonexistent/imgs"], "not a folder"),
     (["pretrain", "--data", "latents", "--data-path", "/nonexistent/lat"], "no index.json"),
     (["pretrain", "--batch-size", "0"], "batch_size: must be >= 1"),
+    (["pretrain", "--precision", "fp8"], "precision: auto, fp32, bf16 or fp16"),
+    (["pretrain", "--grad-accum", "0"], "grad_accum: must be >= 1"),
+    (["pretrain", "--lr-schedule", "step"], "optim.lr_schedule"),
+    (["pretrain", "--wandb", "maybe"], "wandb: on or off"),
 ])
 def test_bad_arguments_exit_2_with_a_clear_message(argv, match, capsys, tmp_path):
     assert main([*argv, "--out", str(tmp_path / "o")]) == 2
@@ -110,13 +130,64 @@ def test_demo_prints_one_table(tmp_path, capsys):
     for label in ("KIND pretrain", "KIND transfer", "full fine-tune", "LoRA", "SVDiff", "from scratch", "real digits"):
         assert label in text
     assert "train GFLOP/img" in text and "transfer_grid.png" in text
+    assert "wall time: KIND transfer" in text  # compared with full fine-tuning, explained when slower
     summary = json.loads((out / "demo_summary.json").read_text())
     rows = {r["method"]: r for r in summary["rows"]}
     assert set(rows) == {"pretrain", "kind", "full", "lora", "svdiff", "scratch", "real"}
     assert rows["kind"]["trainable"] < rows["full"]["trainable"]
     assert rows["kind"]["train_gflops_per_image"] < rows["full"]["train_gflops_per_image"]
     assert all(r["fid"] == r["fid"] for r in rows.values())  # computed (not NaN)
-    assert (out / "transfer_grid.png").is_file()
+    from PIL import Image
+
+    with Image.open(out / "transfer_grid.png") as im:  # real + 5 methods, 2 labelled rows each, 4 digits a row
+        w, h = im.size
+        assert h > 12 * 8 * 6 and w > 4 * 8 * 6
+    if "matplotlib is not installed" not in text:
+        with Image.open(out / "demo_chart.png") as im:
+            assert im.format == "PNG"
+
+
+def test_wall_time_note_measures_the_layers_when_kind_is_slower():
+    from kind_fast.demo import wall_time_note
+    from kind_fast.dit import DiT, KindConfig
+
+    kind = DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=1, num_heads=2, num_classes=2,
+               kind=KindConfig(tailor_rank=8, active=2)).set_mode("transfer")
+    full = kind.to_dense()  # the dense DiT full fine-tuning trains (qkv fused)
+    rows = lambda k, f: ({"wall_s": k, "train_gflops_per_image": 0.75}, {"wall_s": f, "train_gflops_per_image": 1.0})  # noqa: E731
+    fast = wall_time_note(*rows(1.0, 2.0), kind, full, 4, (1, 8, 8))
+    assert "0.50× full fine-tuning's time" in fast and "ms" not in fast
+    slow = wall_time_note(*rows(3.0, 2.0), kind, full, 4, (1, 8, 8))
+    assert "1.50× full fine-tuning's time" in slow and "0.75× its FLOPs" in slow
+    assert "the 6 KIND layers" in slow and "the 4 nn.Linear layers" in slow and "64 token rows" in slow
+    assert "the difference" in slow
+
+
+def test_comparison_figure_labels_and_enlarges_every_row(tmp_path):
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from kind_fast.demo import comparison_figure
+
+    g = torch.Generator().manual_seed(0)
+    imgs = torch.rand(6, 1, 8, 8, generator=g) * 2 - 1  # 2 rows (8, 9) × 3 digits
+    path = comparison_figure([("KIND transfer", ["8", "9"], imgs), ("LoRA", ["8", "9"], imgs)], tmp_path / "f.png",
+                             scale=6, title="t")
+    with Image.open(path) as im:
+        arr = np.asarray(im.convert("L"))
+    row_h = 8 * 6 + 2 * 2  # a 6× digit and its padding
+    assert arr.shape[0] == row_h // 2 + 4 * row_h
+    tiles_w = 3 * (8 * 6 + 2) + 2
+    label_w = arr.shape[1] - tiles_w
+    for r in range(4):  # every row: text in the label column, and the digits as 6×6 blocks
+        top = row_h // 2 + r * row_h
+        assert (arr[top:top + row_h, :label_w] < 128).any()
+        tile = arr[top + 2:top + 2 + 48, label_w + 2:label_w + 2 + 48]
+        blocks = tile.reshape(8, 6, 8, 6)
+        assert (blocks == blocks[:, :1, :, :1]).all()
+        want = ((imgs[(r % 2) * 3, 0].clamp(-1, 1) + 1) * 127.5).round().numpy()
+        assert np.array_equal(blocks[:, 0, :, 0], want)
 
 
 def test_latent_pipeline_with_a_tiny_vae(tmp_path, capsys):

@@ -367,8 +367,8 @@ def test_kill_loop_never_leaves_an_accepted_partial_checkpoint(tmp_path):
 # Minor: sampling arguments
 # =====================================================================================
 @pytest.mark.parametrize("flags, match", [
-    (["--steps", "2000"], r"--steps must be an int in \[1, 1000\]"),
-    (["--steps", "0"], r"--steps must be an int in \[1, 1000\]"),
+    (["--steps", "2000"], r"--steps must be an int in \[2, 1000\]"),
+    (["--steps", "1"], r"--steps must be an int in \[2, 1000\]"),  # a sampler needs two timesteps
     (["--cfg-scale", "nan"], "--cfg-scale must be a finite number >= 0, got nan"),
     (["--cfg-scale", "inf"], "--cfg-scale must be a finite number"),
     (["--eta", "-1"], "--eta must be a finite number >= 0"),

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import importlib.machinery
+import types
 
 from kind_fast.train.config import RunConfig
 
@@ -28,3 +30,27 @@ def tiny_config(out, mode: str = "pretrain", **overrides) -> RunConfig:
 TINY_FLAGS = [f"--set=model.{k}={v}" for k, v in TINY_MODEL.items()] + [
     "--batch-size", "16", "--lr", "1e-3", "--no-progress", "--tensorboard", "off", "--log-every", "1",
 ]
+
+
+class FakeWandb(types.ModuleType):
+    """Records what the trainer sends to W&B."""
+
+    def __init__(self):
+        super().__init__("wandb")
+        self.__spec__ = importlib.machinery.ModuleSpec("wandb", None)  # libraries probe find_spec("wandb")
+        self.inits, self.logged, self.finished = [], [], 0
+        fake = self
+
+        class Run:
+            def log(self, values, step=None):
+                fake.logged.append((step, dict(values)))
+
+            def finish(self):
+                fake.finished += 1
+
+        self._run = Run
+        self.Image = lambda arr: ("image", tuple(arr.shape))
+
+    def init(self, **kw):
+        self.inits.append(kw)
+        return self._run()

@@ -4,9 +4,13 @@
 * ``data``: sklearn digits, ImageFolder, VAE-latent shards; a (seed, step)-determined order.
 * ``models``: the model of each method (KIND pretrain/transfer, full fine-tuning, LoRA,
   SVDiff, scratch) and its spec; final weights (``<out>/model``, ``<out>/ema``).
-* ``loop``: ``Trainer`` (DDPM with learned Σ, AdamW, EMA, clipping, bf16 on GPU, DDP/FSDP).
+* ``loop``: ``Trainer`` (DDPM with learned Σ, AdamW, EMA, clipping, bf16/fp16 autocast,
+  gradient accumulation, torch.compile, activation checkpointing, DDP/FSDP).
 * ``checkpoint``: atomic, keep-last-N, exact resume.
-* ``sampling``: CFG sampling (DDPM / DDIM, respaced) and PNG grids.
+* ``sampling``: CFG sampling through diffusers' DDPM / DDIM schedulers, PNG grids;
+  ``sample_ddp``: many samples over torchrun ranks into one ADM-format .npz.
+* ``evaluate``: grids and digit metrics at the end of a run and every N steps during it.
+* ``logger`` / ``plot``: metrics.csv, log.txt, TensorBoard, W&B; loss curves (loss.png).
 * ``metrics``: FID / KID / IS through torchmetrics with pluggable features; the digit classifier.
 
 Nothing here is imported by ``import kind_fast``.

@@ -22,7 +22,10 @@ _FLAGS = {
     "lr": ("optim.lr", float, "learning rate (AdamW)"),
     "seed": ("seed", int, "seed of init, data order and noise"),
     "device": ("device", str, "auto | cpu | cuda | cuda:N"),
-    "precision": ("precision", str, "auto (bf16 on GPU) | fp32 | bf16"),
+    "precision": ("precision", str, "auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16 (GradScaler loss scaling)"),
+    "grad_accum": ("grad_accum", int, "N micro-batches per step (same update as one batch, 1/N of the memory)"),
+    "lr_schedule": ("optim.lr_schedule", str, "constant (default) | cosine (to 0 at the last step), after warm-up"),
+    "warmup_steps": ("optim.warmup_steps", int, "linear learning-rate warm-up steps"),
     "data": ("data.source", str, "digits (default) | imagefolder | latents"),
     "data_path": ("data.path", str, "ImageFolder root or latent-shard folder"),
     "classes": ("data.classes", str, "classes to keep, renumbered in order: e.g. 0-7 or 8,9"),
@@ -31,9 +34,13 @@ _FLAGS = {
     "method": ("method.name", str, None),
     "init": ("method.init", str, "transfer: the pretrain run folder (or a kind_fast save folder)"),
     "ckpt_every": ("ckpt_every", int, "checkpoint every N steps (0: only at the end)"),
+    "sample_every": ("sample_every", int, "sample grid every N steps: <out>/samples/step_N.png and the trackers"),
+    "eval_every": ("eval_every", int, "digits: FID / KID / IS / class accuracy every N steps (eval.csv, trackers)"),
     "keep_last": ("keep_last", int, "checkpoints to keep"),
-    "log_every": ("log_every", int, "metrics.csv / TensorBoard row every N steps"),
+    "log_every": ("log_every", int, "a metrics.csv / log.txt / tracker row every N steps (printed when no bar)"),
     "tensorboard": ("tensorboard", str, "auto | on | off"),
+    "wandb": ("wandb", str, "on | off (default): Weights & Biases; WANDB_MODE=offline logs without a network"),
+    "wandb_project": ("wandb_project", str, "W&B project (default kind_fast)"),
     "distributed": ("distributed", str, "under torchrun: ddp | fsdp"),
 }
 
@@ -49,6 +56,10 @@ def add_run_arguments(p: argparse.ArgumentParser, mode: str) -> None:
                          "kind_fast run) converted to KIND by exact SVD, or a KIND save (kind-fast convert); "
                          "its architecture replaces model.*")
         p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None, help=help_text)
+    p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                   help="torch.compile the model (backend: inductor, or e.g. aot_eager)")
+    p.add_argument("--grad-checkpoint", action="store_true", default=None,
+                   help="activation checkpointing on the DiT blocks: less memory, about 1/3 more compute")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key, e.g. --set optim.ema_decay=0.999 (repeatable)")
     p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="auto|PATH",
@@ -76,6 +87,10 @@ def config_from_args(args: argparse.Namespace, mode: str) -> RunConfig:
             flat[key] = parse_int_list(v, "--classes") if name == "classes" else v
     if args.no_progress:
         flat["progress"] = False
+    if args.compile is not None:
+        flat["compile"] = args.compile
+    if args.grad_checkpoint:
+        flat["grad_checkpoint"] = True
     for item in args.set:
         if "=" not in item:
             raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
@@ -102,71 +117,65 @@ def run_training(args: argparse.Namespace, mode: str) -> int:
     except (ValueError, FileNotFoundError, FileExistsError, ImportError) as e:
         print(f"kind-fast {mode}: {e}", file=sys.stderr)
         return 2
+
+    def say(text: str) -> None:  # rank 0: to stdout and to <out>/log.txt
+        print(text, flush=True)
+        if trainer.logger is not None:
+            trainer.logger.note(text)
+
     try:
         main = trainer.env.is_main
         if main:
+            import contextlib
+            import io
+
             from kind_fast.utils import print_trainable_parameters
 
-            print(f"{mode}/{cfg.method.name}: {len(trainer.data)} samples, {trainer.data.num_classes} classes, "
-                  f"{cfg.steps} steps × batch {cfg.batch_size} on {trainer.device}"
-                  f"{f' × {trainer.env.world_size} processes' if trainer.env.distributed else ''}")
-            print_trainable_parameters(trainer.model)
+            say(f"{mode}/{cfg.method.name}: {len(trainer.data)} samples, {trainer.data.num_classes} classes, "
+                f"{cfg.steps} steps × batch {cfg.batch_size} on {trainer.device}"
+                f"{f' × {trainer.env.world_size} processes' if trainer.env.distributed else ''}")
+            buf = io.StringIO()
+            with contextlib.redirect_stdout(buf):
+                print_trainable_parameters(trainer.model)
+            say(buf.getvalue().rstrip())
         try:
             losses = trainer.train()
             paths = trainer.export()
         except NonFiniteError as e:
+            if trainer.logger is not None:
+                trainer.logger.note(f"stopped: {e}")
             print(f"kind-fast {mode}: {e}", file=sys.stderr)
             return 3
         if main:
             w = max(1, len(losses) // 10)
-            print(f"loss: first {w} steps {sum(losses[:w]) / w:.4f}, last {w} steps {sum(losses[-w:]) / w:.4f}")
-            print(f"outputs in {trainer.out}: config.json, metrics.csv, checkpoints/, "
-                  f"{', '.join(p.name + '/' for p in paths.values())}")
+            say(f"loss: first {w} steps {sum(losses[:w]) / w:.4f}, last {w} steps {sum(losses[-w:]) / w:.4f}")
+            say(f"outputs in {trainer.out}: config.json, metrics.csv, log.txt, checkpoints/, "
+                f"{', '.join(p.name + '/' for p in paths.values())}")
         if main and not args.no_sample:
             grid = write_grid(trainer, trainer.out / "samples" / "grid.png")
-            print(f"sample grid: {grid}")
+            say(f"sample grid: {grid}")
         if main and args.eval:
-            print(json.dumps(evaluate_digits(trainer, args.eval_samples), indent=2))
+            say(json.dumps(evaluate_digits(trainer, args.eval_samples), indent=2))
     finally:
         trainer.close()
     return 0
 
 
 def write_grid(trainer, path: Path):
-    import torch
+    from kind_fast.train.evaluate import sample_grid
 
-    from kind_fast.train.sampling import sample, save_grid
-
-    e = trainer.cfg.eval
-    model = trainer.eval_model(e.weights)
-    n = trainer.data.num_classes
-    labels = torch.arange(n).repeat_interleave(e.n_per_class)
-    images = sample(model, labels, shape=trainer.data.sample_shape, sampler=e.sampler, steps=e.sample_steps,
-                    cfg_scale=e.cfg_scale, seed=trainer.cfg.seed, device=trainer.device,
-                    autocast_dtype=trainer.amp_dtype)
-    return save_grid(images, path, nrow=e.n_per_class)
+    return sample_grid(trainer, path)
 
 
 def evaluate_digits(trainer, per_class: int) -> dict:
     """Digits runs: sample ``per_class`` per class and score them (written to eval.json)."""
-    import torch
-
     from kind_fast.atomic import atomic_write_text
-    from kind_fast.train.data import DIGIT_DEFAULTS
-    from kind_fast.train.metrics import digits_quality, train_digit_classifier
-    from kind_fast.train.sampling import sample
+    from kind_fast.train.evaluate import digits_metrics
 
     if trainer.cfg.data.source != "digits":
         raise ValueError("--eval scores digits runs only (for real data use kind_fast.train.metrics "
                          "with InceptionFeatures and your own reference set)")
-    e = trainer.cfg.eval
-    digits = trainer.cfg.data.classes or DIGIT_DEFAULTS[trainer.cfg.mode]
-    clf, report = train_digit_classifier(trainer.cfg.seed)
-    labels = torch.arange(len(digits)).repeat_interleave(per_class)
-    fake = sample(trainer.eval_model(e.weights), labels, shape=trainer.data.sample_shape, sampler=e.sampler,
-                  steps=e.sample_steps, cfg_scale=e.cfg_scale, seed=trainer.cfg.seed + 1, device=trainer.device)
-    out = digits_quality(fake, torch.tensor(digits)[labels], trainer.data.x, clf)
-    out["classifier_test_acc"] = report["test_acc"]
+    out = digits_metrics(trainer, per_class)
     atomic_write_text(json.dumps(out, indent=2) + "\n", trainer.out / "eval.json")
     return out
 
@@ -179,15 +188,22 @@ def add_sample_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--which", choices=("ema", "model"), default="ema", help="weights of a run folder")
     p.add_argument("--out", default=None, help="PNG path (default: <run>/samples/sample_grid.png)")
     p.add_argument("--classes", default=None, help="class ids of the model to sample (default: all)")
-    p.add_argument("--n-per-class", type=int, default=8)
+    p.add_argument("--n-per-class", type=int, default=8, help="samples per class (grid columns)")
+    p.add_argument("--num-samples", type=int, default=None,
+                   help="sample N images, classes cycled (e.g. 50000 for FID); the grid shows the first 100")
     p.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddim")
-    p.add_argument("--steps", type=int, default=50, help="respaced sampling steps (DiT: 250 DDPM)")
+    p.add_argument("--steps", type=int, default=50,
+                   help="sampling steps, >= 2 (DiT: 250 DDPM); DDIM runs timesteps 0, s, 2s, ... (s = 1000 // steps)")
     p.add_argument("--cfg-scale", type=float, default=1.5)
     p.add_argument("--eta", type=float, default=0.0, help="DDIM η")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--npz", action="store_true", help="also write samples.npz (uint8 NHWC, ADM evaluator layout)")
+    p.add_argument("--batch-size", type=int, default=256,
+                   help="samples per forward pass on each process; the noise is seeded per batch, so this "
+                        "(not the number of processes) fixes the result for a seed")
+    p.add_argument("--npz", action="store_true",
+                   help="also write <out>.npz (uint8 NHWC arr_0 + labels: the ADM evaluator's layout); "
+                        "under torchrun every rank samples its share and rank 0 assembles it")
     p.add_argument("--vae", default=None, help="latent models: a local diffusers AutoencoderKL folder to decode with")
     p.add_argument("--latent-scale", type=float, default=0.18215, help="latent scale factor used at encoding")
     p.add_argument("--no-merged", action="store_true",
@@ -197,12 +213,12 @@ def add_sample_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_sample(args: argparse.Namespace) -> int:
-    import numpy as np
     import torch
 
-    from kind_fast.train.distributed import resolve_device
+    from kind_fast.train.distributed import cleanup, init_distributed
     from kind_fast.train.models import SPEC_FILE, load_weights
-    from kind_fast.train.sampling import check_sampling_args, sample, save_grid, to_uint8
+    from kind_fast.train.sample_ddp import sample_labels, sample_to_files
+    from kind_fast.train.sampling import check_sampling_args
 
     try:
         src = Path(args.weights)
@@ -215,16 +231,20 @@ def run_sample(args: argparse.Namespace) -> int:
         if args.n_per_class < 1 or args.batch_size < 1:
             raise ValueError("--n-per-class and --batch-size must be >= 1")
         check_sampling_args(args.steps, args.cfg_scale, args.eta, names=("--steps", "--cfg-scale", "--eta"))
-        device = resolve_device(args.device)
-        if args.cuda_graphs == "on" and device.type != "cuda":
-            raise ValueError(f"--cuda-graphs on needs a CUDA device, got {device}")
+        env = init_distributed(args.device)  # under torchrun: every rank samples its share
+    except (ValueError, FileNotFoundError) as e:
+        print(f"kind-fast sample: {e}", file=sys.stderr)
+        return 2
+    try:
+        if args.cuda_graphs == "on" and env.device.type != "cuda":
+            raise ValueError(f"--cuda-graphs on needs a CUDA device, got {env.device}")
         if export:
             from kind_fast.export_io import load_export
 
-            model = load_export(wdir, map_location=device)
+            model = load_export(wdir, map_location=env.device)
             served = getattr(model, "classes", None) or getattr(model, "export_classes", None)
         else:
-            model = load_weights(wdir).to(device).eval()
+            model = load_weights(wdir).to(env.device).eval()
             served = None
         n = model.num_classes
         default = served or list(range(n))
@@ -232,27 +252,36 @@ def run_sample(args: argparse.Namespace) -> int:
         bad = [c for c in classes if not 0 <= c < n]
         if bad:
             raise ValueError(f"--classes {bad} out of range: the model has classes 0..{n - 1}")
+        labels = sample_labels(classes, num_samples=args.num_samples, n_per_class=args.n_per_class)
+        arch = model.arch
+        shape = (arch["in_channels"], arch["input_size"], arch["input_size"])
+        if args.npz and args.vae is None and shape[0] not in (1, 3):
+            raise ValueError(f"--npz writes uint8 images; this model makes {shape[0]}-channel latents: "
+                             "add --vae FOLDER to decode them")
     except (ValueError, FileNotFoundError) as e:
+        cleanup(env)
         print(f"kind-fast sample: {e}", file=sys.stderr)
         return 2
-    arch = model.arch
-    shape = (arch["in_channels"], arch["input_size"], arch["input_size"])
-    labels = torch.tensor(classes).repeat_interleave(args.n_per_class)
-    images = sample(model, labels, shape=shape, sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale,
-                    eta=args.eta, seed=args.seed, device=device, batch_size=args.batch_size,
-                    clip_denoised=args.vae is None and shape[0] in (1, 3),
-                    autocast_dtype=torch.bfloat16 if device.type == "cuda" else None, merged=not args.no_merged,
-                    cuda_graphs={"auto": None, "on": True, "off": False}[args.cuda_graphs])
-    if args.vae:
-        images = decode_latents(images, args.vae, args.latent_scale, device)
     out = Path(args.out) if args.out else (wdir.parent / "samples" / "sample_grid.png")
-    save_grid(images, out, nrow=args.n_per_class)
-    print(f"wrote {out} ({len(classes)} classes × {args.n_per_class}, {args.sampler} {args.steps} steps, "
-          f"cfg {args.cfg_scale})")
-    if args.npz:
-        npz = out.with_suffix(".npz")
-        np.savez(npz, arr_0=to_uint8(images), labels=labels.numpy())
-        print(f"wrote {npz}")
+    grid_rows = args.n_per_class if args.num_samples is None else 10
+    try:
+        written = sample_to_files(
+            model, labels, shape=shape, env=env, grid_path=out, npz_path=out.with_suffix(".npz") if args.npz else None,
+            nrow=grid_rows, grid_max=None if args.num_samples is None else 100, batch_size=args.batch_size,
+            decode=(lambda x: decode_latents(x, args.vae, args.latent_scale, env.device)) if args.vae else None,
+            sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale, eta=args.eta, seed=args.seed,
+            device=env.device, clip_denoised=args.vae is None and shape[0] in (1, 3),
+            autocast_dtype=torch.bfloat16 if env.device.type == "cuda" else None, merged=not args.no_merged,
+            cuda_graphs={"auto": None, "on": True, "off": False}[args.cuda_graphs])
+    finally:
+        cleanup(env)
+    if env.is_main:
+        what = (f"{labels.numel()} samples over {len(classes)} classes" if args.num_samples is not None
+                else f"{len(classes)} classes × {args.n_per_class}")
+        procs = f" on {env.world_size} processes" if env.distributed else ""
+        print(f"wrote {written['grid']} ({what}, {args.sampler} {args.steps} steps, cfg {args.cfg_scale}{procs})")
+        if "npz" in written:
+            print(f"wrote {written['npz']} (arr_0: uint8 N×H×W×C, labels)")
     return 0
 
 

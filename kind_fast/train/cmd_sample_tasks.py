@@ -48,8 +48,10 @@ def run(args: argparse.Namespace) -> int:
     from kind_fast.train.sampling import sample, save_grid, to_uint8
 
     try:
-        if args.n_per_class < 1 or args.steps < 1 or args.batch_size < 1:
-            raise ValueError("--n-per-class, --steps and --batch-size must be >= 1")
+        if args.n_per_class < 1 or args.batch_size < 1:
+            raise ValueError("--n-per-class and --batch-size must be >= 1")
+        if args.steps < 2:
+            raise ValueError(f"--steps must be >= 2, got {args.steps}")
         device = resolve_device(args.device)
         base = load_base(args.base, which=args.which)
         model = MultiTaskDiT.from_tasks(base, [_task_dir(t) for t in args.task]).to(device)

@@ -178,8 +178,15 @@ def digits_dataset(classes: Sequence[int] | None, mode: str = "pretrain") -> Ten
 class ImageFolder:
     """``root/<class>/<image>``: classes are the sorted sub-folder names.
 
-    Images are centre-cropped to a square, resized (bicubic, antialiased) to ``image_size`` and
-    scaled to [-1, 1]; read with PIL through numpy (no torchvision).
+    Images are resized (bicubic, antialiased) so the short side is ``image_size``, centre-cropped
+    and scaled to [-1, 1]; read with PIL through numpy.
+
+    Why not torchvision's ImageFolder + CenterCrop/Resize: torchvision's wheels are built for one
+    exact torch build. The CPU torch our CI installs (torch 2.13.0+cpu) has no matching
+    torchvision on PyPI: PyPI's torchvision 0.28.0 fails to import beside it ("operator
+    torchvision::nms does not exist"), and the matching +cpu wheel lives only on PyTorch's own
+    index. A dependency that installs on some setups and breaks imports on others costs more
+    than these forty lines of Pillow.
     """
 
     def __init__(self, root: str | os.PathLike, image_size: int = 64, channels: int = 3,

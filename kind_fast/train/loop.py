@@ -9,8 +9,18 @@ One step (DiT's recipe, docs/design.md §4):
    are passed as ``force_drop_ids`` so ``DiT.forward`` turns them into the null class *before*
    it routes labels to the KIND gate: the null row of the gate is what the null class trains;
 3. loss = ε-MSE + the learned-Σ VB term (``GaussianDiffusion.loss_terms``), batch mean;
-4. AdamW on the trainable parameters only, global grad-norm clipping, a warm-up-then-constant
-   learning rate, and an EMA of the trainable parameters (frozen ones are their own EMA).
+4. AdamW on the trainable parameters only, global grad-norm clipping, a warm-up then constant
+   (or cosine) learning rate, and an EMA of the trainable parameters (diffusers' ``EMAModel``;
+   frozen parameters are their own EMA).
+
+Options that do not change what a step computes (beyond float rounding): ``grad_accum`` N runs
+each process's batch as N micro-batches (their draws are the matching slices of the step's
+draws, their losses weighted by size, gradients synchronised once, on the last), ``compile``
+(``torch.compile`` of the model), ``grad_checkpoint`` (activation checkpointing on the DiT
+blocks). ``precision: fp16`` runs fp16 autocast with a ``torch.amp.GradScaler`` whose state is
+checkpointed. ``sample_every`` / ``eval_every`` write sample grids / digit metrics during
+training from the EMA weights; they draw from their own generators, so the training run is the
+same with or without them.
 
 Because every random draw is a function of (seed, step) and the data order of (seed, step),
 a run resumed from a checkpoint (which also restores model, EMA, optimiser, schedule and RNG
@@ -29,6 +39,8 @@ export is ever written from non-finite parameters.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import random
 import sys
@@ -55,13 +67,25 @@ from kind_fast.train.distributed import (
     unwrap,
     wrap_model,
 )
+from kind_fast.train.evaluate import periodic
 from kind_fast.train.logger import MetricsLogger
 from kind_fast.train.models import build_model, make_spec, model_from_state, save_weights
 from kind_fast.train.runlock import RunLock, RunLockedError
 
 # config keys that may change when a run is resumed without changing what it computes
-_RESUME_FREE = {"steps", "out", "ckpt_every", "keep_last", "log_every", "tensorboard", "progress",
+_RESUME_FREE = {"steps", "out", "ckpt_every", "keep_last", "log_every", "tensorboard", "wandb", "wandb_project",
+                "progress", "grad_accum", "compile", "grad_checkpoint", "sample_every", "eval_every",
                 "device", "distributed", "eval", "data.workers", "data.path", "method.init"}
+
+
+def lr_factor(step: int, *, warmup: int, total: int, schedule: str) -> float:
+    """The learning-rate multiplier of optimizer step ``step`` (0-based, LambdaLR's convention):
+    linear warm-up (step + 1) / warmup, then 1 (constant) or a cosine from 1 towards 0 at ``total``."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+    return 1.0
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -109,6 +133,19 @@ def _local(t: Tensor) -> Tensor:
     return t.to_local() if _is_dtensor(t) else t
 
 
+def _make_ema(params: list[Tensor], o) -> EMAModel:  # noqa: F821 - diffusers is imported lazily
+    """diffusers' EMAModel over the trainable parameters only (``AveragedModel`` would copy the
+    whole model, frozen learngenes included). Decay at update k (1-based): 0 for the first (the
+    EMA starts as the weights), then min(ema_decay, (1 + k - 1) / (10 + k - 1)) with
+    ``ema_warmup``, else ema_decay (``min_decay`` = ema_decay)."""
+    try:
+        from diffusers.training_utils import EMAModel
+    except ImportError:
+        raise ImportError("the trainer's EMA uses diffusers: pip install diffusers (or 'kind_fast[train]')") from None
+    return EMAModel(params, decay=o.ema_decay, min_decay=0.0 if o.ema_warmup else o.ema_decay,
+                    update_after_step=0, use_ema_warmup=False, foreach=not any(_is_dtensor(p) for p in params))
+
+
 class NonFiniteError(RuntimeError):
     """The loss or the trained parameters became NaN/inf; the run stopped without saving."""
 
@@ -150,6 +187,9 @@ class Trainer:
         self.amp_dtype = None
         if cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda"):
             self.amp_dtype = torch.bfloat16
+        elif cfg.precision == "fp16":
+            self.amp_dtype = torch.float16
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True  # as DiT trains
             torch.backends.cudnn.allow_tf32 = True
@@ -160,6 +200,9 @@ class Trainer:
             raise ValueError(f"batch_size {cfg.batch_size} (global) is not divisible by the "
                              f"{self.env.world_size} processes")
         self.local_batch = cfg.batch_size // self.env.world_size
+        if self.local_batch % cfg.grad_accum:
+            raise ValueError(f"the per-process batch {self.local_batch} is not divisible into grad_accum="
+                             f"{cfg.grad_accum} micro-batches")
         self.sampler = GlobalBatchSampler(len(self.data), cfg.batch_size, cfg.seed)
         self.diffusion = GaussianDiffusion()
         self.spec = make_spec(cfg, self.data.num_classes, self.data.sample_shape)
@@ -180,6 +223,8 @@ class Trainer:
             old, new = _flat(state["config"]), _flat(cfg.to_dict())
             changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k)
                              and k not in _RESUME_FREE and k.split(".")[0] not in _RESUME_FREE)
+            if cfg.optim.lr_schedule == "cosine" and old.get("steps") != new.get("steps"):
+                changed.append("steps (the length of the cosine schedule)")
             if changed and self.env.is_main:
                 self.log_fn(f"note: resuming with changed settings {changed}; the run will differ "
                             "from an uninterrupted one")
@@ -187,7 +232,11 @@ class Trainer:
         # ---------------------------------------------------------------- model
         model = model_from_state(self.spec, state["model"]) if state is not None else build_model(cfg, self.spec)
         self.model = model.to(self.device)
+        if cfg.grad_checkpoint:
+            self.model.set_grad_checkpointing(True)
         self.ddp = wrap_model(self.model, self.env, cfg.distributed)
+        # what the training step calls: the (wrapped) model, compiled if asked
+        self.train_model = self.ddp if cfg.compile == "off" else torch.compile(self.ddp, backend=cfg.compile)
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         if not named:
             raise ValueError("the model has no trainable parameters")
@@ -195,10 +244,10 @@ class Trainer:
         self.params = [p for _, p in named]
         o = cfg.optim
         self.opt = torch.optim.AdamW(self.params, lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay)
-        warm = o.warmup_steps
-        self.sched = torch.optim.lr_scheduler.LambdaLR(
-            self.opt, lambda s: min(1.0, (s + 1) / warm) if warm > 0 else 1.0)
-        self.ema = {n: p.detach().clone() for n, p in named}
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, functools.partial(
+            lr_factor, warmup=o.warmup_steps, total=cfg.steps, schedule=o.lr_schedule))
+        self.ema_model = _make_ema(self.params, o)
+        self.ema = dict(zip(self.param_names, self.ema_model.shadow_params))  # the same tensors
         self.step = 0
         self.elapsed = 0.0
         self.losses: list[float] = []
@@ -225,7 +274,8 @@ class Trainer:
                                 f"outputs made from them were moved to {moved} (nothing was deleted)")
             cfg.save(self.out / "config.json")
             self.logger = MetricsLogger(self.out, resume_step=self.step if state is not None else None,
-                                        tensorboard=cfg.tensorboard)
+                                        tensorboard=cfg.tensorboard, wandb=cfg.wandb, wandb_project=cfg.wandb_project,
+                                        config=cfg.to_dict(), total_steps=cfg.steps)
             if self.logger.tb_note and cfg.progress:
                 self.log_fn(self.logger.tb_note)
         else:
@@ -260,6 +310,10 @@ class Trainer:
                     self.ema[n] = distribute_tensor(src.to(p.dtype).to(self.device), p.device_mesh, p.placements)
                 else:
                     self.ema[n].copy_(src)
+        self.ema_model.shadow_params = [self.ema[n] for n in self.param_names]
+        self.ema_model.optimization_step = int(state.get("ema_step", state["step"]))
+        if self.scaler.is_enabled() and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
         rngs = state["rng"]
         restore_rng(rngs[self.env.rank] if len(rngs) == self.env.world_size else rngs[0])
         self.step = int(state["step"])
@@ -307,6 +361,8 @@ class Trainer:
             "config": self.cfg.to_dict(),
             "model": self.full_model_state(),
             "ema": self.full_ema_state(),
+            "ema_step": self.ema_model.optimization_step,
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {},
             "optimizer": get_optimizer_state_dict(self.ddp, self.opt, options=self._dcp_options()),
             "scheduler": self.sched.state_dict(),
             "rng": all_gather_object(capture_rng(), self.env),
@@ -362,8 +418,14 @@ class Trainer:
         return (rank_slice(t, r, w), rank_slice(noise, r, w), rank_slice(drop, r, w),
                 None if flip is None else rank_slice(flip, r, w))
 
-    def _forward_loss(self, model: nn.Module, x: Tensor, y: Tensor, step: int) -> dict[str, Tensor]:
+    def _forward_loss(self, model: nn.Module, x: Tensor, y: Tensor, step: int,
+                      part: slice | None = None) -> dict[str, Tensor]:
+        """Batch-mean loss terms of this rank's batch (or of its micro-batch ``part``: x and y are
+        that slice, and so are the step's draws)."""
         t, noise, drop, flip = self._draws(step)
+        if part is not None:
+            t, noise, drop = t[part], noise[part], drop[part]
+            flip = None if flip is None else flip[part]
         dev = self.device
         x, y = x.to(dev, non_blocking=True).float(), y.to(dev, non_blocking=True)
         t, noise, drop = t.to(dev), noise.to(dev), drop.to(dev)
@@ -376,28 +438,38 @@ class Trainer:
         return {k: v.mean() for k, v in terms.items()}
 
     def train_step(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
-        self.ddp.train()
-        terms = self._forward_loss(self.ddp, x, y, self.step)
+        self.train_model.train()
         self.opt.zero_grad(set_to_none=True)
-        terms["loss"].backward()
+        n, parts = x.shape[0], self.cfg.grad_accum
+        size = n // parts
+        terms: dict[str, Tensor] = {}
+        for i in range(parts):
+            part = slice(i * size, (i + 1) * size) if parts > 1 else None
+            with self._grad_sync(i == parts - 1):
+                micro = (self._forward_loss(self.train_model, x, y, self.step) if part is None else
+                         self._forward_loss(self.train_model, x[part], y[part], self.step, part=part))
+                self.scaler.scale(micro["loss"] / parts if parts > 1 else micro["loss"]).backward()
+            for k, v in micro.items():
+                terms[k] = terms.get(k, 0.0) + v.detach() / parts
+        self.scaler.unscale_(self.opt)
         clip = self.cfg.optim.grad_clip
         gn = torch.nn.utils.clip_grad_norm_(self.params, clip if clip > 0 else math.inf)
-        self.opt.step()
+        self.scaler.step(self.opt)  # skipped (fp16) when a gradient overflowed
+        self.scaler.update()
         self.sched.step()
-        self._update_ema()
+        self.ema_model.step(self.params)
         self.step += 1
-        return {k: v.detach() for k, v in terms.items()} | {"grad_norm": _full(gn).detach()}
+        return terms | {"grad_norm": _full(gn).detach()}
 
-    @torch.no_grad()
-    def _update_ema(self) -> None:
-        o = self.cfg.optim
-        decay = min(o.ema_decay, (1 + self.step) / (10 + self.step)) if o.ema_warmup else o.ema_decay
-        ema = [self.ema[n] for n in self.param_names]
-        if any(_is_dtensor(p) for p in self.params):
-            for e, p in zip(ema, self.params):
-                e.lerp_(p.detach(), 1.0 - decay)
-        else:
-            torch._foreach_lerp_(ema, [p.detach() for p in self.params], 1.0 - decay)
+    def _grad_sync(self, last: bool):
+        """Gradient synchronisation only on the last micro-batch of a step (DDP ``no_sync``,
+        FSDP2 ``set_requires_gradient_sync``)."""
+        if not self.env.distributed or self.cfg.grad_accum == 1:
+            return contextlib.nullcontext()
+        if hasattr(self.ddp, "no_sync"):
+            return contextlib.nullcontext() if last else self.ddp.no_sync()
+        self.ddp.set_requires_gradient_sync(last)
+        return contextlib.nullcontext()
 
     # ------------------------------------------------------------------ the loop
     def train(self, until: int | None = None) -> list[float]:
@@ -425,6 +497,8 @@ class Trainer:
                         pending = []
                     if cfg.ckpt_every and self.step % cfg.ckpt_every == 0 and self.step < cfg.steps:
                         self.save_checkpoint()
+                    if cfg.sample_every or cfg.eval_every:
+                        t_win += periodic(self)  # grids / metrics due at this step, off the throughput clock
                     if bar is not None:
                         bar.update(1)
             finally:
@@ -434,7 +508,22 @@ class Trainer:
             self._flush(pending, t_win, bar)
         if self.step == cfg.steps and stop == cfg.steps and self._saved_step != self.step:
             self.save_checkpoint()  # the same decision on every rank (saving is a collective)
+        if self.env.is_main and self.logger is not None:
+            self._plot()
         return list(self.losses)
+
+    def _plot(self) -> None:
+        from kind_fast.train.plot import plot_run
+
+        try:
+            path = plot_run(self.out)
+        except Exception as e:  # noqa: BLE001 - a failed picture never fails a trained run
+            path, msg = None, f"loss curve not drawn ({type(e).__name__}: {e})"
+        else:
+            msg = f"loss curve: {path}" if path else "loss curve not drawn: matplotlib is not installed"
+        self.logger.note(msg)
+        if path is None:
+            self.log_fn(msg)
 
     def _flush(self, pending: list[dict[str, Tensor]], t_win: float, bar) -> float:
         keys = ("loss", "mse", "vb")
@@ -450,7 +539,9 @@ class Trainer:
                "vb": stacked[:, 2].mean().item(), "lr": self.opt.param_groups[0]["lr"], "grad_norm": gn,
                "samples_per_s": len(pending) * self.cfg.batch_size / dt, "elapsed_s": self.elapsed}
         if self.logger is not None:
-            self.logger.log(row)
+            line = self.logger.log(row)
+            if bar is None or not sys.stdout.isatty():  # SLURM, CI, nohup: plain lines, not a bar
+                self.log_fn(line)
         if bar is not None:
             bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['samples_per_s']:.0f}")
         if len(bad):
