@@ -226,7 +226,7 @@ def _device_name(dev):
 def test_gpu_layer_triton_m2(benchmark, learngene_rank, mode):
     """Path M2 (fully factored, small N_G + K) against M1 on the same layer and nn.Linear:
     checks the cost model's claim that M2 wins when r_G + K << min(in, out)."""
-    from kind_fast.ops.kind_linear_triton import choose_path
+    from kind_fast.ops.paths import choose_path, force_path
 
     n_in = n_out = GPU_M2_WIDTH
     m, dev, dt = GPU_TOKENS, GPU_DEVICE, GPU_DTYPE
@@ -243,16 +243,11 @@ def test_gpu_layer_triton_m2(benchmark, learngene_rank, mode):
 
     def call(module, force_m1=False):
         def run():
-            if force_m1:
-                module._factored_path = lambda *a: False  # instance attribute shadows the method
-            try:
-                with kf.use_backend("triton"):
-                    if mode == "forward":
-                        with torch.no_grad():
-                            return module(x, labels=labels) if module is layer else module(x)
-                    (module(x, labels=labels) if module is layer else module(x)).backward(g)
-            finally:
-                module.__dict__.pop("_factored_path", None)
+            with kf.use_backend("triton"), force_path("M1" if force_m1 else None):
+                if mode == "forward":
+                    with torch.no_grad():
+                        return module(x, labels=labels) if module is layer else module(x)
+                (module(x, labels=labels) if module is layer else module(x)).backward(g)
         return run
 
     fns = {"m2": call(layer), "m1": call(layer, force_m1=True), "linear": call(lin)}

@@ -1,17 +1,83 @@
 """Atomic file writes: a temporary file in the same folder, flushed and fsync'ed, then renamed
 over the final name (``os.replace`` is atomic on POSIX and Windows). A crash mid-write leaves
-the previous file untouched and no partial file under the final name."""
+the previous file untouched and no partial file under the final name.
+
+A process killed mid-write (SIGKILL, power loss) cannot remove its temporary file; the name
+``.<final name>.tmp-<pid>-<host>`` says whose it was. ``remove_stale_temps`` deletes those whose
+process is gone (same host, PID not alive); every write cleans its own target's stale temps,
+and the trainer sweeps its run folder when a run starts.
+"""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+import re
+import socket
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import IO, Any
 
 import torch
 
-__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_torch_save"]
+__all__ = [
+    "atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_torch_save",
+    "temp_name", "remove_stale_temps", "remove_stale_temps_under",
+]
+
+_TEMP = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)(?:-(?P<host>[A-Za-z0-9_.-]*))?$")
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname())[:64]
+
+
+def temp_name(path: str | os.PathLike) -> Path:
+    """The temporary file an atomic write of ``path`` by this process uses."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{_host()}")
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):  # alive under another user (or cannot tell): keep
+        return True
+    return True
+
+
+def remove_stale_temps(folder: str | os.PathLike, name: str | None = None) -> list[Path]:
+    """Delete temporary files of atomic writes in ``folder`` (only those of the final name
+    ``name`` if given) whose writer process is dead. A temp from another host, or from a
+    live process, is kept. Returns the deleted paths."""
+    d = Path(folder)
+    if not d.is_dir():
+        return []
+    host, removed = _host(), []
+    for p in d.iterdir():
+        m = _TEMP.match(p.name)
+        if m is None or (name is not None and m.group("name") != name):
+            continue
+        if m.group("host") not in (None, host) or _pid_alive(int(m.group("pid"))):
+            continue
+        try:
+            if p.is_file() and not p.is_symlink():
+                p.unlink()
+                removed.append(p)
+        except FileNotFoundError:  # another cleaner got there first
+            pass
+    return removed
+
+
+def remove_stale_temps_under(folders: Iterable[str | os.PathLike]) -> list[Path]:
+    """``remove_stale_temps`` over several folders (missing ones are skipped)."""
+    out: list[Path] = []
+    for f in folders:
+        out += remove_stale_temps(f)
+    return out
 
 
 def _fsync_dir(d: Path) -> None:
@@ -31,7 +97,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> 
     """Call ``write(f)`` on a binary temporary file, then rename it to ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temp_name(path)
     try:
         with open(tmp, "wb") as f:
             write(f)
@@ -42,6 +108,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> 
         if tmp.exists():
             tmp.unlink()
     _fsync_dir(path.parent)
+    remove_stale_temps(path.parent, path.name)  # left by earlier writers of this file that died
 
 
 def atomic_write_bytes(data: bytes, path: str | os.PathLike) -> None:
@@ -53,4 +120,13 @@ def atomic_write_text(text: str, path: str | os.PathLike) -> None:
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    atomic_write(path, lambda f: torch.save(obj, f))
+    """``torch.save`` atomically, always with the zip records' CRC-32 (``load_checkpoint``
+    verifies it: a flipped bit in tensor data is then detected)."""
+    from torch.serialization import get_crc32_options, set_crc32_options
+
+    before = get_crc32_options()
+    set_crc32_options(True)
+    try:
+        atomic_write(path, lambda f: torch.save(obj, f))
+    finally:
+        set_crc32_options(before)

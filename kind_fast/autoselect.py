@@ -53,7 +53,7 @@ def clear_cache() -> None:
 
 
 def _no_timing() -> bool:
-    from kind_fast.ops.self_check import capturing_or_tracing
+    from kind_fast._tracing import capturing_or_tracing
 
     return os.environ.get("KIND_FAST_AUTOTUNE", "1") == "0" or capturing_or_tracing()
 

@@ -53,8 +53,9 @@ if _STATE.backend not in _CHOICES:
 _MODULES: dict[str, tuple[ModuleType | None, str]] = {}
 
 
-def _backend_module(name: str) -> tuple[ModuleType | None, str]:
-    """(module, "") or (None, why it is missing). Cached."""
+def backend_module(name: str) -> tuple[ModuleType | None, str]:
+    """(module, "") or (None, why it is missing), imported on first use and cached. The op
+    family (kind_fast.ops.paths) reaches a backend's extra paths (M2, M3) through this."""
     if name not in _MODULES:
         try:
             _MODULES[name] = (importlib.import_module(_BACKEND_MODULES[name]), "")
@@ -66,6 +67,9 @@ def _backend_module(name: str) -> tuple[ModuleType | None, str]:
         except Exception as e:  # noqa: BLE001 - a broken backend is a reason, not a crash
             _MODULES[name] = (None, f"failed to import: {type(e).__name__}: {e}")
     return _MODULES[name]
+
+
+_backend_module = backend_module
 
 
 def backend_status() -> dict[str, tuple[bool, str]]:

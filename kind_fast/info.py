@@ -58,9 +58,10 @@ def collect() -> dict:
 
 
 def _triton_paths() -> dict:
-    """The Triton backend's cost-model choice per DiT-XL/2 layer (KIND_FAST_DEBUG=1 logs each call)."""
+    """The op family's path choice per DiT-XL/2 layer on the Triton backend, training and sampling
+    (KIND_FAST_DEBUG=1 logs each call's choice)."""
     try:
-        from kind_fast.ops.kind_linear_triton import choose_path
+        from kind_fast.ops.paths import choose_path
     except Exception as e:  # noqa: BLE001 - info reports, never crashes
         return {"error": f"{type(e).__name__}: {e}"}
     d, m, k, n_t = 1152, 32 * 256, 32, 96

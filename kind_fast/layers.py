@@ -8,9 +8,10 @@ class-agnostic and counted with the learngenes. The class gate g is a shared ``C
 (not registered as a submodule here, so one gate serves every layer of a model and is saved
 once); the layer reads labels from ``labels=`` or from ``gate.labels``.
 
-Forward = path M1: W_G is materialised once per call (in float32, then cast) and cached while
-the learngenes cannot change (frozen, or no grad), then one ``kind_linear`` op adds the
-gathered, gated tailor term.
+Forward: the op family's entry point (``kind_fast.ops.paths.kind_linear_layer``) picks the path
+from the call's shapes (docs/design.md §2). On path M1, W_G is materialised once per call (in
+float32, then cast) and cached while the learngenes cannot change (frozen, or no grad), then
+one ``kind_linear`` op adds the gathered, gated tailor term.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kind_fast.gate import ClassGate
-from kind_fast.ops.kind_linear import SUPPORTED_DTYPES, acc_dtype, kind_linear
+from kind_fast.ops.kind_linear import SUPPORTED_DTYPES, acc_dtype
+from kind_fast.ops.paths import kind_linear_layer
 
 __all__ = ["FastKindLinear"]
 
@@ -286,27 +288,10 @@ class FastKindLinear(nn.Module):
         if labels.device != x.device:
             labels = labels.to(x.device, non_blocking=True)
         idx, val = gate.compiled(x.device)
-        if self._factored_path(x, dt, idx.shape[1]):  # path M2: no W_G at all
-            from kind_fast.ops.kind_linear_triton import kind_linear_factored
-
-            return kind_linear_factored(x, self.u_g, self.sigma_g, self.v_g, self.bias, self.u_t,
-                                        self.sigma_t, self.v_t, idx, val, labels)
-        w_g = self.learngene_weight(dt)
-        return kind_linear(x, w_g, self.bias, self.u_t, self.sigma_t, self.v_t, idx, val, labels)
-
-    def _factored_path(self, x: Tensor, dtype: torch.dtype, active: int) -> bool:
-        """Whether the Triton backend's cost model picks path M2 (fully factored: small
-        N_G + K) for this call. Decided from shapes; the reference never takes it."""
-        from kind_fast.backends import resolve_backend
-
-        if resolve_backend(x.device, dtype) != "triton":
-            return False
-        from kind_fast.ops.kind_linear_triton import choose_path
-
-        rows = x.numel() // self.in_features
-        choice = choose_path(rows, self.in_features, self.out_features, active, self.tailor_rank,
-                             learngene_rank=self.learngene_rank)
-        return choice.path == "M2"
+        # the op family picks the path (M0/M1/M2) from shapes; W_G comes from this layer's cache
+        return kind_linear_layer(x, labels, u_g=self.u_g, sigma_g=self.sigma_g, v_g=self.v_g, bias=self.bias,
+                                 u_t=self.u_t, sigma_t=self.sigma_t, v_t=self.v_t, idx=idx, val=val,
+                                 w_g=self.learngene_weight)
 
     def _apply(self, fn, recurse=True):
         self._wg_cache = None

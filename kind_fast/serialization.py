@@ -10,19 +10,26 @@ A directory written by ``save_kind`` holds:
                             label-embedding table
 
 so a transfer run loads only the learngenes (``load_learngenes``) and starts fresh tailors.
-Every file is written to a temporary name and renamed: an interrupted save never leaves a
-half-written file under the final name.
+
+Integrity: every file is written to a temporary name and renamed (``kind_fast.atomic``), and
+``kind_config.json`` is written last and records each part's SHA-256 and size. Loading checks
+them, so an interrupted save (new learngenes beside old tailors), a changed byte in a tensor, or
+a part from another save is refused rather than loaded. Each part's safetensors metadata
+records the SHA-256 of the config's structural sections (``layers``, ``gate``, ``model``), so
+an edited ``kind_config.json`` (say ``num_heads``, which no tensor shape reveals) is refused
+too. Saves of format version 1 (before these records) load without the checks.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save
+from safetensors.torch import load, save
 from torch import Tensor, nn
 
 from kind_fast._version import __version__
@@ -38,7 +45,8 @@ __all__ = [
 
 CONFIG_FILE = "kind_config.json"
 PART_FILES = {"learngenes": "learngenes.safetensors", "tailors": "tailors.safetensors"}
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: file hashes and the structural-config digest (see the module docstring)
+STRUCTURE_KEYS = ("layers", "gate", "model")
 # dense weights that belong to one class set (they move with the tailors, not the learngenes)
 CLASS_SPECIFIC = re.compile(r"(^|\.)(y_embedder|class_embedder)\.")
 
@@ -89,20 +97,77 @@ def _model_config(model: nn.Module) -> dict:
     return cfg
 
 
+# =====================================================================================
+# Integrity records
+# =====================================================================================
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_record(data: bytes) -> dict:
+    """What a manifest stores about one file: its SHA-256 and size."""
+    return {"sha256": sha256_bytes(data), "bytes": len(data)}
+
+
+def verify_file(path: Path, record: dict, manifest: str) -> bytes:
+    """The bytes of ``path`` if they match ``record`` (from ``file_record``), else a ValueError
+    that says the save is corrupt or mixed."""
+    data = path.read_bytes()
+    if not isinstance(record, dict) or len(data) != record.get("bytes") or sha256_bytes(data) != record.get("sha256"):
+        raise ValueError(
+            f"{path} does not match the SHA-256 and size recorded in {manifest}: the file is corrupt or was "
+            "changed after saving, or the save was interrupted (files from two different saves); save the "
+            "model again (a training run: rerun it with --resume auto to rewrite its weights)")
+    return data
+
+
+def structure_digest(cfg: dict) -> str:
+    """SHA-256 of a config's structural sections (canonical JSON)."""
+    part = {k: cfg.get(k) for k in STRUCTURE_KEYS}
+    return sha256_bytes(json.dumps(part, sort_keys=True, separators=(",", ":")).encode())
+
+
+def _safetensors_metadata(data: bytes) -> dict:
+    n = int.from_bytes(data[:8], "little")
+    try:
+        return json.loads(data[8:8 + n]).get("__metadata__") or {}
+    except (ValueError, AttributeError):
+        return {}
+
+
+# =====================================================================================
+# Save / load
+# =====================================================================================
 def save_kind(model: nn.Module, directory: str | os.PathLike, *, parts=("learngenes", "tailors")) -> Path:
-    """Write ``parts`` of ``model`` and its config to ``directory`` (created if needed)."""
+    """Write ``parts`` of ``model`` and its config to ``directory`` (created if needed).
+
+    The config is written last, with every part's SHA-256: a save interrupted at any point
+    leaves either the previous save or files that the loaders refuse as mixed.
+    """
     unknown = set(parts) - set(PART_FILES)
     if unknown:
         raise ValueError(f"unknown parts {sorted(unknown)}; choose from {sorted(PART_FILES)}")
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     learn, tail = split_state_dict(model)
-    meta = {"format": "kind_fast", "kind_fast_version": __version__}
+    cfg = _model_config(model)
+    meta = {"format": "kind_fast", "kind_fast_version": __version__, "structure_sha256": structure_digest(cfg)}
+    files = {}
     for part in parts:
         tensors = {k: v.detach().contiguous().cpu() for k, v in (learn if part == "learngenes" else tail).items()}
-        atomic_write_bytes(save(tensors, metadata=dict(meta, part=part)), d / PART_FILES[part])
-    cfg = _model_config(model)
+        data = save(tensors, metadata=dict(meta, part=part))
+        files[PART_FILES[part]] = file_record(data)
+        atomic_write_bytes(data, d / PART_FILES[part])
     cfg["parts"] = {p: PART_FILES[p] for p in parts}
+    cfg["files"] = files
     atomic_write_text(json.dumps(cfg, indent=2, sort_keys=True), d / CONFIG_FILE)
     return d
 
@@ -113,10 +178,18 @@ def _read_config(directory: Path) -> dict:
         raise FileNotFoundError(f"{path} not found: not a kind_fast save directory")
     try:
         cfg = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is not valid JSON ({e}); the save is corrupt") from e
-    if cfg.get("format") != "kind_fast" or cfg.get("format_version", 0) > FORMAT_VERSION:
-        raise ValueError(f"{path}: unsupported format {cfg.get('format')!r} v{cfg.get('format_version')}")
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path} must hold a JSON object (the kind_fast save config), got a "
+                         f"{type(cfg).__name__}; the save is corrupt")
+    version = cfg.get("format_version", 0)
+    if cfg.get("format") != "kind_fast" or not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ValueError(f"{path}: unsupported format {cfg.get('format')!r} v{version}")
+    for key, kind in (("layers", dict), ("parts", dict), ("gate", (dict, type(None))), ("model", (dict, type(None))),
+                      ("files", dict)):
+        if (key in cfg or (key == "files" and version >= 2)) and not isinstance(cfg.get(key), kind):
+            raise ValueError(f"{path}: {key!r} is missing or malformed; the save is corrupt")
     return cfg
 
 
@@ -127,8 +200,17 @@ def _read_part(directory: Path, cfg: dict, part: str) -> dict[str, Tensor]:
     path = directory / name
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing")
+    if cfg.get("format_version", 1) < 2:  # written before integrity records
+        data = path.read_bytes()
+    else:
+        data = verify_file(path, cfg["files"].get(name), CONFIG_FILE)
+        if _safetensors_metadata(data).get("structure_sha256") != structure_digest(cfg):
+            raise ValueError(
+                f"{directory / CONFIG_FILE} does not describe the weights in {path}: its layers/gate/model "
+                "sections differ from the ones saved with them (edited by hand?). Restore the saved config "
+                "or save the model again")
     try:
-        return load_file(str(path))
+        return load(data)
     except Exception as e:  # noqa: BLE001 - safetensors raises several types for corrupt files
         raise ValueError(f"{path} could not be read ({type(e).__name__}: {e}); the save is corrupt") from e
 
@@ -157,7 +239,10 @@ def load_learngenes(model: nn.Module, directory: str | os.PathLike) -> nn.Module
     """
     d = Path(directory)
     cfg = _read_config(d)
-    tensors = _read_part(d, cfg, "learngenes")
+    return _load_learngenes(model, d, cfg, _read_part(d, cfg, "learngenes"))
+
+
+def _load_learngenes(model: nn.Module, d: Path, cfg: dict, tensors: dict[str, Tensor]) -> nn.Module:
     layers = dict(kind_layers(model))
     for name, spec in cfg["layers"].items():
         if name not in layers:
@@ -179,7 +264,10 @@ def load_tailors(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     saved config and shared by every KIND layer again)."""
     d = Path(directory)
     cfg = _read_config(d)
-    tensors = _read_part(d, cfg, "tailors")
+    return _load_tailors(model, cfg, _read_part(d, cfg, "tailors"))
+
+
+def _load_tailors(model: nn.Module, cfg: dict, tensors: dict[str, Tensor]) -> nn.Module:
     gate_tables = {k: v for k, v in tensors.items() if k == "table" or k.endswith(".table")}
     rest = {k: v for k, v in tensors.items() if k not in gate_tables}
     _copy_into(model, rest, what="load_tailors")
@@ -219,10 +307,11 @@ def load_pretrained(directory: str | os.PathLike, map_location: str | torch.devi
     with torch.device("meta"):
         model = DiT(**mcfg["arch"], kind=kind)
     model.to_empty(device=map_location)  # every tensor is overwritten below
-    covered = set(_read_part(d, cfg, "learngenes")) | set(_read_part(d, cfg, "tailors"))
+    learn, tail = _read_part(d, cfg, "learngenes"), _read_part(d, cfg, "tailors")
+    covered = set(learn) | set(tail)
     uncovered = [k for k in model.state_dict() if k not in covered and not k.startswith("kind_gate.")]
     if uncovered:
         raise ValueError(f"{d}: the save does not cover {uncovered[:5]}; it is incomplete or from another model")
-    load_learngenes(model, d)
-    load_tailors(model, d)
+    _load_learngenes(model, d, cfg, learn)
+    _load_tailors(model, cfg, tail)
     return model

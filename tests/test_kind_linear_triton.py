@@ -387,7 +387,9 @@ def test_layer_routes_small_rank_to_m2(interpreter, monkeypatch):
     torch.manual_seed(0)
     gate = kf.ClassGate.block(4, 16, 8)
     layer = kf.FastKindLinear(64, 80, tailor_rank=16, learngene_rank=8, gate=gate)
-    assert kt.choose_path(64, 64, 80, 8, 16, learngene_rank=8).path == "M2"
+    from kind_fast.ops.paths import choose_path
+
+    assert choose_path(64, 64, 80, 8, 16, learngene_rank=8).path == "M2"
     x = torch.randn(2, 32, 64)
     labels = torch.tensor([1, 4])
     with kf.use_backend("triton"):
@@ -431,7 +433,8 @@ def test_supports_and_status(monkeypatch):
 
 
 def test_cost_model_paths():
-    from kind_fast.ops.kind_linear_triton import MAX_ACTIVE, choose_path
+    from kind_fast.ops.kind_linear_triton import MAX_ACTIVE
+    from kind_fast.ops.paths import choose_path
 
     c = choose_path(8192, 1152, 4608, 32, 96, learngene_rank=1056)
     assert c.path == "M1" and c.would_prefer == "M1"

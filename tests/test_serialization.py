@@ -132,3 +132,105 @@ def test_kindified_model_save_load(tmp_path):
     load_learngenes(other, tmp_path)
     load_tailors(other, tmp_path)
     torch.testing.assert_close(other(x, t, y), dense(x, t, y), rtol=0, atol=0)
+
+
+# =====================================================================================
+# Integrity (issue 12): interrupted saves, changed bytes, edited configs
+# =====================================================================================
+def test_an_interrupted_save_is_refused_not_mixed(tmp_path, monkeypatch):
+    import kind_fast.serialization as ser
+
+    old, new = model(seed=0), model(seed=1)
+    save_pretrained(old, tmp_path)
+    real = ser.atomic_write_bytes
+
+    def killed_after_learngenes(data, path):
+        real(data, path)
+        if path.name == "learngenes.safetensors":
+            raise KeyboardInterrupt("killed")  # the process dies here: new learngenes, old tailors
+
+    monkeypatch.setattr(ser, "atomic_write_bytes", killed_after_learngenes)
+    with pytest.raises(KeyboardInterrupt):
+        save_pretrained(new, tmp_path)
+    monkeypatch.setattr(ser, "atomic_write_bytes", real)
+    with pytest.raises(ValueError, match="two different saves"):
+        load_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="two different saves"):
+        load_learngenes(model(), tmp_path)
+    save_pretrained(new, tmp_path)  # a complete save is accepted again
+    torch.testing.assert_close(run(load_pretrained(tmp_path).eval()), run(new), rtol=0, atol=0)
+
+
+def test_an_interrupted_training_export_is_refused(tmp_path, monkeypatch):
+    """train.models.save_weights: the weights folder as a whole (train_spec.json last)."""
+    import kind_fast.atomic
+    from kind_fast.train.models import SPEC_FILE, load_weights, save_weights
+
+    spec = {"mode": "pretrain", "method": "kind", "arch": {}, "kind": {"tailor_rank": 8}}
+    save_weights(model(seed=0), spec, tmp_path)
+    real = kind_fast.atomic.atomic_write_text
+
+    def killed_before_the_spec(text, path):
+        if path.name == SPEC_FILE:
+            raise KeyboardInterrupt("killed")
+        real(text, path)
+
+    monkeypatch.setattr(kind_fast.atomic, "atomic_write_text", killed_before_the_spec)
+    with pytest.raises(KeyboardInterrupt):
+        save_weights(model(seed=1), spec, tmp_path)
+    monkeypatch.setattr(kind_fast.atomic, "atomic_write_text", real)
+    with pytest.raises(ValueError, match="two different saves"):
+        load_weights(tmp_path)
+    dense_spec = {"mode": "pretrain", "method": "dense", "kind": None,
+                  "arch": dict(input_size=8, patch_size=2, in_channels=2, hidden_size=32, depth=1, num_heads=4,
+                               num_classes=3)}
+    dense = DiT(**dense_spec["arch"], kind=None)
+    save_weights(dense, dense_spec, tmp_path / "dense")
+    w = tmp_path / "dense" / "model.safetensors"
+    data = bytearray(w.read_bytes())
+    data[-5] ^= 0x10
+    w.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="does not match the SHA-256"):
+        load_weights(tmp_path / "dense")
+
+
+def test_changed_bytes_in_safetensors_data_are_refused(tmp_path):
+    save_pretrained(model(), tmp_path)
+    path = tmp_path / "tailors.safetensors"
+    good = path.read_bytes()
+    header = 8 + int.from_bytes(good[:8], "little")
+    rng = torch.Generator().manual_seed(0)
+    for pos in torch.randint(header, len(good), (10,), generator=rng).tolist():
+        data = bytearray(good)
+        data[pos] ^= 1 << (pos % 8)
+        path.write_bytes(bytes(data))
+        with pytest.raises(ValueError, match="corrupt"):
+            load_pretrained(tmp_path)
+    path.write_bytes(good)
+    load_pretrained(tmp_path)
+
+
+def test_edited_or_malformed_config_is_refused(tmp_path):
+    m = model()
+    save_pretrained(m, tmp_path)
+    cfg_path = tmp_path / "kind_config.json"
+    good = json.loads(cfg_path.read_text())
+    edited = json.loads(json.dumps(good))
+    edited["model"]["arch"]["num_heads"] = 2  # same tensor shapes, different model
+    cfg_path.write_text(json.dumps(edited))
+    with pytest.raises(ValueError, match="does not describe the weights"):
+        load_pretrained(tmp_path)
+    cfg_path.write_text(json.dumps([good]))
+    with pytest.raises(ValueError, match="must hold a JSON object"):
+        load_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="must hold a JSON object"):
+        load_learngenes(model(), tmp_path)
+    from kind_fast.train.models import init_info
+
+    with pytest.raises(ValueError, match="must hold a JSON object"):
+        init_info(tmp_path)
+    # a save of format version 1 (no integrity records) still loads
+    v1 = {k: v for k, v in good.items() if k != "files"}
+    v1["format_version"] = 1
+    cfg_path.write_text(json.dumps(v1))
+    torch.testing.assert_close(run(load_pretrained(tmp_path).eval()), run(m), rtol=0, atol=0)

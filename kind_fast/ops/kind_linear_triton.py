@@ -12,13 +12,14 @@ with the reference's fake kernels, autograd (``make_kind_linear_backward``) and 
 The backend registry (kind_fast/backends.py) imports this module on first use; nothing here
 imports Triton until a kernel runs or ``status()`` is asked.
 
-Paths (``choose_path`` is the cost model; ``python -m kind_fast.info`` shows it for the DiT
-shapes and ``KIND_FAST_DEBUG=1`` logs each new choice to stderr):
+Paths (the op family's cost model ``kind_fast.ops.paths.choose_path`` picks one per call;
+``python -m kind_fast.info`` shows it for the DiT shapes and ``KIND_FAST_DEBUG=1`` logs each new
+choice and tile config to stderr):
     M1  one fused kernel: x·W_Gᵀ + gathered gated tailor term + bias, shrink in the same K-loop
         (forward); dx fused the same way, dU_T/dV_T, dσ_T, dval by the tailor kernels (backward).
-    M2  fully factored (``kind_linear_factored``; FastKindLinear takes it on this backend when
-        the cost model says so): the learngenes become N_G always-on slots of the same kernel,
-        no W_G, no dense GEMM. Needs N_G + K <= 128.
+    M2  fully factored (``kind_linear_factored``; the op family's entry point takes it on this
+        backend when the cost model says so): the learngenes become N_G always-on slots of the
+        same kernel, no W_G, no dense GEMM. Needs N_G + K <= 128.
     M0  the reference (no active tailors, K > 128 active tailors: the fused kernels keep a BM×K
         shrink accumulator in registers; or M·max(in, out) >= 2^31: int32 offsets).
     M3 (per-class merged weights for sampling) is evaluated by the cost model and reported, but
@@ -35,7 +36,6 @@ import importlib
 import os
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -45,7 +45,6 @@ from kind_fast.ops.kind_linear import (
     kind_linear_backward_fake,
     kind_linear_backward_ref,
     kind_linear_fake,
-    kind_linear_flops,
     kind_linear_ref,
     kind_linear_setup_context,
     make_kind_linear_backward,
@@ -54,7 +53,7 @@ from kind_fast.ops.kind_linear import (
 from kind_fast.ops.self_check import SelfCheckGate
 
 __all__ = ["OP", "BACKWARD_OP", "FACTORED_OP", "kind_linear_factored", "status", "supports", "auto_ready",
-           "self_check", "choose_path", "PathChoice", "MAX_ACTIVE"]
+           "self_check", "MAX_ACTIVE"]
 
 MAX_ACTIVE = 128  # = kernels.kind_linear.MAX_ACTIVE (kept here so the cost model needs no Triton)
 _KERNEL_MODULE = "kind_fast.kernels.kind_linear"
@@ -100,54 +99,6 @@ def supports(device_type: str, dtype: torch.dtype) -> bool:
     return False
 
 
-# =====================================================================================
-# Cost model: which path runs a shape
-# =====================================================================================
-@dataclass(frozen=True)
-class PathChoice:
-    path: str            # "M1" or "M0"
-    reason: str
-    flop_ratio: float    # KIND forward FLOPs / dense F.linear FLOPs of the same shape
-    would_prefer: str    # the path the cost model would pick if every path were implemented
-
-
-def choose_path(
-    rows: int, n_in: int, n_out: int, active: int, tailor_rank: int, *,
-    learngene_rank: int | None = None, distinct_classes: int | None = None, training: bool = True,
-) -> PathChoice:
-    """The path the Triton backend takes for one layer shape, and the cost model's reasons.
-
-    FLOPs per path (forward; the backward scales alike), M rows, K active tailors:
-        M1  2·M·in·out + 2·M·K·(in + out)               (+ W_G materialised once by the layer)
-        M2  2·M·(r_G + K)·(in + out)                    wins when r_G + K < ~0.5·min(in, out)
-        M3  2·M·in·out + 2·C_b·K·in·out (merge C_b weights; inference only) wins when the
-            merge is cheaper than the tailor term: C_b < M·(in + out)/(in·out)
-    """
-    dense = 2 * rows * n_in * n_out
-    m1 = kind_linear_flops(rows, n_in, n_out, active)
-    ratio = m1 / max(dense, 1)
-    prefer = "M1"
-    if learngene_rank is not None and 2 * rows * (learngene_rank + active) * (n_in + n_out) < dense:
-        prefer = "M2"
-    if (not training and distinct_classes is not None
-            and distinct_classes * n_in * n_out < rows * (n_in + n_out)):
-        prefer = "M3"
-    if prefer == "M2" and 0 < learngene_rank + active <= MAX_ACTIVE and rows > 0:
-        m2 = 2 * rows * (learngene_rank + active) * (n_in + n_out) / max(dense, 1)
-        return PathChoice("M2", f"fully factored, no W_G: r_G + K = {learngene_rank + active} slots "
-                          "in the fused kernel (kind_linear_factored)", m2, "M2")
-    if active == 0 or tailor_rank == 0 or rows == 0:
-        return PathChoice("M0", "no active tailors: the reference is one F.linear", ratio, "M0")
-    if active > MAX_ACTIVE:
-        return PathChoice("M0", f"K={active} active tailors > {MAX_ACTIVE}: reference", ratio, prefer)
-    reason = "fused GEMM + gathered tailor term, shrink in the same K-loop"
-    if prefer == "M2":
-        reason += f" (M2 would be cheaper by the FLOP model but r_G + K > {MAX_ACTIVE})"
-    elif prefer == "M3":
-        reason += " (M3 would be cheaper by the FLOP model but is not implemented)"
-    return PathChoice("M1", reason, ratio, prefer)
-
-
 _LOGGED: set = set()
 
 
@@ -159,6 +110,8 @@ def _debug_log(kind: str, x: Tensor, n_out: int, k: int, n_t: int, b: int, extra
         return
     _LOGGED.add(key)
     m, n_in = x.shape
+    from kind_fast.ops.paths import choose_path  # the op family's cost model
+
     choice = choose_path(m, n_in, n_out, k, n_t)
     print(f"kind_fast[triton] {kind}: M={m} in={n_in} out={n_out} K={k} N_T={n_t} T={m // max(b, 1)} "
           f"{x.dtype} -> {choice.path} ({choice.reason}) {extra}", file=sys.stderr)

@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 import torch
 
+from kind_fast._tracing import capturing_or_tracing
 from kind_fast.ops.kind_linear import kind_linear_backward_ref, kind_linear_ref
 
 __all__ = ["capturing_or_tracing", "check_ops", "SelfCheckGate", "CHECK_CASES"]
@@ -28,20 +29,6 @@ _TOL = {torch.float16: 2e-2, torch.bfloat16: 6e-2}
 # tile, both tailor plans (T >= K: "sample"; T < K: "row"), a padded gate row (fewer active
 # tailors than K) and a repeated tailor id inside a row.
 CHECK_CASES = ((72, 80, 24, 7, 3, 37, 5), (40, 56, 16, 9, 4, 3, 3))
-
-
-def capturing_or_tracing() -> bool:
-    """True inside torch.compile tracing or CUDA-graph capture: no self-checks, no timing."""
-    if torch.compiler.is_compiling():
-        return True
-    try:
-        from torch._guards import TracingContext
-
-        if TracingContext.try_get() is not None:
-            return True
-    except ImportError:  # pragma: no cover - very old torch
-        pass
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 def _cannot_run_real_kernels() -> bool:

@@ -1,4 +1,4 @@
-"""Training checkpoints: atomic, keep-last-N, validated on load.
+"""Training checkpoints: atomic, keep-last-N, verified on load, never lost on resume.
 
 A checkpoint is one ``torch.save`` file ``<out>/checkpoints/step_XXXXXXXX.pt`` holding only
 tensors and plain Python containers (so it loads with ``weights_only=True``)::
@@ -9,15 +9,30 @@ tensors and plain Python containers (so it loads with ``weights_only=True``)::
     rng (per rank: torch CPU, CUDA, numpy, python), data (samples consumed)
 
 Writes go to a temporary file in the same folder, are flushed and fsync'ed, then renamed over
-the final name (``os.replace`` is atomic on POSIX and Windows): a crash mid-write leaves the
-previous checkpoints untouched and no partial file under a checkpoint name. Old checkpoints
-are deleted only after the new one is in place.
+the final name (``kind_fast.atomic``): a crash mid-write leaves the previous checkpoints
+untouched and no partial file under a checkpoint name (the orphaned temporary file is removed
+by the next write or the next run). Every zip record carries a CRC-32 that ``load_checkpoint``
+verifies, so a flipped bit in tensor data is refused, not loaded.
+
+Policy (``docs/design.md`` §4):
+
+* pruning keeps the newest ``keep_last`` checkpoints *at or below the step just written*; it
+  never deletes the checkpoint it just wrote, nor anything newer;
+* resuming from a checkpoint when the run folder holds newer ones (for example after the
+  newest was found truncated) moves the newer ones, and the outputs that came from them
+  (``model/``, ``ema/``, ``samples/``, ``eval.json``, copies of ``metrics.csv`` and
+  ``config.json``), to ``<out>/superseded/<time>-after-step-N/``: nothing is deleted, and the
+  resumed run can neither continue the old one nor be mistaken for it;
+* resuming into a run folder from a checkpoint of *another* folder is refused while the run
+  folder holds checkpoints of its own.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import shutil
+import time
 import zipfile
 from pathlib import Path
 
@@ -28,6 +43,11 @@ from kind_fast.atomic import atomic_torch_save
 FORMAT = "kind_fast.train"
 FORMAT_VERSION = 1
 CKPT_DIR = "checkpoints"
+SUPERSEDED_DIR = "superseded"
+# outputs of a run that a resume from an older checkpoint supersedes (moved aside) ...
+RUN_OUTPUTS = ("model", "ema", "samples", "eval.json")
+# ... and records it keeps writing into (copied aside: the resumed run truncates/overwrites them)
+RUN_RECORDS = ("metrics.csv", "config.json")
 _NAME = re.compile(r"^step_(\d{8,})\.pt$")
 
 
@@ -52,11 +72,15 @@ def list_checkpoints(out: str | os.PathLike) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def prune_checkpoints(out: str | os.PathLike, keep_last: int) -> list[Path]:
-    """Delete all but the newest ``keep_last`` checkpoints; returns the deleted paths."""
+def prune_checkpoints(out: str | os.PathLike, keep_last: int, *, newest: int | None = None) -> list[Path]:
+    """Delete the oldest checkpoints so that ``keep_last`` remain at or below step ``newest``
+    (default: the newest checkpoint). Checkpoints above ``newest`` are never touched, so a
+    save followed by a prune can never delete what it just wrote. Returns the deleted paths."""
     if keep_last < 1:
         raise ValueError(f"keep_last must be >= 1, got {keep_last}")
     ckpts = list_checkpoints(out)
+    if newest is not None:
+        ckpts = [(s, p) for s, p in ckpts if s <= newest]
     doomed = [p for _, p in ckpts[:-keep_last]]
     for p in doomed:
         p.unlink(missing_ok=True)
@@ -64,23 +88,41 @@ def prune_checkpoints(out: str | os.PathLike, keep_last: int) -> list[Path]:
 
 
 def save_checkpoint(state: dict, out: str | os.PathLike, step: int, *, keep_last: int) -> Path:
-    """Write ``state`` as the checkpoint of ``step`` atomically, then prune to ``keep_last``."""
+    """Write ``state`` as the checkpoint of ``step`` atomically, then prune older ones to
+    ``keep_last`` (see ``prune_checkpoints``)."""
     state = dict(state, format=FORMAT, format_version=FORMAT_VERSION, step=int(step))
     path = Path(out) / CKPT_DIR / checkpoint_name(step)
     atomic_torch_save(state, path)
-    prune_checkpoints(out, keep_last)
+    prune_checkpoints(out, keep_last, newest=int(step))
     return path
+
+
+def _verify_zip(p: Path) -> None:
+    """Check every record of a ``torch.save`` zip against its CRC-32 (torch.load does not)."""
+    try:
+        with zipfile.ZipFile(p) as z:
+            bad = z.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as e:
+        raise CheckpointError(
+            f"checkpoint {p} is corrupt or truncated ({type(e).__name__}: {str(e)[:200]}); "
+            "resume from an earlier checkpoint (--resume PATH) or start a new run"
+        ) from e
+    if bad is not None:
+        raise CheckpointError(
+            f"checkpoint {p} is corrupt: its record {bad!r} fails the CRC-32 check (a changed byte: "
+            "disk or copy error); resume from an earlier checkpoint (--resume PATH)")
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
     """Load and sanity-check a checkpoint file (``weights_only=True``: no code runs).
 
     Raises FileNotFoundError if it is missing and CheckpointError (a ValueError) if it is
-    truncated, corrupt, or not a kind_fast training checkpoint.
+    truncated, corrupt (any record failing its CRC-32), or not a kind_fast training checkpoint.
     """
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"checkpoint {p} not found")
+    _verify_zip(p)
     try:
         state = torch.load(p, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
@@ -131,3 +173,41 @@ def check_compatible(state: dict, spec: dict, path: Path | str) -> None:
     if diffs:
         detail = "; ".join(f"{k}: checkpoint {saved.get(k)!r} vs run {spec.get(k)!r}" for k in diffs)
         raise CheckpointError(f"checkpoint {path} is from an incompatible run ({detail})")
+
+
+def in_run_folder(path: str | os.PathLike, out: str | os.PathLike) -> bool:
+    """Whether checkpoint ``path`` lies in ``<out>/checkpoints``."""
+    return Path(path).resolve().parent == (Path(out) / CKPT_DIR).resolve()
+
+
+def check_resume_source(path: Path, out: str | os.PathLike) -> None:
+    """Refuse to resume into a run folder that holds its own checkpoints from a checkpoint
+    of another folder (the two runs' checkpoints would mix, and pruning would mix them up)."""
+    if not in_run_folder(path, out) and list_checkpoints(out):
+        raise FileExistsError(
+            f"--resume {path}: the output folder {out} already holds checkpoints of another run; "
+            f"resume from one of those (--resume auto) or choose an empty --out (nothing was changed)")
+
+
+def supersede_newer(out: str | os.PathLike, step: int) -> Path | None:
+    """Move the checkpoints of ``out`` newer than ``step`` and the outputs made from them
+    aside, to ``<out>/superseded/<time>-after-step-<step>/`` (nothing is deleted); returns
+    that folder, or None when there are no newer checkpoints."""
+    out = Path(out)
+    newer = [p for s, p in list_checkpoints(out) if s > step]
+    if not newer:
+        return None
+    base = out / SUPERSEDED_DIR / f"{time.strftime('%Y%m%d-%H%M%S')}-after-step-{step}"
+    dest, n = base, 1
+    while dest.exists():
+        dest, n = base.with_name(f"{base.name}-{n}"), n + 1
+    (dest / CKPT_DIR).mkdir(parents=True)
+    for name in RUN_RECORDS:
+        if (out / name).is_file():
+            shutil.copy2(out / name, dest / name)
+    for p in newer:
+        os.replace(p, dest / CKPT_DIR / p.name)
+    for name in RUN_OUTPUTS:
+        if (out / name).exists():
+            os.replace(out / name, dest / name)
+    return dest

@@ -85,7 +85,7 @@ def config_from_args(args: argparse.Namespace, mode: str) -> RunConfig:
 
 
 def run_training(args: argparse.Namespace, mode: str) -> int:
-    from kind_fast.train.loop import Trainer
+    from kind_fast.train.loop import NonFiniteError, Trainer
 
     try:
         cfg = config_from_args(args, mode)
@@ -109,8 +109,12 @@ def run_training(args: argparse.Namespace, mode: str) -> int:
                   f"{cfg.steps} steps × batch {cfg.batch_size} on {trainer.device}"
                   f"{f' × {trainer.env.world_size} processes' if trainer.env.distributed else ''}")
             print_trainable_parameters(trainer.model)
-        losses = trainer.train()
-        paths = trainer.export()
+        try:
+            losses = trainer.train()
+            paths = trainer.export()
+        except NonFiniteError as e:
+            print(f"kind-fast {mode}: {e}", file=sys.stderr)
+            return 3
         if main:
             w = max(1, len(losses) // 10)
             print(f"loss: first {w} steps {sum(losses[:w]) / w:.4f}, last {w} steps {sum(losses[-w:]) / w:.4f}")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import typing
 from dataclasses import asdict, dataclass, field, fields
@@ -140,6 +141,9 @@ class RunConfig:
             if not cond:
                 raise ValueError(f"config {key}: {msg}")
 
+        for key, value in _flat_items(self):  # nan/inf would pass the range checks below
+            if isinstance(value, float):
+                need(math.isfinite(value), key, f"must be a finite number, got {value}")
         need(self.mode in MODES, "mode", f"must be one of {MODES}, got {self.mode!r}")
         methods = PRETRAIN_METHODS if self.mode == "pretrain" else TRANSFER_METHODS
         need(self.method.name in methods, "method.name",
@@ -198,6 +202,15 @@ class RunConfig:
 # =====================================================================================
 # Merging and type checks
 # =====================================================================================
+def _flat_items(obj, prefix: str = ""):
+    for f in fields(obj):
+        v = getattr(obj, f.name)
+        if dataclasses.is_dataclass(v):
+            yield from _flat_items(v, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", v
+
+
 def _merge(obj, d: dict, prefix: str):
     if not isinstance(d, dict):
         raise ValueError(f"config {prefix or 'file'}: expected a mapping, got {type(d).__name__}")

@@ -17,6 +17,14 @@ a run resumed from a checkpoint (which also restores model, EMA, optimiser, sche
 states) reproduces the losses of an uninterrupted run bit for bit on the same machine, and W
 processes with per-rank batch B/W reproduce a one-process run with batch B up to the float
 rounding of the gradient all-reduce.
+
+Reliability (``docs/design.md`` §4): one run per output folder (``runlock``: a second run into
+the same ``out`` is refused; a killed run's lock is released by the OS); temporary files of
+killed writes are swept when a run starts; resuming from an older checkpoint moves newer ones
+aside instead of deleting or continuing them (``checkpoint``); ``--resume`` with a changed
+``optim.lr``, ``optim.weight_decay`` or ``optim.beta1/beta2`` applies the new values to the
+restored optimizer; a non-finite loss stops the run (``NonFiniteError``) and no checkpoint or
+export is ever written from non-finite parameters.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from kind_fast.atomic import remove_stale_temps_under
 from kind_fast.diffusion import GaussianDiffusion
 from kind_fast.train import checkpoint as ck
 from kind_fast.train.config import RunConfig
@@ -47,6 +56,7 @@ from kind_fast.train.distributed import (
 )
 from kind_fast.train.logger import MetricsLogger
 from kind_fast.train.models import build_model, make_spec, model_from_state, save_weights
+from kind_fast.train.runlock import RunLock, RunLockedError
 
 # config keys that may change when a run is resumed without changing what it computes
 _RESUME_FREE = {"steps", "out", "ckpt_every", "keep_last", "log_every", "tensorboard", "progress",
@@ -94,19 +104,48 @@ def _full(t: Tensor) -> Tensor:
     return t.full_tensor() if _is_dtensor(t) else t
 
 
+def _local(t: Tensor) -> Tensor:
+    return t.to_local() if _is_dtensor(t) else t
+
+
+class NonFiniteError(RuntimeError):
+    """The loss or the trained parameters became NaN/inf; the run stopped without saving."""
+
+
 class Trainer:
     """Builds everything a run needs from a ``RunConfig`` and trains it.
 
     ``resume``: None (a fresh run; the output folder must hold no checkpoints), ``"auto"``
     (the newest checkpoint in ``cfg.out`` if any, else fresh), or a checkpoint file / run folder.
+
+    The run holds ``cfg.out``'s run lock until ``close()`` (RunLockedError if another run
+    holds it).
     """
 
     def __init__(self, cfg: RunConfig, *, resume: str | None = None, log=print):
         cfg.validate()
         self.cfg, self.log_fn = cfg, log
         self.env = init_distributed(cfg.device)
-        self.device = self.env.device
         self.out = Path(cfg.out)
+        self.lock = RunLock(self.out)
+        refused = None
+        if self.env.is_main:
+            try:
+                self.lock.acquire()
+            except RunLockedError as e:
+                refused = str(e)
+        refused = broadcast_object(refused, self.env)
+        if refused:
+            raise RunLockedError(refused)
+        try:
+            self._setup(resume)
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _setup(self, resume: str | None) -> None:
+        cfg = self.cfg
+        self.device = self.env.device
         self.amp_dtype = None
         if cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda"):
             self.amp_dtype = torch.bfloat16
@@ -130,6 +169,8 @@ class Trainer:
             raise FileExistsError(
                 f"{self.out} already holds checkpoints of a run: pass --resume auto to continue it, "
                 "or choose another --out (nothing there was changed)")
+        if ckpt_path is not None:
+            ck.check_resume_source(ckpt_path, self.out)
         state = ck.load_checkpoint(ckpt_path) if ckpt_path else None
         if state is not None:
             ck.check_compatible(state, self.spec, ckpt_path)
@@ -160,14 +201,27 @@ class Trainer:
         self.step = 0
         self.elapsed = 0.0
         self.losses: list[float] = []
+        # step of the checkpoint in this run folder that holds the current state (None: none)
+        self._saved_step: int | None = None
         if state is not None:
             self._load_state(state)
+            applied = self._apply_optim_settings()
             if self.env.is_main:
                 self.log_fn(f"resumed from {ckpt_path} at step {self.step}")
+                if applied:
+                    self.log_fn(f"applied to the restored optimizer: {', '.join(applied)}")
+            if ck.in_run_folder(ckpt_path, self.out):
+                self._saved_step = self.step
         self.resumed_from = ckpt_path
 
         if self.env.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
+            remove_stale_temps_under([self.out] + [self.out / d for d in (ck.CKPT_DIR, "model", "ema", "samples")])
+            if self._saved_step is not None:
+                moved = ck.supersede_newer(self.out, self.step)
+                if moved is not None:
+                    self.log_fn(f"note: {self.out} held checkpoints newer than step {self.step}; they and the "
+                                f"outputs made from them were moved to {moved} (nothing was deleted)")
             cfg.save(self.out / "config.json")
             self.logger = MetricsLogger(self.out, resume_step=self.step if state is not None else None,
                                         tensorboard=cfg.tensorboard)
@@ -211,6 +265,30 @@ class Trainer:
         self.elapsed = float(state.get("elapsed_s", 0.0))
         self.losses = torch.as_tensor(state.get("losses", [])).tolist()
 
+    def _apply_optim_settings(self) -> list[str]:
+        """Resume policy for optimizer hyperparameters: the run's config wins. The restored
+        optimizer state carries the checkpoint's lr (as the schedule's base lr), weight decay
+        and betas; where the config differs, the config's values are applied (the schedule's
+        factor at the current step is kept). Returns what changed, for the log."""
+        o = self.cfg.optim
+        changed: list[str] = []
+        want = {"weight_decay": o.weight_decay, "betas": (o.beta1, o.beta2)}
+        for key, value in want.items():
+            old = {tuple(g[key]) if key == "betas" else g[key] for g in self.opt.param_groups}
+            if old != {value}:
+                changed.append(f"optim.{key} {sorted(old)[0]} -> {value}")
+                for g in self.opt.param_groups:
+                    g[key] = value
+        sched = self.sched
+        if any(b != o.lr for b in sched.base_lrs):
+            changed.append(f"optim.lr {sched.base_lrs[0]} -> {o.lr}")
+            sched.base_lrs = [o.lr] * len(self.opt.param_groups)
+            for g, factor in zip(self.opt.param_groups, sched.lr_lambdas):
+                g["initial_lr"] = o.lr
+                g["lr"] = o.lr * factor(sched.last_epoch)
+            sched._last_lr = [g["lr"] for g in self.opt.param_groups]
+        return changed
+
     def full_model_state(self) -> dict[str, Tensor]:
         """Full (gathered) model state dict on the CPU; a collective under FSDP."""
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
@@ -238,12 +316,30 @@ class Trainer:
         }
 
     def save_checkpoint(self) -> Path | None:
+        self.check_finite_state("writing a checkpoint")
         state = self.checkpoint_state()  # every rank takes part (FSDP gathers)
         path = None
         if self.env.is_main:
             path = ck.save_checkpoint(state, self.out, self.step, keep_last=self.cfg.keep_last)
+        self._saved_step = self.step
         barrier(self.env)
         return path
+
+    # ------------------------------------------------------------------ non-finite guard
+    def _last_good(self) -> str:
+        last = ck.list_checkpoints(self.out) if self.env.is_main else []
+        return f"the last checkpoint is {last[-1][1]}" if last else "no checkpoint was written"
+
+    def check_finite_state(self, doing: str) -> None:
+        """Raise NonFiniteError (on every rank) if a trainable parameter or its EMA holds
+        NaN/inf: nothing is written from such a state."""
+        ts = [_local(t) for t in (*self.params, *self.ema.values())]
+        bad = torch.stack([(~torch.isfinite(t)).any() for t in ts]).any().float()
+        if float(all_reduce_mean(bad.to(self.device), self.env)) > 0:
+            raise NonFiniteError(
+                f"the model's parameters became non-finite (NaN/inf) by step {self.step}; stopped before "
+                f"{doing}, nothing was written ({self._last_good()}). Lower the learning rate (--lr) or "
+                "check the data, then resume from a good checkpoint (--resume PATH)")
 
     # ------------------------------------------------------------------ one step
     def _draws(self, step: int) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
@@ -327,17 +423,15 @@ class Trainer:
                 bar.close()
         if pending:
             self._flush(pending, t_win, bar)
-        if self.step == cfg.steps and stop == cfg.steps:
-            # rank 0 decides (saving is a collective; other nodes may not see the folder)
-            last = ck.list_checkpoints(self.out) if self.env.is_main else []
-            if broadcast_object(not last or last[-1][0] != self.step, self.env):
-                self.save_checkpoint()
+        if self.step == cfg.steps and stop == cfg.steps and self._saved_step != self.step:
+            self.save_checkpoint()  # the same decision on every rank (saving is a collective)
         return list(self.losses)
 
     def _flush(self, pending: list[dict[str, Tensor]], t_win: float, bar) -> float:
         keys = ("loss", "mse", "vb")
         stacked = torch.stack([torch.stack([p[k].float() for k in keys]) for p in pending])  # (n, 3)
         stacked = all_reduce_mean(stacked, self.env).cpu()
+        bad = (~torch.isfinite(stacked[:, 0])).nonzero()
         gn = float(pending[-1]["grad_norm"])
         now = time.perf_counter()
         dt = max(now - t_win, 1e-9)
@@ -350,11 +444,19 @@ class Trainer:
             self.logger.log(row)
         if bar is not None:
             bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['samples_per_s']:.0f}")
+        if len(bad):
+            i = int(bad[0])
+            raise NonFiniteError(
+                f"the loss became non-finite ({stacked[i, 0].item()}) at step {self.step - len(pending) + 1 + i} "
+                f"(lr {row['lr']:g}); training stopped, no checkpoint was written from it "
+                f"({self._last_good()}). Lower the learning rate (--lr) or check the data, then resume "
+                "from a good checkpoint (--resume PATH)")
         return now
 
     # ------------------------------------------------------------------ outputs
     def export(self) -> dict[str, Path]:
         """Write ``<out>/model`` and ``<out>/ema`` (rank 0); returns their paths."""
+        self.check_finite_state("exporting the weights")
         state = self.full_model_state()
         ema = self.full_ema_state()
         paths = {}
@@ -406,6 +508,7 @@ class Trainer:
     def close(self) -> None:
         if self.logger is not None:
             self.logger.close()
+        self.lock.release()
         cleanup(self.env)
 
 

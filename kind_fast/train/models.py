@@ -85,9 +85,12 @@ def resolve_init(path: str | os.PathLike, which: str = "ema") -> Path:
 
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is not valid JSON ({e}); the save is corrupt") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object, got a {type(data).__name__}; the save is corrupt")
+    return data
 
 
 def init_info(init_dir: Path) -> dict:
@@ -97,7 +100,7 @@ def init_info(init_dir: Path) -> dict:
         return {"arch": spec["arch"], "kind": spec.get("kind"), "method": spec.get("method")}
     cfg = _read_json(init_dir / "kind_config.json")
     model = cfg.get("model") or {}
-    if model.get("class") != "kind_fast.dit.DiT":
+    if not isinstance(model, dict) or model.get("class") != "kind_fast.dit.DiT":
         raise ValueError(f"{init_dir} does not hold a kind_fast.dit.DiT save")
     return {"arch": model["arch"], "kind": model.get("kind"), "method": "kind"}
 
@@ -207,20 +210,27 @@ def build_model(cfg: RunConfig, spec: dict) -> nn.Module:
 # =====================================================================================
 def save_weights(model: nn.Module, spec: dict, directory: str | os.PathLike) -> Path:
     """KIND models: the ``save_pretrained`` layout (so ``--init`` and ``load_learngenes`` read
-    it); other models: ``model.safetensors``. Both with ``train_spec.json``."""
+    it); other models: ``model.safetensors``. Both with ``train_spec.json``, written last: its
+    ``files`` entry holds the SHA-256 of the weights file (dense) or of ``kind_config.json``
+    (which in turn records its parts), so ``load_weights`` refuses a folder that an interrupted
+    save left with files of two different saves."""
     from safetensors.torch import save
 
     from kind_fast.atomic import atomic_write_bytes, atomic_write_text
-    from kind_fast.serialization import save_pretrained
+    from kind_fast.serialization import CONFIG_FILE, file_record, save_pretrained
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     if spec.get("kind"):
         save_pretrained(model, directory)
+        name = CONFIG_FILE
+        data = (directory / name).read_bytes()
     else:
         full = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        atomic_write_bytes(save(full, metadata={"format": "kind_fast.train"}), directory / DENSE_WEIGHTS)
-    atomic_write_text(json.dumps(spec, indent=2, sort_keys=True) + "\n", directory / SPEC_FILE)
+        name, data = DENSE_WEIGHTS, save(full, metadata={"format": "kind_fast.train"})
+        atomic_write_bytes(data, directory / DENSE_WEIGHTS)
+    manifest = dict(spec, files={name: file_record(data)})
+    atomic_write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", directory / SPEC_FILE)
     return directory
 
 
@@ -240,14 +250,21 @@ def model_from_state(spec: dict, state: dict[str, torch.Tensor]) -> nn.Module:
 
 def load_weights(directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> nn.Module:
     """Rebuild a model written by ``save_weights`` (or any ``save_pretrained`` KIND-DiT)."""
-    from safetensors.torch import load_file
+    from safetensors.torch import load
 
-    from kind_fast.serialization import load_pretrained
+    from kind_fast.serialization import load_pretrained, verify_file
 
     d = Path(directory)
     if not d.is_dir():
         raise FileNotFoundError(f"weights folder {d} not found")
     spec = _read_json(d / SPEC_FILE) if (d / SPEC_FILE).is_file() else None
+    files = (spec or {}).pop("files", None) or {}
+    for name, record in files.items():
+        if name == DENSE_WEIGHTS:
+            continue  # read (and checked) once, below
+        if not (d / name).is_file():
+            raise FileNotFoundError(f"{d / name} is missing")
+        verify_file(d / name, record, SPEC_FILE)
     if spec is None or spec.get("kind"):
         if not (d / "kind_config.json").is_file():
             raise FileNotFoundError(f"{d} holds neither {SPEC_FILE} nor kind_config.json: not a kind_fast save")
@@ -255,13 +272,19 @@ def load_weights(directory: str | os.PathLike, map_location: str | torch.device 
     path = d / DENSE_WEIGHTS
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing")
+    data = verify_file(path, files[DENSE_WEIGHTS], SPEC_FILE) if DENSE_WEIGHTS in files else path.read_bytes()
     try:
-        tensors = load_file(str(path))
+        tensors = load(data)
     except Exception as e:  # noqa: BLE001 - safetensors raises several types
         raise ValueError(f"{path} could not be read ({type(e).__name__}: {e}); the save is corrupt") from e
     return model_from_state(spec, tensors).to(map_location)
 
 
 def read_spec(directory: str | os.PathLike) -> dict | None:
+    """The model spec saved beside weights (without its file records), or None."""
     p = Path(directory) / SPEC_FILE
-    return _read_json(p) if p.is_file() else None
+    if not p.is_file():
+        return None
+    spec = _read_json(p)
+    spec.pop("files", None)
+    return spec
