@@ -726,7 +726,7 @@ def _plan(m, n, kd, k, t, device, has_base, has_out) -> FusedPlan:
 
 
 def _capturing() -> bool:
-    from kind_fast.ops.self_check import capturing_or_tracing
+    from kind_fast._tracing import capturing_or_tracing
 
     return capturing_or_tracing()
 
@@ -939,7 +939,7 @@ def gate_grads(
     bt = 32
     kind_linear_gate_grad_kernel[(c1 + triton.cdiv(n_t, bt),)](
         ds, labels, idx, sigma, pos, dg, dval if need_dval else ds, dsig if need_dsig else ds,
-        b, c1, n_t, k, KP=ds.shape[1], BB=min(64, triton.next_power_of_2(b)), BT=bt,
+        b, c1, n_t, k, KP=ds.shape[1], BB=32, BT=bt,
         NEED_DVAL=need_dval, NEED_DSIG=need_dsig)
     return dval, dsig
 
@@ -951,42 +951,39 @@ AUDIT_LAYERS = (("DiT-XL/2.q|k|v|proj", 1152, 1152), ("DiT-XL/2.qkv", 1152, 3456
                 ("DiT-XL/2.fc2", 4608, 1152), ("DiT-S/2.proj", 384, 384), ("DiT-S/2.fc1", 384, 1536))
 
 
-def _audit_launches(name, n_in, n_out, m, k, n_t, t, dtype, autotune=False):
-    """Run the launchers of one layer's forward and backward (every gradient, both paths) on
-    meta tensors; inside kind_fast.audit.capture_launches they record instead of launching."""
+def replay_launches(n_in, n_out, m, k, n_t, t, dtype, *, m1=True, m2_learngenes=None, autotune=False):
+    """Run this module's launchers for one layer shape the way the Triton backend does (path M1:
+    forward, then the backward with every gradient and with the shrink alone; path M2 with
+    ``m2_learngenes`` learngene slots: forward and backward) on ``meta`` tensors. Inside
+    kind_fast.audit.capture_launches each kernel launch is recorded instead of run, so this
+    lists exactly the configs those calls launch (the static audit; the self-check's coverage test)."""
     dev = torch.device("meta")
     b = m // t
-    x = torch.empty((m, n_in), dtype=dtype, device=dev)
-    g = torch.empty((m, n_out), dtype=dtype, device=dev)
-    w_g = torch.empty((n_out, n_in), dtype=dtype, device=dev)
-    bias = torch.empty((n_out,), dtype=dtype, device=dev)
-    u_t = torch.empty((n_t, n_out), dtype=dtype, device=dev)
-    v_t = torch.empty((n_t, n_in), dtype=dtype, device=dev)
-    sigma = torch.empty((n_t,), dtype=torch.float32, device=dev)
-    idx = torch.empty((11, k), dtype=torch.int32, device=dev)
-    val = torch.empty((11, k), dtype=torch.float32, device=dev)
-    labels = torch.empty((b,), dtype=torch.int64, device=dev)
-    # path M1: forward, dx with the ds partials, the shrink alone (no dx requested)
-    _, h, _, _ = fused(x, w_g, True, bias, v_t, u_t, sigma, idx, val, labels, autotune=autotune)
-    if autotune:
-        fused(g, w_g, False, None, u_t, v_t, sigma, idx, val, labels, h_saved=h, autotune=True)
-        return
-    _, dhs, part, cfg = fused(g, w_g, False, None, u_t, v_t, sigma, idx, val, labels, h_saved=h)
-    fused(g, None, False, None, u_t, v_t, sigma, idx, val, labels, h_saved=h, with_out=False)
-    pos, dg = gate_tables(idx, val, n_t)
-    tailor_grad(h, g, pos, dg, sigma, labels, n_t, dtype)
-    tailor_grad(dhs, x, pos, dg, sigma, labels, n_t, dtype)
-    ds = sample_ds(part, cfg, m, b)
-    gate_grads(ds, labels, idx, val, sigma, pos, dg, True, True)
-    # path M2: learngenes as slots (N_G + K <= 128)
-    n_g = min(128 - k, 64)
-    u2 = torch.empty((n_g + n_t, n_out), dtype=dtype, device=dev)
-    v2 = torch.empty((n_g + n_t, n_in), dtype=dtype, device=dev)
-    s2 = torch.empty((n_g + n_t,), dtype=torch.float32, device=dev)
-    i2 = torch.empty((11, n_g + k), dtype=torch.int32, device=dev)
-    a2 = torch.empty((11, n_g + k), dtype=torch.float32, device=dev)
-    _, h2, _, _ = fused(x, None, True, bias, v2, u2, s2, i2, a2, labels)
-    fused(g, None, False, None, u2, v2, s2, i2, a2, labels, h_saved=h2)
+
+    def e(*shape, dt=dtype):
+        return torch.empty(shape, dtype=dt, device=dev)
+
+    x, g, bias, labels = e(m, n_in), e(m, n_out), e(n_out), e(b, dt=torch.int64)
+    if m1:
+        w_g, u_t, v_t, sigma = e(n_out, n_in), e(n_t, n_out), e(n_t, n_in), e(n_t, dt=torch.float32)
+        idx, val = e(11, k, dt=torch.int32), e(11, k, dt=torch.float32)
+        _, h, _, _ = fused(x, w_g, True, bias, v_t, u_t, sigma, idx, val, labels, autotune=autotune)
+        if autotune:
+            fused(g, w_g, False, None, u_t, v_t, sigma, idx, val, labels, h_saved=h, autotune=True)
+        else:
+            _, dhs, part, cfg = fused(g, w_g, False, None, u_t, v_t, sigma, idx, val, labels, h_saved=h)
+            fused(g, None, False, None, u_t, v_t, sigma, idx, val, labels, h_saved=h, with_out=False)
+            pos, dg = gate_tables(idx, val, n_t)
+            tailor_grad(h, g, pos, dg, sigma, labels, n_t, dtype)
+            tailor_grad(dhs, x, pos, dg, sigma, labels, n_t, dtype)
+            ds = sample_ds(part, cfg, m, b)
+            gate_grads(ds, labels, idx, val, sigma, pos, dg, True, True)
+    if m2_learngenes:
+        n_s, ks = m2_learngenes + n_t, m2_learngenes + k
+        u, v, sig = e(n_s, n_out), e(n_s, n_in), e(n_s, dt=torch.float32)
+        ids, vals = e(11, ks, dt=torch.int32), e(11, ks, dt=torch.float32)
+        _, h2, _, _ = fused(x, None, True, bias, v, u, sig, ids, vals, labels)
+        fused(g, None, False, None, u, v, sig, ids, vals, labels, h_saved=h2)
 
 
 def audit_specs():
@@ -1009,11 +1006,11 @@ def audit_specs():
                         n_t = 128 if k > 96 else 96
                         label = f"{name} M={m} K={k} T={t} {dt}"
                         with capture_launches(label) as got:
-                            _audit_launches(name, n_in, n_out, m, k, n_t, t, dtype)
+                            replay_launches(n_in, n_out, m, k, n_t, t, dtype, m2_learngenes=min(128 - k, 64))
                         specs += got
                         if t == 256 and m == 8192:
                             with capture_launches(label) as got:
-                                _audit_launches(name, n_in, n_out, m, k, n_t, t, dtype, autotune=True)
+                                replay_launches(n_in, n_out, m, k, n_t, t, dtype, autotune=True)
                             specs += got
     return specs
 
@@ -1021,5 +1018,5 @@ def audit_specs():
 __all__ = [
     "INTERPRETED", "MAX_ACTIVE", "fused", "fused_config", "gate_tables", "tailor_grad", "tile_lists",
     "sample_ds", "gate_grads", "padded_active", "bucket", "row_tile", "num_sms", "samples_per_tile",
-    "autotune_configs", "audit_specs",
+    "autotune_configs", "audit_specs", "replay_launches",
 ]

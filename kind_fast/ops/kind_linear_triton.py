@@ -50,7 +50,7 @@ from kind_fast.ops.kind_linear import (
     make_kind_linear_backward,
     register_kind_linear_flop_formulas,
 )
-from kind_fast.ops.self_check import SelfCheckGate
+from kind_fast.ops.self_check import CHECK_CASES, TRITON_CASES, SelfCheckGate, check_factored_ops
 
 __all__ = ["OP", "BACKWARD_OP", "FACTORED_OP", "kind_linear_factored", "status", "supports", "auto_ready",
            "self_check", "MAX_ACTIVE"]
@@ -227,7 +227,10 @@ BACKWARD_OP = torch.ops.kind_fast.kind_linear_triton_backward
 # untested card/Triton version becomes one warning and the reference, not a wrong answer)
 _gate = SelfCheckGate("Triton", lambda: (OP, BACKWARD_OP),
                       lambda device_type, dtype: device_type == "cuda" and supports(device_type, dtype)
-                      and status()[0])
+                      and status()[0],
+                      cases=CHECK_CASES + TRITON_CASES,
+                      extra=lambda device, dtype: check_factored_ops(
+                          FACTORED_OP, torch.ops.kind_fast.kind_linear_factored_triton_backward, device, dtype))
 auto_ready = _gate.auto_ready
 self_check_results = _gate.results
 
