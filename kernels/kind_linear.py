@@ -19,23 +19,26 @@ The forward and dx have the same shape, "a dense GEMM plus a gathered, gated ran
 whose shrink reads the same rows": out = a·B + ((a·Pᵀ[ids]) ⊙ s)·Q[ids] with (a, B, P, Q) =
 (x, W_Gᵀ, V_T, U_T) forward and (g, W_G, U_T, V_T) for dx.
 
-``kind_linear_fused_kernel`` (path M1: forward and dx; one program per (BM, BN) output tile)
-    The shrink of a row tile needs the whole row block of ``a``; every output tile of the
-    row needs the shrink before its epilogue. The row's tiles run together, in launch order
-    (tile j of row r is program r·n_tiles + j), so they stream the same row block at the same
-    time and it comes from HBM once. The shrink is split over the K-loop: the first S tiles
-    of the row ("slice owners") each run a second, narrow dot over 1/S of the reduction
-    range, ``acc_h += a·P[ids]ᵀ``, on the very tiles of ``a`` their main loop loads, at the
-    start of their K-loop; each stores its fp32 partial and sets its bit in the row's flag
-    word (release) and goes on with the rest of its K-loop. At its epilogue every tile of the
-    row reads the flag word once (acquire), loads the published partials and recomputes a
-    missing one itself (never waits, so no schedule can deadlock), sums the S partials in
-    slice order (bitwise the same h in every tile), applies σ ⊙ gate in fp32, casts to the
-    input dtype as the reference rounds it, and adds h_s · Q[ids] (Q prefetched before the
-    K-loop) and the bias. Tile 0 of the row stores h (forward) / dh_s (dx) and the per-tile
-    partial sums Σ_rows dh_s ⊙ h for ds (no atomics). The tile's class is
-    labels[tile_start // T] when T % BM == 0; otherwise (ONE_CLASS=False) the tile handles
-    each sample it touches with row masks (SPT samples at most, unrolled).
+``kind_linear_fused_kernel`` (path M1: forward and dx; one program per output tile)
+    The shrink of a row tile needs the whole row block of ``a``; every output tile of the row
+    needs the shrink before its epilogue. A row's programs are consecutive in launch order,
+    so they run together, stream the same row block at the same time and it comes from HBM
+    once (kind_fast/perfmodel.py models the L2). Tile 0 of the row runs as G *owner*
+    sub-tiles of BN/G columns; owner g's K-loop runs a second, narrow dot on the very tiles of
+    ``a`` its main dot loads, ``part += a·P[ids_g]ᵀ`` for KP/NSH shrink columns (the first NSH
+    owners), so an owner does (BN/G + KP/NSH)/BN <= 3/4 of a tile's work: it stores its part
+    of h into the shrink output, sets bit g of the row's flag word (release) and finishes
+    well before the row's other tiles, which started with it, reach their epilogue. There
+    every program reads the flag word (acquire), polls it at most SPIN times more,
+    recomputes a part still missing (same K-steps in the same order: bitwise what its owner
+    stores; so nothing waits without bound, whatever order the hardware runs programs in),
+    loads h, applies σ ⊙ gate in fp32, casts to the input dtype as the reference rounds it,
+    and adds h_s · Q[ids] and the bias (Q, bias and gate loaded before the K-loop). Owner 0
+    also stores the per-tile partial sums Σ_rows dh_s ⊙ h for ds (no atomics). Every program
+    of row r starts its K-loop at step (r·ROT) mod steps, so rows running together read
+    different parts of the weight and it stays in L2 even in lock-step waves. The tile's
+    class is labels[tile_start // T] when T % BM == 0; otherwise (ONE_CLASS=False) the tile
+    handles each sample it touches with row masks (SPT samples at most, unrolled).
 
 ``kind_linear_rows_kernel`` (path M2, and the shrink alone)
     Without a dense term the shrink is the main work: one program owns a row tile and a
@@ -45,23 +48,24 @@ whose shrink reads the same rows": out = a·B + ((a·Pᵀ[ids]) ⊙ s)·Q[ids] w
 ``kind_linear_tailor_grad_kernel``
     dU_T and dV_T: out[n, :] = Σ_m w[m, slot(c, n)] σ_n D[c, n] · z[m, :], a long-K skinny GEMM
     over the rows, with the scattered left operand built on the fly from the (M, K) shrink
-    through the per-class slot table (pos) and dense gate (D). With block gates (2K <= N_T)
-    each tailor block walks a compacted list of the row tiles whose classes use it (built on
-    the device, in tile order), so block gates cost what the K active tailors cost and the
-    loop stays a plain software-pipelined loop. The reduction over M is split over SPLIT
-    programs into fp32 partials summed in a fixed order.
+    through the per-class slot table (pos) and dense gate (D). Each tailor block walks a list
+    of row tiles: with block gates (2K <= N_T) the compacted list of the tiles whose classes
+    use the block (built on the device, in tile order), so block gates cost what the K active
+    tailors cost; with dense gates every tile. Either way the loop is one software-pipelined
+    loop (the list entry is loaded a few iterations ahead like the data). The reduction over
+    M is split over SPLIT programs into fp32 partials summed in a fixed order.
 
 ``kind_linear_gate_tables_kernel``, ``kind_linear_sample_ds_kernel``, ``kind_linear_gate_grad_kernel``
     pos/D per class; ds per sample from the tile partials (fixed order); dval per class and
     dσ_T per tailor block by loops over the batch in a fixed order.
 
 Nothing uses atomics for arithmetic (the flag words only announce data), so every result is
-bitwise reproducible for a fixed config whichever partials a tile loads or recomputes; under
+bitwise reproducible for a fixed config whichever parts a program loads or recomputes; under
 ``torch.use_deterministic_algorithms(True)`` the pinned configs are used (no autotuning).
 
 Tiles: ``tl.dot`` needs dims >= 16 and ``tl.arange`` powers of two, so K is padded to
 KP = next_pow2(max(K, 16)) with masked loads (padded slots load σ = val = 0); KP <= 128 (the
-BM×KP shrink accumulator lives in registers). Tile sizes, slice counts and splits come from
+BM×KP shrink accumulator lives in registers). Tile sizes, owner splits and splits come from
 kind_fast/perfmodel.py (``plan_fused``, ``plan_tailor_grad``), whose traffic model checks the
 schedules; ``KIND_FAST_AUTOTUNE=1`` tunes the fused kernel over a small space instead (never
 while a CUDA graph is being captured). ``audit_specs()`` lists every config the launchers can
@@ -300,7 +304,7 @@ def _gather_h(flag_ptr, shr_ptr, a_ptr, p_ptr, idx_ptr, lab_ptr, r, cls, rm, row
                 ready = tl.atomic_or(flag_ptr + r, 0, sem="acquire", scope="gpu")
                 polls += 1
     if (ready & full) != full:
-        for g in tl.static_range(NSH):
+        for g in range(0, NSH):  # a runtime loop: one copy of the recompute loop in the code
             if ((ready >> g) & 1) == 0:
                 cols = g * KPG + tl.arange(0, KPG)
                 part = _shrink_cols(a_ptr, p_ptr, idx_ptr, lab_ptr, cls, rm, row_ok, samp, s_lo, s_hi, cols, K, KD,
@@ -359,6 +363,9 @@ def kind_linear_fused_kernel(
     ONE_CLASS: tl.constexpr,    # T % BM == 0: one class per row tile
     DS_PARTIAL: tl.constexpr,
     FORCE_LOCAL: tl.constexpr,  # tests: never use a published part (recompute all of h)
+    REVERSE_OWNERS: tl.constexpr,  # tests: owner g is program G-1-g of its row (the interpreter runs
+                                   # programs in order: this way every owner's part is loaded by a
+                                   # program before any recomputation of it is stored)
     PREC: tl.constexpr,         # tl.dot input precision ("ieee" for fp32 inputs)
 ):
     pid = tl.program_id(0)
@@ -377,11 +384,12 @@ def kind_linear_fused_kernel(
     steps = (KD + BK - 1) // BK
     rho = (r * ROT) % steps     # every program of the row runs the K-loop from step rho (mod steps)
     if j < G:
-        _owner_tile(j, r, cls, ids, scale, samp, s_lo, s_hi, rm, row_ok, rj, slot_ok, steps, rho,
+        g = G - 1 - j if REVERSE_OWNERS else j
+        _owner_tile(g, r, cls, ids, scale, samp, s_lo, s_hi, rm, row_ok, rj, slot_ok, steps, rho,
                     a_ptr, out_ptr, shr_ptr, hsv_ptr, part_ptr, flag_ptr, b_ptr, bias_ptr, p_ptr, q_ptr, idx_ptr,
                     lab_ptr, N, KD, K, s_am, s_ak, s_om, s_on, s_bk, s_bn, s_pr, s_pk, s_qr, s_qn,
-                    BM, BN // G, BK, KP, KP // NSH, NSH, SPIN, SPT, HAS_BIAS, ONE_CLASS, DS_PARTIAL, FORCE_LOCAL,
-                    PREC)
+                    BM, BN // G, BK, KP, KP // NSH, NSH, NSH == G, SPIN, SPT, HAS_BIAS, ONE_CLASS, DS_PARTIAL,
+                    FORCE_LOCAL, PREC)
     else:
         _plain_tile(j - G + 1, r, cls, ids, scale, samp, s_lo, s_hi, rm, row_ok, rj, slot_ok, steps, rho,
                     a_ptr, out_ptr, shr_ptr, flag_ptr, b_ptr, bias_ptr, p_ptr, q_ptr, idx_ptr, lab_ptr,
@@ -390,15 +398,56 @@ def kind_linear_fused_kernel(
 
 
 @triton.jit
+def _main_loop(acc, a_ptr, b_ptr, rm, row_ok, rn, n_ok, KD, steps, rho, s_am, s_ak, s_bk, s_bn,
+               BK: tl.constexpr, PREC: tl.constexpr):
+    """acc += a[rows] · B[:, rn] over the K-steps in the row's order (from step rho, mod steps)."""
+    rk = tl.arange(0, BK)
+    for i in range(0, steps):
+        st = (rho + i) % steps
+        kk = st * BK + rk
+        k_ok = kk < KD
+        a = _load_rows(a_ptr, rm, row_ok, kk, k_ok, s_am, s_ak)
+        acc = tl.dot(a, _load_base(b_ptr, kk, k_ok, rn, n_ok, s_bk, s_bn), acc, input_precision=PREC)
+    return acc
+
+
+@triton.jit
+def _owner_loop(acc, g, r, cls, samp, s_lo, s_hi, rm, row_ok, rn, n_ok, steps, rho,
+                a_ptr, shr_ptr, flag_ptr, b_ptr, p_ptr, idx_ptr, lab_ptr, KD, K, s_am, s_ak, s_bk, s_bn, s_pr, s_pk,
+                BM: tl.constexpr, BK: tl.constexpr, KPG: tl.constexpr, SPT: tl.constexpr, ONE_CLASS: tl.constexpr,
+                PREC: tl.constexpr):
+    """The owner's K-loop: two dots per step, its output columns and its shrink columns
+    [g·KPG, (g+1)·KPG) on the same tile of a; then the shrink part is stored into shr and
+    announced (bit g of the row's flag word, release)."""
+    rk = tl.arange(0, BK)
+    cols = g * KPG + tl.arange(0, KPG)
+    c_ok = cols < K
+    ids_g = tl.load(idx_ptr + cls * K + cols, mask=c_ok, other=0)
+    part = tl.full((BM, KPG), 0.0, tl.float32)
+    for i in range(0, steps):
+        st = (rho + i) % steps
+        kk = st * BK + rk
+        k_ok = kk < KD
+        a = _load_rows(a_ptr, rm, row_ok, kk, k_ok, s_am, s_ak)
+        acc = tl.dot(a, _load_base(b_ptr, kk, k_ok, rn, n_ok, s_bk, s_bn), acc, input_precision=PREC)
+        part = _shrink_step(part, a, kk, k_ok, p_ptr, ids_g, c_ok, samp, s_lo, s_hi, lab_ptr, idx_ptr, cols,
+                            K, s_pr, s_pk, SPT, ONE_CLASS, PREC)
+    tl.store(shr_ptr + rm[:, None] * K + cols[None, :], part, mask=row_ok[:, None] & c_ok[None, :])
+    tl.debug_barrier()  # every thread's part is stored before the flag says so
+    tl.atomic_or(flag_ptr + r, 1 << g, sem="release", scope="gpu")
+    return acc
+
+
+@triton.jit
 def _owner_tile(g, r, cls, ids, scale, samp, s_lo, s_hi, rm, row_ok, rj, slot_ok, steps, rho,
                 a_ptr, out_ptr, shr_ptr, hsv_ptr, part_ptr, flag_ptr, b_ptr, bias_ptr, p_ptr, q_ptr, idx_ptr, lab_ptr,
                 N, KD, K, s_am, s_ak, s_om, s_on, s_bk, s_bn, s_pr, s_pk, s_qr, s_qn,
                 BM: tl.constexpr, BNG: tl.constexpr, BK: tl.constexpr, KP: tl.constexpr, KPG: tl.constexpr,
-                NSH: tl.constexpr, SPIN: tl.constexpr, SPT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                ONE_CLASS: tl.constexpr, DS_PARTIAL: tl.constexpr, FORCE_LOCAL: tl.constexpr, PREC: tl.constexpr):
+                NSH: tl.constexpr, ALL_SHRINK: tl.constexpr, SPIN: tl.constexpr, SPT: tl.constexpr,
+                HAS_BIAS: tl.constexpr, ONE_CLASS: tl.constexpr, DS_PARTIAL: tl.constexpr, FORCE_LOCAL: tl.constexpr,
+                PREC: tl.constexpr):
     """Owner g of a row: BNG columns of tile 0 and (g < NSH) shrink columns [g·KPG, (g+1)·KPG),
-    published to shr (release) as soon as its K-loop ends; then its own epilogue."""
-    rk = tl.arange(0, BK)
+    published as soon as its K-loop ends; then its own epilogue."""
     rn = g * BNG + tl.arange(0, BNG)
     n_ok = rn < N
     if ONE_CLASS:
@@ -407,29 +456,18 @@ def _owner_tile(g, r, cls, ids, scale, samp, s_lo, s_hi, rm, row_ok, rj, slot_ok
         q_pre = tl.full((KP, BNG), 0.0, q_ptr.dtype.element_ty)
     bias = _prefetch_bias(bias_ptr, rn, n_ok, HAS_BIAS)
     acc = tl.full((BM, BNG), 0.0, tl.float32)
-    if g < NSH:
-        cols = g * KPG + tl.arange(0, KPG)
-        c_ok = cols < K
-        ids_g = tl.load(idx_ptr + cls * K + cols, mask=c_ok, other=0)
-        part = tl.full((BM, KPG), 0.0, tl.float32)
-        for i in range(0, steps):
-            st = (rho + i) % steps
-            kk = st * BK + rk
-            k_ok = kk < KD
-            a = _load_rows(a_ptr, rm, row_ok, kk, k_ok, s_am, s_ak)
-            acc = tl.dot(a, _load_base(b_ptr, kk, k_ok, rn, n_ok, s_bk, s_bn), acc, input_precision=PREC)
-            part = _shrink_step(part, a, kk, k_ok, p_ptr, ids_g, c_ok, samp, s_lo, s_hi, lab_ptr, idx_ptr, cols,
-                                K, s_pr, s_pk, SPT, ONE_CLASS, PREC)
-        tl.store(shr_ptr + rm[:, None] * K + cols[None, :], part, mask=row_ok[:, None] & c_ok[None, :])
-        tl.debug_barrier()  # every thread's part is stored before the flag says so
-        tl.atomic_or(flag_ptr + r, 1 << g, sem="release", scope="gpu")
+    if ALL_SHRINK:  # NSH == G: every owner carries a part (one loop in the code)
+        acc = _owner_loop(acc, g, r, cls, samp, s_lo, s_hi, rm, row_ok, rn, n_ok, steps, rho, a_ptr, shr_ptr,
+                          flag_ptr, b_ptr, p_ptr, idx_ptr, lab_ptr, KD, K, s_am, s_ak, s_bk, s_bn, s_pr, s_pk,
+                          BM, BK, KPG, SPT, ONE_CLASS, PREC)
     else:
-        for i in range(0, steps):
-            st = (rho + i) % steps
-            kk = st * BK + rk
-            k_ok = kk < KD
-            a = _load_rows(a_ptr, rm, row_ok, kk, k_ok, s_am, s_ak)
-            acc = tl.dot(a, _load_base(b_ptr, kk, k_ok, rn, n_ok, s_bk, s_bn), acc, input_precision=PREC)
+        if g < NSH:
+            acc = _owner_loop(acc, g, r, cls, samp, s_lo, s_hi, rm, row_ok, rn, n_ok, steps, rho, a_ptr, shr_ptr,
+                              flag_ptr, b_ptr, p_ptr, idx_ptr, lab_ptr, KD, K, s_am, s_ak, s_bk, s_bn, s_pr, s_pk,
+                              BM, BK, KPG, SPT, ONE_CLASS, PREC)
+        else:
+            acc = _main_loop(acc, a_ptr, b_ptr, rm, row_ok, rn, n_ok, KD, steps, rho, s_am, s_ak, s_bk, s_bn,
+                             BK, PREC)
     h = _gather_h(flag_ptr, shr_ptr, a_ptr, p_ptr, idx_ptr, lab_ptr, r, cls, rm, row_ok, rj, slot_ok, samp, s_lo,
                   s_hi, K, KD, steps, rho, s_am, s_ak, s_pr, s_pk, BM, BK, KP, KPG, NSH, SPIN, SPT, ONE_CLASS,
                   FORCE_LOCAL, PREC)
@@ -448,7 +486,6 @@ def _plain_tile(tile, r, cls, ids, scale, samp, s_lo, s_hi, rm, row_ok, rj, slot
                 NSH: tl.constexpr, SPIN: tl.constexpr, SPT: tl.constexpr, HAS_BIAS: tl.constexpr,
                 ONE_CLASS: tl.constexpr, FORCE_LOCAL: tl.constexpr, PREC: tl.constexpr):
     """Tile ``tile`` (>= 1) of a row: the plain K-loop, h from the owners at the epilogue."""
-    rk = tl.arange(0, BK)
     rn = tile * BN + tl.arange(0, BN)
     n_ok = rn < N
     if ONE_CLASS:
@@ -456,13 +493,8 @@ def _plain_tile(tile, r, cls, ids, scale, samp, s_lo, s_hi, rm, row_ok, rj, slot
     else:
         q_pre = tl.full((KP, BN), 0.0, q_ptr.dtype.element_ty)
     bias = _prefetch_bias(bias_ptr, rn, n_ok, HAS_BIAS)
-    acc = tl.full((BM, BN), 0.0, tl.float32)
-    for i in range(0, steps):
-        st = (rho + i) % steps
-        kk = st * BK + rk
-        k_ok = kk < KD
-        a = _load_rows(a_ptr, rm, row_ok, kk, k_ok, s_am, s_ak)
-        acc = tl.dot(a, _load_base(b_ptr, kk, k_ok, rn, n_ok, s_bk, s_bn), acc, input_precision=PREC)
+    acc = _main_loop(tl.full((BM, BN), 0.0, tl.float32), a_ptr, b_ptr, rm, row_ok, rn, n_ok, KD, steps, rho,
+                     s_am, s_ak, s_bk, s_bn, BK, PREC)
     h = _gather_h(flag_ptr, shr_ptr, a_ptr, p_ptr, idx_ptr, lab_ptr, r, cls, rm, row_ok, rj, slot_ok, samp, s_lo,
                   s_hi, K, KD, steps, rho, s_am, s_ak, s_pr, s_pk, BM, BK, KP, KPG, NSH, SPIN, SPT, ONE_CLASS,
                   FORCE_LOCAL, PREC)
@@ -535,15 +567,15 @@ def kind_linear_tailor_grad_kernel(
     dg_ptr,      # (C+1, N_T) fp32: D[c, n] = Σ_k [idx[c, k] = n] val[c, k]
     sig_ptr,     # (N_T,) fp32 σ_T
     lab_ptr,     # (B,)
-    list_ptr,    # (t_blocks, m_tiles) int32 row tiles that use each tailor block, in order (SKIP)
-    cnt_ptr,     # (t_blocks,) int32 list lengths (SKIP)
+    list_ptr,    # (t_blocks, m_tiles) int32 row tiles each tailor block walks, in order
+    cnt_ptr,     # (t_blocks,) int32 list lengths
     # -- sizes and strides
     M, O, NT, K, T,
     SPLIT,       # programs sharing the rows of a (tailor block, column block)
     s_zm, s_zo,
     # -- meta
     BM: tl.constexpr, BT: tl.constexpr, BO: tl.constexpr, PARTIALS: tl.constexpr,  # PARTIALS: SPLIT > 1
-    ONE_CLASS: tl.constexpr, SKIP: tl.constexpr, PREC: tl.constexpr,
+    ONE_CLASS: tl.constexpr, PREC: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
     pid_o = tl.program_id(1)
@@ -554,10 +586,9 @@ def kind_linear_tailor_grad_kernel(
     o_ok = ro < O
     sig = tl.load(sig_ptr + rt, mask=t_ok, other=0.0)                                 # (BT,)
     m_tiles = (M + BM - 1) // BM
-    if SKIP:
-        n_list = tl.load(cnt_ptr + pid_t)
-    else:
-        n_list = m_tiles
+    # the row tiles of this block's list (every tile when gates are dense), split over SPLIT
+    # programs; one loop shape for both keeps the loads software-pipelined
+    n_list = tl.load(cnt_ptr + pid_t)
     per = (n_list + SPLIT - 1) // SPLIT
     i_beg = pid_s * per
     i_end = tl.minimum(i_beg + per, n_list)
@@ -565,10 +596,7 @@ def kind_linear_tailor_grad_kernel(
 
     acc = tl.full((BT, BO), 0.0, tl.float32)
     for i in range(i_beg, i_end):
-        if SKIP:
-            mt = tl.load(list_ptr + pid_t * m_tiles + i)
-        else:
-            mt = i
+        mt = tl.load(list_ptr + pid_t * m_tiles + i)
         rm = mt * BM + rb
         row_ok = rm < M
         # ---- which of this block's tailors each row's class uses, and at which slot
@@ -671,7 +699,7 @@ def kind_linear_gate_grad_kernel(
         if NEED_DSIG:
             rt = (pid - C1) * BT + tl.arange(0, BT)
             t_ok = rt < NT
-            acc = tl.full((BT,), 0.0, tl.float32)
+            acc_t = tl.full((BT,), 0.0, tl.float32)  # (not "acc": the branches' values must not share a name)
             for b0 in range(0, B, BB):
                 rb = b0 + tl.arange(0, BB)
                 b_ok = rb < B
@@ -682,8 +710,8 @@ def kind_linear_gate_grad_kernel(
                 on = pos >= 0
                 dg = tl.load(dg_ptr + tab, mask=on, other=0.0)
                 d = tl.load(ds_ptr + rb[:, None] * KP + tl.where(on, pos, 0), mask=on, other=0.0)
-                acc += _sum(d * dg, 0)
-            tl.store(dsig_ptr + rt, acc.to(dsig_ptr.dtype.element_ty), mask=t_ok)
+                acc_t += _sum(d * dg, 0)
+            tl.store(dsig_ptr + rt, acc_t.to(dsig_ptr.dtype.element_ty), mask=t_ok)
 
 
 # =====================================================================================
@@ -789,7 +817,8 @@ def fused(
     a: torch.Tensor, base: torch.Tensor | None, base_transposed: bool, bias: torch.Tensor | None,
     p: torch.Tensor, q: torch.Tensor, sigma: torch.Tensor, idx: torch.Tensor, val: torch.Tensor,
     labels: torch.Tensor, *, h_saved: torch.Tensor | None = None, write_shrink: bool = True,
-    with_out: bool = True, plan: FusedPlan | None = None, force_local: bool = False, autotune: bool | None = None,
+    with_out: bool = True, plan: FusedPlan | None = None, force_local: bool = False, reverse_owners: bool = False,
+    autotune: bool | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None, dict]:
     """out = a·B + ((a·P[ids]ᵀ) ⊙ s)·Q[ids] + bias, with the shrink returned.
 
@@ -798,7 +827,8 @@ def fused(
     slots of P/Q); ``with_out=False`` runs the shrink only. With ``h_saved`` the per-tile
     partials of Σ dh_s ⊙ h come back too. Returns (out, shrink (M, K) fp32, partials, config).
     ``plan`` overrides kind_fast.perfmodel's plan (tests); ``force_local`` makes every program
-    of the fused kernel recompute the shrink instead of taking the owners' parts (tests);
+    of the fused kernel recompute the shrink instead of taking the owners' parts, and
+    ``reverse_owners`` runs a row's owners in reverse order (tests, see REVERSE_OWNERS);
     ``autotune`` overrides the KIND_FAST_AUTOTUNE rule (the static audit lists the space).
     """
     m, kd = a.shape
@@ -835,12 +865,13 @@ def fused(
             # own step count, so any stride is correct for the BK = 32 configs too
             rot = rotation_stride(triton.cdiv(kd, 64))
             _autotuned_fused(n, kp, bm)[grid](*head, flags, base, *weights, *sizes, rot, *strides, SPIN=spin,
-                                              FORCE_LOCAL=False, **common)
+                                              FORCE_LOCAL=False, REVERSE_OWNERS=False, **common)
             return out, shr, part, plan.as_dict()
         steps = triton.cdiv(kd, plan.BK)
-        kind_linear_fused_kernel[(m_tiles * (plan.G + plan.n_tiles - 1),)](
+        kind_linear_fused_kernel[(m_tiles * (plan.G + triton.cdiv(n, plan.BN) - 1),)](
             *head, flags, base, *weights, m, n, kd, k, t, bucket(m), rotation_stride(steps), *strides,
             BN=plan.BN, BK=plan.BK, G=plan.G, NSH=plan.NSH, SPIN=spin, FORCE_LOCAL=force_local,
+            REVERSE_OWNERS=reverse_owners,
             num_warps=plan.num_warps, num_stages=plan.num_stages, **common)
     else:
         ng = plan.NG if with_out else 1
@@ -907,11 +938,12 @@ def tailor_grad(
         out = torch.empty((split, n_t, o), dtype=torch.float32, device=dev)
     if plan.SKIP:
         lists, counts = tile_lists(pos, labels, m, plan)
-    else:
-        lists = counts = pos  # unused
+    else:  # dense gates: every block walks every row tile
+        lists = torch.arange(plan.m_tiles, dtype=torch.int32, device=dev).expand(plan.t_blocks, -1).contiguous()
+        counts = torch.full((plan.t_blocks,), plan.m_tiles, dtype=torch.int32, device=dev)
     kind_linear_tailor_grad_kernel[(plan.t_blocks, plan.o_blocks, split)](
         w, z, out, pos, dg, sigma, labels, lists, counts, m, o, n_t, k, t, split, z.stride(0), z.stride(1),
-        BM=plan.BM, BT=plan.BT, BO=plan.BO, PARTIALS=split > 1, ONE_CLASS=plan.ONE_CLASS, SKIP=plan.SKIP,
+        BM=plan.BM, BT=plan.BT, BO=plan.BO, PARTIALS=split > 1, ONE_CLASS=plan.ONE_CLASS,
         PREC=_prec(z.dtype), num_warps=plan.num_warps, num_stages=plan.num_stages)
     if split > 1:
         out = out.sum(0).to(out_dtype)  # fixed-order reduction (no atomics)
@@ -957,8 +989,14 @@ def replay_launches(n_in, n_out, m, k, n_t, t, dtype, *, m1=True, m2_learngenes=
     ``m2_learngenes`` learngene slots: forward and backward) on ``meta`` tensors. Inside
     kind_fast.audit.capture_launches each kernel launch is recorded instead of run, so this
     lists exactly the configs those calls launch (the static audit; the self-check's coverage test)."""
+    from kind_fast.perfmodel import fused_unsupported
+
     dev = torch.device("meta")
     b = m // t
+    # the Triton backend runs the reference for the shapes these kernels do not take on a GPU
+    m1 = m1 and not fused_unsupported(t, k)
+    if m2_learngenes and fused_unsupported(t, m2_learngenes + k):
+        m2_learngenes = None
 
     def e(*shape, dt=dtype):
         return torch.empty(shape, dtype=dt, device=dev)
@@ -986,32 +1024,48 @@ def replay_launches(n_in, n_out, m, k, n_t, t, dtype, *, m1=True, m2_learngenes=
         fused(g, None, False, None, u, v, sig, ids, vals, labels, h_saved=h2)
 
 
-def audit_specs():
+def audit_specs(full: bool = True):
     """Every (kernel, config) the launchers of this module can launch on a GPU, for
-    ``python -m kind_fast.audit``: the pinned plans of the DiT layer shapes (S/2 and XL/2) at
-    M = 512 / 8192 / 65536 rows, K = 16 / 32 / 48 / 100 active tailors (KP 16 / 32 / 64 / 128),
-    T = 256 (one class per tile) and T = 17 / 37 (mixed tiles), bf16 and fp16, both paths and
-    every backward kernel; plus the autotune space of the fused kernel (``pinned=False``)."""
+    ``python -m kind_fast.audit``. ``full``: the pinned plans of the DiT layer shapes (S/2 and
+    XL/2) at M = 512 / 8192 / 65536 rows, K = 16 / 32 / 48 / 100 active tailors (KP 16 / 32 /
+    64 / 128), T = 256 (one class per tile) and T = 16 / 37 (mixed tiles), bf16 and fp16, both
+    paths and every backward kernel, plus the autotune space of the fused kernel
+    (``pinned=False``). Otherwise (the CI test): what DiT-XL/2 runs (every layer shape, B = 32
+    and 256, K = 32, T = 256, bf16 and fp16, M1 and M2) and one shape for each other KP, for
+    mixed tiles and for the narrow (BN = 64) layers of DiT-S/2, bf16."""
     from kind_fast.audit import capture_launches
 
     specs = []
+
+    def add(label, *args, **kwargs):
+        with capture_launches(label) as got:
+            replay_launches(*args, **kwargs)
+        specs.extend(got)
+
+    if not full:
+        for dtype, dt in ((torch.bfloat16, "bf16"), (torch.float16, "fp16")):
+            for name, n_in, n_out in AUDIT_LAYERS[:4]:
+                for m in (8192, 65536):
+                    add(f"{name} M={m} K=32 T=256 {dt}", n_in, n_out, m, 32, 96, 256, dtype, m2_learngenes=64)
+        for k, t, (name, n_in, n_out) in ((16, 256, AUDIT_LAYERS[0]), (48, 256, AUDIT_LAYERS[0]),
+                                          (100, 256, AUDIT_LAYERS[0]), (32, 37, AUDIT_LAYERS[0]),
+                                          (32, 256, AUDIT_LAYERS[4])):
+            add(f"{name} M=8192 K={k} T={t} bf16", n_in, n_out, 8192, k, 128 if k > 96 else 96, t, torch.bfloat16,
+                m2_learngenes=min(128 - k, 64))
+        return specs
     for dtype in (torch.bfloat16, torch.float16):
         dt = "bf16" if dtype == torch.bfloat16 else "fp16"
         for name, n_in, n_out in AUDIT_LAYERS:
             for m in (512, 8192, 65536):
                 for k in (16, 32, 48, 100):
-                    for t in (256, 37, 17):
+                    for t in (256, 37, 16):
                         if (m != 8192 or dtype != torch.bfloat16) and (t != 256 or k != 32):
                             continue  # the other M, fp16 and T only for the DiT default K = 32
                         n_t = 128 if k > 96 else 96
                         label = f"{name} M={m} K={k} T={t} {dt}"
-                        with capture_launches(label) as got:
-                            replay_launches(n_in, n_out, m, k, n_t, t, dtype, m2_learngenes=min(128 - k, 64))
-                        specs += got
+                        add(label, n_in, n_out, m, k, n_t, t, dtype, m2_learngenes=min(128 - k, 64))
                         if t == 256 and m == 8192:
-                            with capture_launches(label) as got:
-                                replay_launches(n_in, n_out, m, k, n_t, t, dtype, autotune=True)
-                            specs += got
+                            add(label, n_in, n_out, m, k, n_t, t, dtype, autotune=True)
     return specs
 
 

@@ -10,13 +10,14 @@ Python (no torch, no Triton), so a CPU machine can check a GPU schedule.
 What the kernels do (kernels/kind_linear.py has the math):
 
 fused (forward y = x·W_Gᵀ + ((x·V_T[ids]ᵀ) ⊙ s)·U_T[ids] + b, and dx the same with g, W_G, U_T, V_T)
-    One program per (BM, BN) output tile, the N-tiles of a row tile consecutive in launch
-    order, so a row's tiles run together and its A block (BM×KD) comes from HBM once. The
-    first S tiles of a row each compute 1/S of the row's shrink (h = a·P[ids]ᵀ, KP columns)
-    at the start of their K-loop and publish it; every tile of the row sums the S partials
-    at its epilogue (recomputing one that is not published yet). Without a dense term (path
-    M2) or without outputs (shrink only) a program owns a row tile and NG of its N-tiles
-    instead ("row programs"): the shrink, then the expand into each tile.
+    One program per output tile, the programs of a row tile consecutive in launch order, so
+    a row's tiles run together and its A block (BM×KD) comes from HBM once. Tile 0 of a row
+    runs as G owner sub-tiles of BN/G columns that also compute KP/NSH columns of the shrink
+    (h = a·P[ids]ᵀ) and publish them; being shorter than a tile, they finish before the other
+    tiles of the row need h at their epilogue (a part not published then is recomputed).
+    Every program of row r starts its K-loop at step (r·stride) mod steps. Without a dense
+    term (path M2) or without outputs (shrink only) a program owns a row tile and NG of its
+    N-tiles instead ("row programs"): the shrink, then the expand into each tile.
 
 tailor_grad (dU_T = Σ_m (h ⊙ s)ᵀ g, dV_T = Σ_m (dh_s ⊙ s)ᵀ x, scattered to the tailors)
     Programs (tailor block, column block, split), tailor block fastest. With block gates
@@ -33,16 +34,16 @@ Model assumptions (state them with every number):
   K-loop (each operand block is cut into ``chunks`` pieces read at evenly spaced times).
 - The L2 is a fully associative LRU cache of ``l2_effective`` bytes at chunk granularity;
   a read that misses costs its bytes once; every written byte reaches HBM once (write-back,
-  no fetch on full-line writes); reads that hit cost nothing. Stores the kernels mark
-  ``eviction_policy="evict_first"`` (outputs no later program of the launch reads) enter at
-  the cold end; the ``evict_last`` hint on weight loads is given no credit (plain LRU).
+  no fetch on full-line writes); reads that hit cost nothing. The output tiles, which the
+  kernel stores with ``eviction_policy="evict_first"`` (no later program of the launch reads
+  them), enter at the cold end; everything else is plain LRU.
 - Not modelled: TLB and DRAM page effects, L1, the gate tables and the tiny gate-gradient
   kernels (kilobytes), other kernels running at the same time.
 - Compulsory bytes: every input read once, every output written once, at the dtypes the
   kernels use (h, dh_s and partials in fp32).
 
 The model counts bytes, not time: ``traffic_*`` also reports the schedule's waves and how
-many shrink partials a tile would have to recompute; FLOP efficiency and latency are for a
+many shrink parts a program would have to recompute; FLOP efficiency and latency are for a
 GPU to measure.
 """
 
@@ -57,8 +58,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 __all__ = ["Gpu", "H100", "REFERENCE", "FusedPlan", "TailorPlan", "plan_fused", "plan_tailor_grad",
-           "padded_active", "row_tile", "samples_per_tile", "owner_split", "k_rotation", "rotation_stride",
-           "Traffic", "traffic_fused", "traffic_tailor_grad", "dit_xl_rows", "MAX_ACTIVE"]
+           "padded_active", "row_tile", "samples_per_tile", "fused_unsupported", "owner_split", "k_rotation",
+           "rotation_stride", "Traffic", "traffic_fused", "traffic_tailor_grad", "dit_xl_rows", "MAX_ACTIVE"]
 
 MAX_ACTIVE = 128  # largest supported K (padded): the BM×KP fp32 shrink accumulator lives in registers
 MB = 1 << 20
@@ -93,22 +94,52 @@ def padded_active(k: int) -> int:
     return max(16, next_pow2(max(k, 1)))
 
 
+MAX_SAMPLES_PER_TILE = 4  # mixed-class tiles: each sample's shrink is its own masked dot
+
+
 def row_tile(t: int, kp: int, interpret: bool) -> tuple[int, bool]:
-    """(BM, ONE_CLASS): the largest row tile that divides T (one class per tile), else a
-    tile small enough that the per-sample loop of a mixed tile stays short."""
-    sizes = (32, 16) if interpret else ((128, 64, 32, 16) if kp <= 64 else (64, 32, 16))
-    for bm in sizes:
-        if t % bm == 0:
-            return bm, True
-    for bm in sizes:
-        if t >= bm:
-            return bm, False
-    return 16, False
+    """(BM, ONE_CLASS). On a GPU the row tile is 128 rows (KP <= 64) or 64 rows: Hopper's
+    warpgroup MMA takes 64 rows per warpgroup, smaller tiles would fall back to mma.sync. When
+    T is a multiple of BM a tile lies in one sample, so it has one class; otherwise it is a
+    64-row tile that handles each of the samples it touches with row masks (see
+    ``fused_unsupported`` for the limit). The interpreter uses 32/16-row tiles, so that small
+    test problems have several tiles and mixed tiles."""
+    if interpret:
+        sizes = (32, 16)
+        for bm in sizes:
+            if t % bm == 0:
+                return bm, True
+        for bm in sizes:
+            if t >= bm:
+                return bm, False
+        return 16, False
+    if kp <= 64 and t % 128 == 0:
+        return 128, True
+    return 64, t % 64 == 0
 
 
 def samples_per_tile(bm: int, t: int) -> int:
-    """Most samples a BM-row window can touch."""
+    """Most samples a BM-row tile touches (tiles start at multiples of BM)."""
+    if bm % t == 0:
+        return bm // t
     return (t + bm - 2) // t + 1
+
+
+def fused_unsupported(t: int, k: int) -> str:
+    """Why the fused GPU kernels do not take rows grouped T per sample with K active tailors
+    ('' when they do): a 64-row tile may touch at most MAX_SAMPLES_PER_TILE samples, and only
+    with KP <= 64 (the owners' per-sample shrink must stay shorter than a tile). The Triton
+    backend runs the reference there (tiny T: x·V_T over all tailors as one GEMM is better)."""
+    kp = padded_active(k)
+    bm, one = row_tile(t, kp, interpret=False)
+    if one:
+        return ""
+    spt = samples_per_tile(bm, t)
+    if spt > MAX_SAMPLES_PER_TILE:
+        return f"T={t} rows per sample: a {bm}-row tile would touch {spt} samples (> {MAX_SAMPLES_PER_TILE})"
+    if kp > 64:
+        return f"K={k} (KP={kp}) with tiles that mix samples (T={t})"
+    return ""
 
 
 # =====================================================================================
@@ -140,32 +171,36 @@ class FusedPlan:
         return asdict(self)
 
 
-def _tile_config(n: int, kd: int, kp: int, bm: int, interpret: bool) -> tuple[int, int, int, int]:
-    """(BN, BK, num_warps, num_stages) of the pinned fused configs."""
+def _tile_config(n: int, kd: int, kp: int, bm: int, interpret: bool, one: bool = True) -> tuple[int, int, int, int]:
+    """(BN, BK, num_warps, num_stages) of the pinned fused configs: BN 64 for narrow layers and
+    KP = 128, else 128 (and 128 for mixed-class tiles, whose owners need the room)."""
     if interpret:
         return 32, 32, 4, 1
-    bn = 64 if (n <= 512 or kp >= 128) else 128
+    bn = 64 if ((n <= 512 and one) or kp >= 128) else 128
     bk = 64 if kd >= 64 else 32
-    warps = 8 if bm * bn >= 128 * 128 else 4
+    warps = 8 if (bm * bn >= 128 * 128 or kp >= 128) else 4  # KP = 128 spills at 4 warps
     return bn, bk, warps, 3
 
 
-def owner_split(kp: int, bn: int, n: int) -> tuple[int, int]:
+def owner_split(kp: int, bn: int, n: int, spt: int = 1) -> tuple[int, int]:
     """(G, NSH): tile 0 of every row runs as G owner sub-tiles of BN/G columns; the first NSH
-    of them also compute KP/NSH columns of the shrink (>= 16 each, tl.dot's minimum). An
-    owner's MMA work is (BN/G + KP/NSH)/BN of a tile; G is the smallest power of two that
-    keeps it <= 3/4, so owners publish their part of h well before the other tiles of the row
-    (launched with them) reach their epilogue, and the row costs exactly its tiles plus the
-    shrink, (N + KP)/BN tile-times. Sub-tiles stay >= 16 columns (if none gets to 3/4, the
-    finest split). A row of one tile (N <= BN) is one program: (1, 1)."""
+    of them also compute KP/NSH columns of the shrink (>= 16 each, tl.dot's minimum), for each
+    of the SPT samples of a mixed tile. An owner's MMA work is (BN/G + SPT·KP/NSH)/BN of a
+    tile; G is the smallest power of two that keeps it <= 3/4, so owners publish their part of
+    h well before the other tiles of the row (launched with them) reach their epilogue, and a
+    one-class row costs exactly its tiles plus the shrink, (N + KP)/BN tile-times. Sub-tiles
+    stay >= 16 columns (if none gets to 3/4, the split with the least owner work). A row of
+    one tile (N <= BN) is one program: (1, 1)."""
     if n <= bn:
         return 1, 1
-    best = (1, 1)
+    best, best_work = (1, 1), float("inf")
     g = 2
     while bn // g >= 16:
         nsh = max(1, min(g, kp // 16))
-        best = (g, nsh)
-        if (bn // g + kp // nsh) / bn <= 0.75:
+        work = (bn // g + spt * (kp // nsh)) / bn
+        if work < best_work - 1e-9:
+            best, best_work = (g, nsh), work
+        if work <= 0.75:
             break
         g *= 2
     return best
@@ -208,11 +243,14 @@ def plan_fused(m: int, n: int, kd: int, k: int, t: int, *, has_base: bool = True
     sms = gpu.sms if sms is None else sms
     bm, one = row_tile(t, kp, interpret)
     spt = 1 if one else samples_per_tile(bm, t)
-    bn, bk, warps, stages = _tile_config(n, kd, kp, bm, interpret)
+    bn, bk, warps, stages = _tile_config(n, kd, kp, bm, interpret, one)
     m_tiles, n_tiles = cdiv(m, bm), cdiv(n, bn)
-    ctas = 1
+    # resident programs per SM as compiled for sm_90 (tests/test_audit.py checks the DiT-XL/2
+    # configs against the compiler): ~200-255 registers per thread, so one block of 8 warps
+    # or two of 4 warps
+    ctas = 1 if warps == 8 else 2
     if has_base and has_out:
-        g, nsh = owner_split(kp, bn, n)
+        g, nsh = owner_split(kp, bn, n, spt)
         return FusedPlan(True, bm, bn, bk, kp, g, nsh, 1, one, spt, warps, stages, ctas, m_tiles, n_tiles)
     if has_out:  # path M2: row programs, shrink then expand; the shrink costs KD/BN expand tiles
         ng = n_groups(m_tiles, n_tiles, kd / bn, sms * ctas)
@@ -254,7 +292,7 @@ def plan_tailor_grad(m: int, o: int, n_t: int, k: int, t: int, *, interpret: boo
     skip = 2 * k <= n_t
     bo = 32 if interpret else (64 if o <= 512 else 128)
     warps, stages = (4, 1) if interpret else (4, 3)
-    ctas = 2
+    ctas = 4 if one else 2  # as compiled for sm_90: 128 registers one-class, ~180 with per-row classes
     t_blocks, o_blocks, m_tiles = cdiv(n_t, bt), cdiv(o, bo), cdiv(m, bm)
     split = max(1, min(m_tiles, cdiv(2 * sms * ctas, t_blocks * o_blocks)))
     compulsory = 2 * (m * o + m * k * 2)
@@ -415,7 +453,7 @@ def traffic_fused(m: int, n: int, kd: int, k: int, t: int, *, pass_: str = "forw
         end = s0 + d
         if sh:
             publish[(r, j)] = end
-            ev(end, "wf", ("h", r, j), rows * sh * 4)
+            ev(end, "w", ("h", r, j), rows * sh * 4)
         ev(end, "need", (r, j), rows)
         if dx and j == 0:
             ev(end, "r", ("hsaved", r), rows * k * 4)

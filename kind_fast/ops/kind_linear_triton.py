@@ -120,14 +120,22 @@ def _debug_log(kind: str, x: Tensor, n_out: int, k: int, n_t: int, b: int, extra
 # =====================================================================================
 # Implementations
 # =====================================================================================
-def _fallback(m: int, k: int, n_t: int, width: int = 0) -> bool:
-    """Shapes the kernels do not take: no rows/tailors, K > 128, or offsets past int32."""
-    return m == 0 or k == 0 or n_t == 0 or k > MAX_ACTIVE or m * max(width, k) >= 2**31
+def _fallback(m: int, k: int, n_t: int, width: int = 0, b: int = 1, device: torch.device | None = None) -> bool:
+    """Shapes the kernels do not take: no rows/tailors, K > 128, offsets past int32, and on a
+    GPU rows per sample that would need tiles mixing too many samples (or K > 64 with mixed
+    tiles; kind_fast.perfmodel.fused_unsupported: Hopper's MMA needs 64-row tiles)."""
+    if m == 0 or k == 0 or n_t == 0 or k > MAX_ACTIVE or m * max(width, k) >= 2**31:
+        return True
+    if device is not None and device.type == "cuda" and not _interpret():
+        from kind_fast.perfmodel import fused_unsupported
+
+        return bool(fused_unsupported(m // max(b, 1), k))
+    return False
 
 
 def kind_linear_triton_forward(x, w_g, bias, u_t, sigma_t, v_t, idx, val, labels) -> tuple[Tensor, Tensor]:
     m, k, n_t = x.shape[0], idx.shape[1], u_t.shape[0]
-    if _fallback(m, k, n_t, max(x.shape[1], w_g.shape[0])):
+    if _fallback(m, k, n_t, max(x.shape[1], w_g.shape[0]), labels.shape[0], x.device):
         _debug_log("forward", x, w_g.shape[0], k, n_t, labels.shape[0])
         return kind_linear_ref(x, w_g, bias, u_t, sigma_t, v_t, idx, val, labels)
     kern = _kernels()
@@ -144,7 +152,7 @@ def kind_linear_triton_backward(
     """The 7 gradients of kind_linear; ``w_g=None`` means no dense term (path M2: no dw_g)."""
     need_dx, need_dw, need_db, need_du, need_ds, need_dv, need_dval = (bool(v) for v in output_mask)
     m, k, n_t = x.shape[0], idx.shape[1], u_t.shape[0]
-    if _fallback(m, k, n_t, max(x.shape[1], u_t.shape[1])):
+    if _fallback(m, k, n_t, max(x.shape[1], u_t.shape[1]), labels.shape[0], x.device):
         w = w_g if w_g is not None else x.new_zeros((u_t.shape[1], x.shape[1]))
         return kind_linear_backward_ref(grad_y, x, w, u_t, sigma_t, v_t, idx, val, labels, h, output_mask)
     kern = _kernels()
@@ -261,7 +269,7 @@ def _kind_linear_factored_op(
     labels: Tensor,
 ) -> tuple[Tensor, Tensor]:
     m, k, n_r = x.shape[0], idx.shape[1], u.shape[0]
-    if _fallback(m, k, n_r, max(x.shape[1], u.shape[1])):
+    if _fallback(m, k, n_r, max(x.shape[1], u.shape[1]), labels.shape[0], x.device):
         zeros = x.new_zeros((u.shape[1], x.shape[1]))
         return kind_linear_ref(x, zeros, bias, u, sigma, v, idx, val, labels)
     _debug_log("forward (M2)", x, u.shape[1], k, n_r, labels.shape[0])
