@@ -56,7 +56,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["AuditSpec", "AuditRow", "SM90", "audit_spec", "collect_specs", "capture_launches",
-           "audit_cuda", "sass_stats", "run_audit", "markdown_table", "main"]
+           "audit_cuda", "sass_stats", "run_audit", "compile_all", "problem", "markdown_table", "main"]
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -196,8 +196,12 @@ def capture_launches(variant: str) -> Iterator[list[AuditSpec]]:
         JITFunction.run, Autotuner.run = saved
 
 
-def collect_specs(include_autotune: bool = True) -> list[AuditSpec]:
-    """Every spec the modules of kind_fast.kernels declare (compiled mode), deduplicated."""
+def collect_specs(include_autotune: bool = True, full: bool = True) -> list[AuditSpec]:
+    """Every spec the modules of kind_fast.kernels declare (compiled mode), deduplicated (a
+    config listed as pinned anywhere counts as pinned). ``full=False`` asks modules whose
+    ``audit_specs`` takes ``full`` for their short list (what CI compiles)."""
+    import inspect
+
     with _compiled_mode():
         import kind_fast.kernels as pkg
 
@@ -209,7 +213,8 @@ def collect_specs(include_autotune: bool = True) -> list[AuditSpec]:
             fn = getattr(mod, "audit_specs", None)
             if fn is None:
                 continue
-            for s in fn():
+            listed = fn(full=full) if "full" in inspect.signature(fn).parameters else fn()
+            for s in listed:
                 if not include_autotune and not s.pinned:
                     continue
                 prev = specs.get(s.key)
@@ -628,27 +633,66 @@ def audit_cuda(machine: Machine = SM90) -> tuple[list[AuditRow], str]:
 # =====================================================================================
 # The tool
 # =====================================================================================
-def run_audit(arch: str = "sm_90", include_autotune: bool = True, include_cuda: bool = True,
-              progress: Callable[[str], None] | None = None) -> tuple[list[AuditRow], list[str]]:
-    """(rows, notes): every Triton spec, then every CUDA kernel."""
+_WORKER_SPECS: list[AuditSpec] = []
+
+
+def _worker_init(include_autotune: bool, full: bool) -> None:
+    os.environ.pop("TRITON_INTERPRET", None)
+    _WORKER_SPECS[:] = collect_specs(include_autotune, full)
+
+
+def _worker_compile(args: tuple[int, str]) -> AuditRow:
+    i, arch = args
+    return audit_spec(_WORKER_SPECS[i], ARCHS[arch])
+
+
+def compile_all(specs: Sequence[AuditSpec], arch: str = "sm_90", jobs: int = 1,
+                progress: Callable[[str], None] | None = None, include_autotune: bool = True,
+                full: bool = True) -> list[AuditRow]:
+    """Rows of ``specs`` (= collect_specs(include_autotune, full)), compiled by ``jobs`` worker
+    processes (each rebuilds the same spec list and compiles by index) or in this process."""
     machine = ARCHS[arch]
+    rows: list[AuditRow] = []
+
+    def report(i, row):
+        if progress:
+            progress(f"[{i + 1}/{len(specs)}] {row.kernel} {row.config} {row.seconds:.1f}s")
+
+    if jobs <= 1 or len(specs) < 2:
+        with _compiled_mode():
+            for i, s in enumerate(specs):
+                rows.append(audit_spec(s, machine))
+                report(i, rows[-1])
+        return rows
+    import concurrent.futures
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no inherited Triton state
+    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_worker_init,
+                                                initargs=(include_autotune, full)) as pool:
+        for i, row in enumerate(pool.map(_worker_compile, [(i, arch) for i in range(len(specs))])):
+            spec = specs[i]
+            rows.append(dataclasses.replace(row, variant=spec.variant, origin="pinned" if spec.pinned else "autotune"))
+            report(i, rows[-1])
+    return rows
+
+
+def run_audit(arch: str = "sm_90", include_autotune: bool = True, include_cuda: bool = True, jobs: int = 1,
+              progress: Callable[[str], None] | None = None, full: bool = True) -> tuple[list[AuditRow], list[str]]:
+    """(rows, notes): every Triton spec (``full=False``: the modules' short lists), then every
+    CUDA kernel."""
     notes: list[str] = []
     rows: list[AuditRow] = []
     try:
         import triton  # noqa: F401
     except ImportError:
         notes.append("Triton is not installed: Triton kernels not audited")
-        specs = []
     else:
         with _compiled_mode():
-            specs = collect_specs(include_autotune)
-            for i, s in enumerate(specs):
-                row = audit_spec(s, machine)
-                rows.append(row)
-                if progress:
-                    progress(f"[{i + 1}/{len(specs)}] {row.kernel} {row.config} {row.seconds:.1f}s")
+            specs = collect_specs(include_autotune, full)
+        rows = compile_all(specs, arch, jobs, progress, include_autotune, full)
     if include_cuda:
-        crow, note = audit_cuda(machine)
+        crow, note = audit_cuda(ARCHS[arch])
         rows.extend(crow)
         if note:
             notes.append(note)
@@ -734,12 +778,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--no-cuda", action="store_true", help="skip the CUDA kernels of csrc/")
     ap.add_argument("--markdown", metavar="PATH", help="also write the report as Markdown (e.g. "
                     "bench/results/static_sm90.md)")
+    ap.add_argument("-j", "--jobs", type=int, default=os.cpu_count() or 1,
+                    help="compile in this many processes (default: one per CPU core)")
     ap.add_argument("-q", "--quiet", action="store_true")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     progress = None if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
     rows, notes = run_audit(args.arch, include_autotune=not args.pinned_only, include_cuda=not args.no_cuda,
-                            progress=progress)
+                            jobs=args.jobs, progress=progress)
     elapsed = time.perf_counter() - t0
     bad = [r for r in rows if r.origin != "cuda" and problem(r, ARCHS[args.arch])]
     problems = "".join(f"- {r.kernel} {r.config} ({r.variant}): {problem(r, ARCHS[args.arch])}\n" for r in bad)
