@@ -21,7 +21,9 @@ choice and tile config to stderr):
         backend when the cost model says so): the learngenes become N_G always-on slots of the
         same kernel, no W_G, no dense GEMM. Needs N_G + K <= 128.
     M0  the reference (no active tailors, K > 128 active tailors: the fused kernels keep a BM×K
-        shrink accumulator in registers; or M·max(in, out) >= 2^31: int32 offsets).
+        shrink accumulator in registers; M·max(in, out) >= 2^31: int32 offsets; on a GPU, rows
+        per sample that would put more than 4 samples in a 64-row tile, or K > 64 with tiles
+        that mix samples: kind_fast.perfmodel.fused_unsupported).
     M3 (per-class merged weights for sampling) is evaluated by the cost model and reported, but
     not implemented: where it would win, M1 runs.
 
