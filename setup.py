@@ -152,6 +152,7 @@ def _extensions():
     with open(BUILD_INFO, "w") as f:
         f.write("# Written by setup.py when it builds kind_fast._C (not tracked by git).\n"
                 f"TORCH_CUDA_ARCH_LIST = {shown!r}\nTORCH_VERSION = {torch.__version__!r}\n"
+                f"TORCH_CUDA_VERSION = {torch.version.cuda!r}\n"
                 f"CUDA_HOME = {cuda_home!r}\n")
     ext = CUDAExtension(
         name="kind_fast._C",

@@ -1,6 +1,6 @@
 """Layer benchmarks of kind_linear: FastKindLinear against nn.Linear of the same shape.
 
-Modes (DESIGN §6):
+Modes (docs/design.md §6):
     forward    inference forward (no grad)
     transfer   forward + backward, learngenes frozen: dX, dU_T, dV_T, dσ_T (no weight GEMM)
     pretrain   forward + backward, every component trains
@@ -20,7 +20,7 @@ from kind_fast.ops.kind_linear import kind_linear_flops
 
 TAILORS, ACTIVE, CLASSES, TOKENS = 96, 32, 10, 256
 # (mode) -> goal on the ratio t(KIND) / t(nn.Linear); CPU goals from the foundation issue and
-# DESIGN §6 (transfer: <= 0.90, the FLOP floor is ~0.72), GPU goals from DESIGN §6.
+# docs/design.md §6 (transfer: <= 0.90, the FLOP floor is ~0.72), GPU goals from docs/design.md §6.
 CPU_GOALS = {"transfer": 0.90}
 GPU_GOALS = {"transfer": 0.80}
 
@@ -97,7 +97,7 @@ GPU_CASES = [(name, *shape) for size in ("S", "B", "L", "XL") for name, shape in
 @pytest.mark.parametrize("mode", ["transfer", "pretrain", "forward"])
 @pytest.mark.parametrize("name,n_in,n_out", GPU_CASES, ids=[c[0] for c in GPU_CASES])
 def test_gpu_layer_reference(benchmark, name, n_in, n_out, mode):
-    """The reference backend on the GPU in bf16 (the unfused baseline of DESIGN §6)."""
+    """The reference backend on the GPU in bf16 (the unfused baseline of docs/design.md §6)."""
     m = 32 * TOKENS
     with kf.use_backend("torch"):
         run_kind, run_linear = _setup(n_in, n_out, m, mode, "cuda", torch.bfloat16)
@@ -115,7 +115,7 @@ def test_gpu_layer_reference(benchmark, name, n_in, n_out, mode):
 # =====================================================================================
 # GPU: the Triton backend beside nn.Linear, the unfused reference and its torch.compile
 # =====================================================================================
-# DESIGN §6 goals, recorded per row in extra_info["goals"] as {goal: [value, target, met]}:
+# docs/design.md §6 goals, recorded per row in extra_info["goals"] as {goal: [value, target, met]}:
 #   forward          t(triton) <= 1.10 · t(F.linear) · (1 + K/in + K/out)
 #   transfer         t(triton) <= 0.80 · t(nn.Linear fwd+bwd), for d = min(in, out) >= 768
 #   every mode       t(reference) / t(triton) >= 2  and  t(compiled reference) / t(triton) >= 1.3

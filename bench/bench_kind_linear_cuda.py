@@ -1,6 +1,6 @@
 """Layer benchmarks of the CUDA C++ backend (csrc/, kind_fast._C) beside the reference.
 
-Same protocol as bench_kind_linear.py (DESIGN §6): a KIND layer (FastKindLinear, bf16, DiT
+Same protocol as bench_kind_linear.py (docs/design.md §6): a KIND layer (FastKindLinear, bf16, DiT
 shapes, M = 32·256 tokens, K = 32 of 96 tailors) timed with device events, interleaved in one
 process with nn.Linear of the same shape (the ceiling) and with the pure-PyTorch reference
 backend (the unfused baseline). Modes:
@@ -9,10 +9,12 @@ backend (the unfused baseline). Modes:
     transfer   forward + backward with frozen learngenes (dX, dU_T, dV_T, dσ_T)
     pretrain   forward + backward, every component trains
     sample     forward of a CFG batch (half one class, half the null class): path M1 (the
-               backend's op) against path M3 (merged weight per class + segmented GEMM)
+               backend's op) against path M3 (a merged weight per group of samples, one cuBLAS
+               GEMM per group)
 
 ``extra_info``: t_cuda_ms, t_linear_ms, t_ref_ms, ratio_vs_linear (goal ≤ 0.80 for transfer),
-speedup_vs_ref (goal ≥ 2), TFLOP/s, and for "sample" t_m3_ms and m3_vs_m1. Every test skips
+speedup_vs_ref, TFLOP/s, and for "sample" t_m3_ms and m3_vs_m1. bench/gpu_check.sh measures the
+same rows (and the §6 goals) in one time-boxed call. Every test skips
 without a GPU or without the built extension. Run: ``pytest bench/bench_kind_linear_cuda.py``.
 """
 
@@ -26,7 +28,7 @@ import kind_fast as kf
 from kind_fast.ops.kind_linear import kind_linear_flops
 
 TAILORS, ACTIVE, CLASSES, TOKENS, SAMPLES = 96, 32, 10, 256, 32
-GOALS = {"transfer": 0.80}  # t(KIND) / t(nn.Linear), DESIGN §6
+GOALS = {"transfer": 0.80}  # t(KIND) / t(nn.Linear), docs/design.md §6
 
 
 def _cuda_ready() -> tuple[bool, str]:

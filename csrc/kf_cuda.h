@@ -9,6 +9,7 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <cstring>
 
 #ifdef KIND_FAST_EMULATE
 #include "emulation/cuda_emulation.h"
@@ -83,5 +84,80 @@ struct WmmaElem<c10::BFloat16> {
 #endif
 
 inline unsigned ceil_div(int64_t a, int64_t b) { return static_cast<unsigned>((a + b - 1) / b); }
+
+// ------------------------------------------------------------------------------------------
+// Asynchronous 16-byte copies global -> shared (cp.async, sm_80+), and 16-byte vectors.
+//
+// cp_async_16(dst, src, full) starts copying 16 bytes from src to dst, or writes 16 zero bytes
+// when !full (src-size 0: nothing is read, so src only has to be a valid address). Copies
+// issued since the last commit form one group; cp_async_wait<N>() waits until at most the N
+// newest committed groups are still in flight. As on the GPU, what a copy wrote is visible to
+// other threads only after the issuing thread waited AND a __syncthreads() followed.
+// Both addresses must be 16-byte aligned (the launchers check the global side).
+// ------------------------------------------------------------------------------------------
+#ifdef KIND_FAST_EMULATE
+using ::kf_emu::cp_async_16;
+using ::kf_emu::cp_async_commit;
+using ::kf_emu::cp_async_wait;
+using Vec16 = ::kf_emu::Vec16;
+#else
+__device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool full) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(src), "r"(full ? 16 : 0) : "memory");
+#endif
+}
+__device__ __forceinline__ void cp_async_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+#endif
+}
+using Vec16 = uint4;
+#endif
+
+__host__ __device__ inline bool aligned16(const void* p) {
+  return reinterpret_cast<std::uintptr_t>(p) % 16 == 0;
+}
+
+// 8 consecutive 2-byte elements (16-byte aligned) as floats, and back: one 16-byte load/store.
+template <typename T>
+__device__ __forceinline__ void load8(const T* p, float (&f)[8]) {
+  static_assert(sizeof(T) == 2, "8 elements of 2 bytes per 16-byte vector");
+#ifdef KIND_FAST_EMULATE
+  KF_DEVICE_CHECK(aligned16(p), "16-byte vector load from an address that is not 16-byte aligned");
+  T e[8];
+  std::memcpy(e, p, 16);
+#else
+  Vec16 v = *reinterpret_cast<const Vec16*>(p);
+  const T* e = reinterpret_cast<const T*>(&v);
+#endif
+#pragma unroll
+  for (int i = 0; i < 8; ++i) f[i] = static_cast<float>(e[i]);
+}
+
+template <typename T>
+__device__ __forceinline__ void store8(T* p, const float (&f)[8]) {
+#ifdef KIND_FAST_EMULATE
+  KF_DEVICE_CHECK(aligned16(p), "16-byte vector store to an address that is not 16-byte aligned");
+  T e[8];
+  for (int i = 0; i < 8; ++i) e[i] = T(f[i]);
+  std::memcpy(p, e, 16);
+#else
+  // packed explicitly (T's raw 16 bits in `.x`)
+  const auto pack = [&](int i) {
+    return static_cast<unsigned>(T(f[i]).x) | (static_cast<unsigned>(T(f[i + 1]).x) << 16);
+  };
+  // (a plain uint4 store was split into four 32-bit stores by nvcc 13.0; this is one STG.E.128)
+  asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"l"(p), "r"(pack(0)), "r"(pack(2)), "r"(pack(4)),
+               "r"(pack(6))
+               : "memory");
+#endif
+}
 
 }  // namespace kind_fast

@@ -13,6 +13,9 @@
 //   row (otherwise): the tailor GEMMs run over all N_T tailors on cuBLAS, and gather/scatter
 //       move between those N_T columns and each row's K slots.
 //   Then ds (per sample), dσ_T and dval by fixed-order reductions.
+//   merged (path M3, sampling): G equal groups of samples, one merged weight per group (the
+//       class of its first sample), one cuBLAS GEMM per group, and a rank-2K correction for
+//       the samples whose class differs from their group's (see kind_linear_merged below).
 // Nothing synchronises with the host; everything runs on the current stream.
 #include <torch/library.h>
 
@@ -20,6 +23,7 @@
 #include <optional>
 #include <string>
 #include <tuple>
+#include <type_traits>
 
 #include "kind_linear_kernels.cuh"
 
@@ -62,9 +66,6 @@ namespace {
 using at::Tensor;
 namespace k = kernels;
 
-constexpr int kShrinkBM = 64, kShrinkBN = 32;  // must match the kernels' tiles
-constexpr int kExpandBM = 64, kExpandBN = 64;
-constexpr int kSegBM = 64, kSegBN = 64;
 
 // ------------------------------------------------------------------------------------------
 // Argument checks (clear messages; the Python functional has already validated user input,
@@ -183,19 +184,32 @@ struct Tables {
 Tables make_tables(const Dims& d, const Tensor& sigma_t, const Tensor& idx, const Tensor& val, const Tensor& labels,
                    Stream stream) {
   Tables t;
-  t.ids = idx.to(at::kInt).contiguous();
-  t.labels = labels.to(at::kInt).contiguous();
   t.sigma = sigma_t.to(at::kFloat).contiguous();
   t.val = val.to(at::kFloat).contiguous();
-  auto iopt = t.ids.options();
+  const Tensor ids_in = idx.contiguous();
+  const Tensor lab_in = (labels.scalar_type() == at::kInt || labels.scalar_type() == at::kLong)
+                            ? labels.contiguous() : labels.to(at::kLong);
+  auto iopt = ids_in.options().dtype(at::kInt);
+  t.ids = at::empty({d.num_classes, d.k_slots}, iopt);
+  t.labels = at::empty({d.samples}, iopt);
+  t.s = at::empty({d.num_classes, d.k_slots}, t.val.options());
   t.first = at::empty({d.num_classes, d.n_tailors}, iopt);
   t.next = at::empty({d.num_classes, d.k_slots}, iopt);
-  // the range checks run before anything indexes with ids or labels
-  launch(k::gate_chains_kernel, dim3(ceil_div(d.num_classes, 128)), dim3(128), stream, t.ids.data_ptr<int32_t>(),
-         t.first.data_ptr<int32_t>(), t.next.data_ptr<int32_t>(), d.num_classes, d.k_slots, d.n_tailors);
-  launch(k::check_labels_kernel, dim3(ceil_div(d.samples, 128)), dim3(128), stream, t.labels.data_ptr<int32_t>(),
-         d.samples, d.num_classes);
-  t.s = (t.sigma.index_select(0, t.ids.reshape({-1})).view({d.num_classes, d.k_slots}) * t.val).contiguous();
+  // one launch: range checks, int32 copies, s = σ_T[ids] ⊙ val, chains (before anything indexes with them)
+  const dim3 grid(ceil_div(std::max<int64_t>(d.num_classes, d.samples), 128));
+  auto run = [&](auto ids_ptr, auto lab_ptr) {
+    launch(k::gate_tables_kernel<std::remove_const_t<std::remove_pointer_t<decltype(ids_ptr)>>,
+                                 std::remove_const_t<std::remove_pointer_t<decltype(lab_ptr)>>>,
+           grid, dim3(128), stream, ids_ptr, lab_ptr, t.sigma.data_ptr<float>(), t.val.data_ptr<float>(),
+           t.ids.data_ptr<int32_t>(), t.labels.data_ptr<int32_t>(), t.s.data_ptr<float>(),
+           t.first.data_ptr<int32_t>(), t.next.data_ptr<int32_t>(), d.num_classes, d.k_slots, d.n_tailors,
+           d.samples);
+  };
+  const bool ids64 = ids_in.scalar_type() == at::kLong, lab64 = lab_in.scalar_type() == at::kLong;
+  if (ids64 && lab64) run(ids_in.data_ptr<int64_t>(), lab_in.data_ptr<int64_t>());
+  if (ids64 && !lab64) run(ids_in.data_ptr<int64_t>(), lab_in.data_ptr<int32_t>());
+  if (!ids64 && lab64) run(ids_in.data_ptr<int32_t>(), lab_in.data_ptr<int64_t>());
+  if (!ids64 && !lab64) run(ids_in.data_ptr<int32_t>(), lab_in.data_ptr<int32_t>());
   return t;
 }
 
@@ -208,40 +222,50 @@ Tensor scaled_slots(const Tensor& P, const Tables& t, const Dims& d, at::ScalarT
 // ------------------------------------------------------------------------------------------
 // Kernel launchers
 // ------------------------------------------------------------------------------------------
-// out (M, K) fp32 = the shrink of A against W's gathered rows. When M gives few row tiles,
-// the depth is split over blockIdx.z (about 4 blocks per SM of an H100, each split at least 256
-// deep) and the partial sums are added in a fixed order.
+// out (M, K) fp32 = the shrink of A against the rows of W that ids (indexed by labels32, one
+// class per sample) selects. When M gives few row tiles and allow_split, the depth is split
+// over blockIdx.z (about 4 blocks per SM of an H100, each split at least 256 deep) and the
+// partial sums are added in a fixed order. Rows whose class is < 0 are not written.
 template <typename T>
-void run_shrink(const Tensor& A, const Tensor& W, const Tables& t, const Dims& d, const Tensor& labels32,
-                Tensor& out, Stream stream) {
-  constexpr int64_t kTargetBlocks = 528, kMinSplitDepth = 256, kBK = 32;
-  const int64_t depth = A.size(1);
-  const unsigned tiles = k::num_row_tiles(d.samples, d.rows_per_sample, kShrinkBM);
-  const unsigned slot_tiles = ceil_div(d.k_slots, kShrinkBN);
+void run_shrink(const Tensor& A, const Tensor& W, const Tensor& ids, const Tensor& labels32, int k_slots,
+                int64_t samples, int64_t rows_per_sample, Tensor& out, bool allow_split, Stream stream) {
+  constexpr int64_t kTargetBlocks = 528, kMinSplitDepth = 256, kBK = k::kShrinkBK;
+  const int64_t rows = A.size(0), depth = A.size(1);
+  const unsigned tiles = k::num_row_tiles(samples, rows_per_sample, k::kShrinkBM);
+  const unsigned slot_tiles = ceil_div(k_slots, k::kShrinkBN);
   const int64_t blocks = std::max<int64_t>(1, static_cast<int64_t>(tiles) * slot_tiles);
-  int64_t splits = std::max<int64_t>(1, std::min((kTargetBlocks + blocks - 1) / blocks,
-                                                 (depth + kMinSplitDepth - 1) / kMinSplitDepth));
+  int64_t splits = !allow_split ? 1 : std::max<int64_t>(1, std::min((kTargetBlocks + blocks - 1) / blocks,
+                                                                    (depth + kMinSplitDepth - 1) / kMinSplitDepth));
   const int64_t split_depth = std::max<int64_t>(kBK, (depth + splits - 1) / splits + kBK - 1) / kBK * kBK;
   splits = std::max<int64_t>(1, (depth + split_depth - 1) / split_depth);  // no empty splits
-  Tensor part = splits == 1 ? out : at::empty({splits, d.rows, d.k_slots}, out.options());
-  launch(k::shrink_kernel<T>, dim3(tiles, slot_tiles, static_cast<unsigned>(splits)), dim3(k::kThreads), stream,
-         A.data_ptr<T>(), W.data_ptr<T>(), t.ids.data_ptr<int32_t>(), labels32.data_ptr<int32_t>(),
-         part.data_ptr<float>(), d.rows, d.rows_per_sample, depth, split_depth, d.k_slots);
+  Tensor part = splits == 1 ? out : at::empty({splits, rows, k_slots}, out.options());
+  const bool vec = depth % 8 == 0 && aligned16(A.data_ptr()) && aligned16(W.data_ptr());
+  const auto kernel = vec ? k::shrink_kernel<T, true> : k::shrink_kernel<T, false>;
+  launch(kernel, dim3(tiles, slot_tiles, static_cast<unsigned>(splits)), dim3(k::kThreads), stream,
+         A.data_ptr<T>(), W.data_ptr<T>(), ids.data_ptr<int32_t>(), labels32.data_ptr<int32_t>(),
+         part.data_ptr<float>(), rows, rows_per_sample, depth, split_depth, k_slots);
   if (splits > 1) {
-    const int64_t n = d.rows * d.k_slots;
+    const int64_t n = rows * k_slots;
     launch(k::sum_splits_kernel, dim3(ceil_div(n, 256)), dim3(256), stream, part.data_ptr<float>(),
            out.data_ptr<float>(), n, static_cast<int>(splits));
   }
 }
 
+// Y = Base + (P ⊙ s[labels])·W[ids[labels]] row tile by row tile; Base is Y itself (in place,
+// base_per_sample false) or one (T, N) matrix every sample adds to (base_per_sample true).
+// Rows whose class is < 0 are not written.
 template <typename T>
-void run_expand(const Tensor& P, const Tensor& W, const Tables& t, const Tensor& labels32, int64_t samples,
-                int64_t rows_per_sample, int k_slots, Tensor& Y, Stream stream) {
+void run_expand(const Tensor& P, const Tensor& s, const Tensor& W, const Tensor& ids, const Tensor& labels32,
+                int64_t samples, int64_t rows_per_sample, int k_slots, const Tensor& base, bool base_per_sample,
+                Tensor& Y, Stream stream) {
   const int64_t width = Y.size(1);
-  const dim3 grid(k::num_row_tiles(samples, rows_per_sample, kExpandBM), ceil_div(width, kExpandBN));
-  launch(k::expand_kernel<T>, grid, dim3(k::kThreads), stream, P.data_ptr<float>(), t.s.data_ptr<float>(),
-         W.data_ptr<T>(), t.ids.data_ptr<int32_t>(), labels32.data_ptr<int32_t>(), Y.data_ptr<T>(), rows_per_sample,
-         width, k_slots);
+  const dim3 grid(k::num_row_tiles(samples, rows_per_sample, k::kExpandBM), ceil_div(width, k::kExpandBN));
+  const bool vec = width % 8 == 0 && aligned16(W.data_ptr()) && aligned16(base.data_ptr()) &&
+                   aligned16(Y.data_ptr());
+  const auto kernel = vec ? k::expand_kernel<T, true> : k::expand_kernel<T, false>;
+  launch(kernel, grid, dim3(k::kThreads), stream, P.data_ptr<float>(), s.data_ptr<float>(), W.data_ptr<T>(),
+         ids.data_ptr<int32_t>(), labels32.data_ptr<int32_t>(), base.data_ptr<T>(), base_per_sample, Y.data_ptr<T>(),
+         rows_per_sample, width, k_slots);
 }
 
 template <typename T>
@@ -305,8 +329,10 @@ std::tuple<Tensor, Tensor> kind_linear_forward(const Tensor& x_, const Tensor& w
   AT_DISPATCH_REDUCED_FLOATING_TYPES(x.scalar_type(), "kind_linear_cuda", [&] {
     if (sample_plan(d)) {
       h = at::empty({d.rows, d.k_slots}, x.options().dtype(at::kFloat));
-      run_shrink<scalar_t>(x, v_t, t, d, t.labels, h, stream);                             // h = x·V_T[ids]ᵀ
-      run_expand<scalar_t>(h, u_t, t, t.labels, d.samples, d.rows_per_sample, d.k_slots, y, stream);  // y += (h⊙s)·U_T[ids]
+      run_shrink<scalar_t>(x, v_t, t.ids, t.labels, d.k_slots, d.samples, d.rows_per_sample, h, true,
+                           stream);  // h = x·V_T[ids]ᵀ
+      run_expand<scalar_t>(h, t.s, u_t, t.ids, t.labels, d.samples, d.rows_per_sample, d.k_slots, y, false, y,
+                           stream);  // y += (h⊙s)·U_T[ids]
     } else {
       h = run_gather<scalar_t>(at::mm(x, v_t.t()), t, d, stream);        // all N_T on cuBLAS, keep K
       Tensor q = run_scatter<scalar_t>(h, t, d, x.options(), stream);  // (M, N_T): h⊙s at the tailor ids
@@ -348,12 +374,14 @@ Grads kind_linear_backward(const Tensor& grad_y, const Tensor& x_, const Tensor&
   Tensor dx = need_dx ? at::mm(g, w_g) : empty();
   Tensor dw = need_dw ? at::mm(g.t(), x) : empty();
   Tensor db = need_db ? at::sum(g, {0}, /*keepdim=*/false, at::kFloat).to(x.scalar_type()) : empty();
-  Tensor du = need_du ? at::zeros_like(u_t) : empty();
-  Tensor dv = need_dv ? at::zeros_like(v_t) : empty();
-  Tensor dsig = need_ds ? at::zeros_like(sigma_t) : empty();
-  Tensor dval = need_dval ? at::zeros_like(val) : empty();
+  // (every requested tailor gradient is written below; zeros only when there is nothing to add)
+  Tensor du = empty(), dv = empty(), dsig = empty(), dval = empty();
   const bool need_dhs = need_dx || need_dv || need_ds || need_dval;
   if (d.rows == 0 || d.k_slots == 0 || d.n_tailors == 0 || !(need_dhs || need_du)) {
+    if (need_du) du = at::zeros_like(u_t);
+    if (need_dv) dv = at::zeros_like(v_t);
+    if (need_ds) dsig = at::zeros_like(sigma_t);
+    if (need_dval) dval = at::zeros_like(val);
     return {dx, dw, db, du, dsig, dv, dval};
   }
   const Tables t = make_tables(d, sigma_t, idx, val, labels, stream);
@@ -364,9 +392,12 @@ Grads kind_linear_backward(const Tensor& grad_y, const Tensor& x_, const Tensor&
       const auto bview = [&](const Tensor& a) { return a.view({d.samples, d.rows_per_sample, a.size(1)}); };
       if (need_dhs) {
         dhs = at::empty({d.rows, d.k_slots}, f32);
-        run_shrink<scalar_t>(g, u_t, t, d, t.labels, dhs, stream);
+        run_shrink<scalar_t>(g, u_t, t.ids, t.labels, d.k_slots, d.samples, d.rows_per_sample, dhs, true, stream);
       }
-      if (need_dx) run_expand<scalar_t>(dhs, v_t, t, t.labels, d.samples, d.rows_per_sample, d.k_slots, dx, stream);
+      if (need_dx) {
+        run_expand<scalar_t>(dhs, t.s, v_t, t.ids, t.labels, d.samples, d.rows_per_sample, d.k_slots, dx, false,
+                             dx, stream);
+      }
       if (need_du) {  // R[b] = (h⊙s)_bᵀ·g_b, then dU_T[n] = Σ over (b, k) with ids = n
         const Tensor r = at::bmm(scaled_slots(h, t, d, x.scalar_type()).transpose(1, 2), bview(g));
         du = run_combine<scalar_t>(r.contiguous(), t, d, u_t.options(), stream);
@@ -405,8 +436,26 @@ Grads kind_linear_backward(const Tensor& grad_y, const Tensor& x_, const Tensor&
 }
 
 // ------------------------------------------------------------------------------------------
-// Path M3 (sampling, no autograd): merged weight per class for up to max_classes classes
+// Path M3 (sampling, no autograd): merged weights, dense GEMMs on cuBLAS
 // ------------------------------------------------------------------------------------------
+// The B samples form G = merged_groups(B, max_classes) equal groups of consecutive samples
+// (G is the largest divisor of B that is <= max_classes: known on the host, so no sync).
+// Group g uses one merged weight, for the class c_g of its first sample (read on the device):
+//     W_g = W_G + U_T[ids_g]ᵀ · diag(s_g) · V_T[ids_g]          (one expand pass, base W_G)
+//     y[rows of g] = x[rows of g] · W_gᵀ + b                     (cuBLAS, bias in its epilogue)
+// A sample b of group g whose class c_b != c_g gets the exact correction
+//     y_b += x_b · (U_T[ids_b]ᵀ diag(s_b) V_T[ids_b] - U_T[ids_g]ᵀ diag(s_g) V_T[ids_g])ᵀ,
+// path M1's shrink/expand on a per-sample gate of 2K slots ([ids_b, ids_g], [s_b, -s_g]);
+// every other sample has class -1 there, and those kernels skip its tiles. CFG batches
+// ([c]·n then [null]·n) with max_classes = 2 need no correction: two merges and two GEMMs.
+// Any labels give kind_linear's result (up to rounding); few classes in long runs are fast.
+int64_t merged_groups(int64_t samples, int64_t max_classes) {
+  for (int64_t g = std::min(samples, max_classes); g > 1; --g) {
+    if (samples % g == 0) return g;
+  }
+  return 1;
+}
+
 Tensor kind_linear_merged(const Tensor& x_, const Tensor& w_g_, const std::optional<Tensor>& bias_,
                           const Tensor& u_t_, const Tensor& sigma_t, const Tensor& v_t_, const Tensor& idx,
                           const Tensor& val, const Tensor& labels, int64_t max_classes) {
@@ -416,40 +465,48 @@ Tensor kind_linear_merged(const Tensor& x_, const Tensor& w_g_, const std::optio
   DeviceGuard guard(x_.device());
   const Stream stream = current_stream();
   const Tensor x = x_.contiguous(), w_g = w_g_.contiguous(), u_t = u_t_.contiguous(), v_t = v_t_.contiguous();
+  const Tensor bias = bias_.has_value() ? bias_->contiguous() : Tensor();
   if (d.rows == 0 || d.k_slots == 0 || d.n_tailors == 0) {
-    return bias_.has_value() ? at::addmm(*bias_, x, w_g.t()) : at::mm(x, w_g.t());
+    return bias.defined() ? at::addmm(bias, x, w_g.t()) : at::mm(x, w_g.t());
   }
-  const Tables t = make_tables(d, sigma_t, idx, val, labels, stream);
-  const int slots = static_cast<int>(std::min<int64_t>(max_classes, std::min(d.samples, d.num_classes)));
+  const Tables t = make_tables(d, sigma_t, idx, val, labels, stream);  // range checks included
+  const int64_t groups = merged_groups(d.samples, max_classes), per_group = d.samples / groups;
+  const int k2 = 2 * d.k_slots;
   auto iopt = t.labels.options();
-  Tensor class_slot = at::empty({d.num_classes}, iopt), slot_class = at::empty({slots}, iopt);
-  Tensor sample_slot = at::empty({d.samples}, iopt), rest_labels = at::empty({d.samples}, iopt);
-  launch(k::assign_slots_kernel, dim3(1), dim3(256), stream, t.labels.data_ptr<int32_t>(),
-         class_slot.data_ptr<int32_t>(), slot_class.data_ptr<int32_t>(), sample_slot.data_ptr<int32_t>(),
-         rest_labels.data_ptr<int32_t>(), d.samples, d.num_classes, slots);
+  Tensor group_class = at::empty({groups}, iopt);
+  Tensor which = at::empty({d.samples}, iopt), ids2 = at::empty({d.samples, k2}, iopt);
+  Tensor s2 = at::empty({d.samples, k2}, t.s.options());
+  launch(k::merged_plan_kernel, dim3(ceil_div(d.samples, 128)), dim3(128), stream, t.ids.data_ptr<int32_t>(),
+         t.s.data_ptr<float>(), t.labels.data_ptr<int32_t>(), group_class.data_ptr<int32_t>(),
+         which.data_ptr<int32_t>(), ids2.data_ptr<int32_t>(), s2.data_ptr<float>(),
+         d.samples, per_group, d.k_slots);
   Tensor y = at::empty({d.rows, d.n_out}, x.options());
   AT_DISPATCH_REDUCED_FLOATING_TYPES(x.scalar_type(), "kind_linear_cuda_merged", [&] {
-    // W_s = W_G + U_T[ids_c]ᵀ·diag(s_c)·V_T[ids_c] for each used slot s (class c): rows (s, o)
-    // of Wm are "samples" of out rows each, so expand() adds the low-rank part.
-    // (repeat always copies; expand().contiguous() would alias w_g when slots == 1)
-    Tensor wm = w_g.unsqueeze(0).repeat({slots, 1, 1}).view({slots * d.n_out, d.n_in});
-    Tensor ug = at::empty({slots, d.n_out, d.k_slots}, x.options().dtype(at::kFloat));
-    launch(k::gather_left_kernel<scalar_t>, dim3(ceil_div(slots * d.n_out * d.k_slots, 256)), dim3(256), stream,
-           u_t.data_ptr<scalar_t>(), t.ids.data_ptr<int32_t>(), slot_class.data_ptr<int32_t>(), ug.data_ptr<float>(),
-           static_cast<int64_t>(slots), d.n_out, d.k_slots);
-    Tensor ug2 = ug.view({slots * d.n_out, d.k_slots});
-    run_expand<scalar_t>(ug2, v_t, t, slot_class, slots, d.n_out, d.k_slots, wm, stream);
-    // y = x·W_slot(b)ᵀ + b for every sample (W_G for samples without a slot) ...
-    const Tensor bias = bias_.has_value() ? bias_->contiguous() : Tensor();
-    const scalar_t* bias_ptr = bias.defined() ? bias.data_ptr<scalar_t>() : nullptr;
-    const dim3 grid(k::num_row_tiles(d.samples, d.rows_per_sample, kSegBM), ceil_div(d.n_out, kSegBN));
-    launch(k::segmented_linear_kernel<scalar_t>, grid, dim3(k::kThreads), stream, x.data_ptr<scalar_t>(),
-           wm.data_ptr<scalar_t>(), w_g.data_ptr<scalar_t>(), bias_ptr, sample_slot.data_ptr<int32_t>(),
-           y.data_ptr<scalar_t>(), d.rows_per_sample, d.n_in, d.n_out);
-    // ... and the tailor term of path M1 for those without one (their rest_labels >= 0)
-    Tensor h = at::empty({d.rows, d.k_slots}, x.options().dtype(at::kFloat));
-    run_shrink<scalar_t>(x, v_t, t, d, rest_labels, h, stream);
-    run_expand<scalar_t>(h, u_t, t, rest_labels, d.samples, d.rows_per_sample, d.k_slots, y, stream);
+    // merged weights (G·out, in) = W_G + expand of the gathered U_T rows (fp32, (G·out, K)):
+    // "samples" are the groups, each with out rows and the class of its first sample
+    Tensor ug = at::empty({groups * d.n_out, d.k_slots}, x.options().dtype(at::kFloat));
+    launch(k::gather_left_kernel<scalar_t>, dim3(ceil_div(groups * d.n_out * d.k_slots, 256)), dim3(256), stream,
+           u_t.data_ptr<scalar_t>(), t.ids.data_ptr<int32_t>(), group_class.data_ptr<int32_t>(),
+           ug.data_ptr<float>(), groups, d.n_out, d.k_slots);
+    Tensor wm = at::empty({groups * d.n_out, d.n_in}, x.options());
+    run_expand<scalar_t>(ug, t.s, v_t, t.ids, group_class, groups, d.n_out, d.k_slots, w_g, true, wm, stream);
+    // one cuBLAS GEMM per group, written into its rows of y
+    const int64_t rows_per_group = per_group * d.rows_per_sample;
+    for (int64_t g = 0; g < groups; ++g) {
+      Tensor y_g = y.narrow(0, g * rows_per_group, rows_per_group);
+      const Tensor x_g = x.narrow(0, g * rows_per_group, rows_per_group);
+      const Tensor w_t = wm.narrow(0, g * d.n_out, d.n_out).t();
+      if (bias.defined()) {
+        at::addmm_out(y_g, bias, x_g, w_t);
+      } else {
+        at::mm_out(y_g, x_g, w_t);
+      }
+    }
+    if (groups == d.samples) return;  // one sample per group: each got its own class's weight
+    // the correction of the samples whose class differs from their group's (which[b] >= 0)
+    Tensor h2 = at::empty({d.rows, k2}, x.options().dtype(at::kFloat));  // only those rows are written
+    run_shrink<scalar_t>(x, v_t, ids2, which, k2, d.samples, d.rows_per_sample, h2, false, stream);
+    run_expand<scalar_t>(h2, s2, u_t, ids2, which, d.samples, d.rows_per_sample, k2, y, false, y, stream);
   });
   return y;
 }

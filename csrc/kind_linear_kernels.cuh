@@ -1,6 +1,6 @@
 // Kernels of the CUDA backend of kind_linear (the parts cuBLAS cannot do).
 //
-// Math (kind_fast/ops/kind_linear.py, DESIGN §2). Rows are grouped by sample: row m belongs to
+// Math (kind_fast/ops/kind_linear.py, docs/design.md §2). Rows are grouped by sample: row m belongs to
 // sample b = m / T, of class c = labels[b]. A gate row c has K slots: tailor id ids[c, k] and
 // scale s[c, k] = σ_T[ids[c, k]] · val[c, k] (fp32; padding slots have val 0, hence s 0).
 //
@@ -12,12 +12,11 @@
 //   ds       ds[b, k]   = Σ_{m in b} dhs[m, k] · h[m, k]
 //   dsigma   dσ_T[n]    = Σ_b Σ_{k: ids[c_b,k] = n} ds[b, k] · val[c_b, k]
 //   dval     dval[c, k] = σ_T[ids[c, k]] · Σ_{b: c_b = c} ds[b, k]
-//   seg_mm   Y[m, o]    = Σ_i x[m, i] · W_slot(b)[o, i] + bias[o]      path M3 (merged weight per class)
 //
 // Row tiles never straddle samples: sample b owns tiles [b·tps, (b+1)·tps) with
 // tps = ceil(T / BM), tile j of b covers rows b·T + j·BM ... b·T + min(T, (j+1)·BM) - 1. So a
 // tile has exactly one class (one scalar load) whatever T is; when T % BM != 0 the last tile of
-// each sample is partly masked. This is DESIGN §2's "tile lies in one sample" made exact.
+// each sample is partly masked. This is docs/design.md §2's "tile lies in one sample" made exact.
 //
 // Determinism: no atomics anywhere. Every output element is written by exactly one thread,
 // and every sum runs in a fixed order (k ascending inside a chain, b ascending across samples,
@@ -27,10 +26,18 @@
 // next[c, k] the next larger slot with the same id (or -1). Ids normally appear once per row,
 // but padding repeats id 0 (with val 0) and nothing forbids duplicates, which are summed.
 //
-// Tensor cores: shrink, expand and seg_mm multiply tiles staged in shared memory with WMMA
-// m16n16k16 (fp16/bf16 operands, fp32 accumulation); they need sm_80+ (bf16 WMMA), which the
-// host code checks. Every other kernel is a plain loop. Loads are element-wise and masked
-// (no vector loads): simple first, fast later (see bench/ for what it costs).
+// Every dense GEMM (x·W_Gᵀ, dx = g·W_G, dW_G, the per-sample products of the backward, and
+// path M3's per-group GEMMs) runs on cuBLAS through ATen; these kernels do only what cuBLAS
+// cannot: GEMMs whose second operand is gathered per row tile by class.
+//
+// Tensor cores: shrink and expand multiply tiles staged in shared memory with WMMA m16n16k16
+// (fp16/bf16 operands, fp32 accumulation); they need sm_80+ (bf16 WMMA, cp.async), which the
+// host code checks. Their K-loops are double-buffered: the next tile's 16-byte cp.async copies
+// are in flight while the tensor cores work on the current one (one __syncthreads() pair per
+// step). The "vector" instantiation (kVec) is used when rows are 16-byte aligned (width a
+// multiple of 8 elements, aligned base pointers): 16-byte asynchronous copies into shared
+// memory, and 16-byte loads and stores in expand's epilogue. Otherwise (odd widths) the same
+// kernel stages tiles with masked 2-byte loads. Every other kernel is a plain loop.
 #pragma once
 
 #include "kf_cuda.h"
@@ -72,30 +79,35 @@ inline unsigned num_row_tiles(int64_t samples, int64_t rows_per_sample, int bm) 
 // ------------------------------------------------------------------------------------------
 // Gate tables
 // ------------------------------------------------------------------------------------------
-// One thread per class c: chains of gate row c (see the header), and the range check of its
-// ids (the device-side twin of the reference's indexing errors).
-__global__ void gate_chains_kernel(const int32_t* __restrict__ ids,  // (C1, K)
-                                   int32_t* __restrict__ first,      // (C1, N_T)
-                                   int32_t* __restrict__ next,       // (C1, K)
-                                   int64_t num_classes, int k_slots, int64_t n_tailors) {
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (c >= num_classes) return;
+// The per-call tables of a gate, in one launch (so that small layers are not launch-bound).
+// Thread i < C1 (class c = i): the range check of row c's ids (the device-side twin of the
+// reference's indexing errors), their int32 copy, s[c, k] = σ_T[ids[c, k]] · val[c, k] (fp32),
+// and the chains of row c (see the header). Thread i < B (sample b = i): the range check of
+// labels[b] and its int32 copy. I, L: the caller's index and label types (int32 or int64).
+template <typename I, typename L>
+__global__ void gate_tables_kernel(const I* __restrict__ ids_in, const L* __restrict__ labels_in,
+                                   const float* __restrict__ sigma, const float* __restrict__ val,
+                                   int32_t* __restrict__ ids, int32_t* __restrict__ labels, float* __restrict__ s,
+                                   int32_t* __restrict__ first, int32_t* __restrict__ next, int64_t num_classes,
+                                   int k_slots, int64_t n_tailors, int64_t samples) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < samples) {
+    const L c = labels_in[i];
+    KF_DEVICE_CHECK(c >= 0 && c < num_classes, "kind_linear: labels out of range [0, num_classes]");
+    labels[i] = static_cast<int32_t>(c);
+  }
+  if (i >= num_classes) return;
+  const int64_t c = i;
   for (int64_t n = 0; n < n_tailors; ++n) first[c * n_tailors + n] = -1;
   for (int k = k_slots - 1; k >= 0; --k) {  // descending, so each chain ends up ascending in k
-    const int32_t n = ids[c * k_slots + k];
+    const I n = ids_in[c * k_slots + k];
     KF_DEVICE_CHECK(n >= 0 && n < n_tailors, "kind_linear: idx holds a tailor id outside [0, N_T)");
     if (n < 0 || n >= n_tailors) return;  // (emulation only: the check above already failed)
+    ids[c * k_slots + k] = static_cast<int32_t>(n);
+    s[c * k_slots + k] = sigma[n] * val[c * k_slots + k];
     next[c * k_slots + k] = first[c * n_tailors + n];
     first[c * n_tailors + n] = k;
   }
-}
-
-// One thread per sample: labels must name a gate row.
-__global__ void check_labels_kernel(const int32_t* __restrict__ labels, int64_t samples, int64_t num_classes) {
-  const int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (b >= samples) return;
-  const int32_t c = labels[b];
-  KF_DEVICE_CHECK(c >= 0 && c < num_classes, "kind_linear: labels out of range [0, num_classes]");
 }
 
 // ------------------------------------------------------------------------------------------
@@ -104,18 +116,24 @@ __global__ void check_labels_kernel(const int32_t* __restrict__ labels, int64_t 
 // out (splits, M, K). Split z covers depth [z·split_depth, (z+1)·split_depth) (a multiple of
 // 32): with few row tiles (small M) the depth is cut so that the GPU has enough blocks, and
 // sum_splits_kernel adds the splits in order afterwards (deterministic, no atomics).
-// A class c < 0 skips the tile (path M3 marks samples that a merged weight already served).
+// A class c < 0 skips the tile (path M3 marks the samples that need no correction).
+// kVec: D % 8 == 0 and A, W 16-byte aligned (the launcher checks), so every 8-element chunk of
+// a row is one 16-byte cp.async, whole or (past the split's end / past the tile's rows /
+// an unused slot) zero-filled.
 // ------------------------------------------------------------------------------------------
-template <typename T>
+constexpr int kShrinkBM = 64, kShrinkBN = 32, kShrinkBK = 32;
+
+template <typename T, bool kVec>
 __global__ void __launch_bounds__(kThreads)
     shrink_kernel(const T* __restrict__ A, const T* __restrict__ W, const int32_t* __restrict__ ids,
                   const int32_t* __restrict__ labels, float* __restrict__ out, int64_t rows, int64_t rows_per_sample,
                   int64_t depth, int64_t split_depth, int k_slots) {
 #if KF_HAS_TENSOR_CORES
   using E = typename WmmaElem<T>::type;
-  constexpr int BM = 64, BN = 32, BK = 32, LDA = BK + 8, LDC = BN + 4;
-  __shared__ __align__(32) T As[BM * LDA];  // As[r][kk] = A[row0 + r, k0 + kk]
-  __shared__ __align__(32) T Ws[BN * LDA];  // Ws[n][kk] = W[ids[c, n0 + n], k0 + kk]
+  constexpr int BM = kShrinkBM, BN = kShrinkBN, BK = kShrinkBK, LDA = BK + 8, LDC = BN + 4, CH = BK / 8;
+  // two stages: As[s][r][kk] = A[row0 + r, k0 + kk], Ws[s][n][kk] = W[ids[c, n0 + n], k0 + kk]
+  __shared__ __align__(128) T As[2][BM * LDA];
+  __shared__ __align__(128) T Ws[2][BN * LDA];
   __shared__ __align__(32) float Cs[BM * LDC];
   __shared__ int64_t w_off[BN];  // ids[c, n0 + n] · depth, or -1 for slots past K
 
@@ -137,29 +155,58 @@ __global__ void __launch_bounds__(kThreads)
   wmma::fill_fragment(acc[1], 0.0f);
   __syncthreads();
 
-  for (int64_t k0 = k_begin; k0 < k_end; k0 += BK) {
-    for (int e = tid; e < BM * BK; e += kThreads) {
-      const int r = e / BK, kk = e % BK;
-      const int64_t col = k0 + kk;
-      As[r * LDA + kk] = (r < tile.rows && col < k_end) ? A[(tile.row0 + r) * depth + col] : T(0.0f);
+  // stage the depth slice [k0, k0 + BK) into buffer `st` (asynchronously when kVec)
+  auto load = [&](int st, int64_t k0) {
+    if constexpr (kVec) {
+      for (int e = tid; e < BM * CH; e += kThreads) {
+        const int r = e / CH, kk = (e % CH) * 8;
+        const bool ok = r < tile.rows && k0 + kk < k_end;
+        cp_async_16(&As[st][r * LDA + kk], ok ? A + (tile.row0 + r) * depth + k0 + kk : A, ok);
+      }
+      for (int e = tid; e < BN * CH; e += kThreads) {
+        const int n = e / CH, kk = (e % CH) * 8;
+        const bool ok = w_off[n] >= 0 && k0 + kk < k_end;
+        cp_async_16(&Ws[st][n * LDA + kk], ok ? W + w_off[n] + k0 + kk : W, ok);
+      }
+      cp_async_commit();
+    } else {
+      for (int e = tid; e < BM * BK; e += kThreads) {
+        const int r = e / BK, kk = e % BK;
+        const int64_t col = k0 + kk;
+        As[st][r * LDA + kk] = (r < tile.rows && col < k_end) ? A[(tile.row0 + r) * depth + col] : T(0.0f);
+      }
+      for (int e = tid; e < BN * BK; e += kThreads) {
+        const int n = e / BK, kk = e % BK;
+        const int64_t col = k0 + kk;
+        Ws[st][n * LDA + kk] = (w_off[n] >= 0 && col < k_end) ? W[w_off[n] + col] : T(0.0f);
+      }
     }
-    for (int e = tid; e < BN * BK; e += kThreads) {
-      const int n = e / BK, kk = e % BK;
-      const int64_t col = k0 + kk;
-      Ws[n * LDA + kk] = (w_off[n] >= 0 && col < k_end) ? W[w_off[n] + col] : T(0.0f);
+  };
+
+  const int64_t steps = (k_end - k_begin + BK - 1) / BK;
+  if (steps > 0) load(0, k_begin);
+  for (int64_t it = 0; it < steps; ++it) {
+    const int st = static_cast<int>(it & 1);
+    if (it + 1 < steps) {  // prefetch the next slice into the other buffer, then wait for this one
+      load(st ^ 1, k_begin + (it + 1) * BK);
+      if constexpr (kVec) cp_async_wait<1>();
+    } else if constexpr (kVec) {
+      cp_async_wait<0>();
     }
     __syncthreads();
+#pragma unroll
     for (int kk = 0; kk < BK; kk += 16) {
       wmma::fragment<wmma::matrix_a, 16, 16, 16, E, wmma::row_major> a;
-      wmma::load_matrix_sync(a, reinterpret_cast<const E*>(&As[(warp * 16) * LDA + kk]), LDA);
+      wmma::load_matrix_sync(a, reinterpret_cast<const E*>(&As[st][(warp * 16) * LDA + kk]), LDA);
+#pragma unroll
       for (int j = 0; j < 2; ++j) {
         // operand b is (kk × n): element (kk, n) = Ws[n][kk], i.e. column-major with ldm LDA
         wmma::fragment<wmma::matrix_b, 16, 16, 16, E, wmma::col_major> bf;
-        wmma::load_matrix_sync(bf, reinterpret_cast<const E*>(&Ws[(j * 16) * LDA + kk]), LDA);
+        wmma::load_matrix_sync(bf, reinterpret_cast<const E*>(&Ws[st][(j * 16) * LDA + kk]), LDA);
         wmma::mma_sync(acc[j], a, bf, acc[j]);
       }
     }
-    __syncthreads();
+    __syncthreads();  // everyone is done with buffer st before it is refilled
   }
   for (int j = 0; j < 2; ++j) {
     wmma::store_matrix_sync(&Cs[(warp * 16) * LDC + j * 16], acc[j], LDC, wmma::mem_row_major);
@@ -184,52 +231,88 @@ __global__ void sum_splits_kernel(const float* __restrict__ part, float* __restr
 }
 
 // ------------------------------------------------------------------------------------------
-// expand: Y[m, n] = T(float(Y[m, n]) + Σ_k T(P[m, k] · s[c, k]) · W[ids[c, k], n])
+// expand: Y[m, n] = T(float(Base[m', n]) + Σ_k T(P[m, k] · s[c, k]) · W[ids[c, k], n])
 // grid (row tiles, ceil(N / 64)), 128 threads. P (M, K) fp32; s (C1, K) fp32; W (N_T, N)
-// row-major; Y (M, N) updated in place (each element by one thread). The scaled operand is
-// rounded to T before the product, as the reference rounds h⊙s before its GEMM.
+// row-major; Y (M, N). m' = m: Base = Y adds in place (each element read and written by one
+// thread). base_per_sample: m' = m - b·T, the row inside its sample, so every sample adds to the
+// same Base; path M3's merge passes Base = W_G with one "sample" of out rows per group to write
+// W_g = W_G + U_T[ids_c]ᵀ·diag(s_c)·V_T[ids_c] for every group in one pass. The scaled operand
+// is rounded to T before the product, as the reference rounds h⊙s before its GEMM.
+// kVec: N % 8 == 0 and W, Base, Y 16-byte aligned: 16-byte cp.async for the gathered W rows,
+// 16-byte loads and stores in the epilogue.
 // ------------------------------------------------------------------------------------------
-template <typename T>
+constexpr int kExpandBM = 64, kExpandBN = 64, kExpandBK = 16;
+
+template <typename T, bool kVec>
 __global__ void __launch_bounds__(kThreads)
     expand_kernel(const float* __restrict__ P, const float* __restrict__ s, const T* __restrict__ W,
-                  const int32_t* __restrict__ ids, const int32_t* __restrict__ labels, T* __restrict__ Y,
-                  int64_t rows_per_sample, int64_t width, int k_slots) {
+                  const int32_t* __restrict__ ids, const int32_t* __restrict__ labels, const T* Base,
+                  bool base_per_sample, T* Y, int64_t rows_per_sample, int64_t width, int k_slots) {
 #if KF_HAS_TENSOR_CORES
   using E = typename WmmaElem<T>::type;
-  constexpr int BM = 64, BN = 64, BK = 16, LDP = BK + 8, LDW = BN + 8, LDC = BN + 4;
-  __shared__ __align__(32) T Ps[BM * LDP];  // Ps[r][kk] = T(P[row0 + r, k0 + kk] · s[c, k0 + kk])
-  __shared__ __align__(32) T Ws[BK * LDW];  // Ws[kk][n] = W[ids[c, k0 + kk], n0 + n]
+  constexpr int BM = kExpandBM, BN = kExpandBN, BK = kExpandBK, LDP = BK + 8, LDW = BN + 8, LDC = BN + 4;
+  constexpr int CH = BN / 8;
+  // two stages: Ps[s][r][kk] = T(P[row0 + r, k0 + kk] · s[c, k0 + kk]), Ws[s][kk][n] = W[ids[c, k0 + kk], n0 + n]
+  __shared__ __align__(128) T Ps[2][BM * LDP];
+  __shared__ __align__(128) T Ws[2][BK * LDW];
   __shared__ __align__(32) float Cs[BM * LDC];
 
   const RowTile tile = row_tile(blockIdx.x, rows_per_sample, BM);
   const int c = labels[tile.sample];
   if (c < 0) return;
   const int64_t n0 = static_cast<int64_t>(blockIdx.y) * BN;
+  const int64_t base0 = base_per_sample ? tile.row0 - tile.sample * rows_per_sample : tile.row0;  // Base row of r = 0
   const int tid = threadIdx.x, warp = tid / 32;
   const int wm = warp / 2, wn = warp % 2;  // warp tile: rows [32wm, 32wm + 32) × cols [32wn, 32wn + 32)
   const int32_t* ids_c = ids + static_cast<int64_t>(c) * k_slots;
   const float* s_c = s + static_cast<int64_t>(c) * k_slots;
+  const float* P_tile = P + tile.row0 * k_slots;  // this tile's rows of P
   wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
   for (int i = 0; i < 2; ++i)
     for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
 
-  for (int k0 = 0; k0 < k_slots; k0 += BK) {
-    for (int e = tid; e < BM * BK; e += kThreads) {
-      const int r = e / BK, kk = e % BK, k = k0 + kk;
-      Ps[r * LDP + kk] = (r < tile.rows && k < k_slots) ? T(P[(tile.row0 + r) * k_slots + k] * s_c[k]) : T(0.0f);
+  auto load = [&](int st, int k0) {
+    if constexpr (kVec) {  // the gathered W rows: 16 rows × 8 chunks of 16 bytes, one per thread
+      for (int e = tid; e < BK * CH; e += kThreads) {
+        const int kk = e / CH, n = (e % CH) * 8, k = k0 + kk;
+        const int64_t col = n0 + n;
+        const bool ok = k < k_slots && col < width;
+        cp_async_16(&Ws[st][kk * LDW + n], ok ? W + static_cast<int64_t>(ids_c[k]) * width + col : W, ok);
+      }
+      cp_async_commit();
+    } else {
+      for (int e = tid; e < BK * BN; e += kThreads) {
+        const int kk = e / BN, n = e % BN, k = k0 + kk;
+        const int64_t col = n0 + n;
+        Ws[st][kk * LDW + n] = (k < k_slots && col < width) ? W[static_cast<int64_t>(ids_c[k]) * width + col]
+                                                             : T(0.0f);
+      }
     }
-    for (int e = tid; e < BK * BN; e += kThreads) {
-      const int kk = e / BN, n = e % BN, k = k0 + kk;
-      const int64_t col = n0 + n;
-      Ws[kk * LDW + n] = (k < k_slots && col < width) ? W[static_cast<int64_t>(ids_c[k]) * width + col] : T(0.0f);
+    for (int e = tid; e < BM * BK; e += kThreads) {  // scaled and rounded: through registers
+      const int r = e / BK, kk = e % BK, k = k0 + kk;
+      Ps[st][r * LDP + kk] = (r < tile.rows && k < k_slots) ? T(P_tile[r * k_slots + k] * s_c[k]) : T(0.0f);
+    }
+  };
+
+  const int steps = (k_slots + BK - 1) / BK;
+  if (steps > 0) load(0, 0);
+  for (int it = 0; it < steps; ++it) {
+    const int st = it & 1;
+    if (it + 1 < steps) {
+      load(st ^ 1, (it + 1) * BK);
+      if constexpr (kVec) cp_async_wait<1>();
+    } else if constexpr (kVec) {
+      cp_async_wait<0>();
     }
     __syncthreads();
+#pragma unroll
     for (int i = 0; i < 2; ++i) {
       wmma::fragment<wmma::matrix_a, 16, 16, 16, E, wmma::row_major> a;
-      wmma::load_matrix_sync(a, reinterpret_cast<const E*>(&Ps[(wm * 32 + i * 16) * LDP]), LDP);
+      wmma::load_matrix_sync(a, reinterpret_cast<const E*>(&Ps[st][(wm * 32 + i * 16) * LDP]), LDP);
+#pragma unroll
       for (int j = 0; j < 2; ++j) {
         wmma::fragment<wmma::matrix_b, 16, 16, 16, E, wmma::row_major> bf;
-        wmma::load_matrix_sync(bf, reinterpret_cast<const E*>(&Ws[wn * 32 + j * 16]), LDW);
+        wmma::load_matrix_sync(bf, reinterpret_cast<const E*>(&Ws[st][wn * 32 + j * 16]), LDW);
         wmma::mma_sync(acc[i][j], a, bf, acc[i][j]);
       }
     }
@@ -240,12 +323,29 @@ __global__ void __launch_bounds__(kThreads)
       wmma::store_matrix_sync(&Cs[(wm * 32 + i * 16) * LDC + wn * 32 + j * 16], acc[i][j], LDC,
                               wmma::mem_row_major);
   __syncthreads();
-  for (int e = tid; e < BM * BN; e += kThreads) {
-    const int r = e / BN, n = e % BN;
-    const int64_t col = n0 + n;
-    if (r < tile.rows && col < width) {
-      T* y = &Y[(tile.row0 + r) * width + col];
-      *y = T(static_cast<float>(*y) + Cs[r * LDC + n]);
+  if constexpr (kVec) {  // 8 columns per thread and step: 16-byte load of Base, 16-byte store of Y
+    const T* base_tile = Base + base0 * width + n0;
+    T* y_tile = Y + tile.row0 * width + n0;
+    const int cols = width - n0 < BN ? static_cast<int>(width - n0) : BN;
+#pragma unroll 1
+    for (int e = tid; e < BM * CH; e += kThreads) {
+      const int r = e / CH, n = (e % CH) * 8;
+      if (r < tile.rows && n < cols) {
+        const int64_t off = static_cast<int64_t>(r) * width + n;
+        float v[8];
+        load8(base_tile + off, v);
+#pragma unroll
+        for (int q = 0; q < 8; ++q) v[q] += Cs[r * LDC + n + q];
+        store8(y_tile + off, v);
+      }
+    }
+  } else {
+    for (int e = tid; e < BM * BN; e += kThreads) {
+      const int r = e / BN, n = e % BN;
+      const int64_t col = n0 + n, row = tile.row0 + r;
+      if (r < tile.rows && col < width) {
+        Y[row * width + col] = T(static_cast<float>(Base[(base0 + r) * width + col]) + Cs[r * LDC + n]);
+      }
     }
   }
 #else
@@ -376,120 +476,44 @@ __global__ void dval_kernel(const float* __restrict__ ds, const float* __restric
 }
 
 // ------------------------------------------------------------------------------------------
-// Path M3 (sampling): few classes, one merged weight per class.
+// Path M3 (sampling): the plan of one call, and the left factor of the merges
 // ------------------------------------------------------------------------------------------
-// One block. Slots go to the distinct classes in order of first appearance, at most
-// max_slots of them. sample_slot[b] = slot of b's class or -1; rest_labels[b] = labels[b]
-// for samples without a slot (they take path M1) and -1 for the others; slot_class[s] =
-// class of slot s or -1. class_slot (C1) is scratch.
-__global__ void assign_slots_kernel(const int32_t* __restrict__ labels, int32_t* __restrict__ class_slot,
-                                    int32_t* __restrict__ slot_class, int32_t* __restrict__ sample_slot,
-                                    int32_t* __restrict__ rest_labels, int64_t samples, int64_t num_classes,
-                                    int max_slots) {
-  for (int64_t c = threadIdx.x; c < num_classes; c += blockDim.x) class_slot[c] = -1;
-  for (int64_t s = threadIdx.x; s < max_slots; s += blockDim.x) slot_class[s] = -1;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    int used = 0;
-    for (int64_t b = 0; b < samples; ++b) {
-      const int32_t c = labels[b];
-      if (class_slot[c] < 0 && used < max_slots) {
-        class_slot[c] = used;
-        slot_class[used] = c;
-        ++used;
-      }
-    }
-  }
-  __syncthreads();
-  for (int64_t b = threadIdx.x; b < samples; b += blockDim.x) {
-    const int32_t slot = class_slot[labels[b]];
-    sample_slot[b] = slot;
-    rest_labels[b] = slot < 0 ? labels[b] : -1;
+// One thread per sample b, in group g = b / per_group whose class is c_g = labels[g·per_group]:
+// which[b] = b when labels[b] != c_g (b needs the correction), else -1; b's correction gate
+// row is ids2[b] = [ids[c_b, :], ids[c_g, :]], s2[b] = [s[c_b, :], -s[c_g, :]] (2K slots).
+// The first sample of each group also writes group_class[g] = c_g.
+__global__ void merged_plan_kernel(const int32_t* __restrict__ ids, const float* __restrict__ s,
+                                   const int32_t* __restrict__ labels, int32_t* __restrict__ group_class,
+                                   int32_t* __restrict__ which,
+                                   int32_t* __restrict__ ids2, float* __restrict__ s2, int64_t samples,
+                                   int64_t per_group, int k_slots) {
+  const int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (b >= samples) return;
+  const int64_t g = b / per_group;
+  const int32_t cb = labels[b], cg = labels[g * per_group];
+  if (b == g * per_group) group_class[g] = cg;
+  which[b] = cb != cg ? static_cast<int32_t>(b) : -1;
+  for (int k = 0; k < k_slots; ++k) {
+    ids2[b * 2 * k_slots + k] = ids[static_cast<int64_t>(cb) * k_slots + k];
+    ids2[b * 2 * k_slots + k_slots + k] = ids[static_cast<int64_t>(cg) * k_slots + k];
+    s2[b * 2 * k_slots + k] = s[static_cast<int64_t>(cb) * k_slots + k];
+    s2[b * 2 * k_slots + k_slots + k] = -s[static_cast<int64_t>(cg) * k_slots + k];
   }
 }
 
-// Ug[s, o, k] = float(U_T[ids[c_s, k], o]) for used slots (0 for unused ones), one thread
-// per element: the gathered, transposed left factor of slot s's low-rank update.
+// Ug[g, o, k] = float(U[ids[c_g, k], o]) (fp32, (G, out, K)), one thread per element: the
+// gathered, transposed left factor of group g's low-rank update (expand scales it by s).
 template <typename T>
 __global__ void gather_left_kernel(const T* __restrict__ U, const int32_t* __restrict__ ids,
-                                   const int32_t* __restrict__ slot_class, float* __restrict__ Ug,
-                                   int64_t max_slots, int64_t n_out, int k_slots) {
+                                   const int32_t* __restrict__ group_class, float* __restrict__ Ug, int64_t groups,
+                                   int64_t n_out, int k_slots) {
   const int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (e >= max_slots * n_out * k_slots) return;
-  const int64_t s = e / (n_out * k_slots);
+  if (e >= groups * n_out * k_slots) return;
+  const int64_t g = e / (n_out * k_slots);
   const int64_t o = (e / k_slots) % n_out;
   const int k = static_cast<int>(e % k_slots);
-  const int64_t c = slot_class[s];
-  Ug[e] = c < 0 ? 0.0f : static_cast<float>(U[static_cast<int64_t>(ids[c * k_slots + k]) * n_out + o]);
-}
-
-// seg_mm: Y[m, o] = T(Σ_i x[m, i] · Wsel[o, i] + bias[o]) with Wsel = Wm[slot] when the
-// tile's sample has a merged slot, else W_G. grid (row tiles, ceil(N / 64)), 128 threads.
-// x (M, D); Wm (max_slots, N, D); W_G (N, D); bias (N) or null; Y (M, N).
-template <typename T>
-__global__ void __launch_bounds__(kThreads)
-    segmented_linear_kernel(const T* __restrict__ X, const T* __restrict__ Wm, const T* __restrict__ Wg,
-                            const T* __restrict__ bias, const int32_t* __restrict__ sample_slot,
-                            T* __restrict__ Y, int64_t rows_per_sample, int64_t depth, int64_t width) {
-#if KF_HAS_TENSOR_CORES
-  using E = typename WmmaElem<T>::type;
-  constexpr int BM = 64, BN = 64, BK = 32, LDA = BK + 8, LDC = BN + 4;
-  __shared__ __align__(32) T As[BM * LDA];  // As[r][kk] = x[row0 + r, k0 + kk]
-  __shared__ __align__(32) T Bs[BN * LDA];  // Bs[n][kk] = Wsel[n0 + n, k0 + kk]
-  __shared__ __align__(32) float Cs[BM * LDC];
-
-  const RowTile tile = row_tile(blockIdx.x, rows_per_sample, BM);
-  const int slot = sample_slot[tile.sample];
-  const T* Wsel = slot >= 0 ? Wm + static_cast<int64_t>(slot) * width * depth : Wg;
-  const int64_t n0 = static_cast<int64_t>(blockIdx.y) * BN;
-  const int tid = threadIdx.x, warp = tid / 32;
-  const int wm = warp / 2, wn = warp % 2;
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
-  for (int i = 0; i < 2; ++i)
-    for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
-
-  for (int64_t k0 = 0; k0 < depth; k0 += BK) {
-    for (int e = tid; e < BM * BK; e += kThreads) {
-      const int r = e / BK, kk = e % BK;
-      const int64_t col = k0 + kk;
-      As[r * LDA + kk] = (r < tile.rows && col < depth) ? X[(tile.row0 + r) * depth + col] : T(0.0f);
-    }
-    for (int e = tid; e < BN * BK; e += kThreads) {
-      const int n = e / BK, kk = e % BK;
-      const int64_t col = k0 + kk, o = n0 + n;
-      Bs[n * LDA + kk] = (o < width && col < depth) ? Wsel[o * depth + col] : T(0.0f);
-    }
-    __syncthreads();
-    for (int kk = 0; kk < BK; kk += 16) {
-      for (int i = 0; i < 2; ++i) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, E, wmma::row_major> a;
-        wmma::load_matrix_sync(a, reinterpret_cast<const E*>(&As[(wm * 32 + i * 16) * LDA + kk]), LDA);
-        for (int j = 0; j < 2; ++j) {
-          // operand b is (kk × o): element (kk, o) = Bs[o][kk], column-major with ldm LDA
-          wmma::fragment<wmma::matrix_b, 16, 16, 16, E, wmma::col_major> bf;
-          wmma::load_matrix_sync(bf, reinterpret_cast<const E*>(&Bs[(wn * 32 + j * 16) * LDA + kk]), LDA);
-          wmma::mma_sync(acc[i][j], a, bf, acc[i][j]);
-        }
-      }
-    }
-    __syncthreads();
-  }
-  for (int i = 0; i < 2; ++i)
-    for (int j = 0; j < 2; ++j)
-      wmma::store_matrix_sync(&Cs[(wm * 32 + i * 16) * LDC + wn * 32 + j * 16], acc[i][j], LDC,
-                              wmma::mem_row_major);
-  __syncthreads();
-  for (int e = tid; e < BM * BN; e += kThreads) {
-    const int r = e / BN, n = e % BN;
-    const int64_t o = n0 + n;
-    if (r < tile.rows && o < width) {
-      const float b = bias != nullptr ? static_cast<float>(bias[o]) : 0.0f;
-      Y[(tile.row0 + r) * width + o] = T(Cs[r * LDC + n] + b);
-    }
-  }
-#else
-  KF_DEVICE_CHECK(false, "kind_fast CUDA kernels need sm_80 or newer");
-#endif
+  const int64_t c = group_class[g];
+  Ug[e] = static_cast<float>(U[static_cast<int64_t>(ids[c * k_slots + k]) * n_out + o]);
 }
 
 }  // namespace kernels

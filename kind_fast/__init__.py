@@ -6,10 +6,14 @@ extension; backends are resolved on first use (see ``python -m kind_fast.info``)
 
 from kind_fast._version import __version__
 from kind_fast.backends import current_backend, set_backend, use_backend
+from kind_fast.caching import weight_cache
+from kind_fast.export_io import load_export, save_export
 from kind_fast.gate import ClassGate
 from kind_fast.kindify import kindify
 from kind_fast.layers import FastKindLinear
 from kind_fast.ops.kind_linear import kind_linear, kind_linear_ref
+from kind_fast.serialization import kindify_from_pretrained
+from kind_fast.tasks import MultiTaskDiT, load_base, load_task, save_task
 from kind_fast.utils import print_trainable_parameters
 
 __all__ = [
@@ -19,8 +23,16 @@ __all__ = [
     "kind_linear",
     "kind_linear_ref",
     "kindify",
+    "kindify_from_pretrained",
+    "load_export",
+    "save_export",
+    "save_task",
+    "load_task",
+    "load_base",
+    "MultiTaskDiT",
     "print_trainable_parameters",
     "use_backend",
     "current_backend",
     "set_backend",
+    "weight_cache",
 ]

@@ -12,6 +12,12 @@ ninja needed; cached in ``TORCH_EXTENSIONS_DIR``; a few minutes the first time).
 "Broken" covers: the import itself fails (missing CUDA libraries, undefined symbols), the
 extension was built against another torch minor version (its C++ ABI is not stable), or it
 imported but did not register its ops.
+
+The torch version check happens twice. ``setup.py`` records the torch it built against in
+``kind_fast/_build_info.py`` (``TORCH_VERSION``); that record is compared with the running torch
+*before* ``kind_fast._C`` is imported, so a mismatched build is refused without loading it (a
+mismatched binary can fail in obscure ways, or crash, at import). The extension's own
+``TORCH_VERSION`` constant is checked again after import (builds without the record: JIT).
 """
 
 from __future__ import annotations
@@ -39,14 +45,32 @@ def _minor(version: str) -> tuple[str, ...]:
     return tuple(version.split("+")[0].split(".")[:2])
 
 
+def _mismatch(built: str | None) -> str | None:
+    import torch
+
+    if built is not None and _minor(built) != _minor(torch.__version__):
+        return (f"it was built against torch {built} but torch {torch.__version__} is running "
+                "(rebuild: pip install --no-build-isolation .)")
+    return None
+
+
+def _check_build_info() -> str | None:
+    """None when kind_fast/_build_info.py (written by setup.py next to the build) matches the
+    running torch, or is absent; else why the build must not be loaded."""
+    try:
+        info = importlib.import_module("kind_fast._build_info")
+    except ImportError:
+        return None
+    return _mismatch(getattr(info, "TORCH_VERSION", None))
+
+
 def _check_loaded(mod: ModuleType) -> str | None:
     """None when the loaded extension is usable, else why not."""
     import torch
 
-    built = getattr(mod, "TORCH_VERSION", None)
-    if built is not None and _minor(built) != _minor(torch.__version__):
-        return (f"it was built against torch {built} but torch {torch.__version__} is running "
-                "(rebuild: pip install --no-build-isolation .)")
+    problem = _mismatch(getattr(mod, "TORCH_VERSION", None))
+    if problem is not None:
+        return problem
     missing = [op for op in EXPECTED_OPS if not hasattr(torch.ops.kind_fast, op)]
     if missing:
         return f"it did not register the ops {missing}"
@@ -66,11 +90,13 @@ def load_extension() -> tuple[ModuleType | None, str]:
             result = (None, "not built (install with a CUDA-enabled torch and nvcc, or set KIND_FAST_CUDA_JIT=1: "
                             "see README, 'CUDA extension')")
     else:
-        try:
-            mod = importlib.import_module("kind_fast._C")
-            problem = _check_loaded(mod)
-        except Exception as e:  # noqa: BLE001 - any load failure becomes a reason, never an ImportError
-            mod, problem = None, f"{type(e).__name__}: {e}"
+        mod, problem = None, _check_build_info()  # refused before import when built for another torch
+        if problem is None:
+            try:
+                mod = importlib.import_module("kind_fast._C")
+                problem = _check_loaded(mod)
+            except Exception as e:  # noqa: BLE001 - any load failure becomes a reason, never an ImportError
+                mod, problem = None, f"{type(e).__name__}: {e}"
         if problem is None:
             result = (mod, "loaded")
         else:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["capturing_or_tracing"]
+__all__ = ["capturing_or_tracing", "under_dispatch_mode"]
 
 
 def capturing_or_tracing() -> bool:
@@ -21,3 +21,14 @@ def capturing_or_tracing() -> bool:
     except ImportError:  # pragma: no cover - very old torch
         pass
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def under_dispatch_mode() -> bool:
+    """True under a Python dispatch mode: fake tensors, tracing proxies, FlopCounterMode. Code
+    that caches tensors or reads values must not do so there."""
+    try:
+        from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+        return _get_current_dispatch_mode() is not None
+    except ImportError:  # pragma: no cover - private API moved
+        return torch.compiler.is_compiling()

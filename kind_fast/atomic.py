@@ -6,14 +6,19 @@ A process killed mid-write (SIGKILL, power loss) cannot remove its temporary fil
 ``.<final name>.tmp-<pid>-<host>`` says whose it was. ``remove_stale_temps`` deletes those whose
 process is gone (same host, PID not alive); every write cleans its own target's stale temps,
 and the trainer sweeps its run folder when a run starts.
+
+``atomic_directory`` does the same for a whole folder: it is built under a temporary sibling
+name and renamed into place, so readers see the old folder or the complete new one.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import shutil
 import socket
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
@@ -21,7 +26,7 @@ import torch
 
 __all__ = [
     "atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_torch_save",
-    "temp_name", "remove_stale_temps", "remove_stale_temps_under",
+    "temp_name", "remove_stale_temps", "remove_stale_temps_under", "atomic_directory",
 ]
 
 _TEMP = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)(?:-(?P<host>[A-Za-z0-9_.-]*))?$")
@@ -130,3 +135,50 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
         atomic_write(path, lambda f: torch.save(obj, f))
     finally:
         set_crc32_options(before)
+
+
+@contextmanager
+def atomic_directory(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+    """Build a folder as a whole: ``with atomic_directory(out) as tmp: <write files into tmp>``.
+
+    The files are written into a temporary sibling folder; when the block ends without an
+    exception every file is fsync'ed and the folder is renamed to ``path``. If the block
+    raises, the temporary folder is removed and ``path`` is untouched.
+
+    ``path`` must not exist unless ``overwrite`` is set; then the old folder is renamed aside,
+    the new one renamed in, and the old one deleted (a crash between the two renames leaves
+    the old folder under ``.<name>.old-<pid>-<host>`` beside ``path``, never a partial one under it).
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} already exists (choose another folder, or overwrite it)")
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"{path} exists and is not a folder")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_name(path)  # .<name>.tmp-<pid>-<host>, as file writes name theirs
+    if tmp.exists():  # left over by a crashed earlier attempt of this process id
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        yield tmp
+        for root, _dirs, files in os.walk(tmp):
+            for name in files:
+                fd = os.open(os.path.join(root, name), os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            _fsync_dir(Path(root))
+        if path.exists():
+            old = path.with_name(f".{path.name}.old-{os.getpid()}-{_host()}")
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)

@@ -19,6 +19,7 @@ Plugging in a backend: a module named in ``_BACKEND_MODULES`` provides
     supports(device_type: str, dtype: torch.dtype) -> bool
     OP: the registered forward op, same schema as torch.ops.kind_fast.kind_linear
     auto_ready(device_type, dtype) -> bool   (optional) whether "auto" may use it now
+    AUTO_OP: (optional) what "auto" calls instead of OP (same schema), e.g. OP gated per shape
 It is imported on first use, never at ``import kind_fast``. A fp32/fp64 input that a fused
 backend does not support runs on the reference.
 
@@ -150,10 +151,17 @@ def resolve_op(device: torch.device, dtype: torch.dtype) -> Callable:
     name = resolve_backend(device, dtype)
     if name == "torch":
         return torch.ops.kind_fast.kind_linear
-    if _STATE.backend == "auto" and not torch.compiler.is_compiling():
+    if _STATE.backend != "auto":
+        return _MODULES[name][0].OP
+    if not torch.compiler.is_compiling():
         candidates = _auto_candidates(device.type, dtype)
         if len(candidates) > 1:  # several fused backends ready: the fastest per shape
             from kind_fast.autoselect import PerShapeOp
 
-            return PerShapeOp(candidates, [_MODULES[n][0].OP for n in candidates])
-    return _MODULES[name][0].OP
+            return PerShapeOp(candidates, [_auto_op(_MODULES[n][0]) for n in candidates])
+    return _auto_op(_MODULES[name][0])
+
+
+def _auto_op(mod: ModuleType) -> Callable:
+    """The op "auto" calls for a backend: its AUTO_OP (e.g. gated per shape) or its OP."""
+    return getattr(mod, "AUTO_OP", mod.OP)

@@ -1,6 +1,10 @@
-"""Baselines trained through the same code as KIND: LoRA and SVDiff layers and converters.
+"""Baselines trained through the same code as KIND: LoRA (through PEFT) and SVDiff.
 
-* LoRA (Hu et al.): y = x·Wᵀ + (α/r)·(x·Aᵀ)·Bᵀ + b, W frozen, A random, B zero-initialised.
+* LoRA (Hu et al.): y = x·Wᵀ + (α/r)·(x·Aᵀ)·Bᵀ + b, W frozen, A random (kaiming-uniform), B
+  zero-initialised. It is PEFT's ``LoraConfig`` on the DiT block linears (qkv, proj, fc1, fc2),
+  with the label table and the final layer in ``modules_to_save`` (trainable copies), so users
+  get everything PEFT offers: ``merge_and_unload()`` (a plain DiT), adapter folders
+  (``save_pretrained`` / ``PeftModel.from_pretrained``), ``print_trainable_parameters``.
 * SVDiff (Han et al.): W = U·diag(σ + δ)·Vᵀ with U, V frozen from one SVD and only the
   spectral values trainable. It is the special case of a ``FastKindLinear`` with no tailors,
   no gate and only ``sigma_g`` trainable: the layer materialises W every step and autograd
@@ -8,81 +12,71 @@
   σ is trained directly, as KIND trains its σ.)
 
 Full fine-tuning is the dense model with every parameter trainable; nothing is needed here.
+
+KIND itself is not registered as a PEFT method (``peft.register_peft_method``): see the README
+("PEFT") for why. KIND models have their own ``kindify`` / ``save_pretrained``.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
-import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 
-from kind_fast.kindify import replace_linears
+from kind_fast.kindify import _detect_targets, replace_linears
 from kind_fast.layers import FastKindLinear
 
-__all__ = ["LoRALinear", "apply_lora", "apply_svdiff", "HEAD_MODULES"]
+__all__ = ["lora_config", "apply_lora", "apply_svdiff", "HEAD_MODULES"]
 
 # dense heads that stay trainable in every transfer-style run (new label table, output layer)
 HEAD_MODULES = ("y_embedder", "final_layer")
 
 
-class LoRALinear(nn.Module):
-    """A frozen ``nn.Linear`` plus a trainable rank-r update (α/r)·B·A, B initialised to zero."""
+def _peft():
+    try:
+        import peft
+    except ImportError:
+        raise ImportError("the LoRA baseline runs through PEFT: pip install peft (or 'kind_fast[train]')") from None
+    return peft
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float | None = None):
-        super().__init__()
-        if not isinstance(base, nn.Linear):
-            raise TypeError(f"LoRALinear wraps an nn.Linear, got {type(base).__name__}")
-        r_max = min(base.in_features, base.out_features)
-        if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= r_max:
-            raise ValueError(f"rank must be an int in [1, {r_max}], got {rank!r}")
-        self.base = base
-        self.base.requires_grad_(False)
-        self.rank = rank
-        self.scaling = (rank if alpha is None else alpha) / rank
-        fk = {"device": base.weight.device, "dtype": base.weight.dtype}
-        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, **fk))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, **fk))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
 
-    @property
-    def in_features(self) -> int:
-        return self.base.in_features
+def lora_config(rank: int, *, alpha: float | None = None, target_modules=None,
+                modules_to_save: Sequence[str] = HEAD_MODULES, model: nn.Module | None = None):
+    """PEFT ``LoraConfig`` of the LoRA baseline: rank ``rank`` on ``target_modules`` (default:
+    the block linears of the detected DiT layout of ``model``), scaling α/r with α = ``alpha``
+    (default: r, i.e. scaling 1), ``modules_to_save`` trained in full."""
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"rank must be an int >= 1, got {rank!r}")
+    if target_modules is None:
+        if model is None:
+            raise ValueError("pass target_modules= or model= (to detect the DiT layout)")
+        target_modules = _detect_targets(model)
+    targets = target_modules if isinstance(target_modules, str) else list(target_modules)
+    return _peft().LoraConfig(r=rank, lora_alpha=rank if alpha is None else alpha, lora_dropout=0.0,
+                              target_modules=targets, modules_to_save=list(modules_to_save), bias="none",
+                              init_lora_weights=True)
 
-    @property
-    def out_features(self) -> int:
-        return self.base.out_features
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.base(x) + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scaling
+def apply_lora(model: nn.Module, rank: int, *, alpha: float | None = None, target_modules=None,
+               trainable_heads: Sequence[str] = HEAD_MODULES):
+    """Wrap ``model`` with PEFT LoRA (``lora_config``): the base frozen, adapters on the target
+    linears (default: the DiT block linears), ``trainable_heads`` trained in full.
 
-    @torch.no_grad()
-    def merge(self) -> nn.Linear:
-        """A plain nn.Linear with the update merged in."""
-        lin = nn.Linear(self.in_features, self.out_features, bias=self.base.bias is not None,
-                        device=self.base.weight.device, dtype=self.base.weight.dtype)
-        lin.weight.copy_(self.base.weight + self.scaling * self.lora_B @ self.lora_A)
-        if self.base.bias is not None:
-            lin.bias.copy_(self.base.bias)
-        return lin
+    ``model`` itself is changed in place (PEFT injects its layers); the returned
+    ``peft.PeftModel`` adds ``merge_and_unload``, ``save_pretrained`` (adapter folder) etc.
+    """
+    heads = [h for h in trainable_heads if isinstance(getattr(model, h, None), nn.Module)]
+    for name, mod in model.named_modules():
+        if isinstance(mod, FastKindLinear):
+            raise TypeError(f"{name} is a KIND layer: LoRA baselines wrap a dense model (use DiT.to_dense())")
+    cfg = lora_config(rank, alpha=alpha, target_modules=target_modules, modules_to_save=heads, model=model)
+    return _peft().get_peft_model(model, cfg)
 
 
 def _unfreeze_heads(model: nn.Module, heads: Sequence[str]) -> None:
     for name in heads:
         if hasattr(model, name):
             getattr(model, name).requires_grad_(True)
-
-
-def apply_lora(model: nn.Module, rank: int, *, alpha: float | None = None, target_modules=None,
-               trainable_heads: Sequence[str] = HEAD_MODULES) -> nn.Module:
-    """Freeze ``model``, wrap its target linears (default: the DiT block linears) with LoRA,
-    and keep ``trainable_heads`` trainable. In place; returns the model."""
-    model.requires_grad_(False)
-    replace_linears(model, target_modules, lambda name, lin: LoRALinear(lin, rank, alpha))
-    _unfreeze_heads(model, trainable_heads)
-    return model
 
 
 def apply_svdiff(model: nn.Module, *, target_modules=None,

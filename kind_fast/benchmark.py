@@ -31,6 +31,7 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from kind_fast.caching import training_scope, weight_cache
 from kind_fast.dit import DiT, KindConfig, build_dit
 from kind_fast.flops import MODE_TITLES, SIZES, TRAIN_MODES, dit_flops
 
@@ -311,7 +312,8 @@ def measure_step(
         resident = torch.cuda.memory_allocated(device) - (mem_offset or 0)
     else:
         resident = peak = None
-    t = timer(step) if timer is not None else time_fn(step, device, reps=reps, warmup=warmup)
+    with training_scope(model):  # as the trainer runs: W_G reused while learngenes are frozen
+        t = timer(step) if timer is not None else time_fn(step, device, reps=reps, warmup=warmup)
     fl = dit_flops(name, mode, **_flop_kwargs(model, batch, lora_rank, kind))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return dict(
@@ -349,7 +351,8 @@ def measure_sampling(
     if model is None:
         model = build_model(name, mode, device=device, depth=depth, kind=kind)
     step = make_cfg_sample_step(model, batch, autocast=autocast)
-    t = timer(step) if timer is not None else time_fn(step, device, reps=reps, warmup=warmup)
+    with weight_cache():  # as kind_fast.train.sampling.sample runs
+        t = timer(step) if timer is not None else time_fn(step, device, reps=reps, warmup=warmup)
     fl = dit_flops(name, mode, **_flop_kwargs(model, 2 * batch, 8, kind))
     return dict(model=name, mode=mode, depth=len(model.blocks), batch=batch,
                 device=_device_name(device), step_ms=t * 1e3, images_per_s=batch / t,
@@ -408,6 +411,34 @@ def _fmt(v) -> str:
     return str(v)
 
 
+def _spread(s: dict, key: str, lo: str, hi: str) -> str:
+    """``median (min–max)`` when the bench suite recorded the spread of its paired rounds."""
+    if s.get(key) is None:
+        return "-"
+    if s.get(lo) is None or s.get(hi) is None:
+        return _fmt(s[key])
+    return f"{_fmt(s[key])} ({_fmt(s[lo])}–{_fmt(s[hi])})"
+
+
+def _load(s: dict) -> str:
+    a, b = s.get("load_before"), s.get("load_after")
+    return "-" if a is None and b is None else f"{_fmt(a)} → {_fmt(b)}"
+
+
+def _paired_table(rows: Sequence[dict], *, base: str, base_key: str) -> list[str]:
+    lines = [f"| model | depth | mode | batch | rounds | step ms, median (min–max) | paired {base} ms, median "
+             f"(min–max) | × {base} per round, median (min–max) | load 1-min before → after |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for s in rows:
+        lines.append(
+            f"| {s['model']} | {s['depth']} | {s['mode']} | {s['batch']} | {_fmt(s.get('rounds'))} | "
+            f"{_spread(s, 'step_ms', 'step_ms_min', 'step_ms_max')} | "
+            f"{_spread(s, base_key, base_key + '_min', base_key + '_max')} | "
+            f"{_spread(s, 'ratio', 'time_ratio_min', 'time_ratio_max') if s.get(base_key) else 'baseline'} | "
+            f"{_load(s)} |")
+    return lines
+
+
 def _with_ratios(steps: Sequence[dict]) -> list[dict]:
     base = {(s["model"], s["depth"], s["batch"], s["device"]): s["step_ms"] for s in steps
             if s["mode"] == "full_ft"}
@@ -429,6 +460,13 @@ def format_bench_markdown(results: dict) -> str:
     lines.append("")
     if results.get("note"):
         lines += [results["note"], ""]
+    if any(s.get("time_ratio_min") is not None or s.get("rounds") for s in steps):
+        lines += ["Time: each round times the mode's step and the full fine-tuning step back to back "
+                  "(same machine load); the ratio is taken per round, then the median and the spread "
+                  "(min–max) over rounds are shown. Ratios of times from different rounds are never formed.",
+                  ""]
+        lines += _paired_table(steps, base="full FT", base_key="full_ft_ms")
+        lines += ["", "Costs of each mode (one step, the same runs):", ""]
     if steps:
         lines.append("| " + " | ".join(h for _, h in STEP_COLUMNS) + " |")
         lines.append("|" + "|".join("---" for _ in STEP_COLUMNS) + "|")
@@ -436,7 +474,12 @@ def format_bench_markdown(results: dict) -> str:
             lines.append("| " + " | ".join(_fmt(s.get(k)) for k, _ in STEP_COLUMNS) + " |")
         lines.append("")
     samp = results.get("sampling", [])
-    if samp:
+    if samp and any(s.get("time_ratio_min") is not None for s in samp):
+        lines += ["## CFG sampling (forward_with_cfg, 2·batch rows per denoising step), KIND-DiT vs dense", ""]
+        lines += _paired_table([dict(s, ratio=s.get("time_ratio_vs_dense")) for s in samp],
+                               base="dense", base_key="dense_ms")
+        lines.append("")
+    elif samp:
         lines += ["## CFG sampling (forward_with_cfg, 2·batch rows per denoising step)", "",
                   "| model | depth | mode | batch | ms per step | images/s per step | TFLOP/s "
                   "| × dense |", "|---|---|---|---|---|---|---|---|"]
@@ -586,7 +629,12 @@ def run(args: argparse.Namespace) -> int:
         results["note"] = args.note
     print(format_bench_markdown(results))
     if args.report or not args.load:
-        paths = write_bench_report(results, args.out, plot=not args.no_plot)
+        from kind_fast._optional import available
+
+        plot = not args.no_plot and available("matplotlib")
+        paths = write_bench_report(results, args.out, plot=plot)
         for k, v in paths.items():
             print(f"wrote {k}: {v}")
+        if not args.no_plot and not plot:
+            print("skipped the PNG: matplotlib is not installed (pip install 'kind_fast[report]')")
     return 0

@@ -53,6 +53,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "jobs already load it (multi-threaded small ops slow down badly on a busy CPU)")
 
 
+def requirements(methods) -> dict[str, str]:
+    """{import name: pip name} the demo needs for ``methods`` (the ``demo`` extra)."""
+    need = {"sklearn": "scikit-learn", "torchmetrics": "torchmetrics", "PIL": "pillow"}
+    if "lora" in methods:
+        need["peft"] = "peft"  # the LoRA baseline runs through PEFT
+    return need
+
+
 def _auto_threads() -> int:
     import os
 
@@ -102,6 +110,12 @@ def run(args: argparse.Namespace) -> int:
                          "samples per class >= 2)")
     if args.threads < 0:
         raise SystemExit("kind-fast demo: --threads must be >= 0")
+    from kind_fast._optional import missing
+
+    lacking = missing(requirements(methods))  # before anything trains (it would fail minutes in)
+    if lacking:
+        raise SystemExit(f"kind-fast demo needs {', '.join(lacking)}: pip install 'kind_fast[demo]' "
+                         f"(or pip install {' '.join(lacking)})")
     threads = args.threads or _auto_threads()
     torch.set_num_threads(threads)
     out = Path(args.out)

@@ -6,7 +6,7 @@ classifier-free guidance. Module names follow the DiT checkpoint layout (``block
 ``mlp.fc1``, ``adaLN_modulation.1`` …) so converted weights line up. With ``kind=None`` this is
 a plain dense DiT (fused ``qkv``), which is also what ``kindify`` converts.
 
-KIND layers (DESIGN §1): q, k, v (or fused qkv), attention proj, fc1, fc2; adaLN modulation,
+KIND layers (docs/design.md §1): q, k, v (or fused qkv), attention proj, fc1, fc2; adaLN modulation,
 embedders and the final layer stay dense.
 """
 
@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import Tensor, nn
 
 from kind_fast.gate import ClassGate
@@ -29,11 +30,11 @@ from kind_fast.layers import FastKindLinear
 # =====================================================================================
 @dataclass
 class KindConfig:
-    """How a DiT is decomposed (defaults: DESIGN §1)."""
+    """How a DiT is decomposed (defaults: docs/design.md §1)."""
 
     tailor_rank: int = 96  # N_T per matrix
     active: int = 32  # tailors each class switches on
-    gate: str = "block"  # block | random_k | all_on
+    gate: str = "block"  # block | random_k | all_on | custom (a ClassGate given explicitly, see make_gate)
     null: str = "off"  # null (CFG) class: off | all | class
     qkv: str = "split"  # split: q, k, v are separate KIND layers; fused: one 3d×d layer
     learngene_rank: int | None = None  # N_G; None: min(in, out) - tailor_rank
@@ -42,10 +43,15 @@ class KindConfig:
     def __post_init__(self):
         if self.qkv not in ("split", "fused"):
             raise ValueError(f"qkv must be 'split' or 'fused', got {self.qkv!r}")
-        if self.gate not in ("block", "random_k", "all_on"):
-            raise ValueError(f"gate must be block, random_k or all_on, got {self.gate!r}")
+        if self.gate not in ("block", "random_k", "all_on", "custom"):
+            raise ValueError(f"gate must be block, random_k, all_on or custom, got {self.gate!r}")
 
     def make_gate(self, num_classes: int) -> ClassGate:
+        """The gate these settings describe for ``num_classes`` classes. ``gate="custom"`` marks a
+        model whose gate was given explicitly (e.g. ``kindify`` with a dense gate): it is saved
+        with the weights, and a gate for other classes must be passed (``retarget(n, gate=...)``)."""
+        if self.gate == "custom":
+            raise ValueError("KindConfig(gate='custom') cannot build a gate: pass gate= (a ClassGate) explicitly")
         if self.gate == "block":
             return ClassGate.block(num_classes, self.tailor_rank, self.active, null=self.null)
         if self.gate == "random_k":
@@ -78,21 +84,24 @@ class PatchEmbed(nn.Module):
 class TimestepEmbedder(nn.Module):
     """Scalar timesteps -> (N, d) through sinusoidal features and a two-layer MLP."""
 
-    def __init__(self, hidden_size: int, freq_size: int = 256):
+    def __init__(self, hidden_size: int, freq_size: int = 256, freq_shift: float = 0.0):
         super().__init__()
         self.freq_size = freq_size
+        self.freq_shift = freq_shift  # diffusers' DiT divides by (half - 1): freq_shift = 1
         self.mlp = nn.Sequential(nn.Linear(freq_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
 
     @staticmethod
-    def sinusoidal(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+    def sinusoidal(t: Tensor, dim: int, max_period: float = 10000.0, freq_shift: float = 0.0) -> Tensor:
         half = dim // 2
-        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device)
+        freqs = torch.exp(exponent / (half - freq_shift))
         args = t[:, None].float() * freqs[None]
         emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
         return F.pad(emb, (0, dim % 2))
 
     def forward(self, t: Tensor) -> Tensor:
-        return self.mlp(self.sinusoidal(t, self.freq_size).to(self.mlp[0].weight.dtype))
+        emb = self.sinusoidal(t, self.freq_size, freq_shift=self.freq_shift)
+        return self.mlp(emb.to(self.mlp[0].weight.dtype))
 
 
 class LabelEmbedder(nn.Module):
@@ -128,6 +137,12 @@ def _linear(d_in: int, d_out: int, kind: KindConfig | None, gate: ClassGate | No
                           gate=gate, device="meta")
 
 
+def _apply(layer: nn.Module, x: Tensor, labels: Tensor | None) -> Tensor:
+    """A block linear: KIND layers get the class labels explicitly (no state is left behind,
+    so a recomputation under activation checkpointing sees the same labels)."""
+    return layer(x, labels=labels) if isinstance(layer, FastKindLinear) else layer(x)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention; q, k, v separate (KIND split) or one fused qkv layer."""
 
@@ -143,15 +158,14 @@ class Attention(nn.Module):
             self.qkv = _linear(dim, 3 * dim, kind, gate)
         self.proj = _linear(dim, dim, kind, gate)
 
-    def forward(self, x: Tensor) -> Tensor:
-        n, t, d = x.shape
+    def forward(self, x: Tensor, labels: Tensor | None = None) -> Tensor:
         if self.split:
-            q, k, v = self.q(x), self.k(x), self.v(x)
+            q, k, v = (_apply(m, x, labels) for m in (self.q, self.k, self.v))
         else:
-            q, k, v = self.qkv(x).chunk(3, dim=-1)
-        q, k, v = (z.view(n, t, self.num_heads, d // self.num_heads).transpose(1, 2) for z in (q, k, v))
+            q, k, v = _apply(self.qkv, x, labels).chunk(3, dim=-1)
+        q, k, v = (rearrange(z, "n t (h e) -> n h t e", h=self.num_heads) for z in (q, k, v))
         out = F.scaled_dot_product_attention(q, k, v)  # (N, heads, T, d/heads)
-        return self.proj(out.transpose(1, 2).reshape(n, t, d))
+        return _apply(self.proj, rearrange(out, "n h t e -> n t (h e)"), labels)
 
 
 class Mlp(nn.Module):
@@ -160,25 +174,26 @@ class Mlp(nn.Module):
         self.fc1 = _linear(dim, hidden, kind, gate)
         self.fc2 = _linear(hidden, dim, kind, gate)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+    def forward(self, x: Tensor, labels: Tensor | None = None) -> Tensor:
+        return _apply(self.fc2, F.gelu(_apply(self.fc1, x, labels), approximate="tanh"), labels)
 
 
 class DiTBlock(nn.Module):
     """Transformer block with adaLN-Zero conditioning (gated residuals, zero-initialised)."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, kind, gate):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, kind, gate, mlp_norm_eps: float = 1e-6):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(dim, num_heads, kind, gate)
-        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=mlp_norm_eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), kind, gate)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
-    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+    def forward(self, x: Tensor, c: Tensor, labels: Tensor | None = None) -> Tensor:
+        """``labels``: the (post-dropout) class ids, for KIND layers; None in a dense DiT."""
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.adaLN_modulation(c).chunk(6, dim=1)
-        x = x + gate_a.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_a, scale_a))
-        return x + gate_m.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_m, scale_m))
+        x = x + gate_a.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_a, scale_a), labels)
+        return x + gate_m.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_m, scale_m), labels)
 
 
 class FinalLayer(nn.Module):
@@ -214,8 +229,9 @@ def sincos_pos_embed(dim: int, grid: int) -> np.ndarray:
 class DiT(nn.Module):
     """Class-conditional DiT; with ``kind`` set its token-wise linears are KIND layers.
 
-    forward(x (N, C, H, W), t (N,), y (N,)) -> (N, C or 2C, H, W). With ``kind`` the class
-    labels (after label dropout) are routed to every KIND layer through ``self.kind_gate``.
+    forward(x (N, C, H, W), t (N,), y (N,)) -> (N, C or 2C, H, W). ``y`` holds class ids in
+    [0, num_classes] (num_classes: the null class). With ``kind`` the labels (after label
+    dropout) are passed to every KIND layer explicitly; ``kind_gate.labels`` is not used.
     """
 
     def __init__(
@@ -232,6 +248,8 @@ class DiT(nn.Module):
         learn_sigma: bool = True,
         kind: KindConfig | None = None,
         gate: ClassGate | None = None,
+        time_freq_shift: float = 0.0,
+        mlp_norm_eps: float = 1e-6,
     ):
         super().__init__()
         self.in_channels = in_channels
@@ -244,6 +262,12 @@ class DiT(nn.Module):
                          hidden_size=hidden_size, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
                          class_dropout_prob=class_dropout_prob, num_classes=num_classes,
                          learn_sigma=learn_sigma)
+        # conventions of diffusers' DiTTransformer2DModel (kind_fast.convert maps them exactly);
+        # recorded only when they differ from DiT's, so older saves and specs stay unchanged
+        if time_freq_shift:
+            self.arch["time_freq_shift"] = time_freq_shift
+        if mlp_norm_eps != 1e-6:
+            self.arch["mlp_norm_eps"] = mlp_norm_eps
         if kind is not None:
             gate = gate if gate is not None else kind.make_gate(num_classes)
             if gate.num_classes != num_classes:
@@ -253,12 +277,12 @@ class DiT(nn.Module):
             raise ValueError("a gate was given but kind=None (a dense DiT has no tailors)")
 
         self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
-        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.t_embedder = TimestepEmbedder(hidden_size, freq_shift=time_freq_shift)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
         grid = input_size // patch_size
         self.register_buffer("pos_embed", torch.from_numpy(sincos_pos_embed(hidden_size, grid)).float()[None])
         self.blocks = nn.ModuleList(
-            DiTBlock(hidden_size, num_heads, mlp_ratio, kind, gate) for _ in range(depth)
+            DiTBlock(hidden_size, num_heads, mlp_ratio, kind, gate, mlp_norm_eps) for _ in range(depth)
         )
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self.initialize_weights()
@@ -318,20 +342,22 @@ class DiT(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def unpatchify(self, x: Tensor) -> Tensor:
-        """(N, T, p²·C) -> (N, C, H, W)."""
-        p, c = self.patch_size, self.out_channels
-        h = w = int(round(x.shape[1] ** 0.5))
-        x = x.reshape(x.shape[0], h, w, p, p, c)
-        return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, h * p, w * p)
+        """(N, T, p²·C) -> (N, C, H, W): token (i, j) fills the p×p patch at row i, column j."""
+        h = int(round(x.shape[1] ** 0.5))
+        return rearrange(x, "n (h w) (p q c) -> n c (h p) (w q)", h=h, p=self.patch_size, q=self.patch_size)
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor, force_drop_ids: Tensor | None = None) -> Tensor:
+        from kind_fast.gate import check_labels
+
+        check_labels(y, self.num_classes, name="y (class labels)")
+        if isinstance(x, Tensor) and y.shape[0] != x.shape[0]:
+            raise ValueError(f"y (class labels) has {y.shape[0]} entries but x has {x.shape[0]} samples")
         y = self.y_embedder.drop(y, force_drop_ids)
-        if self.kind is not None:
-            self.kind_gate.labels = y  # every KIND layer reads the (post-dropout) labels
+        labels = y if self.kind is not None else None  # what every KIND layer sees (post-dropout)
         x = self.x_embedder(x) + self.pos_embed.to(x.dtype)
         c = self.t_embedder(t) + self.y_embedder(y)
         for block in self.blocks:
-            x = block(x, c)
+            x = block(x, c, labels)
         return self.unpatchify(self.final_layer(x, c))
 
     def forward_with_cfg(self, x: Tensor, t: Tensor, y: Tensor, cfg_scale: float) -> Tensor:
@@ -428,6 +454,17 @@ class DiT(nn.Module):
         return dense
 
 
+    def export(self, classes, form: str = "merged", *, guidance: bool = True) -> nn.Module:
+        """A standalone model serving ``classes`` exactly as this KIND model does, and (with
+        ``guidance``) the null label too, so classifier-free-guided samples match
+        (docs/design.md §7). ``form``: ``"merged"`` (one dense weight per served label,
+        segmented GEMM: dense speed), ``"reduced"`` (W_G dense + only the tailors the labels
+        use: small), ``"dense"`` (one class, ``guidance=False``: a plain dense DiT).
+        See ``kind_fast.export``; save with ``kind_fast.save_export``."""
+        from kind_fast.export import export_dit
+
+        return export_dit(self, classes, form, guidance=guidance)
+
 def _dense(layer: nn.Module, class_id: int | None) -> Tensor:
     return layer.to_dense(class_id) if isinstance(layer, FastKindLinear) else layer.weight
 
@@ -455,3 +492,123 @@ def build_dit(name: str, *, kind: KindConfig | None = None, **kwargs) -> DiT:
 
 def kind_config_dict(kind: KindConfig | None) -> dict | None:
     return None if kind is None else asdict(kind)
+
+
+
+# =====================================================================================
+# Import of dense DiTs (bring your own DiT; docs/design.md §3.4)
+# =====================================================================================
+def _kind_layer(weight: Tensor, bias: Tensor | None, kind: KindConfig, gate: ClassGate,
+                svd: bool = True) -> FastKindLinear:
+    out_f, in_f = weight.shape
+    layer = FastKindLinear(in_f, out_f, bias=bias is not None, tailor_rank=kind.tailor_rank,
+                           learngene_rank=kind.learngene_rank, gate=gate, device="meta", dtype=weight.dtype)
+    layer.to_empty(device=weight.device)
+    if not svd:
+        return layer
+    layer.load_dense_weight(weight.detach())  # float64 SVD
+    if bias is not None:
+        with torch.no_grad():
+            layer.bias.copy_(bias)
+    return layer
+
+
+@torch.no_grad()
+def kindify_dit(model: DiT, kind: KindConfig, gate: ClassGate | None = None, *, svd: bool = True) -> DiT:
+    """Turn a dense ``kind_fast.dit.DiT`` into a KIND-DiT **in place**: the same modules and
+    parameter names as ``DiT(..., kind=kind)``, every block linear set by an exact SVD
+    (``svd=False``: left uninitialised, for loading saved weights right after).
+
+    ``gate`` defaults to ``kind.make_gate(model.num_classes)``. Returns ``model``.
+    """
+    if not isinstance(model, DiT):
+        raise TypeError(f"kindify_dit expects a kind_fast.dit.DiT, got {type(model).__name__}")
+    if model.kind is not None:
+        raise ValueError("the model is already a KIND-DiT (kind is set)")
+    if not isinstance(kind, KindConfig):
+        raise TypeError(f"kind must be a KindConfig, got {type(kind).__name__}")
+    gate = kind.make_gate(model.num_classes) if gate is None else gate
+    if not isinstance(gate, ClassGate):
+        raise TypeError(f"gate must be a ClassGate, got {type(gate).__name__}")
+    if gate.num_classes != model.num_classes:
+        raise ValueError(f"gate has {gate.num_classes} classes but the model has {model.num_classes}")
+    if gate.tailor_rank != kind.tailor_rank:
+        raise ValueError(f"gate has tailor_rank {gate.tailor_rank} but kind.tailor_rank is {kind.tailor_rank}")
+    hidden = model.pos_embed.shape[-1]
+    if kind.tailor_rank > hidden:
+        raise ValueError(f"tailor_rank {kind.tailor_rank} exceeds the hidden size {hidden}")
+    gate = gate.to(model.pos_embed.device)
+    new = []  # build every layer first: a failing SVD leaves the model unchanged
+    for block in model.blocks:
+        attn, mlp = block.attn, block.mlp
+        if kind.qkv == "split":
+            w, b = attn.qkv.weight.chunk(3, 0), attn.qkv.bias.chunk(3, 0)
+            qkv = {n: _kind_layer(w[i], b[i], kind, gate, svd) for i, n in enumerate("qkv")}
+        else:
+            qkv = {"qkv": _kind_layer(attn.qkv.weight, attn.qkv.bias, kind, gate, svd)}
+        rest = {n: _kind_layer(getattr(p, n).weight, getattr(p, n).bias, kind, gate, svd)
+                for p, n in ((attn, "proj"), (mlp, "fc1"), (mlp, "fc2"))}
+        new.append((qkv, rest))
+    for block, (qkv, rest) in zip(model.blocks, new):
+        attn, mlp = block.attn, block.mlp
+        del attn.qkv, attn.proj  # re-added in DiT's own order: q, k, v (or qkv), then proj
+        for n, layer in qkv.items():
+            setattr(attn, n, layer)
+        attn.proj = rest["proj"]
+        attn.split = kind.qkv == "split"
+        mlp.fc1, mlp.fc2 = rest["fc1"], rest["fc2"]
+        for layer in (*qkv.values(), *rest.values()):
+            layer.train(block.training)
+    model.kind = kind
+    model.kind_gate = gate
+    return model
+
+
+def load_dense(src, *, which: str = "ema", num_heads: int | None = None, class_dropout_prob: float = 0.1) -> DiT:
+    """A dense ``DiT`` (``kind=None``) holding ``src``'s weights on the CPU, in eval mode.
+
+    ``src``: a facebookresearch-layout state dict or checkpoint dict, the path of a ``.pt`` /
+    ``.safetensors`` file, a diffusers ``DiTTransformer2DModel`` or its local folder
+    (``kind_fast.dense_io``), or a dense ``DiT`` (copied). kind_fast run/weights folders are
+    read by ``kind_fast.convert.load_dense``. ``which``: ``ema`` or ``model`` weights of a
+    training checkpoint. ``num_heads``: when neither the checkpoint nor the preset says.
+    """
+    from kind_fast.dense_io import read_dense
+
+    if which not in ("ema", "model"):
+        raise ValueError(f"which must be 'ema' or 'model', got {which!r}")
+    if isinstance(src, DiT):
+        if src.kind is not None:
+            raise ValueError("src is already a KIND-DiT")
+        import copy
+
+        return copy.deepcopy(src).cpu().eval()
+    arch, state = read_dense(src, presets=DiT_models, which=which, num_heads=num_heads,
+                             class_dropout_prob=class_dropout_prob)
+    with torch.device("meta"):
+        model = DiT(**arch, kind=None)
+    model.to_empty(device="cpu")
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"the weights do not fit a DiT of the inferred architecture {arch}: {str(e)[:600]}") from None
+    return model.eval()
+
+
+def from_dense(src, kind: KindConfig | None = None, *, gate: ClassGate | None = None, which: str = "ema",
+               num_heads: int | None = None, class_dropout_prob: float = 0.1) -> DiT:
+    """A KIND-DiT from a dense DiT ``src`` by an exact float64 SVD of every block linear.
+
+    Args:
+        src: see ``load_dense`` (state dict, checkpoint file, dense DiT, diffusers
+            ``DiTTransformer2DModel`` object or folder); ``kind_fast.convert.from_dense`` also
+            reads kind_fast run and weights folders.
+        kind: the decomposition (default ``KindConfig()``: 96 tailors, block gate of 32).
+        gate: a ClassGate to use instead of ``kind.make_gate(num_classes)``.
+    Returns:
+        a new KIND-DiT in eval mode, on the CPU. With ``KindConfig(gate="all_on")`` it
+        reproduces the dense model; every other weight is copied.
+    """
+    kind = KindConfig() if kind is None else kind
+    dense = load_dense(src, which=which, num_heads=num_heads, class_dropout_prob=class_dropout_prob)
+    return kindify_dit(dense, kind, gate).eval()

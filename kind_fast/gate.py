@@ -7,12 +7,14 @@ one place.
 
 For the kernels a gate compiles to ``idx`` (C+1, K) int32, the active tailor ids of each row
 in increasing order, and ``val`` (C+1, K) float32, their gate values; rows with fewer than K
-active tailors are padded with id 0 and value 0 (DESIGN §2).
+active tailors are padded with id 0 and value 0 (docs/design.md §2).
 """
 
 from __future__ import annotations
 
 import weakref
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -250,9 +252,46 @@ class ClassGate(nn.Module):
         return self.table[class_id] * self.support_mask()[class_id]
 
     def support_mask(self) -> Tensor:
-        """(C+1, N_T) float mask of the active entries."""
+        """(C+1, N_T) float mask of the active entries. A scatter-add: padding slots repeat id 0
+        with mask 0, and a plain scatter with repeated ids may keep the padding's 0 over an
+        active tailor 0."""
         m = torch.zeros_like(self.table)
-        return m.scatter(1, self.idx.long(), self.mask)
+        return m.scatter_add(1, self.idx.long(), self.mask.to(m.dtype))
+
+    # ------------------------------------------------------------------ serving (path M3)
+    # Classes declared by ``serving``; the class attribute is the default (also for gates
+    # unpickled from older versions).
+    served: tuple[int, ...] | None = None
+
+    @contextmanager
+    def serving(self, classes: Iterable[int]) -> Iterator[ClassGate]:
+        """Declare the classes of the labels every KIND layer will see in the block, e.g. a
+        sampling loop's classes and the null class. The layers then merge one dense weight
+        per declared class once (path M3, cached per parameter version) and run a segmented
+        GEMM where the cost model says so. Labels outside the declared classes are an error
+        (read on the host for CPU labels, asserted asynchronously on CUDA). Nests: the outer
+        declaration comes back at exit.
+
+        The block is also a ``kind_fast.weight_cache()`` scope (merged weights are cached only
+        there): inside it, write parameters only through in-place ops or the optimizer, not
+        through ``.data``, or call ``kind_fast.caching.invalidate()`` after such a write."""
+        served = []
+        for c in classes:
+            c = int(c)
+            if not 0 <= c <= self.num_classes:
+                raise ValueError(f"served class {c} is not in [0, {self.num_classes}] (null = {self.num_classes})")
+            served.append(c)
+        if not served:
+            raise ValueError("serving needs at least one class")
+        from kind_fast.caching import weight_cache
+
+        previous = self.served
+        self.served = tuple(sorted(set(served)))
+        try:
+            with weight_cache():
+                yield self
+        finally:
+            self.served = previous
 
     # ------------------------------------------------------------------ compiled form
     def compiled(self, device: torch.device | None = None) -> tuple[Tensor, Tensor]:
@@ -274,6 +313,8 @@ class ClassGate(nn.Module):
             return self.idx.to(device), val.to(device)
         key = (device, self.table._version, self.table.data_ptr())
         hit = self._val_cache.get(key)
+        if hit is not None and hit[1].is_inference() and not torch.is_inference_mode_enabled():
+            hit = None  # made under torch.inference_mode: autograd may not save it
         if hit is None:
             with torch.no_grad():
                 val = (self.table.gather(1, self.idx.long()) * self.mask).to(device)
@@ -299,8 +340,9 @@ def check_labels(labels: Any, num_classes: int, *, name: str = "labels") -> Tens
 
     ``num_classes`` is the gate's C; the value C is the null class. The range check reads
     the values, so it runs where that is free: on CPU tensors, and on GPU tensors only as an
-    asynchronous device assertion (no host sync). Under torch.compile only the static checks
-    run.
+    asynchronous device assertion (no host sync). Under torch.compile the range check is traced
+    as a device assertion (``torch._assert_async``, lowered by Inductor into the graph): it
+    survives tracing and still names the range.
     """
     if not isinstance(labels, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of class ids, got {type(labels).__name__}")
@@ -308,7 +350,12 @@ def check_labels(labels: Any, num_classes: int, *, name: str = "labels") -> Tens
         raise TypeError(f"{name} must have an integer dtype, got {labels.dtype}")
     if labels.dim() != 1:
         raise ValueError(f"{name} must be 1-D (one class id per sample), got shape {tuple(labels.shape)}")
-    if torch.compiler.is_compiling() or labels.numel() == 0:
+    if torch.compiler.is_compiling():
+        torch._assert_async(((labels >= 0) & (labels <= num_classes)).all(),
+                            f"{name} out of range: expected class ids in [0, {num_classes}] "
+                            f"({num_classes} classes; {num_classes} is the null class)")
+        return labels
+    if labels.numel() == 0:
         return labels
     # Every KIND layer of a model sees the same labels tensor: check it once per value.
     key = (labels._version, num_classes)

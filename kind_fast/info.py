@@ -54,7 +54,35 @@ def collect() -> dict:
         k: ("available" if ok else "unavailable") + f": {why}" for k, (ok, why) in backend_status().items()
     }
     info["triton paths"] = _triton_paths()
+    info["cuda backend"] = _cuda_backend()
     return info
+
+
+def _cuda_backend() -> dict:
+    """What the CUDA extension's backend is for, and where "auto" would use its M1 (cost model,
+    DiT-XL/2 at batch 32; see csrc/README.md)."""
+    try:
+        from kind_fast.ops import kind_linear_cuda as kc
+    except Exception as e:  # noqa: BLE001 - info reports, never crashes
+        return {"error": f"{type(e).__name__}: {e}"}
+    out = {
+        "for": "cross-checking and comparing M1 (cuBLAS GEMM + gated shrink/expand kernels: the "
+               "reference's memory passes, fewer launches; not the fused M1, which is Triton's), "
+               "and path M3 for sampling on cuBLAS (kind_linear_merged)",
+        "auto": "M1 only after its self-check passed on the device, and only where the cost model "
+                "says it is no slower than the reference; with Triton ready too, the faster per shape",
+    }
+    d, m, b, k, n_t = 1152, 32 * 256, 32, 32, 96
+    for name, (n_in, n_out) in {"qkv": (d, 3 * d), "proj": (d, d), "fc1": (d, 4 * d), "fc2": (4 * d, d)}.items():
+        parts = []
+        for mode in ("forward", "transfer", "pretrain"):
+            lin = kc.modelled_time("linear", mode, m, b, n_in, n_out, n_t, k)
+            cu = kc.modelled_time("cuda", mode, m, b, n_in, n_out, n_t, k) / lin
+            ref = kc.modelled_time("reference", mode, m, b, n_in, n_out, n_t, k) / lin
+            use = "yes" if kc.auto_shape_ok(m, b, n_in, n_out, n_t, k, mode) else "no"
+            parts.append(f"{mode} {use} ({cu:.2f} vs {ref:.2f})")
+        out[f"DiT-XL/2.{name}"] = "auto M1 (B=32; modelled cuda vs reference, x nn.Linear): " + ", ".join(parts)
+    return out
 
 
 def _triton_paths() -> dict:
@@ -67,8 +95,12 @@ def _triton_paths() -> dict:
     d, m, k, n_t = 1152, 32 * 256, 32, 96
     out = {}
     for name, (n_in, n_out) in {"qkv": (d, 3 * d), "proj": (d, d), "fc1": (d, 4 * d), "fc2": (4 * d, d)}.items():
-        c = choose_path(m, n_in, n_out, k, n_t, learngene_rank=min(n_in, n_out) - n_t)
+        c = choose_path(m, n_in, n_out, k, n_t, learngene_rank=min(n_in, n_out) - n_t, samples=32)
         out[f"DiT-XL/2.{name}"] = f"{c.path} (B=32, K={k} of {n_t}, FLOPs {c.flop_ratio:.3f}x dense): {c.reason}"
+        s = choose_path(2 * m, n_in, n_out, k, n_t, learngene_rank=min(n_in, n_out) - n_t, samples=64,
+                        distinct_classes=2, training=False, merged_cached=True)
+        out[f"DiT-XL/2.{name} sampling"] = (f"{s.path} (CFG, 2x32 images, classes {{c, null}}, FLOPs "
+                                            f"{s.flop_ratio:.3f}x dense): {s.reason}")
     return out
 
 

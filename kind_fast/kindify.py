@@ -3,8 +3,10 @@
 Each target ``nn.Linear`` becomes a ``FastKindLinear`` by an exact float64 SVD of its weight,
 the shared ``ClassGate`` is registered once as ``model.kind_gate``, and a forward pre-hook
 copies the model's class-label argument (a tensor: no host sync) into ``gate.labels`` where
-every converted layer reads it. With an all-on gate the converted model reproduces the
-original output to float tolerance.
+every converted layer reads it; a forward hook clears it again when the forward ends (also
+when it raises), so a later call of a layer without labels is an error, not a call with the
+previous batch's labels. With an all-on gate the converted model reproduces the original
+output to float tolerance.
 
 Known layouts (target modules detected automatically):
     DiT (facebookresearch layout, and kind_fast.dit.DiT with kind=None):
@@ -15,6 +17,21 @@ Known layouts (target modules detected automatically):
 The hook routes the label *argument*. A model that replaces labels by the null class inside
 its forward (label dropout) gates those samples by their real class; do label dropout
 before calling the model (kind_fast's trainer does) or use kind_fast.dit.DiT with ``kind``.
+
+kind_fast's own dense DiT (``kind_fast.dit.DiT`` with ``kind=None``, default targets) is not
+hooked: it becomes a native KIND-DiT (``kind_fast.dit.kindify_dit``: q, k, v separate with
+``split_qkv=True``, ``model.kind`` set, labels routed by ``DiT.forward`` after label dropout), so
+it saves, loads and transfers like any KIND-DiT.
+
+Round trip (docs/design.md §3.2): kindify's settings (targets, qkv split, label argument, ranks)
+are kept in ``model._kind_fast_kindify`` and written by ``kind_fast.serialization.save_pretrained``
+beside the gate and the weights; ``kind_fast.kindify_from_pretrained(base_model, dir)`` (in
+``kind_fast.serialization``) rebuilds the same model, and ``load_pretrained(dir)`` does it alone
+for kind_fast DiTs and diffusers models (whose config is saved too). A kindified model's own
+``save_pretrained`` (diffusers, transformers) is replaced by one that raises: it would write the
+KIND components under names its ``from_pretrained`` does not know, and loading that folder would
+re-initialise every converted
+linear (diffusers only warns about it).
 """
 
 from __future__ import annotations
@@ -92,6 +109,47 @@ def _detect_label_arg(model: nn.Module) -> str:
     )
 
 
+class _ForeignSaveGuard:
+    """Replaces a kindified model's own ``save_pretrained`` (picklable, unlike a closure)."""
+
+    def __init__(self, cls_name: str):
+        self.cls_name = cls_name
+
+    def __call__(self, *args, **kwargs):
+        raise RuntimeError(
+            f"this {self.cls_name} was converted by kind_fast.kindify: {self.cls_name}.save_pretrained would "
+            "write the KIND components (u_g, sigma_g, ...) under names its from_pretrained does not know, and "
+            "loading that folder would re-initialise every converted linear. Save it with "
+            "kind_fast.serialization.save_pretrained(model, folder) and load it with "
+            "kind_fast.serialization.load_pretrained(folder) or kind_fast.kindify_from_pretrained(base_model, folder)")
+
+
+def _is_native_dit(model: nn.Module, target_modules) -> bool:
+    from kind_fast.dit import DiT
+
+    return isinstance(model, DiT) and model.kind is None and target_modules in (None, DIT_TARGETS)
+
+
+def _kind_config_for(gate: ClassGate, tailor_rank: int, learngene_rank: int | None, split_qkv: bool):
+    """The KindConfig of a native conversion with ``gate``: block/random_k/all_on when the
+    config rebuilds exactly this gate, else ``gate="custom"`` (the gate is saved with the model)."""
+    from kind_fast.dit import KindConfig
+
+    base = dict(tailor_rank=tailor_rank, learngene_rank=learngene_rank, qkv="split" if split_qkv else "fused")
+    cfg = gate.to_config()
+    cands = []
+    if gate.kind in ("block", "random_k"):
+        cands.append(KindConfig(**base, gate=gate.kind, active=cfg["active"], null=cfg["null"],
+                                seed=cfg.get("seed", 0)))
+    elif gate.kind == "all_on":
+        cands.append(KindConfig(**base, gate="all_on"))
+    for cand in cands:
+        built = cand.make_gate(gate.num_classes)
+        if built.to_config() == cfg and torch.equal(built.table, gate.table.detach().cpu().float()):
+            return cand
+    return KindConfig(**base, gate="custom")
+
+
 def kindify(
     model: nn.Module,
     *,
@@ -101,6 +159,7 @@ def kindify(
     target_modules: str | Sequence[str] | None = None,
     label_arg: str | None = None,
     split_qkv: bool = False,
+    svd: bool = True,
 ) -> nn.Module:
     """Convert ``model``'s target linears to ``FastKindLinear`` in place and route labels.
 
@@ -113,44 +172,67 @@ def kindify(
         label_arg: name of the forward argument holding class labels (default: detected).
         split_qkv: turn a fused ``qkv`` linear into three KIND layers (q, k, v), as KIND
             decomposes them; the output is concatenated, so the model is unchanged.
+        svd: set the components from the SVD of the dense weights (default). ``False`` leaves
+            them uninitialised, for loading saved weights right after (kindify_from_pretrained).
     Returns:
-        the same model, with ``model.kind_gate`` registered.
+        the same model, with ``model.kind_gate`` registered. A ``kind_fast.dit.DiT`` with
+        ``kind=None`` (and default targets) becomes a native KIND-DiT instead (module docstring).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if not isinstance(gate, ClassGate):
         raise TypeError(f"gate must be a ClassGate, got {type(gate).__name__}")
-    if getattr(model, "_kind_fast_hook", None) is not None:
+    if getattr(model, "_kind_fast_hook", None) is not None or getattr(model, "_kind_fast_kindify", None):
         raise ValueError("model is already kindified")
+    if getattr(model, "kind", None) is not None and hasattr(model, "kind_gate"):
+        raise ValueError("model is already a KIND-DiT")
     tailor_rank = gate.tailor_rank if tailor_rank is None else tailor_rank
     if tailor_rank != gate.tailor_rank:
         raise ValueError(f"tailor_rank {tailor_rank} != gate.tailor_rank {gate.tailor_rank}")
+    if _is_native_dit(model, target_modules):
+        from kind_fast.dit import kindify_dit
+
+        if label_arg not in (None, "y"):
+            raise ValueError(f"kind_fast.dit.DiT takes its labels as y, not {label_arg!r}")
+        kind_fast_kind = _kind_config_for(gate, tailor_rank, learngene_rank, split_qkv)
+        kindify_dit(model, kind_fast_kind, gate, svd=svd)
+        model._kind_fast_kindify = dict(target_modules=DIT_TARGETS, label_arg="y", split_qkv=bool(split_qkv),
+                                        tailor_rank=tailor_rank, learngene_rank=learngene_rank, native=True)
+        return model
     targets = _detect_targets(model) if target_modules is None else target_modules
     label_arg = _detect_label_arg(model) if label_arg is None else label_arg
     signature = inspect.signature(model.forward)
     if label_arg not in signature.parameters:
         raise ValueError(f"{type(model).__name__}.forward has no label argument {label_arg!r}")
 
+    def convert(w: Tensor, b: Tensor | None, training: bool) -> FastKindLinear:
+        layer = FastKindLinear(w.shape[1], w.shape[0], bias=b is not None, tailor_rank=tailor_rank,
+                               learngene_rank=learngene_rank, gate=gate, device="meta", dtype=w.dtype)
+        layer.to_empty(device=w.device)
+        if svd:
+            layer.load_dense_weight(w.detach())  # exact float64 SVD
+            if b is not None:
+                with torch.no_grad():
+                    layer.bias.copy_(b)
+        return layer.train(training)
+
     def make(name: str, lin: nn.Linear) -> nn.Module:
         nonlocal gate
         gate = gate.to(lin.weight.device)  # a no-op after the first layer
-        kw = dict(tailor_rank=tailor_rank, learngene_rank=learngene_rank, gate=gate)
         if not (split_qkv and name.split(".")[-1] == "qkv"):
-            return FastKindLinear.from_linear(lin, **kw)
+            return convert(lin.weight, lin.bias, lin.training)
         if lin.out_features % 3:
             raise ValueError(f"{name}: out_features {lin.out_features} is not divisible by 3")
-        parts = []
-        for w, b in zip(lin.weight.chunk(3, 0), (lin.bias.chunk(3, 0) if lin.bias is not None else [None] * 3)):
-            piece = nn.Linear(lin.in_features, w.shape[0], bias=b is not None, device=w.device, dtype=w.dtype)
-            with torch.no_grad():
-                piece.weight.copy_(w)
-                if b is not None:
-                    piece.bias.copy_(b)
-            parts.append(FastKindLinear.from_linear(piece, **kw))
-        return SplitLinear(parts)
+        bias = lin.bias.chunk(3, 0) if lin.bias is not None else [None] * 3
+        return SplitLinear([convert(w, b, lin.training) for w, b in zip(lin.weight.chunk(3, 0), bias)])
 
     replace_linears(model, targets, make)
     model.kind_gate = gate
+    model._kind_fast_kindify = dict(target_modules=targets if isinstance(targets, str) else list(targets),
+                                    label_arg=label_arg, split_qkv=bool(split_qkv), tailor_rank=tailor_rank,
+                                    learngene_rank=learngene_rank, native=False)
+    if callable(getattr(type(model), "save_pretrained", None)):
+        model.save_pretrained = _ForeignSaveGuard(type(model).__name__)
 
     def _route_labels(module, args, kwargs):
         bound = signature.bind_partial(*args, **kwargs)
@@ -158,5 +240,9 @@ def kindify(
         module.kind_gate.labels = labels if isinstance(labels, Tensor) else None
         return None
 
+    def _clear_labels(module, args, kwargs, output):
+        module.kind_gate.labels = None
+
     model._kind_fast_hook = model.register_forward_pre_hook(_route_labels, with_kwargs=True)
+    model._kind_fast_clear_hook = model.register_forward_hook(_clear_labels, with_kwargs=True, always_call=True)
     return model

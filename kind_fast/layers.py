@@ -2,16 +2,17 @@
 
     W_c = U_Gᵀ diag(σ_G) V_G  +  U_Tᵀ diag(σ_T ⊙ g_c) V_T          (nn.Linear layout: out × in)
 
-Parameters are component-major (DESIGN §2): ``u_g`` (N_G, out), ``sigma_g`` (N_G,), ``v_g``
+Parameters are component-major (docs/design.md §2): ``u_g`` (N_G, out), ``sigma_g`` (N_G,), ``v_g``
 (N_G, in) are the learngenes; ``u_t``, ``sigma_t``, ``v_t`` the tailors; ``bias`` (out,) is
 class-agnostic and counted with the learngenes. The class gate g is a shared ``ClassGate``
 (not registered as a submodule here, so one gate serves every layer of a model and is saved
 once); the layer reads labels from ``labels=`` or from ``gate.labels``.
 
 Forward: the op family's entry point (``kind_fast.ops.paths.kind_linear_layer``) picks the path
-from the call's shapes (docs/design.md §2). On path M1, W_G is materialised once per call (in
-float32, then cast) and cached while the learngenes cannot change (frozen, or no grad), then
-one ``kind_linear`` op adds the gathered, gated tailor term.
+from the call's shapes (docs/design.md §2). On path M1, W_G is materialised (in float32, then
+cast), then one ``kind_linear`` op adds the gathered, gated tailor term. W_G is rebuilt on every
+call unless the caller opened a ``kind_fast.weight_cache()`` scope (``kind_fast.caching``): a
+cache outside such a scope could go stale when parameters are written through ``.data``.
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kind_fast import caching
 from kind_fast.gate import ClassGate
+from kind_fast.merged_cache import MergedWeightCache, tokens
 from kind_fast.ops.kind_linear import SUPPORTED_DTYPES, acc_dtype
 from kind_fast.ops.paths import kind_linear_layer
 
@@ -43,13 +46,15 @@ class FastKindLinear(nn.Module):
 
     Args:
         in_features, out_features, bias: as ``nn.Linear``.
-        tailor_rank: N_T, tailor components (default 96, DESIGN §1).
+        tailor_rank: N_T, tailor components (default 96, docs/design.md §1).
         learngene_rank: N_G (default ``min(in, out) - tailor_rank``, so r = min(in, out)).
         gate: a ``ClassGate`` shared with other layers; ``None`` means every tailor is always
             on (a plain factored linear layer that needs no labels).
         device, dtype: factory kwargs, as ``nn.Linear``.
 
-    Call as ``layer(x, labels=labels)`` with x (B, T, in), (B, in) or (M, in) and labels (B,).
+    Call as ``layer(x, labels=labels)`` with labels (B,) class ids and x (B, ..., in): x[b]
+    holds the rows of sample b, e.g. (B, T, in) tokens or (B, in) one row per sample. Any other
+    layout is a ValueError (rows are never silently regrouped).
     """
 
     def __init__(
@@ -96,6 +101,7 @@ class FastKindLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features, **fk)) if bias else None
         object.__setattr__(self, "_gate", None)
         self._wg_cache: tuple | None = None
+        self._merged = MergedWeightCache()
         if gate is not None:
             self.set_gate(gate)
         if self.u_g.device.type != "meta":
@@ -103,7 +109,7 @@ class FastKindLinear(nn.Module):
 
     # ------------------------------------------------------------------ init / conversion
     def reset_parameters(self) -> None:
-        """nn.Linear's init (kaiming-uniform weight, uniform bias), then its SVD (DESIGN §1)."""
+        """nn.Linear's init (kaiming-uniform weight, uniform bias), then its SVD (docs/design.md §1)."""
         w = torch.empty(self.out_features, self.in_features, dtype=torch.float64, device=self.u_g.device)
         nn.init.kaiming_uniform_(w, a=math.sqrt(5))
         self.load_dense_weight(w)
@@ -211,21 +217,32 @@ class FastKindLinear(nn.Module):
     def learngene_weight(self, dtype: torch.dtype | None = None) -> Tensor:
         """W_G = U_Gᵀ diag(σ_G) V_G (out, in), built in float32 and cast to ``dtype``.
 
-        Cached while it cannot change (learngenes frozen or grad disabled); the cache key
-        holds the parameters' version counters, so optimizer steps and loads invalidate it.
+        Built from the current parameters on every call, except inside a
+        ``kind_fast.weight_cache()`` scope, where it is reused while the learngenes' version
+        counters and storage are unchanged (see ``kind_fast.caching``). Never cached while
+        gradients flow to the learngenes or under ``torch.compile``; a W_G cached under
+        ``torch.inference_mode`` is not reused outside it.
         """
         dtype = self.u_g.dtype if dtype is None else dtype
         lg = (self.u_g, self.sigma_g, self.v_g)
         tracks_grad = torch.is_grad_enabled() and any(p.requires_grad for p in lg)
-        if tracks_grad or torch.compiler.is_compiling():
+        if tracks_grad or torch.compiler.is_compiling() or not caching.enabled():
             return self._learngene_weight_fresh(dtype)
-        key = (dtype, self.u_g.device) + tuple((p._version, p.data_ptr()) for p in lg)
-        if self._wg_cache is not None and self._wg_cache[0] == key:
-            return self._wg_cache[1]
+        key = (caching.generation(), dtype, self.u_g.device) + tuple((p._version, p.data_ptr()) for p in lg)
+        hit = self._wg_cache
+        if hit is not None and hit[0] == key and (torch.is_inference_mode_enabled() or not hit[1].is_inference()):
+            return hit[1]
         with torch.no_grad():
             w = self._learngene_weight_fresh(dtype)
         self._wg_cache = (key, w)
+        caching.remember(self)
         return w
+
+    def clear_weight_cache(self) -> None:
+        """Drop the cached W_G and merged per-class weights (``kind_fast.caching.invalidate``
+        does it for every layer, and leaving the outermost ``weight_cache()`` scope too)."""
+        self._wg_cache = None
+        self.merged_cache.clear()
 
     @torch.no_grad()
     def to_dense(self, class_id: int | None = None) -> Tensor:
@@ -282,19 +299,58 @@ class FastKindLinear(nn.Module):
             labels = gate.labels
             if labels is None:
                 raise ValueError(
-                    "FastKindLinear has a class gate but got no labels: pass labels=, or let kindify's "
-                    "hook (or KindDiT.forward) route the model's class labels"
+                    "FastKindLinear has a class gate but got no labels: pass labels=, or call it inside a "
+                    "kindified model's forward (its hook routes the model's class labels)"
                 )
+        self._check_input(x, labels)
         if labels.device != x.device:
             labels = labels.to(x.device, non_blocking=True)
         idx, val = gate.compiled(x.device)
-        # the op family picks the path (M0/M1/M2) from shapes; W_G comes from this layer's cache
+        # the op family picks the path (M0-M4) from shapes and the batch's classes; W_G comes
+        # from this layer's cache, merged per-class weights (M3) from its merged-weight cache.
+        # Both caches live only inside a kind_fast.weight_cache() scope (kind_fast.caching), so
+        # writes that bypass version counters (param.data) can never leave them stale.
+        merged = None
+        if caching.enabled() and not torch.compiler.is_compiling():
+            merged = self.merged_cache
+            caching.remember(self)
         return kind_linear_layer(x, labels, u_g=self.u_g, sigma_g=self.sigma_g, v_g=self.v_g, bias=self.bias,
                                  u_t=self.u_t, sigma_t=self.sigma_t, v_t=self.v_t, idx=idx, val=val,
-                                 w_g=self.learngene_weight)
+                                 w_g=self.learngene_weight, merged=merged, token=self._merged_token,
+                                 classes=gate.served, training_module=self.training)
+
+    # ------------------------------------------------------------------ merged weights (path M3)
+    @property
+    def merged_cache(self) -> MergedWeightCache:
+        """This layer's cache of merged per-class weights (set ``.capacity`` to bound it)."""
+        cache = self.__dict__.get("_merged")
+        if cache is None:  # a layer unpickled from a version without it
+            cache = self.__dict__["_merged"] = MergedWeightCache()
+        return cache
+
+    def clear_merged_cache(self) -> None:
+        """Drop the merged per-class weights (needed only after writes that bypass version
+        counters: in-place ops on ``param.data`` or on inference tensors)."""
+        self.merged_cache.clear()
+
+    def _merged_token(self) -> tuple | None:
+        gate = self.gate
+        return tokens((self.u_g, self.sigma_g, self.v_g, self.u_t, self.sigma_t, self.v_t,
+                       gate.table, gate.idx, gate.mask))
+
+    def _check_input(self, x: Tensor, labels) -> None:
+        """Labels and the one accepted layout: x is (B, ..., in) with B = len(labels), and
+        x[b] holds the rows of sample b (class labels[b]), as for nn.Linear with a batch
+        dimension. A 2-D x is (B, in), one row per sample; flattened rows are not regrouped."""
+        from kind_fast.gate import check_labels
+        from kind_fast.ops.kind_linear import sample_rows
+
+        check_labels(labels, self.gate.num_classes)
+        sample_rows(x, labels, None, who="FastKindLinear")
 
     def _apply(self, fn, recurse=True):
         self._wg_cache = None
+        self.merged_cache.clear()
         return super()._apply(fn, recurse)
 
     def extra_repr(self) -> str:

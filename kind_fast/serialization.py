@@ -40,7 +40,7 @@ from kind_fast.utils import kind_layers
 
 __all__ = [
     "save_kind", "load_learngenes", "load_tailors", "split_state_dict",
-    "save_pretrained", "load_pretrained",
+    "save_pretrained", "load_pretrained", "kindify_from_pretrained",
 ]
 
 CONFIG_FILE = "kind_config.json"
@@ -94,6 +94,11 @@ def _model_config(model: nn.Module) -> dict:
     }
     if isinstance(model, DiT):
         cfg["model"] = {"class": "kind_fast.dit.DiT", "arch": dict(model.arch), "kind": kind_config_dict(model.kind)}
+    settings = getattr(model, "_kind_fast_kindify", None)
+    if settings:  # kindify's settings: kindify_from_pretrained / load_pretrained rebuild the model
+        cfg["kindify"] = dict(settings)
+        if cfg["model"] is None:
+            cfg["model"] = model_record(model)
     return cfg
 
 
@@ -132,6 +137,8 @@ def verify_file(path: Path, record: dict, manifest: str) -> bytes:
 def structure_digest(cfg: dict) -> str:
     """SHA-256 of a config's structural sections (canonical JSON)."""
     part = {k: cfg.get(k) for k in STRUCTURE_KEYS}
+    if "kindify" in cfg:  # kindify's settings (only when present: other saves keep their digest)
+        part["kindify"] = cfg["kindify"]
     return sha256_bytes(json.dumps(part, sort_keys=True, separators=(",", ":")).encode())
 
 
@@ -295,19 +302,26 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike) -> Path:
 
 
 def load_pretrained(directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild a kind_fast.dit.DiT saved with ``save_pretrained``."""
+    """Rebuild a model saved with ``save_pretrained``: a kind_fast.dit.DiT, or a kindified
+    model whose base kind_fast can build (a diffusers model; see ``kindify_from_pretrained``)."""
     from kind_fast.dit import DiT, KindConfig
 
     d = Path(directory)
     cfg = _read_config(d)
     mcfg = cfg.get("model")
+    if cfg.get("kindify") and not (mcfg and mcfg.get("kind")):  # a kindified (hooked) model
+        return load_kindified(d, cfg, map_location)
     if not mcfg or mcfg.get("class") != "kind_fast.dit.DiT":
         raise ValueError(f"{d} does not hold a kind_fast.dit.DiT (saved model: {mcfg and mcfg.get('class')})")
     kind = KindConfig(**mcfg["kind"]) if mcfg.get("kind") else None
-    with torch.device("meta"):
-        model = DiT(**mcfg["arch"], kind=kind)
-    model.to_empty(device=map_location)  # every tensor is overwritten below
     learn, tail = _read_part(d, cfg, "learngenes"), _read_part(d, cfg, "tailors")
+    gate = None
+    if kind is not None and kind.gate == "custom":  # an explicitly given gate (kindify): rebuilt from the save
+        tables = [v for k, v in tail.items() if k == "table" or k.endswith(".table")]
+        gate = ClassGate.from_config(cfg["gate"], tables[0] if len(tables) == 1 else None)
+    with torch.device("meta"):
+        model = DiT(**mcfg["arch"], kind=kind, gate=gate)
+    model.to_empty(device=map_location)  # every tensor is overwritten below
     covered = set(learn) | set(tail)
     uncovered = [k for k in model.state_dict() if k not in covered and not k.startswith("kind_gate.")]
     if uncovered:
@@ -315,3 +329,92 @@ def load_pretrained(directory: str | os.PathLike, map_location: str | torch.devi
     _load_learngenes(model, d, cfg, learn)
     _load_tailors(model, cfg, tail)
     return model
+
+
+# =====================================================================================
+# Kindified models (kind_fast.kindify): rebuild the base, kindify it again, load
+# =====================================================================================
+def model_record(model: nn.Module) -> dict | None:
+    """How ``load_pretrained`` rebuilds the base (dense) model of a kindified ``model``:
+    diffusers models by their config; None for other classes (use kindify_from_pretrained)."""
+    cls = type(model)
+    record = {"class": f"{cls.__module__}.{cls.__qualname__}", "config": None}
+    to_json = getattr(model, "to_json_string", None)
+    if cls.__module__.startswith("diffusers.") and callable(to_json):
+        record["config"] = json.loads(to_json())
+        record["diffusers_class"] = cls.__name__
+    return record
+
+
+def build_base(record: dict) -> nn.Module:
+    """The base model of ``model_record``, with fresh (to be overwritten) weights."""
+    name = record.get("diffusers_class")
+    if not name or record.get("config") is None:
+        raise ValueError(f"the save holds a kindified {record.get('class')}, which kind_fast cannot rebuild by "
+                         "itself: build the base model and call kind_fast.kindify_from_pretrained(base_model, folder)")
+    try:
+        import diffusers
+    except ImportError:
+        raise ImportError(f"the save holds a kindified diffusers {name}: pip install diffusers") from None
+    cls = getattr(diffusers, name, None)
+    if cls is None:
+        raise ValueError(f"diffusers {diffusers.__version__} has no {name}")
+    config = {k: v for k, v in record["config"].items() if not k.startswith("_")}
+    return cls.from_config(config)
+
+
+def kindify_from_pretrained(base_model: nn.Module, directory, *, map_location=None) -> nn.Module:
+    """Restore a kindified model saved with ``kind_fast.serialization.save_pretrained``.
+
+    ``base_model`` is the dense model kindify was applied to (its architecture; its weights are
+    replaced by the saved ones). It is kindified with the saved settings and gate, then every
+    saved tensor is loaded; the result equals the saved model exactly. In place; returns it.
+    """
+    from kind_fast.kindify import kindify
+
+    d = Path(directory)
+    cfg = _read_config(d)
+    settings = cfg.get("kindify")
+    if not settings:
+        raise ValueError(f"{d} was not saved from a kindified model (no kindify settings in kind_config.json); "
+                         "for a kind_fast.dit.DiT use kind_fast.serialization.load_pretrained")
+    if cfg.get("gate") is None:
+        raise ValueError(f"{d}: the save has no gate config")
+    tensors = _read_part(d, cfg, "tailors")
+    tables = [v for k, v in tensors.items() if k == "table" or k.endswith(".table")]
+    if len(tables) != 1:
+        raise ValueError(f"{d}: expected one gate table in the save, found {len(tables)}")
+    gate = ClassGate.from_config(cfg["gate"], tables[0])
+    if map_location is not None:
+        base_model = base_model.to(map_location)
+    targets = settings["target_modules"]
+    kindify(base_model, gate=gate, tailor_rank=settings["tailor_rank"], learngene_rank=settings["learngene_rank"],
+            target_modules=None if settings.get("native") else targets, label_arg=settings["label_arg"],
+            split_qkv=settings["split_qkv"], svd=False)
+    learn = _read_part(d, cfg, "learngenes")
+    covered = set(learn) | set(tensors)
+    uncovered = [k for k in base_model.state_dict() if k not in covered and not _is_gate_key(base_model, k)]
+    if uncovered:
+        raise ValueError(f"{d}: the save does not cover {uncovered[:5]}; it is from another model")
+    _load_learngenes(base_model, d, cfg, learn)
+    _load_tailors(base_model, cfg, tensors)
+    return base_model
+
+
+def _is_gate_key(model: nn.Module, key: str) -> bool:
+    prefixes = [n + "." for n, m in model.named_modules() if isinstance(m, ClassGate)]
+    return any(key.startswith(p) for p in prefixes)
+
+
+def load_kindified(directory, cfg: dict, map_location="cpu") -> nn.Module:
+    """``load_pretrained`` of a save written from a kindified (hooked) model."""
+    from kind_fast.dit import DiT
+
+    record = cfg.get("model") or {}
+    if record.get("class") == "kind_fast.dit.DiT":
+        with torch.device("meta"):
+            base = DiT(**record["arch"], kind=None)
+        base.to_empty(device=map_location)
+    else:
+        base = build_base(record).to(map_location)
+    return kindify_from_pretrained(base, directory).eval()

@@ -1,5 +1,5 @@
 """Shared test and benchmark utilities: an independent oracle, class distributions, and the
-tolerance rule (DESIGN §7). Imported by tests/ and bench/, never by the package itself."""
+tolerance rule (docs/design.md §8). Imported by tests/ and bench/, never by the package itself."""
 
 from __future__ import annotations
 
@@ -101,6 +101,27 @@ def assert_close_to_oracle(out: Tensor, oracle: Tensor, torch_lowp: Tensor, dtyp
     bound = 2 * base + ATOL_FLOOR[dtype] * max(1.0, oracle.abs().max().item() if oracle.numel() else 1.0)
     if not err <= bound:
         raise AssertionError(f"{what}: max error {err:.3e} > bound {bound:.3e} (torch's own error {base:.3e})")
+
+
+@contextmanager
+def routed_labels(model: torch.nn.Module) -> Iterator[list[Tensor]]:
+    """Record the labels every KIND layer of ``model`` uses while the block runs (given as
+    ``labels=`` or read from the gate), one entry per layer call."""
+    from kind_fast.layers import FastKindLinear
+
+    seen: list[Tensor] = []
+
+    def hook(module, args, kwargs):
+        labels = kwargs.get("labels", args[1] if len(args) > 1 else None)
+        seen.append(labels if labels is not None else module.gate.labels)
+
+    handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in model.modules()
+               if isinstance(m, FastKindLinear)]
+    try:
+        yield seen
+    finally:
+        for h in handles:
+            h.remove()
 
 
 @contextmanager

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
+from contextlib import ExitStack, contextmanager
+
 from torch import nn
 
 from kind_fast.gate import ClassGate
 from kind_fast.layers import LEARNGENE_PARAMS, TAILOR_PARAMS, FastKindLinear
 
-__all__ = ["kind_layers", "parameter_breakdown", "print_trainable_parameters", "freeze_learngenes"]
+__all__ = ["kind_layers", "parameter_breakdown", "print_trainable_parameters", "freeze_learngenes", "class_gates",
+           "serving"]
 
 PARTS = ("learngene", "tailor", "kind_bias", "gate", "dense")
 
@@ -68,3 +72,27 @@ def freeze_learngenes(model: nn.Module, frozen: bool = True) -> nn.Module:
     for _, layer in kind_layers(model):
         layer.freeze_learngenes(frozen)
     return model
+
+
+def class_gates(model: nn.Module) -> list[ClassGate]:
+    """The distinct ClassGates of ``model``: registered ones and those its KIND layers hold."""
+    gates: dict[int, ClassGate] = {}
+    for m in model.modules():
+        if isinstance(m, ClassGate):
+            gates.setdefault(id(m), m)
+        elif isinstance(m, FastKindLinear) and m.gate is not None:
+            gates.setdefault(id(m.gate), m.gate)
+    return list(gates.values())
+
+
+@contextmanager
+def serving(model: nn.Module, classes: Iterable[int]) -> Iterator[nn.Module]:
+    """Declare, for every gate of ``model``, the classes its labels come from in the block (a
+    sampling loop: the sampled classes, plus the null class under guidance). KIND layers then run
+    path M3 on merged per-class weights built once (see ``ClassGate.serving``). A model without
+    gates is returned unchanged."""
+    classes = [int(c) for c in classes]
+    with ExitStack() as stack:
+        for gate in class_gates(model):
+            stack.enter_context(gate.serving(classes))
+        yield model

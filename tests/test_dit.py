@@ -8,6 +8,7 @@ import torch
 import kind_fast as kf
 from kind_fast.diffusion import GaussianDiffusion
 from kind_fast.dit import DiT, DiT_models, KindConfig, build_dit
+from kind_fast.testing import routed_labels
 from kind_fast.utils import parameter_breakdown
 
 # published DiT parameter counts (DiT paper; pos_embed counted, as its checkpoints store it)
@@ -45,7 +46,7 @@ def test_dense_configs_match_published_sizes(name):
 
 @pytest.mark.parametrize("new_classes", [461, 10])
 def test_l2_transfer_trains_45_4m(new_classes):
-    """DESIGN §1: the default config lands DiT-L/2 transfer near the paper's 45.4M."""
+    """docs/design.md §1: the default config lands DiT-L/2 transfer near the paper's 45.4M."""
     with torch.device("meta"):
         m = build_dit("DiT-L/2", kind=KindConfig(), num_classes=150)
     m.retarget(new_classes).set_mode("transfer")
@@ -70,13 +71,16 @@ def test_kind_layers_and_split_qkv():
 def test_forward_shapes_and_label_routing():
     m = tiny().eval()
     x, t, y = torch.randn(3, 2, 8, 8), torch.tensor([0, 10, 999]), torch.tensor([0, 4, 5])
-    out = m(x, t, y)
+    with routed_labels(m) as seen:
+        out = m(x, t, y)
     assert out.shape == (3, 4, 8, 8)
-    assert torch.equal(m.kind_gate.labels, y)
+    assert len(seen) == len(m.kind_layers()) and all(torch.equal(s, y) for s in seen)
+    assert m.kind_gate.labels is None, "no labels are left behind on the gate"
     m.train()
     m.y_embedder.dropout_prob = 1.0
-    m(x, t, y)
-    assert torch.all(m.kind_gate.labels == 5), "the gate sees the post-dropout (null) labels"
+    with routed_labels(m) as seen:
+        m(x, t, y)
+    assert all(torch.all(s == 5) for s in seen), "the layers see the post-dropout (null) labels"
 
 
 def test_labels_change_the_output_only_through_gate_and_embedding():
@@ -185,3 +189,40 @@ def test_config_errors():
         tiny(kind=None, gate=kf.ClassGate.block(5, 8, 2))
     with pytest.raises(ValueError, match="patch_size"):
         tiny(input_size=9)
+
+
+def test_bad_class_labels_are_clear_errors():
+    m = tiny().eval()  # 5 classes; 5 is the null class
+    x, t = torch.randn(2, 2, 8, 8), torch.tensor([1, 2])
+    with pytest.raises(TypeError, match=r"y \(class labels\) must be a torch.Tensor"):
+        m(x, t, [0, 1])
+    with pytest.raises(TypeError, match=r"y \(class labels\) must be a torch.Tensor"):
+        m(x, t, 3)
+    with pytest.raises(ValueError, match=r"y \(class labels\) out of range: got values in \[0, 6\], expected \[0, 5\]"):
+        m(x, t, torch.tensor([0, 6]))
+    with pytest.raises(ValueError, match=r"out of range.*\[-1, 0\]"):
+        m(x, t, torch.tensor([-1, 0]))
+    with pytest.raises(ValueError, match="has 3 entries but x has 2 samples"):
+        m(x, t, torch.tensor([0, 1, 2]))
+    dense = tiny(kind=None).eval()  # the dense DiT checks them too (its label table has 6 rows)
+    with pytest.raises(ValueError, match=r"expected \[0, 5\]"):
+        dense(x, t, torch.tensor([0, 7]))
+
+
+def test_no_labels_are_left_behind_after_a_forward():
+    """A layer called after a model forward must not use that forward's labels."""
+    m = tiny().eval()
+    x, t = torch.randn(2, 2, 8, 8), torch.tensor([1, 2])
+    m(x, t, torch.tensor([0, 1]))
+    layer = m.blocks[0].mlp.fc1
+    with pytest.raises(ValueError, match="no labels"):
+        layer(torch.randn(2, 16, 32))
+    dense = tiny(kind=None)
+    kf.kindify(dense, gate=kf.ClassGate.block(5, 8, 2))
+    dense(x, t, torch.tensor([0, 1]))
+    layer = dense.blocks[0].mlp.fc1
+    with pytest.raises(ValueError, match="no labels"):
+        layer(torch.randn(2, 16, 32))
+    with pytest.raises(RuntimeError):  # a forward that fails midway clears them too
+        dense(torch.randn(2, 3, 8, 8), t, torch.tensor([0, 1]))  # 3 channels, the model takes 2
+    assert dense.kind_gate.labels is None

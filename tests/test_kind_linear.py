@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import kind_fast as kf
-from kind_fast.ops.kind_linear import kind_linear, kind_linear_backward_ref, kind_linear_ref, tailor_plan
+from kind_fast.ops.kind_linear import kind_linear as kind_linear_fn
+from kind_fast.ops.kind_linear import kind_linear_backward_ref, kind_linear_ref, tailor_plan
 from kind_fast.testing import (
     DISTRIBUTIONS,
     GATE_KINDS,
@@ -47,6 +48,14 @@ def make_case(n_in, n_out, n_t, active, batch, t, *, gate_kind="random_k", dist=
 
 def args_of(inp):
     return [inp[k] for k in ("x", "w_g", "bias", "u_t", "sigma_t", "v_t", "idx", "val", "labels")]
+
+
+def kind_linear(*args, **kw):
+    """The functional on these tests' flattened rows x (B·T, in): T is passed explicitly."""
+    x, labels = args[0], args[8]
+    if isinstance(x, torch.Tensor) and x.dim() == 2 and labels.shape[0] and "rows_per_sample" not in kw:
+        kw["rows_per_sample"] = x.shape[0] // labels.shape[0]
+    return kind_linear_fn(*args, **kw)
 
 
 # ------------------------------------------------------------------ forward and gradients vs oracle
@@ -226,8 +235,26 @@ def test_low_precision_close_to_fp32_oracle(dtype):
     y32, _ = kind_linear_ref(*args_of(inp), upcast=True)
     oracle = naive_kind_linear(*args_of(inp))
     assert y.dtype == dtype and y32.dtype == torch.float32
-    assert_close_to_oracle(y, oracle, y, dtype, "reference in its own dtype")
+    # the baseline is plain PyTorch in ``dtype`` (each sample's exact dense weight, rounded to
+    # ``dtype``, through F.linear), not the output under test
+    assert_close_to_oracle(y, oracle, torch_in_dtype(inp, dtype), dtype, "reference in its own dtype")
     torch.testing.assert_close(y32.double(), oracle, rtol=1e-4, atol=1e-4)
+
+
+def torch_in_dtype(inp, dtype):
+    """What PyTorch itself computes for the op in ``dtype``: per sample, the exact dense weight
+    W_c (float64) rounded to ``dtype``, then F.linear in ``dtype``."""
+    x, w_g, bias, u_t, sigma_t, v_t, idx, val, labels = args_of(inp)
+    b = labels.shape[0]
+    t = x.shape[0] // b
+    out = []
+    for i in range(b):
+        c = int(labels[i])
+        g = torch.zeros(u_t.shape[0], dtype=torch.float64).index_add(0, idx[c].long(), val[c].double())
+        w = w_g.double() + u_t.double().t() @ torch.diag(sigma_t.double() * g) @ v_t.double()
+        out.append(torch.nn.functional.linear(x[i * t:(i + 1) * t], w.to(dtype), None if bias is None
+                                              else bias.to(dtype)))
+    return torch.cat(out)
 
 
 def test_autocast_cpu_bf16():
@@ -273,7 +300,7 @@ def test_bad_input_errors():
         call(labels=torch.tensor([0.0, 1.0]))
     with pytest.raises(ValueError, match="labels must be 1-D"):
         call(labels=torch.zeros(2, 1, dtype=torch.long))
-    with pytest.raises(ValueError, match="not a multiple of the 3 samples"):
+    with pytest.raises(ValueError, match=r"with rows_per_sample=3 x must be \(3·3, in_features\)"):
         call(labels=torch.tensor([0, 1, 2]))
     with pytest.raises(ValueError, match="w_g must be"):
         call(w_g=torch.randn(24, 15))
@@ -293,6 +320,32 @@ def test_bad_input_errors():
         call(labels=inp["labels"].to("meta"))
     with pytest.raises(TypeError, match="x must be a torch.Tensor"):
         call(x=[[1.0]])
+
+
+def test_input_layouts_are_explicit():
+    """x is (B, ..., in) with x[b] the rows of sample b, or flattened (B·T, in) rows with
+    rows_per_sample=T; a label count that does not fit is an error, never a regrouping."""
+    inp, _ = make_case(12, 10, 8, 3, 2, 15, dtype=torch.float32)
+    inp = {k: (v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for k, v in inp.items()}
+    rest = args_of(inp)[1:8]
+    x, labels = inp["x"], inp["labels"]  # x: (2·15, 12), 2 samples
+    flat = kind_linear_fn(x, *rest, labels, rows_per_sample=15)
+    # (2, 3, 5, 12): sample b owns x[b], any number of middle dims
+    torch.testing.assert_close(kind_linear_fn(x.view(2, 3, 5, 12), *rest, labels), flat.view(2, 3, 5, 10))
+    torch.testing.assert_close(kind_linear_fn(x.view(2, 15, 12), *rest, labels), flat.view(2, 15, 10))
+    three = torch.tensor([0, 1, 2])
+    with pytest.raises(ValueError, match=r"x has shape \(2, 3, 5, 12\) but labels has 3 entries"):
+        kind_linear_fn(x.view(2, 3, 5, 12), *rest, three)  # was: 30 rows regrouped as 3 × 10
+    with pytest.raises(ValueError, match=r"x has shape \(4, 12\) but labels has 2 entries.*rows_per_sample"):
+        kind_linear_fn(x[:4], *rest, labels)  # was: 2 rows per sample
+    torch.testing.assert_close(kind_linear_fn(x[:4], *rest, labels, rows_per_sample=2),
+                               kind_linear_fn(x[:4].view(2, 2, 12), *rest, labels).view(4, 10))
+    with pytest.raises(ValueError, match="rows_per_sample=4"):
+        kind_linear_fn(x[:4], *rest, labels, rows_per_sample=4)
+    with pytest.raises(ValueError, match="rows_per_sample=15"):
+        kind_linear_fn(x.view(2, 15, 12), *rest, labels, rows_per_sample=15)  # only for 2-D rows
+    with pytest.raises(ValueError, match="must be \\(B, ..., in_features\\)"):
+        kind_linear_fn(x[0], *rest, labels)
 
 
 def test_empty_batch():

@@ -139,6 +139,9 @@ def test_disable_switch_and_info(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "disabled by KIND_FAST_DISABLE_CUDA_EXT=1" in r.stdout
     assert "cuda" in r.stdout and "unavailable" in r.stdout
+    # what the backend is for, and where auto would use its M1
+    assert "cross-checking and comparing M1" in r.stdout and "path M3 for sampling on cuBLAS" in r.stdout
+    assert "DiT-XL/2.fc2" in r.stdout and "auto M1" in r.stdout
 
 
 def test_broken_extension_is_one_warning_not_an_import_error(monkeypatch):
@@ -309,15 +312,121 @@ def test_per_shape_choice_without_timing(monkeypatch):
 
 
 # =====================================================================================
+# CPU: the cost model and auto's per-shape gate (docs/design.md §6)
+# =====================================================================================
+def _count_aten_ops(fn) -> int:
+    """Kernel-launching ATen ops that ``fn`` runs (views and allocations excluded)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    free = {"view", "reshape", "t", "transpose", "unsqueeze", "_unsafe_view", "expand", "select", "slice", "alias",
+            "detach", "as_strided", "squeeze", "permute", "empty", "new_empty", "empty_like", "lift_fresh"}
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.__name__.split(".")[0] not in free:
+                Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        fn()
+    return Count.n
+
+
+@pytest.mark.parametrize("t", [64, 3], ids=["sample-plan", "row-plan"])
+def test_model_counts_the_reference_launches(t):
+    """The model's launch counts for the reference are those of the reference as it runs."""
+    n_in, n_out, n_t, k, b = 40, 72, 16, 6, 4
+    args, grad_y = make_problem(n_in, n_out, n_t, k, b, t, dtype=torch.bfloat16, seed=1)
+    a = [args[kk] for kk in ORDER]
+    y, h = kind_linear_ref(*a)
+    bwd = [args[kk] for kk in BWD_ORDER]
+    counted = {"forward": _count_aten_ops(lambda: kind_linear_ref(*a))}
+    for mode, mask in (("transfer", [True, False, False, True, True, True, False]), ("pretrain", [True] * 6 + [False])):
+        counted[mode] = counted["forward"] + _count_aten_ops(
+            lambda mask=mask: kind_linear_backward_ref(grad_y, *bwd, h, mask))
+    for mode, n in counted.items():
+        passes = cuda_backend.model_passes("reference", mode, b * t, b, n_in, n_out, n_t, k)
+        assert sum(p[4] for p in passes) == n, f"{mode}: model {sum(p[4] for p in passes)} launches, ran {n}"
+
+
+def test_model_justifies_the_backend_decision():
+    """Why the CUDA backend is not the fast M1 (csrc/README.md): at every DiT-XL/2 layer and
+    M = 8192 / 65536, neither its M1 nor the cuBLAS K-augmented design meets the forward goal
+    1.10 × F.linear × (1 + K/in + K/out); path M3 with CFG groups comes close at large M."""
+    d, n_t, k = 1152, 96, 32
+    for n_in, n_out in ((d, 3 * d), (d, d), (d, 4 * d), (4 * d, d)):
+        goal = 1.10 * (1 + k / n_in + k / n_out)
+        for m in (8192, 65536):
+            b = m // 256
+            lin = cuda_backend.modelled_time("linear", "forward", m, b, n_in, n_out, n_t, k)
+            for impl in ("cuda", "k_augmented", "reference"):
+                assert cuda_backend.modelled_time(impl, "forward", m, b, n_in, n_out, n_t, k) > goal * lin, impl
+        m3 = cuda_backend.modelled_time("cuda_merged", "forward", 65536, 256, n_in, n_out, n_t, k)
+        assert m3 < 1.10 * cuda_backend.modelled_time("linear", "forward", 65536, 256, n_in, n_out, n_t, k)
+    assert "| DiT-XL/2.fc2 | 65536 |" in cuda_backend.cost_table_markdown()
+
+
+def test_readme_shows_the_current_model_table():
+    assert cuda_backend.cost_table_markdown() in (ROOT / "csrc" / "README.md").read_text(), (
+        "csrc/README.md's cost table is stale: paste kind_fast.ops.kind_linear_cuda.cost_table_markdown()")
+
+
+def test_auto_gate_follows_the_model():
+    """auto runs the CUDA M1 only where its modelled time is at most the reference's: fewer
+    launches win on small (launch-bound) layers, the assumed lower bandwidth of the hand-written
+    kernels loses on large ones."""
+    ok = cuda_backend.auto_shape_ok
+    assert ok(512, 2, 384, 384, 96, 32, "forward") and ok(512, 2, 384, 384, 96, 32, "transfer")
+    assert not ok(65536, 256, 1152, 4608, 96, 32, "forward")
+    for args in ((512, 2, 384, 1536, 96, 32), (65536, 256, 4608, 1152, 96, 32), (8192, 32, 1152, 3456, 96, 32)):
+        for mode in ("forward", "transfer", "pretrain"):
+            cuda = cuda_backend.modelled_time("cuda", mode, *args)
+            ref = cuda_backend.modelled_time("reference", mode, *args)
+            assert ok(*args, mode) == (cuda <= ref)
+
+
+def test_auto_op_routes_by_the_gate(monkeypatch):
+    """AUTO_OP calls the CUDA op where the gate allows and the reference op elsewhere, with
+    the mode read from what needs gradients."""
+    seen = []
+    monkeypatch.setattr(cuda_backend, "_GATE_CACHE", {})
+
+    def gate(m, b, n_in, n_out, n_t, k, mode):
+        seen.append(mode)
+        return mode == "transfer"
+
+    monkeypatch.setattr(cuda_backend, "auto_shape_ok", gate)
+    calls = []
+    op = cuda_backend._AutoOp(fast=lambda *a: calls.append("cuda"), reference=lambda *a: calls.append("ref"))
+    args, _ = make_problem(16, 24, 8, 3, 2, 5, dtype=torch.float32)
+    a = [args[kk] for kk in ORDER]
+    op(*a)
+    a_t = list(a)
+    a_t[0] = a[0].clone().requires_grad_(True)
+    op(*a_t)
+    a_p = list(a_t)
+    a_p[1] = a[1].clone().requires_grad_(True)
+    op(*a_p)
+    with torch.no_grad():
+        op(*a_p)
+    assert seen == ["forward", "transfer", "pretrain"] and calls == ["ref", "cuda", "ref", "ref"]
+
+
+# =====================================================================================
 # CPU, emulated: the kernel source on the host
 # =====================================================================================
 @pytest.fixture(scope="module")
 def emu():
     """torch.ops.kind_fast_emu: csrc/ compiled with g++ as plain C++ (about 15-60 s once)."""
+    import hashlib
+
     from torch.utils.cpp_extension import load
 
     py = f"{sys.version_info[0]}{sys.version_info[1]}"
-    build = Path(tempfile.gettempdir()) / f"kind_fast_emu_{torch.__version__}_{py}"
+    tree = hashlib.sha1(str(ROOT).encode()).hexdigest()[:10]  # one build folder per checkout
+    build = Path(tempfile.gettempdir()) / f"kind_fast_emu_{torch.__version__}_{py}_{tree}"
     build.mkdir(parents=True, exist_ok=True)
     load(name="kind_fast_emu", sources=[str(ROOT / "csrc" / "emulation" / "kind_fast_emu.cpp")],
          extra_include_paths=[str(ROOT / "csrc")], extra_cflags=["-O1"], build_directory=str(build),
@@ -486,6 +595,65 @@ def test_emulated_merged_path(emu, dist, max_classes):
     no_bias = dict(args, bias=None)
     y2 = emu.kind_linear_cuda_merged(*[no_bias[k] for k in ORDER], max_classes)
     assert torch.equal(y2.double(), ref - args["bias"].double())
+
+
+# (labels, max_classes): CFG halves (no correction), runs shorter than a group, interleaved
+# classes, B not divisible by max_classes (fewer, larger groups), one sample per group,
+# max_classes > B, and a single group with every other class corrected
+MERGED_LAYOUTS = [
+    ([2, 2, 2, 6, 6, 6], 2),
+    ([1, 1, 3, 3, 6, 6], 2),
+    ([0, 6, 0, 6, 0, 6], 2),
+    ([4, 4, 4, 4, 6, 6], 4),
+    ([5, 1, 6, 0, 2, 3], 6),
+    ([3, 3, 6, 6, 1, 1], 9),
+    ([0, 1, 2, 3, 4, 6], 1),
+]
+
+
+@pytest.mark.parametrize("labels,max_classes", MERGED_LAYOUTS, ids=lambda v: str(v).replace(" ", ""))
+@pytest.mark.parametrize("shape", [(40, 72, 16, 6, 9), (37, 53, 11, 5, 70)], ids=["vec", "odd"])
+def test_emulated_merged_groups_and_corrections(emu, shape, labels, max_classes):
+    """Path M3 on cuBLAS: merged weights per group of samples, a rank-2K correction for the
+    samples whose class differs from their group's. Exact on integers for every layout, in the
+    16-byte-vector kernels (widths multiple of 8) and the element-wise ones (odd widths)."""
+    from kind_fast.ops.kind_linear_cuda import merged_groups
+
+    n_in, n_out, n_t, k, t = shape
+    b = len(labels)
+    assert b % merged_groups(b, max_classes) == 0
+    args, _ = make_problem(n_in, n_out, n_t, k, b, t, dtype=torch.float16, integer=True, classes=6, seed=21)
+    args["labels"] = torch.tensor(labels)
+    y = emu.kind_linear_cuda_merged(*[args[kk] for kk in ORDER], max_classes)
+    ref = reference(args, torch.zeros(b * t, n_out, dtype=torch.float16), torch.float64)[0]
+    assert torch.equal(y.double(), ref), (y.double() - ref).abs().max()
+
+
+def test_merged_groups_rule():
+    from kind_fast.ops.kind_linear_cuda import merged_groups
+
+    assert [merged_groups(6, m) for m in (1, 2, 3, 4, 5, 6, 7)] == [1, 2, 3, 3, 3, 6, 6]
+    assert merged_groups(32, 2) == 2 and merged_groups(7, 2) == 1 and merged_groups(1, 4) == 1
+
+
+def test_emulated_misaligned_rows_take_the_elementwise_kernels(emu):
+    """Widths that allow 16-byte vectors but tensors that start 2 bytes off a 16-byte boundary
+    (views with a storage offset): the launchers must pick the element-wise kernels (the
+    emulated cp.async and vector loads check alignment and would fail the launch)."""
+    args, grad_y = make_problem(40, 72, 16, 6, 4, 9, dtype=torch.float16, integer=True, seed=23)
+    shifted = {}
+    for kk in ("x", "w_g", "u_t", "v_t"):
+        v = args[kk]
+        buf = torch.empty(v.numel() + 1, dtype=v.dtype)
+        buf[1:] = v.reshape(-1)
+        shifted[kk] = buf[1:].view(v.shape)
+        assert shifted[kk].data_ptr() % 16 != 0
+    a = dict(args, **shifted)
+    got = run_op(emu, a, grad_y)
+    for name, x, r in zip(("y", "h") + GRAD_NAMES, got, reference(args, grad_y, torch.float64)):
+        assert torch.equal(x.double(), r.double()), name
+    y = emu.kind_linear_cuda_merged(*[a[kk] for kk in ORDER], 2)
+    assert torch.equal(y.double(), reference(args, grad_y, torch.float64)[0])
 
 
 def test_emulated_ops_do_not_mutate_inputs(emu):
@@ -663,6 +831,36 @@ def test_gpu_merged_path(dist, max_classes):
     y_low = reference(args, torch.zeros_like(args["x"][:, :1]).expand(-1, 1152), torch.bfloat16)[0]
     err, base = (y.float() - y_ref).abs().max().item(), (y_low.float() - y_ref).abs().max().item()
     assert err <= 2 * base + ATOL_FLOOR[torch.bfloat16] * max(1.0, y_ref.abs().max().item())
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("labels,max_classes", MERGED_LAYOUTS, ids=lambda v: str(v).replace(" ", ""))
+def test_gpu_merged_groups_exact(labels, max_classes):
+    """Path M3 on the device (cuBLAS GEMMs, merge, corrections): exact on small integers."""
+    b, t = len(labels), 70
+    args, _ = make_problem(72, 136, 16, 6, b, t, dtype=torch.float16, device="cuda", integer=True, classes=6, seed=8)
+    args["labels"] = torch.tensor(labels, device="cuda")
+    with torch.no_grad():
+        y = cuda_backend.kind_linear_merged(*[args[k] for k in ORDER], max_classes=max_classes)
+    ref = reference(args, torch.zeros(b * t, 136, dtype=torch.float16, device="cuda"), torch.float64)[0]
+    assert torch.equal(y.double(), ref), (y.double() - ref).abs().max()
+
+
+@gpu
+@pytest.mark.gpu
+def test_gpu_auto_op_matches_reference():
+    """What auto calls for this backend (CUDA op or reference, per the cost model) gives the
+    reference's result for a small (CUDA) and a large (reference) forward."""
+    for shape in ((64, 96, 16, 6, 3, 40), (1152, 4608, 96, 32, 64, 256)):
+        args, grad_y = make_problem(*shape, dtype=torch.bfloat16, device="cuda", seed=3)
+        n_in, n_out, n_t, k, b, t = shape
+        assert cuda_backend.auto_shape_ok(b * t, b, n_in, n_out, n_t, k, "forward") == (shape[0] == 64)
+        y, _ = cuda_backend.AUTO_OP(*[args[k] for k in ORDER])
+        lowp = reference(args, grad_y, torch.bfloat16)[0]
+        oracle = reference(args, grad_y, torch.float32)[0]
+        err, base = (y.float() - oracle).abs().max().item(), (lowp.float() - oracle).abs().max().item()
+        assert err <= 2 * base + ATOL_FLOOR[torch.bfloat16] * max(1.0, oracle.abs().max().item()), shape
 
 
 @gpu

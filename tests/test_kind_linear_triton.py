@@ -13,6 +13,8 @@ capture of forward+backward, determinism.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -35,14 +37,25 @@ ARGS = ("x", "w_g", "bias", "u_t", "sigma_t", "v_t", "idx", "val", "labels")
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
+def _cannot_run(why: str):
+    """Skip, or fail where the interpreter tests must run (CI: scripts/test.sh sets
+    KIND_FAST_REQUIRE_INTERPRETER=1, so a broken Triton/numpy pair is red, not 84 skips)."""
+    if os.environ.get("KIND_FAST_REQUIRE_INTERPRETER") == "1":
+        pytest.fail(f"KIND_FAST_REQUIRE_INTERPRETER=1 but the interpreter tests cannot run: {why}", pytrace=False)
+    pytest.skip(why)
+
+
 @pytest.fixture
 def interpreter(monkeypatch):
     """Run the Triton backend's kernels on the CPU interpreter for this test."""
-    pytest.importorskip("triton")
+    try:
+        import triton  # noqa: F401
+    except ImportError as e:
+        _cannot_run(f"triton is not installed ({e})")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     why = _interpreter_broken()
     if why:
-        pytest.skip(why)
+        _cannot_run(why)
     yield
 
 
@@ -122,7 +135,7 @@ def run(inp, backend, grads, g):
         y = naive_kind_linear(*args_of(full))
     else:
         with kf.use_backend(backend):
-            y = kind_linear(*args_of(full))
+            y = kind_linear(*args_of(full), rows_per_sample=full["x"].shape[0] // full["labels"].shape[0])
     if leaves:
         y.backward(g.to(y.dtype))
     return y, {n: leaves[n].grad for n in leaves}
@@ -270,8 +283,12 @@ def test_layer_on_triton_backend(interpreter):
             y.float().square().mean().backward()
         outs[backend] = (y.float(), layer.u_t.grad.float(), layer.v_t.grad.float(), layer.sigma_t.grad.float())
         assert layer.u_g.grad is None and layer.bias.grad is None
-    for a, b in zip(outs["torch"], outs["triton"]):
-        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
+    for name, a, b in zip(("y", "du_t", "dv_t", "dsigma_t"), outs["torch"], outs["triton"]):
+        # tolerances relative to the tensor's own scale (gradients here peak at 3e-3..2e-2):
+        # an all-zero or a 10 %-off gradient must fail
+        scale = a.abs().max().item()
+        assert scale > 0, name
+        torch.testing.assert_close(b, a, rtol=2e-2, atol=2e-2 * scale, msg=lambda m, n=name: f"{n}: {m}")
 
 
 @pytest.mark.parametrize("case", ["k_zero_tailors", "k_above_max"])
@@ -345,7 +362,8 @@ def run_m2(inp, backend, g):
         y = naive_kind_linear(full["x"], w_g, *[full[n] for n in ARGS[2:]])
     else:
         with kf.use_backend(backend):
-            y = kind_linear_factored(*[full[n] for n in M2_ARGS])
+            y = kind_linear_factored(*[full[n] for n in M2_ARGS],
+                                     rows_per_sample=full["x"].shape[0] // full["labels"].shape[0])
     y.backward(g.to(y.dtype))
     return y, {n: leaves[n].grad for n in leaves}
 

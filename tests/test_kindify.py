@@ -9,6 +9,7 @@ from torch import nn
 import kind_fast as kf
 from kind_fast.dit import DiT
 from kind_fast.kindify import SplitLinear, kindify
+from kind_fast.testing import routed_labels
 
 
 def dense_dit(num_classes=6):
@@ -28,14 +29,21 @@ def inputs(b=3, classes=6):
 
 
 @pytest.mark.parametrize("split_qkv", [False, True])
-def test_dit_layout_exact_with_all_on_gate(split_qkv):
+@pytest.mark.parametrize("targets", [None, ["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"]])
+def test_dit_layout_exact_with_all_on_gate(split_qkv, targets):
     m = dense_dit()
     x, t, y = inputs()
     ref = m(x, t, y)
-    kindify(m, gate=kf.ClassGate.all_on(6, 8), split_qkv=split_qkv)
+    kindify(m, gate=kf.ClassGate.all_on(6, 8), split_qkv=split_qkv, target_modules=targets)
     assert isinstance(m.kind_gate, kf.ClassGate)
-    qkv = m.blocks[0].attn.qkv
-    assert isinstance(qkv, SplitLinear if split_qkv else kf.FastKindLinear)
+    attn = m.blocks[0].attn
+    if targets is None:  # kind_fast's own DiT becomes a native KIND-DiT (q, k, v when split)
+        assert m.kind is not None and m.kind.qkv == ("split" if split_qkv else "fused")
+        assert getattr(m, "_kind_fast_hook", None) is None, "DiT.forward routes labels itself"
+        assert isinstance(attn.q if split_qkv else attn.qkv, kf.FastKindLinear)
+    else:  # the generic path: module names kept, labels routed by the hook
+        assert m.kind is None and m._kind_fast_hook is not None
+        assert isinstance(attn.qkv, SplitLinear if split_qkv else kf.FastKindLinear)
     n_kind = sum(isinstance(mod, kf.FastKindLinear) for mod in m.modules())
     assert n_kind == 2 * (6 if split_qkv else 4)
     assert isinstance(m.blocks[0].adaLN_modulation[-1], nn.Linear), "adaLN stays dense"
@@ -47,8 +55,10 @@ def test_block_gate_routes_labels():
     m = dense_dit()
     x, t, _ = inputs(2)
     kindify(m, gate=kf.ClassGate.block(6, 8, 4))
-    a = m(x, t, torch.tensor([0, 0]))
-    assert torch.equal(m.kind_gate.labels, torch.tensor([0, 0]))
+    with routed_labels(m) as seen:
+        a = m(x, t, torch.tensor([0, 0]))
+    assert seen and all(torch.equal(s, torch.tensor([0, 0])) for s in seen)
+    assert m.kind_gate.labels is None, "the hook clears the routed labels after the forward"
     b = m(x, t, torch.tensor([1, 1]))
     assert not torch.allclose(a, b)
     # the gate (not only the label embedding) shapes the output: switching class 0's tailors

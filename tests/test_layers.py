@@ -118,19 +118,76 @@ def test_reset_tailors_keeps_learngenes_and_sets_gate():
         layer.reset_tailors(ClassGate.block(3, 10, 5))
 
 
-def test_learngene_weight_cache_invalidated_by_updates():
+def test_learngene_weight_cache_only_inside_a_scope():
     layer, _ = _layer()
     layer.freeze_learngenes()
-    w1 = layer.learngene_weight()
-    assert layer.learngene_weight() is w1, "cached while frozen"
+    assert layer.learngene_weight() is not layer.learngene_weight(), "no cache outside a scope"
+    with kf.weight_cache():
+        w1 = layer.learngene_weight()
+        assert layer.learngene_weight() is w1, "cached while frozen"
+        with torch.no_grad():
+            layer.sigma_g.mul_(2.0)  # like an optimizer step or a load: the version counter moves
+        w2 = layer.learngene_weight()
+        assert w2 is not w1
+        torch.testing.assert_close(w2, 2 * w1)
+        layer.freeze_learngenes(False)
+        w3 = layer.learngene_weight()
+        assert w3.requires_grad and w3 is not w2, "trainable learngenes are rebuilt with a graph"
+    assert layer._wg_cache is None, "leaving the scope drops the cache"
+
+
+def _ema_style_write(params, values):
+    """What diffusers' EMAModel.copy_to / restore do: writes through .data, which leave the
+    parameters' version counters unchanged."""
+    torch._foreach_copy_([p.data for p in params], [v.data for v in values])
+
+
+def test_writes_through_data_never_leave_a_stale_learngene_weight():
+    from kind_fast.dit import DiT, KindConfig
+
+    torch.manual_seed(0)
+    m = DiT(input_size=8, patch_size=2, in_channels=2, hidden_size=32, depth=1, num_heads=2, num_classes=3,
+            kind=KindConfig(tailor_rank=8, active=2)).set_mode("transfer").eval()
+    x, t, y = torch.randn(2, 2, 8, 8), torch.tensor([5, 500]), torch.tensor([0, 2])
+    params = list(m.parameters())
+    shadow = [p.detach() + 0.05 * torch.randn_like(p) for p in params]  # "EMA" weights
+    saved = [p.detach().clone() for p in params]
+
+    def reference():  # a fresh model with the current weights: no cache anywhere
+        fresh = DiT(**m.arch, kind=m.kind).eval()
+        fresh.load_state_dict(m.state_dict())
+        return fresh(x, t, y)
+
     with torch.no_grad():
-        layer.sigma_g.mul_(2.0)  # like an optimizer step or a load
-    w2 = layer.learngene_weight()
-    assert w2 is not w1
-    torch.testing.assert_close(w2, 2 * w1)
-    layer.freeze_learngenes(False)
-    w3 = layer.learngene_weight()
-    assert w3.requires_grad and w3 is not w2, "trainable learngenes are rebuilt with a graph"
+        before = m(x, t, y)
+        _ema_style_write(params, shadow)  # swap the EMA weights in
+        torch.testing.assert_close(m(x, t, y), reference(), rtol=0, atol=0)
+        assert (m(x, t, y) - before).abs().max() > 1e-3
+        _ema_style_write(params, saved)  # and back
+        torch.testing.assert_close(m(x, t, y), before, rtol=0, atol=0)
+        with kf.weight_cache():  # inside a scope: invalidate() after a .data write
+            m(x, t, y)
+            _ema_style_write(params, shadow)
+            kf.caching.invalidate()
+            torch.testing.assert_close(m(x, t, y), reference(), rtol=0, atol=0)
+        _ema_style_write(params, saved)  # between scopes: nothing carried over
+        with kf.weight_cache():
+            torch.testing.assert_close(m(x, t, y), before, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("scoped", [False, True])
+def test_inference_mode_forward_then_a_training_step(scoped):
+    layer, _ = _layer()
+    layer.freeze_learngenes()
+    x, labels = torch.randn(2, 5, 40), torch.tensor([0, 3])
+    ctx = kf.weight_cache() if scoped else torch.enable_grad()
+    with ctx:
+        with torch.inference_mode():
+            y_inf = layer(x, labels=labels)
+        y = layer(x, labels=labels)  # a training step right after: W_G must not be an inference tensor
+        y.square().sum().backward()
+    torch.testing.assert_close(y.detach(), y_inf)
+    assert layer.u_t.grad is not None and layer.u_t.grad.abs().sum() > 0
 
 
 def test_pretrain_grads_reach_learngenes():
@@ -186,3 +243,44 @@ def test_gate_not_registered_as_submodule():
     layer, gate = _layer()
     assert not any(isinstance(m, ClassGate) for m in layer.modules())
     assert all(not k.startswith("gate") for k in layer.state_dict())
+
+
+def test_labels_must_be_a_tensor_and_rows_are_never_regrouped():
+    layer, gate = _layer(n_in=12)
+    x = torch.randn(2, 3, 5, 12)
+    for bad in ([0, 1], 3, (0, 1)):
+        with pytest.raises(TypeError, match="labels must be a torch.Tensor"):
+            layer(x, labels=bad)
+    y = layer(x, labels=torch.tensor([0, 1]))  # (B, ..., in): sample b owns x[b]
+    torch.testing.assert_close(y, layer(x.view(2, 15, 12), labels=torch.tensor([0, 1])).view(2, 3, 5, 56))
+    with pytest.raises(ValueError, match=r"x has shape \(2, 3, 5, 12\) but labels has 3 entries"):
+        layer(x, labels=torch.tensor([0, 1, 2]))
+    with pytest.raises(ValueError, match=r"x has shape \(4, 12\) but labels has 2 entries"):
+        layer(torch.randn(4, 12), labels=torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match=r"labels out of range.*expected \[0, 5\]"):
+        layer(x, labels=torch.tensor([0, 6]))
+
+
+@pytest.mark.slow
+def test_out_of_range_labels_under_torch_compile_name_the_range():
+    layer, _ = _layer(n_in=12)
+    layer.freeze_learngenes().eval()
+    fn = torch.compile(lambda x, labels: layer(x, labels=labels), fullgraph=True)
+    x = torch.randn(2, 3, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(fn(x, torch.tensor([0, 5])), layer(x, labels=torch.tensor([0, 5])))
+        with pytest.raises(RuntimeError, match=r"labels out of range: expected class ids in \[0, 5\]"):
+            fn(x, torch.tensor([0, 6]))
+
+
+def test_training_scope_caches_only_while_every_learngene_is_frozen():
+    from kind_fast.dit import DiT, KindConfig
+
+    m = DiT(input_size=8, patch_size=2, in_channels=2, hidden_size=32, depth=1, num_heads=2, num_classes=3,
+            kind=KindConfig(tailor_rank=8, active=2))
+    layer = m.blocks[0].mlp.fc1
+    for mode, cached in (("transfer", True), ("pretrain", False)):
+        m.set_mode(mode)
+        with kf.caching.training_scope(m), torch.no_grad():
+            assert kf.caching.enabled() is cached
+            assert (layer.learngene_weight() is layer.learngene_weight()) is cached

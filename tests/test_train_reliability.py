@@ -332,11 +332,16 @@ def test_kill_loop_never_leaves_an_accepted_partial_checkpoint(tmp_path):
     rng = random.Random(1)
     hits = 0
     for _ in range(4):
+        # kill at the start of the k-th checkpoint (or export) write this process makes
+        k = rng.randint(1, 4)
         p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=REPO)
-        deadline = time.monotonic() + rng.uniform(5, 20)
+        deadline = time.monotonic() + 300
+        seen: set[str] = set()
         killed_mid_write = False
         while time.monotonic() < deadline and p.poll() is None:
-            if any(".tmp-" in n for d in watched if d.is_dir() for n in os.listdir(d)):
+            temps = {n for d in watched if d.is_dir() for n in os.listdir(d) if ".tmp-" in n}
+            seen |= temps
+            if temps and len(seen) >= k:
                 killed_mid_write = True
                 break
         p.send_signal(signal.SIGKILL)
@@ -345,6 +350,7 @@ def test_kill_loop_never_leaves_an_accepted_partial_checkpoint(tmp_path):
             hits += 1
         for _, path in ck.list_checkpoints(out):  # never a partial file under a final name
             ck.load_checkpoint(path)
+    print(f"{hits} of 4 kills landed during a write")
     assert hits >= 1, "no kill landed during a write; the test did not exercise what it should"
     r = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -355,3 +361,35 @@ def test_kill_loop_never_leaves_an_accepted_partial_checkpoint(tmp_path):
 
     load_weights(out / "model")
     load_weights(out / "ema")
+
+
+# =====================================================================================
+# Minor: sampling arguments
+# =====================================================================================
+@pytest.mark.parametrize("flags, match", [
+    (["--steps", "2000"], r"--steps must be an int in \[1, 1000\]"),
+    (["--steps", "0"], r"--steps must be an int in \[1, 1000\]"),
+    (["--cfg-scale", "nan"], "--cfg-scale must be a finite number >= 0, got nan"),
+    (["--cfg-scale", "inf"], "--cfg-scale must be a finite number"),
+    (["--eta", "-1"], "--eta must be a finite number >= 0"),
+])
+def test_sample_arguments_are_validated(tmp_path, capsys, flags, match):
+    from kind_fast.__main__ import main
+
+    (tmp_path / "ema").mkdir()
+    assert main(["sample", str(tmp_path), *flags]) == 2
+    assert __import__("re").search(match, capsys.readouterr().err)
+
+
+def test_sample_function_validates_its_arguments():
+    from kind_fast.dit import DiT, KindConfig
+    from kind_fast.train.sampling import sample
+
+    m = DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=16, depth=1, num_heads=1, num_classes=2,
+            kind=KindConfig(tailor_rank=4, active=2))
+    labels = torch.tensor([0, 1])
+    for kw, match in (({"steps": 2000}, "steps must be an int"), ({"cfg_scale": float("nan")}, "cfg_scale"),
+                      ({"steps": 2.5}, "steps must be an int")):
+        with pytest.raises(ValueError, match=match):
+            sample(m, labels, shape=(1, 8, 8), **kw)
+    assert sample(m, labels, shape=(1, 8, 8), steps=2).shape == (2, 1, 8, 8)

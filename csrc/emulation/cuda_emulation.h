@@ -20,6 +20,7 @@
 #include <condition_variable>
 #include <cstdint>
 #include <cstdio>
+#include <cstring>
 #include <exception>
 #include <functional>
 #include <memory>
@@ -121,6 +122,54 @@ inline int lane_id() {
   return static_cast<int>(t % 32);
 }
 
+// cp.async, emulated with its real ordering rules: a copy reads its source when issued but
+// writes its destination only when the issuing thread waits for its group
+// (cp_async_wait<N>), so a kernel that reads shared memory before waiting (or without the
+// __syncthreads() after the wait, when another thread issued the copy) reads stale data and
+// fails the tests. Copies still in flight when a thread returns from the kernel are an error.
+struct Vec16 {
+  alignas(16) unsigned char b[16];
+};
+
+struct PendingCopy {
+  void* dst;
+  Vec16 data;
+};
+
+struct AsyncCopies {
+  std::vector<PendingCopy> open;                  // issued since the last commit
+  std::vector<std::vector<PendingCopy>> groups;  // committed, oldest first
+  bool empty() const { return open.empty() && groups.empty(); }
+  void clear() {
+    open.clear();
+    groups.clear();
+  }
+};
+
+inline thread_local AsyncCopies async_copies;
+
+inline void cp_async_16(void* dst, const void* src, bool full) {
+  device_check(reinterpret_cast<std::uintptr_t>(dst) % 16 == 0, "cp.async destination is not 16-byte aligned");
+  device_check(reinterpret_cast<std::uintptr_t>(src) % 16 == 0, "cp.async source is not 16-byte aligned");
+  PendingCopy c{dst, {}};
+  if (full) std::memcpy(c.data.b, src, 16);  // else 16 zero bytes
+  async_copies.open.push_back(c);
+}
+
+inline void cp_async_commit() {
+  async_copies.groups.push_back(std::move(async_copies.open));
+  async_copies.open.clear();
+}
+
+template <int N>
+inline void cp_async_wait() {
+  auto& g = async_copies.groups;
+  while (static_cast<int>(g.size()) > N) {
+    for (const PendingCopy& c : g.front()) std::memcpy(c.dst, c.data.b, 16);
+    g.erase(g.begin());
+  }
+}
+
 // Runs kernel(args...) over the grid: blocks in order, each block's threads concurrently.
 // The host threads are created once per launch and step through the blocks together.
 template <typename Kernel, typename... Args>
@@ -146,7 +195,9 @@ void run(Kernel kernel, dim3 grid, dim3 block, Args... args) {
         Barrier& bar = *bars[i];
         current_barrier = &bar;
         try {
+          async_copies.clear();
           kernel(args...);
+          if (!async_copies.empty()) bar.fail("cp.async copies still in flight when the kernel returned");
           bar.exit();
         } catch (const Abort&) {
         } catch (const std::exception& e) {

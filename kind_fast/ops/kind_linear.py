@@ -1,6 +1,6 @@
 """kind_linear: the KIND linear layer as one op family.
 
-Math (DESIGN §1–2). For row m of x, belonging to sample b = m // T of class c = labels[b]:
+Math (docs/design.md §1–2). For row m of x, belonging to sample b = m // T of class c = labels[b]:
 
     y[m] = x[m] · W_Gᵀ + Σ_k  val[c, k] · σ_T[idx[c, k]] · (x[m] · v_T[idx[c, k]]) · u_T[idx[c, k]] + b
 
@@ -40,6 +40,7 @@ from torch.utils.flop_counter import register_flop_formula
 
 __all__ = [
     "kind_linear",
+    "sample_rows",
     "kind_linear_ref",
     "kind_linear_backward_ref",
     "kind_linear_flops",
@@ -371,6 +372,35 @@ def _validate(x, w_g, bias, u_t, sigma_t, v_t, idx, val, labels) -> None:
     _check(len(devs) == 1, f"all tensors must be on one device, got {sorted(map(str, devs))}")
 
 
+def sample_rows(x: Tensor, labels: Tensor, rows_per_sample: int | None = None, *, who: str = "kind_linear") -> Tensor:
+    """x as (M, in) rows grouped by sample, after checking that its layout is one of:
+
+    * (B, ..., in) with B = len(labels): x[b] holds the rows of sample b (any number of
+      middle dims; (B, in) is one row per sample);
+    * (B·T, in) rows already flattened, only with ``rows_per_sample=T`` given explicitly.
+
+    Anything else is a ValueError: a wrong label count never regroups rows silently.
+    """
+    n_b = labels.shape[0]
+    if x.dim() < 2:
+        raise ValueError(f"{who}: x must be (B, ..., in_features) with B = len(labels) = {n_b}, "
+                         f"got shape {tuple(x.shape)}")
+    if rows_per_sample is None:
+        if x.shape[0] != n_b:
+            raise ValueError(
+                f"{who}: x has shape {tuple(x.shape)} but labels has {n_b} entries: x must be (B, ..., in_features) "
+                f"with B = len(labels), x[b] holding the rows of sample b"
+                + (" (rows flattened to (B·T, in): call kind_linear with rows_per_sample=T)" if x.dim() == 2 else ""))
+    else:
+        if isinstance(rows_per_sample, bool) or not isinstance(rows_per_sample, int) or rows_per_sample < 1:
+            raise ValueError(f"{who}: rows_per_sample must be an int >= 1, got {rows_per_sample!r}")
+        if x.dim() != 2 or x.shape[0] != n_b * rows_per_sample:
+            raise ValueError(
+                f"{who}: with rows_per_sample={rows_per_sample} x must be ({n_b}·{rows_per_sample}, in_features) "
+                f"= ({n_b * rows_per_sample}, {x.shape[-1]}), got shape {tuple(x.shape)}")
+    return x.reshape(-1, x.shape[-1])
+
+
 def kind_linear(
     x: Tensor,
     w_g: Tensor,
@@ -381,11 +411,14 @@ def kind_linear(
     idx: Tensor,
     val: Tensor,
     labels: Tensor,
+    *,
+    rows_per_sample: int | None = None,
 ) -> Tensor:
     """Class-gated KIND linear layer.
 
     Args:
-        x: (B, T, in), (B, in) or (M, in) with M = B·T rows grouped by sample.
+        x: (B, ..., in) with x[b] the rows of sample b: (B, T, in) tokens, (B, in) one row per
+            sample. Rows already flattened to (B·T, in) only with ``rows_per_sample=T``.
         w_g: (out, in) materialised learngene weight, x's dtype.
         bias: (out,) or None, x's dtype.
         u_t: (N_T, out) tailor output vectors, component-major; x's dtype.
@@ -394,6 +427,7 @@ def kind_linear(
         idx: (C+1, K) int32 active tailor ids per class (last row: null class).
         val: (C+1, K) float gate values (0 in padding slots).
         labels: (B,) int class id of each sample, in [0, C].
+        rows_per_sample: T, for x given as flattened (B·T, in) rows (see ``sample_rows``).
 
     Returns:
         y with x's leading shape and out features, in x's dtype.
@@ -414,16 +448,9 @@ def kind_linear(
 
     check_labels(labels, idx.shape[0] - 1)
     lead = x.shape[:-1]
-    n_b = labels.shape[0]
-    if x.dim() == 3:
-        _check(x.shape[0] == n_b, f"x is (B, T, in) with B={x.shape[0]} but labels has {n_b} entries")
-    x2 = x.reshape(-1, x.shape[-1])
-    m = x2.shape[0]
-    if m == 0:
+    x2 = sample_rows(x, labels, rows_per_sample)
+    if x2.shape[0] == 0:
         return F.linear(x, w_g, bias)
-    _check(n_b > 0, "labels is empty but x has rows")
-    _check(m % n_b == 0,
-           f"x has {m} rows, not a multiple of the {n_b} samples in labels (rows must be grouped by sample)")
     acc = acc_dtype(x2.dtype)
     from kind_fast.backends import resolve_op
 

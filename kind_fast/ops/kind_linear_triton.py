@@ -342,7 +342,7 @@ FACTORED_OP = torch.ops.kind_fast.kind_linear_factored_triton
 
 def kind_linear_factored(
     x: Tensor, u_g: Tensor, sigma_g: Tensor, v_g: Tensor, bias: Tensor | None, u_t: Tensor,
-    sigma_t: Tensor, v_t: Tensor, idx: Tensor, val: Tensor, labels: Tensor,
+    sigma_t: Tensor, v_t: Tensor, idx: Tensor, val: Tensor, labels: Tensor, *, rows_per_sample: int | None = None,
 ) -> Tensor:
     """KIND layer from its components without materialising W_G (path M2 on the Triton backend).
 
@@ -374,10 +374,10 @@ def kind_linear_factored(
     if resolve_backend(x.device, dt) != "triton" or not 0 < n_g + k <= MAX_ACTIVE:
         with torch.autocast(dev_type, enabled=False):
             w_g = ((u_g.t().to(acc) * sigma_g.to(acc)) @ v_g.to(acc)).to(dt)
-        return kind_linear(x, w_g, bias, u_t, sigma_t, v_t, idx, val, labels)
+        return kind_linear(x, w_g, bias, u_t, sigma_t, v_t, idx, val, labels, rows_per_sample=rows_per_sample)
     # kind_linear's own checks, on a 0-byte stand-in for W_G
     from kind_fast.gate import check_labels
-    from kind_fast.ops.kind_linear import _validate
+    from kind_fast.ops.kind_linear import _validate, sample_rows
 
     _validate(x, x.new_empty(()).expand(u_t.shape[-1], x.shape[-1]), bias, u_t, sigma_t, v_t, idx, val, labels)
     if u_g.dtype != dt or v_g.dtype != dt:
@@ -390,9 +390,12 @@ def kind_linear_factored(
         sigma = torch.cat([sigma_g.to(acc), sigma_t.to(acc)])
         ids = torch.cat([torch.arange(n_g, device=idx.device, dtype=idx.dtype).expand(c1, n_g), idx + n_g], 1)
         vals = torch.cat([torch.ones((c1, n_g), device=val.device, dtype=acc), val.to(acc)], 1)
-        x2 = x.reshape(-1, x.shape[-1])
-        if labels.shape[0] == 0 or x2.shape[0] % labels.shape[0]:
-            raise ValueError(f"x has {x2.shape[0]} rows, not a multiple of the {labels.shape[0]} samples "
-                             "in labels (rows must be grouped by sample)")
+        x2 = sample_rows(x, labels, rows_per_sample, who="kind_linear_factored")
+        if x2.shape[0] == 0:
+            return x.new_zeros((*x.shape[:-1], u.shape[1]))
         y, _ = FACTORED_OP(x2.contiguous(), bias, u, sigma, v, ids.contiguous(), vals, labels)
     return y.view(*x.shape[:-1], u.shape[1])
+
+
+# Path M3 (merged per-class weights, segmented GEMM): kind_fast/ops/kind_linear_merged_triton.py
+from kind_fast.ops.kind_linear_merged_triton import MERGED_GEMM_OP, MERGED_OP  # noqa: E402, F401

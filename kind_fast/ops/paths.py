@@ -1,31 +1,51 @@
 """The kind_linear op family's execution paths, behind one entry point (docs/design.md §2).
 
-A KIND layer y = x·W_cᵀ + b, W_c = W_G + U_Tᵀ diag(σ_T ⊙ g_c) V_T (c: the sample's class), can
-run along several exact paths. Which one is cheapest depends on the shape, on whether gradients
-are needed, on how many classes the batch holds and on what the backend implements:
+A KIND layer y = x·W_cᵀ + b, W_c = W_G + U_Tᵀ diag(σ_T ⊙ g_c) V_T (c: the sample's class), runs
+along several exact paths. Which one is cheapest depends on the shape, on whether gradients are
+needed, on how many classes the batch holds and on what the backend implements:
 
-    M0  the reference: kind_fast::kind_linear on the torch backend (W_G materialised, gathered
-        tailor term in batched GEMMs). Any device and dtype.
+    M0  the reference op kind_fast::kind_linear on the torch backend: W_G materialised, the
+        gathered tailor term in batched GEMMs. Any device and dtype.
     M1  W_G materialised once per step, then ONE fused kind_linear op (Triton/CUDA backends):
         x·W_Gᵀ plus the gathered gated tailor term, the shrink in the same pass over x.
     M2  fully factored (Triton): the learngenes become N_G always-on slots of the fused kernel,
         no W_G, no dense GEMM. Wins when N_G + K << min(in, out).
+    M3  merged per-class weights W_c for the S distinct classes of the batch, then a segmented
+        GEMM (kind_fast/ops/kind_linear_merged.py): a dense layer's cost when the weights are
+        cached, as in sampling (CFG: {c, null}). Differentiable (autograd through the merge).
+    M4  tiny layers on the CPU: the layer as a handful of plain PyTorch ops under autograd,
+        every tailor through a dense per-sample gate (N_T/K more tailor FLOPs, but no custom-op
+        dispatch, gathers or scatters), for shapes where per-call overhead, not FLOPs, dominates.
 
-``choose_path`` is the cost model (shapes only, never a host sync); ``kind_linear_layer`` is
-the entry point FastKindLinear calls; it asks the cost model and runs the chosen path.
-Backends are reached through the registry (kind_fast.backends), never imported here: the
-registry → backend modules → kind_fast.ops.kind_linear is the only direction of imports.
+``choose_path`` is the cost model: an estimated time per path, FLOPs / throughput + eager op
+launches × their overhead (per-device constants measured on the CPU, see COSTS), minimised over
+the paths that can run the call. It reads shapes only, never tensor values. ``kind_linear_layer``
+is the entry point FastKindLinear calls. Backends are reached through the registry
+(kind_fast.backends), never imported here.
+
+Caching (M3): the caller passes a ``MergedWeightCache`` and a token function; merged weights
+are built once per (class set, parameter version) and reused. In eval calls M3 runs only on
+cached weights: a class set is cached when the caller declares it (``classes=``, e.g. the
+sampler through ``ClassGate.serving``) or on its second use with unchanged parameters. Under a
+Python dispatch mode (FlopCounterMode, fake tensors) or torch.compile nothing is cached and the
+op paths M0/M1/M2 run, so FLOP counts follow the op's convention (docs/flops.md).
+FastKindLinear passes its cache only inside a ``kind_fast.weight_cache()`` scope (the sampler
+opens one), so merged weights, like W_G, can never outlive a write the token cannot see.
+
+Which classes a batch holds: ``classes=`` (declared; labels outside them are an error, checked
+on the host for CPU labels and asynchronously on CUDA), else read from CPU labels (free; once per
+labels tensor), else, for CUDA labels, all C+1 classes when they fit in the cache.
 
 ``KIND_FAST_DEBUG=1`` logs each new (shape, path) decision to stderr once; ``python -m
 kind_fast.info`` prints the decisions for the DiT-XL/2 layers; ``force_path("M1")`` pins a path
 (benchmarks, tests; a path that cannot run the call raises).
 
-Entry point signature (FastKindLinear passes its parameters; other modules may call it too)::
+Entry point (FastKindLinear passes its parameters; DiT.export or other modules may call it)::
 
     kind_linear_layer(x, labels, *, u_g, sigma_g, v_g, bias, u_t, sigma_t, v_t, idx, val,
-                      w_g=None) -> y
+                      w_g=None, merged=None, token=None, classes=None, training_module=None) -> y
 
-    x        (B, T, in), (B, in) or (M, in), rows grouped by sample; the autocast dtype (when
+    x        (B, ..., in) with x[b] the rows of sample b (kind_linear.sample_rows); the autocast dtype (when
              autocast is on) or the parameters' dtype
     labels   (B,) int class ids in [0, C] (C = null class), on x's device
     u_g, sigma_g, v_g  learngenes (N_G, out), (N_G,), (N_G, in)
@@ -33,24 +53,38 @@ Entry point signature (FastKindLinear passes its parameters; other modules may c
     idx, val the compiled gate, (C+1, K) int32 / float32 (ClassGate.compiled)
     w_g      W_G (out, in) in x's dtype, or a callable dtype -> W_G (the layer's cached
              ``learngene_weight``), or None (built here from the learngenes)
+    merged   a kind_fast.merged_cache.MergedWeightCache (None: M3 only uncached, in training)
+    token    () -> a token of every tensor the merged weights depend on (merged_cache.tokens)
+    classes  declared class ids of this call's labels (a sampling loop), or None
+    training_module  the module's ``training`` flag (None: treated as eval when no grad is
+             needed); M3 in eval requires it False or ``classes`` declared
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
-from collections.abc import Callable, Iterator
+import weakref
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from kind_fast.ops.kind_linear import acc_dtype, kind_linear, kind_linear_flops
+from kind_fast._tracing import under_dispatch_mode
+from kind_fast.ops.kind_linear import _validate, acc_dtype, kind_linear, kind_linear_flops, tailor_plan
+from kind_fast.ops.kind_linear_merged import (
+    kind_linear_merged_gemm,
+    kind_linear_merged_gemm_ref,
+    merge_weights,
+)
 
-__all__ = ["PATHS", "PathChoice", "choose_path", "kind_linear_layer", "force_path", "forced_path"]
+__all__ = ["PATHS", "PathChoice", "DeviceCosts", "COSTS", "choose_path", "path_costs", "kind_linear_layer",
+           "kind_linear_eager", "force_path", "forced_path", "distinct_classes"]
 
-PATHS = ("M0", "M1", "M2")
+PATHS = ("M0", "M1", "M2", "M3", "M4")
 # Largest N_G + K the Triton backend's fused kernel takes for M2 (its BM×KP shrink accumulator
 # lives in registers); the backend module's own MAX_ACTIVE is read when it is loaded.
 _DEFAULT_MAX_ACTIVE = 128
@@ -58,63 +92,163 @@ _DEFAULT_MAX_ACTIVE = 128
 
 @dataclass(frozen=True)
 class PathChoice:
-    path: str            # "M0", "M1" or "M2"
+    path: str            # "M0" … "M4"
     reason: str
     flop_ratio: float    # the chosen path's forward FLOPs / dense F.linear FLOPs of the same shape
-    would_prefer: str    # the path the FLOP model picks if every path were implemented everywhere
+    would_prefer: str    # the path with the fewest FLOPs if every path ran everywhere
     backend: str = "triton"
 
 
-def choose_path(
+@dataclass(frozen=True)
+class DeviceCosts:
+    """The time model's constants for one device type: time ≈ FLOPs / flops_per_s +
+    eager op launches × op_s + registered-op (Python custom op) calls × custom_op_s."""
+    flops_per_s: float
+    op_s: float
+    custom_op_s: float
+
+
+# "cpu": the reference on the CPU, fitted to the layer timings in bench/results/cpu_paths.md
+# (2-core VM, one thread, torch 2.13; shared with other jobs while measured). "cuda": the fused
+# backends (also under Triton's CPU interpreter, a test vehicle for GPU kernels): no launch
+# overhead is modelled, since none was measured on a GPU, so M1, M2 and M3 are chosen by FLOPs
+# there, as before; CUDA graphs take the launches off the sampling loop.
+COSTS = {
+    "cpu": DeviceCosts(flops_per_s=7.5e10, op_s=1.8e-5, custom_op_s=1.1e-4),
+    "cuda": DeviceCosts(flops_per_s=4.0e14, op_s=0.0, custom_op_s=0.0),
+}
+
+
+def path_costs(
     rows: int, n_in: int, n_out: int, active: int, tailor_rank: int, *,
-    learngene_rank: int | None = None, distinct_classes: int | None = None, training: bool = True,
-    backend: str = "triton", max_active: int = _DEFAULT_MAX_ACTIVE,
+    learngene_rank: int | None = None, samples: int | None = None, distinct_classes: int | None = None,
+    training: bool = True, learngene_grad: bool = False, merged_cached: bool = False,
+    backend: str = "triton", device_type: str = "cuda",
+) -> dict[str, tuple[float, float, float]]:
+    """path -> (estimated seconds, forward FLOPs, forward + backward FLOPs) for every path the
+    shape could take (before asking what the backend implements; see the module docstring)."""
+    c = COSTS["cpu"] if (device_type == "cpu" and backend == "torch") else COSTS["cuda"]
+    m, i, o, k, nt = rows, n_in, n_out, active, tailor_rank
+    b = samples if samples else max(m, 1)
+    dense = 2 * m * i * o
+    # when the learngenes train: dW_G = gᵀx, and W_G is materialised (and differentiated) per
+    # step, 2·N_G·in·out forward + twice that backward; every path but M2 pays it
+    lg = dense if (training and learngene_grad) else 0
+    if training and learngene_grad and learngene_rank:
+        lg += 6 * learngene_rank * i * o
+
+    def t(flops, ops, custom):
+        return flops / c.flops_per_s + ops * c.op_s + custom * c.custom_op_s
+
+    out = {}
+    # M0 / M1: the kind_linear op (the reference's "row" plan multiplies all N_T tailors)
+    ke = nt if tailor_plan(m, b, k, nt) == "row" else k
+    f0 = kind_linear_flops(m, i, o, ke)
+    b0 = (dense + 4 * m * ke * (i + o) + lg) if training else 0
+    lg_ops = 6 if lg else 0
+    out["M0"] = (t(f0 + b0, 10 + lg_ops + (16 if training else 0), 1 + training), kind_linear_flops(m, i, o, k),
+                 f0 + b0)
+    f1 = kind_linear_flops(m, i, o, k)
+    b1 = (dense + 4 * m * k * (i + o) + lg) if training else 0
+    out["M1"] = (t(f1 + b1, 3 + lg_ops + (7 if training else 0), 1 + training), f1, f1 + b1)
+    if learngene_rank is not None:
+        r = learngene_rank + k
+        f2 = 2 * m * r * (i + o)
+        f2_all = f2 * (3 if training else 1)
+        out["M2"] = (t(f2_all, 8 + (8 if training else 0), 1 + training), f2, f2_all)
+    if distinct_classes is not None and distinct_classes > 0:
+        s = distinct_classes
+        # the reference GEMM reads slots on the host on the CPU (one GEMM per slot); elsewhere it
+        # multiplies every slot's weight; the fused backends have segmented kernels
+        factor = 1 if (backend == "triton" or device_type == "cpu") else s
+        merge = 0 if (merged_cached and not training) else 2 * s * k * i * o
+        f3 = dense * factor + merge
+        b3 = (2 * dense * factor + 2 * merge + lg - (dense if lg else 0)) if training else 0
+        host = backend == "torch" and device_type == "cpu"  # the reference's loop over slots
+        ops3 = ((2 + 3 * s) if host else 2) + (0 if merge == 0 else 6) + \
+            (((8 + 6 * s) if host else 4) if training else 0)
+        out["M3"] = (t(f3 + b3, ops3, 1 + training if backend != "torch" else 0), f3, f3 + b3)
+    f4 = dense + 2 * m * nt * (i + o)
+    b4 = (dense + 4 * m * nt * (i + o) + lg) if training else 0
+    out["M4"] = (t(f4 + b4, 12 + lg_ops + (14 if training else 0), 0), f4, f4 + b4)
+    return out
+
+
+def _choose_path(
+    rows: int, n_in: int, n_out: int, active: int, tailor_rank: int, *,
+    learngene_rank: int | None = None, samples: int | None = None, distinct_classes: int | None = None,
+    training: bool = True, learngene_grad: bool = False, merged_cached: bool = False,
+    backend: str = "triton", device_type: str | None = None, max_active: int = _DEFAULT_MAX_ACTIVE,
+    allow: Sequence[str] | None = None,
 ) -> PathChoice:
     """Which path runs one layer call, and why. Shapes only (no tensor is read).
 
     Args:
         rows: M = B·T rows; n_in, n_out: the layer's features; active: K (gate slots);
-        tailor_rank: N_T; learngene_rank: N_G (None: unknown, M2 not considered);
-        distinct_classes: classes in the batch when known on the host (None: unknown);
-        training: gradients are needed; backend: the resolved backend ("torch", "triton",
-        "cuda"); max_active: the Triton kernel's largest slot count.
+        tailor_rank: N_T; learngene_rank: N_G (None: M2 not considered); samples: B;
+        distinct_classes: S, classes in the batch when known on the host (None: M3 not
+        considered); training: gradients are needed; learngene_grad: W_G's factors train;
+        merged_cached: the S merged weights are cached (eval M3 pays no merge);
+        backend: the resolved backend ("torch", "triton", "cuda"); device_type: "cpu" or
+        "cuda" (default: "cuda" for fused backends, else "cpu"); max_active: the Triton
+        kernel's largest slot count; allow: restrict the candidates (a tuple; the entry
+        point's rules). Results are memoised (arguments are plain values).
 
-    FLOPs per path (forward; the backward scales alike), K active tailors:
-        M1  2·M·in·out + 2·M·K·(in + out)               (+ W_G materialised once by the layer)
-        M2  2·M·(N_G + K)·(in + out)                    wins when N_G + K < ~0.5·min(in, out)
-        M3  2·M·in·out + 2·C_b·K·in·out (merge C_b per-class weights; sampling): wins when the
-            merge is cheaper than the tailor term, C_b·in·out < M·(in + out)
+    Forward FLOPs per path, K active tailors (backward: see ``path_costs``):
+        M0/M1  2·M·in·out + 2·M·K·(in + out)        (M0's "row" plan: N_T instead of K)
+        M2     2·M·(N_G + K)·(in + out)             wins when N_G + K < ~0.5·min(in, out)
+        M3     2·M·in·out (+ 2·S·K·in·out to merge when not cached)
+        M4     2·M·in·out + 2·M·N_T·(in + out)      no custom op: wins on tiny CPU layers
     """
-    dense = 2 * rows * n_in * n_out
-    m1 = kind_linear_flops(rows, n_in, n_out, active)
-    ratio = m1 / max(dense, 1)
-    prefer = "M1"
-    m2_flops = None
-    if learngene_rank is not None:
-        m2_flops = 2 * rows * (learngene_rank + active) * (n_in + n_out)
-        if m2_flops < dense:
-            prefer = "M2"
-    if (not training and distinct_classes is not None
-            and distinct_classes * n_in * n_out < rows * (n_in + n_out)):
-        prefer = "M3"
-    base = "M1" if backend in ("triton", "cuda") else "M0"
-    if (prefer == "M2" and backend == "triton" and rows > 0
-            and 0 < learngene_rank + active <= max_active):
-        return PathChoice("M2", f"fully factored, no W_G: N_G + K = {learngene_rank + active} slots "
-                          "in the fused kernel (kind_linear_factored)", m2_flops / max(dense, 1), "M2", backend)
+    device_type = device_type or ("cuda" if backend in ("triton", "cuda") else "cpu")
+    costs = path_costs(rows, n_in, n_out, active, tailor_rank, learngene_rank=learngene_rank, samples=samples,
+                       distinct_classes=distinct_classes, training=training, learngene_grad=learngene_grad,
+                       merged_cached=merged_cached, backend=backend, device_type=device_type)
+    dense = max(2 * rows * n_in * n_out, 1)
+    flop_best = {p: c[2] for p, c in costs.items() if p != "M0" and p != "M4"}
+    prefer = min(flop_best, key=lambda p: (flop_best[p], p))
     if active == 0 or tailor_rank == 0 or rows == 0:
-        return PathChoice("M0", "no active tailors: one F.linear", ratio, "M0", backend)
-    if base == "M1" and backend == "triton" and active > max_active:
-        return PathChoice("M0", f"K={active} active tailors > {max_active}: reference", ratio, prefer, backend)
-    reason = ("fused GEMM + gathered tailor term, shrink in the same K-loop" if base == "M1"
-              else "reference: x·W_Gᵀ + gathered tailor term in batched GEMMs")
-    if prefer == "M2":
-        reason += (f" (M2 would be cheaper by the FLOP model but N_G + K > {max_active})"
-                   if backend == "triton" else " (M2 would be cheaper by the FLOP model; only the Triton "
-                   "backend has it)")
-    elif prefer == "M3":
-        reason += " (M3 would be cheaper by the FLOP model but is not implemented)"
-    return PathChoice(base, reason, ratio, prefer, backend)
+        return PathChoice("M0", "no active tailors: one F.linear", 1.0, "M0", backend)
+    fused = backend in ("triton", "cuda")
+    can = {"M1" if fused else "M0"}
+    why_not = {}
+    if "M2" in costs:
+        if backend != "triton":
+            why_not["M2"] = "only the Triton backend has it"
+        elif not 0 < learngene_rank + active <= max_active:
+            why_not["M2"] = f"N_G + K = {learngene_rank + active} > {max_active}"
+        else:
+            can.add("M2")
+    if "M3" in costs:
+        can.add("M3")
+    if device_type == "cpu" and backend == "torch":
+        can.add("M4")
+    if backend == "triton" and active > max_active:
+        can.discard("M1")
+        can.add("M0")
+        why_not["M1"] = f"K={active} active tailors > {max_active}"
+    if allow is not None:
+        can = (can & set(allow)) or {"M1" if fused and "M1" in can else "M0"}
+    path = min(can, key=lambda p: (costs[p][0], p))
+    est = costs[path][0]
+    reasons = {
+        "M0": "reference: x·W_Gᵀ + gathered tailor term in batched GEMMs",
+        "M1": "fused GEMM + gathered tailor term, shrink in the same K-loop",
+        "M2": f"fully factored, no W_G: N_G + K = {(learngene_rank or 0) + active} slots in the fused kernel",
+        "M3": f"{distinct_classes} merged class weight(s) "
+              f"({'cached' if merged_cached and not training else 'merged now'}) + segmented GEMM",
+        "M4": "tiny layer: plain autograd ops, all N_T tailors under a dense per-sample gate",
+    }
+    # the time estimate is shown where its constants were measured (the CPU), not on CUDA
+    reason = f"{reasons[path]}; est. {est * 1e6:.0f} us" if device_type == "cpu" else reasons[path]
+    if prefer != path and prefer not in can and prefer in why_not:
+        reason += f" ({prefer} would need fewer FLOPs but {why_not[prefer]})"
+    if path == "M0" and "M1" in why_not:
+        reason = f"{why_not['M1']}: {reason}"
+    return PathChoice(path, reason, costs[path][1] / dense, prefer, backend)
+
+
+choose_path = functools.lru_cache(maxsize=4096)(_choose_path)
 
 
 # =====================================================================================
@@ -136,7 +270,8 @@ def forced_path() -> str | None:
 def force_path(path: str | None) -> Iterator[None]:
     """Pin the path of every ``kind_linear_layer`` call in the block (None: the cost model).
 
-    A pinned path that cannot run a call (e.g. M2 off the Triton backend) raises there.
+    A pinned path that cannot run a call (M2 off the Triton backend, M3 with unknown classes)
+    raises there.
     """
     if path is not None and path not in PATHS:
         raise ValueError(f"unknown path {path!r}; choose one of {PATHS} or None")
@@ -155,16 +290,113 @@ _LOGGED: set = set()
 
 
 def _debug_log(choice: PathChoice, rows: int, n_in: int, n_out: int, k: int, n_t: int, b: int,
-               dtype: torch.dtype, training: bool) -> None:
+               dtype: torch.dtype, training: bool, classes: int | None) -> None:
     if os.environ.get("KIND_FAST_DEBUG", "0") in ("", "0"):
         return
-    key = (choice.path, choice.backend, rows, n_in, n_out, k, n_t, b, dtype, training)
+    key = (choice.path, choice.backend, rows, n_in, n_out, k, n_t, b, dtype, training, classes)
     if key in _LOGGED:
         return
     _LOGGED.add(key)
-    print(f"kind_fast path: M={rows} in={n_in} out={n_out} K={k} N_T={n_t} B={b} {dtype} "
+    print(f"kind_fast path: M={rows} in={n_in} out={n_out} K={k} N_T={n_t} B={b} classes={classes} {dtype} "
           f"{'train' if training else 'eval'} backend={choice.backend} -> {choice.path} ({choice.reason})",
           file=sys.stderr)
+
+
+# =====================================================================================
+# The classes of CPU labels and their samples (read on the host: free there), once per tensor
+# =====================================================================================
+_LAST_PLAN: list = [None, None, None]  # [weakref to labels, its _version, (classes, rows)]
+
+
+def host_plan(labels: Tensor) -> tuple[tuple[int, ...], dict] | None:
+    """(sorted distinct classes, {class: its samples as a slice (one run) or an index tensor})
+    of CPU ``labels``; None for other devices, inference tensors, under torch.compile or a
+    dispatch mode. Every layer of a model sees the same labels tensor, so the answer for the
+    last one is kept."""
+    if (labels.device.type != "cpu" or torch.compiler.is_compiling() or labels.is_inference()
+            or under_dispatch_mode()):
+        return None
+    ref, version, plan = _LAST_PLAN
+    if ref is not None and ref() is labels and version == labels._version:
+        return plan
+    lab = labels.long()
+    classes = tuple(torch.unique(lab).tolist())
+    rows = {}
+    for c in classes:
+        where = (lab == c).nonzero().flatten()
+        lo, hi = int(where[0]), int(where[-1]) + 1
+        rows[c] = slice(lo, hi) if hi - lo == where.numel() else where
+    plan = (classes, rows)
+    _LAST_PLAN[:] = [weakref.ref(labels), labels._version, plan]
+    return plan
+
+
+def distinct_classes(labels: Tensor) -> tuple[int, ...] | None:
+    """Sorted distinct class ids of CPU ``labels`` (see ``host_plan``), else None."""
+    plan = host_plan(labels)
+    return None if plan is None else plan[0]
+
+
+# =====================================================================================
+# Path M4: tiny layers as plain autograd ops
+# =====================================================================================
+class _TinyKindLinear(torch.autograd.Function):
+    """y = x·W_Gᵀ + b + ((x·V_Tᵀ) ⊙ s_b)·U_T on 2-D x (M, in) with per-sample tailor scales s
+    (B, N_T). Six GEMMs for forward + backward (nn.Linear: three): the dense and shrink GEMMs
+    share one pass over x ([W_G; V_T]), dx = [g | dh]·[W_G; V_T] is one GEMM; dW_G only when
+    asked for (pretraining)."""
+
+    @staticmethod
+    def forward(ctx, x, w_g, bias, u_t, v_t, s):
+        m, n_out, n_t = x.shape[0], w_g.shape[0], v_t.shape[0]
+        b = s.shape[0]
+        wv = torch.cat([w_g, v_t])                                                   # (out + N_T, in)
+        yh = x @ wv.t()                                                              # (M, out + N_T)
+        h = yh[:, n_out:]
+        hs = (h.reshape(b, m // b, n_t).to(s.dtype) * s[:, None, :]).to(x.dtype).view(m, n_t)
+        y = torch.addmm(yh[:, :n_out], hs, u_t)
+        if bias is not None:
+            y += bias
+        ctx.save_for_backward(x, wv, u_t, s, h, hs)
+        ctx.has_bias = bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        x, wv, u_t, s, h, hs = ctx.saved_tensors
+        need_x, need_w, need_b, need_u, need_v, need_s = ctx.needs_input_grad
+        m, n_t = h.shape
+        b = s.shape[0]
+        dx = dw = db = du = dv = ds = None
+        dhs = g @ u_t.t() if (need_x or need_v or need_s) else None                 # (M, N_T)
+        if need_u:
+            du = hs.t() @ g
+        if need_x or need_v:
+            dh = (dhs.view(b, m // b, n_t).to(s.dtype) * s[:, None, :]).to(g.dtype).view(m, n_t)
+            if need_x:
+                dx = torch.cat([g, dh], 1) @ wv
+            if need_v:
+                dv = dh.t() @ x
+        if need_s:
+            ds = (dhs.to(s.dtype) * h.to(s.dtype)).view(b, m // b, n_t).sum(1)
+        if need_w:
+            dw = g.t() @ x
+        if need_b and ctx.has_bias:
+            db = g.sum(0)
+        return dx, dw, db, du, dv, ds
+
+
+def kind_linear_eager(x: Tensor, w_g: Tensor, bias: Tensor | None, u_t: Tensor, sigma_t: Tensor, v_t: Tensor,
+                      idx: Tensor, val: Tensor, labels: Tensor) -> Tensor:
+    """Path M4 on 2-D x (M, in): y = x·W_Gᵀ + ((x·V_Tᵀ) ⊙ S[labels])·U_T + b with the dense gate
+    S = σ_T ⊙ G (C+1, N_T), G scattered from (idx, val). Exact: tailors a class does not use get
+    gate 0. Gradients: dx, dW_G, db, dU_T, dV_T from ``_TinyKindLinear``; dσ_T and dval by
+    autograd through S."""
+    acc = acc_dtype(x.dtype)
+    gate = torch.zeros(idx.shape[0], u_t.shape[0], dtype=acc, device=x.device).scatter_add(
+        1, idx.long(), val.to(acc))
+    s = (gate * sigma_t.to(acc)).index_select(0, labels.long())                  # (B, N_T)
+    return _TinyKindLinear.apply(x, w_g, bias, u_t, v_t, s)
 
 
 # =====================================================================================
@@ -182,15 +414,37 @@ def _learngene_weight(u_g: Tensor, sigma_g: Tensor, v_g: Tensor, dtype: torch.dt
         return ((u_g.t().to(acc) * sigma_g.to(acc)) @ v_g.to(acc)).to(dtype)
 
 
+def _check_served(labels: Tensor, classes: tuple[int, ...], served_from_labels: bool) -> None:
+    """Labels must lie in the declared classes: read on the host for CPU labels, asserted
+    asynchronously on CUDA (outside graph capture), never a silent wrong answer."""
+    if served_from_labels or labels.numel() == 0:
+        return
+    if labels.device.type == "cpu":
+        present = distinct_classes(labels)
+        if present is None:
+            present = tuple(torch.unique(labels).tolist())
+        extra = sorted(set(present) - set(classes))
+        if extra:
+            raise ValueError(f"labels hold classes {extra} outside the declared served classes {list(classes)} "
+                             "(ClassGate.serving / classes=)")
+    elif labels.device.type == "cuda" and not torch.cuda.is_current_stream_capturing():
+        allowed = torch.zeros(int(max(classes)) + 2, dtype=torch.bool, device=labels.device)
+        allowed[list(classes)] = True
+        torch._assert_async(allowed[labels.long().clamp(0, allowed.numel() - 1)].all(),
+                            "labels outside the declared served classes (ClassGate.serving)")
+
+
 def kind_linear_layer(
     x: Tensor, labels: Tensor, *, u_g: Tensor, sigma_g: Tensor, v_g: Tensor, bias: Tensor | None,
     u_t: Tensor, sigma_t: Tensor, v_t: Tensor, idx: Tensor, val: Tensor,
     w_g: Tensor | Callable[[torch.dtype], Tensor] | None = None,
+    merged=None, token: Callable[[], tuple | None] | None = None,
+    classes: Sequence[int] | None = None, training_module: bool | None = None,
 ) -> Tensor:
     """A KIND layer's forward along the path ``choose_path`` picks (see the module docstring).
 
     Every path gives the same result up to rounding and the same gradients (autograd reaches
-    every component, ``val`` included). Validation is the ops' own (kind_linear's checks).
+    every component, ``val`` included).
     """
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
@@ -202,21 +456,60 @@ def kind_linear_layer(
     n_in, n_out = v_t.shape[-1], u_t.shape[-1]
     rows = x.numel() // max(n_in, 1)
     k = idx.shape[1] if isinstance(idx, Tensor) and idx.dim() == 2 else 0
+    n_b = labels.shape[0] if isinstance(labels, Tensor) and labels.dim() == 1 else 0
     n_g = u_g.shape[0]
-    training = torch.is_grad_enabled() and any(
-        isinstance(t, Tensor) and t.requires_grad for t in (x, u_g, sigma_g, v_g, bias, u_t, sigma_t, v_t, val))
+    grad = torch.is_grad_enabled()
+    training = grad and any(isinstance(t, Tensor) and t.requires_grad
+                            for t in (x, u_g, sigma_g, v_g, bias, u_t, sigma_t, v_t, val))
+    learngene_grad = training and any(t.requires_grad for t in (u_g, sigma_g, v_g))
     max_active = _DEFAULT_MAX_ACTIVE
     if backend == "triton":
         max_active = getattr(_backend_module("triton")[0], "MAX_ACTIVE", _DEFAULT_MAX_ACTIVE)
-    choice = choose_path(rows, n_in, n_out, k, u_t.shape[0], learngene_rank=n_g, training=training,
-                         backend=backend, max_active=max_active)
+
+    # ---- which paths may run this call (the rules in the module docstring)
+    plain = not torch.compiler.is_compiling() and not under_dispatch_mode()
+    allow = ["M0", "M1", "M2"]
+    served, declared = None, False
+    if isinstance(labels, Tensor) and n_b and plain:
+        if classes is not None:
+            served, declared = tuple(sorted({int(c) for c in classes})), True
+        else:
+            served = distinct_classes(labels)
+            if served is None and merged is not None and not training and merged.fits(idx.shape[0]):
+                served = tuple(range(idx.shape[0]))  # CUDA labels: every class, when they all fit
+        if dev_type == "cpu" and backend == "torch":
+            allow.append("M4")
+    key = tok = hit = None
+    cached = False
+    if served is not None and declared and not all(isinstance(c, int) and 0 <= c < idx.shape[0] for c in served):
+        raise ValueError(f"declared classes {list(served)} must be class ids in [0, {idx.shape[0] - 1}]")
+    if served is not None:
+        if training:
+            allow.append("M3")  # differentiable merge, never cached
+        elif merged is not None and (training_module is False or declared):
+            key = (served, dt, x.device)
+            tok = token() if token is not None else None
+            hit = merged.get(key, tok)
+            cached = hit is not None or merged.admit(key, tok, declared)
+            if cached:
+                allow.append("M3")
     forced = _FORCED.path
+    # under torch.compile the memo is bypassed (dynamo traces the plain function; the choice
+    # becomes part of the graph's guards through the shapes)
+    choose = _choose_path if torch.compiler.is_compiling() else choose_path
+    choice = choose(rows, n_in, n_out, k, u_t.shape[0], learngene_rank=n_g, samples=n_b or None,
+                    distinct_classes=len(served) if served is not None else None, training=training,
+                    learngene_grad=learngene_grad, merged_cached=cached, backend=backend,
+                    device_type=dev_type, max_active=max_active,
+                    allow=tuple(allow) if forced is None else None)
     path = choice.path if forced is None else forced
     if forced is not None and forced != choice.path:
         choice = PathChoice(forced, "pinned by force_path", choice.flop_ratio, choice.would_prefer, backend)
-    if not torch.compiler.is_compiling():
-        _debug_log(choice, rows, n_in, n_out, k, u_t.shape[0], labels.shape[0] if isinstance(labels, Tensor)
-                   and labels.dim() else 0, dt, training)
+    if plain:
+        _debug_log(choice, rows, n_in, n_out, k, u_t.shape[0], n_b, dt, training,
+                   len(served) if served is not None else None)
+
+    # ---- run it
     if path == "M2":
         if backend != "triton":
             raise RuntimeError(f"path M2 runs on the Triton backend only (resolved backend: {backend})")
@@ -228,10 +521,65 @@ def kind_linear_layer(
         with use_backend("torch"):
             return kind_linear_layer(x, labels, u_g=u_g, sigma_g=sigma_g, v_g=v_g, bias=bias, u_t=u_t,
                                      sigma_t=sigma_t, v_t=v_t, idx=idx, val=val, w_g=w_g)
+    if path in ("M0", "M1"):
+        return kind_linear(x, _resolve_w_g(w_g, u_g, sigma_g, v_g, dt), bias, u_t, sigma_t, v_t, idx, val, labels)
+    # M3 / M4: the ops' own validation first (kind_linear's checks), then autocast casts. An M3
+    # call on cached weights needs no W_G: a 0-byte stand-in carries its shape to the checks.
+    w = x.new_empty(()).expand(n_out, n_in) if (path == "M3" and hit is not None) else \
+        _resolve_w_g(w_g, u_g, sigma_g, v_g, dt)
+    if torch.is_autocast_enabled(dev_type) and x.is_floating_point():
+        x, w, u_t, v_t = (t.to(dt) for t in (x, w, u_t, v_t))
+        bias = bias.to(dt) if bias is not None else None
+    _validate(x, w, bias, u_t, sigma_t, v_t, idx, val, labels)
+    from kind_fast.gate import check_labels
+
+    check_labels(labels, idx.shape[0] - 1)
+    lead = x.shape[:-1]
+    if x.dim() == 3 and x.shape[0] != n_b:
+        raise ValueError(f"x is (B, T, in) with B={x.shape[0]} but labels has {n_b} entries")
+    x2 = x.reshape(-1, n_in)
+    if n_b == 0 or x2.shape[0] % n_b:
+        raise ValueError(f"x has {x2.shape[0]} rows, not a multiple of the {n_b} samples in labels "
+                         "(rows must be grouped by sample)")
+    with torch.autocast(dev_type, enabled=False):
+        if path == "M4":
+            y = kind_linear_eager(x2, w, bias, u_t, sigma_t, v_t, idx, val, labels)
+        else:
+            y = _run_merged(x2, labels, w, bias, u_t, sigma_t, v_t, idx, val, served, declared, training,
+                            backend, merged, key, tok, hit)
+    return y.view(*lead, n_out)
+
+
+def _resolve_w_g(w_g, u_g, sigma_g, v_g, dt) -> Tensor:
     if w_g is None:
-        w = _learngene_weight(u_g, sigma_g, v_g, dt)
-    elif callable(w_g) and not isinstance(w_g, Tensor):
-        w = w_g(dt)
+        return _learngene_weight(u_g, sigma_g, v_g, dt)
+    if callable(w_g) and not isinstance(w_g, Tensor):
+        return w_g(dt)
+    return w_g
+
+
+def _run_merged(x2, labels, w, bias, u_t, sigma_t, v_t, idx, val, served, declared, training, backend,
+                merged, key, tok, hit) -> Tensor:
+    """Path M3: merged weights (cached in eval, merged under autograd in training), slot table,
+    segmented GEMM."""
+    if served is None:
+        raise RuntimeError("path M3 needs the batch's classes: declare them (ClassGate.serving) or pass "
+                           "CPU labels")
+    _check_served(labels, served, served_from_labels=not declared)
+    if hit is not None:
+        weights, class_slot = hit
     else:
-        w = w_g
-    return kind_linear(x, w, bias, u_t, sigma_t, v_t, idx, val, labels)
+        weights = merge_weights(w, u_t, sigma_t, v_t, idx, val, served, dtype=x2.dtype)
+        class_slot = torch.full((idx.shape[0],), -1, dtype=torch.int32)
+        class_slot[list(served)] = torch.arange(len(served), dtype=torch.int32)
+        class_slot = class_slot.to(labels.device)
+        if merged is not None and key is not None and not training and tok is not None:
+            merged.put(key, tok, weights, class_slot)
+    plan = host_plan(labels) if x2.device.type == "cpu" and backend == "torch" else None
+    if plan is not None:
+        # the reference directly (plain ops, autograd-aware), samples grouped on the host once
+        # per labels tensor: no custom-op dispatch and no host read per call
+        slot_of = {c: i for i, c in enumerate(served)}
+        segments = [(slot_of[c], plan[1][c]) for c in plan[0]]
+        return kind_linear_merged_gemm_ref(x2, weights, bias, labels, segments=segments)
+    return kind_linear_merged_gemm(x2, weights, bias, class_slot.index_select(0, labels.long()))

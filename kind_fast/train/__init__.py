@@ -1,4 +1,4 @@
-"""The KIND trainer: pretrain, transfer and the baselines through one loop (DESIGN §4).
+"""The KIND trainer: pretrain, transfer and the baselines through one loop (docs/design.md §4).
 
 * ``config``: ``RunConfig`` (defaults ← YAML/JSON file ← flags), validated.
 * ``data``: sklearn digits, ImageFolder, VAE-latent shards; a (seed, step)-determined order.

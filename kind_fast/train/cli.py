@@ -45,7 +45,9 @@ def add_run_arguments(p: argparse.ArgumentParser, mode: str) -> None:
             help_text = ("kind (default) | dense" if mode == "pretrain"
                          else "kind (default) | full | lora | svdiff | scratch")
         if name == "init" and mode == "pretrain":
-            continue
+            help_text = ("continue from existing weights: a dense DiT (.pt/.safetensors, diffusers folder, "
+                         "kind_fast run) converted to KIND by exact SVD, or a KIND save (kind-fast convert); "
+                         "its architecture replaces model.*")
         p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None, help=help_text)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key, e.g. --set optim.ema_decay=0.999 (repeatable)")
@@ -173,7 +175,7 @@ def evaluate_digits(trainer, per_class: int) -> dict:
 # kind-fast sample
 # =====================================================================================
 def add_sample_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("weights", help="a run folder (uses its ema/ or model/) or a weights folder")
+    p.add_argument("weights", help="a run folder (uses its ema/ or model/), a weights folder or an export folder")
     p.add_argument("--which", choices=("ema", "model"), default="ema", help="weights of a run folder")
     p.add_argument("--out", default=None, help="PNG path (default: <run>/samples/sample_grid.png)")
     p.add_argument("--classes", default=None, help="class ids of the model to sample (default: all)")
@@ -188,6 +190,10 @@ def add_sample_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--npz", action="store_true", help="also write samples.npz (uint8 NHWC, ADM evaluator layout)")
     p.add_argument("--vae", default=None, help="latent models: a local diffusers AutoencoderKL folder to decode with")
     p.add_argument("--latent-scale", type=float, default=0.18215, help="latent scale factor used at encoding")
+    p.add_argument("--no-merged", action="store_true",
+                   help="KIND layers keep path M1 instead of merged per-class weights (path M3)")
+    p.add_argument("--cuda-graphs", choices=("auto", "on", "off"), default="auto",
+                   help="capture each sampling step's model call in a CUDA graph (auto: on CUDA devices)")
 
 
 def run_sample(args: argparse.Namespace) -> int:
@@ -196,21 +202,33 @@ def run_sample(args: argparse.Namespace) -> int:
 
     from kind_fast.train.distributed import resolve_device
     from kind_fast.train.models import SPEC_FILE, load_weights
-    from kind_fast.train.sampling import sample, save_grid, to_uint8
+    from kind_fast.train.sampling import check_sampling_args, sample, save_grid, to_uint8
 
     try:
         src = Path(args.weights)
         wdir = src
-        if not ((src / SPEC_FILE).is_file() or (src / "kind_config.json").is_file()):
+        export = (src / "export_config.json").is_file()  # a kind-fast export folder
+        if not (export or (src / SPEC_FILE).is_file() or (src / "kind_config.json").is_file()):
             wdir = src / args.which
         if not wdir.is_dir():
             raise FileNotFoundError(f"{src}: not a weights folder and it has no {args.which}/ folder")
-        if args.n_per_class < 1 or args.steps < 1 or args.batch_size < 1:
-            raise ValueError("--n-per-class, --steps and --batch-size must be >= 1")
+        if args.n_per_class < 1 or args.batch_size < 1:
+            raise ValueError("--n-per-class and --batch-size must be >= 1")
+        check_sampling_args(args.steps, args.cfg_scale, args.eta, names=("--steps", "--cfg-scale", "--eta"))
         device = resolve_device(args.device)
-        model = load_weights(wdir).to(device).eval()
+        if args.cuda_graphs == "on" and device.type != "cuda":
+            raise ValueError(f"--cuda-graphs on needs a CUDA device, got {device}")
+        if export:
+            from kind_fast.export_io import load_export
+
+            model = load_export(wdir, map_location=device)
+            served = getattr(model, "classes", None) or getattr(model, "export_classes", None)
+        else:
+            model = load_weights(wdir).to(device).eval()
+            served = None
         n = model.num_classes
-        classes = parse_int_list(args.classes, "--classes") if args.classes else list(range(n))
+        default = served or list(range(n))
+        classes = parse_int_list(args.classes, "--classes") if args.classes else default
         bad = [c for c in classes if not 0 <= c < n]
         if bad:
             raise ValueError(f"--classes {bad} out of range: the model has classes 0..{n - 1}")
@@ -223,7 +241,8 @@ def run_sample(args: argparse.Namespace) -> int:
     images = sample(model, labels, shape=shape, sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale,
                     eta=args.eta, seed=args.seed, device=device, batch_size=args.batch_size,
                     clip_denoised=args.vae is None and shape[0] in (1, 3),
-                    autocast_dtype=torch.bfloat16 if device.type == "cuda" else None)
+                    autocast_dtype=torch.bfloat16 if device.type == "cuda" else None, merged=not args.no_merged,
+                    cuda_graphs={"auto": None, "on": True, "off": False}[args.cuda_graphs])
     if args.vae:
         images = decode_latents(images, args.vae, args.latent_scale, device)
     out = Path(args.out) if args.out else (wdir.parent / "samples" / "sample_grid.png")

@@ -53,7 +53,7 @@ class ModelConfig:
     mlp_ratio: float = 4.0
     learn_sigma: bool = True
     class_dropout: float = 0.1
-    # KIND decomposition (DESIGN §1 defaults are 96 / 32; these suit the tiny default model)
+    # KIND decomposition (docs/design.md §1 defaults are 96 / 32; these suit the tiny default model)
     tailor_rank: int = 16
     active: int = 4
     gate: str = "block"  # block | random_k | all_on

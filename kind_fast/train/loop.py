@@ -1,6 +1,6 @@
 """The training loop shared by KIND pretraining, KIND transfer and every baseline.
 
-One step (DiT's recipe, DESIGN §4):
+One step (DiT's recipe, docs/design.md §4):
 
 1. the step's global batch of data indices and, from a CPU generator seeded by (seed, step),
    timesteps t ~ U{0..999}, noise ε, label-dropout flags (probability ``model.class_dropout``)
@@ -40,6 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from kind_fast.atomic import remove_stale_temps_under
+from kind_fast.caching import training_scope
 from kind_fast.diffusion import GaussianDiffusion
 from kind_fast.train import checkpoint as ck
 from kind_fast.train.config import RunConfig
@@ -325,6 +326,13 @@ class Trainer:
         barrier(self.env)
         return path
 
+    def weight_cache_scope(self):
+        """``kind_fast.weight_cache()`` (W_G reused across steps) while every learngene is
+        frozen: the trainer then writes the live model only through the optimizer, which does
+        not hold them. Whoever writes learngenes of the live model through ``.data`` inside
+        ``train()`` must call ``kind_fast.caching.invalidate()``. A no-op scope otherwise."""
+        return training_scope(unwrap(self.ddp))
+
     # ------------------------------------------------------------------ non-finite guard
     def _last_good(self) -> str:
         last = ck.list_checkpoints(self.out) if self.env.is_main else []
@@ -408,19 +416,20 @@ class Trainer:
         t_win = time.perf_counter()
         stream = batch_stream(self.data, self.sampler, self.step, stop, self.env.rank,
                               self.env.world_size, cfg.data.workers)
-        try:
-            for x, y in stream:
-                pending.append(self.train_step(x, y))
-                if self.step % cfg.log_every == 0 or self.step == stop:
-                    t_win = self._flush(pending, t_win, bar)
-                    pending = []
-                if cfg.ckpt_every and self.step % cfg.ckpt_every == 0 and self.step < cfg.steps:
-                    self.save_checkpoint()
+        with self.weight_cache_scope():
+            try:
+                for x, y in stream:
+                    pending.append(self.train_step(x, y))
+                    if self.step % cfg.log_every == 0 or self.step == stop:
+                        t_win = self._flush(pending, t_win, bar)
+                        pending = []
+                    if cfg.ckpt_every and self.step % cfg.ckpt_every == 0 and self.step < cfg.steps:
+                        self.save_checkpoint()
+                    if bar is not None:
+                        bar.update(1)
+            finally:
                 if bar is not None:
-                    bar.update(1)
-        finally:
-            if bar is not None:
-                bar.close()
+                    bar.close()
         if pending:
             self._flush(pending, t_win, bar)
         if self.step == cfg.steps and stop == cfg.steps and self._saved_step != self.step:
@@ -455,14 +464,23 @@ class Trainer:
 
     # ------------------------------------------------------------------ outputs
     def export(self) -> dict[str, Path]:
-        """Write ``<out>/model`` and ``<out>/ema`` (rank 0); returns their paths."""
+        """Write ``<out>/model`` and ``<out>/ema`` (rank 0), and for a KIND transfer the EMA
+        weights' task folder ``<out>/task`` (``kind_fast.tasks``); returns their paths."""
         self.check_finite_state("exporting the weights")
         state = self.full_model_state()
         ema = self.full_ema_state()
         paths = {}
         if self.env.is_main:
             paths["model"] = save_weights(model_from_state(self.spec, state), self.spec, self.out / "model")
-            paths["ema"] = save_weights(model_from_state(self.spec, {**state, **ema}), self.spec, self.out / "ema")
+            ema_model = model_from_state(self.spec, {**state, **ema})
+            paths["ema"] = save_weights(ema_model, self.spec, self.out / "ema")
+            if self.spec["mode"] == "transfer" and self.spec["method"] == "kind":
+                from kind_fast.tasks import save_task  # the task alone, beside its base (docs/design.md §7)
+                from kind_fast.train.models import resolve_init
+
+                base = resolve_init(self.cfg.method.init, self.cfg.method.init_weights)
+                paths["task"] = save_task(ema_model, self.out / "task", name=self.out.name, overwrite=True,
+                                          base_source=str(base))
         barrier(self.env)
         return paths
 
@@ -494,12 +512,13 @@ class Trainer:
             x, y = _stack([self.data[i] for i in idx.tolist()])
         model = unwrap(self.ddp)
         model.train()
-        with torch.no_grad():  # warm the learngene cache as a step after the first would find it
-            self._forward_loss(model, x, y, self.step)
-        with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
-            terms = self._forward_loss(model, x, y, self.step)
-            fwd = fc.get_total_flops()
-            terms["loss"].backward()
+        with self.weight_cache_scope():
+            with torch.no_grad():  # warm the learngene cache as a step after the first would find it
+                self._forward_loss(model, x, y, self.step)
+            with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
+                terms = self._forward_loss(model, x, y, self.step)
+                fwd = fc.get_total_flops()
+                terms["loss"].backward()
         total = fc.get_total_flops()
         self.opt.zero_grad(set_to_none=True)
         n = x.shape[0]

@@ -5,14 +5,21 @@ Methods (all trained by the same loop):
 ==================  ===================================================================
 pretrain/kind       KIND-DiT, every component trainable; the class gate diverts tailors.
 pretrain/dense      a plain DiT (fused qkv), all trainable: the dense reference.
+pretrain + init     ``--init SRC`` continues from existing weights: a dense DiT (facebookresearch
+                    ``.pt``, diffusers folder, kind_fast dense save) is converted by exact SVD
+                    (``kind_fast.dit.kindify_dit``) with the run's KIND settings; a KIND save (e.g. from
+                    ``kind-fast convert``) is loaded as it is. The init's architecture wins over
+                    ``model.*``; a different class count gets a fresh label table and gate.
 transfer/kind       KIND transfer: learngenes only are loaded (``load_learngenes``), fresh
                     tailors, gate and label table (``DiT.prepare_transfer``); trainable:
                     tailors, label table, final layer (learngenes frozen by default).
 transfer/full       full fine-tuning of the dense DiT that the pretrained KIND model exports
                     with ``to_dense()`` (learngenes only: the knowledge KIND transfer keeps),
                     new label table (``retarget``), everything trainable.
-transfer/lora       that dense DiT, frozen, LoRA on the block linears (``apply_lora``), plus
-                    the label table and final layer.
+transfer/lora       that dense DiT, frozen, PEFT LoRA on the block linears (``apply_lora``: a
+                    ``peft.PeftModel``), plus the label table and final layer (PEFT's
+                    ``modules_to_save``). Its weights folders also hold ``adapter/`` (PEFT's
+                    adapter folder); ``load_weights`` gives the PeftModel (``merge_and_unload()``).
 transfer/svdiff     that dense DiT, frozen, SVDiff spectral shifts on the block linears
                     (``apply_svdiff``), plus the label table and final layer.
 transfer/scratch    a fresh dense DiT of the pretrained architecture, all trainable.
@@ -102,13 +109,81 @@ def init_info(init_dir: Path) -> dict:
     model = cfg.get("model") or {}
     if not isinstance(model, dict) or model.get("class") != "kind_fast.dit.DiT":
         raise ValueError(f"{init_dir} does not hold a kind_fast.dit.DiT save")
+    if cfg.get("kindify") and not model.get("kind"):
+        raise ValueError(f"{init_dir} holds a DiT kindified with custom target_modules (a partial KIND model); "
+                         "the trainer needs a KIND-DiT: kindify with the default targets, or kind_fast.dit.from_dense")
     return {"arch": model["arch"], "kind": model.get("kind"), "method": "kind"}
+
+
+def _is_kind_fast_folder(path: Path, which: str) -> bool:
+    return any((c / "kind_config.json").is_file() or (c / SPEC_FILE).is_file() for c in (path, path / which))
+
+
+def _pretrain_init_spec(cfg: RunConfig, num_classes: int, sample_shape) -> dict:
+    """arch / kind of ``pretrain --init``: from the init (dense or KIND), classes from the data."""
+    from kind_fast.dit import load_dense
+
+    me = cfg.method
+    src = Path(me.init)
+    if not src.exists():
+        raise FileNotFoundError(f"method.init {src} does not exist")
+    info = None
+    if src.is_dir() and _is_kind_fast_folder(src, me.init_weights):
+        info = init_info(resolve_init(src, me.init_weights))
+        if info.get("method") not in (None, "kind", "dense", "full", "scratch"):
+            raise ValueError(f"{src} holds a {info['method']} baseline, not a DiT to continue pretraining")
+    if info is not None and info["kind"]:
+        if me.name == "dense":
+            raise ValueError(f"{src} is a KIND-DiT; continue it with --method kind (dense would drop the tailors)")
+        kind = dict(info["kind"])
+        if kind.get("gate") == "custom":
+            raise ValueError(f"{src} has an explicitly given (custom) gate, which a run config cannot describe; "
+                             "continue it with your own loop (kind_fast.serialization.load_pretrained)")
+        arch, init_kind = dict(info["arch"]), True
+    else:
+        arch = dict(info["arch"]) if info is not None else dict(load_dense(src, which=me.init_weights).arch)
+        kind = _kind_from_config(cfg, arch["hidden_size"]) if me.name == "kind" else None
+        init_kind = False
+    if (arch["in_channels"], arch["input_size"], arch["input_size"]) != tuple(sample_shape):
+        raise ValueError(f"the init model takes {arch['in_channels']}×{arch['input_size']}×{arch['input_size']} "
+                         f"inputs but the data is {'×'.join(map(str, sample_shape))}")
+    spec = {"init_classes": arch["num_classes"], "init_is_kind": init_kind}
+    arch["num_classes"] = num_classes
+    arch["class_dropout_prob"] = cfg.model.class_dropout
+    spec["arch"], spec["kind"] = arch, kind
+    return spec
+
+
+def _pretrain_init_model(cfg: RunConfig, spec: dict) -> nn.Module:
+    """The model of ``pretrain --init``: the init's weights as a KIND-DiT (or dense DiT)."""
+    from kind_fast.dit import kindify_dit, load_dense
+
+    me = cfg.method
+    src = Path(me.init)
+    if spec["init_is_kind"] or (src.is_dir() and _is_kind_fast_folder(src, me.init_weights)):
+        model = load_weights(resolve_init(me.init, me.init_weights))  # a kind_fast save (KIND or dense)
+    else:
+        model = load_dense(me.init, which=me.init_weights)  # a checkpoint file or a diffusers model
+    if not spec["init_is_kind"]:
+        if not isinstance(model, DiT) or model.kind is not None:
+            raise ValueError(f"{src}: expected a dense DiT, got a {type(model).__name__}")
+        model = model.eval()
+        if spec["kind"]:
+            model = kindify_dit(model, KindConfig(**spec["kind"]))  # exact float64 SVD of every block linear
+    model.y_embedder.dropout_prob = spec["arch"]["class_dropout_prob"]
+    model.arch["class_dropout_prob"] = spec["arch"]["class_dropout_prob"]
+    if spec["arch"]["num_classes"] != spec["init_classes"]:
+        model.retarget(spec["arch"]["num_classes"])  # a fresh label table (and gate) for the data's classes
+    return model.train().set_mode("pretrain")
 
 
 def make_spec(cfg: RunConfig, num_classes: int, sample_shape) -> dict:
     """The model spec of a run (reads the init save's architecture for transfer)."""
     me = cfg.method
     spec: dict = {"mode": cfg.mode, "method": me.name}
+    if cfg.mode == "pretrain" and me.init:
+        spec.update(_pretrain_init_spec(cfg, num_classes, sample_shape))
+        return spec
     if cfg.mode == "pretrain":
         arch = _arch_from_config(cfg, num_classes, sample_shape)
         spec["arch"] = arch
@@ -125,8 +200,11 @@ def make_spec(cfg: RunConfig, num_classes: int, sample_shape) -> dict:
         arch["num_classes"] = num_classes
         if me.name == "kind" and not info["kind"]:
             raise ValueError(f"method kind needs a KIND pretrained model; {me.init} is a dense DiT "
-                             "(use method full, lora, svdiff or scratch)")
+                             "(use method full, lora, svdiff or scratch, or convert it first: kind-fast convert)")
         kind = info["kind"]
+        if kind and kind.get("gate") == "custom":  # an explicit gate (kindify): the run's gate settings
+            m = cfg.model
+            kind = dict(kind, gate=m.gate, active=m.active, null=m.null)
     else:  # scratch without an init: the config's architecture
         arch, kind = _arch_from_config(cfg, num_classes, sample_shape), None
     spec["arch"] = arch
@@ -179,6 +257,8 @@ def build_model(cfg: RunConfig, spec: dict) -> nn.Module:
 
     torch.manual_seed(cfg.seed)
     method, arch = spec["method"], dict(spec["arch"])
+    if spec["mode"] == "pretrain" and cfg.method.init:
+        return _pretrain_init_model(cfg, spec)
     if spec["mode"] == "pretrain" or method == "scratch":
         return build_from_spec(spec)
     init = resolve_init(cfg.method.init, cfg.method.init_weights)
@@ -229,6 +309,8 @@ def save_weights(model: nn.Module, spec: dict, directory: str | os.PathLike) -> 
         full = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         name, data = DENSE_WEIGHTS, save(full, metadata={"format": "kind_fast.train"})
         atomic_write_bytes(data, directory / DENSE_WEIGHTS)
+        if spec.get("method") == "lora":  # PEFT's adapter folder: PeftModel.from_pretrained(base, <dir>/adapter)
+            model.save_pretrained(str(directory / "adapter"))
     manifest = dict(spec, files={name: file_record(data)})
     atomic_write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", directory / SPEC_FILE)
     return directory

@@ -8,6 +8,7 @@ half: class c's tailors for the first, the null row for the second) and mixes th
 
 from __future__ import annotations
 
+import math
 import os
 import struct
 import zlib
@@ -17,14 +18,17 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from kind_fast.caching import weight_cache
 from kind_fast.diffusion import GaussianDiffusion
 
 
-def cfg_model_fn(model: nn.Module, y: Tensor, cfg_scale: float, null_id: int, channels: int,
+def cfg_model_fn(model: nn.Module, y: Tensor, cfg_scale: float, null_id: int | Tensor, channels: int,
                  autocast_dtype: torch.dtype | None = None):
-    """``fn(x_t, t)`` → guided output (N, C or 2C, H, W) for labels ``y``."""
+    """``fn(x_t, t)`` → guided output (N, C or 2C, H, W) for labels ``y``; ``null_id``: the null
+    label, or one per sample (multi-task models: each sample's own task's null label)."""
     guided = cfg_scale != 1.0
-    y_both = torch.cat([y, torch.full_like(y, null_id)]) if guided else y
+    nulls = null_id.to(y.device) if isinstance(null_id, Tensor) else torch.full_like(y, null_id)
+    y_both = torch.cat([y, nulls]) if guided else y
 
     def fn(x: Tensor, t: Tensor) -> Tensor:
         xin, tin = (torch.cat([x, x]), torch.cat([t, t])) if guided else (x, t)
@@ -40,19 +44,45 @@ def cfg_model_fn(model: nn.Module, y: Tensor, cfg_scale: float, null_id: int, ch
     return fn
 
 
+def check_sampling_args(steps, cfg_scale, eta: float = 0.0, num_timesteps: int = 1000, *,
+                        names=("steps", "cfg_scale", "eta")) -> None:
+    """ValueError unless steps is an int in [1, num_timesteps] and cfg_scale, eta are finite
+    numbers >= 0 (NaN would pass a plain range check and give NaN images). ``names``: how
+    the messages call the three (the CLI's flags)."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= num_timesteps:
+        raise ValueError(f"{names[0]} must be an int in [1, {num_timesteps}] (the diffusion has "
+                         f"{num_timesteps} timesteps), got {steps!r}")
+    for name, v in ((names[1], cfg_scale), (names[2], eta)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+
+
 @torch.no_grad()
 def sample(model: nn.Module, labels: Tensor, *, shape: tuple[int, int, int], diffusion: GaussianDiffusion | None = None,
            sampler: str = "ddim", steps: int = 50, cfg_scale: float = 1.5, eta: float = 0.0, seed: int = 0,
            device: torch.device | str = "cpu", batch_size: int = 256, clip_denoised: bool = True,
-           autocast_dtype: torch.dtype | None = None, progress: bool = False) -> Tensor:
+           autocast_dtype: torch.dtype | None = None, progress: bool = False,
+           null_labels: Tensor | None = None, merged: bool = True, cuda_graphs: bool | None = None) -> Tensor:
     """Samples (N, C, H, W) float32 on the CPU for class ids ``labels`` (N,).
+
+    ``null_labels`` (N,): the label of each sample's unconditional CFG branch; default the
+    model's null class ``num_classes`` (multi-task models pass each sample's task's null).
 
     ``sampler``: ddpm (ancestral, learned variance) or ddim (η = ``eta``), on ``steps``
     respaced steps. Deterministic for a given ``seed``: noise is drawn on the CPU per chunk
     of ``batch_size`` from a generator seeded by (seed, chunk index), so results do not
     depend on the device or on other chunks.
+
+    ``merged``: declare each chunk's classes (and the null class under guidance) to the KIND
+    layers, which then run path M3 on per-class weights merged once per chunk (the cost model
+    decides per layer; same samples up to rounding). ``cuda_graphs``: capture the model call in
+    a CUDA graph per chunk (None: on for CUDA devices; see kind_fast.graphs).
     """
+    from contextlib import nullcontext
+
+    from kind_fast.graphs import graphed
     from kind_fast.train.data import derived_seed
+    from kind_fast.utils import serving
 
     if sampler not in ("ddpm", "ddim"):
         raise ValueError(f"sampler must be ddpm or ddim, got {sampler!r}")
@@ -63,25 +93,35 @@ def sample(model: nn.Module, labels: Tensor, *, shape: tuple[int, int, int], dif
     if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
         raise ValueError(f"labels must be class ids in [0, {num_classes - 1}], got "
                          f"[{int(labels.min())}, {int(labels.max())}]")
+    if null_labels is not None and (not isinstance(null_labels, Tensor) or null_labels.shape != labels.shape):
+        raise ValueError(f"null_labels must be a tensor shaped like labels {tuple(labels.shape)}")
     base = diffusion or GaussianDiffusion()
+    check_sampling_args(steps, cfg_scale, eta, base.num_timesteps)
     sched = base.respaced(steps)
     was_training = model.training
     model.eval()
     outs = []
-    try:
-        for i, start in enumerate(range(0, labels.shape[0], batch_size)):
-            y = labels[start:start + batch_size].to(device)
-            gen = torch.Generator().manual_seed(derived_seed(seed, "sample", i))
-            noise = torch.randn((y.shape[0], *shape), generator=gen).to(device)
-            fn = cfg_model_fn(model, y, cfg_scale, num_classes, shape[0], autocast_dtype)
-            if sampler == "ddpm":
-                x = sched.ddpm_sample(fn, noise, generator=gen, clip_denoised=clip_denoised, progress=progress)
-            else:
-                x = sched.ddim_sample(fn, noise, eta=eta, generator=gen, clip_denoised=clip_denoised,
-                                      progress=progress)
-            outs.append(x.float().cpu())
-    finally:
-        model.train(was_training)
+    with weight_cache():  # the weights do not change while sampling: W_G is built once per layer
+        try:
+            for i, start in enumerate(range(0, labels.shape[0], batch_size)):
+                y = labels[start:start + batch_size].to(device)
+                gen = torch.Generator().manual_seed(derived_seed(seed, "sample", i))
+                noise = torch.randn((y.shape[0], *shape), generator=gen).to(device)
+                null = num_classes if null_labels is None else null_labels[start:start + batch_size]
+                fn = graphed(cfg_model_fn(model, y, cfg_scale, null, shape[0], autocast_dtype), device, cuda_graphs)
+                classes = set(labels[start:start + batch_size].tolist())
+                if cfg_scale != 1.0:
+                    classes |= {num_classes} if null_labels is None else set(null.tolist())
+                with serving(core, classes) if merged else nullcontext():
+                    if sampler == "ddpm":
+                        x = sched.ddpm_sample(fn, noise, generator=gen, clip_denoised=clip_denoised,
+                                              progress=progress)
+                    else:
+                        x = sched.ddim_sample(fn, noise, eta=eta, generator=gen, clip_denoised=clip_denoised,
+                                              progress=progress)
+                outs.append(x.float().cpu())
+        finally:
+            model.train(was_training)
     return torch.cat(outs) if outs else torch.zeros(0, *shape)
 
 

@@ -1,0 +1,674 @@
+"""The measurements of the GPU check (bench/gpu_check.sh runs this; docs/design.md §6).
+
+Sections (each one process; every ratio is measured in that process, interleaved, as the best
+of per-round medians; GPU times with device events through ``triton.testing.do_bench``):
+
+    layers     DiT-XL/2 layer passes in bf16, K = 32 of 96 tailors, T = 256 rows per sample,
+               M = 8192 and 65536 tokens: forward (fc2 forward included), transfer fwd+bwd
+               (learngenes frozen: dX, dU_T, dV_T, dσ_T; fc1 dX included), pretrain fwd+bwd.
+               q, k, v and proj are one shape (1152 -> 1152), so one row stands for the four.
+               Implementations: F.linear / nn.Linear (the ceiling), the Triton backend, the
+               unfused reference and (on a few rows) its torch.compile.
+    steps      one DiT-XL/2 training step (forward, ε-loss, backward, AdamW; batch 32, bf16
+               autocast): full fine-tuning, KIND transfer, KIND pretrain; time and peak memory.
+    cuda       the CUDA extension's backend (csrc/): its M1 against F.linear and the reference on
+               the layer rows, and its path M3 (merged weights, cuBLAS) on CFG batches.
+    sampling   one guided DiT-XL/2 sampling evaluation (32 images of one class + their null
+               rows, bf16): dense DiT, KIND-DiT with M1 (the default backend), KIND-DiT with M3.
+
+Goals (docs/design.md §6), recorded per row as [value, target, met]:
+    forward   t / t(F.linear) <= 1.10 · (1 + K/in + K/out)
+    transfer  t / t(nn.Linear fwd+bwd) <= 0.80 (min(in, out) >= 768)
+    pretrain  t / t(nn.Linear fwd+bwd) <= 1.20
+    steps     transfer step <= 0.80 × full fine-tuning time and <= 0.75 × its peak memory;
+              pretrain step <= 1.20 × full fine-tuning
+    sampling  KIND-DiT step with M3 <= 1.05 × the dense DiT step (M1 reported beside it)
+    M3 layer  t(M3) <= 1.05 × t(F.linear)
+
+Every section stops starting new rows when ``--deadline`` (epoch seconds) is near, and records
+the rows it skipped with the reason. ``--dry-run`` runs every section on the CPU with tiny
+shapes, float32 and the reference backend (what the fused backends would run is then skipped
+with its reason): the test suite runs it so that this script is known to work before a GPU
+sees it. ``--summarize DIR`` merges DIR's section files into results.json and summary.md and
+prints the ratio table (last).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+D_XL, N_T, K_ACTIVE, CLASSES, TOKENS = 1152, 96, 32, 10, 256
+GOAL_TRANSFER, GOAL_PRETRAIN, GOAL_STEP_TIME, GOAL_STEP_MEM = 0.80, 1.20, 0.80, 0.75
+GOAL_PRETRAIN_STEP, GOAL_SAMPLING, GOAL_M3 = 1.20, 1.05, 1.05
+SECTIONS = ("layers", "steps", "cuda", "sampling")
+
+
+# =====================================================================================
+# Configuration: the real check or the CPU dry run
+# =====================================================================================
+class Config:
+    def __init__(self, dry_run: bool):
+        self.dry = dry_run
+        if dry_run:
+            self.device, self.dtype = torch.device("cpu"), torch.float32
+            self.d, self.n_t, self.k, self.tokens = 32, 8, 2, (256, 512)
+            self.rounds, self.reps = 1, 1
+            self.model, self.depth, self.input_size, self.batch = "DiT-S/2", 1, 8, 2
+            self.compile_rows = ()  # torch.compile on 2 CPU cores costs more than the whole dry run
+        else:
+            self.device, self.dtype = torch.device("cuda"), torch.bfloat16
+            self.d, self.n_t, self.k, self.tokens = D_XL, N_T, K_ACTIVE, (8192, 65536)
+            self.rounds, self.reps = 2, 5
+            self.model, self.depth, self.input_size, self.batch = "DiT-XL/2", None, 32, 32
+            # torch.compile of the reference costs a compile per row: only these rows time it
+            self.compile_rows = (("fc1", 8192, "forward"), ("fc1", 8192, "transfer"))
+        d = self.d
+        self.layers = {"q,k,v,proj": (d, d), "fc1": (d, 4 * d), "fc2": (4 * d, d)}
+        self.prefix = "DiT-XL/2" if not dry_run else "dry-run"
+
+
+def timer(cfg: Config):
+    """Seconds per call of fn (median): device events on a GPU, perf_counter on the CPU."""
+    if cfg.device.type == "cuda":
+        from triton.testing import do_bench
+
+        return lambda fn: do_bench(fn, warmup=10, rep=40, return_mode="median") * 1e-3
+
+    def cpu(fn, reps=cfg.reps):
+        ts = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+        return statistics.median(ts)
+
+    return cpu
+
+
+def interleaved(fns: dict, time_one, rounds: int) -> dict:
+    best = {k: float("inf") for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            best[k] = min(best[k], time_one(fn))
+    return best
+
+
+def sync(cfg: Config) -> None:
+    if cfg.device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def free(cfg: Config) -> None:
+    gc.collect()
+    if cfg.device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def backend_ready(name: str, cfg: Config) -> tuple[bool, str]:
+    """(ready, why not) for a fused backend on this device and dtype."""
+    import kind_fast as kf
+
+    if cfg.device.type != "cuda":
+        return False, f"the {name} backend runs CUDA tensors only (dry run on the CPU)"
+    ok, why = kf.backends.backend_status()[name]
+    return (ok, "" if ok else why)
+
+
+class Deadline:
+    def __init__(self, deadline: float | None, name: str):
+        self.t, self.name = deadline, name
+
+    def left(self) -> float:
+        return float("inf") if self.t is None else self.t - time.time()
+
+    def over(self, need: float = 0.0) -> bool:
+        return self.left() < need
+
+
+# =====================================================================================
+# Layers
+# =====================================================================================
+def make_layer(cfg: Config, n_in: int, n_out: int, m: int, mode: str, labels=None, seed: int = 0):
+    """(layer, nn.Linear, x, labels, grad_y) for one row."""
+    import kind_fast as kf
+
+    gen = torch.Generator(device=cfg.device).manual_seed(seed)  # drawn on the device: no host copies
+    gate = kf.ClassGate.block(CLASSES, cfg.n_t, cfg.k)
+    # built on the device (its float64 SVD init too: seconds on the CPU at DiT-XL/2 widths)
+    layer = kf.FastKindLinear(n_in, n_out, tailor_rank=cfg.n_t, gate=gate, device=cfg.device,
+                              dtype=cfg.dtype).to(cfg.device)
+    lin = torch.nn.Linear(n_in, n_out, device=cfg.device, dtype=cfg.dtype)
+    b = m // TOKENS
+    x = torch.randn(b, TOKENS, n_in, generator=gen, device=cfg.device, dtype=cfg.dtype)
+    if labels is None:
+        labels = torch.randint(0, CLASSES, (b,), generator=gen, device=cfg.device)
+    labels = labels.to(cfg.device)
+    g = torch.randn(b, TOKENS, n_out, generator=gen, device=cfg.device, dtype=cfg.dtype)
+    if mode == "transfer":
+        layer.freeze_learngenes()
+    if mode in ("transfer", "pretrain"):
+        x.requires_grad_(True)
+    return layer, lin, x, labels, g
+
+
+def run_fns(cfg, layer, lin, x, labels, g, mode, impls):
+    """name -> zero-argument callable for each implementation of one row."""
+    import kind_fast as kf
+
+    def kind(backend):
+        def run():
+            with kf.use_backend(backend):
+                if mode == "forward":
+                    with torch.no_grad():
+                        return layer(x, labels=labels)
+                layer(x, labels=labels).backward(g)
+        return run
+
+    def linear():
+        if mode == "forward":
+            with torch.no_grad():
+                return lin(x)
+        lin(x).backward(g)
+
+    fns = {"linear": linear}
+    for name in impls:
+        if name == "compiled":
+            fns[name] = torch.compile(reference_step(layer, x, labels, g, mode))
+        else:
+            fns[name] = kind({"reference": "torch"}.get(name, name))
+    return fns
+
+
+def reference_step(layer, x, labels, g, mode):
+    """The reference as plain PyTorch ops (what torch.compile can see into)."""
+    from kind_fast.ops.kind_linear import kind_linear_ref
+
+    def step():
+        idx, val = layer.gate.compiled(x.device)
+        w_g = layer.learngene_weight(x.dtype)
+        y, _ = kind_linear_ref(x.reshape(-1, x.shape[-1]), w_g, layer.bias, layer.u_t, layer.sigma_t.float(),
+                               layer.v_t, idx, val.float(), labels)
+        if mode == "forward":
+            return y
+        y.backward(g.reshape(y.shape))
+
+    if mode == "forward":
+        def run():
+            with torch.no_grad():
+                return step()
+        return run
+    return step
+
+
+def layer_goals(cfg: Config, t: float, t_lin: float, n_in: int, n_out: int, mode: str) -> dict:
+    r = t / t_lin
+    if mode == "forward":
+        target = 1.10 * (1 + cfg.k / n_in + cfg.k / n_out)
+        return {"forward_vs_linear": [r, target, r <= target]}
+    if mode == "transfer":
+        return {"transfer_vs_linear": [r, GOAL_TRANSFER, r <= GOAL_TRANSFER]} if min(n_in, n_out) >= 768 else {}
+    return {"pretrain_vs_linear": [r, GOAL_PRETRAIN, r <= GOAL_PRETRAIN]}
+
+
+def section_layers(cfg: Config, deadline: Deadline) -> list[dict]:
+    rows = []
+    tri_ok, tri_why = backend_ready("triton", cfg)
+    primary = "triton" if tri_ok else ("reference" if cfg.dry else None)
+    time_one = timer(cfg)
+    for mode in ("forward", "transfer", "pretrain"):
+        for lname, (n_in, n_out) in cfg.layers.items():
+            for m in cfg.tokens:
+                row = {"section": "layers", "shape": f"{cfg.prefix}.{lname}", "in": n_in, "out": n_out, "tokens": m,
+                       "mode": mode, "dtype": str(cfg.dtype).replace("torch.", "")}
+                rows.append(row)
+                if deadline.over(8):
+                    row["skipped"] = "over the time budget"
+                    continue
+                impls = (["triton"] if tri_ok else []) + ["reference"]
+                if (lname, m, mode) in cfg.compile_rows and os.environ.get("KIND_FAST_BENCH_COMPILE", "1") != "0" \
+                        and deadline.left() > 60:
+                    impls.append("compiled")
+                if not tri_ok:
+                    row["triton"] = f"skipped: {tri_why}"
+                try:
+                    layer, lin, x, labels, g = make_layer(cfg, n_in, n_out, m, mode)
+                    fns = run_fns(cfg, layer, lin, x, labels, g, mode, impls)
+                    for fn in fns.values():  # compile / autotune / warm up outside the timing
+                        fn()
+                    sync(cfg)
+                    times = interleaved(fns, time_one, cfg.rounds)
+                    for k, v in times.items():
+                        row[f"t_{k}_ms"] = v * 1e3
+                    if primary is not None:
+                        row["primary"] = primary
+                        row["goals"] = layer_goals(cfg, times[primary], times["linear"], n_in, n_out, mode)
+                    row["reference_vs_linear"] = times["reference"] / times["linear"]
+                    if "compiled" in times:
+                        row["compiled_vs_linear"] = times["compiled"] / times["linear"]
+                except Exception as e:  # noqa: BLE001 - a failed row is reported, the check goes on
+                    row["error"] = f"{type(e).__name__}: {e}"
+                    traceback.print_exc()
+                finally:
+                    layer = lin = x = g = fns = None
+                    free(cfg)
+                print(f"layers {row['shape']} M={m} {mode}: " + ", ".join(
+                    f"{k[2:-3]} {v:.3f} ms" for k, v in row.items() if k.startswith("t_")), flush=True)
+    return rows
+
+
+# =====================================================================================
+# Model steps
+# =====================================================================================
+def section_steps(cfg: Config, deadline: Deadline) -> list[dict]:
+    from kind_fast.benchmark import build_model, make_train_step
+
+    amp = torch.bfloat16 if cfg.device.type == "cuda" else None
+    time_one = timer(cfg)
+    rows, steps, before = [], {}, {}
+    for mode in ("full_ft", "transfer", "pretrain"):
+        row = {"section": "steps", "model": cfg.model, "mode": mode, "batch": cfg.batch}
+        rows.append(row)
+        if deadline.over(25):
+            row["skipped"] = "over the time budget"
+            continue
+        try:
+            mem0 = torch.cuda.memory_allocated() if cfg.device.type == "cuda" else 0
+            model = build_model(cfg.model, mode, device=cfg.device, depth=cfg.depth, input_size=cfg.input_size)
+            step, _ = make_train_step(model, cfg.batch, autocast=amp)
+            for _ in range(1 if cfg.dry else 2):  # optimizer state allocated, kernels compiled
+                step()
+            sync(cfg)
+            if cfg.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+                step()
+                sync(cfg)
+                row["peak_mem_gib"] = (torch.cuda.max_memory_allocated() - mem0) / 2**30
+            row["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            steps[mode], before[mode] = step, mem0
+        except Exception as e:  # noqa: BLE001
+            row["error"] = f"{type(e).__name__}: {e}"
+            traceback.print_exc()
+    if steps and not deadline.over(5):
+        step_timer = (lambda fn: _median_events(fn, cfg, cfg.reps)) if cfg.device.type == "cuda" else time_one
+        times = interleaved(steps, step_timer, cfg.rounds)
+        for row in rows:
+            if row["mode"] in times:
+                row["t_step_ms"] = times[row["mode"]] * 1e3
+    for row in rows:
+        if row["mode"] != "full_ft":
+            row["kind_backend"] = _auto_backend(cfg)
+    base = next((r for r in rows if r["mode"] == "full_ft" and "t_step_ms" in r), None)
+    for row in rows:
+        if base is None or row is base or "t_step_ms" not in row:
+            continue
+        tr = row["t_step_ms"] / base["t_step_ms"]
+        row["time_vs_full_ft"] = tr
+        goals = {}
+        if row["mode"] == "transfer":
+            goals["step_time_vs_full_ft"] = [tr, GOAL_STEP_TIME, tr <= GOAL_STEP_TIME]
+            if "peak_mem_gib" in row and "peak_mem_gib" in base:
+                mr = row["peak_mem_gib"] / base["peak_mem_gib"]
+                row["memory_vs_full_ft"] = mr
+                goals["step_memory_vs_full_ft"] = [mr, GOAL_STEP_MEM, mr <= GOAL_STEP_MEM]
+        else:
+            goals["step_time_vs_full_ft"] = [tr, GOAL_PRETRAIN_STEP, tr <= GOAL_PRETRAIN_STEP]
+            if "peak_mem_gib" in row and "peak_mem_gib" in base:
+                row["memory_vs_full_ft"] = row["peak_mem_gib"] / base["peak_mem_gib"]
+        row["goals"] = goals
+    for r in rows:
+        print(f"steps {r['model']} {r['mode']}: " + ", ".join(f"{k} {v}" for k, v in r.items()
+                                                           if k in ("t_step_ms", "peak_mem_gib", "skipped", "error")))
+    steps.clear()
+    free(cfg)
+    return rows
+
+
+def _auto_backend(cfg: Config) -> str:
+    """The backend use_backend("auto") resolves to for the KIND layers (cached choices per shape
+    may differ between Triton and the CUDA extension when both are ready)."""
+    from kind_fast.backends import _auto_candidates, resolve_backend
+
+    name = resolve_backend(cfg.device, cfg.dtype if cfg.device.type == "cuda" else torch.float32)
+    cands = _auto_candidates(cfg.device.type, torch.bfloat16) if cfg.device.type == "cuda" else ()
+    return name if len(cands) < 2 else f"{name} (auto times {', '.join(cands)} per shape)"
+
+
+def _median_events(fn, cfg: Config, reps: int = 5) -> float:
+    from kind_fast.benchmark import time_fn
+
+    return time_fn(fn, cfg.device, reps=reps, warmup=1)
+
+
+# =====================================================================================
+# The CUDA extension's backend: M1 rows and path M3 layers
+# =====================================================================================
+def section_cuda(cfg: Config, deadline: Deadline) -> list[dict]:
+    rows = []
+    ok, why = backend_ready("cuda", cfg)
+    time_one = timer(cfg)
+    if ok:
+        from kind_fast.ops import kind_linear_cuda as kc
+
+        for dt in (torch.bfloat16, torch.float16):
+            passed, msg = kc.self_check(cfg.device, dt)
+            rows.append({"section": "cuda", "mode": "self-check", "dtype": str(dt).replace("torch.", ""),
+                         "passed": passed, "message": msg})
+    for mode in ("forward", "transfer", "sample"):
+        for lname, (n_in, n_out) in cfg.layers.items():
+            for m in cfg.tokens:
+                row = {"section": "cuda", "shape": f"{cfg.prefix}.{lname}", "in": n_in, "out": n_out, "tokens": m,
+                       "mode": mode}
+                rows.append(row)
+                if not ok:
+                    row["skipped"] = f"CUDA backend: {why}"
+                    continue
+                if deadline.over(8):
+                    row["skipped"] = "over the time budget"
+                    continue
+                try:
+                    rows[-1] = _cuda_row(cfg, row, n_in, n_out, m, mode, time_one)
+                except Exception as e:  # noqa: BLE001
+                    row["error"] = f"{type(e).__name__}: {e}"
+                    traceback.print_exc()
+                finally:
+                    free(cfg)
+                print(f"cuda {row['shape']} M={m} {mode}: " + ", ".join(
+                    f"{k[2:-3]} {v:.3f} ms" for k, v in row.items() if k.startswith("t_")), flush=True)
+    return rows
+
+
+def _cuda_row(cfg, row, n_in, n_out, m, mode, time_one):
+    from kind_fast.ops.kind_linear_cuda import kind_linear_merged
+
+    b = m // TOKENS
+    labels = None
+    if mode == "sample":  # a CFG batch: one class, then the null class
+        labels = torch.tensor([3] * (b - b // 2) + [CLASSES] * (b // 2))
+    layer, lin, x, labels, g = make_layer(cfg, n_in, n_out, m, "forward" if mode == "sample" else mode, labels)
+    fns = run_fns(cfg, layer, lin, x, labels, g, "forward" if mode == "sample" else mode, ["cuda", "reference"])
+    if mode == "sample":
+        idx, val = layer.gate.compiled(x.device)
+        with torch.no_grad():
+            w_g = layer.learngene_weight(cfg.dtype)
+        x2 = x.reshape(-1, n_in)
+
+        def m3():
+            with torch.no_grad():
+                return kind_linear_merged(x2, w_g, layer.bias, layer.u_t, layer.sigma_t, layer.v_t, idx, val,
+                                          labels, max_classes=2)
+        fns["m3"] = m3
+    for fn in fns.values():
+        fn()
+    sync(cfg)
+    times = interleaved(fns, time_one, cfg.rounds)
+    for k, v in times.items():
+        row[f"t_{k}_ms"] = v * 1e3
+    row["cuda_vs_linear"] = times["cuda"] / times["linear"]
+    row["reference_vs_linear"] = times["reference"] / times["linear"]
+    if mode == "sample":
+        r = times["m3"] / times["linear"]
+        row["goals"] = {"m3_vs_linear": [r, GOAL_M3, r <= GOAL_M3]}
+    else:
+        row["goals"] = layer_goals(cfg, times["cuda"], times["linear"], n_in, n_out, mode)
+    return row
+
+
+# =====================================================================================
+# Sampling: dense DiT vs KIND-DiT with M1 and with M3
+# =====================================================================================
+@contextlib.contextmanager
+def m3_layers(max_classes: int = 2, merged=None):
+    """Route the inference forward of every FastKindLinear through path M3 (``merged``:
+    kind_linear_merged of the CUDA backend by default) for the duration of the block. The
+    benchmark's own switch: KIND-DiT's default eval path is whatever the op family chooses."""
+    from kind_fast.layers import FastKindLinear
+    from kind_fast.ops.kind_linear import acc_dtype
+
+    if merged is None:
+        from kind_fast.ops.kind_linear_cuda import kind_linear_merged as merged
+    original = FastKindLinear.forward
+
+    def forward(self, x, labels=None):
+        if torch.is_grad_enabled() or self.gate is None:
+            return original(self, x, labels)
+        if labels is None:
+            labels = self.gate.labels
+        dev = x.device.type
+        dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else self.u_g.dtype
+        idx, val = self.gate.compiled(x.device)
+        w_g = self.learngene_weight(dt)
+        bias = self.bias.to(dt) if self.bias is not None else None
+        acc = acc_dtype(dt)
+        with torch.autocast(dev, enabled=False):
+            y = merged(x.reshape(-1, self.in_features).to(dt), w_g, bias, self.u_t.to(dt), self.sigma_t.to(acc),
+                       self.v_t.to(dt), idx, val.to(acc), labels.to(x.device), max_classes)
+        return y.view(*x.shape[:-1], self.out_features)
+
+    FastKindLinear.forward = forward
+    try:
+        yield
+    finally:
+        FastKindLinear.forward = original
+
+
+def sampling_batch(model, batch: int, cfg: Config, cls: int = 3):
+    """x, t, y of a guided evaluation: ``batch`` images of class ``cls`` and their null rows."""
+    gen = torch.Generator().manual_seed(0)
+    size = int(round(model.pos_embed.shape[1] ** 0.5)) * model.patch_size
+    x = torch.randn(batch, model.in_channels, size, size, generator=gen).to(cfg.device)
+    t = torch.randint(0, 1000, (batch,), generator=gen).to(cfg.device)
+    y = torch.full((batch,), cls, dtype=torch.long).to(cfg.device)
+    return torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, model.num_classes)])
+
+
+def section_sampling(cfg: Config, deadline: Deadline) -> list[dict]:
+    from kind_fast.benchmark import build_model
+
+    amp = torch.bfloat16 if cfg.device.type == "cuda" else None
+    row = {"section": "sampling", "model": cfg.model, "batch": cfg.batch, "rows": 2 * cfg.batch,
+           "labels": "one class + null (CFG)"}
+    if deadline.over(20):
+        row["skipped"] = "over the time budget"
+        return [row]
+    try:
+        dense = build_model(cfg.model, "dense", device=cfg.device, depth=cfg.depth, input_size=cfg.input_size)
+        kind = build_model(cfg.model, "kind", device=cfg.device, depth=cfg.depth, input_size=cfg.input_size)
+        x2, t2, y2 = sampling_batch(kind, cfg.batch, cfg)
+
+        def step(model):
+            @torch.no_grad()
+            def run():
+                with torch.autocast(cfg.device.type, dtype=amp, enabled=amp is not None):
+                    return model.forward_with_cfg(x2, t2, y2, 4.0)
+            return run
+
+        fns = {"dense": step(dense), "kind_m1": step(kind)}
+        ok, why = backend_ready("cuda", cfg)
+        if ok:
+            m3 = step(kind)
+
+            def kind_m3():
+                with m3_layers(2):
+                    return m3()
+            fns["kind_m3"] = kind_m3
+        else:
+            row["kind_m3"] = f"skipped: path M3 needs the CUDA backend here ({why})"
+        for fn in fns.values():
+            fn()
+        sync(cfg)
+        step_timer = (lambda fn: _median_events(fn, cfg, reps=7)) if cfg.device.type == "cuda" else timer(cfg)
+        times = interleaved(fns, step_timer, cfg.rounds)
+        for k, v in times.items():
+            row[f"t_{k}_ms"] = v * 1e3
+        row["m1_vs_dense"] = times["kind_m1"] / times["dense"]
+        row["m1_backend"] = _auto_backend(cfg)
+        goals = {}
+        if "kind_m3" in times:
+            r = times["kind_m3"] / times["dense"]
+            row["m3_vs_dense"] = r
+            goals["sampling_m3_vs_dense"] = [r, GOAL_SAMPLING, r <= GOAL_SAMPLING]
+        row["goals"] = goals
+    except Exception as e:  # noqa: BLE001
+        row["error"] = f"{type(e).__name__}: {e}"
+        traceback.print_exc()
+    finally:
+        free(cfg)
+    print("sampling: " + ", ".join(f"{k} {v}" for k, v in row.items() if k.startswith(("t_", "m")) or k == "error"))
+    return [row]
+
+
+# =====================================================================================
+# Summary: results.json, summary.md and the ratio table (printed last)
+# =====================================================================================
+def _f(v, fmt="{:.2f}"):
+    if isinstance(v, str):
+        return v
+    return "-" if v is None else fmt.format(v)
+
+
+def _cell(text) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def ratio_table(rows: list[dict]) -> list[str]:
+    lines = ["| section | row | ratio | goal | met | context |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        sec = r.get("section")
+        if sec == "cuda" and r.get("mode") == "self-check":
+            lines.append(f"| cuda | self-check {r['dtype']} | - | passes | {'yes' if r['passed'] else 'NO'} | "
+                         f"{_cell(r['message'][:60])} |")
+            continue
+        name = " ".join(str(x) for x in (r.get("shape") or r.get("model"), r.get("tokens") and f"M={r['tokens']}",
+                                          r.get("mode")) if x)
+        if "skipped" in r or "error" in r:
+            lines.append(f"| {sec} | {_cell(name)} | - | - | - | "
+                         f"{_cell(r.get('skipped') or 'ERROR: ' + r['error'][:80])} |")
+            continue
+        ctx = []
+        for key, label in (("reference_vs_linear", "reference"), ("compiled_vs_linear", "compiled ref"),
+                           ("cuda_vs_linear", "cuda M1"), ("m1_vs_dense", "M1"), ("memory_vs_full_ft", "memory"),
+                           ("t_step_ms", "step ms"), ("peak_mem_gib", "peak GiB"), ("m1_backend", "M1 on"),
+                           ("kind_backend", "KIND layers on")):
+            if key in r and not (sec == "steps" and key == "memory_vs_full_ft" and "step_memory_vs_full_ft"
+                                 in r.get("goals", {})):
+                ctx.append(f"{label} {_f(r[key])}")
+        if r.get("primary") and r["primary"] != "triton":
+            ctx.append(f"(measured: {r['primary']})")
+        if isinstance(r.get("triton"), str):
+            ctx.append(f"triton {r['triton'][:50]}")
+        goals = r.get("goals") or {}
+        if not goals:
+            lines.append(f"| {sec} | {_cell(name)} | - | - | - | {_cell(', '.join(ctx))} |")
+        for g, (v, target, met) in goals.items():
+            lines.append(f"| {sec} | {_cell(name)}: {g} | {_f(v)} | <= {_f(target)} | {'yes' if met else 'NO'} | "
+                         f"{_cell(', '.join(ctx))} |")
+    return lines
+
+
+def summarize(out: Path) -> int:
+    rows, notes = [], []
+    for sec in SECTIONS:
+        f = out / f"{sec}.json"
+        if f.exists():
+            rows += json.loads(f.read_text())["rows"]
+        else:
+            notes.append(f"section {sec}: no results (not run, or it did not finish: see {sec}.log)")
+    env = (out / "env.md").read_text() if (out / "env.md").exists() else ""
+    tests = (out / "gpu_tests.summary").read_text().strip() if (out / "gpu_tests.summary").exists() else \
+        "GPU tests: not run"
+    goals = [g for r in rows for g in (r.get("goals") or {}).values()]
+    met = sum(1 for g in goals if g[2])
+    table = ratio_table(rows)
+    (out / "results.json").write_text(json.dumps({"rows": rows, "notes": notes, "tests": tests}, indent=1,
+                                                 default=str))
+    md = [env.rstrip(), "", f"- {tests}", *[f"- {n}" for n in notes], "",
+          "## Ratios (docs/design.md §6 goals)", "",
+          "Layers: time ÷ F.linear (forward) or ÷ nn.Linear forward+backward, bf16, K = 32 of 96 tailors, "
+          "T = 256. Steps: ÷ the full fine-tuning step. Sampling: ÷ the dense DiT step.", "", *table, "",
+          f"Goals met: {met} of {len(goals)}."]
+    (out / "summary.md").write_text("\n".join(md) + "\n")
+    print("\n".join([*[f"note: {n}" for n in notes], tests, "", *table, "", f"goals met: {met} of {len(goals)}"]))
+    return 0
+
+
+# =====================================================================================
+def environment(cfg: Config) -> dict:
+    import kind_fast
+
+    env = {"python": sys.version.split()[0], "torch": torch.__version__, "kind_fast": kind_fast.__version__,
+           "platform": platform.platform(), "device": str(cfg.device), "dry_run": cfg.dry}
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = "not installed"
+    if cfg.device.type == "cuda":
+        p = torch.cuda.get_device_properties(0)
+        env["gpu"] = f"{p.name}, sm_{p.major}{p.minor}, {p.multi_processor_count} SMs, {p.total_memory / 2**30:.0f} GiB"
+    return env
+
+
+def _deadline_of(spec: str | None, section: str) -> float | None:
+    """--deadline's value for ``section``: "EPOCH" or "layers=EPOCH,steps=EPOCH" (None: no limit)."""
+    if not spec:
+        return None
+    if "=" not in spec:
+        return float(spec)
+    for part in spec.split(","):
+        name, _, value = part.partition("=")
+        if name.strip() == section:
+            return float(value)
+    return None
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
+    ap.add_argument("--out", type=Path, required=True, help="results folder (one <section>.json per section)")
+    ap.add_argument("--deadline", default=None,
+                    help="epoch seconds after which no row starts: one number for every section, or "
+                         "SECTION=EPOCH,... per section")
+    ap.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, float32, reference backend")
+    ap.add_argument("--summarize", action="store_true", help="merge OUT's section files and print the table")
+    a = ap.parse_args(argv)
+    a.out.mkdir(parents=True, exist_ok=True)
+    if a.summarize:
+        return summarize(a.out)
+    cfg = Config(a.dry_run)
+    if cfg.dry:
+        torch.set_num_threads(1)  # a shared small CPU: idle-waiting threads make tiny ops 10x slower
+    if cfg.device.type == "cuda" and not torch.cuda.is_available():
+        print("no CUDA device: run with --dry-run on a CPU machine", file=sys.stderr)
+        return 2
+    funcs = {"layers": section_layers, "steps": section_steps, "cuda": section_cuda, "sampling": section_sampling}
+    status = 0
+    for sec in [s.strip() for s in a.sections.split(",") if s.strip()]:
+        if sec not in funcs:
+            raise SystemExit(f"unknown section {sec!r}; choose from {SECTIONS}")
+        t0 = time.time()
+        try:
+            rows = funcs[sec](cfg, Deadline(_deadline_of(a.deadline, sec), sec))
+        except Exception as e:  # noqa: BLE001 - one broken section must not lose the others
+            traceback.print_exc()
+            rows, status = [{"section": sec, "error": f"{type(e).__name__}: {e}"}], 1
+        (a.out / f"{sec}.json").write_text(json.dumps({"env": environment(cfg), "seconds": time.time() - t0,
+                                                       "rows": rows}, indent=1, default=str))
+        print(f"== section {sec}: {len(rows)} rows in {time.time() - t0:.0f} s", flush=True)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""The GPU check (bench/gpu_check.sh + bench/gpu_check.py) works before a GPU ever sees it:
+its dry run (CPU, tiny shapes, reference backend) goes through every section, the budget and
+skip logic, the result files and the ratio table; the M3 routing of the sampling section is
+checked against M1 on a small KIND-DiT."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _gpu_check_module():
+    spec = importlib.util.spec_from_file_location("kind_fast_gpu_check", ROOT / "bench" / "gpu_check.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _table_is_well_formed(lines: list[str]) -> None:
+    cols = {len(re.split(r"(?<!\\)\|", line)) for line in lines if line.startswith("|")}
+    assert len(cols) == 1, f"ragged markdown table (column counts {cols})"
+
+
+@pytest.mark.slow
+def test_dry_run_goes_through_every_section(tmp_path):
+    out = tmp_path / "res"
+    env = dict(os.environ, PYTHON=sys.executable, KIND_FAST_CHECK_SECONDS="400")
+    env.pop("OUT", None)
+    r = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), "--dry-run", str(out)], capture_output=True,
+                       text=True, env=env, timeout=400)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    for f in ("env.md", "summary.md", "results.json", "layers.json", "steps.json", "cuda.json", "sampling.json",
+              "bench_a.log", "bench_b.log", "gpu_tests.summary"):
+        assert (out / f).exists(), f
+    res = json.loads((out / "results.json").read_text())
+    rows = res["rows"]
+    assert not [r for r in rows if "error" in r], [r for r in rows if "error" in r]
+    layers = [r for r in rows if r["section"] == "layers"]
+    assert len(layers) == 3 * 3 * 2  # modes × shapes × M
+    assert all("t_linear_ms" in r and "t_reference_ms" in r for r in layers)
+    assert all("skipped:" in r["triton"] for r in layers)  # no GPU: the fused backend is skipped, with why
+    assert {g for r in layers for g in r.get("goals", {})} == {"forward_vs_linear", "pretrain_vs_linear"}
+    steps = {r["mode"]: r for r in rows if r["section"] == "steps"}
+    assert set(steps) == {"full_ft", "transfer", "pretrain"} and "step_time_vs_full_ft" in steps["transfer"]["goals"]
+    cuda = [r for r in rows if r["section"] == "cuda"]
+    assert cuda and all(r["skipped"].startswith("CUDA backend:") for r in cuda)
+    (samp,) = [r for r in rows if r["section"] == "sampling"]
+    assert "m1_vs_dense" in samp and samp["kind_m3"].startswith("skipped:")
+    assert "collected" in res["tests"]
+    # the ratio table comes last, and is a well-formed markdown table
+    tail = r.stdout.rstrip().splitlines()
+    assert tail[-1].startswith("goals met:")
+    table = [line for line in tail if line.startswith("|")]
+    assert table[0].startswith("| section | row | ratio | goal | met |")
+    _table_is_well_formed(table)
+    assert "## Ratios" in (out / "summary.md").read_text()
+
+
+def test_deadline_skips_rows_with_the_reason(tmp_path):
+    gc = _gpu_check_module()
+    cfg = gc.Config(dry_run=True)
+    rows = gc.section_layers(cfg, gc.Deadline(0.0, "layers"))  # already over
+    assert len(rows) == 18 and all(r["skipped"] == "over the time budget" for r in rows)
+    rows = gc.section_steps(cfg, gc.Deadline(0.0, "steps"))
+    assert len(rows) == 3 and all(r["skipped"] == "over the time budget" for r in rows)
+    (row,) = gc.section_sampling(cfg, gc.Deadline(0.0, "sampling"))
+    assert row["skipped"] == "over the time budget"
+
+
+def test_summary_marks_goals_skips_and_errors(tmp_path):
+    gc = _gpu_check_module()
+    rows = [
+        {"section": "layers", "shape": "DiT-XL/2.fc1", "tokens": 8192, "mode": "forward", "primary": "triton",
+         "goals": {"forward_vs_linear": [1.12, 1.138, True]}, "reference_vs_linear": 1.7},
+        {"section": "layers", "shape": "DiT-XL/2.fc2", "tokens": 65536, "mode": "pretrain",
+         "skipped": "over the time budget"},
+        {"section": "steps", "model": "DiT-XL/2", "mode": "transfer", "error": "RuntimeError: out of memory"},
+        {"section": "cuda", "mode": "self-check", "dtype": "bfloat16", "passed": False, "message": "dx | mismatch"},
+        {"section": "sampling", "model": "DiT-XL/2", "goals": {"sampling_m3_vs_dense": [1.2, 1.05, False]},
+         "m1_vs_dense": 1.3},
+    ]
+    lines = gc.ratio_table(rows)
+    _table_is_well_formed(lines)
+    text = "\n".join(lines)
+    assert "| 1.12 | <= 1.14 | yes |" in text and "| 1.20 | <= 1.05 | NO |" in text
+    assert "over the time budget" in text and "ERROR: RuntimeError: out of memory" in text
+    assert "self-check bfloat16" in text and "| NO |" in text
+    (tmp_path / "layers.json").write_text(json.dumps({"rows": rows[:2]}))
+    assert gc.summarize(tmp_path) == 0
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert any("section steps: no results" in n for n in res["notes"])
+
+
+def test_m3_routing_of_the_sampling_section_matches_m1(one_thread):
+    """m3_layers sends every KIND layer's inference forward through a path-M3 op (here a
+    stand-in with the op's schema that computes kind_linear's result): the model's output must
+    not change, and every KIND layer must have been routed, with the model's labels."""
+    from kind_fast.benchmark import build_model
+    from kind_fast.layers import FastKindLinear
+    from kind_fast.ops.kind_linear import kind_linear_ref
+
+    gc = _gpu_check_module()
+    cfg = gc.Config(dry_run=True)
+    model = build_model("DiT-S/2", "kind", depth=1, input_size=8)
+    x2, t2, y2 = gc.sampling_batch(model, 2, cfg)
+    seen = []
+
+    def merged(x, w_g, bias, u_t, sigma_t, v_t, idx, val, labels, max_classes):
+        seen.append((labels.tolist(), max_classes))
+        return kind_linear_ref(x, w_g, bias, u_t, sigma_t, v_t, idx, val, labels)[0]
+
+    with torch.no_grad():
+        want = model.forward_with_cfg(x2, t2, y2, 4.0)
+        with gc.m3_layers(2, merged=merged):
+            got = model.forward_with_cfg(x2, t2, y2, 4.0)
+    n_kind = sum(isinstance(m, FastKindLinear) for m in model.modules())
+    assert n_kind > 0 and len(seen) == n_kind
+    assert all(lab == y2.tolist() and mc == 2 for lab, mc in seen)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert "m3_layers" not in FastKindLinear.forward.__qualname__  # restored

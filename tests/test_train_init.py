@@ -1,0 +1,102 @@
+"""`kind-fast pretrain --init`: continue as KIND from a dense run, a .pt via convert, or a KIND save."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+from kind_fast.__main__ import main
+from kind_fast.dit import DiT
+
+sys.path.insert(0, os.path.dirname(__file__))
+from train_helpers import TINY_FLAGS, tiny_config  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def dense_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("init") / "dense"
+    assert main(["pretrain", "--method", "dense", "--steps", "2", "--out", str(out), "--no-sample", *TINY_FLAGS]) == 0
+    return out
+
+
+def _inputs(n_classes):
+    g = torch.Generator().manual_seed(0)
+    return (torch.randn(3, 1, 8, 8, generator=g), torch.tensor([3, 400, 999]),
+            torch.tensor([0, n_classes - 1, n_classes]))
+
+
+def test_dense_run_converted_exactly(tmp_path, dense_run):
+    """The model a `pretrain --init <dense run> --method kind` run starts from is the dense model
+    (all-on gate: exactly; the SVD loses nothing)."""
+    from kind_fast.train.models import build_model, load_weights, make_spec
+
+    cfg = tiny_config(tmp_path / "o", method={"name": "kind", "init": str(dense_run)},
+                      model={"gate": "all_on"}, seed=3)
+    spec = make_spec(cfg, 8, (1, 8, 8))
+    assert spec["init_is_kind"] is False and spec["kind"]["gate"] == "all_on"
+    model = build_model(cfg, spec).eval()
+    dense = load_weights(dense_run / "ema").eval()
+    assert isinstance(model, DiT) and model.kind is not None and model.mode == "pretrain"
+    assert all(p.requires_grad for p in model.parameters() if p is not model.kind_gate.table)
+    x, t, y = _inputs(8)
+    torch.testing.assert_close(model(x, t, y), dense(x, t, y), rtol=1e-5, atol=1e-5)
+
+
+def test_pretrain_init_cli_continues_and_resumes(tmp_path, dense_run, capsys):
+    out = tmp_path / "kind"
+    flags = ["pretrain", "--init", str(dense_run), "--out", str(out), "--no-sample", "--ckpt-every", "1",
+             *TINY_FLAGS]
+    assert main([*flags, "--steps", "2"]) == 0
+    spec = json.loads((out / "ema" / "train_spec.json").read_text())
+    assert spec["kind"]["tailor_rank"] == 8 and spec["init_is_kind"] is False
+    assert main([*flags, "--steps", "3", "--resume"]) == 0
+    assert "resumed from" in capsys.readouterr().out
+    assert len((out / "metrics.csv").read_text().splitlines()) == 4
+    # the KIND result continues again as KIND (loaded as it is), and transfers
+    again = tmp_path / "again"
+    assert main(["pretrain", "--init", str(out), "--steps", "1", "--out", str(again), "--no-sample",
+                 *TINY_FLAGS]) == 0
+    assert json.loads((again / "ema" / "train_spec.json").read_text())["init_is_kind"] is True
+    assert main(["transfer", "--init", str(again), "--classes", "8,9", "--steps", "1", "--out",
+                 str(tmp_path / "tr"), "--no-sample", *TINY_FLAGS]) == 0
+
+
+def test_pt_file_through_convert_and_other_classes(tmp_path, dense_run, capsys):
+    """A facebookresearch-layout .pt: `kind-fast convert` it, then pretrain on 5 classes (the init
+    has 8): a fresh label table and gate; every other weight comes from the checkpoint."""
+    from kind_fast.train.models import build_model, load_weights, make_spec
+
+    dense = load_weights(dense_run / "ema")
+    torch.save({"ema": dense.state_dict()}, tmp_path / "dit.pt")
+    conv = tmp_path / "conv"
+    assert main(["convert", str(tmp_path / "dit.pt"), "--out", str(conv), "--tailor-rank", "8", "--active",
+                 "2", "--num-heads", "2"]) == 0
+    capsys.readouterr()
+    cfg = tiny_config(tmp_path / "o", method={"name": "kind", "init": str(conv)}, data={"classes": [0, 1, 2, 3, 4]})
+    spec = make_spec(cfg, 5, (1, 8, 8))
+    assert spec["init_is_kind"] and spec["init_classes"] == 8 and spec["arch"]["num_classes"] == 5
+    model = build_model(cfg, spec)
+    assert model.y_embedder.embedding_table.weight.shape[0] == 6 and model.kind_gate.num_classes == 5
+    torch.testing.assert_close(model.blocks[0].mlp.fc1.to_dense(None).float(),
+                               load_weights(conv).blocks[0].mlp.fc1.to_dense(None).float())
+    assert main(["pretrain", "--init", str(conv), "--classes", "0-4", "--steps", "1", "--out",
+                 str(tmp_path / "run"), "--no-sample", *TINY_FLAGS]) == 0
+
+
+def test_pretrain_init_errors(tmp_path, dense_run, capsys):
+    assert main(["pretrain", "--init", str(tmp_path / "nope"), "--out", str(tmp_path / "o"), *TINY_FLAGS]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    kind_run = tmp_path / "k"
+    assert main(["pretrain", "--init", str(dense_run), "--steps", "1", "--out", str(kind_run), "--no-sample",
+                 *TINY_FLAGS]) == 0
+    assert main(["pretrain", "--init", str(kind_run), "--method", "dense", "--out", str(tmp_path / "o2"),
+                 *TINY_FLAGS]) == 2
+    assert "drop the tailors" in capsys.readouterr().err
+    assert main(["pretrain", "--init", str(dense_run), "--data", "imagefolder", "--data-path", str(tmp_path),
+                 "--out", str(tmp_path / "o3"), *TINY_FLAGS]) == 2
