@@ -980,7 +980,7 @@ def gate_grads(
 # =====================================================================================
 # Static audit (python -m kind_fast.audit): every config the launchers above can launch
 # =====================================================================================
-AUDIT_LAYERS = (("DiT-XL/2.q|k|v|proj", 1152, 1152), ("DiT-XL/2.qkv", 1152, 3456), ("DiT-XL/2.fc1", 1152, 4608),
+AUDIT_LAYERS = (("DiT-XL/2.q/k/v/proj", 1152, 1152), ("DiT-XL/2.qkv", 1152, 3456), ("DiT-XL/2.fc1", 1152, 4608),
                 ("DiT-XL/2.fc2", 4608, 1152), ("DiT-S/2.proj", 384, 384), ("DiT-S/2.fc1", 384, 1536))
 
 

@@ -50,6 +50,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -500,8 +501,10 @@ def _compile(spec: AuditSpec, capability: int, machine: Machine = SM90) -> Audit
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in spec.divisible if n in fn.arg_names}
     try:
         src = ASTSource(fn, sig, constexprs=cx, attrs=attrs)
-        ck = triton.compile(src, target=GPUTarget("cuda", capability, 32),
-                            options=dict(num_warps=spec.num_warps, num_stages=spec.num_stages))
+        with warnings.catch_warnings():  # Triton 3.9 notes its FP-fusion default (the launch default: kept)
+            warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION")
+            ck = triton.compile(src, target=GPUTarget("cuda", capability, 32),
+                                options=dict(num_warps=spec.num_warps, num_stages=spec.num_stages))
     except Exception as e:  # noqa: BLE001 - a config that does not compile is a row with an error
         row.error = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
         row.seconds = time.perf_counter() - t0
@@ -708,6 +711,7 @@ def markdown_table(rows: list[AuditRow]) -> str:
             "async copies | pipelined |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
     lines = []
     for r in rows:
+        r = dataclasses.replace(r, variant=r.variant.replace("|", "/"))  # markdown cells
         if r.error:
             lines.append(f"| {r.kernel} | {r.origin} | {r.config} | {r.variant} | error: {r.error} ||||||||")
             continue
