@@ -1,7 +1,7 @@
-"""Triton kernels of the kind_linear op family (path M1), and their launchers.
+"""Triton kernels of the kind_linear op family (paths M1 and M2), and their launchers.
 
-Math (docs/design.md §2; the derivation is at the top of kind_fast/ops/kind_linear.py). Row m of x
-belongs to sample b = m // T of class c = labels[b]; the class switches on K tailors
+Math (docs/design.md §2; the derivation is at the top of kind_fast/ops/kind_linear.py). Row m
+of x belongs to sample b = m // T of class c = labels[b]; the class switches on K tailors
 ids = idx[c, :] with gate values val[c, :], so s[c, k] = σ_T[ids_k] · val[c, k] and
 
     h[m, k] = x[m] · V_T[ids_k]                                   (the shrink, fp32)
@@ -17,37 +17,59 @@ Backward, with g = dL/dy and dh_s[m, k] = g[m] · U_T[ids_k]:
 
 The forward and dx have the same shape, "a dense GEMM plus a gathered, gated rank-K term
 whose shrink reads the same rows": out = a·B + ((a·Pᵀ[ids]) ⊙ s)·Q[ids] with (a, B, P, Q) =
-(x, W_Gᵀ, V_T, U_T) forward and (g, W_G, U_T, V_T) for dx. One kernel serves both:
+(x, W_Gᵀ, V_T, U_T) forward and (g, W_G, U_T, V_T) for dx.
 
-``kind_linear_fused_kernel`` (K-fused-P, kernel_design_notes §5.2)
-    One program owns one BM-row tile and a group of N-tiles. For its first N-tile the K-loop
-    runs two dots per step, acc += a·B and acc_h += a·P[ids]ᵀ, so the rows of `a` come from
-    memory once; σ⊙gate is applied to acc_h in fp32, the result is kept in registers (in the
-    input dtype, as the reference rounds it) and expanded into every N-tile of the group as
-    acc += h_s · Q[ids]. The tile's class is labels[tile_start // T] when T % BM == 0; otherwise
-    (ONE_CLASS=False) the tile loops over the samples it touches, ScatterMoE-style, with row
-    masks: each sample's tailor rows are gathered and only its rows take part in its dots.
-    Group 0 also stores the shrink (h forward, dh_s for dx) and, in the backward, per-tile
-    partial sums Σ_rows dh_s ⊙ h per sample (no atomics).
+``kind_linear_fused_kernel`` (path M1: forward and dx; one program per output tile)
+    The shrink of a row tile needs the whole row block of ``a``; every output tile of the row
+    needs the shrink before its epilogue. A row's programs are consecutive in launch order,
+    so they run together, stream the same row block at the same time and it comes from HBM
+    once (kind_fast/perfmodel.py models the L2). Tile 0 of the row runs as G *owner*
+    sub-tiles of BN/G columns; owner g's K-loop runs a second, narrow dot on the very tiles of
+    ``a`` its main dot loads, ``part += a·P[ids_g]ᵀ`` for KP/NSH shrink columns (the first NSH
+    owners), so an owner does (BN/G + KP/NSH)/BN <= 3/4 of a tile's work: it stores its part
+    of h into the shrink output, sets bit g of the row's flag word (release) and finishes
+    well before the row's other tiles, which started with it, reach their epilogue. There
+    every program reads the flag word (acquire), polls it at most SPIN times more,
+    recomputes a part still missing (same K-steps in the same order: bitwise what its owner
+    stores; so nothing waits without bound, whatever order the hardware runs programs in),
+    loads h, applies σ ⊙ gate in fp32, casts to the input dtype as the reference rounds it,
+    and adds h_s · Q[ids] and the bias (Q, bias and gate loaded before the K-loop). Owner 0
+    also stores the per-tile partial sums Σ_rows dh_s ⊙ h for ds (no atomics). Every program
+    of row r starts its K-loop at step (r·ROT) mod steps, so rows running together read
+    different parts of the weight and it stays in L2 even in lock-step waves. The tile's
+    class is labels[tile_start // T] when T % BM == 0; otherwise (ONE_CLASS=False) the tile
+    handles each sample it touches with row masks (SPT samples at most, unrolled).
+
+``kind_linear_rows_kernel`` (path M2, and the shrink alone)
+    Without a dense term the shrink is the main work: one program owns a row tile and a
+    group of its N-tiles, computes the shrink once and expands it into every tile of the
+    group with h_s held in registers.
 
 ``kind_linear_tailor_grad_kernel``
     dU_T and dV_T: out[n, :] = Σ_m w[m, slot(c, n)] σ_n D[c, n] · z[m, :], a long-K skinny GEMM
     over the rows, with the scattered left operand built on the fly from the (M, K) shrink
-    through the per-class slot table (pos) and dense gate (D). Tailor blocks a class does not
-    use are skipped, so block gates cost what the K active tailors cost. The reduction over M
-    is split over SPLIT programs into fp32 partials summed in a fixed order.
+    through the per-class slot table (pos) and dense gate (D). Each tailor block walks a list
+    of row tiles: with block gates (2K <= N_T) the compacted list of the tiles whose classes
+    use the block (built on the device, in tile order), so block gates cost what the K active
+    tailors cost; with dense gates every tile. Either way the loop is one software-pipelined
+    loop (the list entry is loaded a few iterations ahead like the data). The reduction over
+    M is split over SPLIT programs into fp32 partials summed in a fixed order.
 
 ``kind_linear_gate_tables_kernel``, ``kind_linear_sample_ds_kernel``, ``kind_linear_gate_grad_kernel``
     pos/D per class; ds per sample from the tile partials (fixed order); dval per class and
     dσ_T per tailor block by loops over the batch in a fixed order.
 
-Nothing uses atomics, so every gradient is bitwise reproducible for a fixed config; under
+Nothing uses atomics for arithmetic (the flag words only announce data), so every result is
+bitwise reproducible for a fixed config whichever parts a program loads or recomputes; under
 ``torch.use_deterministic_algorithms(True)`` the pinned configs are used (no autotuning).
 
 Tiles: ``tl.dot`` needs dims >= 16 and ``tl.arange`` powers of two, so K is padded to
 KP = next_pow2(max(K, 16)) with masked loads (padded slots load σ = val = 0); KP <= 128 (the
-BM×KP shrink accumulator lives in registers). The launchers choose pinned configs from the
-bucketed shape; ``KIND_FAST_AUTOTUNE=1`` tunes the fused kernel over a small space instead.
+BM×KP shrink accumulator lives in registers). Tile sizes, owner splits and splits come from
+kind_fast/perfmodel.py (``plan_fused``, ``plan_tailor_grad``), whose traffic model checks the
+schedules; ``KIND_FAST_AUTOTUNE=1`` tunes the fused kernel over a small space instead (never
+while a CUDA graph is being captured). ``audit_specs()`` lists every config the launchers can
+launch for ``python -m kind_fast.audit``.
 """
 
 from __future__ import annotations
@@ -59,15 +81,27 @@ import torch
 import triton
 import triton.language as tl
 
+from kind_fast.perfmodel import (
+    MAX_ACTIVE,
+    FusedPlan,
+    TailorPlan,
+    owner_split,
+    padded_active,
+    plan_fused,
+    plan_tailor_grad,
+    rotation_stride,
+    row_tile,
+    samples_per_tile,
+)
+
 # Whether these kernels were decorated for the interpreter (TRITON_INTERPRET=1 at import
 # time): Triton decides at decoration time. kind_fast.ops.kind_linear_triton reloads this
 # module when the environment changes, so tests can switch it on in-process.
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
-MAX_ACTIVE = 128  # largest supported K (padded): the BM×KP fp32 shrink accumulator
 
 
 # =====================================================================================
-# Fused GEMM + gathered gated low-rank term (forward and dx)
+# Shared pieces
 # =====================================================================================
 # Triton's standard library (tl.sum, tl.max, tl.zeros, tl.cdiv, ...) is decorated when Triton
 # is imported, so under an interpreter switched on later it would not run. These kernels use
@@ -91,6 +125,12 @@ def _load_rows(ptr, rm, row_ok, kk, k_ok, s_m, s_k):
 
 
 @triton.jit
+def _load_base(ptr, kk, k_ok, rn, n_ok, s_bk, s_bn):
+    """(BK, BN) tile of the base weight B."""
+    return tl.load(ptr + kk[:, None] * s_bk + rn[None, :] * s_bn, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+
+
+@triton.jit
 def _load_factor_t(ptr, ids, slot_ok, kk, k_ok, s_r, s_k):
     """(BK, KP) tile of the gathered factor rows, transposed: P[ids[j], kk[i]]."""
     return tl.load(ptr + ids[None, :] * s_r + kk[:, None] * s_k,
@@ -105,6 +145,25 @@ def _load_factor(ptr, ids, slot_ok, rn, n_ok, s_r, s_n):
 
 
 @triton.jit
+def _prefetch_factor(ptr, ids, slot_ok, rn, n_ok, s_r, s_n):
+    """_load_factor issued now for a use after the K-loop. Volatile, so that the compiler does
+    not sink it to its use (it would: the value is dead across the loop), and its latency
+    hides behind the K-loop instead of stalling the epilogue."""
+    return tl.load(ptr + ids[:, None] * s_r + rn[None, :] * s_n,
+                   mask=slot_ok[:, None] & n_ok[None, :], other=0.0, volatile=True)
+
+
+@triton.jit
+def _prefetch_bias(bias_ptr, rn, n_ok, HAS_BIAS: tl.constexpr):
+    """The bias of columns rn, loaded now for the epilogue (volatile: see _prefetch_factor)."""
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + rn, mask=n_ok, other=0.0, volatile=True)
+    else:
+        bias = tl.full(rn.shape, 0.0, tl.float32)
+    return bias
+
+
+@triton.jit
 def _class_ids(lab_ptr, idx_ptr, sample, rj, slot_ok, K):
     """Active tailor ids (KP,) of ``sample``'s class (padded slots: id 0)."""
     cls = tl.load(lab_ptr + sample)
@@ -112,41 +171,163 @@ def _class_ids(lab_ptr, idx_ptr, sample, rj, slot_ok, K):
 
 
 @triton.jit
-def _out_tile(
-    acc, hs, n_tile, rm, row_ok, rj, slot_ok, ids, samp, s_lo, s_hi,
-    a_ptr, b_ptr, q_ptr, bias_ptr, out_ptr, lab_ptr, idx_ptr,
-    M, N, KD, K,
-    s_am, s_ak, s_bk, s_bn, s_qr, s_qn, s_om, s_on,
-    BN: tl.constexpr, BK: tl.constexpr, BASE_LOOP: tl.constexpr,
-    HAS_BIAS: tl.constexpr, ONE_CLASS: tl.constexpr, PREC: tl.constexpr,
-):
-    """Finish one (BM, BN) output tile: [K-loop a·B when BASE_LOOP] + h_s·Q[ids] + bias, store."""
-    rn = n_tile * BN + tl.arange(0, BN)
-    n_ok = rn < N
-    if BASE_LOOP:
-        rk = tl.arange(0, BK)
-        for k0 in range(0, KD, BK):
-            kk = k0 + rk
-            k_ok = kk < KD
-            a = _load_rows(a_ptr, rm, row_ok, kk, k_ok, s_am, s_ak)              # (BM, BK)
-            b = tl.load(b_ptr + kk[:, None] * s_bk + rn[None, :] * s_bn,
-                        mask=k_ok[:, None] & n_ok[None, :], other=0.0)         # (BK, BN)
-            acc = tl.dot(a, b, acc, input_precision=PREC)
-    # ---- expand: acc += h_s · Q[ids]  (per sample with row masks when the tile mixes classes)
+def _routing(lab_ptr, idx_ptr, val_ptr, sig_ptr, m0, rm, rj, slot_ok, M, K, T, ONE_CLASS: tl.constexpr):
+    """(ids (KP,), scale, samp (BM,), s_lo): the tile's tailor ids and σ ⊙ gate in fp32 —
+    (1, KP) for a one-class tile, (BM, KP) per row otherwise — and its rows' samples."""
     if ONE_CLASS:
-        q = _load_factor(q_ptr, ids, slot_ok, rn, n_ok, s_qr, s_qn)                # (KP, BN)
-        acc = tl.dot(hs, q, acc, input_precision=PREC)
+        cls = tl.load(lab_ptr + m0 // T)
+        ids = tl.load(idx_ptr + cls * K + rj, mask=slot_ok, other=0)
+        # volatile: loaded at the start, not sunk to the epilogue that uses them (see _prefetch_factor)
+        gate = tl.load(val_ptr + cls * K + rj, mask=slot_ok, other=0.0, volatile=True)
+        scale = (tl.load(sig_ptr + ids, volatile=True) * gate)[None, :]
+        samp = rm
     else:
-        for s in range(s_lo, s_hi + 1):
-            ids_s = _class_ids(lab_ptr, idx_ptr, s, rj, slot_ok, K)
-            q = _load_factor(q_ptr, ids_s, slot_ok, rn, n_ok, s_qr, s_qn)
+        samp = tl.minimum(rm, M - 1) // T
+        cls_r = tl.load(lab_ptr + samp)
+        ids_r = tl.load(idx_ptr + cls_r[:, None] * K + rj[None, :], mask=slot_ok[None, :], other=0)
+        gate = tl.load(val_ptr + cls_r[:, None] * K + rj[None, :], mask=slot_ok[None, :], other=0.0)
+        scale = tl.load(sig_ptr + ids_r) * gate
+        ids = rj
+    return ids, scale, samp, m0 // T
+
+
+@triton.jit
+def _shrink_step(acc_h, a, kk, k_ok, p_ptr, ids, slot_ok, samp, s_lo, s_hi, lab_ptr, idx_ptr, rj, K, s_pr, s_pk,
+                 SPT: tl.constexpr, ONE_CLASS: tl.constexpr, PREC: tl.constexpr):
+    """acc_h (BM, KP) += a · P[ids]ᵀ for one K-step; per sample with row masks in a mixed tile."""
+    if ONE_CLASS:
+        p = _load_factor_t(p_ptr, ids, slot_ok, kk, k_ok, s_pr, s_pk)                   # (BK, KP)
+        acc_h = tl.dot(a, p, acc_h, input_precision=PREC)
+    else:
+        for i in tl.static_range(SPT):
+            s = s_lo + i
+            ok = slot_ok & ((rj * 0 + s) <= s_hi)  # (a vector compare: the interpreter rejects scalar & vector masks)
+            ids_s = _class_ids(lab_ptr, idx_ptr, tl.minimum(s, s_hi), rj, ok, K)
+            p = _load_factor_t(p_ptr, ids_s, ok, kk, k_ok, s_pr, s_pk)
+            a_s = tl.where((samp == s)[:, None], a, 0.0).to(a.dtype)
+            acc_h = tl.dot(a_s, p, acc_h, input_precision=PREC)
+    return acc_h
+
+
+@triton.jit
+def _shrink_range(acc_h, st_lo, st_hi, a_ptr, p_ptr, rm, row_ok, ids, slot_ok, samp, s_lo, s_hi, lab_ptr, idx_ptr,
+                  rj, KD, K, s_am, s_ak, s_pr, s_pk,
+                  BK: tl.constexpr, SPT: tl.constexpr, ONE_CLASS: tl.constexpr, PREC: tl.constexpr):
+    """acc_h += a[rows, k] · P[ids, k]ᵀ over the K-steps [st_lo, st_hi): the shrink alone."""
+    rk = tl.arange(0, BK)
+    for st in range(st_lo, st_hi):
+        kk = st * BK + rk
+        k_ok = kk < KD
+        a = _load_rows(a_ptr, rm, row_ok, kk, k_ok, s_am, s_ak)
+        acc_h = _shrink_step(acc_h, a, kk, k_ok, p_ptr, ids, slot_ok, samp, s_lo, s_hi, lab_ptr, idx_ptr, rj, K,
+                             s_pr, s_pk, SPT, ONE_CLASS, PREC)
+    return acc_h
+
+
+@triton.jit
+def _expand(acc, hs, q_pre, rn, n_ok, samp, s_lo, s_hi, slot_ok, rj, q_ptr, lab_ptr, idx_ptr, K, s_qr, s_qn,
+            SPT: tl.constexpr, ONE_CLASS: tl.constexpr, PREC: tl.constexpr):
+    """acc += h_s · Q[ids] (``q_pre``: the one-class tile's Q, loaded earlier)."""
+    if ONE_CLASS:
+        acc = tl.dot(hs, q_pre, acc, input_precision=PREC)
+    else:
+        for i in tl.static_range(SPT):
+            s = s_lo + i
+            ok = slot_ok & ((rj * 0 + s) <= s_hi)  # (a vector compare: the interpreter rejects scalar & vector masks)
+            ids_s = _class_ids(lab_ptr, idx_ptr, tl.minimum(s, s_hi), rj, ok, K)
+            q = _load_factor(q_ptr, ids_s, ok, rn, n_ok, s_qr, s_qn)
             hs_s = tl.where((samp == s)[:, None], hs, 0.0).to(hs.dtype)
             acc = tl.dot(hs_s, q, acc, input_precision=PREC)
-    # ---- epilogue
+    return acc
+
+
+@triton.jit
+def _store_shrink(h, shr_ptr, hsv_ptr, part_ptr, tile, rm, row_ok, rj, slot_ok, samp, s_lo, s_hi, K,
+                  KP: tl.constexpr, SPT: tl.constexpr, ONE_CLASS: tl.constexpr, WRITE_SHRINK: tl.constexpr,
+                  DS_PARTIAL: tl.constexpr):
+    """Store h (or dh_s), and the tile's partial sums Σ_rows dh_s ⊙ h per sample (for ds)."""
+    shr_mask = row_ok[:, None] & slot_ok[None, :]
+    shr_off = rm[:, None] * K + rj[None, :]
+    if WRITE_SHRINK:
+        tl.store(shr_ptr + shr_off, h, mask=shr_mask)
+    if DS_PARTIAL:
+        prod = h * tl.load(hsv_ptr + shr_off, mask=shr_mask, other=0.0)                 # (BM, KP)
+        if ONE_CLASS:
+            tl.store(part_ptr + tile * KP + rj, _sum(prod, 0))
+        else:
+            for i in tl.static_range(SPT):
+                s = s_lo + i
+                sel = tl.where((samp == s)[:, None], prod, 0.0)
+                tl.store(part_ptr + (tile * SPT + i) * KP + rj, _sum(sel, 0), mask=(rj * 0 + s) <= s_hi)
+
+
+# =====================================================================================
+# Path M1: fused GEMM + gathered gated low-rank term (forward and dx)
+# =====================================================================================
+@triton.jit
+def _shrink_cols(a_ptr, p_ptr, idx_ptr, lab_ptr, cls, rm, row_ok, samp, s_lo, s_hi, cols, K, KD, steps, rho,
+                 s_am, s_ak, s_pr, s_pk,
+                 BM: tl.constexpr, BK: tl.constexpr, KPG: tl.constexpr, SPT: tl.constexpr,
+                 ONE_CLASS: tl.constexpr, PREC: tl.constexpr):
+    """Shrink columns ``cols`` (KPG,) of the tile over the whole reduction, alone (recompute)."""
+    ok = cols < K
+    ids = tl.load(idx_ptr + cls * K + cols, mask=ok, other=0)
+    part = tl.full((BM, KPG), 0.0, tl.float32)
+    rk = tl.arange(0, BK)
+    for i in range(0, steps):
+        st = (rho + i) % steps
+        kk = st * BK + rk
+        k_ok = kk < KD
+        a = _load_rows(a_ptr, rm, row_ok, kk, k_ok, s_am, s_ak)
+        part = _shrink_step(part, a, kk, k_ok, p_ptr, ids, ok, samp, s_lo, s_hi, lab_ptr, idx_ptr, cols, K,
+                            s_pr, s_pk, SPT, ONE_CLASS, PREC)
+    return part
+
+
+@triton.jit
+def _gather_h(flag_ptr, shr_ptr, a_ptr, p_ptr, idx_ptr, lab_ptr, r, cls, rm, row_ok, rj, slot_ok, samp, s_lo, s_hi,
+              K, KD, steps, rho, s_am, s_ak, s_pr, s_pk,
+              BM: tl.constexpr, BK: tl.constexpr, KP: tl.constexpr, KPG: tl.constexpr, NSH: tl.constexpr,
+              SPIN: tl.constexpr, SPT: tl.constexpr, ONE_CLASS: tl.constexpr, FORCE_LOCAL: tl.constexpr,
+              PREC: tl.constexpr):
+    """The row tile's shrink h (BM, KP) fp32 from the shr buffer, once every part is there:
+    read the row's flag word (acquire), poll it at most SPIN times more, recompute and store
+    the parts still missing (bitwise what their owner stores), then load the tile."""
+    full = (1 << NSH) - 1
+    ready = tl.atomic_or(flag_ptr + r, 0, sem="acquire", scope="gpu")
+    if FORCE_LOCAL:
+        ready = ready * 0
+    else:
+        if SPIN > 0:
+            polls = 0
+            while ((ready & full) != full) & (polls < SPIN):
+                ready = tl.atomic_or(flag_ptr + r, 0, sem="acquire", scope="gpu")
+                polls += 1
+    if (ready & full) != full:
+        for g in range(0, NSH):  # a runtime loop: one copy of the recompute loop in the code
+            if ((ready >> g) & 1) == 0:
+                cols = g * KPG + tl.arange(0, KPG)
+                part = _shrink_cols(a_ptr, p_ptr, idx_ptr, lab_ptr, cls, rm, row_ok, samp, s_lo, s_hi, cols, K, KD,
+                                    steps, rho, s_am, s_ak, s_pr, s_pk, BM, BK, KPG, SPT, ONE_CLASS, PREC)
+                tl.store(shr_ptr + rm[:, None] * K + cols[None, :], part, mask=row_ok[:, None] & (cols < K)[None, :])
+        tl.debug_barrier()  # this block's own stores, visible to all its threads
+    return tl.load(shr_ptr + rm[:, None] * K + rj[None, :], mask=row_ok[:, None] & slot_ok[None, :], other=0.0,
+                   cache_modifier=".cg")
+
+
+@triton.jit
+def _finish_tile(acc, h, scale, q_pre, bias, out_ptr, rn, n_ok, rm, row_ok, samp, s_lo, s_hi, rj, slot_ok, q_ptr,
+                 lab_ptr, idx_ptr, K, N, s_qr, s_qn, s_om, s_on,
+                 SPT: tl.constexpr, HAS_BIAS: tl.constexpr, ONE_CLASS: tl.constexpr, PREC: tl.constexpr):
+    """Epilogue: acc + (h ⊙ σ ⊙ gate → input dtype) · Q[ids] + bias, stored (evict-first; ``q_pre``
+    and ``bias`` were loaded before the K-loop)."""
+    hs = (h * scale).to(q_ptr.dtype.element_ty)
+    acc = _expand(acc, hs, q_pre, rn, n_ok, samp, s_lo, s_hi, slot_ok, rj, q_ptr, lab_ptr, idx_ptr, K, s_qr, s_qn,
+                  SPT, ONE_CLASS, PREC)
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    tl.store(out_ptr + rm[:, None] * s_om + rn[None, :] * s_on,
-             acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
+        acc += bias.to(tl.float32)[None, :]
+    tl.store(out_ptr + rm[:, None] * s_om + rn[None, :] * s_on, acc.to(out_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & n_ok[None, :], eviction_policy="evict_first")
 
 
 @triton.jit
@@ -154,9 +335,10 @@ def kind_linear_fused_kernel(
     # -- rows: the operand read once, and the outputs
     a_ptr,       # (M, KD)  x (forward) | grad_y (dx)
     out_ptr,     # (M, N)   y | dx
-    shr_ptr,     # (M, K)   fp32 shrink out: h = x·V_T[ids]ᵀ | dh_s = g·U_T[ids]ᵀ
+    shr_ptr,     # (M, K)   fp32 shrink out (and exchange): h = x·V_T[ids]ᵀ | dh_s = g·U_T[ids]ᵀ
     hsv_ptr,     # (M, K)   fp32 saved h (DS_PARTIAL)
-    part_ptr,    # (cdiv(M, BM), SPT, KP) fp32 Σ_rows dh_s ⊙ h per (tile, sample) (DS_PARTIAL)
+    part_ptr,    # (m_tiles, SPT, KP) fp32 Σ_rows dh_s ⊙ h per (tile, sample) (DS_PARTIAL)
+    flag_ptr,    # (m_tiles,) int32, zero at launch: bit g = shrink part g of the row is in shr
     # -- weights
     b_ptr,       # base weight, read as B[k, n] through (s_bk, s_bn): W_Gᵀ | W_G
     bias_ptr,    # (N,)
@@ -168,125 +350,212 @@ def kind_linear_fused_kernel(
     val_ptr,     # (C+1, K) fp32 gate values (contiguous)
     lab_ptr,     # (B,) class of each sample
     # -- sizes
-    M, N, KD, K, T, M_BUCKET,
+    M, N, KD, K, T, M_BUCKET, ROT,
     # -- strides
     s_am, s_ak, s_om, s_on, s_bk, s_bn, s_pr, s_pk, s_qr, s_qn,
     # -- meta
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, KP: tl.constexpr,
-    NG: tl.constexpr,           # N-tile groups per row tile (programs = row tiles × NG)
+    G: tl.constexpr,            # tile 0 of a row runs as G sub-tiles of BN/G columns (the owners)
+    NSH: tl.constexpr,          # owners that carry a part of the shrink (KP/NSH columns each)
+    SPIN: tl.constexpr,         # polls of the flag word before recomputing a missing part
     SPT: tl.constexpr,          # max samples one row tile touches (1 when ONE_CLASS)
-    HAS_BASE: tl.constexpr,     # the dense base GEMM a·B (False: path M2, or shrink only)
-    HAS_OUT: tl.constexpr,      # output tiles (False: shrink only, e.g. dh_s for dV_T/dσ)
     HAS_BIAS: tl.constexpr,
     ONE_CLASS: tl.constexpr,    # T % BM == 0: one class per row tile
-    WRITE_SHRINK: tl.constexpr,
     DS_PARTIAL: tl.constexpr,
+    FORCE_LOCAL: tl.constexpr,  # tests: never use a published part (recompute all of h)
+    REVERSE_OWNERS: tl.constexpr,  # tests: owner g is program G-1-g of its row (the interpreter runs
+                                   # programs in order: this way every owner's part is loaded by a
+                                   # program before any recomputation of it is stored)
     PREC: tl.constexpr,         # tl.dot input precision ("ieee" for fp32 inputs)
 ):
     pid = tl.program_id(0)
-    pid_m = pid // NG
-    grp = pid % NG
-    m0 = pid_m * BM
+    n_tiles = (N + BN - 1) // BN
+    per_row = G + n_tiles - 1   # programs of a row tile: G owners (tile 0), then tiles 1..n_tiles-1
+    r = pid // per_row
+    j = pid % per_row
+    m0 = r * BM
     rm = m0 + tl.arange(0, BM)
     row_ok = rm < M
     rj = tl.arange(0, KP)
     slot_ok = rj < K
-    rk = tl.arange(0, BK)
-
-    # ---- routing: the tile's class (ONE_CLASS) or each row's, and σ ⊙ gate per slot (fp32)
-    if ONE_CLASS:
-        cls = tl.load(lab_ptr + m0 // T)
-        ids = tl.load(idx_ptr + cls * K + rj, mask=slot_ok, other=0)                # (KP,)
-        gate = tl.load(val_ptr + cls * K + rj, mask=slot_ok, other=0.0)
-        scale = (tl.load(sig_ptr + ids) * gate)[None, :]                             # (1, KP)
-        samp = rm  # unused
-        s_lo = 0
-        s_hi = 0
+    ids, scale, samp, s_lo = _routing(lab_ptr, idx_ptr, val_ptr, sig_ptr, m0, rm, rj, slot_ok, M, K, T, ONE_CLASS)
+    s_hi = (tl.minimum(m0 + BM, M) - 1) // T
+    cls = tl.load(lab_ptr + m0 // T)
+    steps = (KD + BK - 1) // BK
+    rho = (r * ROT) % steps     # every program of the row runs the K-loop from step rho (mod steps)
+    if j < G:
+        g = G - 1 - j if REVERSE_OWNERS else j
+        _owner_tile(g, r, cls, ids, scale, samp, s_lo, s_hi, rm, row_ok, rj, slot_ok, steps, rho,
+                    a_ptr, out_ptr, shr_ptr, hsv_ptr, part_ptr, flag_ptr, b_ptr, bias_ptr, p_ptr, q_ptr, idx_ptr,
+                    lab_ptr, N, KD, K, s_am, s_ak, s_om, s_on, s_bk, s_bn, s_pr, s_pk, s_qr, s_qn,
+                    BM, BN // G, BK, KP, KP // NSH, NSH, NSH == G, SPIN, SPT, HAS_BIAS, ONE_CLASS, DS_PARTIAL,
+                    FORCE_LOCAL, PREC)
     else:
-        samp = tl.minimum(rm, M - 1) // T                                            # (BM,)
-        cls_r = tl.load(lab_ptr + samp)
-        ids_r = tl.load(idx_ptr + cls_r[:, None] * K + rj[None, :], mask=slot_ok[None, :], other=0)
-        gate = tl.load(val_ptr + cls_r[:, None] * K + rj[None, :], mask=slot_ok[None, :], other=0.0)
-        scale = tl.load(sig_ptr + ids_r) * gate                                      # (BM, KP)
-        ids = rj  # unused
-        s_lo = m0 // T
-        s_hi = (tl.minimum(m0 + BM, M) - 1) // T
+        _plain_tile(j - G + 1, r, cls, ids, scale, samp, s_lo, s_hi, rm, row_ok, rj, slot_ok, steps, rho,
+                    a_ptr, out_ptr, shr_ptr, flag_ptr, b_ptr, bias_ptr, p_ptr, q_ptr, idx_ptr, lab_ptr,
+                    N, KD, K, s_am, s_ak, s_om, s_on, s_bk, s_bn, s_pr, s_pk, s_qr, s_qn,
+                    BM, BN, BK, KP, KP // NSH, NSH, SPIN, SPT, HAS_BIAS, ONE_CLASS, FORCE_LOCAL, PREC)
 
-    # ---- N-tiles of this group
-    n_tiles = (N + BN - 1) // BN
-    per = (n_tiles + NG - 1) // NG
-    n_beg = grp * per
-    n_end = tl.minimum(n_beg + per, n_tiles)
-    rn = n_beg * BN + tl.arange(0, BN)
-    n_ok = rn < N
 
-    # ---- first N-tile: one K-loop over the rows, two dots per step (x is read once)
-    acc = tl.full((BM, BN), 0.0, tl.float32)
-    acc_h = tl.full((BM, KP), 0.0, tl.float32)
-    for k0 in range(0, KD, BK):
-        kk = k0 + rk
+@triton.jit
+def _main_loop(acc, a_ptr, b_ptr, rm, row_ok, rn, n_ok, KD, steps, rho, s_am, s_ak, s_bk, s_bn,
+               BK: tl.constexpr, PREC: tl.constexpr):
+    """acc += a[rows] · B[:, rn] over the K-steps in the row's order (from step rho, mod steps)."""
+    rk = tl.arange(0, BK)
+    for i in range(0, steps):
+        st = (rho + i) % steps
+        kk = st * BK + rk
         k_ok = kk < KD
-        a = _load_rows(a_ptr, rm, row_ok, kk, k_ok, s_am, s_ak)                      # (BM, BK)
-        if HAS_BASE:
-            b = tl.load(b_ptr + kk[:, None] * s_bk + rn[None, :] * s_bn,
-                        mask=k_ok[:, None] & n_ok[None, :], other=0.0)             # (BK, BN)
-            acc = tl.dot(a, b, acc, input_precision=PREC)
-        if ONE_CLASS:
-            p = _load_factor_t(p_ptr, ids, slot_ok, kk, k_ok, s_pr, s_pk)            # (BK, KP)
-            acc_h = tl.dot(a, p, acc_h, input_precision=PREC)
+        a = _load_rows(a_ptr, rm, row_ok, kk, k_ok, s_am, s_ak)
+        acc = tl.dot(a, _load_base(b_ptr, kk, k_ok, rn, n_ok, s_bk, s_bn), acc, input_precision=PREC)
+    return acc
+
+
+@triton.jit
+def _owner_loop(acc, g, r, cls, samp, s_lo, s_hi, rm, row_ok, rn, n_ok, steps, rho,
+                a_ptr, shr_ptr, flag_ptr, b_ptr, p_ptr, idx_ptr, lab_ptr, KD, K, s_am, s_ak, s_bk, s_bn, s_pr, s_pk,
+                BM: tl.constexpr, BK: tl.constexpr, KPG: tl.constexpr, SPT: tl.constexpr, ONE_CLASS: tl.constexpr,
+                PREC: tl.constexpr):
+    """The owner's K-loop: two dots per step, its output columns and its shrink columns
+    [g·KPG, (g+1)·KPG) on the same tile of a; then the shrink part is stored into shr and
+    announced (bit g of the row's flag word, release)."""
+    rk = tl.arange(0, BK)
+    cols = g * KPG + tl.arange(0, KPG)
+    c_ok = cols < K
+    ids_g = tl.load(idx_ptr + cls * K + cols, mask=c_ok, other=0)
+    part = tl.full((BM, KPG), 0.0, tl.float32)
+    for i in range(0, steps):
+        st = (rho + i) % steps
+        kk = st * BK + rk
+        k_ok = kk < KD
+        a = _load_rows(a_ptr, rm, row_ok, kk, k_ok, s_am, s_ak)
+        acc = tl.dot(a, _load_base(b_ptr, kk, k_ok, rn, n_ok, s_bk, s_bn), acc, input_precision=PREC)
+        part = _shrink_step(part, a, kk, k_ok, p_ptr, ids_g, c_ok, samp, s_lo, s_hi, lab_ptr, idx_ptr, cols,
+                            K, s_pr, s_pk, SPT, ONE_CLASS, PREC)
+    tl.store(shr_ptr + rm[:, None] * K + cols[None, :], part, mask=row_ok[:, None] & c_ok[None, :])
+    tl.debug_barrier()  # every thread's part is stored before the flag says so
+    tl.atomic_or(flag_ptr + r, 1 << g, sem="release", scope="gpu")
+    return acc
+
+
+@triton.jit
+def _owner_tile(g, r, cls, ids, scale, samp, s_lo, s_hi, rm, row_ok, rj, slot_ok, steps, rho,
+                a_ptr, out_ptr, shr_ptr, hsv_ptr, part_ptr, flag_ptr, b_ptr, bias_ptr, p_ptr, q_ptr, idx_ptr, lab_ptr,
+                N, KD, K, s_am, s_ak, s_om, s_on, s_bk, s_bn, s_pr, s_pk, s_qr, s_qn,
+                BM: tl.constexpr, BNG: tl.constexpr, BK: tl.constexpr, KP: tl.constexpr, KPG: tl.constexpr,
+                NSH: tl.constexpr, ALL_SHRINK: tl.constexpr, SPIN: tl.constexpr, SPT: tl.constexpr,
+                HAS_BIAS: tl.constexpr, ONE_CLASS: tl.constexpr, DS_PARTIAL: tl.constexpr, FORCE_LOCAL: tl.constexpr,
+                PREC: tl.constexpr):
+    """Owner g of a row: BNG columns of tile 0 and (g < NSH) shrink columns [g·KPG, (g+1)·KPG),
+    published as soon as its K-loop ends; then its own epilogue."""
+    rn = g * BNG + tl.arange(0, BNG)
+    n_ok = rn < N
+    if ONE_CLASS:
+        q_pre = _prefetch_factor(q_ptr, ids, slot_ok, rn, n_ok, s_qr, s_qn)                        # (KP, BNG)
+    else:
+        q_pre = tl.full((KP, BNG), 0.0, q_ptr.dtype.element_ty)
+    bias = _prefetch_bias(bias_ptr, rn, n_ok, HAS_BIAS)
+    acc = tl.full((BM, BNG), 0.0, tl.float32)
+    if ALL_SHRINK:  # NSH == G: every owner carries a part (one loop in the code)
+        acc = _owner_loop(acc, g, r, cls, samp, s_lo, s_hi, rm, row_ok, rn, n_ok, steps, rho, a_ptr, shr_ptr,
+                          flag_ptr, b_ptr, p_ptr, idx_ptr, lab_ptr, KD, K, s_am, s_ak, s_bk, s_bn, s_pr, s_pk,
+                          BM, BK, KPG, SPT, ONE_CLASS, PREC)
+    else:
+        if g < NSH:
+            acc = _owner_loop(acc, g, r, cls, samp, s_lo, s_hi, rm, row_ok, rn, n_ok, steps, rho, a_ptr, shr_ptr,
+                              flag_ptr, b_ptr, p_ptr, idx_ptr, lab_ptr, KD, K, s_am, s_ak, s_bk, s_bn, s_pr, s_pk,
+                              BM, BK, KPG, SPT, ONE_CLASS, PREC)
         else:
-            for s in range(s_lo, s_hi + 1):
-                ids_s = _class_ids(lab_ptr, idx_ptr, s, rj, slot_ok, K)
-                p = _load_factor_t(p_ptr, ids_s, slot_ok, kk, k_ok, s_pr, s_pk)
-                a_s = tl.where((samp == s)[:, None], a, 0.0).to(a.dtype)
-                acc_h = tl.dot(a_s, p, acc_h, input_precision=PREC)
+            acc = _main_loop(acc, a_ptr, b_ptr, rm, row_ok, rn, n_ok, KD, steps, rho, s_am, s_ak, s_bk, s_bn,
+                             BK, PREC)
+    h = _gather_h(flag_ptr, shr_ptr, a_ptr, p_ptr, idx_ptr, lab_ptr, r, cls, rm, row_ok, rj, slot_ok, samp, s_lo,
+                  s_hi, K, KD, steps, rho, s_am, s_ak, s_pr, s_pk, BM, BK, KP, KPG, NSH, SPIN, SPT, ONE_CLASS,
+                  FORCE_LOCAL, PREC)
+    if g == 0:
+        _store_shrink(h, shr_ptr, hsv_ptr, part_ptr, r, rm, row_ok, rj, slot_ok, samp, s_lo, s_hi, K,
+                      KP, SPT, ONE_CLASS, False, DS_PARTIAL)
+    _finish_tile(acc, h, scale, q_pre, bias, out_ptr, rn, n_ok, rm, row_ok, samp, s_lo, s_hi, rj, slot_ok,
+                 q_ptr, lab_ptr, idx_ptr, K, N, s_qr, s_qn, s_om, s_on, SPT, HAS_BIAS, ONE_CLASS, PREC)
 
-    # ---- group 0 stores the shrink and the per-(tile, sample) partials of Σ dh_s ⊙ h
+
+@triton.jit
+def _plain_tile(tile, r, cls, ids, scale, samp, s_lo, s_hi, rm, row_ok, rj, slot_ok, steps, rho,
+                a_ptr, out_ptr, shr_ptr, flag_ptr, b_ptr, bias_ptr, p_ptr, q_ptr, idx_ptr, lab_ptr,
+                N, KD, K, s_am, s_ak, s_om, s_on, s_bk, s_bn, s_pr, s_pk, s_qr, s_qn,
+                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, KP: tl.constexpr, KPG: tl.constexpr,
+                NSH: tl.constexpr, SPIN: tl.constexpr, SPT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                ONE_CLASS: tl.constexpr, FORCE_LOCAL: tl.constexpr, PREC: tl.constexpr):
+    """Tile ``tile`` (>= 1) of a row: the plain K-loop, h from the owners at the epilogue."""
+    rn = tile * BN + tl.arange(0, BN)
+    n_ok = rn < N
+    if ONE_CLASS:
+        q_pre = _prefetch_factor(q_ptr, ids, slot_ok, rn, n_ok, s_qr, s_qn)                        # (KP, BN)
+    else:
+        q_pre = tl.full((KP, BN), 0.0, q_ptr.dtype.element_ty)
+    bias = _prefetch_bias(bias_ptr, rn, n_ok, HAS_BIAS)
+    acc = _main_loop(tl.full((BM, BN), 0.0, tl.float32), a_ptr, b_ptr, rm, row_ok, rn, n_ok, KD, steps, rho,
+                     s_am, s_ak, s_bk, s_bn, BK, PREC)
+    h = _gather_h(flag_ptr, shr_ptr, a_ptr, p_ptr, idx_ptr, lab_ptr, r, cls, rm, row_ok, rj, slot_ok, samp, s_lo,
+                  s_hi, K, KD, steps, rho, s_am, s_ak, s_pr, s_pk, BM, BK, KP, KPG, NSH, SPIN, SPT, ONE_CLASS,
+                  FORCE_LOCAL, PREC)
+    _finish_tile(acc, h, scale, q_pre, bias, out_ptr, rn, n_ok, rm, row_ok, samp, s_lo, s_hi, rj, slot_ok,
+                 q_ptr, lab_ptr, idx_ptr, K, N, s_qr, s_qn, s_om, s_on, SPT, HAS_BIAS, ONE_CLASS, PREC)
+
+
+# =====================================================================================
+# Path M2 (no dense term) and the shrink alone: row programs
+# =====================================================================================
+@triton.jit
+def kind_linear_rows_kernel(
+    a_ptr, out_ptr, shr_ptr, hsv_ptr, part_ptr,            # as kind_linear_fused_kernel
+    bias_ptr, p_ptr, q_ptr, sig_ptr, idx_ptr, val_ptr, lab_ptr,
+    M, N, KD, K, T, M_BUCKET,
+    NG,                         # N-tile groups per row tile (programs = row tiles × NG)
+    s_am, s_ak, s_om, s_on, s_pr, s_pk, s_qr, s_qn,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, KP: tl.constexpr,
+    SPT: tl.constexpr, HAS_OUT: tl.constexpr, HAS_BIAS: tl.constexpr, ONE_CLASS: tl.constexpr,
+    WRITE_SHRINK: tl.constexpr, DS_PARTIAL: tl.constexpr, PREC: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    r = pid // NG
+    grp = pid % NG
+    m0 = r * BM
+    rm = m0 + tl.arange(0, BM)
+    row_ok = rm < M
+    rj = tl.arange(0, KP)
+    slot_ok = rj < K
+    ids, scale, samp, s_lo = _routing(lab_ptr, idx_ptr, val_ptr, sig_ptr, m0, rm, rj, slot_ok, M, K, T, ONE_CLASS)
+    s_hi = (tl.minimum(m0 + BM, M) - 1) // T
+    steps = (KD + BK - 1) // BK
+    h = _shrink_range(tl.full((BM, KP), 0.0, tl.float32), 0, steps, a_ptr, p_ptr, rm, row_ok, ids, slot_ok, samp,
+                      s_lo, s_hi, lab_ptr, idx_ptr, rj, KD, K, s_am, s_ak, s_pr, s_pk, BK, SPT, ONE_CLASS, PREC)
     if grp == 0:
-        shr_mask = row_ok[:, None] & slot_ok[None, :]
-        shr_off = rm[:, None] * K + rj[None, :]
-        if WRITE_SHRINK:
-            tl.store(shr_ptr + shr_off, acc_h, mask=shr_mask)
-        if DS_PARTIAL:
-            prod = acc_h * tl.load(hsv_ptr + shr_off, mask=shr_mask, other=0.0)       # (BM, KP)
-            if ONE_CLASS:
-                tl.store(part_ptr + pid_m * KP + rj, _sum(prod, 0))
-            else:
-                for s in range(s_lo, s_hi + 1):
-                    sel = tl.where((samp == s)[:, None], prod, 0.0)
-                    tl.store(part_ptr + (pid_m * SPT + s - s_lo) * KP + rj, _sum(sel, 0))
-
-    # ---- expand into every N-tile of the group
+        _store_shrink(h, shr_ptr, hsv_ptr, part_ptr, r, rm, row_ok, rj, slot_ok, samp, s_lo, s_hi, K,
+                      KP, SPT, ONE_CLASS, WRITE_SHRINK, DS_PARTIAL)
     if HAS_OUT:
-        hs = (acc_h * scale).to(q_ptr.dtype.element_ty)                              # (BM, KP)
-        _out_tile(acc, hs, n_beg, rm, row_ok, rj, slot_ok, ids, samp, s_lo, s_hi,
-                  a_ptr, b_ptr, q_ptr, bias_ptr, out_ptr, lab_ptr, idx_ptr, M, N, KD, K,
-                  s_am, s_ak, s_bk, s_bn, s_qr, s_qn, s_om, s_on,
-                  BN, BK, False, HAS_BIAS, ONE_CLASS, PREC)
-        for nt in range(n_beg + 1, n_end):
-            acc = tl.full((BM, BN), 0.0, tl.float32)
-            _out_tile(acc, hs, nt, rm, row_ok, rj, slot_ok, ids, samp, s_lo, s_hi,
-                      a_ptr, b_ptr, q_ptr, bias_ptr, out_ptr, lab_ptr, idx_ptr, M, N, KD, K,
-                      s_am, s_ak, s_bk, s_bn, s_qr, s_qn, s_om, s_on,
-                      BN, BK, HAS_BASE, HAS_BIAS, ONE_CLASS, PREC)
+        hs = (h * scale).to(q_ptr.dtype.element_ty)
+        n_tiles = (N + BN - 1) // BN
+        per = (n_tiles + NG - 1) // NG
+        n_beg = grp * per
+        n_end = tl.minimum(n_beg + per, n_tiles)
+        for nt in range(n_beg, n_end):
+            rn = nt * BN + tl.arange(0, BN)
+            n_ok = rn < N
+            if ONE_CLASS:
+                q = _load_factor(q_ptr, ids, slot_ok, rn, n_ok, s_qr, s_qn)
+            else:
+                q = tl.full((KP, BN), 0.0, q_ptr.dtype.element_ty)
+            acc = _expand(tl.full((BM, BN), 0.0, tl.float32), hs, q, rn, n_ok, samp, s_lo, s_hi, slot_ok, rj, q_ptr,
+                          lab_ptr, idx_ptr, K, s_qr, s_qn, SPT, ONE_CLASS, PREC)
+            if HAS_BIAS:
+                acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            tl.store(out_ptr + rm[:, None] * s_om + rn[None, :] * s_on, acc.to(out_ptr.dtype.element_ty),
+                     mask=row_ok[:, None] & n_ok[None, :])
 
 
 # =====================================================================================
 # dU_T and dV_T: long-K skinny GEMM over the rows, gathered through the slot table
 # =====================================================================================
-@triton.jit
-def _tailor_grad_step(acc, w_ptr, z_ptr, rm, row_ok, ro, o_ok, pos, dg, sig, K, s_zm, s_zo,
-                      PREC: tl.constexpr):
-    """acc (BT, BO) += (w[rows, slot] · σ · D)ᵀ (BT, BM) · z[rows] (BM, BO)."""
-    on = pos >= 0
-    wv = tl.load(w_ptr + rm[:, None] * K + tl.where(on, pos, 0),
-                 mask=row_ok[:, None] & on, other=0.0)                                 # (BM, BT)
-    ws = (wv * (dg * sig[None, :])).to(z_ptr.dtype.element_ty)
-    z = tl.load(z_ptr + rm[:, None] * s_zm + ro[None, :] * s_zo,
-                mask=row_ok[:, None] & o_ok[None, :], other=0.0)                       # (BM, BO)
-    return tl.dot(tl.trans(ws), z, acc, input_precision=PREC)
-
-
 @triton.jit
 def kind_linear_tailor_grad_kernel(
     # -- operands
@@ -298,12 +567,15 @@ def kind_linear_tailor_grad_kernel(
     dg_ptr,      # (C+1, N_T) fp32: D[c, n] = Σ_k [idx[c, k] = n] val[c, k]
     sig_ptr,     # (N_T,) fp32 σ_T
     lab_ptr,     # (B,)
+    list_ptr,    # (t_blocks, m_tiles) int32 row tiles each tailor block walks, in order
+    cnt_ptr,     # (t_blocks,) int32 list lengths
     # -- sizes and strides
     M, O, NT, K, T,
+    SPLIT,       # programs sharing the rows of a (tailor block, column block)
     s_zm, s_zo,
     # -- meta
-    BM: tl.constexpr, BT: tl.constexpr, BO: tl.constexpr, SPLIT: tl.constexpr,
-    ONE_CLASS: tl.constexpr, SKIP: tl.constexpr, PREC: tl.constexpr,
+    BM: tl.constexpr, BT: tl.constexpr, BO: tl.constexpr, PARTIALS: tl.constexpr,  # PARTIALS: SPLIT > 1
+    ONE_CLASS: tl.constexpr, PREC: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
     pid_o = tl.program_id(1)
@@ -314,13 +586,18 @@ def kind_linear_tailor_grad_kernel(
     o_ok = ro < O
     sig = tl.load(sig_ptr + rt, mask=t_ok, other=0.0)                                 # (BT,)
     m_tiles = (M + BM - 1) // BM
-    per = (m_tiles + SPLIT - 1) // SPLIT
-    mt_beg = pid_s * per
-    mt_end = tl.minimum(mt_beg + per, m_tiles)
+    # the row tiles of this block's list (every tile when gates are dense), split over SPLIT
+    # programs; one loop shape for both keeps the loads software-pipelined
+    n_list = tl.load(cnt_ptr + pid_t)
+    per = (n_list + SPLIT - 1) // SPLIT
+    i_beg = pid_s * per
+    i_end = tl.minimum(i_beg + per, n_list)
+    rb = tl.arange(0, BM)
 
     acc = tl.full((BT, BO), 0.0, tl.float32)
-    for mt in range(mt_beg, mt_end):
-        rm = mt * BM + tl.arange(0, BM)
+    for i in range(i_beg, i_end):
+        mt = tl.load(list_ptr + pid_t * m_tiles + i)
+        rm = mt * BM + rb
         row_ok = rm < M
         # ---- which of this block's tailors each row's class uses, and at which slot
         if ONE_CLASS:
@@ -331,22 +608,19 @@ def kind_linear_tailor_grad_kernel(
             cls_r = tl.load(lab_ptr + tl.minimum(rm, M - 1) // T)                      # (BM,)
             pos = tl.load(pos_ptr + cls_r[:, None] * NT + rt[None, :], mask=t_ok[None, :], other=-1)
             dg = tl.load(dg_ptr + cls_r[:, None] * NT + rt[None, :], mask=t_ok[None, :], other=0.0)
-        if SKIP:
-            # blocks no row uses are skipped (block gates: only the class's own block works);
-            # the branch keeps the loads out of the software pipeline, so dense gates don't skip
-            if _max(_max(pos, 1), 0) >= 0:
-                acc = _tailor_grad_step(acc, w_ptr, z_ptr, rm, row_ok, ro, o_ok, pos, dg, sig,
-                                        K, s_zm, s_zo, PREC)
-        else:
-            acc = _tailor_grad_step(acc, w_ptr, z_ptr, rm, row_ok, ro, o_ok, pos, dg, sig,
-                                    K, s_zm, s_zo, PREC)
+        # ---- acc (BT, BO) += (w[rows, slot] · σ · D)ᵀ (BT, BM) · z[rows] (BM, BO)
+        on = pos >= 0
+        wv = tl.load(w_ptr + rm[:, None] * K + tl.where(on, pos, 0), mask=row_ok[:, None] & on, other=0.0)
+        ws = (wv * (dg * sig[None, :])).to(z_ptr.dtype.element_ty)                      # (BM, BT)
+        z = tl.load(z_ptr + rm[:, None] * s_zm + ro[None, :] * s_zo, mask=row_ok[:, None] & o_ok[None, :], other=0.0)
+        acc = tl.dot(tl.trans(ws), z, acc, input_precision=PREC)
 
     out_off = rt[:, None] * O + ro[None, :]
     out_mask = t_ok[:, None] & o_ok[None, :]
-    if SPLIT == 1:
-        tl.store(out_ptr + out_off, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
-    else:
+    if PARTIALS:
         tl.store(out_ptr + pid_s * NT * O + out_off, acc, mask=out_mask)
+    else:
+        tl.store(out_ptr + out_off, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
 # =====================================================================================
@@ -425,7 +699,7 @@ def kind_linear_gate_grad_kernel(
         if NEED_DSIG:
             rt = (pid - C1) * BT + tl.arange(0, BT)
             t_ok = rt < NT
-            acc = tl.full((BT,), 0.0, tl.float32)
+            acc_t = tl.full((BT,), 0.0, tl.float32)  # (not "acc": the branches' values must not share a name)
             for b0 in range(0, B, BB):
                 rb = b0 + tl.arange(0, BB)
                 b_ok = rb < B
@@ -436,18 +710,13 @@ def kind_linear_gate_grad_kernel(
                 on = pos >= 0
                 dg = tl.load(dg_ptr + tab, mask=on, other=0.0)
                 d = tl.load(ds_ptr + rb[:, None] * KP + tl.where(on, pos, 0), mask=on, other=0.0)
-                acc += _sum(d * dg, 0)
-            tl.store(dsig_ptr + rt, acc.to(dsig_ptr.dtype.element_ty), mask=t_ok)
+                acc_t += _sum(d * dg, 0)
+            tl.store(dsig_ptr + rt, acc_t.to(dsig_ptr.dtype.element_ty), mask=t_ok)
 
 
 # =====================================================================================
-# Configs: pinned defaults from bucketed shapes; KIND_FAST_AUTOTUNE=1 tunes the fused kernel
+# Configs: pinned from kind_fast.perfmodel; KIND_FAST_AUTOTUNE=1 tunes the fused kernel
 # =====================================================================================
-def padded_active(k: int) -> int:
-    """KP: K padded to a power of two >= 16 (tl.dot and tl.arange need it)."""
-    return max(16, triton.next_power_of_2(max(k, 1)))
-
-
 def bucket(n: int) -> int:
     """Autotune key bucket of a row count: the next power of two."""
     return triton.next_power_of_2(max(int(n), 1))
@@ -459,89 +728,83 @@ def _sm_count(device_index: int) -> int:
 
 
 def num_sms(device: torch.device) -> int:
-    """Streaming multiprocessors (4 under the interpreter, so the split paths get exercised)."""
+    """Streaming multiprocessors: the device's; 132 (the reference GPU) for ``meta`` tensors,
+    which is how the static audit asks what a launcher would launch; 4 under the interpreter,
+    so the split paths get exercised."""
+    if device.type == "meta":
+        return 132
     if device.type != "cuda":
         return 4
     return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def row_tile(t: int, kp: int, interpret: bool) -> tuple[int, bool]:
-    """(BM, ONE_CLASS): the largest row tile that divides T (one class per tile), else a
-    tile small enough that the per-sample loop of a mixed tile stays short."""
-    sizes = (32, 16) if interpret else ((128, 64, 32, 16) if kp <= 64 else (64, 32, 16))
-    for bm in sizes:
-        if t % bm == 0:
-            return bm, True
-    for bm in sizes:
-        if t >= bm:
-            return bm, False
-    return 16, False
+def _interpret(device: torch.device) -> bool:
+    return device.type not in ("cuda", "meta")
 
 
-def samples_per_tile(bm: int, t: int) -> int:
-    """Most samples a BM-row window can touch."""
-    return (t + bm - 2) // t + 1
+def fused_config(m: int, n: int, kd: int, kp: int, t: int, device: torch.device, *, has_base: bool = True,
+                 has_out: bool = True) -> dict:
+    """The pinned plan of the fused / rows kernel for one shape, as a dict (kind_fast.perfmodel)."""
+    return _plan(m, n, kd, kp, t, device, has_base, has_out).as_dict()
 
 
-def fused_config(m: int, n: int, kd: int, kp: int, t: int, device: torch.device) -> dict:
-    """Pinned config of kind_linear_fused_kernel for one shape (bucketed M)."""
-    interpret = device.type != "cuda"
-    bm, one = row_tile(t, kp, interpret)
-    if interpret:
-        bn, bk, warps, stages = 32, 32, 4, 1
-    else:
-        bn = 64 if (n <= 512 or kp >= 128) else 128
-        bk = 64 if kd >= 64 else 32
-        warps = 8 if bm * bn >= 128 * 128 else 4
-        stages = 3
-    n_tiles = triton.cdiv(n, bn)
-    m_tiles = triton.cdiv(m, bm)
-    ng = n_groups(m_tiles, n_tiles, kp / bn, num_sms(device))
-    return dict(BM=bm, BN=bn, BK=bk, NG=ng, ONE_CLASS=one, num_warps=warps, num_stages=stages)
+def _plan(m, n, kd, k, t, device, has_base, has_out) -> FusedPlan:
+    return plan_fused(m, n, kd, k, t, has_base=has_base, has_out=has_out, interpret=_interpret(device),
+                      sms=num_sms(device))
 
 
-def n_groups(m_tiles: int, n_tiles: int, shrink_cost: float, sms: int) -> int:
-    """N-tile groups per row tile. Programs = m_tiles·NG, each does ceil(n_tiles/NG) output
-    tiles plus one shrink (shrink_cost ≈ KP/BN of a tile). Minimise waves × work per program:
-    few groups repeat the shrink less, but too few (or a wave count just past an integer)
-    leave SMs idle. Ties go to fewer groups."""
-    best, best_t = 1, float("inf")
-    for ng in range(1, n_tiles + 1):
-        per = triton.cdiv(n_tiles, ng)
-        if triton.cdiv(n_tiles, per) != ng:  # would leave an empty group
-            continue
-        t = triton.cdiv(m_tiles * ng, sms) * (per + shrink_cost)
-        if t < best_t - 1e-9:
-            best, best_t = ng, t
-    return best
+def _capturing() -> bool:
+    from kind_fast._tracing import capturing_or_tracing
+
+    return capturing_or_tracing()
 
 
 def _autotune_enabled(device: torch.device) -> bool:
+    """Autotuning only on a GPU, when asked for, never in deterministic mode and never while a
+    CUDA graph is being captured (benchmarking inside a capture breaks it)."""
     return (
         device.type == "cuda"
         and os.environ.get("KIND_FAST_AUTOTUNE", "0") == "1"
         and not torch.are_deterministic_algorithms_enabled()
+        and not _capturing()
     )
 
 
+# (BN, BK, num_warps, num_stages) of the autotune space of the fused kernel (one-class tiles).
+# The static audit (python -m kind_fast.audit) compiles every entry the pruning below keeps at
+# KP 16/32/64/128: none spills. Pruned: 4 warps with 128-row tiles or KP = 128 (they spill),
+# BN > 64 or 4 stages at KP = 128 (likewise). G/NSH follow from (KP, BN) as in the pinned plans.
+AUTOTUNE_SPACE = ((64, 64, 4, 3), (64, 64, 4, 4), (64, 64, 8, 3), (64, 64, 8, 4), (128, 64, 8, 3), (128, 64, 8, 4),
+                  (128, 32, 8, 4))
+
+
+def autotune_configs(n: int, kp: int, bm: int) -> list[triton.Config]:
+    """The autotune configs of the fused kernel for an output width, KP and row tile (BM is
+    host-chosen): the space above without the configs the audit shows spilling."""
+    out = []
+    for bn, bk, w, st in AUTOTUNE_SPACE:
+        if kp >= 128 and (bn > 64 or w < 8 or st > 3):
+            continue
+        if bm == 128 and w < 8:
+            continue
+        g, nsh = owner_split(kp, bn, n)
+        out.append(triton.Config(dict(BN=bn, BK=bk, G=g, NSH=nsh), num_warps=w, num_stages=st))
+    return out
+
+
 @functools.lru_cache(maxsize=None)
-def _autotuned_fused():
-    """kind_linear_fused_kernel under triton.autotune (BM and the flags stay host-chosen)."""
-    configs = [
-        triton.Config(dict(BN=bn, BK=bk, NG=ng), num_warps=w, num_stages=st)
-        for bn in (64, 128, 256) for bk in (32, 64) for ng in (1, 2, 4)
-        for w, st in ((4, 3), (8, 3), (8, 4))
-        if not (bn == 256 and bk == 64 and st == 4)
-    ]
+def _autotuned_fused(n: int, kp: int, bm: int):
+    """kind_linear_fused_kernel under triton.autotune for one (N, KP, BM); flags re-zeroed per trial."""
+    return triton.autotune(configs=autotune_configs(n, kp, bm),
+                           key=["M_BUCKET", "N", "KD", "K", "ONE_CLASS", "DS_PARTIAL"],
+                           reset_to_zero=["flag_ptr"])(kind_linear_fused_kernel)
 
-    def prune(configs, named_args, **kwargs):
-        kp = named_args.get("KP", kwargs.get("KP", 16))
-        n = named_args["N"]
-        return [c for c in configs if not (kp >= 128 and c.kwargs["BN"] == 256)
-                and triton.cdiv(n, c.kwargs["BN"]) >= c.kwargs["NG"]] or configs[:1]
 
-    return triton.autotune(configs=configs, key=["M_BUCKET", "N", "KD", "KP", "HAS_BASE", "HAS_OUT", "ONE_CLASS"],
-                           prune_configs_by={"early_config_prune": prune})(kind_linear_fused_kernel)
+# Polls of a row's flag word before a program recomputes a missing shrink part itself: the
+# owners started with it and finish first, so this only bounds the wait (a few µs) should
+# the hardware ever launch programs out of order. 0 under the interpreter, which runs the
+# programs one after another (an owner after its row's first program recomputes).
+SPIN = 4096
 
 
 # =====================================================================================
@@ -555,7 +818,8 @@ def fused(
     a: torch.Tensor, base: torch.Tensor | None, base_transposed: bool, bias: torch.Tensor | None,
     p: torch.Tensor, q: torch.Tensor, sigma: torch.Tensor, idx: torch.Tensor, val: torch.Tensor,
     labels: torch.Tensor, *, h_saved: torch.Tensor | None = None, write_shrink: bool = True,
-    with_out: bool = True,
+    with_out: bool = True, plan: FusedPlan | None = None, force_local: bool = False, reverse_owners: bool = False,
+    autotune: bool | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None, dict]:
     """out = a·B + ((a·P[ids]ᵀ) ⊙ s)·Q[ids] + bias, with the shrink returned.
 
@@ -563,47 +827,61 @@ def fused(
     dx pass False (B = W_G). ``base=None`` drops the dense term (path M2: the learngenes are
     slots of P/Q); ``with_out=False`` runs the shrink only. With ``h_saved`` the per-tile
     partials of Σ dh_s ⊙ h come back too. Returns (out, shrink (M, K) fp32, partials, config).
+    ``plan`` overrides kind_fast.perfmodel's plan (tests); ``force_local`` makes every program
+    of the fused kernel recompute the shrink instead of taking the owners' parts, and
+    ``reverse_owners`` runs a row's owners in reverse order (tests, see REVERSE_OWNERS);
+    ``autotune`` overrides the KIND_FAST_AUTOTUNE rule (the static audit lists the space).
     """
     m, kd = a.shape
     k = idx.shape[1]
-    kp = padded_active(k)
     n = q.shape[1]
     t = m // labels.shape[0]
     dev = a.device
-    cfg = fused_config(m, n, kd, kp, t, dev)
-    bm = cfg["BM"]
-    spt = 1 if cfg["ONE_CLASS"] else samples_per_tile(bm, t)
-    m_tiles = triton.cdiv(m, bm)
     has_base = base is not None
+    plan = plan or _plan(m, n, kd, k, t, dev, has_base, with_out)
+    bm, kp, spt = plan.BM, plan.KP, plan.SPT
+    m_tiles = triton.cdiv(m, bm)
     out = torch.empty((m, n), dtype=a.dtype, device=dev) if with_out else None
     shr = torch.empty((m, k), dtype=torch.float32, device=dev)
     part = torch.empty((m_tiles, spt, kp), dtype=torch.float32, device=dev) if h_saved is not None else None
-    if has_base:
-        s_bk, s_bn = (base.stride(1), base.stride(0)) if base_transposed else (base.stride(0), base.stride(1))
-    else:
-        s_bk = s_bn = 0
     dummy = shr
-    args = (
-        a, out if with_out else dummy, shr, h_saved if h_saved is not None else dummy,
-        part if part is not None else dummy,
-        base if has_base else a, bias if bias is not None else dummy, p, q, sigma, idx, val, labels,
-        m, n, kd, k, t, bucket(m),
-        a.stride(0), a.stride(1),
-        out.stride(0) if with_out else 0, out.stride(1) if with_out else 0,
-        s_bk, s_bn, p.stride(0), p.stride(1), q.stride(0), q.stride(1),
-    )
-    flags = dict(BM=bm, KP=kp, SPT=spt, HAS_BASE=has_base, HAS_OUT=with_out, HAS_BIAS=bias is not None,
-                 ONE_CLASS=cfg["ONE_CLASS"], WRITE_SHRINK=write_shrink, DS_PARTIAL=h_saved is not None,
-                 PREC=_prec(a.dtype))
-    if with_out and _autotune_enabled(dev):
-        kernel = _autotuned_fused()
-        kernel[lambda meta: (m_tiles * meta["NG"],)](*args, **flags)
+    common = dict(BM=bm, KP=kp, SPT=spt, HAS_BIAS=bias is not None, ONE_CLASS=plan.ONE_CLASS,
+                  DS_PARTIAL=h_saved is not None, PREC=_prec(a.dtype))
+    head = (a, out if with_out else dummy, shr, h_saved if h_saved is not None else dummy,
+            part if part is not None else dummy)
+    weights = (bias if bias is not None else dummy, p, q, sigma, idx, val, labels)
+    if plan.tiles:
+        s_bk, s_bn = (base.stride(1), base.stride(0)) if base_transposed else (base.stride(0), base.stride(1))
+        strides = (a.stride(0), a.stride(1), out.stride(0), out.stride(1), s_bk, s_bn,
+                   p.stride(0), p.stride(1), q.stride(0), q.stride(1))
+        flags = torch.zeros((m_tiles,), dtype=torch.int32, device=dev)
+        spin = 0 if _interpret(dev) else SPIN
+        if (autotune if autotune is not None else _autotune_enabled(dev)) and plan.ONE_CLASS:
+            sizes = (m, n, kd, k, t, bucket(m))
+
+            def grid(meta):
+                return (m_tiles * (meta["G"] + triton.cdiv(n, meta["BN"]) - 1),)
+
+            # the rotation stride for BK = 64; the kernel takes the row's start step modulo its
+            # own step count, so any stride is correct for the BK = 32 configs too
+            rot = rotation_stride(triton.cdiv(kd, 64))
+            _autotuned_fused(n, kp, bm)[grid](*head, flags, base, *weights, *sizes, rot, *strides, SPIN=spin,
+                                              FORCE_LOCAL=False, REVERSE_OWNERS=False, **common)
+            return out, shr, part, plan.as_dict()
+        steps = triton.cdiv(kd, plan.BK)
+        kind_linear_fused_kernel[(m_tiles * (plan.G + triton.cdiv(n, plan.BN) - 1),)](
+            *head, flags, base, *weights, m, n, kd, k, t, bucket(m), rotation_stride(steps), *strides,
+            BN=plan.BN, BK=plan.BK, G=plan.G, NSH=plan.NSH, SPIN=spin, FORCE_LOCAL=force_local,
+            REVERSE_OWNERS=reverse_owners,
+            num_warps=plan.num_warps, num_stages=plan.num_stages, **common)
     else:
-        ng = cfg["NG"] if with_out else 1
-        kind_linear_fused_kernel[(m_tiles * ng,)](
-            *args, BN=cfg["BN"], BK=cfg["BK"], NG=ng, num_warps=cfg["num_warps"],
-            num_stages=cfg["num_stages"], **flags)
-    return out, shr, part, cfg
+        ng = plan.NG if with_out else 1
+        strides = (a.stride(0), a.stride(1), out.stride(0) if with_out else 0, out.stride(1) if with_out else 0,
+                   p.stride(0), p.stride(1), q.stride(0), q.stride(1))
+        kind_linear_rows_kernel[(m_tiles * ng,)](
+            *head, *weights, m, n, kd, k, t, bucket(m), ng, *strides, BN=plan.BN, BK=plan.BK, HAS_OUT=with_out,
+            WRITE_SHRINK=write_shrink, num_warps=plan.num_warps, num_stages=plan.num_stages, **common)
+    return out, shr, part, plan.as_dict()
 
 
 def gate_tables(idx: torch.Tensor, val: torch.Tensor, n_t: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -616,33 +894,58 @@ def gate_tables(idx: torch.Tensor, val: torch.Tensor, n_t: int) -> tuple[torch.T
     return pos, dg
 
 
+def tile_lists(pos: torch.Tensor, labels: torch.Tensor, m: int, plan: TailorPlan) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lists (t_blocks, m_tiles) int32, counts (t_blocks,) int32): for each tailor block, the
+    row tiles (in increasing order) that contain a row whose class uses a tailor of the block.
+    On the device, no host synchronisation (a stable sort keeps the tile order)."""
+    b = labels.shape[0]
+    t = m // b
+    bm, bt, n_t = plan.BM, plan.BT, pos.shape[1]
+    used = pos >= 0                                                               # (C+1, N_T)
+    pad = plan.t_blocks * bt - n_t
+    if pad:
+        used = torch.cat([used, used.new_zeros((used.shape[0], pad))], 1)
+    used = used.view(used.shape[0], plan.t_blocks, bt).any(2)                     # (C+1, t_blocks)
+    per_sample = used.index_select(0, labels.long())                              # (B, t_blocks)
+    first = torch.arange(plan.m_tiles, device=pos.device) * bm
+    s_lo = first // t
+    s_hi = (torch.clamp(first + bm, max=m) - 1) // t
+    if plan.ONE_CLASS:
+        per_tile = per_sample.index_select(0, s_lo)
+    else:  # any sample the tile touches: prefix counts over samples
+        c = torch.cat([per_sample.new_zeros((1, plan.t_blocks), dtype=torch.int32),
+                       per_sample.to(torch.int32).cumsum(0, dtype=torch.int32)])
+        per_tile = (c.index_select(0, s_hi + 1) - c.index_select(0, s_lo)) > 0
+    keys = (~per_tile).to(torch.int8).t()                                        # (t_blocks, m_tiles): 0 = used
+    order = torch.sort(keys, dim=1, stable=True).indices.to(torch.int32)
+    counts = per_tile.sum(0, dtype=torch.int32)
+    return order.contiguous(), counts
+
+
 def tailor_grad(
     w: torch.Tensor, z: torch.Tensor, pos: torch.Tensor, dg: torch.Tensor, sigma: torch.Tensor,
-    labels: torch.Tensor, n_t: int, out_dtype: torch.dtype,
+    labels: torch.Tensor, n_t: int, out_dtype: torch.dtype, *, plan: TailorPlan | None = None,
 ) -> torch.Tensor:
     """out[n] = Σ_m w[m, slot(c_m, n)] σ_n D[c_m, n] z[m]: dU_T (w = h, z = g) or dV_T (w = dh_s, z = x)."""
     m, o = z.shape
     k = w.shape[1]
     t = m // labels.shape[0]
     dev = z.device
-    interpret = dev.type != "cuda"
-    bm, one = row_tile(t, padded_active(k), interpret)
-    bm = min(bm, 64)
-    bt = 32 if interpret else (32 if n_t <= 32 else 64)
-    # skip unused tailor blocks only when classes use a small part of the tailors (block gates)
-    skip = 2 * k <= n_t
-    bo = 32 if interpret else (64 if o <= 512 else 128)
-    t_blocks, o_blocks, m_tiles = triton.cdiv(n_t, bt), triton.cdiv(o, bo), triton.cdiv(m, bm)
-    split = max(1, min(m_tiles, triton.cdiv(2 * num_sms(dev), t_blocks * o_blocks)))
-    split = triton.cdiv(m_tiles, triton.cdiv(m_tiles, split))  # no empty split
+    plan = plan or plan_tailor_grad(m, o, n_t, k, t, interpret=_interpret(dev), sms=num_sms(dev))
+    split = plan.SPLIT
     if split == 1:
         out = torch.empty((n_t, o), dtype=out_dtype, device=dev)
     else:
         out = torch.empty((split, n_t, o), dtype=torch.float32, device=dev)
-    kind_linear_tailor_grad_kernel[(t_blocks, o_blocks, split)](
-        w, z, out, pos, dg, sigma, labels, m, o, n_t, k, t, z.stride(0), z.stride(1),
-        BM=bm, BT=bt, BO=bo, SPLIT=split, ONE_CLASS=one, SKIP=skip, PREC=_prec(z.dtype),
-        num_warps=4, num_stages=3 if not interpret else 1)
+    if plan.SKIP:
+        lists, counts = tile_lists(pos, labels, m, plan)
+    else:  # dense gates: every block walks every row tile
+        lists = torch.arange(plan.m_tiles, dtype=torch.int32, device=dev).expand(plan.t_blocks, -1).contiguous()
+        counts = torch.full((plan.t_blocks,), plan.m_tiles, dtype=torch.int32, device=dev)
+    kind_linear_tailor_grad_kernel[(plan.t_blocks, plan.o_blocks, split)](
+        w, z, out, pos, dg, sigma, labels, lists, counts, m, o, n_t, k, t, split, z.stride(0), z.stride(1),
+        BM=plan.BM, BT=plan.BT, BO=plan.BO, PARTIALS=split > 1, ONE_CLASS=plan.ONE_CLASS,
+        PREC=_prec(z.dtype), num_warps=plan.num_warps, num_stages=plan.num_stages)
     if split > 1:
         out = out.sum(0).to(out_dtype)  # fixed-order reduction (no atomics)
     return out
@@ -669,12 +972,106 @@ def gate_grads(
     bt = 32
     kind_linear_gate_grad_kernel[(c1 + triton.cdiv(n_t, bt),)](
         ds, labels, idx, sigma, pos, dg, dval if need_dval else ds, dsig if need_dsig else ds,
-        b, c1, n_t, k, KP=ds.shape[1], BB=min(64, triton.next_power_of_2(b)), BT=bt,
+        b, c1, n_t, k, KP=ds.shape[1], BB=32, BT=bt,
         NEED_DVAL=need_dval, NEED_DSIG=need_dsig)
     return dval, dsig
 
 
+# =====================================================================================
+# Static audit (python -m kind_fast.audit): every config the launchers above can launch
+# =====================================================================================
+AUDIT_LAYERS = (("DiT-XL/2.q/k/v/proj", 1152, 1152), ("DiT-XL/2.qkv", 1152, 3456), ("DiT-XL/2.fc1", 1152, 4608),
+                ("DiT-XL/2.fc2", 4608, 1152), ("DiT-S/2.proj", 384, 384), ("DiT-S/2.fc1", 384, 1536))
+
+
+def replay_launches(n_in, n_out, m, k, n_t, t, dtype, *, m1=True, m2_learngenes=None, autotune=False):
+    """Run this module's launchers for one layer shape the way the Triton backend does (path M1:
+    forward, then the backward with every gradient and with the shrink alone; path M2 with
+    ``m2_learngenes`` learngene slots: forward and backward) on ``meta`` tensors. Inside
+    kind_fast.audit.capture_launches each kernel launch is recorded instead of run, so this
+    lists exactly the configs those calls launch (the static audit; the self-check's coverage test)."""
+    from kind_fast.perfmodel import fused_unsupported
+
+    dev = torch.device("meta")
+    b = m // t
+    # the Triton backend runs the reference for the shapes these kernels do not take on a GPU
+    m1 = m1 and not fused_unsupported(t, k)
+    if m2_learngenes and fused_unsupported(t, m2_learngenes + k):
+        m2_learngenes = None
+
+    def e(*shape, dt=dtype):
+        return torch.empty(shape, dtype=dt, device=dev)
+
+    x, g, bias, labels = e(m, n_in), e(m, n_out), e(n_out), e(b, dt=torch.int64)
+    if m1:
+        w_g, u_t, v_t, sigma = e(n_out, n_in), e(n_t, n_out), e(n_t, n_in), e(n_t, dt=torch.float32)
+        idx, val = e(11, k, dt=torch.int32), e(11, k, dt=torch.float32)
+        _, h, _, _ = fused(x, w_g, True, bias, v_t, u_t, sigma, idx, val, labels, autotune=autotune)
+        if autotune:
+            fused(g, w_g, False, None, u_t, v_t, sigma, idx, val, labels, h_saved=h, autotune=True)
+        else:
+            _, dhs, part, cfg = fused(g, w_g, False, None, u_t, v_t, sigma, idx, val, labels, h_saved=h)
+            fused(g, None, False, None, u_t, v_t, sigma, idx, val, labels, h_saved=h, with_out=False)
+            pos, dg = gate_tables(idx, val, n_t)
+            tailor_grad(h, g, pos, dg, sigma, labels, n_t, dtype)
+            tailor_grad(dhs, x, pos, dg, sigma, labels, n_t, dtype)
+            ds = sample_ds(part, cfg, m, b)
+            gate_grads(ds, labels, idx, val, sigma, pos, dg, True, True)
+    if m2_learngenes:
+        n_s, ks = m2_learngenes + n_t, m2_learngenes + k
+        u, v, sig = e(n_s, n_out), e(n_s, n_in), e(n_s, dt=torch.float32)
+        ids, vals = e(11, ks, dt=torch.int32), e(11, ks, dt=torch.float32)
+        _, h2, _, _ = fused(x, None, True, bias, v, u, sig, ids, vals, labels)
+        fused(g, None, False, None, u, v, sig, ids, vals, labels, h_saved=h2)
+
+
+def audit_specs(full: bool = True):
+    """Every (kernel, config) the launchers of this module can launch on a GPU, for
+    ``python -m kind_fast.audit``. ``full``: the pinned plans of the DiT layer shapes (S/2 and
+    XL/2) at M = 512 / 8192 / 65536 rows, K = 16 / 32 / 48 / 100 active tailors (KP 16 / 32 /
+    64 / 128), T = 256 (one class per tile) and T = 16 / 37 (mixed tiles), bf16 and fp16, both
+    paths and every backward kernel, plus the autotune space of the fused kernel
+    (``pinned=False``). Otherwise (the CI test): what DiT-XL/2 runs (every layer shape, B = 32
+    and 256, K = 32, T = 256, bf16 and fp16, M1 and M2) and one shape for each other KP, for
+    mixed tiles and for the narrow (BN = 64) layers of DiT-S/2, bf16."""
+    from kind_fast.audit import capture_launches
+
+    specs = []
+
+    def add(label, *args, **kwargs):
+        with capture_launches(label) as got:
+            replay_launches(*args, **kwargs)
+        specs.extend(got)
+
+    if not full:
+        for dtype, dt in ((torch.bfloat16, "bf16"), (torch.float16, "fp16")):
+            for name, n_in, n_out in AUDIT_LAYERS[:4]:
+                for m in (8192, 65536):
+                    add(f"{name} M={m} K=32 T=256 {dt}", n_in, n_out, m, 32, 96, 256, dtype, m2_learngenes=64)
+        for k, t, (name, n_in, n_out) in ((16, 256, AUDIT_LAYERS[0]), (48, 256, AUDIT_LAYERS[0]),
+                                          (100, 256, AUDIT_LAYERS[0]), (32, 37, AUDIT_LAYERS[0]),
+                                          (32, 256, AUDIT_LAYERS[4])):
+            add(f"{name} M=8192 K={k} T={t} bf16", n_in, n_out, 8192, k, 128 if k > 96 else 96, t, torch.bfloat16,
+                m2_learngenes=min(128 - k, 64))
+        return specs
+    for dtype in (torch.bfloat16, torch.float16):
+        dt = "bf16" if dtype == torch.bfloat16 else "fp16"
+        for name, n_in, n_out in AUDIT_LAYERS:
+            for m in (512, 8192, 65536):
+                for k in (16, 32, 48, 100):
+                    for t in (256, 37, 16):
+                        if (m != 8192 or dtype != torch.bfloat16) and (t != 256 or k != 32):
+                            continue  # the other M, fp16 and T only for the DiT default K = 32
+                        n_t = 128 if k > 96 else 96
+                        label = f"{name} M={m} K={k} T={t} {dt}"
+                        add(label, n_in, n_out, m, k, n_t, t, dtype, m2_learngenes=min(128 - k, 64))
+                        if t == 256 and m == 8192:
+                            add(label, n_in, n_out, m, k, n_t, t, dtype, autotune=True)
+    return specs
+
+
 __all__ = [
-    "INTERPRETED", "MAX_ACTIVE", "fused", "fused_config", "gate_tables", "tailor_grad",
-    "sample_ds", "gate_grads", "padded_active", "bucket", "row_tile", "num_sms",
+    "INTERPRETED", "MAX_ACTIVE", "fused", "fused_config", "gate_tables", "tailor_grad", "tile_lists",
+    "sample_ds", "gate_grads", "padded_active", "bucket", "row_tile", "num_sms", "samples_per_tile",
+    "autotune_configs", "audit_specs", "replay_launches",
 ]

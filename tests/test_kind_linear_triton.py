@@ -308,16 +308,21 @@ def test_fallback_to_reference(interpreter, case):
 
 
 def test_autotune_space_is_pruned_and_wraps_the_kernel(interpreter):
-    """KIND_FAST_AUTOTUNE=1 wraps the fused kernel in triton.autotune (tuning itself needs a GPU)."""
+    """KIND_FAST_AUTOTUNE=1 wraps the fused kernel in triton.autotune (tuning itself needs a GPU);
+    the space is pruned of the configs the static audit shows spilling (tests/test_audit.py)."""
     from kind_fast.ops.kind_linear_triton import _kernels
+    from kind_fast.perfmodel import owner_split
 
     K = _kernels()
-    tuner = K._autotuned_fused()
-    assert len(tuner.configs) >= 8
-    prune = tuner.early_config_prune
-    kept = prune(tuner.configs, {"N": 100}, KP=128)
-    assert kept and all(c.kwargs["BN"] != 256 and (100 + c.kwargs["BN"] - 1) // c.kwargs["BN"] >= c.kwargs["NG"]
-                        for c in kept)
+    tuner = K._autotuned_fused(1152, 32, 128)
+    assert len(tuner.configs) >= 3 and tuner.reset_to_zero == ["flag_ptr"]
+    for kp, bm in ((128, 64), (32, 128), (64, 64)):
+        kept = K.autotune_configs(1152, kp, bm)
+        assert kept
+        for c in kept:
+            assert (c.kwargs["G"], c.kwargs["NSH"]) == owner_split(kp, c.kwargs["BN"], 1152)
+            assert not (kp >= 128 and (c.kwargs["BN"] > 64 or c.num_warps < 8 or c.num_stages > 3))
+            assert not (bm == 128 and c.num_warps == 4)
     assert not K._autotune_enabled(torch.device("cpu"))
 
 
@@ -606,66 +611,5 @@ def test_gpu_deterministic_bitwise(monkeypatch):
 
 
 # ------------------------------------------------------------------ compiled mode without a GPU
-def _compile_for_sm90(fn, ptrs, consts, ones=(), div16=(), warps=8, stages=3):
-    """Compile a kernel ahead of time for sm_90 (no GPU needed), specialised as a real launch
-    would be (16-byte aligned pointers, sizes divisible by 16, unit strides as constants)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    sig, cx = {}, dict(consts)
-    for n in fn.arg_names:
-        if n in consts or n in ones:
-            sig[n] = "constexpr"
-            cx.setdefault(n, 1)
-        else:
-            sig[n] = ptrs.get(n, "i32")
-    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in (*ptrs, *div16) if n not in ones}
-    ck = triton.compile(ASTSource(fn, sig, constexprs=cx, attrs=attrs), target=GPUTarget("cuda", 90, 32),
-                        options=dict(num_warps=warps, num_stages=stages))
-    return ck.asm["ttgir"]
-
-
-@pytest.mark.slow
-def test_kernels_compile_for_hopper(monkeypatch):
-    """The interpreter is lenient; this compiles the real kernels for sm_90 on the CPU and checks
-    that the fused kernel uses wgmma and a software-pipelined (async-copy) K-loop."""
-    pytest.importorskip("triton")
-    try:  # the ahead-of-time API this test uses (skip only where it does not exist)
-        from triton.backends.compiler import GPUTarget  # noqa: F401
-        from triton.compiler import ASTSource  # noqa: F401
-    except ImportError as e:
-        pytest.skip(f"this Triton has no ahead-of-time compile API (triton.compiler.ASTSource): {e}")
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    from kind_fast.ops.kind_linear_triton import _kernels
-
-    K = _kernels()
-    bf, f32 = "*bf16", "*fp32"
-    ptrs = dict(a_ptr=bf, out_ptr=bf, shr_ptr=f32, hsv_ptr=f32, part_ptr=f32, b_ptr=bf, bias_ptr=bf, p_ptr=bf,
-                q_ptr=bf, sig_ptr=f32, idx_ptr="*i32", val_ptr=f32, lab_ptr="*i64")
-    div = ("M", "N", "KD", "K", "T", "M_BUCKET", "s_am", "s_om", "s_bn", "s_bk", "s_pr", "s_qr")
-    for one in (True, False):
-        consts = dict(BM=128 if one else 64, BN=128, BK=64, KP=32, NG=2, SPT=1 if one else 3, HAS_BASE=True,
-                      HAS_OUT=True, HAS_BIAS=True, ONE_CLASS=one, WRITE_SHRINK=True, DS_PARTIAL=not one,
-                      PREC="tf32")
-        ttgir = _compile_for_sm90(K.kind_linear_fused_kernel, ptrs, consts,
-                                  ("s_ak", "s_bk", "s_pk", "s_qn", "s_on"), div)
-        assert "warp_group_dot" in ttgir, "fused kernel does not use wgmma on sm_90"
-        assert "async_copy_global_to_local" in ttgir, "fused kernel's K-loop is not pipelined"
-    # path M2: no dense term, up to 128 slots (learngenes + active tailors)
-    consts = dict(BM=64, BN=64, BK=64, KP=128, NG=2, SPT=1, HAS_BASE=False, HAS_OUT=True, HAS_BIAS=True,
-                  ONE_CLASS=True, WRITE_SHRINK=True, DS_PARTIAL=False, PREC="tf32")
-    ttgir = _compile_for_sm90(K.kind_linear_fused_kernel, ptrs, consts, ("s_ak", "s_pk", "s_qn", "s_on"), div)
-    assert "warp_group_dot" in ttgir and "async_copy_global_to_local" in ttgir
-    tg = dict(w_ptr=f32, z_ptr=bf, out_ptr=f32, pos_ptr="*i32", dg_ptr=f32, sig_ptr=f32, lab_ptr="*i64")
-    for skip in (True, False):
-        ttgir = _compile_for_sm90(K.kind_linear_tailor_grad_kernel, tg,
-                                  dict(BM=64, BT=64, BO=128, SPLIT=4, ONE_CLASS=True, SKIP=skip, PREC="tf32"),
-                                  ("s_zo",), ("M", "O", "NT", "K", "T", "s_zm"), warps=4)
-        assert "warp_group_dot" in ttgir
-    _compile_for_sm90(K.kind_linear_gate_tables_kernel, dict(idx_ptr="*i32", val_ptr=f32, pos_ptr="*i32",
-                      dg_ptr=f32), dict(KP=32, BT=64), warps=4)
-    _compile_for_sm90(K.kind_linear_sample_ds_kernel, dict(part_ptr=f32, ds_ptr=f32), dict(KP=32), warps=4)
-    _compile_for_sm90(K.kind_linear_gate_grad_kernel, dict(ds_ptr=f32, lab_ptr="*i64", idx_ptr="*i32",
-                      sig_ptr=f32, pos_ptr="*i32", dg_ptr=f32, dval_ptr=f32, dsig_ptr=f32),
-                      dict(KP=32, BB=64, BT=32, NEED_DVAL=True, NEED_DSIG=True), warps=4)
+# Every config the launchers can launch is compiled for sm_90a by the static audit
+# (kind_fast/audit.py, tests/test_audit.py): registers, spills, wgmma, async copies.

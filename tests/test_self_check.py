@@ -87,3 +87,103 @@ def test_fused_backends_are_not_auto_ready_on_cpu():
     assert not kind_linear_triton.auto_ready("cpu", torch.float16)
     assert not kind_linear_cuda.auto_ready("cpu", torch.bfloat16)
     assert kind_linear_triton._gate.results() == {}, "no self-check ran for a CPU device"
+
+
+# ------------------------------------------------------------------ path M2 and coverage
+def _factored_ref_ops():
+    from kind_fast.ops.kind_linear import kind_linear_backward_ref, kind_linear_ref
+
+    def fwd(x, bias, u, sigma, v, idx, val, labels):
+        return kind_linear_ref(x, x.new_zeros(u.shape[1], x.shape[1]), bias, u, sigma, v, idx, val, labels)
+
+    def bwd(g, x, u, sigma, v, idx, val, labels, h, mask):
+        out = kind_linear_backward_ref(g, x, x.new_zeros(u.shape[1], x.shape[1]), u, sigma, v, idx, val, labels,
+                                       h, [True] * 7)
+        return out[0], out[2], out[3], out[4], out[5], out[6]
+
+    return fwd, bwd
+
+
+def test_factored_check_passes_the_reference_and_catches_a_wrong_gradient():
+    from kind_fast.ops.self_check import check_factored_ops
+
+    small = ((40, 56, 8, 16, 6, 2, 16, 3),)  # (in, out, N_G, N_T, K, B, T, C)
+    fwd, bwd = _factored_ref_ops()
+    ok, msg = check_factored_ops(fwd, bwd, torch.device("cpu"), torch.float16, cases=small)
+    assert ok, msg
+
+    def wrong_dsigma(*args):
+        out = list(bwd(*args))
+        out[3] = out[3] * 1.5
+        return tuple(out)
+
+    ok, msg = check_factored_ops(fwd, wrong_dsigma, torch.device("cpu"), torch.float16, cases=small)
+    assert not ok and "M2 dsigma" in msg
+
+
+def test_triton_gate_checks_the_production_cases_and_path_m2(monkeypatch):
+    """The Triton backend's gate runs CHECK_CASES + TRITON_CASES through its op pair and then the
+    M2 check (FACTORED_CASES); a failing M2 check fails the gate."""
+    from kind_fast.ops import kind_linear_triton as kt
+    from kind_fast.ops import self_check as sc
+
+    seen = {}
+
+    def fake_check_ops(fwd, bwd, device, dtype, cases):
+        seen["cases"] = cases
+        return True, "ok"
+
+    monkeypatch.setattr(sc, "check_ops", fake_check_ops)
+    monkeypatch.setattr(kt, "check_factored_ops", lambda *a, **k: (False, "M2 dx wrong"))
+    ok, msg = kt._gate.check(torch.device("cpu"), torch.float16)
+    assert seen["cases"] == sc.CHECK_CASES + sc.TRITON_CASES
+    assert not ok and "M2" in msg
+
+
+def _specs(kernels, *args, **kwargs):
+    """{key: spec} of every launch kernels.replay_launches(*args, **kwargs) makes."""
+    from kind_fast.audit import capture_launches
+
+    with capture_launches("") as got:
+        kernels.replay_launches(*args, **kwargs)
+    return {s.key: s for s in got}
+
+
+def test_check_cases_select_the_production_configs(monkeypatch):
+    """What 'auto' runs for DiT-XL/2 (every layer shape, B = 32 and 256, K = 32 of 96, bf16 and
+    fp16: forward, dx, the shrink alone, tailor gradients, gate kernels) is compiled and checked
+    by the self-check: the launchers, replayed on meta tensors, launch no production config
+    that the self-check's cases do not launch too (same kernel, constexprs, warps, stages and
+    specialisation). The cases also reach BM = 128 one-class tiles with >= 2 owner sub-tiles,
+    KP 32/64/128, both tailor-gradient variants, split tailor gradients, and path M2 with
+    several N-groups."""
+    pytest.importorskip("triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    from kind_fast.ops.kind_linear_triton import _kernels
+    from kind_fast.ops.self_check import FACTORED_CASES, TRITON_CASES
+    from kind_fast.perfmodel import plan_fused, plan_tailor_grad
+
+    K = _kernels()
+    prod, cases = {}, {}
+    for dtype in (torch.bfloat16, torch.float16):
+        for n_in, n_out in ((1152, 1152), (1152, 3456), (1152, 4608), (4608, 1152)):
+            for m in (8192, 65536):
+                prod.update(_specs(K, n_in, n_out, m, 32, 96, 256, dtype))
+        for i, o, n_t, k, b, t, _ in TRITON_CASES:
+            cases.update(_specs(K, i, o, b * t, k, n_t, t, dtype))
+        for i, o, n_g, n_t, k, b, t, _ in FACTORED_CASES:
+            cases.update(_specs(K, i, o, b * t, k, n_t, t, dtype, m1=False, m2_learngenes=n_g))
+    missing = [(s.kernel, dict(s.constexprs), s.num_warps, s.num_stages) for k, s in prod.items() if k not in cases]
+    assert not missing, f"production configs the self-check never runs: {missing}"
+
+    fused = [dict(s.constexprs) for s in cases.values() if s.kernel == "kind_linear_fused_kernel"]
+    assert {c["KP"] for c in fused} >= {32, 64, 128}
+    assert any(c["BM"] == 128 and c["ONE_CLASS"] and c["G"] >= 2 and c["NSH"] >= 2 for c in fused)
+    tg = [dict(s.constexprs) for s in cases.values() if s.kernel == "kind_linear_tailor_grad_kernel"]
+    assert {c["PARTIALS"] for c in tg} == {True, False}
+    assert {pm_plan.SKIP for pm_plan in (plan_tailor_grad(b * t, o, n_t, k, t) for i, o, n_t, k, b, t, _ in
+                                         TRITON_CASES)} == {True, False}  # compacted lists and the dense walk
+    rows = [dict(s.constexprs) for s in cases.values() if s.kernel == "kind_linear_rows_kernel"]
+    assert {c["KP"] for c in rows if c["HAS_OUT"]} >= {64, 128}
+    for i, o, n_g, _, k, b, t, _ in FACTORED_CASES:  # NG is a runtime argument: ask the plan
+        assert plan_fused(b * t, o, i, n_g + k, t, has_base=False).NG >= 2

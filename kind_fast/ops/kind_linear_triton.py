@@ -21,7 +21,9 @@ choice and tile config to stderr):
         backend when the cost model says so): the learngenes become N_G always-on slots of the
         same kernel, no W_G, no dense GEMM. Needs N_G + K <= 128.
     M0  the reference (no active tailors, K > 128 active tailors: the fused kernels keep a BM×K
-        shrink accumulator in registers; or M·max(in, out) >= 2^31: int32 offsets).
+        shrink accumulator in registers; M·max(in, out) >= 2^31: int32 offsets; on a GPU, rows
+        per sample that would put more than 4 samples in a 64-row tile, or K > 64 with tiles
+        that mix samples: kind_fast.perfmodel.fused_unsupported).
     M3 (per-class merged weights for sampling) is evaluated by the cost model and reported, but
     not implemented: where it would win, M1 runs.
 
@@ -50,7 +52,7 @@ from kind_fast.ops.kind_linear import (
     make_kind_linear_backward,
     register_kind_linear_flop_formulas,
 )
-from kind_fast.ops.self_check import SelfCheckGate
+from kind_fast.ops.self_check import CHECK_CASES, TRITON_CASES, SelfCheckGate, check_factored_ops
 
 __all__ = ["OP", "BACKWARD_OP", "FACTORED_OP", "kind_linear_factored", "status", "supports", "auto_ready",
            "self_check", "MAX_ACTIVE"]
@@ -120,14 +122,22 @@ def _debug_log(kind: str, x: Tensor, n_out: int, k: int, n_t: int, b: int, extra
 # =====================================================================================
 # Implementations
 # =====================================================================================
-def _fallback(m: int, k: int, n_t: int, width: int = 0) -> bool:
-    """Shapes the kernels do not take: no rows/tailors, K > 128, or offsets past int32."""
-    return m == 0 or k == 0 or n_t == 0 or k > MAX_ACTIVE or m * max(width, k) >= 2**31
+def _fallback(m: int, k: int, n_t: int, width: int = 0, b: int = 1, device: torch.device | None = None) -> bool:
+    """Shapes the kernels do not take: no rows/tailors, K > 128, offsets past int32, and on a
+    GPU rows per sample that would need tiles mixing too many samples (or K > 64 with mixed
+    tiles; kind_fast.perfmodel.fused_unsupported: Hopper's MMA needs 64-row tiles)."""
+    if m == 0 or k == 0 or n_t == 0 or k > MAX_ACTIVE or m * max(width, k) >= 2**31:
+        return True
+    if device is not None and device.type == "cuda" and not _interpret():
+        from kind_fast.perfmodel import fused_unsupported
+
+        return bool(fused_unsupported(m // max(b, 1), k))
+    return False
 
 
 def kind_linear_triton_forward(x, w_g, bias, u_t, sigma_t, v_t, idx, val, labels) -> tuple[Tensor, Tensor]:
     m, k, n_t = x.shape[0], idx.shape[1], u_t.shape[0]
-    if _fallback(m, k, n_t, max(x.shape[1], w_g.shape[0])):
+    if _fallback(m, k, n_t, max(x.shape[1], w_g.shape[0]), labels.shape[0], x.device):
         _debug_log("forward", x, w_g.shape[0], k, n_t, labels.shape[0])
         return kind_linear_ref(x, w_g, bias, u_t, sigma_t, v_t, idx, val, labels)
     kern = _kernels()
@@ -144,7 +154,7 @@ def kind_linear_triton_backward(
     """The 7 gradients of kind_linear; ``w_g=None`` means no dense term (path M2: no dw_g)."""
     need_dx, need_dw, need_db, need_du, need_ds, need_dv, need_dval = (bool(v) for v in output_mask)
     m, k, n_t = x.shape[0], idx.shape[1], u_t.shape[0]
-    if _fallback(m, k, n_t, max(x.shape[1], u_t.shape[1])):
+    if _fallback(m, k, n_t, max(x.shape[1], u_t.shape[1]), labels.shape[0], x.device):
         w = w_g if w_g is not None else x.new_zeros((u_t.shape[1], x.shape[1]))
         return kind_linear_backward_ref(grad_y, x, w, u_t, sigma_t, v_t, idx, val, labels, h, output_mask)
     kern = _kernels()
@@ -227,7 +237,10 @@ BACKWARD_OP = torch.ops.kind_fast.kind_linear_triton_backward
 # untested card/Triton version becomes one warning and the reference, not a wrong answer)
 _gate = SelfCheckGate("Triton", lambda: (OP, BACKWARD_OP),
                       lambda device_type, dtype: device_type == "cuda" and supports(device_type, dtype)
-                      and status()[0])
+                      and status()[0],
+                      cases=CHECK_CASES + TRITON_CASES,
+                      extra=lambda device, dtype: check_factored_ops(
+                          FACTORED_OP, torch.ops.kind_fast.kind_linear_factored_triton_backward, device, dtype))
 auto_ready = _gate.auto_ready
 self_check_results = _gate.results
 
@@ -258,7 +271,7 @@ def _kind_linear_factored_op(
     labels: Tensor,
 ) -> tuple[Tensor, Tensor]:
     m, k, n_r = x.shape[0], idx.shape[1], u.shape[0]
-    if _fallback(m, k, n_r, max(x.shape[1], u.shape[1])):
+    if _fallback(m, k, n_r, max(x.shape[1], u.shape[1]), labels.shape[0], x.device):
         zeros = x.new_zeros((u.shape[1], x.shape[1]))
         return kind_linear_ref(x, zeros, bias, u, sigma, v, idx, val, labels)
     _debug_log("forward (M2)", x, u.shape[1], k, n_r, labels.shape[0])

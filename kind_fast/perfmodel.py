@@ -1,0 +1,623 @@
+"""Launch plans of the Triton kind_linear kernels and the HBM-traffic model behind them.
+
+``python -m kind_fast.perfmodel`` prints the traffic table of every DiT-XL/2 layer pass.
+
+The launchers (kernels/kind_linear.py) take their tile sizes, program order and split
+counts from the ``plan_*`` functions here; ``traffic_*`` replays a plan's actual schedule
+through a cache model and counts the bytes that cross the HBM interface. Both are pure
+Python (no torch, no Triton), so a CPU machine can check a GPU schedule.
+
+What the kernels do (kernels/kind_linear.py has the math):
+
+fused (forward y = x·W_Gᵀ + ((x·V_T[ids]ᵀ) ⊙ s)·U_T[ids] + b, and dx the same with g, W_G, U_T, V_T)
+    One program per output tile, the programs of a row tile consecutive in launch order, so
+    a row's tiles run together and its A block (BM×KD) comes from HBM once. Tile 0 of a row
+    runs as G owner sub-tiles of BN/G columns that also compute KP/NSH columns of the shrink
+    (h = a·P[ids]ᵀ) and publish them; being shorter than a tile, they finish before the other
+    tiles of the row need h at their epilogue (a part not published then is recomputed).
+    Every program of row r starts its K-loop at step (r·stride) mod steps. Without a dense
+    term (path M2) or without outputs (shrink only) a program owns a row tile and NG of its
+    N-tiles instead ("row programs"): the shrink, then the expand into each tile.
+
+tailor_grad (dU_T = Σ_m (h ⊙ s)ᵀ g, dV_T = Σ_m (dh_s ⊙ s)ᵀ x, scattered to the tailors)
+    Programs (tailor block, column block, split), tailor block fastest. With block gates
+    (2K <= N_T) each tailor block walks a compacted list of the row tiles whose class uses
+    it; SPLIT programs share a block's list and write fp32 partials summed in a fixed order.
+
+Model assumptions (state them with every number):
+- The reference machine: 132 SMs (H100 SXM / H200), L2 = 50 MB. Only half of it is counted
+  (``l2_effective``): the L2 is two partitions and a line read by SMs on both sides can be
+  held in both, and the real replacement policy is not LRU, so the model budgets 25 MB.
+- Programs are dispatched in launch order onto ``sms × CTAs/SM`` slots (CTAs/SM from the
+  plan, checked against the compiled kernels by the static audit) and run for a time
+  proportional to their MMA work; every program streams its operands uniformly over its
+  K-loop (each operand block is cut into ``chunks`` pieces read at evenly spaced times).
+- The L2 is a fully associative LRU cache of ``l2_effective`` bytes at chunk granularity;
+  a read that misses costs its bytes once; every written byte reaches HBM once (write-back,
+  no fetch on full-line writes); reads that hit cost nothing. The output tiles, which the
+  kernel stores with ``eviction_policy="evict_first"`` (no later program of the launch reads
+  them), enter at the cold end; everything else is plain LRU.
+- Not modelled: TLB and DRAM page effects, L1, the gate tables and the tiny gate-gradient
+  kernels (kilobytes), other kernels running at the same time.
+- Compulsory bytes: every input read once, every output written once, at the dtypes the
+  kernels use (h, dh_s and partials in fp32).
+
+The model counts bytes, not time: ``traffic_*`` also reports the schedule's waves and how
+many shrink parts a program would have to recompute; FLOP efficiency and latency are for a
+GPU to measure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import math
+import sys
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+__all__ = ["Gpu", "H100", "REFERENCE", "FusedPlan", "TailorPlan", "plan_fused", "plan_tailor_grad",
+           "padded_active", "row_tile", "samples_per_tile", "fused_unsupported", "owner_split", "k_rotation",
+           "rotation_stride", "Traffic", "traffic_fused", "traffic_tailor_grad", "dit_xl_rows", "MAX_ACTIVE"]
+
+MAX_ACTIVE = 128  # largest supported K (padded): the BM×KP fp32 shrink accumulator lives in registers
+MB = 1 << 20
+
+
+@dataclass(frozen=True)
+class Gpu:
+    name: str
+    sms: int
+    l2_bytes: int
+    l2_effective: float = 0.5   # fraction of the L2 the model may use (see the module doc)
+
+    @property
+    def l2_budget(self) -> int:
+        return int(self.l2_bytes * self.l2_effective)
+
+
+H100 = Gpu("H100/H200 (132 SMs, 50 MB L2)", 132, 50 * MB)
+REFERENCE = H100
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def padded_active(k: int) -> int:
+    """KP: K padded to a power of two >= 16 (tl.dot and tl.arange need it)."""
+    return max(16, next_pow2(max(k, 1)))
+
+
+MAX_SAMPLES_PER_TILE = 4  # mixed-class tiles: each sample's shrink is its own masked dot
+
+
+def row_tile(t: int, kp: int, interpret: bool) -> tuple[int, bool]:
+    """(BM, ONE_CLASS). On a GPU the row tile is 128 rows (KP <= 64) or 64 rows: Hopper's
+    warpgroup MMA takes 64 rows per warpgroup, smaller tiles would fall back to mma.sync. When
+    T is a multiple of BM a tile lies in one sample, so it has one class; otherwise it is a
+    64-row tile that handles each of the samples it touches with row masks (see
+    ``fused_unsupported`` for the limit). The interpreter uses 32/16-row tiles, so that small
+    test problems have several tiles and mixed tiles."""
+    if interpret:
+        sizes = (32, 16)
+        for bm in sizes:
+            if t % bm == 0:
+                return bm, True
+        for bm in sizes:
+            if t >= bm:
+                return bm, False
+        return 16, False
+    if kp <= 64 and t % 128 == 0:
+        return 128, True
+    return 64, t % 64 == 0
+
+
+def samples_per_tile(bm: int, t: int) -> int:
+    """Most samples a BM-row tile touches (tiles start at multiples of BM)."""
+    if bm % t == 0:
+        return bm // t
+    return (t + bm - 2) // t + 1
+
+
+def fused_unsupported(t: int, k: int) -> str:
+    """Why the fused GPU kernels do not take rows grouped T per sample with K active tailors
+    ('' when they do): a 64-row tile may touch at most MAX_SAMPLES_PER_TILE samples, and only
+    with KP <= 64 (the owners' per-sample shrink must stay shorter than a tile). The Triton
+    backend runs the reference there (tiny T: x·V_T over all tailors as one GEMM is better)."""
+    kp = padded_active(k)
+    bm, one = row_tile(t, kp, interpret=False)
+    if one:
+        return ""
+    spt = samples_per_tile(bm, t)
+    if spt > MAX_SAMPLES_PER_TILE:
+        return f"T={t} rows per sample: a {bm}-row tile would touch {spt} samples (> {MAX_SAMPLES_PER_TILE})"
+    if kp > 64:
+        return f"K={k} (KP={kp}) with tiles that mix samples (T={t})"
+    return ""
+
+
+# =====================================================================================
+# Plans
+# =====================================================================================
+@dataclass(frozen=True)
+class FusedPlan:
+    tiles: bool          # True: tile programs (fused kernel); False: row programs (rows kernel)
+    BM: int
+    BN: int
+    BK: int
+    KP: int
+    G: int               # tile programs: tile 0 of a row runs as G owner sub-tiles of BN/G columns
+    NSH: int             # tile programs: owners that carry KP/NSH shrink columns each
+    NG: int              # row programs: N-tile groups per row tile
+    ONE_CLASS: bool
+    SPT: int             # most samples one row tile touches (1 when ONE_CLASS)
+    num_warps: int
+    num_stages: int
+    ctas_per_sm: int     # resident programs per SM the plan assumes (the audit checks it)
+    m_tiles: int
+    n_tiles: int
+
+    @property
+    def programs(self) -> int:
+        return self.m_tiles * ((self.G + self.n_tiles - 1) if self.tiles else self.NG)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _tile_config(n: int, kd: int, kp: int, bm: int, interpret: bool, one: bool = True) -> tuple[int, int, int, int]:
+    """(BN, BK, num_warps, num_stages) of the pinned fused configs: BN 64 for narrow layers and
+    KP = 128, else 128 (and 128 for mixed-class tiles, whose owners need the room)."""
+    if interpret:
+        return 32, 32, 4, 1
+    bn = 64 if ((n <= 512 and one) or kp >= 128) else 128
+    bk = 64 if kd >= 64 else 32
+    # 4 warps spill (static audit) at 128x128 tiles, at KP = 128 and with mixed-class tiles
+    warps = 8 if (bm * bn >= 128 * 128 or kp >= 128 or not one) else 4
+    return bn, bk, warps, 3
+
+
+def owner_split(kp: int, bn: int, n: int, spt: int = 1) -> tuple[int, int]:
+    """(G, NSH): tile 0 of every row runs as G owner sub-tiles of BN/G columns; the first NSH
+    of them also compute KP/NSH columns of the shrink (>= 16 each, tl.dot's minimum), for each
+    of the SPT samples of a mixed tile. An owner's MMA work is (BN/G + SPT·KP/NSH)/BN of a
+    tile; G is the smallest power of two that keeps it <= 3/4, so owners publish their part of
+    h well before the other tiles of the row (launched with them) reach their epilogue, and a
+    one-class row costs exactly its tiles plus the shrink, (N + KP)/BN tile-times. Sub-tiles
+    stay >= 16 columns (if none gets to 3/4, the split with the least owner work). A row of
+    one tile (N <= BN) is one program: (1, 1)."""
+    if n <= bn:
+        return 1, 1
+    best, best_work = (1, 1), float("inf")
+    g = 2
+    while bn // g >= 16:
+        nsh = max(1, min(g, kp // 16))
+        work = (bn // g + spt * (kp // nsh)) / bn
+        if work < best_work - 1e-9:
+            best, best_work = (g, nsh), work
+        if work <= 0.75:
+            break
+        g *= 2
+    return best
+
+
+def k_rotation(r: int, steps: int) -> int:
+    """First K-step of row tile r's K-loop (every program of the row runs its K-loop from
+    there, modulo ``steps``). Rows running together start at well-spread steps (golden-ratio
+    stride), so at any moment they read different parts of the shared weight and a weight
+    chunk is touched every few tile-times rather than once per wave of programs: it stays in
+    L2 even when programs run in lock-step. A second-order effect with the owner schedule
+    (modelled DiT-XL/2.fc2 forward at M = 8192: 1.033x compulsory without it, 1.017x with
+    it); with lock-step waves of equal programs it decides whether the weight is re-read."""
+    return (r * rotation_stride(steps)) % max(steps, 1)
+
+
+def rotation_stride(steps: int) -> int:
+    return max(1, round(0.381966 * steps)) if steps > 1 else 0
+
+
+def n_groups(m_tiles: int, n_tiles: int, shrink_cost: float, sms: int) -> int:
+    """Row programs: N-tile groups per row tile. Programs = m_tiles·NG, each does
+    ceil(n_tiles/NG) output tiles plus one shrink (shrink_cost in output tiles). Minimise
+    waves × work per program; no group may be empty. Ties go to fewer groups."""
+    best, best_t = 1, float("inf")
+    for ng in range(1, n_tiles + 1):
+        per = cdiv(n_tiles, ng)
+        if cdiv(n_tiles, per) != ng:  # would leave an empty group
+            continue
+        t = cdiv(m_tiles * ng, sms) * (per + shrink_cost)
+        if t < best_t - 1e-9:
+            best, best_t = ng, t
+    return best
+
+
+def plan_fused(m: int, n: int, kd: int, k: int, t: int, *, has_base: bool = True, has_out: bool = True,
+               interpret: bool = False, gpu: Gpu = REFERENCE, sms: int | None = None) -> FusedPlan:
+    """The launch plan of the fused / rows kernel for one shape (M rows, N outputs, KD the
+    reduction, K active tailors, T rows per sample). ``sms`` overrides the GPU's SM count (the
+    launcher passes the device's; the interpreter uses 4 so that the split paths get exercised)."""
+    kp = padded_active(k)
+    sms = gpu.sms if sms is None else sms
+    bm, one = row_tile(t, kp, interpret)
+    spt = 1 if one else samples_per_tile(bm, t)
+    bn, bk, warps, stages = _tile_config(n, kd, kp, bm, interpret, one)
+    m_tiles, n_tiles = cdiv(m, bm), cdiv(n, bn)
+    # resident programs per SM as compiled for sm_90 (tests/test_audit.py checks the DiT-XL/2
+    # configs against the compiler): ~200-255 registers per thread, so one block of 8 warps
+    # or two of 4 warps
+    ctas = 1 if warps == 8 else 2
+    if has_base and has_out:
+        g, nsh = owner_split(kp, bn, n, spt)
+        return FusedPlan(True, bm, bn, bk, kp, g, nsh, 1, one, spt, warps, stages, ctas, m_tiles, n_tiles)
+    if has_out:  # path M2: row programs, shrink then expand; the shrink costs KD/BN expand tiles
+        ng = n_groups(m_tiles, n_tiles, kd / bn, sms * ctas)
+    else:
+        ng = 1
+    return FusedPlan(False, bm, bn, bk, kp, 1, 1, ng, one, spt, warps, stages, ctas, m_tiles, n_tiles)
+
+
+@dataclass(frozen=True)
+class TailorPlan:
+    BM: int
+    BT: int
+    BO: int
+    SPLIT: int
+    SKIP: bool            # compacted per-block row-tile lists (block gates)
+    ONE_CLASS: bool
+    num_warps: int
+    num_stages: int
+    ctas_per_sm: int
+    m_tiles: int
+    t_blocks: int
+    o_blocks: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def plan_tailor_grad(m: int, o: int, n_t: int, k: int, t: int, *, interpret: bool = False,
+                     gpu: Gpu = REFERENCE, sms: int | None = None) -> TailorPlan:
+    """Launch plan of kind_linear_tailor_grad_kernel: out (N_T, O) = Σ over M rows.
+
+    SPLIT: enough programs to fill the machine twice, but the fp32 partials (SPLIT·N_T·O·4
+    bytes written, then read back) stay within 5 % of the compulsory bytes (M·O + M·K·2)·2."""
+    sms = gpu.sms if sms is None else sms
+    kp = padded_active(k)
+    bm, one = row_tile(t, kp, interpret)
+    bm = min(bm, 64)
+    bt = 32 if interpret else (32 if n_t <= 32 else 64)
+    skip = 2 * k <= n_t
+    bo = 32 if interpret else (64 if o <= 512 else 128)
+    warps, stages = (4, 1) if interpret else (4, 3)
+    ctas = 4 if one else 2  # as compiled for sm_90: 128 registers one-class, ~180 with per-row classes
+    t_blocks, o_blocks, m_tiles = cdiv(n_t, bt), cdiv(o, bo), cdiv(m, bm)
+    split = max(1, min(m_tiles, cdiv(2 * sms * ctas, t_blocks * o_blocks)))
+    compulsory = 2 * (m * o + m * k * 2)
+    while split > 1 and split * n_t * o * 4 * 2 > 0.05 * compulsory:
+        split -= 1
+    split = cdiv(m_tiles, cdiv(m_tiles, split))  # no empty split
+    return TailorPlan(bm, bt, bo, split, skip, one, warps, stages, ctas, m_tiles, t_blocks, o_blocks)
+
+
+# =====================================================================================
+# Traffic simulation
+# =====================================================================================
+@dataclass
+class Traffic:
+    read: int = 0            # bytes read from HBM
+    written: int = 0         # bytes written to HBM
+    compulsory: int = 0      # every input once, every output once
+    programs: int = 0
+    waves: float = 0.0
+    slices_loaded: int = 0   # shrink parts a program found published at its epilogue
+    recomputed: int = 0      # shrink parts a program recomputed (not published in time)
+    waited: float = 0.0      # tile-times programs spent polling for a part
+    notes: list = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return self.read + self.written
+
+    @property
+    def ratio(self) -> float:
+        return self.total / max(self.compulsory, 1)
+
+
+class _Lru:
+    """Fully associative LRU cache over (key -> bytes) blocks, write-back."""
+
+    def __init__(self, capacity: int):
+        self.cap = capacity
+        self.used = 0
+        self.lines: OrderedDict = OrderedDict()  # key -> [bytes, dirty]
+        self.read = 0
+        self.written = 0
+
+    def access(self, key, nbytes: int, write: bool, evict_first: bool = False) -> bool:
+        """One access; ``evict_first``: the L2::evict_first hint, a new line goes to the cold end."""
+        line = self.lines.get(key)
+        if line is not None:
+            if not evict_first:
+                self.lines.move_to_end(key)
+            if write:
+                line[1] = True
+            return True
+        if not write:
+            self.read += nbytes
+        self.lines[key] = [nbytes, write]
+        if evict_first:
+            self.lines.move_to_end(key, last=False)
+        self.used += nbytes
+        while self.used > self.cap and self.lines:
+            _, (b, dirty) = self.lines.popitem(last=False)
+            self.used -= b
+            if dirty:
+                self.written += b
+        return False
+
+    def contains(self, key) -> bool:
+        return key in self.lines
+
+    def flush(self) -> None:
+        for b, dirty in self.lines.values():
+            if dirty:
+                self.written += b
+        self.lines.clear()
+        self.used = 0
+
+
+def _dispatch(durations: Sequence[float], slots: int) -> list[float]:
+    """Start time of each program, launched in order onto the first free of ``slots``."""
+    free = [0.0] * min(slots, max(len(durations), 1))
+    heapq.heapify(free)
+    starts = []
+    for d in durations:
+        s = heapq.heappop(free)
+        starts.append(s)
+        heapq.heappush(free, s + d)
+    return starts
+
+
+def traffic_fused(m: int, n: int, kd: int, k: int, t: int, *, pass_: str = "forward", plan: FusedPlan | None = None,
+                  gpu: Gpu = REFERENCE, elt: int = 2, chunks: int = 8, n_t: int = 96, wait: float = 0.25) -> Traffic:
+    """Bytes kind_linear_fused_kernel moves for one launch under ``plan`` (default: the
+    launcher's). ``pass_`` "forward" (A = x, B = W_Gᵀ, writes y and h) or "dx" (A = g, B = W_G,
+    reads the saved h for the ds partials, writes dx and dh_s).
+
+    Time runs in units of one output tile's K-loop; an owner sub-tile takes (BN/G + its
+    shrink columns)/BN of that. Every program of a row runs its K-loop from the row's
+    rotation step and reads each operand chunk when its first K-step runs. At its end a
+    program needs every shrink part: a part published by then is read from L2 (h tile);
+    otherwise the program waits for it up to ``wait`` tile-times (the kernel polls) and
+    failing that recomputes it, re-reading that part's P and the row's A (``recomputed``)."""
+    plan = plan or plan_fused(m, n, kd, k, t, gpu=gpu)
+    if not plan.tiles:
+        raise ValueError("traffic_fused models the tile schedule (dense term and outputs)")
+    kp, bm, bn, g_cnt, nsh = plan.KP, plan.BM, plan.BN, plan.G, plan.NSH
+    m_tiles, n_tiles = plan.m_tiles, plan.n_tiles
+    dx = pass_ == "dx"
+    steps = cdiv(kd, plan.BK)
+    bng, kpg = bn // g_cnt, kp // nsh
+    p_bytes = n_t * kd * elt      # the shrink factor's rows (all tailors; read once)
+    tr = Traffic()
+    tr.compulsory = ((m * kd + kd * n + m * n) * elt + n_t * (kd + n) * elt + m * k * 4 * (2 if dx else 1)
+                     + (m_tiles * plan.SPT * kp * 4 if dx else 0))
+    lru = _Lru(gpu.l2_budget)
+    slots = gpu.sms * plan.ctas_per_sm
+    per_row = g_cnt + n_tiles - 1
+    order = [(r, j) for r in range(m_tiles) for j in range(per_row)]
+
+    def cols_of(j):  # (first column, width, shrink columns) of program j of a row
+        if j < g_cnt:
+            return j * bng, bng, (kpg if j < nsh else 0)
+        return (j - g_cnt + 1) * bn, bn, 0
+
+    durs = []
+    for _, j in order:  # MMA work: the full tile width (masked columns still run) + shrink columns
+        _, w, sh = cols_of(j)
+        durs.append((w + sh) / bn)
+    starts = _dispatch(durs, slots)
+    tr.programs = len(order)
+    tr.waves = sum(durs) / slots
+    publish = {}
+    events = []
+    seq = 0
+
+    def ev(tm, kind, key, nbytes):
+        nonlocal seq
+        events.append((tm, seq, kind, key, nbytes))
+        seq += 1
+
+    step_chunk = [st * chunks // steps for st in range(steps)]
+    for (r, j), s0, d in zip(order, starts, durs):
+        rows = min(bm, m - r * bm)
+        c0, w, sh = cols_of(j)
+        ncols = max(0, min(w, n - c0))
+        ev(s0, "r", ("Q", j), n_t * ncols * elt)
+        rho = k_rotation(r, steps)
+        seen = set()
+        for i in range(steps):
+            st = (rho + i) % steps
+            c = step_chunk[st]
+            if c not in seen:
+                seen.add(c)
+                tm = s0 + d * (i + 0.5) / steps
+                ev(tm, "r", ("A", r, c), rows * kd * elt // chunks)
+                for bc in range(c0 // 64, cdiv(c0 + ncols, 64)):  # B by 64-column strips
+                    ev(tm, "r", ("B", bc, c), kd * min(64, n - bc * 64) * elt // chunks)
+                if sh:
+                    ev(tm, "r", ("P", c), p_bytes // chunks)
+        end = s0 + d
+        if sh:
+            publish[(r, j)] = end
+            ev(end, "w", ("h", r, j), rows * sh * 4)
+        ev(end, "need", (r, j), rows)
+        if dx and j == 0:
+            ev(end, "r", ("hsaved", r), rows * k * 4)
+            ev(end, "w", ("part", r), plan.SPT * kp * 4)
+        ev(end, "wf", ("y", r, j), rows * ncols * elt)
+    events.sort(key=lambda e: (e[0], e[1]))
+    for tm, _, kind, key, nbytes in events:
+        if kind == "need":
+            r, j = key
+            for g in range(nsh):
+                pub = publish.get((r, g), math.inf)
+                if pub <= tm + (wait if j < g_cnt else 0.0):
+                    tr.slices_loaded += 1
+                    tr.waited += max(0.0, pub - tm)
+                    lru.access(("h", r, g), nbytes * kpg * 4, False)
+                else:
+                    tr.recomputed += 1
+                    for c in range(chunks):
+                        lru.access(("A", r, c), nbytes * kd * elt // chunks, False)
+                        lru.access(("P", c), p_bytes // chunks, False)
+            continue
+        lru.access(key, nbytes, kind in ("w", "wf"), evict_first=kind == "wf")
+    lru.flush()
+    tr.read, tr.written = lru.read, lru.written
+    return tr
+
+
+def traffic_tailor_grad(m: int, o: int, n_t: int, k: int, t: int, *, gate: str = "block",
+                        plan: TailorPlan | None = None,
+                        gpu: Gpu = REFERENCE, elt: int = 2, classes: int = 1000, seed: int = 0) -> Traffic:
+    """Bytes of one tailor-gradient launch (dU_T: w = h, z = g; dV_T: w = dh_s, z = x) plus the
+    fixed-order sum of its SPLIT partials. ``gate``: "block" (each class owns one block of K
+    tailors; row tiles are listed per tailor block) or "random" (every block used by every row).
+    Row tiles get uniformly random classes."""
+    import random
+
+    plan = plan or plan_tailor_grad(m, o, n_t, k, t, gpu=gpu)
+    bm, bt, bo, split = plan.BM, plan.BT, plan.BO, plan.SPLIT
+    m_tiles, t_blocks, o_blocks = plan.m_tiles, plan.t_blocks, plan.o_blocks
+    rng = random.Random(seed)
+    blocks_of_class = max(1, n_t // max(k, 1))
+    lists = [[] for _ in range(t_blocks)]
+    for mt in range(m_tiles):
+        if plan.SKIP and gate == "block":
+            c = rng.randrange(blocks_of_class)
+            used = {b for b in range(t_blocks) if b * bt < (c + 1) * k and (b + 1) * bt > c * k}
+        else:
+            used = set(range(t_blocks))
+        for b in used:
+            lists[b].append(mt)
+    tr = Traffic()
+    tr.compulsory = (m * o * elt) + m * k * 4 + n_t * o * elt
+    lru = _Lru(gpu.l2_budget)
+    slots = gpu.sms * plan.ctas_per_sm
+    progs = []
+    for s in range(split):
+        for ob in range(o_blocks):
+            for b in range(t_blocks):
+                lst = lists[b]
+                per = cdiv(len(lst), split)
+                progs.append((b, ob, s, lst[s * per:(s + 1) * per]))
+    durs = [max(len(p[3]), 0.05) for p in progs]
+    starts = _dispatch(durs, slots)
+    tr.programs = len(progs)
+    tr.waves = sum(durs) / slots / max(max(durs), 1e-9)
+    events = []
+    seq = 0
+    for (b, ob, s, tiles), s0, d in zip(progs, starts, durs):
+        cols = min(bo, o - ob * bo)
+        for i, mt in enumerate(tiles):
+            tm = s0 + d * (i + 0.5) / max(len(tiles), 1)
+            rows = min(bm, m - mt * bm)
+            events.append((tm, seq, "r", ("z", mt, ob), rows * cols * elt))
+            seq += 1
+            events.append((tm, seq, "r", ("w", mt), rows * k * 4))
+            seq += 1
+        rows_t = min(bt, n_t - b * bt)
+        events.append((s0 + d, seq, "w", ("part", s, b, ob) if split > 1 else ("out", b, ob),
+                       rows_t * cols * (4 if split > 1 else elt)))
+        seq += 1
+    events.sort(key=lambda e: (e[0], e[1]))
+    for _, _, kind, key, nbytes in events:
+        lru.access(key, nbytes, kind == "w")
+    if split > 1:  # out = partials.sum(0): read every partial, write the result
+        for b in range(t_blocks):
+            for ob in range(o_blocks):
+                cols = min(bo, o - ob * bo)
+                rows_t = min(bt, n_t - b * bt)
+                for s in range(split):
+                    lru.access(("part", s, b, ob), rows_t * cols * 4, False)
+                lru.access(("out", b, ob), rows_t * cols * elt, True)
+    lru.flush()
+    tr.read, tr.written = lru.read, lru.written
+    return tr
+
+
+# =====================================================================================
+# DiT-XL/2 table
+# =====================================================================================
+DIT_XL = dict(d=1152, mlp=4608, k=32, n_t=96, t=256)
+LAYERS = (("q", 1152, 1152), ("k", 1152, 1152), ("v", 1152, 1152), ("proj", 1152, 1152), ("fc1", 1152, 4608),
+          ("fc2", 4608, 1152))
+
+
+def dit_xl_rows(ms: Sequence[int] = (8192, 65536), gpu: Gpu = REFERENCE, layers=LAYERS) -> list[dict]:
+    """Modelled and compulsory bytes of every DiT-XL/2 layer pass (forward, dx, dU_T, dV_T)."""
+    k, n_t, t = DIT_XL["k"], DIT_XL["n_t"], DIT_XL["t"]
+    rows = []
+    cache: dict = {}
+    for m in ms:
+        for name, n_in, n_out in layers:
+            for pname in ("forward", "dx", "dU_T", "dV_T"):
+                key = (m, n_in, n_out, pname)
+                if key not in cache:
+                    if pname == "forward":
+                        cache[key] = traffic_fused(m, n_out, n_in, k, t, pass_="forward", gpu=gpu, n_t=n_t)
+                    elif pname == "dx":
+                        cache[key] = traffic_fused(m, n_in, n_out, k, t, pass_="dx", gpu=gpu, n_t=n_t)
+                    else:
+                        o = n_out if pname == "dU_T" else n_in
+                        cache[key] = traffic_tailor_grad(m, o, n_t, k, t, gpu=gpu)
+                tr = cache[key]
+                rows.append(dict(layer=f"DiT-XL/2.{name}", pass_=pname, M=m, n_in=n_in, n_out=n_out,
+                                 compulsory=tr.compulsory, modelled=tr.total, ratio=tr.ratio, waves=tr.waves,
+                                 slices_loaded=tr.slices_loaded, recomputed=tr.recomputed))
+    return rows
+
+
+def markdown(rows: list[dict], gpu: Gpu = REFERENCE) -> str:
+    out = [f"Model: {gpu.name}, L2 budget {gpu.l2_budget / MB:.0f} MB (see kind_fast/perfmodel.py).", "",
+           "| layer | pass | M | compulsory MB | modelled MB | modelled/compulsory | shrink parts recomputed |",
+           "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        dep = r["slices_loaded"] + r["recomputed"]
+        hit = f"{r['recomputed']}/{dep}" if dep else "-"
+        out.append(f"| {r['layer']} | {r['pass_']} | {r['M']} | {r['compulsory'] / MB:.1f} | "
+                   f"{r['modelled'] / MB:.1f} | {r['ratio']:.3f} | {hit} |")
+    return "\n".join(out) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m kind_fast.perfmodel", description="HBM traffic of the DiT-XL/2 passes")
+    ap.add_argument("--m", type=int, nargs="*", default=[8192, 65536])
+    ap.add_argument("--l2-fraction", type=float, default=REFERENCE.l2_effective,
+                    help="fraction of the 50 MB L2 the model may use (default %(default)s)")
+    ap.add_argument("--markdown", metavar="PATH", help="also write the table (e.g. bench/results/traffic_dit_xl.md)")
+    args = ap.parse_args(argv)
+    gpu = Gpu(REFERENCE.name, REFERENCE.sms, REFERENCE.l2_bytes, args.l2_fraction)
+    rows = dit_xl_rows(args.m, gpu)
+    text = ("# HBM traffic model of the Triton kernels, DiT-XL/2 layer passes\n\n"
+            "Generated by `python -m kind_fast.perfmodel` (pure Python, no GPU). The launch plans the "
+            "kernels use, replayed through the L2 model whose assumptions are in the docstring of "
+            "`kind_fast/perfmodel.py`: K = 32 of N_T = 96 tailors per class (block gates, uniformly random "
+            "classes), T = 256 rows per image, bf16. Compulsory: every input read once, every output written "
+            "once. Not measured on a GPU.\n\n" + markdown(rows, gpu))
+    print(text)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
