@@ -3,20 +3,22 @@
 # (2.11+), Triton (3.6+), nvcc, ninja, pytest preinstalled and NO network (nothing is installed
 # from an index: the package runs from this tree through PYTHONPATH, the CUDA extension is built
 # in place). It builds csrc/, runs the GPU tests, benchmarks the DiT-XL/2 layer passes, training
-# steps and a sampling step (bench/gpu_check.py), writes bench/results/<date>-<card>/ and
-# prints a ratio table last.
+# steps and a guided sampling step (bench/gpu_check.py), writes bench/results/<date>-<card>/
+# and prints a ratio table last.
 #
 #   bash bench/gpu_check.sh [--dry-run] [RESULTS_DIR]
 #
 # Time budget (seconds from the start; KIND_FAST_CHECK_SECONDS scales it, default 450):
 #   0     environment; the extension build starts in the background (limit 240 s; nvcc uses a
-#         few of the 16 cores while the first GPU section runs)
-#   38 %  section "layers" starts no more rows (Triton, reference, torch.compile of two reference
-#         rows, F.linear / nn.Linear); 52 %: section "steps" (DiT-XL/2 train steps, peak memory)
-#   58 %  the build must be done (else the CUDA rows are skipped, with the build log)
-#   78 %  the GPU tests are stopped (pytest -m gpu; a stopped run still reports its counts)
-#   90 %  section "cuda" starts no more rows (the CUDA backend's M1 and M3 rows); 97 %: section
-#         "sampling" (dense vs KIND-DiT M1 vs M3 sampling step)
+#         few of the 16 cores while the first GPU sections run)
+#   36 %  section "layers" starts no more rows (Triton self-check, then Triton, reference,
+#         torch.compile of two reference rows, F.linear / nn.Linear); 48 %: section "steps"
+#         (DiT-XL/2 train steps, peak memory); 58 %: section "sampling" (dense vs KIND-DiT
+#         guided sampling step, M3 as the cost model picks it, M1 beside it)
+#   60 %  the build must be done (else the CUDA rows are skipped, with the build log)
+#   80 %  the GPU tests are stopped (pytest -m gpu; a stopped run still reports its counts)
+#   97 %  section "cuda" starts no more rows (self-check, M3 layer rows and the sampling step on
+#         the CUDA backend, then its M1 rows)
 #   then  summary.md, results.json; the table is printed last
 # Each section skips what no longer fits, with the reason; a failed step never stops the others.
 # --dry-run: no GPU, no build; every section runs on the CPU with tiny shapes and the reference
@@ -99,16 +101,17 @@ else
     say "building kind_fast._C in the background (TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST)"
 fi
 
-# ---- 3. layers and training steps (the extension is not loaded while it is being built) ------
-say "sections layers, steps"
-KIND_FAST_DISABLE_CUDA_EXT=1 timeout -k 10 "$(left "$(at 56)")" "$PY" bench/gpu_check.py "${FLAGS[@]}" \
-    --out "$RES" --sections layers,steps --deadline "layers=$(at 38),steps=$(at 52)" >"$RES/bench_a.log" 2>&1
-say "layers, steps: rc=$? ($(grep -c '^layers ' "$RES/bench_a.log") layer rows logged)"
+# ---- 3. layers, training steps, sampling (the extension is not loaded while it is being built)
+say "sections layers, steps, sampling"
+KIND_FAST_DISABLE_CUDA_EXT=1 timeout -k 10 "$(left "$(at 60)")" "$PY" bench/gpu_check.py "${FLAGS[@]}" \
+    --out "$RES" --sections layers,steps,sampling --deadline "layers=$(at 36),steps=$(at 48),sampling=$(at 58)" \
+    >"$RES/bench_a.log" 2>&1
+say "layers, steps, sampling: rc=$? ($(grep -c '^layers ' "$RES/bench_a.log") layer rows logged)"
 copy_out
 
 # ---- 4. the build's result ---------------------------------------------------------------------
 if [ "$DRY" = 0 ]; then
-    while [ ! -f "$RES/build.rc" ] && [ "$(date +%s)" -lt "$(at 58)" ]; do sleep 2; done
+    while [ ! -f "$RES/build.rc" ] && [ "$(date +%s)" -lt "$(at 60)" ]; do sleep 2; done
     if [ ! -f "$RES/build.rc" ]; then
         kill "$BUILD_PID" 2>/dev/null
         echo "build still running at its deadline: stopped" >>"$RES/build.log"
@@ -121,10 +124,10 @@ grep -E "compiled extension|status|cuda  |triton  " "$RES/info.log" | head -8
 
 # ---- 5. GPU tests ------------------------------------------------------------------------------
 if [ "$DRY" = 1 ]; then
-    "$PY" -m pytest -q -m gpu --collect-only -p no:cacheprovider tests/test_kind_linear_cuda.py >"$RES/gpu_tests.log" 2>&1
+    "$PY" -m pytest -q -m gpu --collect-only -p no:cacheprovider tests/ >"$RES/gpu_tests.log" 2>&1
     echo "GPU tests: dry run, collected only: $(tail -n 1 "$RES/gpu_tests.log")" >"$RES/gpu_tests.summary"
 else
-    timeout -k 10 "$(left "$(at 78)")" "$PY" -m pytest -m gpu -v -rs -p no:cacheprovider \
+    timeout -k 10 "$(left "$(at 80)")" "$PY" -m pytest -m gpu -v -rs -p no:cacheprovider \
         --continue-on-collection-errors tests/ >"$RES/gpu_tests.log" 2>&1
     rc=$?
     counts=$(grep -E "^(tests/)?[^ ]+::[^ ]+ (PASSED|FAILED|SKIPPED|ERROR)" "$RES/gpu_tests.log" \
@@ -137,11 +140,11 @@ fi
 say "$(cat "$RES/gpu_tests.summary")"
 copy_out
 
-# ---- 6. the CUDA extension's rows and the sampling step ----------------------------------------
-say "sections cuda, sampling"
-timeout -k 10 "$(left "$(at 100)")" "$PY" bench/gpu_check.py "${FLAGS[@]}" --out "$RES" --sections cuda,sampling \
-    --deadline "cuda=$(at 90),sampling=$(at 97)" >"$RES/bench_b.log" 2>&1
-say "cuda, sampling: rc=$?"
+# ---- 6. the CUDA extension's rows (its M3 layers and sampling step first) -----------------------
+say "section cuda"
+timeout -k 10 "$(left "$(at 100)")" "$PY" bench/gpu_check.py "${FLAGS[@]}" --out "$RES" --sections cuda \
+    --deadline "cuda=$(at 97)" >"$RES/bench_b.log" 2>&1
+say "cuda: rc=$?"
 
 # ---- 7. summary: the ratio table, last ---------------------------------------------------------
 "$PY" bench/gpu_check.py --out "$RES" --summarize >"$RES/table.txt" 2>&1

@@ -5,6 +5,8 @@
 //   kind_linear_cuda           (x, w_g, bias, u_t, sigma_t, v_t, idx, val, labels) -> (y, h)
 //   kind_linear_cuda_backward  (grad_y, x, w_g, u_t, sigma_t, v_t, idx, val, labels, h, mask) -> 7 grads
 //   kind_linear_cuda_merged    (x, w_g, bias, u_t, sigma_t, v_t, idx, val, labels, max_classes) -> y
+//   kind_linear_cuda_merged_gemm          (x, weights, bias, slots) -> y       (path M3, cached weights)
+//   kind_linear_cuda_merged_gemm_backward (grad_y, x, weights, slots, mask) -> (dx, dweights, dbias)
 //
 // Plans (as the reference's tailor_plan, so both pick the same one for a shape):
 //   sample (T >= K and K < N_T): y = x·W_Gᵀ + b (cuBLAS), h = shrink(x, V_T), y += expand(h⊙s, U_T).
@@ -16,14 +18,19 @@
 //   merged (path M3, sampling): G equal groups of samples, one merged weight per group (the
 //       class of its first sample), one cuBLAS GEMM per group, and a rank-2K correction for
 //       the samples whose class differs from their group's (see kind_linear_merged below).
+//   merged_gemm (path M3 on cached merged weights): one cuBLAS GEMM per run of samples of one
+//       slot when the slots are on the host, else every slot's GEMM on all rows (see below).
 // Nothing synchronises with the host; everything runs on the current stream.
 #include <torch/library.h>
 
+#include <algorithm>
 #include <atomic>
+#include <numeric>
 #include <optional>
 #include <string>
 #include <tuple>
 #include <type_traits>
+#include <vector>
 
 #include "kind_linear_kernels.cuh"
 
@@ -511,6 +518,300 @@ Tensor kind_linear_merged(const Tensor& x_, const Tensor& w_g_, const std::optio
   return y;
 }
 
+// ------------------------------------------------------------------------------------------
+// Path M3's segmented GEMM on cuBLAS (the op family's cached path: merged weights come from the
+// layer's cache, so only the GEMM runs per call)
+// ------------------------------------------------------------------------------------------
+// kind_linear_cuda_merged_gemm(x, weights, bias, slots), the schema and semantics of
+// kind_fast::kind_linear_merged_gemm: with B = slots.size(0) samples of T = M / B rows,
+//     y[m] = x[m] · weights[slots[m / T]]ᵀ + b
+// and its backward (kind_linear_cuda_merged_gemm_backward, output_mask [dx, dweights, dbias]):
+//     dx[m] = g[m] · weights[slots[m / T]]      dweights[s] = Σ_{m: slot s} g[m]ᵀ · x[m]      db = Σ_m g[m]
+// Every GEMM is cuBLAS through ATen (no hand-written GEMM). Two plans, chosen by where the
+// slots live:
+//   host slots (a CPU tensor, e.g. the op family's once-per-labels host copy): read here for
+//       free. Each slot whose samples form one run of consecutive samples gets one GEMM on
+//       those rows (at::addmm_out into y's row slice: cuBLAS with the bias in its epilogue, no
+//       copy) - a CFG batch [c]*n + [null]*n is two GEMMs, a dense layer's cost. (at::bmm over
+//       uniform groups would have no bias epilogue: adding b after costs a read and a write of
+//       y, ~30 % of fc1's GEMM.) When some slot's samples are scattered, the rows are gathered
+//       into slot order once (one index_select of x), one GEMM per slot runs on contiguous rows,
+//       and one index_copy_ puts them back (the order goes to the device by an asynchronous copy
+//       from pinned memory); during CUDA-graph capture (no host-to-device copy of the order
+//       allowed) each run gets its own GEMM instead.
+//   device slots (on x's device): never read on the host (no synchronisation, capture-safe):
+//       every slot's GEMM runs on all rows and each sample keeps its own slot's result (S × the
+//       FLOPs of the host plan; exact). Slots out of [0, S) trip a device-side assertion.
+namespace merged_gemm {
+
+struct Problem {
+  int64_t rows, n_in, n_out, n_slots, samples, rows_per_sample;
+};
+
+Problem check(const char* op, const Tensor& x, const Tensor& weights, const std::optional<Tensor>& bias,
+              const Tensor& slots) {
+  TORCH_CHECK(x.device().type() == (kEmulated ? c10::DeviceType::CPU : c10::DeviceType::CUDA), op,
+              ": x must be a ", kEmulated ? "CPU (emulated build)" : "CUDA", " tensor, got ", x.device());
+  TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16, op,
+              ": x must be float16 or bfloat16 (float32/float64 run on the reference backend), got ",
+              x.scalar_type());
+  TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D (rows, in_features), got shape ", x.sizes());
+  TORCH_CHECK(weights.dim() == 3 && weights.size(0) >= 1 && weights.size(2) == x.size(1), op,
+              ": weights must be (S >= 1, out_features, ", x.size(1), "), got ", weights.sizes());
+  TORCH_CHECK(weights.scalar_type() == x.scalar_type(), op, ": weights dtype ", weights.scalar_type(),
+              " != x dtype ", x.scalar_type());
+  check_device(op, x, weights, "weights");
+  const int64_t n_out = weights.size(1);
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n_out, op, ": bias must be (", n_out, ",), got ",
+                bias->sizes());
+    TORCH_CHECK(bias->scalar_type() == x.scalar_type(), op, ": bias dtype ", bias->scalar_type(), " != x dtype ",
+                x.scalar_type());
+    check_device(op, x, *bias, "bias");
+  }
+  TORCH_CHECK(slots.dim() == 1 && (slots.scalar_type() == at::kInt || slots.scalar_type() == at::kLong), op,
+              ": slots must be a 1-D int32 or int64 tensor, got shape ", slots.sizes(), " dtype ", slots.scalar_type());
+  TORCH_CHECK(slots.device() == x.device() || slots.device().is_cpu(), op, ": slots must be on x's device (",
+              x.device(), ") or on the CPU (host slots), got ", slots.device());
+  Problem p{x.size(0), x.size(1), n_out, weights.size(0), slots.size(0), 0};
+  TORCH_CHECK(p.rows == 0 || p.samples > 0, op, ": slots is empty but x has ", p.rows, " rows");
+  TORCH_CHECK(p.samples == 0 || p.rows % p.samples == 0, op, ": x has ", p.rows, " rows, not a multiple of the ",
+              p.samples, " samples in slots (rows must be grouped by sample)");
+  p.rows_per_sample = p.samples > 0 ? p.rows / p.samples : 0;
+  return p;
+}
+
+// A segment: `samples` consecutive samples (of the order the plan runs in) starting at `first`,
+// all of slot `slot`.
+struct Segment {
+  int64_t slot, first, samples;
+};
+
+// The host plan: the segments, in the samples' own order (order undefined) or, when some slot's
+// samples are scattered and a gather is allowed, in slot order (order: (B,) int64 sample ids
+// on x's device, a stable sort by slot).
+struct HostPlan {
+  std::vector<Segment> segments;
+  Tensor order;
+};
+
+HostPlan host_plan(const char* op, const Tensor& slots, const Problem& p, const at::Device& device, bool allow_gather) {
+  const Tensor s = slots.to(at::kLong).contiguous();
+  const int64_t* v = s.data_ptr<int64_t>();
+  std::vector<int64_t> runs_of(p.n_slots, 0);
+  HostPlan plan;
+  for (int64_t b = 0; b < p.samples; ++b) {
+    TORCH_CHECK(v[b] >= 0 && v[b] < p.n_slots, op, ": slots out of range: sample ", b, " has slot ", v[b],
+                ", expected [0, ", p.n_slots, ")");
+    if (plan.segments.empty() || plan.segments.back().slot != v[b]) {
+      plan.segments.push_back({v[b], b, 1});
+      ++runs_of[v[b]];
+    } else {
+      ++plan.segments.back().samples;
+    }
+  }
+  bool scattered = false;
+  for (int64_t r : runs_of) scattered = scattered || r > 1;
+  if (!scattered || !allow_gather) return plan;
+  std::vector<int64_t> order(p.samples);
+  std::iota(order.begin(), order.end(), int64_t{0});
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return v[a] < v[b]; });
+  plan.segments.clear();
+  for (int64_t i = 0; i < p.samples; ++i) {
+    const int64_t slot = v[order[i]];
+    if (plan.segments.empty() || plan.segments.back().slot != slot) {
+      plan.segments.push_back({slot, i, 1});
+    } else {
+      ++plan.segments.back().samples;
+    }
+  }
+#ifdef KIND_FAST_EMULATE
+  plan.order = at::tensor(order, at::TensorOptions().dtype(at::kLong)).to(device);
+#else
+  // staged in pinned memory: an asynchronous copy (a pageable one would synchronise the stream)
+  Tensor staged = at::empty({p.samples}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+  std::copy(order.begin(), order.end(), staged.data_ptr<int64_t>());
+  plan.order = staged.to(device, /*non_blocking=*/true);
+#endif
+  return plan;
+}
+
+Tensor rows_of(const Tensor& a, const Segment& seg, int64_t rows_per_sample) {
+  return a.narrow(0, seg.first * rows_per_sample, seg.samples * rows_per_sample);
+}
+
+// (B, T, width) view of a 2-D (M, width) tensor, gathered into the plan's order when it has one.
+Tensor in_order(const Tensor& a, const HostPlan& plan, const Problem& p) {
+  if (!plan.order.defined()) return a;
+  return a.view({p.samples, p.rows_per_sample, a.size(1)}).index_select(0, plan.order).view({p.rows, a.size(1)});
+}
+
+// out (M, width) rows in the samples' own order from `a` in the plan's order.
+void from_order(Tensor& out, const Tensor& a, const HostPlan& plan, const Problem& p) {
+  const int64_t width = out.size(1);
+  out.view({p.samples, p.rows_per_sample, width})
+      .index_copy_(0, plan.order, a.view({p.samples, p.rows_per_sample, width}));
+}
+
+// Which plan runs: host (slots on the CPU; runs, or a gather into slot order when some slot's
+// samples are scattered), host_runs (host slots, one GEMM per run: what host does during
+// CUDA-graph capture), device (slots never read on the host).
+enum class Plan { host = 0, host_runs = 1, device = 2 };
+
+Plan plan_for(const Tensor& x, const Tensor& slots) {
+#ifdef KIND_FAST_EMULATE
+  (void)x;
+  (void)slots;
+  return Plan::host;  // every tensor is a CPU tensor here; test-only ops run the other plans
+#else
+  if (!slots.device().is_cpu()) return Plan::device;
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(c10::cuda::getCurrentCUDAStream(x.device().index()), &status));
+  return status == cudaStreamCaptureStatusNone ? Plan::host : Plan::host_runs;
+#endif
+}
+
+// Per-sample mask (B, 1, 1) of the samples whose device slot is s.
+Tensor slot_mask(const Tensor& slots_long, int64_t s) { return slots_long.eq(s).view({-1, 1, 1}); }
+
+void assert_device_slots(const Tensor& slots_long, int64_t n_slots) {
+  at::_assert_async(slots_long.ge(0).logical_and(slots_long.lt(n_slots)).all(),
+                    "kind_linear_cuda_merged_gemm: slots out of range [0, S)");
+}
+
+Tensor forward(const Tensor& x_, const Tensor& weights_, const std::optional<Tensor>& bias_, const Tensor& slots,
+               Plan how) {
+  const char* op = "kind_fast::kind_linear_cuda_merged_gemm";
+  const Problem p = check(op, x_, weights_, bias_, slots);
+  TORCH_CHECK(how != Plan::device || slots.device() == x_.device(), op, ": the device plan needs slots on x's device");
+  TORCH_CHECK(how == Plan::device || slots.device().is_cpu(), op, ": the host plan needs slots on the CPU");
+  DeviceGuard guard(x_.device());
+  const Tensor x = x_.contiguous(), w = weights_.contiguous();
+  const Tensor bias = bias_.has_value() ? bias_->contiguous() : Tensor();
+  if (p.rows == 0) {
+    return bias.defined() ? bias.expand({0, p.n_out}).contiguous() : at::empty({0, p.n_out}, x.options());
+  }
+  const auto gemm_out = [&](Tensor out, const Tensor& a, int64_t s) {
+    if (bias.defined()) {
+      at::addmm_out(out, bias, a, w.select(0, s).t());  // cuBLAS, bias in the epilogue
+    } else {
+      at::mm_out(out, a, w.select(0, s).t());
+    }
+  };
+  Tensor y = at::empty({p.rows, p.n_out}, x.options());
+  if (how != Plan::device) {
+    const HostPlan plan = host_plan(op, slots, p, x.device(), how == Plan::host);
+    const Tensor xs = in_order(x, plan, p);
+    Tensor ys = plan.order.defined() ? at::empty_like(y) : y;
+    for (const Segment& seg : plan.segments) {
+      gemm_out(rows_of(ys, seg, p.rows_per_sample), rows_of(xs, seg, p.rows_per_sample), seg.slot);
+    }
+    if (plan.order.defined()) from_order(y, ys, plan, p);
+    return y;
+  }
+  const Tensor sl = slots.to(at::kLong);
+  assert_device_slots(sl, p.n_slots);
+  gemm_out(y, x, 0);
+  auto y3 = y.view({p.samples, p.rows_per_sample, p.n_out});
+  for (int64_t s = 1; s < p.n_slots; ++s) {
+    Tensor ys = at::empty_like(y);
+    gemm_out(ys, x, s);
+    y3.copy_(at::where(slot_mask(sl, s), ys.view_as(y3), y3));
+  }
+  return y;
+}
+
+std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& grad_y, const Tensor& x_, const Tensor& weights_,
+                                            const Tensor& slots, c10::List<bool> output_mask, Plan how) {
+  const char* op = "kind_fast::kind_linear_cuda_merged_gemm_backward";
+  const Problem p = check(op, x_, weights_, std::nullopt, slots);
+  TORCH_CHECK(output_mask.size() == 3, op, ": output_mask must have 3 entries (dx, dweights, dbias), got ",
+              output_mask.size());
+  TORCH_CHECK(grad_y.dim() == 2 && grad_y.size(0) == p.rows && grad_y.size(1) == p.n_out &&
+                  grad_y.scalar_type() == x_.scalar_type(),
+              op, ": grad_y must be (", p.rows, ", ", p.n_out, ") of x's dtype, got ", grad_y.sizes(), " ",
+              grad_y.scalar_type());
+  check_device(op, x_, grad_y, "grad_y");
+  TORCH_CHECK(how != Plan::device || slots.device() == x_.device(), op, ": the device plan needs slots on x's device");
+  TORCH_CHECK(how == Plan::device || slots.device().is_cpu(), op, ": the host plan needs slots on the CPU");
+  DeviceGuard guard(x_.device());
+  const bool need_dx = output_mask.get(0), need_dw = output_mask.get(1), need_db = output_mask.get(2);
+  const Tensor x = x_.contiguous(), w = weights_.contiguous(), g = grad_y.contiguous();
+  const auto empty = [&] { return at::empty({0}, x.options()); };
+  Tensor dx = need_dx ? at::empty_like(x) : empty();
+  Tensor dw = need_dw ? at::zeros_like(w) : empty();
+  Tensor db = need_db ? at::sum(g, {0}, /*keepdim=*/false, at::kFloat).to(x.scalar_type()) : empty();
+  if (p.rows == 0 || !(need_dx || need_dw)) {
+    if (need_dx) dx.zero_();
+    return {dx, dw, db};
+  }
+  if (how != Plan::device) {
+    const HostPlan plan = host_plan(op, slots, p, x.device(), how == Plan::host);
+    const Tensor gs = in_order(g, plan, p);
+    const Tensor xs = need_dw ? in_order(x, plan, p) : Tensor();
+    Tensor dxs = need_dx ? (plan.order.defined() ? at::empty_like(x) : dx) : Tensor();
+    std::vector<int64_t> seen(p.n_slots, 0);
+    for (const Segment& seg : plan.segments) seen[seg.slot] += 1;
+    std::vector<Tensor> acc(p.n_slots);  // fp32 sums for slots with several runs (host_runs only)
+    for (const Segment& seg : plan.segments) {
+      const Tensor g_s = rows_of(gs, seg, p.rows_per_sample);
+      if (need_dx) {
+        Tensor out = rows_of(dxs, seg, p.rows_per_sample);
+        at::mm_out(out, g_s, w.select(0, seg.slot));
+      }
+      if (need_dw) {
+        const Tensor x_s = rows_of(xs, seg, p.rows_per_sample);
+        if (seen[seg.slot] == 1) {
+          Tensor out = dw.select(0, seg.slot);
+          at::mm_out(out, g_s.t(), x_s);
+        } else {
+          const Tensor part = at::mm(g_s.t(), x_s).to(at::kFloat);
+          acc[seg.slot] = acc[seg.slot].defined() ? acc[seg.slot].add_(part) : part;
+        }
+      }
+    }
+    for (int64_t s = 0; s < p.n_slots; ++s) {
+      if (acc[s].defined()) dw.select(0, s).copy_(acc[s]);
+    }
+    if (need_dx && plan.order.defined()) from_order(dx, dxs, plan, p);
+    return {dx, dw, db};
+  }
+  const Tensor sl = slots.to(at::kLong);
+  assert_device_slots(sl, p.n_slots);
+  const auto g3 = g.view({p.samples, p.rows_per_sample, p.n_out});
+  auto dx3 = need_dx ? dx.view({p.samples, p.rows_per_sample, p.n_in}) : Tensor();
+  for (int64_t s = 0; s < p.n_slots; ++s) {
+    const Tensor mask = slot_mask(sl, s);
+    if (need_dx) {
+      const Tensor part = at::mm(g, w.select(0, s)).view_as(dx3);
+      if (s == 0) {
+        dx3.copy_(part);
+      } else {
+        dx3.copy_(at::where(mask, part, dx3));
+      }
+    }
+    if (need_dw) {
+      Tensor out = dw.select(0, s);
+      at::mm_out(out, g3.mul(mask).view({p.rows, p.n_out}).t(), x);
+    }
+  }
+  return {dx, dw, db};
+}
+
+}  // namespace merged_gemm
+
+// The registered ops: the plan follows where the slots are (CPU: host plan).
+Tensor kind_linear_merged_gemm(const Tensor& x, const Tensor& weights, const std::optional<Tensor>& bias,
+                               const Tensor& slots) {
+  return merged_gemm::forward(x, weights, bias, slots, merged_gemm::plan_for(x, slots));
+}
+
+std::tuple<Tensor, Tensor, Tensor> kind_linear_merged_gemm_backward(const Tensor& grad_y, const Tensor& x,
+                                                                    const Tensor& weights, const Tensor& slots,
+                                                                    c10::List<bool> output_mask) {
+  return merged_gemm::backward(grad_y, x, weights, slots, output_mask, merged_gemm::plan_for(x, slots));
+}
+
 }  // namespace
 }  // namespace kind_fast
 
@@ -518,4 +819,6 @@ TORCH_LIBRARY_IMPL(KF_OP_NAMESPACE, KF_DISPATCH_KEY, m) {
   m.impl("kind_linear_cuda", TORCH_FN(kind_fast::kind_linear_forward));
   m.impl("kind_linear_cuda_backward", TORCH_FN(kind_fast::kind_linear_backward));
   m.impl("kind_linear_cuda_merged", TORCH_FN(kind_fast::kind_linear_merged));
+  m.impl("kind_linear_cuda_merged_gemm", TORCH_FN(kind_fast::kind_linear_merged_gemm));
+  m.impl("kind_linear_cuda_merged_gemm_backward", TORCH_FN(kind_fast::kind_linear_merged_gemm_backward));
 }

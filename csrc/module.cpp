@@ -37,6 +37,11 @@ TORCH_LIBRARY_FRAGMENT(KF_OP_NAMESPACE, m) {
   m.def(
       "kind_linear_cuda_merged(Tensor x, Tensor w_g, Tensor? bias, Tensor u_t, Tensor sigma_t, Tensor v_t, "
       "Tensor idx, Tensor val, Tensor labels, int max_classes) -> Tensor");
+  // path M3 on cached merged weights: the schemas of kind_fast::kind_linear_merged_gemm(_backward)
+  m.def("kind_linear_cuda_merged_gemm(Tensor x, Tensor weights, Tensor? bias, Tensor slots) -> Tensor");
+  m.def(
+      "kind_linear_cuda_merged_gemm_backward(Tensor grad_y, Tensor x, Tensor weights, Tensor slots, "
+      "bool[] output_mask) -> (Tensor, Tensor, Tensor)");
 }
 
 #ifndef KIND_FAST_EMULATE
@@ -48,7 +53,8 @@ PyMODINIT_FUNC PyInit__C(void) {
                             nullptr};
   PyObject* m = PyModule_Create(&def);
   if (m == nullptr) return nullptr;
-  PyObject* ops = Py_BuildValue("(sss)", "kind_linear_cuda", "kind_linear_cuda_backward", "kind_linear_cuda_merged");
+  PyObject* ops = Py_BuildValue("(sssss)", "kind_linear_cuda", "kind_linear_cuda_backward", "kind_linear_cuda_merged",
+                                "kind_linear_cuda_merged_gemm", "kind_linear_cuda_merged_gemm_backward");
   if (ops == nullptr || PyModule_AddStringConstant(m, "ARCH_LIST", kind_fast::cuda_arch_list()) < 0 ||
       PyModule_AddStringConstant(m, "CUDA_VERSION", kind_fast::cuda_runtime_version()) < 0 ||
       PyModule_AddStringConstant(m, "TORCH_VERSION", TORCH_VERSION) < 0 || PyModule_AddObject(m, "OPS", ops) < 0) {

@@ -30,7 +30,8 @@ from types import ModuleType
 
 _state: dict = {}
 
-EXPECTED_OPS = ("kind_linear_cuda", "kind_linear_cuda_backward", "kind_linear_cuda_merged")
+EXPECTED_OPS = ("kind_linear_cuda", "kind_linear_cuda_backward", "kind_linear_cuda_merged",
+                "kind_linear_cuda_merged_gemm", "kind_linear_cuda_merged_gemm_backward")
 
 
 def arch_names(arch_list: str) -> str:

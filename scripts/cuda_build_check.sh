@@ -72,16 +72,19 @@ def args_of(schema):
 
 
 ops = torch.ops.kind_fast
-for mine, ref in (("kind_linear_cuda", "kind_linear"), ("kind_linear_cuda_backward", "kind_linear_backward")):
+for mine, ref in (("kind_linear_cuda", "kind_linear"), ("kind_linear_cuda_backward", "kind_linear_backward"),
+                  ("kind_linear_cuda_merged", "kind_linear_merged"),
+                  ("kind_linear_cuda_merged_gemm", "kind_linear_merged_gemm"),
+                  ("kind_linear_cuda_merged_gemm_backward", "kind_linear_merged_gemm_backward")):
     a, b = getattr(ops, mine).default._schema, getattr(ops, ref).default._schema
     assert args_of(a) == args_of(b), f"schema of {mine} differs from {ref}:\n  {a}\n  {b}"
     print(f"  {a}")
-print(f"  {ops.kind_linear_cuda_merged.default._schema}")
 from kind_fast.ops import kind_linear_cuda as backend
 
 ok, why = backend.status()
 assert ok, why
 assert backend.OP is ops.kind_linear_cuda
+assert backend.MERGED_GEMM_OP is ops.kind_linear_cuda_merged_gemm and backend.MERGED_OP is ops.kind_linear_cuda_merged
 print(f"backend status: {why}")
 EOF
 t3=$(date +%s)

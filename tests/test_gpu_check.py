@@ -45,7 +45,7 @@ def test_dry_run_goes_through_every_section(tmp_path):
     res = json.loads((out / "results.json").read_text())
     rows = res["rows"]
     assert not [r for r in rows if "error" in r], [r for r in rows if "error" in r]
-    layers = [r for r in rows if r["section"] == "layers"]
+    layers = [r for r in rows if r["section"] == "layers" and r["mode"] != "self-check"]
     assert len(layers) == 3 * 3 * 2  # modes × shapes × M
     assert all("t_linear_ms" in r and "t_reference_ms" in r for r in layers)
     assert all("skipped:" in r["triton"] for r in layers)  # no GPU: the fused backend is skipped, with why
@@ -54,8 +54,11 @@ def test_dry_run_goes_through_every_section(tmp_path):
     assert set(steps) == {"full_ft", "transfer", "pretrain"} and "step_time_vs_full_ft" in steps["transfer"]["goals"]
     cuda = [r for r in rows if r["section"] == "cuda"]
     assert cuda and all(r["skipped"].startswith("CUDA backend:") for r in cuda)
+    assert [r for r in cuda if r["mode"] == "sampling step"]
     (samp,) = [r for r in rows if r["section"] == "sampling"]
-    assert "m1_vs_dense" in samp and samp["kind_m3"].startswith("skipped:")
+    assert "m1_vs_dense" in samp and "sampling_m3_vs_dense" in samp["goals"] and samp["m3_paths"].startswith("M3 on")
+    selfchecks = [r for r in rows if r.get("mode") == "self-check"]
+    assert [r["backend"] for r in selfchecks] == ["triton", "triton"] and all("skipped" in r for r in selfchecks)
     assert "collected" in res["tests"]
     # the ratio table comes last, and is a well-formed markdown table
     tail = r.stdout.rstrip().splitlines()
@@ -69,7 +72,7 @@ def test_dry_run_goes_through_every_section(tmp_path):
 def test_deadline_skips_rows_with_the_reason(tmp_path):
     gc = _gpu_check_module()
     cfg = gc.Config(dry_run=True)
-    rows = gc.section_layers(cfg, gc.Deadline(0.0, "layers"))  # already over
+    rows = [r for r in gc.section_layers(cfg, gc.Deadline(0.0, "layers")) if r["mode"] != "self-check"]  # over
     assert len(rows) == 18 and all(r["skipped"] == "over the time budget" for r in rows)
     rows = gc.section_steps(cfg, gc.Deadline(0.0, "steps"))
     assert len(rows) == 3 and all(r["skipped"] == "over the time budget" for r in rows)
@@ -101,30 +104,54 @@ def test_summary_marks_goals_skips_and_errors(tmp_path):
     assert any("section steps: no results" in n for n in res["notes"])
 
 
-def test_m3_routing_of_the_sampling_section_matches_m1(one_thread):
-    """m3_layers sends every KIND layer's inference forward through a path-M3 op (here a
-    stand-in with the op's schema that computes kind_linear's result): the model's output must
-    not change, and every KIND layer must have been routed, with the model's labels."""
+def test_sampling_row_runs_the_package_path(one_thread):
+    """The sampling row times the sampler's own model call with KIND-DiT inside serving(): on
+    the CPU dry run the cost model's decisions are recorded (every KIND layer, one path), M3's
+    output equals M1's, and the goal is computed from the measured times."""
     from kind_fast.benchmark import build_model
     from kind_fast.layers import FastKindLinear
-    from kind_fast.ops.kind_linear import kind_linear_ref
 
     gc = _gpu_check_module()
     cfg = gc.Config(dry_run=True)
-    model = build_model("DiT-S/2", "kind", depth=1, input_size=8)
-    x2, t2, y2 = gc.sampling_batch(model, 2, cfg)
-    seen = []
+    (row,) = gc.section_sampling(cfg, gc.Deadline(None, "sampling"))
+    assert "error" not in row, row.get("error")
+    n_kind = sum(isinstance(m, FastKindLinear) for m in build_model(cfg.model, "kind", depth=cfg.depth,
+                                                                    input_size=cfg.input_size).modules())
+    assert row["m3_paths"] == f"M3 on torch ×{n_kind}", row["m3_paths"]
+    assert row["m1_paths"] == f"M1 on torch ×{n_kind}", row["m1_paths"]  # pinned (the reference runs it)
+    assert row["m3_vs_m1_rel_diff"] < 1e-4
+    assert row["goals"]["sampling_m3_vs_dense"][0] == pytest.approx(row["t_kind_m3_ms"] / row["t_dense_ms"])
+    assert row["backend"] == "auto" and "graphed" not in row  # graphs: GPU only
+    (cuda_row,) = [r for r in gc.section_cuda(cfg, gc.Deadline(None, "cuda")) if r["mode"] == "sampling step"]
+    assert cuda_row["skipped"].startswith("CUDA backend:")
 
-    def merged(x, w_g, bias, u_t, sigma_t, v_t, idx, val, labels, max_classes):
-        seen.append((labels.tolist(), max_classes))
-        return kind_linear_ref(x, w_g, bias, u_t, sigma_t, v_t, idx, val, labels)[0]
 
-    with torch.no_grad():
-        want = model.forward_with_cfg(x2, t2, y2, 4.0)
-        with gc.m3_layers(2, merged=merged):
-            got = model.forward_with_cfg(x2, t2, y2, 4.0)
-    n_kind = sum(isinstance(m, FastKindLinear) for m in model.modules())
-    assert n_kind > 0 and len(seen) == n_kind
-    assert all(lab == y2.tolist() and mc == 2 for lab, mc in seen)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    assert "m3_layers" not in FastKindLinear.forward.__qualname__  # restored
+def test_self_check_rows_record_pass_or_why(monkeypatch):
+    gc = _gpu_check_module()
+    cfg = gc.Config(dry_run=True)
+    rows = gc.self_check_rows("layers", "triton", cfg)
+    assert [r["dtype"] for r in rows] == ["bfloat16", "float16"] and all("skipped" in r for r in rows)
+    monkeypatch.setattr(gc, "backend_ready", lambda name, cfg: (True, ""))
+    from kind_fast.ops import kind_linear_triton
+
+    monkeypatch.setattr(kind_linear_triton, "self_check", lambda dev, dt: (dt == torch.bfloat16, f"checked {dt}"))
+    rows = gc.self_check_rows("layers", "triton", cfg)
+    assert [r["passed"] for r in rows] == [True, False]
+    text = "\n".join(gc.ratio_table(rows))
+    assert "| layers | triton self-check bfloat16 | - | passes | yes |" in text
+    assert "| layers | triton self-check float16 | - | passes | NO |" in text
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_gpu_triton_self_check_passes_on_the_production_configs(dtype, monkeypatch):
+    """The Triton backend's self-check on this GPU: the production configs a DiT layer launches
+    (TRITON_CASES, M2's FACTORED_CASES) and the odd-shape cases, every output and gradient."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    from kind_fast.ops import kind_linear_triton
+    from kind_fast.ops.self_check import FACTORED_CASES, TRITON_CASES
+
+    assert TRITON_CASES and FACTORED_CASES
+    ok, msg = kind_linear_triton.self_check(torch.device("cuda"), dtype)
+    assert ok, msg

@@ -33,7 +33,15 @@ from kind_fast.ops.kind_linear import (
     kind_linear_fake,
     kind_linear_ref,
 )
-from kind_fast.testing import ATOL_FLOOR, DISTRIBUTIONS, GATE_KINDS, make_gate, make_labels
+from kind_fast.ops.kind_linear_merged import (
+    kind_linear_merged_gemm_backward_fake,
+    kind_linear_merged_gemm_backward_ref,
+    kind_linear_merged_gemm_fake,
+    kind_linear_merged_gemm_ref,
+    kind_linear_merged_gemm_setup_context,
+    make_kind_linear_merged_gemm_backward,
+)
+from kind_fast.testing import ATOL_FLOOR, DISTRIBUTIONS, GATE_KINDS, assert_close_to_oracle, make_gate, make_labels
 
 ROOT = Path(__file__).resolve().parents[1]
 ORDER = ("x", "w_g", "bias", "u_t", "sigma_t", "v_t", "idx", "val", "labels")
@@ -163,6 +171,8 @@ def test_broken_extension_is_one_warning_not_an_import_error(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", find_spec)
     monkeypatch.setattr(importlib, "import_module", import_module)
     monkeypatch.setattr(_ext, "_state", {})
+    # (a checkout where scripts/cuda_build_check.sh ran holds a _build_info.py for another torch)
+    monkeypatch.setattr(_ext, "_check_build_info", lambda: None)
     with pytest.warns(RuntimeWarning, match="unusable: OSError: libcudart") as rec:
         mod, why = _ext.load_extension()
         again = _ext.load_extension()  # cached: no second warning
@@ -434,11 +444,20 @@ def emu():
     ops = torch.ops.kind_fast_emu
     for name, fake in (("kind_linear_cuda", kind_linear_fake),
                        ("kind_linear_cuda_backward", kind_linear_backward_fake),
-                       ("kind_linear_cuda_merged", cuda_backend._fake_merged)):
+                       ("kind_linear_cuda_merged", cuda_backend._fake_merged),
+                       ("kind_linear_cuda_merged_gemm", kind_linear_merged_gemm_fake),
+                       ("kind_linear_cuda_merged_gemm_backward", kind_linear_merged_gemm_backward_fake)):
         try:
             torch.library.register_fake(f"kind_fast_emu::{name}", fake)
         except RuntimeError:  # already registered (module re-run in one process)
             pass
+    try:  # the autograd the real op gets in kind_linear_cuda._register
+        torch.library.register_autograd(
+            "kind_fast_emu::kind_linear_cuda_merged_gemm",
+            make_kind_linear_merged_gemm_backward(ops.kind_linear_cuda_merged_gemm_backward),
+            setup_context=kind_linear_merged_gemm_setup_context)
+    except RuntimeError:
+        pass
     return ops
 
 
@@ -656,6 +675,227 @@ def test_emulated_misaligned_rows_take_the_elementwise_kernels(emu):
     assert torch.equal(y.double(), reference(args, grad_y, torch.float64)[0])
 
 
+# ---- path M3's segmented GEMM on cuBLAS (kind_linear_cuda_merged_gemm, cached merged weights)
+# slot layouts (one slot per sample): CFG halves (one run per slot: row slices, no copy), a slot
+# split over several runs (host plan: gather into slot order), interleaved, one slot, a slot
+# with no sample, one sample per slot
+SLOT_LAYOUTS = [[0, 0, 0, 1, 1, 1], [1, 1, 0, 0, 1, 2], [0, 1, 0, 1, 0, 1], [2, 2, 2, 2, 2, 2], [0, 0, 2, 2, 2, 0],
+                [3, 1, 0, 2, 4, 5]]
+PLANS = {"host": 0, "host_runs": 1, "device": 2}
+
+
+def merged_gemm_problem(slots, n_in=40, n_out=72, t=9, n_slots=None, dtype=torch.float16, seed=0):
+    """x (B·T, in), weights (S, out, in), bias, slots (B,), grad_y: small integers (fp16-exact)."""
+    g = torch.Generator().manual_seed(seed)
+    b, s = len(slots), n_slots or max(slots) + 1
+
+    def r(*shape):
+        return torch.randint(-3, 4, shape, generator=g).to(dtype)
+
+    return r(b * t, n_in), r(s, n_out, n_in), r(n_out), torch.tensor(slots), r(b * t, n_out)
+
+
+def merged_gemm_call(emu, plan, x, w, bias, slots):
+    if plan == "op":
+        return emu.kind_linear_cuda_merged_gemm(x, w, bias, slots)
+    return emu.kind_linear_cuda_merged_gemm_plan(x, w, bias, slots, PLANS[plan])
+
+
+def merged_gemm_backward_call(emu, plan, g, x, w, slots, mask):
+    if plan == "op":
+        return emu.kind_linear_cuda_merged_gemm_backward(g, x, w, slots, mask)
+    return emu.kind_linear_cuda_merged_gemm_backward_plan(g, x, w, slots, mask, PLANS[plan])
+
+
+@pytest.mark.parametrize("slots", SLOT_LAYOUTS, ids=lambda v: "".join(map(str, v)))
+@pytest.mark.parametrize("plan", ["op", "host_runs", "device"])
+def test_emulated_merged_gemm_exact(emu, plan, slots):
+    """y = x·W[slot]ᵀ + b and (dx, dW, db), bit-for-bit against the reference in float64 on
+    integers, for every plan (the registered op takes the host plan here: CPU slots) and
+    layout, with and without bias, for every output mask."""
+    x, w, bias, sl, g = merged_gemm_problem(slots, n_slots=max(slots) + 2)  # the last slot: no sample
+    xd, wd, bd, gd = (t.double() for t in (x, w, bias, g))
+    for b_, bd_ in ((bias, bd), (None, None)):
+        y = merged_gemm_call(emu, plan, x, w, b_, sl)
+        want = kind_linear_merged_gemm_ref(xd, wd, bd_, sl)
+        assert y.dtype == x.dtype and torch.equal(y.double(), want), (y.double() - want).abs().max()
+    for mask in ([True, True, True], [True, False, False], [False, True, True], [False, False, True]):
+        got = merged_gemm_backward_call(emu, plan, g, x, w, sl, mask)
+        want = kind_linear_merged_gemm_backward_ref(gd, xd, wd, sl, mask)
+        for name, a, r, need in zip(("dx", "dweights", "dbias"), got, want, mask):
+            assert a.numel() == 0 if not need else torch.equal(a.double(), r), (name, mask)
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+def test_emulated_merged_gemm_random_inputs_and_autograd(emu, dtype):
+    """Random inputs within the reference's rounding, and gradients through the registered
+    autograd (the emulated op gets the real op's) equal the reference's autograd."""
+    gen = torch.Generator().manual_seed(5)
+    slots = torch.tensor([1, 1, 0, 0, 0, 1, 2])
+    x = torch.randn(7 * 13, 48, generator=gen).to(dtype)
+    w = (torch.randn(3, 56, 48, generator=gen) * 48 ** -0.5).to(dtype)
+    bias = torch.randn(56, generator=gen).to(dtype)
+    g = torch.randn(7 * 13, 56, generator=gen).to(dtype)
+    leaves = [t.clone().requires_grad_(True) for t in (x, w, bias)]
+    y = emu.kind_linear_cuda_merged_gemm(*leaves, slots)
+    grads = torch.autograd.grad(y, leaves, g)
+    oracle = [t.double().requires_grad_(True) for t in (x, w, bias)]
+    y_o = kind_linear_merged_gemm_ref(*oracle, slots)
+    grads_o = torch.autograd.grad(y_o, oracle, g.double())
+    low = [t.clone().requires_grad_(True) for t in (x, w, bias)]
+    y_l = kind_linear_merged_gemm_ref(*low, slots)
+    grads_l = torch.autograd.grad(y_l, low, g)
+    for name, a, o, l_ in zip(("y", "dx", "dweights", "dbias"), (y, *grads), (y_o, *grads_o), (y_l, *grads_l)):
+        err, base = (a.double() - o).abs().max().item(), (l_.double() - o).abs().max().item()
+        assert err <= 2 * base + ATOL_FLOOR[dtype] * max(1.0, o.abs().max().item()), (name, err, base)
+
+
+def test_emulated_merged_gemm_checks_and_opcheck(emu):
+    x, w, bias, sl, g = merged_gemm_problem([0, 1, 1], n_slots=2)
+    with pytest.raises(RuntimeError, match="slots out of range: sample 1 has slot 2"):
+        emu.kind_linear_cuda_merged_gemm(x, w, bias, torch.tensor([0, 2, 1]))
+    for bad, ws in ((torch.tensor([0, -1, 1]), w), (torch.tensor([0, 1, 0]), w[:1])):  # device plan: asserted
+        with pytest.raises(RuntimeError, match="slots out of range"):
+            emu.kind_linear_cuda_merged_gemm_plan(x, ws, bias, bad, 2)
+    with pytest.raises(RuntimeError, match="not a multiple of the 2 samples"):
+        emu.kind_linear_cuda_merged_gemm(x, w, bias, torch.tensor([0, 1]))
+    with pytest.raises(RuntimeError, match="weights must be"):
+        emu.kind_linear_cuda_merged_gemm(x, w[:, :, :5], bias, sl)
+    with pytest.raises(RuntimeError, match="float16 or bfloat16"):
+        emu.kind_linear_cuda_merged_gemm(x.float(), w.float(), bias.float(), sl)
+    with pytest.raises(RuntimeError, match="bias must be"):
+        emu.kind_linear_cuda_merged_gemm(x, w, bias[:3], sl)
+    with pytest.raises(RuntimeError, match="int32 or int64"):
+        emu.kind_linear_cuda_merged_gemm(x, w, bias, sl.float())
+    with pytest.raises(RuntimeError, match="output_mask must have 3"):
+        emu.kind_linear_cuda_merged_gemm_backward(g, x, w, sl, [True, True])
+    empty = emu.kind_linear_cuda_merged_gemm(x[:0], w, bias, sl[:0])
+    assert empty.shape == (0, 72)
+    utils = ("test_schema", "test_faketensor")
+    torch.library.opcheck(emu.kind_linear_cuda_merged_gemm, (x, w, bias, sl.int()), test_utils=utils)
+    for mask in ([True, True, True], [False, True, False]):
+        torch.library.opcheck(emu.kind_linear_cuda_merged_gemm_backward, (g, x, w, sl, mask), test_utils=utils)
+
+
+def test_cuda_backend_declares_its_m3_ops():
+    """What the op family reads from this backend module (kind_fast.backends.backend_module)."""
+    assert cuda_backend.MERGED_GEMM_HOST_SLOTS is True
+    assert {"MERGED_GEMM_OP", "MERGED_GEMM_BACKWARD_OP", "MERGED_OP"} <= set(cuda_backend._OP_ATTRS)
+    from kind_fast._ext import EXPECTED_OPS
+
+    assert set(cuda_backend._OP_ATTRS.values()) == set(EXPECTED_OPS) == set(cuda_backend.OP_NAMES)
+
+
+# ---- the op family's side: host slots, the cost model, a layer's M3 on this backend
+def test_host_slots_read_once_per_labels_tensor():
+    from kind_fast.ops.paths import host_slots
+
+    labels = torch.tensor([3, 3, 6, 1, 6])
+    a = host_slots(labels, (1, 3, 6))
+    assert a.tolist() == [1, 1, 2, 0, 2] and a.device.type == "cpu" and a.dtype == torch.int64
+    assert host_slots(labels, (1, 3, 6)) is a  # cached: not read again
+    assert host_slots(labels, (1, 3, 6, 8)) is not a  # other served classes: other slots
+    labels[0] = 1  # a write bumps the version: read again
+    assert host_slots(labels, (1, 3, 6)).tolist() == [0, 1, 2, 0, 2]
+    with pytest.raises(ValueError, match=r"classes \[2, 9\] outside the declared served classes \[1, 3, 6\]"):
+        host_slots(torch.tensor([1, 2, 9]), (1, 3, 6))
+    with torch.inference_mode():
+        assert host_slots(torch.tensor([1, 3]), (1, 3)) is None  # no version counter: never cached
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        assert host_slots(torch.tensor([1, 3]), (1, 3)) is None
+
+
+def test_cost_model_charges_the_cuda_backend_a_dense_layer_for_m3():
+    """M3 on cached weights costs the CUDA backend one GEMM per run of samples (host slots), not
+    S GEMMs over all rows: the CFG sampling batch of DiT-XL/2 takes M3 there, as on Triton."""
+    from kind_fast.ops.paths import choose_path, path_costs
+
+    cfg = dict(samples=64, distinct_classes=2, training=False, merged_cached=True, learngene_rank=1056)
+    for n_in, n_out in ((1152, 1152), (1152, 4608), (4608, 1152)):
+        for backend in ("triton", "cuda"):
+            c = choose_path(16384, n_in, n_out, 32, 96, backend=backend, **cfg)
+            assert c.path == "M3" and c.flop_ratio == pytest.approx(1.0), (backend, n_in, n_out)
+    costs = path_costs(16384, 1152, 4608, 32, 96, backend="cuda", **cfg)
+    assert costs["M3"][1] == 2 * 16384 * 1152 * 4608
+    # the reference on a GPU still multiplies every slot's weight
+    assert path_costs(16384, 1152, 4608, 32, 96, backend="torch", device_type="cuda", **cfg)["M3"][1] == \
+        2 * costs["M3"][1]
+
+
+@pytest.fixture
+def emulated_cuda_backend(emu, monkeypatch):
+    """The registry's "cuda" backend replaced by one whose M3 segmented GEMM is the emulated
+    kind_linear_cuda_merged_gemm on CPU fp16/bf16 tensors (M1: the reference op); records the
+    slots each M3 call got."""
+    import types
+
+    from kind_fast import backends
+
+    seen = []
+
+    def gemm(x, weights, bias, slots):
+        seen.append(slots)
+        return emu.kind_linear_cuda_merged_gemm(x, weights, bias, slots)
+
+    mod = types.SimpleNamespace(
+        status=lambda: (True, "emulated"), supports=lambda dt, dtype: dt == "cpu" and dtype in HALF,
+        OP=torch.ops.kind_fast.kind_linear, MERGED_GEMM_OP=gemm, MERGED_GEMM_HOST_SLOTS=True)
+    monkeypatch.setitem(backends._MODULES, "cuda", (mod, ""))
+    return seen
+
+
+def test_layer_m3_on_the_cuda_backend_emulated(emulated_cuda_backend):
+    """FastKindLinear in eval with its classes declared: the op family picks M3 on the CUDA
+    backend, merges once, hands the segmented GEMM host slots, and matches path M0."""
+    from kind_fast.ops.paths import force_path, record_paths
+
+    torch.manual_seed(0)
+    gate = make_gate("random_k", 6, 16, 5)
+    layer = kf.FastKindLinear(40, 56, tailor_rank=16, gate=gate).to(torch.float16).eval()
+    x = torch.randn(6, 9, 40).to(torch.float16)
+    labels = torch.tensor([3, 3, 3, 6, 6, 6])  # CFG: class 3 and the null class 6
+    with torch.no_grad():
+        with kf.use_backend("torch"), force_path("M0"):
+            ref = layer(x, labels=labels).double()
+        with kf.use_backend("cuda"), gate.serving([3, 6]), record_paths() as calls:
+            y1 = layer(x, labels=labels)
+            y2 = layer(x, labels=labels)
+    assert [(c["path"], c["backend"]) for c in calls] == [("M3", "cuda")] * 2
+    assert layer.merged_cache.builds == 1 and layer.merged_cache.hits >= 1
+    assert len(emulated_cuda_backend) == 2
+    assert all(s.device.type == "cpu" and s.tolist() == [0, 0, 0, 1, 1, 1] for s in emulated_cuda_backend)
+    assert emulated_cuda_backend[0] is emulated_cuda_backend[1]  # read once for the labels tensor
+    tol = 2e-3 * max(1.0, ref.abs().max().item())
+    assert (y1.double() - ref).abs().max() <= tol and torch.equal(y1, y2)
+    with kf.use_backend("cuda"), gate.serving([3]), pytest.raises(ValueError, match="outside the declared"):
+        with torch.no_grad():
+            layer(x, labels=labels)
+
+
+def test_training_through_m3_on_the_cuda_backend_emulated(emulated_cuda_backend):
+    """M3 pinned in training on the (emulated) CUDA backend: the registered autograd of
+    kind_linear_cuda_merged_gemm carries every gradient as path M0 does."""
+    from kind_fast.ops.paths import force_path
+
+    torch.manual_seed(1)
+    gate = make_gate("block", 5, 12, 4)
+    layer = kf.FastKindLinear(32, 48, tailor_rank=12, gate=gate).to(torch.float16)
+    x = torch.randn(4, 7, 32).to(torch.float16).requires_grad_(True)
+    labels = torch.tensor([1, 5, 1, 2])
+    g = torch.randn(4, 7, 48).to(torch.float16)
+    grads = {}
+    for name, backend, path in (("m0", "torch", "M0"), ("m3", "cuda", "M3")):
+        with kf.use_backend(backend), force_path(path):
+            y = layer(x, labels=labels)
+        params = [x, layer.u_g, layer.v_g, layer.sigma_g, layer.u_t, layer.v_t, layer.sigma_t, layer.bias]
+        grads[name] = [y.double()] + [t.double() for t in torch.autograd.grad(y, params, g)]
+    assert emulated_cuda_backend and emulated_cuda_backend[0].device.type == "cpu"
+    for i, (a, b) in enumerate(zip(grads["m3"], grads["m0"])):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2 * max(1.0, b.abs().max().item()), msg=str(i))
+
+
 def test_emulated_ops_do_not_mutate_inputs(emu):
     for t_rows in (9, 2):  # both plans
         args, grad_y = make_problem(40, 72, 16, 6, 4, t_rows, dtype=torch.bfloat16, dist="cfg", seed=17)
@@ -665,6 +905,14 @@ def test_emulated_ops_do_not_mutate_inputs(emu):
         emu.kind_linear_cuda_backward(grad_y, *[args[k] for k in BWD_ORDER], h, [True] * 7)
         for max_classes in (1, 2):
             emu.kind_linear_cuda_merged(*[args[k] for k in ORDER], max_classes)
+        weights = torch.stack([args["w_g"], args["w_g"]])
+        slots = torch.tensor([1, 0, 1, 0])
+        w_before = weights.clone()
+        y = emu.kind_linear_cuda_merged_gemm(args["x"], weights, args["bias"], slots)
+        for plan in range(3):
+            emu.kind_linear_cuda_merged_gemm_backward_plan(torch.ones_like(y), args["x"], weights, slots,
+                                                            [True] * 3, plan)
+        assert torch.equal(weights, w_before) and torch.equal(slots, torch.tensor([1, 0, 1, 0]))
         for k, v in before.items():
             assert torch.equal(args[k], v), f"{k} was modified"
         assert torch.equal(grad_y, g_before)
@@ -878,3 +1126,80 @@ def test_gpu_per_shape_timing_caches_a_choice(ops):
     assert name in ("cuda", "torch") and key[2] == 2048
     y2, _ = op(*a)
     assert len(autoselect.cached_choices()) == 1 and torch.equal(y, y2)
+
+
+def _merged_gemm_gpu_problem(slots, n_in=1152, n_out=1152, t=256, n_slots=3, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    b = len(slots)
+    x = torch.randn(b * t, n_in, generator=g, device="cuda").bfloat16()
+    w = (torch.randn(n_slots, n_out, n_in, generator=g, device="cuda") * n_in ** -0.5).bfloat16()
+    bias = torch.randn(n_out, generator=g, device="cuda").bfloat16()
+    gy = torch.randn(b * t, n_out, generator=g, device="cuda").bfloat16()
+    return x, w, bias, torch.tensor(slots), gy
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("slots", [[0] * 4 + [1] * 4, [1, 0, 2, 0, 1, 1, 2, 0]], ids=["cfg", "scattered"])
+def test_gpu_merged_gemm_host_and_device_slots(ops, slots):
+    """MERGED_GEMM_OP on the device, bf16 at a DiT-XL/2 width: host slots (one cuBLAS GEMM per
+    run, or a gather into slot order) and device slots (every slot's GEMM), forward and
+    backward, against the reference in float32."""
+    x, w, bias, host, gy = _merged_gemm_gpu_problem(slots)
+    want = (kind_linear_merged_gemm_ref(x.float(), w.float(), bias.float(), host),
+            *kind_linear_merged_gemm_backward_ref(gy.float(), x.float(), w.float(), host, [True] * 3))
+    low = (kind_linear_merged_gemm_ref(x, w, bias, host),
+           *kind_linear_merged_gemm_backward_ref(gy, x, w, host, [True] * 3))
+    for sl in (host, host.cuda()):
+        got = (ops.kind_linear_cuda_merged_gemm(x, w, bias, sl),
+               *ops.kind_linear_cuda_merged_gemm_backward(gy, x, w, sl, [True] * 3))
+        for name, a, o, l_ in zip(("y", "dx", "dweights", "dbias"), got, want, low):
+            assert_close_to_oracle(a, o, l_, torch.bfloat16, f"{name} ({sl.device} slots)")
+    torch.library.opcheck(ops.kind_linear_cuda_merged_gemm, (x[:512], w, bias, host[:2]))
+
+
+@gpu
+@pytest.mark.gpu
+def test_gpu_merged_gemm_capture_with_host_slots(ops):
+    """Under CUDA-graph capture the host plan runs one GEMM per run (no host-to-device copy of
+    a gather order); the replay on new inputs equals the eager op."""
+    x, w, bias, host, _ = _merged_gemm_gpu_problem([1, 0, 2, 0, 1, 1, 2, 0], t=64)
+    static = x.clone()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        ops.kind_linear_cuda_merged_gemm(static, w, bias, host)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = ops.kind_linear_cuda_merged_gemm(static, w, bias, host)
+    static.copy_(torch.randn_like(x))
+    graph.replay()
+    want = ops.kind_linear_cuda_merged_gemm(static, w, bias, host)
+    torch.testing.assert_close(out, want)
+    oracle = kind_linear_merged_gemm_ref(static.float(), w.float(), bias.float(), host)
+    assert_close_to_oracle(out, oracle, kind_linear_merged_gemm_ref(static, w, bias, host), torch.bfloat16, "y")
+
+
+@gpu
+@pytest.mark.gpu
+def test_gpu_dit_sampling_step_m3_on_the_cuda_backend():
+    """A small KIND-DiT's guided sampling call inside serving() on the CUDA backend: every KIND
+    layer takes M3 (MERGED_GEMM_OP from host slots), and the output matches M1's."""
+    from kind_fast.benchmark import build_model
+    from kind_fast.ops.paths import force_path, record_paths
+    from kind_fast.train.sampling import cfg_model_fn
+    from kind_fast.utils import serving
+
+    model = build_model("DiT-S/2", "kind", device="cuda", depth=2, input_size=16).to(torch.bfloat16)
+    y = torch.full((4,), 3, device="cuda")
+    fn = cfg_model_fn(model, y, 4.0, model.num_classes, model.in_channels)
+    x = torch.randn(4, model.in_channels, 16, 16, device="cuda", dtype=torch.bfloat16)
+    t = torch.full((4,), 500, device="cuda")
+    with torch.no_grad(), kf.use_backend("cuda"), serving(model, [3, model.num_classes]):
+        with record_paths() as calls:
+            out = fn(x, t)
+        with force_path("M1"):
+            ref = fn(x, t)
+    assert calls and {(c["path"], c["backend"]) for c in calls} == {("M3", "cuda")}
+    assert (out - ref).abs().max().item() <= 3e-2 * max(1.0, ref.abs().max().item())

@@ -481,3 +481,70 @@ def test_cache_token_tracks_storage_and_inference_tensors():
     cache = MergedWeightCache(2)
     tok = tokens([p])
     assert cache.admit(("k",), tok, True) and not cache.admit((("a", "b", "c"),), tok, True)
+
+
+# ------------------------------------------------------------------ GPU (skipped without one)
+def _gpu_backend_ready(name: str) -> tuple[bool, str]:
+    if not torch.cuda.is_available():
+        return False, "needs a CUDA GPU"
+    ok, why = kf.backends.backend_status()[name]
+    return ok, why
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_gpu_layer_m3_equals_m1_eager_and_graphed(backend):
+    """On the GPU, a DiT-XL/2-shaped KIND layer in eval with a CFG pair declared takes M3 on each
+    fused backend (merged weights cached once), equals M1, and replays from a CUDA graph (as
+    the sampler runs it) with the same result as eager on new inputs."""
+    ok, why = _gpu_backend_ready(backend)
+    if not ok:
+        pytest.skip(f"{backend} backend: {why}")
+    from kind_fast.graphs import GraphedCall
+
+    torch.manual_seed(0)
+    gate = kf.ClassGate.block(10, 96, 32)
+    layer = kf.FastKindLinear(1152, 4608, tailor_rank=96, gate=gate).to("cuda", torch.bfloat16).eval()
+    labels = torch.tensor([3] * 4 + [10] * 4, device="cuda")
+    x = torch.randn(8, 256, 1152, device="cuda", dtype=torch.bfloat16)
+    x_new = torch.randn_like(x)
+    with torch.no_grad(), kf.use_backend(backend), gate.serving([3, 10]):
+        with paths.record_paths() as calls:
+            y = layer(x, labels=labels)
+        with force_path("M1"):
+            y_m1 = layer(x, labels=labels)
+        graphed = GraphedCall(lambda inp: layer(inp, labels=labels))
+        graphed(x)
+        y_graph = graphed(x_new)
+        y_eager = layer(x_new, labels=labels)
+    assert [(c["path"], c["backend"]) for c in calls] == [("M3", backend)]
+    assert layer.merged_cache.builds == 1 and graphed.failed is None and graphed.replays >= 1
+    scale = y_m1.float().abs().max().item()
+    assert (y.float() - y_m1.float()).abs().max().item() <= 3e-2 * scale
+    torch.testing.assert_close(y_graph, y_eager)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("layout", ["cfg", "scattered"])
+def test_gpu_triton_merged_gemm_and_backward(layout):
+    """The Triton backend's segmented GEMM and its backward at a DiT-XL/2 width, bf16, against the
+    reference in float32."""
+    ok, why = _gpu_backend_ready("triton")
+    if not ok:
+        pytest.skip(f"triton backend: {why}")
+    from kind_fast.ops.kind_linear_merged_triton import MERGED_GEMM_BACKWARD_OP, MERGED_GEMM_OP
+
+    g = torch.Generator(device="cuda").manual_seed(1)
+    slots = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1] if layout == "cfg" else [1, 0, 2, 0, 1, 1, 2, 0], device="cuda")
+    x = torch.randn(8 * 256, 1152, generator=g, device="cuda").bfloat16()
+    w = (torch.randn(3, 1152, 1152, generator=g, device="cuda") * 1152 ** -0.5).bfloat16()
+    bias = torch.randn(1152, generator=g, device="cuda").bfloat16()
+    gy = torch.randn(8 * 256, 1152, generator=g, device="cuda").bfloat16()
+    got = (MERGED_GEMM_OP(x, w, bias, slots), *MERGED_GEMM_BACKWARD_OP(gy, x, w, slots, [True] * 3))
+    want = (kind_linear_merged_gemm_ref(x.float(), w.float(), bias.float(), slots),
+            *kind_linear_merged_gemm_backward_ref(gy.float(), x.float(), w.float(), slots, [True] * 3))
+    low = (kind_linear_merged_gemm_ref(x, w, bias, slots),
+           *kind_linear_merged_gemm_backward_ref(gy, x, w, slots, [True] * 3))
+    for name, a, o, l_ in zip(("y", "dx", "dweights", "dbias"), got, want, low):
+        assert_close_to_oracle(a, o, l_, torch.bfloat16, name)

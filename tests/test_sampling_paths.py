@@ -103,6 +103,7 @@ def test_cli_sample_flags(tmp_path, capsys):
     assert "no ema/ folder" in err or "CUDA device" in err
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_graphed_sampling_equals_eager():
     model = tiny_dit(2).cuda()

@@ -11,11 +11,18 @@ What it is for (docs/design.md §2, §6):
   alone costs ~16 % of the GEMM at out = 1152 on an H200): the single-pass fused M1 is the Triton
   backend's. ``use_backend("auto")`` uses this M1 only where the cost model below says it is
   no slower than the reference (``auto_shape_ok``), after its one-time self-check passed.
-* **Path M3 (sampling) on cuBLAS**: ``kind_linear_merged`` merges one dense weight per group of
-  samples and runs each group's rows through one cuBLAS GEMM (bias in its epilogue): dense
-  speed when a batch holds few classes in long runs (CFG: ``[c]*n + [null]*n``), exact for any
-  labels (a rank-2K correction for samples whose class differs from their group's), no host
-  synchronisation, CUDA-graph safe.
+* **Path M3 (sampling) on cuBLAS**, two ops:
+  - ``MERGED_GEMM_OP`` (``kind_linear_cuda_merged_gemm``, the schema of
+    ``kind_fast::kind_linear_merged_gemm``, with autograd): the segmented GEMM the op family
+    (kind_fast.ops.paths) runs on merged weights from a layer's cache, as in sampling. Given
+    the slots on the host (``MERGED_GEMM_HOST_SLOTS``: the family passes a CPU copy it reads once
+    per labels tensor), each run of samples of one slot is one cuBLAS GEMM on its rows of x with
+    the bias in the epilogue: a CFG batch ``[c]*n + [null]*n`` costs a dense layer. Slots on the
+    device are never read: every slot's GEMM runs on all rows (S × the FLOPs, exact).
+  - ``MERGED_OP`` (``kind_linear_merged``): the whole path from the components, merging per
+    call: one dense weight per group of samples and one cuBLAS GEMM per group (bias in its
+    epilogue), exact for any labels (a rank-2K correction for samples whose class differs from
+    their group's), no host synchronisation, CUDA-graph safe.
 
 Registered ops (defined in C++, csrc/module.cpp; the schemas and semantics of the reference's
 ``kind_fast::kind_linear`` / ``kind_linear_backward``, see kind_fast/ops/kind_linear.py):
@@ -25,6 +32,9 @@ Registered ops (defined in C++, csrc/module.cpp; the schemas and semantics of th
                                                   labels, h, output_mask) -> 7 gradients
     torch.ops.kind_fast.kind_linear_cuda_merged(x, w_g, bias, u_t, sigma_t, v_t, idx, val,
                                                 labels, max_classes) -> y        (path M3, no grad)
+    torch.ops.kind_fast.kind_linear_cuda_merged_gemm(x, weights, bias, slots) -> y   (path M3, cached)
+    torch.ops.kind_fast.kind_linear_cuda_merged_gemm_backward(grad_y, x, weights, slots, output_mask)
+        -> (dx, dweights, dbias)        (schemas of kind_fast::kind_linear_merged_gemm(_backward))
 
 This module adds their fake kernels, autograd and FLOP formulas (C++ names it with
 ``set_python_module``), the backend protocol of kind_fast/backends.py, the cost model, and the
@@ -56,13 +66,18 @@ from kind_fast.ops.kind_linear import (
 )
 from kind_fast.ops.self_check import SelfCheckGate
 
-# OP, BACKWARD_OP and MERGED_OP are module attributes resolved on first access (__getattr__)
+# OP, BACKWARD_OP, MERGED_OP, MERGED_GEMM_OP and MERGED_GEMM_BACKWARD_OP are module attributes
+# resolved on first access (__getattr__)
 __all__ = ["status", "supports", "auto_ready", "auto_shape_ok", "self_check", "self_check_results",
            "kind_linear_merged", "merged_groups", "Hardware", "H200", "modelled_time", "model_passes",
-           "SUPPORTED_DTYPES", "AUTO_OP", "cost_table_markdown"]
+           "SUPPORTED_DTYPES", "AUTO_OP", "MERGED_GEMM_HOST_SLOTS", "cost_table_markdown"]
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
-OP_NAMES = ("kind_linear_cuda", "kind_linear_cuda_backward", "kind_linear_cuda_merged")
+OP_NAMES = ("kind_linear_cuda", "kind_linear_cuda_backward", "kind_linear_cuda_merged", "kind_linear_cuda_merged_gemm",
+            "kind_linear_cuda_merged_gemm_backward")
+# The op family passes MERGED_GEMM_OP its slots as a CPU tensor when it knows them on the host
+# (kind_fast.ops.paths): this backend's segmented GEMM then runs one cuBLAS GEMM per run of samples.
+MERGED_GEMM_HOST_SLOTS = True
 
 _lock = threading.Lock()
 _registered = False
@@ -116,8 +131,13 @@ def self_check(device: torch.device, dtype: torch.dtype) -> tuple[bool, str]:
     return _gate.check(device, dtype)
 
 
-def __getattr__(name: str):  # OP, BACKWARD_OP, MERGED_OP before status() has registered them
-    ops = {"OP": "kind_linear_cuda", "BACKWARD_OP": "kind_linear_cuda_backward", "MERGED_OP": "kind_linear_cuda_merged"}
+_OP_ATTRS = {"OP": "kind_linear_cuda", "BACKWARD_OP": "kind_linear_cuda_backward",
+             "MERGED_OP": "kind_linear_cuda_merged", "MERGED_GEMM_OP": "kind_linear_cuda_merged_gemm",
+             "MERGED_GEMM_BACKWARD_OP": "kind_linear_cuda_merged_gemm_backward"}
+
+
+def __getattr__(name: str):  # the ops of _OP_ATTRS before status() has registered them
+    ops = _OP_ATTRS
     if name in ops:
         ok, why = status()
         if not ok:
@@ -143,6 +163,14 @@ def _register() -> None:
             return
         from torch.utils.flop_counter import register_flop_formula
 
+        from kind_fast.ops.kind_linear_merged import (
+            kind_linear_merged_gemm_backward_fake,
+            kind_linear_merged_gemm_fake,
+            kind_linear_merged_gemm_setup_context,
+            make_kind_linear_merged_gemm_backward,
+            register_merged_flop_formulas,
+        )
+
         torch.library.register_fake("kind_fast::kind_linear_cuda", kind_linear_fake)
         torch.library.register_fake("kind_fast::kind_linear_cuda_backward", kind_linear_backward_fake)
         torch.library.register_fake("kind_fast::kind_linear_cuda_merged", _fake_merged)
@@ -153,6 +181,17 @@ def _register() -> None:
         )
         register_kind_linear_flop_formulas(torch.ops.kind_fast.kind_linear_cuda,
                                            torch.ops.kind_fast.kind_linear_cuda_backward)
+        # path M3's segmented GEMM: the reference family's fake kernels, autograd and FLOP formulas
+        torch.library.register_fake("kind_fast::kind_linear_cuda_merged_gemm", kind_linear_merged_gemm_fake)
+        torch.library.register_fake("kind_fast::kind_linear_cuda_merged_gemm_backward",
+                                    kind_linear_merged_gemm_backward_fake)
+        torch.library.register_autograd(
+            "kind_fast::kind_linear_cuda_merged_gemm",
+            make_kind_linear_merged_gemm_backward(torch.ops.kind_fast.kind_linear_cuda_merged_gemm_backward),
+            setup_context=kind_linear_merged_gemm_setup_context,
+        )
+        register_merged_flop_formulas(torch.ops.kind_fast.kind_linear_cuda_merged_gemm,
+                                      torch.ops.kind_fast.kind_linear_cuda_merged_gemm_backward)
 
         @register_flop_formula(torch.ops.kind_fast.kind_linear_cuda_merged)
         def _(x_shape, w_g_shape, bias_shape, u_t_shape, sigma_t_shape, v_t_shape, idx_shape, val_shape,
@@ -163,8 +202,7 @@ def _register() -> None:
 
         # plain module attributes from now on (torch.compile reads them without tracing __getattr__)
         ops = torch.ops.kind_fast
-        globals().update(OP=ops.kind_linear_cuda, BACKWARD_OP=ops.kind_linear_cuda_backward,
-                         MERGED_OP=ops.kind_linear_cuda_merged)
+        globals().update({attr: getattr(ops, name) for attr, name in _OP_ATTRS.items()})
         _registered = True
 
 
@@ -227,7 +265,7 @@ class Hardware:
 # efficiencies are assumptions until bench/gpu_check.sh measures the kernels
 H200 = Hardware("H200", tflops=788.0, hbm_tbs=4.3, launch_us=2.0)
 _MODES = ("forward", "transfer", "pretrain")
-_IMPLS = ("linear", "reference", "cuda", "k_augmented", "cuda_merged")
+_IMPLS = ("linear", "reference", "cuda", "k_augmented", "cuda_merged", "cuda_merged_gemm")
 
 
 def model_passes(impl: str, mode: str, m: int, batch: int, n_in: int, n_out: int, n_t: int, k: int,
@@ -243,11 +281,13 @@ def model_passes(impl: str, mode: str, m: int, batch: int, n_in: int, n_out: int
                  after a shrink pass that also copies x into [x | H_s], and the weight concatenation
     cuda_merged  this backend's path M3 (inference): ``groups`` merges, one GEMM per group, no
                  correction needed (the CFG layout)
+    cuda_merged_gemm  path M3 as the op family runs it in sampling: the merged weights come from
+                 the layer's cache, MERGED_GEMM_OP runs one GEMM per group (host slots, CFG layout)
     Modes: forward; transfer (fwd + dX, dU_T, dV_T, dσ_T); pretrain (transfer + dW_G, db).
     """
     if impl not in _IMPLS or mode not in _MODES:
         raise ValueError(f"impl must be one of {_IMPLS} and mode one of {_MODES}, got {impl!r}, {mode!r}")
-    if mode != "forward" and impl in ("k_augmented", "cuda_merged"):
+    if mode != "forward" and impl in ("k_augmented", "cuda_merged", "cuda_merged_gemm"):
         raise ValueError(f"{impl} is a forward (inference) design only")
     lib, hand = hw.lib_efficiency, hw.hand_efficiency
     e, f32 = elem, 4
@@ -270,6 +310,10 @@ def model_passes(impl: str, mode: str, m: int, batch: int, n_in: int, n_out: int
         mem(name, mm * depth * e + bk * k * depth * e + mm * k * f32 * (1 if splits == 1 else 2 * splits + 1),
             hand, 2 if splits > 1 else 1, flops=2.0 * mm * k * depth)
 
+    if impl == "cuda_merged_gemm":
+        for i in range(max(1, int(groups))):
+            gemm(f"group {i}: x_g·W_gᵀ + b (cached W_g)", mm // max(1, int(groups)), n_out, n_in)
+        return out
     if impl == "cuda_merged":
         g = max(1, int(groups))
         mem("gate tables + M3 plan + gather U_T rows", g * k * n_out * (e + f32), lib, 3)
@@ -415,24 +459,26 @@ def cost_table_markdown(hw: Hardware = H200, tokens: tuple[int, ...] = (8192, 65
     """The model's DiT-XL/2 table (times ÷ F.linear or nn.Linear fwd+bwd), as csrc/README.md shows it."""
     d, n_t, k, per_sample = 1152, 96, 32, 256
     layers = {"qkv": (d, 3 * d), "proj": (d, d), "fc1": (d, 4 * d), "fc2": (4 * d, d)}
-    lines = ["| layer | M | forward goal | reference | cuda M1 | K-augmented | cuda M3 (CFG) | "
-             "transfer: reference | cuda M1 | pretrain: reference | cuda M1 | "
+    lines = ["| layer | M | forward goal | reference | cuda M1 | K-augmented | cuda M3 (CFG, merging per call) | "
+             "cuda M3 (CFG, cached weights) | transfer: reference | cuda M1 | pretrain: reference | cuda M1 | "
              "auto uses cuda M1 (fwd/transfer/pretrain) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, (n_in, n_out) in layers.items():
         for m in tokens:
             b = m // per_sample
             r = {}
             for mode in _MODES:
                 base = modelled_time("linear", mode, m, b, n_in, n_out, n_t, k, hw)
-                impls = ("reference", "cuda") + (("k_augmented", "cuda_merged") if mode == "forward" else ())
+                impls = ("reference", "cuda") + (("k_augmented", "cuda_merged", "cuda_merged_gemm")
+                                                 if mode == "forward" else ())
                 for impl in impls:
                     r[impl, mode] = modelled_time(impl, mode, m, b, n_in, n_out, n_t, k, hw) / base
             goal = 1.10 * (1 + k / n_in + k / n_out)
             auto = "/".join("yes" if auto_shape_ok(m, b, n_in, n_out, n_t, k, mode, hw) else "no" for mode in _MODES)
             lines.append(f"| DiT-XL/2.{name} | {m} | {goal:.2f} | {r['reference', 'forward']:.2f} | "
                          f"{r['cuda', 'forward']:.2f} | {r['k_augmented', 'forward']:.2f} | "
-                         f"{r['cuda_merged', 'forward']:.2f} | {r['reference', 'transfer']:.2f} | "
+                         f"{r['cuda_merged', 'forward']:.2f} | {r['cuda_merged_gemm', 'forward']:.2f} | "
+                         f"{r['reference', 'transfer']:.2f} | "
                          f"{r['cuda', 'transfer']:.2f} | {r['reference', 'pretrain']:.2f} | "
                          f"{r['cuda', 'pretrain']:.2f} | {auto} |")
     return "\n".join(lines)

@@ -19,15 +19,17 @@ and autograd carries dW[s] through the merge to W_G (U_G, σ_G, V_G), U_T, σ_T,
 
 Layering: reference → registered ops (fake kernels, autograd, FLOP formulas) → functional. The
 Triton kernels are kernels/kind_linear_merged.py (ops: kind_fast/ops/kind_linear_merged_triton.py);
-the CUDA backend serves ``kind_linear_cuda_merged`` with ``kind_linear_merged``'s schema.
+the CUDA backend (csrc/) serves ``kind_linear_cuda_merged_gemm`` (+ backward) and
+``kind_linear_cuda_merged`` with these ops' schemas, on cuBLAS.
 
 Registered ops (every backend's variant has the same schema and semantics):
 
     kind_fast::kind_linear_merged_gemm(Tensor x, Tensor weights, Tensor? bias, Tensor slots) -> Tensor
         x (M, in); weights (S, out, in) in x's dtype; bias (out,) or None; slots (B,) int slot
-        of each sample in [0, S), M = B·T. Returns y (M, out). Autograd: dx, dweights, dbias
-        through ``kind_fast::kind_linear_merged_gemm_backward(grad_y, x, weights, slots,
-        output_mask: bool[3]) -> (dx, dweights, dbias)``.
+        of each sample in [0, S), M = B·T, on x's device or on the CPU (host slots: the reference
+        and the CUDA backend read them there, without a synchronisation). Returns y (M, out).
+        Autograd: dx, dweights, dbias through ``kind_fast::kind_linear_merged_gemm_backward(grad_y,
+        x, weights, slots, output_mask: bool[3]) -> (dx, dweights, dbias)``.
     kind_fast::kind_linear_merged(Tensor x, Tensor w_g, Tensor? bias, Tensor u_t, Tensor sigma_t,
                                   Tensor v_t, Tensor idx, Tensor val, Tensor labels, int max_classes) -> Tensor
         The whole path from the components (the CUDA backend's kind_linear_cuda_merged schema):
@@ -117,9 +119,11 @@ def assign_slots(labels: Tensor, num_rows: int, max_slots: int) -> tuple[Tensor,
     return order[:n_slots], class_slot
 
 
-def _host_segments(slots: Tensor, n_slots: int) -> list[tuple[int, Tensor | slice]]:
+def _host_segments(slots: Tensor, n_slots: int, device: torch.device | None = None
+                   ) -> list[tuple[int, Tensor | slice]]:
     """(slot, samples) per used slot, read on the host: a slice for a contiguous run of
-    samples (a view of x, no copy), else an index tensor."""
+    samples (a view of x, no copy), else an index tensor (on ``device``: x's, for host slots
+    of device tensors)."""
     sl = slots.long()
     out = []
     for s in torch.unique(sl).tolist():
@@ -127,7 +131,7 @@ def _host_segments(slots: Tensor, n_slots: int) -> list[tuple[int, Tensor | slic
             raise ValueError(f"slots must be in [0, {n_slots}), got {s}")
         where = (sl == s).nonzero().flatten()
         lo, hi = int(where[0]), int(where[-1]) + 1
-        out.append((s, slice(lo, hi) if hi - lo == where.numel() else where))
+        out.append((s, slice(lo, hi) if hi - lo == where.numel() else where.to(device or where.device)))
     return out
 
 
@@ -140,7 +144,8 @@ def kind_linear_merged_gemm_ref(x: Tensor, weights: Tensor, bias: Tensor | None,
                                 segments: Sequence[tuple[int, slice | Tensor]] | None = None) -> Tensor:
     """y (M, out) = x[m] · weights[slots[m // T]]ᵀ + bias on 2-D x (M, in). ``plan``:
     "segments" (one GEMM per slot, slots read on the host) or "all" (one GEMM against every
-    slot's weight, then a select; no host read); default: "segments" on the CPU. ``segments``:
+    slot's weight, then a select; no host read); default: "segments" for CPU slots (also host
+    slots of device tensors). ``segments``:
     the (slot, samples) pairs when the caller already knows them (then ``slots`` is not read)."""
     m, n_in = x.shape
     n_slots, n_out = weights.shape[0], weights.shape[1]
@@ -152,7 +157,7 @@ def kind_linear_merged_gemm_ref(x: Tensor, weights: Tensor, bias: Tensor | None,
     if plan == "segments":
         y = x.new_empty((b, t, n_out))
         x3 = x.view(b, t, n_in)
-        for s, rows in (segments if segments is not None else _host_segments(slots, n_slots)):
+        for s, rows in (segments if segments is not None else _host_segments(slots, n_slots, x.device)):
             ys = F.linear(x3[rows], weights[s], bias)
             if isinstance(rows, slice):
                 y[rows] = ys
@@ -185,7 +190,7 @@ def kind_linear_merged_gemm_backward_ref(grad_y: Tensor, x: Tensor, weights: Ten
     if plan == "segments":
         g3, x3 = g.view(b, t, n_out), x.view(b, t, n_in)
         dx3 = dx.view(b, t, n_in) if need_dx else None
-        for s, rows in _host_segments(slots, n_slots):
+        for s, rows in _host_segments(slots, n_slots, x.device):
             gs = g3[rows]
             if need_dx:
                 dxs = gs @ weights[s]
@@ -395,7 +400,10 @@ def kind_linear_merged_gemm(x: Tensor, weights: Tensor, bias: Tensor | None, slo
         x: (B, T, in), (B, in) or (M, in) with M = B·T rows grouped by sample.
         weights: (S, out, in) merged weights (``merge_weights``), x's dtype.
         bias: (out,) or None, x's dtype.
-        slots: (B,) int32/int64 slot of each sample, in [0, S).
+        slots: (B,) int32/int64 slot of each sample, in [0, S): on x's device, or on the CPU
+            ("host slots", e.g. from ``kind_fast.ops.paths.host_slots``): the reference and
+            backends with ``MERGED_GEMM_HOST_SLOTS`` (CUDA) then plan their GEMMs on the host
+            at no cost; other backends get them copied to the device.
 
     Differentiable in x, weights and bias. Under autocast, x, weights and bias are cast here.
     """
@@ -414,8 +422,11 @@ def kind_linear_merged_gemm(x: Tensor, weights: Tensor, bias: Tensor | None, slo
     if bias is not None:
         _check(isinstance(bias, Tensor) and bias.shape == (n_out,) and bias.dtype == x.dtype,
                f"bias must be a ({n_out},) tensor of x's dtype")
-    devs = {x.device, weights.device, slots.device} | ({bias.device} if bias is not None else set())
-    _check(len(devs) == 1, f"all tensors must be on one device, got {sorted(map(str, devs))}")
+    devs = {x.device, weights.device} | ({bias.device} if bias is not None else set())
+    _check(len(devs) == 1, f"all tensors must be on one device, got {sorted(map(str, devs | {slots.device}))}")
+    host_slots = isinstance(slots, Tensor) and slots.device.type == "cpu" and x.device.type != "cpu"
+    _check(not isinstance(slots, Tensor) or slots.device == x.device or host_slots,
+           f"slots must be on x's device ({x.device}) or on the CPU (host slots), got {slots.device}")
     n_b = slots.shape[0] if isinstance(slots, Tensor) and slots.dim() == 1 else -1
     check_slots(slots, weights.shape[0], n_b)
     if x.dim() == 3:
@@ -426,6 +437,9 @@ def kind_linear_merged_gemm(x: Tensor, weights: Tensor, bias: Tensor | None, slo
     _check(n_b == 0 or x2.shape[0] % n_b == 0,
            f"x has {x2.shape[0]} rows, not a multiple of the {n_b} samples (rows must be grouped by sample)")
     op = _backend_op(x2.device, x2.dtype, "MERGED_GEMM_OP", torch.ops.kind_fast.kind_linear_merged_gemm)
+    if host_slots and op is not torch.ops.kind_fast.kind_linear_merged_gemm and \
+            not _backend_op(x2.device, x2.dtype, "MERGED_GEMM_HOST_SLOTS", False):
+        slots = slots.to(x2.device)  # this backend's kernel reads the slots on the device
     with torch.autocast(dev_type, enabled=False):
         y = op(x2.contiguous(), weights.contiguous(), bias, slots)
     return y.view(*lead, n_out)

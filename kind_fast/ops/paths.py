@@ -35,6 +35,9 @@ opens one), so merged weights, like W_G, can never outlive a write the token can
 Which classes a batch holds: ``classes=`` (declared; labels outside them are an error, checked
 on the host for CPU labels and asynchronously on CUDA), else read from CPU labels (free; once per
 labels tensor), else, for CUDA labels, all C+1 classes when they fit in the cache.
+Each sample's slot (M3): the Triton kernel reads it on the device; backends that plan their
+GEMMs on the host (``MERGED_GEMM_HOST_SLOTS``, the CUDA backend: one cuBLAS GEMM per run of
+samples of one slot) get them from ``host_slots``, which reads GPU labels once per labels tensor.
 
 ``KIND_FAST_DEBUG=1`` logs each new (shape, path) decision to stderr once; ``python -m
 kind_fast.info`` prints the decisions for the DiT-XL/2 layers; ``force_path("M1")`` pins a path
@@ -82,7 +85,7 @@ from kind_fast.ops.kind_linear_merged import (
 )
 
 __all__ = ["PATHS", "PathChoice", "DeviceCosts", "COSTS", "choose_path", "path_costs", "kind_linear_layer",
-           "kind_linear_eager", "force_path", "forced_path", "distinct_classes"]
+           "kind_linear_eager", "force_path", "forced_path", "distinct_classes", "host_slots", "record_paths"]
 
 PATHS = ("M0", "M1", "M2", "M3", "M4")
 # Largest N_G + K the Triton backend's fused kernel takes for M2 (its BM×KP shrink accumulator
@@ -159,8 +162,10 @@ def path_costs(
     if distinct_classes is not None and distinct_classes > 0:
         s = distinct_classes
         # the reference GEMM reads slots on the host on the CPU (one GEMM per slot); elsewhere it
-        # multiplies every slot's weight; the fused backends have segmented kernels
-        factor = 1 if (backend == "triton" or device_type == "cpu") else s
+        # multiplies every slot's weight. Triton has a segmented kernel; the CUDA backend runs one
+        # cuBLAS GEMM per run of samples of a slot, from host slots (``host_slots``: labels read
+        # once per labels tensor), so both cost a dense layer
+        factor = 1 if (backend in ("triton", "cuda") or device_type == "cpu") else s
         merge = 0 if (merged_cached and not training) else 2 * s * k * i * o
         f3 = dense * factor + merge
         b3 = (2 * dense * factor + 2 * merge + lg - (dense if lg else 0)) if training else 0
@@ -284,9 +289,23 @@ def force_path(path: str | None) -> Iterator[None]:
 
 
 # =====================================================================================
-# Debug log
+# Debug log, and a recorder of the decisions (benchmarks, tests)
 # =====================================================================================
 _LOGGED: set = set()
+_RECORDERS: list[list] = []
+
+
+@contextmanager
+def record_paths() -> Iterator[list[dict]]:
+    """Collect the decision of every ``kind_linear_layer`` call in the block (outside
+    torch.compile and dispatch modes): dicts with path, backend, reason, rows, in, out,
+    samples, classes (S, when known), training."""
+    calls: list[dict] = []
+    _RECORDERS.append(calls)
+    try:
+        yield calls
+    finally:
+        _RECORDERS.remove(calls)
 
 
 def _debug_log(choice: PathChoice, rows: int, n_in: int, n_out: int, k: int, n_t: int, b: int,
@@ -335,6 +354,47 @@ def distinct_classes(labels: Tensor) -> tuple[int, ...] | None:
     """Sorted distinct class ids of CPU ``labels`` (see ``host_plan``), else None."""
     plan = host_plan(labels)
     return None if plan is None else plan[0]
+
+
+# [weakref to labels, its _version, served classes, (host slots, labels as read)]
+_LAST_SLOTS: list = [None, None, None, None]
+
+
+def host_slots(labels: Tensor, served: tuple[int, ...]) -> Tensor | None:
+    """Slot of each sample (B,) int64 on the CPU, slot i = ``served[i]``, for the segmented GEMM
+    of backends that plan on the host (``MERGED_GEMM_HOST_SLOTS``: the CUDA backend runs one
+    cuBLAS GEMM per run of samples of one slot). Labels on a GPU are read once per labels
+    tensor and version (one synchronisation: every layer of a model and every step of a
+    sampling loop see the same tensor), then reused. Labels outside ``served`` are a
+    ValueError. None (the caller keeps device slots) under torch.compile or a dispatch mode, for
+    inference tensors (no version counter), and during CUDA-graph capture unless these labels
+    were read before it (the warm-up calls): then the graph keeps that layout, and a device
+    assertion captured with it checks at every replay that the labels still hold it."""
+    if torch.compiler.is_compiling() or under_dispatch_mode() or labels.is_inference():
+        return None
+    ref, version, key, cached = _LAST_SLOTS
+    hit = ref is not None and ref() is labels and version == labels._version and key == served
+    capturing = labels.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    if capturing:
+        if not hit:
+            return None
+        torch._assert_async((labels == cached[1]).all(),
+                            "kind_fast: labels changed after a CUDA graph captured path M3 with host slots")
+        return cached[0]
+    if hit:
+        return cached[0]
+    lab = labels.long().cpu()  # one synchronisation for GPU labels
+    slot_of = torch.full((int(max(served)) + 1,), -1, dtype=torch.long)
+    slot_of[list(served)] = torch.arange(len(served))
+    bad = (lab < 0) | (lab >= slot_of.numel())
+    slots = slot_of[lab.clamp(0, slot_of.numel() - 1)]
+    bad |= slots < 0
+    if bool(bad.any()):
+        extra = sorted(set(lab[bad].tolist()))
+        raise ValueError(f"labels hold classes {extra} outside the declared served classes {list(served)} "
+                         "(ClassGate.serving / classes=)")
+    _LAST_SLOTS[:] = [weakref.ref(labels), labels._version, served, (slots, labels.clone())]
+    return slots
 
 
 # =====================================================================================
@@ -508,6 +568,10 @@ def kind_linear_layer(
     if plain:
         _debug_log(choice, rows, n_in, n_out, k, u_t.shape[0], n_b, dt, training,
                    len(served) if served is not None else None)
+        for calls in _RECORDERS:
+            calls.append(dict(path=path, backend=backend, reason=choice.reason, rows=rows, n_in=n_in, n_out=n_out,
+                              samples=n_b, classes=len(served) if served is not None else None,
+                              training=training))
 
     # ---- run it
     if path == "M2":
@@ -582,4 +646,9 @@ def _run_merged(x2, labels, w, bias, u_t, sigma_t, v_t, idx, val, served, declar
         slot_of = {c: i for i, c in enumerate(served)}
         segments = [(slot_of[c], plan[1][c]) for c in plan[0]]
         return kind_linear_merged_gemm_ref(x2, weights, bias, labels, segments=segments)
-    return kind_linear_merged_gemm(x2, weights, bias, class_slot.index_select(0, labels.long()))
+    slots = None
+    if backend != "torch" and getattr(_backend_module(backend)[0], "MERGED_GEMM_HOST_SLOTS", False):
+        slots = host_slots(labels, served)  # the backend plans its GEMMs on the host (CUDA: cuBLAS)
+    if slots is None:
+        slots = class_slot.index_select(0, labels.long())
+    return kind_linear_merged_gemm(x2, weights, bias, slots)
