@@ -109,14 +109,6 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def file_record(data: bytes) -> dict:
     """What a manifest stores about one file: its SHA-256 and size."""
     return {"sha256": sha256_bytes(data), "bytes": len(data)}

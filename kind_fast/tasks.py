@@ -57,10 +57,6 @@ def _check_kind_dit(model, what: str):
                         + (" with kind=None" if isinstance(model, DiT) else ""))
 
 
-def _task_key(model, key: str) -> bool:
-    return key.startswith(HEAD_PREFIXES) or key == GATE_PREFIX + "table" or key in _tailor_keys(model)
-
-
 def _tailor_keys(model) -> set[str]:
     from kind_fast.utils import kind_layers
 
