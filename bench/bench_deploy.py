@@ -22,7 +22,7 @@ import os
 
 import pytest
 import torch
-from conftest import cpu_median, gpu_median, interleaved, requires_cuda
+from conftest import cpu_median, gpu_median, interleaved, requires_cuda, synced
 
 from kind_fast.benchmark import build_model
 from kind_fast.tasks import MultiTaskDiT, task_state_dict
@@ -72,14 +72,7 @@ def _run(benchmark, name, *, device, depth, batch, dtype, timer):
                 batch=batch, dtype=str(dtype), device=str(device), torch=torch.__version__,
                 threads=torch.get_num_threads())
     benchmark.extra_info.update(info)
-    gpu = device == "cuda"
-
-    def timed():
-        steps["merged"]()
-        if gpu:
-            torch.cuda.synchronize()
-
-    benchmark.pedantic(timed, rounds=3, iterations=1, warmup_rounds=1)
+    benchmark.pedantic(synced(steps["merged"], device), rounds=3, iterations=1, warmup_rounds=1)
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import cpu_median, dit_layer_shapes, gpu_median, interleaved, requires_cuda
+from conftest import cpu_median, dit_layer_shapes, gpu_median, interleaved, requires_cuda, synced
 
 import kind_fast as kf
 from kind_fast.ops.kind_linear import kind_linear_flops
@@ -104,12 +104,7 @@ def test_gpu_layer_reference(benchmark, name, n_in, n_out, mode):
         times = interleaved({"kind": run_kind, "linear": run_linear}, gpu_median)
         _record(benchmark, times, _flops(n_in, n_out, m, mode), None, torch.cuda.get_device_name())
         benchmark.extra_info.update(shape=name, tokens=m, backend="torch")
-
-        def timed():
-            run_kind()
-            torch.cuda.synchronize()
-
-        benchmark.pedantic(timed, rounds=10, iterations=1, warmup_rounds=2)
+        benchmark.pedantic(synced(run_kind, "cuda"), rounds=10, iterations=1, warmup_rounds=2)
 
 
 # =====================================================================================
@@ -202,13 +197,7 @@ def test_gpu_layer_triton(benchmark, name, n_in, n_out, mode):
         t_compiled_reference_ms=None if times["compiled"] is None else times["compiled"] * 1e3,
         goals=goals, all_goals_met=all(v[2] for v in goals.values()),
     )
-
-    def timed():
-        _on("triton", run_triton)
-        if dev == "cuda":
-            torch.cuda.synchronize()
-
-    benchmark.pedantic(timed, rounds=10, iterations=1, warmup_rounds=2)
+    benchmark.pedantic(synced(lambda: _on("triton", run_triton), dev), rounds=10, iterations=1, warmup_rounds=2)
 
 
 def _on(backend, run):

@@ -28,7 +28,7 @@ import statistics
 
 import pytest
 import torch
-from conftest import cpu_median, gpu_median, load_average, pair_stats, paired, requires_cuda
+from conftest import cpu_median, gpu_median, load_average, pair_stats, paired, requires_cuda, synced
 
 from kind_fast.benchmark import (
     build_model,
@@ -119,14 +119,7 @@ def _run_step(benchmark, name, mode, *, device, depth, batch, amp, timer, rounds
         r = info["memory_ratio_vs_full_ft"]
         info.update(goal_memory_ratio=goals["memory"], meets_memory_goal=r <= goals["memory"])
     benchmark.extra_info.update(info)
-    step = times.pop("step")
-
-    def timed():
-        step()
-        if gpu:
-            torch.cuda.synchronize()
-
-    benchmark.pedantic(timed, rounds=3, iterations=1, warmup_rounds=1)
+    benchmark.pedantic(synced(times.pop("step"), device), rounds=3, iterations=1, warmup_rounds=1)
     del model, base_model
     gc.collect()
     if gpu:
@@ -168,14 +161,7 @@ def _run_sampling(benchmark, name, *, device, depth, batch, amp, timer, rounds):
                 dense_ms_min=st["base_ms_min"], dense_ms_max=st["base_ms_max"],
                 rounds=st["rounds"], load_before=load_before, load_after=load_average())
     benchmark.extra_info.update(info)
-    gpu = device == "cuda"
-
-    def timed():
-        steps["kind"]()
-        if gpu:
-            torch.cuda.synchronize()
-
-    benchmark.pedantic(timed, rounds=3, iterations=1, warmup_rounds=1)
+    benchmark.pedantic(synced(steps["kind"], device), rounds=3, iterations=1, warmup_rounds=1)
 
 
 def test_cpu_cfg_sampling(benchmark, cpu_threads):

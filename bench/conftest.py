@@ -46,6 +46,19 @@ def gpu_median(fn) -> float:
     return do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e-3
 
 
+def synced(fn, device):
+    """``fn`` followed by a device synchronisation where the device is a GPU: what
+    ``benchmark.pedantic`` must time (CUDA calls return before the work is done)."""
+    if torch.device(device).type != "cuda":
+        return fn
+
+    def run():
+        fn()
+        torch.cuda.synchronize()
+
+    return run
+
+
 def interleaved(fns: dict, timer, rounds: int = 3) -> dict[str, float]:
     """Best-of-``rounds`` of each timer result, with the implementations interleaved so slow
     drift of the machine (other load, clocks) hits all of them alike."""

@@ -1,5 +1,11 @@
 """kind_fast: fused kernels and drop-in PyTorch modules for KIND in Diffusion Transformers.
 
+The top level holds the layer and its gate (``FastKindLinear``, ``ClassGate``), the op
+(``kind_linear``, ``kind_linear_ref``), conversion (``kindify``, ``kindify_from_pretrained``),
+deployment (``save_export`` / ``load_export``, ``save_task`` / ``load_task`` / ``load_base``,
+``MultiTaskDiT``), ``weight_cache``, backend selection and ``print_trainable_parameters``. The
+DiT is ``kind_fast.dit``, the trainer ``kind_fast.train``; docs/design.md is the contract.
+
 Importing this package never initialises CUDA, imports Triton or loads the compiled
 extension; backends are resolved on first use (see ``python -m kind_fast.info``).
 """

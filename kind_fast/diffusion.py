@@ -118,9 +118,9 @@ class GaussianDiffusion:
             return out[:, :channels], out[:, channels:]
         raise ValueError(f"model output has {out.shape[1]} channels; expected {channels} or {2 * channels}")
 
-    def p_mean_variance(self, out: Tensor, xt: Tensor, t: Tensor, *, clip_denoised: bool = False
-                        ) -> dict[str, Tensor]:
-        """p_θ(x_{t-1} | x_t) from a model output: mean, log variance, predicted x_0 and ε."""
+    def p_mean_variance(self, out: Tensor, xt: Tensor, t: Tensor) -> dict[str, Tensor]:
+        """p_θ(x_{t-1} | x_t) from a model output (the VB term's model side): mean, log variance,
+        predicted x_0 and ε."""
         eps, v = self.split_output(out.float(), xt.shape[1])
         if v is None:  # fixed variance: β̃_t (DDPM's "fixed small")
             log_var = _bcast(self.posterior_log_variance_clipped, t, xt).expand_as(xt)
@@ -129,8 +129,6 @@ class GaussianDiffusion:
             log_var = (frac * _bcast(torch.log(self.betas), t, xt)
                        + (1.0 - frac) * _bcast(self.posterior_log_variance_clipped, t, xt))
         x0 = self.predict_x0(xt, t, eps)
-        if clip_denoised:
-            x0 = x0.clamp(-1.0, 1.0)
         mean, _ = self.q_posterior(x0, xt, t)
         return {"mean": mean, "log_var": log_var, "pred_x0": x0, "eps": eps}
 

@@ -69,17 +69,11 @@ def save_export(model: nn.Module, directory: str | os.PathLike, *, overwrite: bo
 
 
 def read_export_config(directory: str | os.PathLike) -> dict:
-    d = Path(directory)
-    path = d / CONFIG_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: {d} is not a kind_fast export folder")
-    try:
-        cfg = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); the export is corrupt") from None
-    if not isinstance(cfg, dict) or cfg.get("format") != FORMAT or not isinstance(cfg.get("format_version"), int) \
-            or cfg["format_version"] > FORMAT_VERSION:
-        raise ValueError(f"{path}: not a kind_fast export this version reads")
+    from kind_fast.serialization import read_folder_config
+
+    path = Path(directory) / CONFIG_FILE
+    cfg = read_folder_config(Path(directory), CONFIG_FILE, fmt=FORMAT, max_version=FORMAT_VERSION, what="export",
+                             whole="the export")
     if cfg.get("form") not in FORMS:
         raise ValueError(f"{path}: unknown export form {cfg.get('form')!r}")
     if not isinstance(cfg.get("files"), dict):
@@ -89,12 +83,9 @@ def read_export_config(directory: str | os.PathLike) -> dict:
 
 def _read_weights(d: Path, cfg: dict, name: str) -> bytes:
     """The bytes of the export's weights file, checked against the config's SHA-256."""
-    from kind_fast.serialization import verify_file
+    from kind_fast.serialization import read_recorded_file
 
-    path = d / name
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing")
-    return verify_file(path, cfg["files"].get(name), CONFIG_FILE)
+    return read_recorded_file(d, name, cfg, CONFIG_FILE)
 
 
 def load_export(directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> nn.Module:

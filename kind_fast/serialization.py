@@ -109,14 +109,6 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def file_record(data: bytes) -> dict:
     """What a manifest stores about one file: its SHA-256 and size."""
     return {"sha256": sha256_bytes(data), "bytes": len(data)}
@@ -132,6 +124,35 @@ def verify_file(path: Path, record: dict, manifest: str) -> bytes:
             "changed after saving, or the save was interrupted (files from two different saves); save the "
             "model again (a training run: rerun it with --resume auto to rewrite its weights)")
     return data
+
+
+def read_recorded_file(directory: Path, name: str, cfg: dict, manifest: str) -> bytes:
+    """The bytes of ``directory/name``, checked against the SHA-256 and size that the config
+    ``manifest`` records for it in ``cfg["files"]`` (exports, task folders)."""
+    path = directory / name
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing")
+    return verify_file(path, cfg["files"].get(name), manifest)
+
+
+def read_folder_config(directory: Path, name: str, *, fmt: str, max_version: int, what: str, whole: str,
+                       hint: str = "") -> dict:
+    """The JSON object ``directory/name`` of a folder of format ``fmt`` (an export, a task) at a
+    version this code reads. FileNotFoundError when it is missing, ValueError when it is not
+    JSON, not an object, of another format or newer than ``max_version``. The messages call the
+    folder a kind_fast ``what`` folder, say that ``whole`` is corrupt, and end with ``hint``
+    where the file is missing."""
+    path = directory / name
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: {directory} is not a kind_fast {what} folder{hint}")
+    try:
+        cfg = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); {whole} is corrupt") from None
+    if not isinstance(cfg, dict) or cfg.get("format") != fmt or not isinstance(cfg.get("format_version"), int) \
+            or cfg["format_version"] > max_version:
+        raise ValueError(f"{path}: not a kind_fast {what} this version reads")
+    return cfg
 
 
 def structure_digest(cfg: dict) -> str:

@@ -57,10 +57,6 @@ def _check_kind_dit(model, what: str):
                         + (" with kind=None" if isinstance(model, DiT) else ""))
 
 
-def _task_key(model, key: str) -> bool:
-    return key.startswith(HEAD_PREFIXES) or key == GATE_PREFIX + "table" or key in _tailor_keys(model)
-
-
 def _tailor_keys(model) -> set[str]:
     from kind_fast.utils import kind_layers
 
@@ -139,31 +135,20 @@ def read_task(directory: str | os.PathLike) -> tuple[dict, dict[str, Tensor]]:
     """(config, tensors) of a task folder, checked for format, integrity and completeness."""
     from safetensors.torch import load
 
-    from kind_fast.serialization import verify_file
+    from kind_fast.serialization import read_folder_config, read_recorded_file
 
     d = Path(directory)
     path = d / CONFIG_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: {d} is not a kind_fast task folder "
-                                "(a KIND transfer run writes one to <out>/task)")
-    try:
-        cfg = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); the task folder is corrupt") from None
-    if not isinstance(cfg, dict) or cfg.get("format") != FORMAT or not isinstance(cfg.get("format_version"), int) \
-            or cfg["format_version"] > FORMAT_VERSION:
-        raise ValueError(f"{path}: not a kind_fast task this version reads")
+    cfg = read_folder_config(d, CONFIG_FILE, fmt=FORMAT, max_version=FORMAT_VERSION, what="task",
+                             whole="the task folder", hint=" (a KIND transfer run writes one to <out>/task)")
     for key, kind in (("files", dict), ("base", dict), ("gate", dict), ("num_classes", int)):
         if not isinstance(cfg.get(key), kind):
             raise ValueError(f"{path}: {key!r} is missing or malformed; the task folder is corrupt")
-    wpath = d / WEIGHTS_FILE
-    if not wpath.is_file():
-        raise FileNotFoundError(f"{wpath} is missing")
-    data = verify_file(wpath, cfg["files"].get(WEIGHTS_FILE), CONFIG_FILE)
+    data = read_recorded_file(d, WEIGHTS_FILE, cfg, CONFIG_FILE)
     try:
         tensors = load(data)
     except Exception as e:  # noqa: BLE001 - safetensors raises several types for corrupt files
-        raise ValueError(f"{wpath} could not be read ({type(e).__name__}: {e}); the task is corrupt") from e
+        raise ValueError(f"{d / WEIGHTS_FILE} could not be read ({type(e).__name__}: {e}); the task is corrupt") from e
     return cfg, tensors
 
 

@@ -124,6 +124,29 @@ def routed_labels(model: torch.nn.Module) -> Iterator[list[Tensor]]:
             h.remove()
 
 
+def perturbed(model: torch.nn.Module, std: float = 0.05, *, trainable_only: bool = False) -> torch.nn.Module:
+    """Add N(0, std²) noise to every parameter (or only the trainable ones) in place, in parameter
+    order from the global RNG; returns the model. DiT's adaLN-Zero init makes every block the
+    identity and the output zero, which would let comparisons pass for the wrong reason."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad or not trainable_only:
+                p.add_(torch.randn_like(p) * std)
+    return model
+
+
+def tiny_dit(seed: int = 0, num_classes: int = 6, kind=None, **kwargs) -> torch.nn.Module:
+    """A small ``kind_fast.dit.DiT`` (8×8×2 inputs, width 32, depth 2, 4 heads; ``kwargs``
+    override), built after ``torch.manual_seed(seed)``, in eval mode, ``perturbed``. Dense unless
+    ``kind`` (a KindConfig) is given."""
+    from kind_fast.dit import DiT
+
+    torch.manual_seed(seed)
+    args = dict(input_size=8, patch_size=2, in_channels=2, hidden_size=32, depth=2, num_heads=4,
+                num_classes=num_classes, kind=kind)
+    return perturbed(DiT(**{**args, **kwargs}).eval())
+
+
 @contextmanager
 def single_thread() -> Iterator[None]:
     """Run the block with one intra-op thread. Tiny models are dominated by per-op overhead,

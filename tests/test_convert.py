@@ -16,18 +16,10 @@ from kind_fast.dit import DiT, KindConfig, kindify_dit
 from kind_fast.dit import from_dense as dit_from_dense
 from kind_fast.dit import load_dense as dit_load_dense
 from kind_fast.serialization import load_pretrained
+from kind_fast.testing import tiny_dit
 
 ALL_ON = dict(tailor_rank=8, gate="all_on")
 
-
-def dense_dit(seed=0, classes=6):
-    torch.manual_seed(seed)
-    m = DiT(input_size=8, patch_size=2, in_channels=2, hidden_size=32, depth=2, num_heads=4,
-            num_classes=classes, kind=None).eval()
-    with torch.no_grad():  # the adaLN-Zero init makes blocks identity: perturb every weight
-        for p in m.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return m
 
 
 def inputs(channels=2, size=8, null=6):
@@ -38,7 +30,7 @@ def inputs(channels=2, size=8, null=6):
 
 @pytest.mark.parametrize("qkv", ["split", "fused"])
 def test_state_dict_all_on_reproduces_dense(qkv):
-    dense = dense_dit()
+    dense = tiny_dit()
     x, t, y = inputs()
     ref = dense(x, t, y)
     kind = KindConfig(qkv=qkv, **ALL_ON)
@@ -56,7 +48,7 @@ def test_state_dict_all_on_reproduces_dense(qkv):
 
 
 def test_block_gate_diverts_and_src_is_untouched():
-    dense = dense_dit()
+    dense = tiny_dit()
     before = {k: v.clone() for k, v in dense.state_dict().items()}
     m = from_dense(dense, KindConfig(tailor_rank=8, active=4))  # a DiT object: copied, not changed
     assert all(torch.equal(v, before[k]) for k, v in dense.state_dict().items())
@@ -67,8 +59,8 @@ def test_block_gate_diverts_and_src_is_untouched():
 
 
 def test_checkpoint_file_with_ema_args_and_prefixes(tmp_path):
-    dense = dense_dit()
-    other = dense_dit(seed=1)
+    dense = tiny_dit()
+    other = tiny_dit(seed=1)
     ckpt = {"model": {"module." + k: v for k, v in other.state_dict().items()},
             "ema": dense.state_dict(), "opt": {}, "args": argparse.Namespace(model="DiT-S/2", image_size=16)}
     path = tmp_path / "0001000.pt"
@@ -102,7 +94,7 @@ def test_errors(tmp_path):
     with pytest.raises(TypeError, match="cannot import"):
         from_dense(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="tailor_rank"):  # 96 tailors do not fit 32-wide layers
-        from_dense(dense_dit().state_dict(), num_heads=4)
+        from_dense(tiny_dit().state_dict(), num_heads=4)
 
 
 def diffusers_dit(tied=True, seed=0):
@@ -148,7 +140,7 @@ def test_diffusers_untied_embedders_refused_and_folder(tmp_path):
 
 
 def test_convert_cli(tmp_path, capsys):
-    dense = dense_dit()
+    dense = tiny_dit()
     torch.save(dense.state_dict(), tmp_path / "dit.pt")
     out = tmp_path / "kind"
     rc = cli(["convert", str(tmp_path / "dit.pt"), "--out", str(out), "--tailor-rank", "8", "--active", "4",
@@ -187,7 +179,7 @@ def test_load_dense_from_kind_fast_folders(tmp_path):
 def test_check_conversion_can_fail():
     from kind_fast.dense_io import check_conversion
 
-    dense = dense_dit()
+    dense = tiny_dit()
     m = kindify_dit(copy.deepcopy(dense), KindConfig(tailor_rank=8, active=4))
     ok = check_conversion(dense, m)
     assert ok["weights"] < 1e-6 and ok["output"] < 1e-5

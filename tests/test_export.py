@@ -14,17 +14,10 @@ from kind_fast.atomic import atomic_directory
 from kind_fast.dit import DiT, KindConfig
 from kind_fast.export import ExportedDiT, SegmentPlan, segmented_linear
 from kind_fast.gate import ClassGate
+from kind_fast.testing import perturbed
 from kind_fast.train.sampling import sample
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def perturbed(m, std=0.05):
-    """Noise on every parameter: adaLN-Zero init would otherwise make outputs zero."""
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(torch.randn_like(p) * std)
-    return m
 
 
 def kind_model(qkv="split", gate=None, null="off", seed=0):

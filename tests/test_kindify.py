@@ -7,19 +7,8 @@ import torch
 from torch import nn
 
 import kind_fast as kf
-from kind_fast.dit import DiT
 from kind_fast.kindify import SplitLinear, kindify
-from kind_fast.testing import routed_labels
-
-
-def dense_dit(num_classes=6):
-    torch.manual_seed(0)
-    m = DiT(input_size=8, patch_size=2, in_channels=2, hidden_size=32, depth=2, num_heads=4,
-            num_classes=num_classes, kind=None).eval()
-    with torch.no_grad():  # the adaLN-Zero init makes blocks identity: perturb every weight
-        for p in m.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return m
+from kind_fast.testing import routed_labels, tiny_dit
 
 
 def inputs(b=3, classes=6):
@@ -31,7 +20,7 @@ def inputs(b=3, classes=6):
 @pytest.mark.parametrize("split_qkv", [False, True])
 @pytest.mark.parametrize("targets", [None, ["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"]])
 def test_dit_layout_exact_with_all_on_gate(split_qkv, targets):
-    m = dense_dit()
+    m = tiny_dit()
     x, t, y = inputs()
     ref = m(x, t, y)
     kindify(m, gate=kf.ClassGate.all_on(6, 8), split_qkv=split_qkv, target_modules=targets)
@@ -52,7 +41,7 @@ def test_dit_layout_exact_with_all_on_gate(split_qkv, targets):
 
 
 def test_block_gate_routes_labels():
-    m = dense_dit()
+    m = tiny_dit()
     x, t, _ = inputs(2)
     kindify(m, gate=kf.ClassGate.block(6, 8, 4))
     with routed_labels(m) as seen:
@@ -70,7 +59,7 @@ def test_block_gate_routes_labels():
 
 
 def test_gradients_flow_after_kindify():
-    m = dense_dit()
+    m = tiny_dit()
     x, t, y = inputs()
     kindify(m, gate=kf.ClassGate.block(6, 8, 4))
     m.train()
@@ -117,17 +106,17 @@ def test_custom_targets_and_label_arg():
 
 
 def test_errors():
-    m = dense_dit()
+    m = tiny_dit()
     with pytest.raises(ValueError, match="no module"):
-        kindify(dense_dit(), gate=kf.ClassGate.all_on(6, 8), target_modules=r"nothing\.here")
+        kindify(tiny_dit(), gate=kf.ClassGate.all_on(6, 8), target_modules=r"nothing\.here")
     with pytest.raises(TypeError, match="not an nn.Linear"):
-        kindify(dense_dit(), gate=kf.ClassGate.all_on(6, 8), target_modules=r"x_embedder\.proj")
+        kindify(tiny_dit(), gate=kf.ClassGate.all_on(6, 8), target_modules=r"x_embedder\.proj")
     with pytest.raises(ValueError, match="label"):
-        kindify(dense_dit(), gate=kf.ClassGate.all_on(6, 8), label_arg="class_id")
+        kindify(tiny_dit(), gate=kf.ClassGate.all_on(6, 8), label_arg="class_id")
     with pytest.raises(ValueError, match="could not detect"):
         kindify(nn.Sequential(nn.Linear(4, 4)), gate=kf.ClassGate.all_on(2, 2))
     with pytest.raises(ValueError, match="tailor_rank"):
-        kindify(dense_dit(), gate=kf.ClassGate.all_on(6, 8), tailor_rank=4)
+        kindify(tiny_dit(), gate=kf.ClassGate.all_on(6, 8), tailor_rank=4)
     with pytest.raises(TypeError, match="ClassGate"):
         kindify(m, gate="block")
     kindify(m, gate=kf.ClassGate.all_on(6, 8))

@@ -12,16 +12,7 @@ import kind_fast as kf
 from kind_fast import kindify, kindify_from_pretrained
 from kind_fast.dit import DiT, KindConfig
 from kind_fast.serialization import load_pretrained, save_pretrained
-
-
-def dense_dit(seed=0, classes=6):
-    torch.manual_seed(seed)
-    m = DiT(input_size=8, patch_size=2, in_channels=2, hidden_size=32, depth=2, num_heads=4,
-            num_classes=classes, kind=None).eval()
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return m
+from kind_fast.testing import tiny_dit
 
 
 def inputs(channels=2, null=6):
@@ -40,7 +31,7 @@ def perturb_tailors(m):
 @pytest.mark.parametrize("gate", ["block", "dense"])
 @pytest.mark.parametrize("split_qkv", [True, False])
 def test_native_dit_round_trip(tmp_path, gate, split_qkv):
-    m = dense_dit()
+    m = tiny_dit()
     g = (kf.ClassGate.block(6, 8, 4) if gate == "block"
          else kf.ClassGate.dense(torch.rand(6, 8), trainable=True))
     kindify(m, gate=g, split_qkv=split_qkv)
@@ -55,7 +46,7 @@ def test_native_dit_round_trip(tmp_path, gate, split_qkv):
     loaded = load_pretrained(tmp_path)
     assert loaded.kind == m.kind and loaded.kind_gate.kind == g.kind
     assert torch.equal(loaded(x, t, y), ref)
-    again = kindify_from_pretrained(dense_dit(seed=5), tmp_path)  # other base weights: all replaced
+    again = kindify_from_pretrained(tiny_dit(seed=5), tmp_path)  # other base weights: all replaced
     assert torch.equal(again.eval()(x, t, y), ref)
 
 
@@ -63,7 +54,7 @@ def test_native_dit_transfers_from_kindified_save(tmp_path):
     """load_learngenes into a KIND-DiT of another class count (what `transfer --init` does)."""
     from kind_fast.serialization import load_learngenes
 
-    m = dense_dit()
+    m = tiny_dit()
     kindify(m, gate=kf.ClassGate.block(6, 8, 4), split_qkv=True)
     save_pretrained(m, tmp_path)
     new = DiT(**m.arch, kind=m.kind)
@@ -74,7 +65,7 @@ def test_native_dit_transfers_from_kindified_save(tmp_path):
 @pytest.mark.parametrize("split_qkv", [True, False])
 def test_hooked_dit_round_trip(tmp_path, split_qkv):
     targets = ["attn.qkv", "mlp.fc1"]  # custom targets: the generic (hooked) path
-    m = dense_dit()
+    m = tiny_dit()
     kindify(m, gate=kf.ClassGate.random_k(6, 8, 3, seed=2), split_qkv=split_qkv, target_modules=targets)
     perturb_tailors(m)
     x, t, y = inputs()
@@ -86,7 +77,7 @@ def test_hooked_dit_round_trip(tmp_path, split_qkv):
     loaded = load_pretrained(tmp_path)
     assert loaded._kind_fast_hook is not None and isinstance(loaded.blocks[0].mlp.fc2, nn.Linear)
     assert torch.equal(loaded(x, t, y), ref)
-    assert torch.equal(kindify_from_pretrained(dense_dit(seed=3), tmp_path)(x, t, y), ref)
+    assert torch.equal(kindify_from_pretrained(tiny_dit(seed=3), tmp_path)(x, t, y), ref)
 
 
 def diffusers_dit(seed=0):
@@ -154,7 +145,7 @@ def test_custom_module_needs_its_base(tmp_path):
 
 
 def test_errors(tmp_path):
-    m = dense_dit()
+    m = tiny_dit()
     kindify(m, gate=kf.ClassGate.block(6, 8, 4))
     with pytest.raises(ValueError, match="already"):
         kindify(m, gate=kf.ClassGate.block(6, 8, 4))
@@ -162,14 +153,14 @@ def test_errors(tmp_path):
                      num_classes=3, kind=KindConfig(tailor_rank=8, active=4))
     save_pretrained(kind_model, tmp_path)
     with pytest.raises(ValueError, match="not saved from a kindified model"):
-        kindify_from_pretrained(dense_dit(), tmp_path)
+        kindify_from_pretrained(tiny_dit(), tmp_path)
     with pytest.raises(ValueError, match="takes its labels as y"):
-        kindify(dense_dit(), gate=kf.ClassGate.block(6, 8, 4), label_arg="labels")
+        kindify(tiny_dit(), gate=kf.ClassGate.block(6, 8, 4), label_arg="labels")
 
 
 def test_edited_kindify_settings_are_refused(tmp_path):
     """kindify's settings are part of the save's structure digest: a hand-edited one is refused."""
-    m = dense_dit()
+    m = tiny_dit()
     kindify(m, gate=kf.ClassGate.block(6, 8, 4), target_modules=["attn.qkv", "mlp.fc1"])
     save_pretrained(m, tmp_path)
     path = tmp_path / "kind_config.json"

@@ -14,6 +14,7 @@ from torch import nn
 from kind_fast.baselines import HEAD_MODULES, apply_lora, lora_config
 from kind_fast.dit import DiT
 from kind_fast.kindify import replace_linears
+from kind_fast.testing import perturbed, tiny_dit
 
 peft = pytest.importorskip("peft")
 
@@ -41,14 +42,6 @@ def old_apply_lora(model, rank, alpha=None):
     return model
 
 
-def dense_dit(seed=0):
-    torch.manual_seed(seed)
-    m = DiT(input_size=8, patch_size=2, in_channels=2, hidden_size=32, depth=2, num_heads=4, num_classes=6).eval()
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return m
-
 
 def inputs():
     g = torch.Generator().manual_seed(1)
@@ -61,7 +54,7 @@ def trainable(m):
 
 @pytest.mark.parametrize("rank,alpha", [(4, None), (2, 8.0)])
 def test_same_trainable_count_and_outputs_as_the_old_baseline(rank, alpha):
-    base = dense_dit()
+    base = tiny_dit()
     x, t, y = inputs()
     ref = base(x, t, y)
     old = old_apply_lora(copy.deepcopy(base), rank, alpha)
@@ -95,13 +88,10 @@ def test_same_trainable_count_and_outputs_as_the_old_baseline(rank, alpha):
 
 
 def test_merge_and_unload_and_adapter_folder(tmp_path):
-    base = dense_dit()
+    base = tiny_dit()
     x, t, y = inputs()
     model = apply_lora(copy.deepcopy(base), 4)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn_like(p) * 0.05)
+    perturbed(model, trainable_only=True)
     ref = model(x, t, y)
     model.save_pretrained(tmp_path / "adapter")
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
@@ -115,7 +105,7 @@ def test_merge_and_unload_and_adapter_folder(tmp_path):
 
 def test_errors_and_config():
     with pytest.raises(ValueError, match="rank"):
-        lora_config(0, model=dense_dit())
+        lora_config(0, model=tiny_dit())
     with pytest.raises(ValueError, match="target_modules= or model="):
         lora_config(4)
     from kind_fast.dit import KindConfig
@@ -124,7 +114,7 @@ def test_errors_and_config():
                kind=KindConfig(tailor_rank=8, active=4))
     with pytest.raises(TypeError, match="KIND layer"):
         apply_lora(kind, 4)
-    cfg = lora_config(4, alpha=8, model=dense_dit())
+    cfg = lora_config(4, alpha=8, model=tiny_dit())
     assert cfg.r == 4 and cfg.lora_alpha == 8 and set(cfg.modules_to_save) == set(HEAD_MODULES)
 
 
@@ -133,4 +123,4 @@ def test_missing_peft_is_a_clear_error(monkeypatch):
 
     monkeypatch.setitem(sys.modules, "peft", None)  # `import peft` raises ImportError
     with pytest.raises(ImportError, match="pip install peft"):
-        apply_lora(dense_dit(), 4)
+        apply_lora(tiny_dit(), 4)

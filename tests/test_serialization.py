@@ -18,17 +18,11 @@ from kind_fast.serialization import (
     save_pretrained,
     split_state_dict,
 )
+from kind_fast.testing import perturbed, tiny_dit
 
 
 def model(seed=0, classes=5, kind=None):
-    kind = kind or KindConfig(tailor_rank=8, active=2, gate="random_k")
-    torch.manual_seed(seed)
-    m = DiT(input_size=8, patch_size=2, in_channels=2, hidden_size=32, depth=2, num_heads=4,
-            num_classes=classes, kind=kind).eval()
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return m
+    return tiny_dit(seed, classes, kind or KindConfig(tailor_rank=8, active=2, gate="random_k"))
 
 
 def run(m, y=(0, 3)):
@@ -120,9 +114,7 @@ def test_kindified_model_save_load(tmp_path):
     dense = DiT(input_size=8, patch_size=2, in_channels=2, hidden_size=32, depth=1, num_heads=4,
                 num_classes=3, kind=None)
     kf.kindify(dense, gate=kf.ClassGate.block(3, 8, 4))
-    with torch.no_grad():  # non-trivial adaLN / output layers so the comparison means something
-        for p in dense.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
+    perturbed(dense)  # non-trivial adaLN / output layers so the comparison means something
     save_kind(dense, tmp_path)
     other = DiT(input_size=8, patch_size=2, in_channels=2, hidden_size=32, depth=1, num_heads=4,
                 num_classes=3, kind=None)

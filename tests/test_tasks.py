@@ -19,6 +19,7 @@ from kind_fast.dit import DiT, KindConfig
 from kind_fast.gate import ClassGate
 from kind_fast.serialization import save_kind
 from kind_fast.tasks import MultiTaskDiT, base_fingerprint, load_base, load_task, save_task
+from kind_fast.testing import perturbed
 from kind_fast.train.models import load_weights
 from kind_fast.train.sampling import cfg_model_fn, make_scheduler, run_scheduler, sample
 from kind_fast.utils import kind_layers
@@ -39,27 +40,19 @@ def base_keys_in(tensors) -> list[str]:
     return [k for k in tensors if not task_key(k)]
 
 
-def perturb(m, std, only_trainable=False):
-    with torch.no_grad():
-        for p in m.parameters():
-            if p.requires_grad or not only_trainable:
-                p.add_(torch.randn_like(p) * std)
-    return m
-
-
 @pytest.fixture(scope="module")
 def base():
     torch.manual_seed(0)
     m = DiT(input_size=8, patch_size=2, in_channels=2, hidden_size=32, depth=2, num_heads=4, num_classes=5,
             kind=KindConfig(tailor_rank=8, active=2))
-    return perturb(m, 0.05).eval()
+    return perturbed(m, 0.05).eval()
 
 
 def transferred(base, num_classes, gate=None, seed=0):
     """A KIND transfer of ``base`` (fresh tailors, gate, label table) with 'trained' weights."""
     torch.manual_seed(seed)
     m = copy.deepcopy(base).prepare_transfer(num_classes, gate, generator=torch.Generator().manual_seed(seed))
-    return perturb(m, 0.1, only_trainable=True).eval()
+    return perturbed(m, 0.1, trainable_only=True).eval()
 
 
 @pytest.fixture(scope="module")

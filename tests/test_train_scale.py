@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 
+from kind_fast.testing import perturbed
 from kind_fast.train import checkpoint as ck
 from kind_fast.train.logger import read_metrics
 from kind_fast.train.loop import Trainer, lr_factor
@@ -36,10 +37,7 @@ def _tiny_dit(**kw):
     torch.manual_seed(0)
     m = DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=2, num_heads=2, num_classes=5,
             kind=KindConfig(tailor_rank=8, active=2), **kw)
-    with torch.no_grad():  # adaLN-Zero starts at zero: perturb so every block matters
-        for p in m.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return m
+    return perturbed(m)  # adaLN-Zero starts at zero: perturb so every block matters
 
 
 def _batch():

@@ -6,12 +6,16 @@
   SVDiff, scratch) and its spec; final weights (``<out>/model``, ``<out>/ema``).
 * ``loop``: ``Trainer`` (DDPM with learned Σ, AdamW, EMA, clipping, bf16/fp16 autocast,
   gradient accumulation, torch.compile, activation checkpointing, DDP/FSDP).
-* ``checkpoint``: atomic, keep-last-N, exact resume.
+* ``checkpoint``: atomic, keep-last-N, verified on load, exact resume; newer checkpoints of a
+  resumed-from-older run moved to ``superseded/``. ``runlock``: one run per output folder.
+* ``distributed``: torchrun set-up, DDP / FSDP2 wrapping, small collectives.
 * ``sampling``: CFG sampling through diffusers' DDPM / DDIM schedulers, PNG grids;
   ``sample_ddp``: many samples over torchrun ranks into one ADM-format .npz.
 * ``evaluate``: grids and digit metrics at the end of a run and every N steps during it.
 * ``logger`` / ``plot``: metrics.csv, log.txt, TensorBoard, W&B; loss curves (loss.png).
 * ``metrics``: FID / KID / IS through torchmetrics with pluggable features; the digit classifier.
+* ``cli`` and ``cmd_*``: the ``kind-fast`` commands pretrain, transfer, sample, sample-tasks,
+  export and plot (each ``cmd_*`` module: ``add_arguments(parser)`` and ``run(args)``).
 
 Nothing here is imported by ``import kind_fast``.
 """

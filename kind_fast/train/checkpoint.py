@@ -5,8 +5,15 @@ tensors and plain Python containers (so it loads with ``weights_only=True``)::
 
     format, format_version, step, spec (how to rebuild the model), config (the run config),
     model (full state dict), ema ({param name: tensor}, trainable parameters only),
+    ema_step (diffusers EMAModel's optimization_step: its decay warm-up),
+    scaler (torch.amp.GradScaler state under --precision fp16, else {}),
     optimizer (FQN-keyed, torch.distributed.checkpoint layout), scheduler,
-    rng (per rank: torch CPU, CUDA, numpy, python), data (samples consumed)
+    rng (per rank: torch CPU, CUDA, numpy, python), data (samples consumed),
+    world_size (recorded for reading, not used on resume), elapsed_s (training wall time so far),
+    losses (per-step losses so far)
+
+``load_checkpoint`` requires the keys up to ``data``; the later ones default when absent
+(checkpoints written before they existed).
 
 Writes go to a temporary file in the same folder, are flushed and fsync'ed, then renamed over
 the final name (``kind_fast.atomic``): a crash mid-write leaves the previous checkpoints
