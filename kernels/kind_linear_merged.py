@@ -13,20 +13,32 @@ b = m // T) and g = dL/dy:
 
 ``kind_linear_merged_gemm_kernel``: out = a · B[slot] (+ bias), B[s][k, n] read through the
     strides (s_bs, s_bk, s_bn): B[s] = W[s]ᵀ for the forward, W[s] for dx. One program computes
-    one (BM, BN) output tile. Programs walk the tiles in grouped order (GROUP_M row tiles share
-    one N-tile band), so the weight tiles a band reads stay in L2 while its row tiles pass.
-    When T % BM == 0 (ONE_SLOT) a row tile lies in one sample, hence one slot: a plain
-    pipelined K-loop of dots with both operands staged in shared memory (on sm_90: 128×128×64
-    tiles, 8 warps, 3 stages, warpgroup MMA), the same work as F.linear. Otherwise the tile
-    loops over the slots its rows use (its smallest to largest slot, skipping unused ones), a
-    masked K-loop each; in a CFG batch (first half class c, second half null) only tiles that
-    straddle a slot boundary pay for a second loop.
+    one (BM, BN) output tile. Programs walk the tiles in grouped order (GROUP_M row tiles per
+    N band; the plan uses GROUP_M = 1, row-major: a row tile's N-tiles run together and read
+    its A block from HBM once), and row tile r runs its K-loop from step (r·ROT) mod steps, so
+    rows running together read different parts of the weights, which stay in L2 (the traffic
+    model in kind_fast/perfmodel.py chose both); outputs are stored evict-first (no later
+    program reads them). When T % BM == 0 (ONE_SLOT) a row tile lies in one sample, hence one
+    slot: a plain pipelined K-loop of dots with both operands staged in shared memory (on
+    sm_90: 128×128×64 tiles, 8 warps, 4 stages, warpgroup MMA), the same work as F.linear.
+    Otherwise the tile loops over the slots its rows use (its smallest to largest slot,
+    skipping unused ones), a masked pipelined K-loop each; in a CFG batch (first half class c,
+    second half null) only tiles that straddle a slot boundary pay for a second loop.
 
-``kind_linear_merged_dw_kernel``: one program per (slot, BN × BK tile of dW[s]); it walks the
-    rows in chunks of BR and accumulates gᵀ·x over the chunk's rows of slot s. With T % BR == 0
-    a chunk lies in one sample: chunks of other slots are skipped after one scalar load, so all
-    slots together do the work of one dense dW. Otherwise rows of other slots are masked.
-    No atomics: the result is bitwise reproducible.
+``kind_linear_merged_dw_kernel``: dW[s] = Σ over the rows of slot s of gᵀ·x, a long-K GEMM
+    whose K dimension is slot s's rows. The launcher sorts the samples by slot on the device
+    (``slot_runs``: no host synchronisation) and marks the runs of consecutive samples of one
+    slot; a run is one contiguous range of rows. One program per (BN × BK tile of dW[s],
+    slot s) walks its slot's runs, each with a plain software-pipelined K-loop of BR rows per
+    step (asynchronous copies on sm_90; the last chunk of a run masked when BR does not divide
+    T, FULL=False). A CFG batch is one run per slot, so each program runs one long loop; no
+    slot reads another slot's rows, so all slots together do the work of one dense dW. No
+    atomics: the result is bitwise reproducible.
+
+The launch plans (tile sizes, warps, stages) come from kind_fast/perfmodel.py
+(``plan_merged_gemm``, ``plan_merged_dw``), which also models the segmented GEMM's HBM
+traffic. ``meta`` tensors plan for the GPU (``audit_specs`` replays the launchers on them
+for the static sm_90 audit, kind_fast/audit.py).
 
 fp32 accumulation throughout; outputs in the input dtype. Under TRITON_INTERPRET=1 the kernels
 run on CPU tensors (fp32/fp16) with small tiles; that is how CI tests them.
@@ -39,6 +51,8 @@ import os
 import torch
 import triton
 import triton.language as tl
+
+from kind_fast.perfmodel import merged_row_tile, plan_merged_dw, plan_merged_gemm, rotation_stride
 
 # Whether these kernels were decorated for the interpreter (TRITON_INTERPRET=1 at import time);
 # kind_fast.ops.kind_linear_merged_triton reloads this module when the environment changes.
@@ -72,12 +86,13 @@ def _grouped_tile(pid, M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.con
 
 
 @triton.jit
-def _k_loop(acc, a_ptr, b_ptr, rm, row_use, rn, n_ok, KD, s_am, s_ak, s_bk, s_bn,
+def _k_loop(acc, a_ptr, b_ptr, rm, row_use, rn, n_ok, KD, steps, rho, s_am, s_ak, s_bk, s_bn,
             BK: tl.constexpr, PREC: tl.constexpr):
-    """acc += a[rm, :] · B[:, rn] over the whole depth KD; rows outside ``row_use`` read 0."""
+    """acc += a[rm, :] · B[:, rn] over the whole depth KD, from K-step rho (mod steps); rows
+    outside ``row_use`` read 0."""
     rk = tl.arange(0, BK)
-    for k0 in range(0, KD, BK):
-        kk = k0 + rk
+    for i in range(0, steps):
+        kk = ((rho + i) % steps) * BK + rk
         k_ok = kk < KD
         a = tl.load(a_ptr + rm[:, None] * s_am + kk[None, :] * s_ak,
                     mask=row_use[:, None] & k_ok[None, :], other=0.0)                # (BM, BK)
@@ -95,6 +110,7 @@ def kind_linear_merged_gemm_kernel(
     slot_ptr,    # (B,) int slot of each sample, in [0, S)
     out_ptr,     # (M, N)   y | dx
     M, N, KD, T,
+    ROT,         # K-rotation stride: row tile r starts its K-loop at step (r·ROT) mod steps
     s_am, s_ak, s_bs, s_bk, s_bn, s_om, s_on,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
     ONE_SLOT: tl.constexpr,     # T % BM == 0: every row tile lies in one sample
@@ -107,9 +123,11 @@ def kind_linear_merged_gemm_kernel(
     rn = pid_n * BN + tl.arange(0, BN)
     n_ok = rn < N
     acc = tl.full((BM, BN), 0.0, tl.float32)
+    steps = (KD + BK - 1) // BK
+    rho = (pid_m * ROT) % steps
     if ONE_SLOT:
         slot = tl.load(slot_ptr + (pid_m * BM) // T).to(tl.int64)
-        acc = _k_loop(acc, a_ptr, b_ptr + slot * s_bs, rm, row_ok, rn, n_ok, KD, s_am, s_ak, s_bk, s_bn,
+        acc = _k_loop(acc, a_ptr, b_ptr + slot * s_bs, rm, row_ok, rn, n_ok, KD, steps, rho, s_am, s_ak, s_bk, s_bn,
                       BK, PREC)
     else:
         row_slot = tl.load(slot_ptr + tl.minimum(rm, M - 1) // T)                    # (BM,)
@@ -118,24 +136,26 @@ def kind_linear_merged_gemm_kernel(
         for s in range(s_lo, s_hi + 1):
             use = row_ok & (row_slot == s)
             if _max(use.to(tl.int32), 0) > 0:
-                acc = _k_loop(acc, a_ptr, b_ptr + s * s_bs, rm, use, rn, n_ok, KD,
+                acc = _k_loop(acc, a_ptr, b_ptr + s * s_bs, rm, use, rn, n_ok, KD, steps, rho,
                               s_am, s_ak, s_bk, s_bn, BK, PREC)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(out_ptr + rm[:, None] * s_om + rn[None, :] * s_on, acc.to(out_ptr.dtype.element_ty),
-             mask=row_ok[:, None] & n_ok[None, :])
+             mask=row_ok[:, None] & n_ok[None, :], eviction_policy="evict_first")
 
 
 @triton.jit
 def kind_linear_merged_dw_kernel(
     g_ptr,       # (M, N)  grad_y
     x_ptr,       # (M, KD) x
-    slot_ptr,    # (B,) int slot of each sample
+    order_ptr,   # (B,) int32: the samples sorted by slot (stable: batch order within a slot)
+    run_ptr,     # (B,) int32: at the first sorted position of a run of consecutive samples, its length
+    start_ptr,   # (S + 1,) int32: slot s's samples are order[start[s]:start[s + 1]]
     dw_ptr,      # (S, N, KD) dW
-    M, N, KD, T,
+    N, KD, T,
     s_gm, s_gn, s_xm, s_xk, s_ws, s_wn, s_wk,
     BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
-    ONE_SLOT: tl.constexpr,     # T % BR == 0: every row chunk lies in one sample
+    FULL: tl.constexpr,         # T % BR == 0: no row chunk crosses the end of a run
     PREC: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -147,23 +167,22 @@ def kind_linear_merged_dw_kernel(
     k_ok = rk < KD
     rr = tl.arange(0, BR)
     acc = tl.full((BN, BK), 0.0, tl.float32)
-    for r0 in range(0, M, BR):
-        rows = r0 + rr
-        row_ok = rows < M
-        if ONE_SLOT:
-            if tl.load(slot_ptr + r0 // T) == s:
-                use = row_ok
+    for i in range(tl.load(start_ptr + s), tl.load(start_ptr + s + 1)):
+        # a run of consecutive samples of slot s is one contiguous row range [row0, row1)
+        # (zero rows at sorted positions inside a run): the K-loop is a plain pipelined loop
+        row0 = tl.load(order_ptr + i) * T
+        row1 = row0 + tl.load(run_ptr + i) * T
+        for r0 in range(row0, row1, BR):
+            rows = r0 + rr
+            if FULL:
+                g = tl.load(g_ptr + rows[None, :] * s_gm + rn[:, None] * s_gn, mask=n_ok[:, None], other=0.0)
+                x = tl.load(x_ptr + rows[:, None] * s_xm + rk[None, :] * s_xk, mask=k_ok[None, :], other=0.0)
+            else:
+                r_ok = rows < row1
                 g = tl.load(g_ptr + rows[None, :] * s_gm + rn[:, None] * s_gn,
-                            mask=n_ok[:, None] & use[None, :], other=0.0)             # (BN, BR) = gᵀ
+                            mask=n_ok[:, None] & r_ok[None, :], other=0.0)            # (BN, BR) = gᵀ
                 x = tl.load(x_ptr + rows[:, None] * s_xm + rk[None, :] * s_xk,
-                            mask=use[:, None] & k_ok[None, :], other=0.0)             # (BR, BK)
-                acc = tl.dot(g, x, acc, input_precision=PREC)
-        else:
-            use = row_ok & (tl.load(slot_ptr + tl.minimum(rows, M - 1) // T) == s)
-            g = tl.load(g_ptr + rows[None, :] * s_gm + rn[:, None] * s_gn,
-                        mask=n_ok[:, None] & use[None, :], other=0.0)
-            x = tl.load(x_ptr + rows[:, None] * s_xm + rk[None, :] * s_xk,
-                        mask=use[:, None] & k_ok[None, :], other=0.0)
+                            mask=r_ok[:, None] & k_ok[None, :], other=0.0)            # (BR, BK)
             acc = tl.dot(g, x, acc, input_precision=PREC)
     tl.store(dw_ptr + s.to(tl.int64) * s_ws + rn[:, None] * s_wn + rk[None, :] * s_wk,
              acc.to(dw_ptr.dtype.element_ty), mask=n_ok[:, None] & k_ok[None, :])
@@ -176,35 +195,27 @@ def _prec(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def _interpret(device: torch.device) -> bool:
+    """Small interpreter tiles off the GPU; ``meta`` tensors plan for the GPU (the audit)."""
+    return device.type not in ("cuda", "meta")
+
+
 def row_tile(t: int, interpret: bool) -> tuple[int, bool]:
-    """(BM, ONE_SLOT): the largest row tile dividing T (one slot per tile), else a 64-row tile
-    (16 under the interpreter) that loops over the slots of the samples it touches."""
-    sizes = (32, 16) if interpret else (128, 64, 32, 16)
-    for bm in sizes:
-        if t % bm == 0:
-            return bm, True
-    return (16 if interpret else 64), False
+    """(BM, ONE_SLOT) of the segmented GEMM (kind_fast.perfmodel.merged_row_tile)."""
+    return merged_row_tile(t, interpret)
 
 
 def gemm_config(m: int, n: int, kd: int, t: int, device: torch.device) -> dict:
-    """Pinned config of the segmented GEMM for one shape."""
-    interpret = device.type != "cuda"
-    bm, one = row_tile(t, interpret)
-    if interpret:
-        return dict(BM=bm, BN=32, BK=32, GROUP_M=4, ONE_SLOT=one, num_warps=4, num_stages=1)
-    bn = 128 if n > 64 else 64
-    bk = 64 if kd >= 64 else 32
-    warps = 8 if bm * bn >= 128 * 128 else 4
-    return dict(BM=bm, BN=bn, BK=bk, GROUP_M=8, ONE_SLOT=one, num_warps=warps, num_stages=3)
+    """Pinned config of the segmented GEMM for one shape (kind_fast.perfmodel.plan_merged_gemm)."""
+    p = plan_merged_gemm(m, n, kd, t, interpret=_interpret(device))
+    return dict(BM=p.BM, BN=p.BN, BK=p.BK, GROUP_M=p.GROUP_M, ONE_SLOT=p.ONE_SLOT, num_warps=p.num_warps,
+                num_stages=p.num_stages, ROT=rotation_stride(triton.cdiv(kd, p.BK)) if p.ROTATE else 0)
 
 
-def dw_config(t: int, device: torch.device) -> dict:
-    interpret = device.type != "cuda"
-    sizes = (32, 16) if interpret else (64, 32, 16)
-    br, one = next(((r, True) for r in sizes if t % r == 0), (sizes[-1], False))
-    if interpret:
-        return dict(BN=32, BK=32, BR=br, ONE_SLOT=one, num_warps=4, num_stages=1)
-    return dict(BN=128, BK=128, BR=br, ONE_SLOT=one, num_warps=8, num_stages=3)
+def dw_config(n: int, kd: int, t: int, device: torch.device) -> dict:
+    """Pinned config of the dW kernel for one shape (kind_fast.perfmodel.plan_merged_dw)."""
+    p = plan_merged_dw(n, kd, t, interpret=_interpret(device))
+    return dict(BN=p.BN, BK=p.BK, BR=p.BR, FULL=p.FULL, num_warps=p.num_warps, num_stages=p.num_stages)
 
 
 def merged_gemm(a: torch.Tensor, weights: torch.Tensor, bias: torch.Tensor | None, slots: torch.Tensor,
@@ -221,11 +232,31 @@ def merged_gemm(a: torch.Tensor, weights: torch.Tensor, bias: torch.Tensor | Non
     cfg = gemm_config(m, n, kd, t, a.device)
     grid = (triton.cdiv(m, cfg["BM"]) * triton.cdiv(n, cfg["BN"]),)
     kind_linear_merged_gemm_kernel[grid](
-        a, weights, bias if bias is not None else out, slots, out, m, n, kd, t,
+        a, weights, bias if bias is not None else out, slots, out, m, n, kd, t, cfg["ROT"],
         a.stride(0), a.stride(1), weights.stride(0), s_bk, s_bn, out.stride(0), out.stride(1),
         BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], GROUP_M=cfg["GROUP_M"], ONE_SLOT=cfg["ONE_SLOT"],
         HAS_BIAS=bias is not None, PREC=_prec(a.dtype), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out
+
+
+def slot_runs(slots: torch.Tensor, num_slots: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(order, run, start) on the device, no host synchronisation. ``order`` (B,) the samples
+    sorted by slot (stable: batch order within a slot); ``run`` (B,) at the sorted position
+    where a run of consecutive samples of one slot begins, the run's length, else 0;
+    ``start`` (S + 1,) with slot s's samples at order[start[s]:start[s + 1]]. All int32.
+    Slots must be in [0, S). A CFG batch (halves of one slot each) is one run per slot."""
+    b = slots.shape[0]
+    ranked, order = torch.sort(slots, stable=True)
+    new = torch.ones(b, dtype=torch.bool, device=slots.device)
+    new[1:] = (order[1:] != order[:-1] + 1) | (ranked[1:] != ranked[:-1])
+    pos = torch.arange(b, device=slots.device)
+    # the next run start after each position: a suffix minimum of the start positions
+    nxt = torch.full((b + 1,), b, dtype=pos.dtype, device=slots.device)
+    nxt[:b] = torch.where(new, pos, b).flip(0).cummin(0).values.flip(0)
+    run = torch.where(new, nxt[1:] - pos, 0)
+    bounds = torch.arange(num_slots + 1, device=slots.device, dtype=ranked.dtype)
+    return (order.to(torch.int32), run.to(torch.int32),
+            torch.searchsorted(ranked, bounds, out_int32=True))
 
 
 def merged_dw(g: torch.Tensor, x: torch.Tensor, slots: torch.Tensor, num_slots: int,
@@ -235,17 +266,89 @@ def merged_dw(g: torch.Tensor, x: torch.Tensor, slots: torch.Tensor, num_slots: 
     kd = x.shape[1]
     t = m // slots.shape[0]
     dw = torch.empty((num_slots, n, kd), dtype=dtype, device=g.device)
-    cfg = dw_config(t, g.device)
+    order, run, start = slot_runs(slots, num_slots)
+    cfg = dw_config(n, kd, t, g.device)
     grid = (triton.cdiv(n, cfg["BN"]) * triton.cdiv(kd, cfg["BK"]), num_slots)
     kind_linear_merged_dw_kernel[grid](
-        g, x, slots, dw, m, n, kd, t,
+        g, x, order, run, start, dw, n, kd, t,
         g.stride(0), g.stride(1), x.stride(0), x.stride(1), dw.stride(0), dw.stride(1), dw.stride(2),
-        BN=cfg["BN"], BK=cfg["BK"], BR=cfg["BR"], ONE_SLOT=cfg["ONE_SLOT"], PREC=_prec(g.dtype),
+        BN=cfg["BN"], BK=cfg["BK"], BR=cfg["BR"], FULL=cfg["FULL"], PREC=_prec(g.dtype),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return dw
 
 
+# =====================================================================================
+# Static audit (kind_fast/audit.py)
+# =====================================================================================
+# DiT layer shapes (hidden d, MLP 4d): (name, in, out); q/k/v/proj share d -> d
+AUDIT_MODELS = (("DiT-S", 384), ("DiT-B", 768), ("DiT-L", 1024), ("DiT-XL", 1152))
+
+
+def audit_layers(d: int) -> tuple[tuple[str, int, int], ...]:
+    return (("q/k/v/proj", d, d), ("qkv", d, 3 * d), ("fc1", d, 4 * d), ("fc2", 4 * d, d))
+
+
+def replay_launches(n_in: int, n_out: int, b: int, t: int, slots: int, dtype: torch.dtype, *,
+                    backward: bool = True) -> None:
+    """Run this module's launchers for one layer shape the way the Triton backend's M3 ops do
+    (kind_fast/ops/kind_linear_merged_triton.py: the forward with bias; the backward's dx and
+    dW) on ``meta`` tensors, B samples of T rows and ``slots`` merged weights. Inside
+    kind_fast.audit.capture_launches each kernel launch is recorded instead of run. The merge
+    itself (a rank-K update of W_G per slot, kind_fast.ops.kind_linear_merged.merge_weights)
+    is one batched torch GEMM, not a kernel of this module."""
+    dev = torch.device("meta")
+    m = b * t
+
+    def e(*shape, dt=dtype):
+        return torch.empty(shape, dtype=dt, device=dev)
+
+    x, w, bias, sl = e(m, n_in), e(slots, n_out, n_in), e(n_out), e(b, dt=torch.int64)
+    merged_gemm(x, w, bias, sl, True)
+    if backward:
+        g = e(m, n_out)
+        merged_gemm(g, w, None, sl, False)
+        merged_dw(g, x, sl, slots, dtype)
+
+
+def audit_specs(full: bool = True):
+    """Every (kernel, config) this module's launchers pick at DiT shapes, for
+    ``python -m kind_fast.audit``. ``full``: DiT-S/B/L/XL (hidden 384/768/1024/1152, MLP 4×;
+    q/k/v/proj, fused qkv, fc1, fc2), T = 256 (/2 patches at 256 px: 128-row one-slot tiles),
+    1024 (512 px), 64 (/4: 64-row one-slot tiles) and 16 (/8: 64-row tiles over several
+    slots), a CFG batch (B = 32, 2 slots) and a few classes (B = 8, 4 slots), bf16 and fp16,
+    forward, dx and dW. T = 37 (tests' odd size: mixed tiles, masked dW chunks). No config is
+    autotuned. Otherwise (the CI test): DiT-XL at T = 256, 64, 16 and 37, B = 32, bf16 and
+    fp16: every distinct config of the full list (the configs depend on T and the dtype, not
+    on the layer width; tests/test_audit.py checks that the short list covers the full one)."""
+    from kind_fast.audit import capture_launches
+
+    specs = []
+
+    def add(label, *args, **kwargs):
+        with capture_launches(label) as got:
+            replay_launches(*args, **kwargs)
+        specs.extend(got)
+
+    dtypes = ((torch.bfloat16, "bf16"), (torch.float16, "fp16"))
+    if not full:
+        for dtype, dt in dtypes:
+            for name, n_in, n_out in audit_layers(1152):
+                add(f"M3 DiT-XL.{name} T=256 B=32 CFG {dt}", n_in, n_out, 32, 256, 2, dtype)
+            for t in (64, 16, 37):
+                add(f"M3 DiT-XL.fc1 T={t} B=32 CFG {dt}", 1152, 4608, 32, t, 2, dtype)
+        return specs
+    for dtype, dt in dtypes:
+        for model, d in AUDIT_MODELS:
+            for name, n_in, n_out in audit_layers(d):
+                for t in (256, 1024, 64, 16):
+                    for b, n_slots, what in ((32, 2, "CFG"), (8, 4, "4 classes")):
+                        add(f"M3 {model}.{name} T={t} B={b} {what} {dt}", n_in, n_out, b, t, n_slots, dtype)
+        add(f"M3 DiT-XL.fc1 T=37 B=32 CFG {dt}", 1152, 4608, 32, 37, 2, dtype)
+    return specs
+
+
 __all__ = [
     "INTERPRETED", "kind_linear_merged_gemm_kernel", "kind_linear_merged_dw_kernel", "merged_gemm", "merged_dw",
-    "gemm_config", "dw_config", "row_tile",
+    "gemm_config", "dw_config", "row_tile", "slot_runs", "replay_launches", "audit_specs", "audit_layers",
+    "AUDIT_MODELS",
 ]

@@ -1,13 +1,15 @@
 """Launch plans of the Triton kind_linear kernels and the HBM-traffic model behind them.
 
-``python -m kind_fast.perfmodel`` prints the traffic table of every DiT-XL/2 layer pass.
+``python -m kind_fast.perfmodel`` prints the traffic table of every DiT-XL/2 layer pass (paths
+M1 and M3).
 
-The launchers (kernels/kind_linear.py) take their tile sizes, program order and split
-counts from the ``plan_*`` functions here; ``traffic_*`` replays a plan's actual schedule
-through a cache model and counts the bytes that cross the HBM interface. Both are pure
-Python (no torch, no Triton), so a CPU machine can check a GPU schedule.
+The launchers (kernels/kind_linear.py, kernels/kind_linear_merged.py) take their tile sizes,
+program order and split counts from the ``plan_*`` functions here; ``traffic_*`` replays a
+plan's actual schedule through a cache model and counts the bytes that cross the HBM
+interface. Both are pure Python (no torch, no Triton), so a CPU machine can check a GPU
+schedule.
 
-What the kernels do (kernels/kind_linear.py has the math):
+What the kernels do (the kernel files have the math):
 
 fused (forward y = x·W_Gᵀ + ((x·V_T[ids]ᵀ) ⊙ s)·U_T[ids] + b, and dx the same with g, W_G, U_T, V_T)
     One program per output tile, the programs of a row tile consecutive in launch order, so
@@ -23,6 +25,11 @@ tailor_grad (dU_T = Σ_m (h ⊙ s)ᵀ g, dV_T = Σ_m (dh_s ⊙ s)ᵀ x, scattere
     Programs (tailor block, column block, split), tailor block fastest. With block gates
     (2K <= N_T) each tailor block walks a compacted list of the row tiles whose class uses
     it; SPLIT programs share a block's list and write fp32 partials summed in a fixed order.
+
+merged_gemm (path M3, kernels/kind_linear_merged.py: y = x·W[slot]ᵀ + b over cached merged
+    class weights) One program per output tile in row-major order (a row tile's N-tiles run
+    together), each row tile's K-loop from its own rotation step; one program per SM (4-stage
+    ring). A CFG batch uses two weights (class c, null); both count as compulsory.
 
 Model assumptions (state them with every number):
 - The reference machine: 132 SMs (H100 SXM / H200), L2 = 50 MB. Only half of it is counted
@@ -59,7 +66,9 @@ from dataclasses import asdict, dataclass, field
 
 __all__ = ["Gpu", "H100", "REFERENCE", "FusedPlan", "TailorPlan", "plan_fused", "plan_tailor_grad",
            "padded_active", "row_tile", "samples_per_tile", "fused_unsupported", "owner_split", "k_rotation",
-           "rotation_stride", "Traffic", "traffic_fused", "traffic_tailor_grad", "dit_xl_rows", "MAX_ACTIVE"]
+           "rotation_stride", "Traffic", "traffic_fused", "traffic_tailor_grad", "dit_xl_rows", "MAX_ACTIVE",
+           "MergedGemmPlan", "MergedDwPlan", "merged_row_tile", "plan_merged_gemm", "plan_merged_dw",
+           "traffic_merged_gemm", "dit_xl_merged_rows", "cfg_slots", "merged_grouped_tile"]
 
 MAX_ACTIVE = 128  # largest supported K (padded): the BM×KP fp32 shrink accumulator lives in registers
 MB = 1 << 20
@@ -303,6 +312,96 @@ def plan_tailor_grad(m: int, o: int, n_t: int, k: int, t: int, *, interpret: boo
         split -= 1
     split = cdiv(m_tiles, cdiv(m_tiles, split))  # no empty split
     return TailorPlan(bm, bt, bo, split, skip, one, warps, stages, ctas, m_tiles, t_blocks, o_blocks)
+
+
+# -------------------------------------------------------------------------------------
+# Path M3 (kernels/kind_linear_merged.py): segmented GEMM over merged slot weights, and dW
+# -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class MergedGemmPlan:
+    BM: int
+    BN: int
+    BK: int
+    GROUP_M: int          # row tiles per N band in launch order (the band's weight stays in L2)
+    ROTATE: bool          # each row tile's K-loop starts at its own step (k_rotation)
+    ONE_SLOT: bool        # T % BM == 0: a row tile lies in one sample, hence uses one slot
+    num_warps: int
+    num_stages: int
+    ctas_per_sm: int      # resident programs per SM as compiled for sm_90 (the audit checks it)
+    m_tiles: int
+    n_tiles: int
+
+    @property
+    def programs(self) -> int:
+        return self.m_tiles * self.n_tiles
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def merged_row_tile(t: int, interpret: bool) -> tuple[int, bool]:
+    """(BM, ONE_SLOT) of the segmented GEMM: the largest row tile dividing T, so that a tile
+    uses one slot, else a tile that loops over the slots of the samples it touches. On a GPU
+    only 128 and 64 rows (warpgroup MMA takes 64 rows per warpgroup; smaller tiles would run
+    mma.sync), so T = 16 or 32 (DiT/8, DiT/4 at 128 px) runs 64-row tiles that loop over their
+    slots: in a CFG batch (halves of one slot each) only the tile straddling the halves pays
+    for a second K-loop. The interpreter uses 32/16-row tiles (small test problems)."""
+    sizes = (32, 16) if interpret else (128, 64)
+    for bm in sizes:
+        if t % bm == 0:
+            return bm, True
+    return sizes[-1], False
+
+
+def plan_merged_gemm(m: int, n: int, kd: int, t: int, *, interpret: bool = False) -> MergedGemmPlan:
+    """Launch plan of kind_linear_merged_gemm_kernel (out (M, N) = a (M, KD) · B[slot]).
+
+    128×128×64 tiles with 8 warps and 4 stages when a 128-row tile lies in one sample (the
+    4-stage ring, 128 KB of shared memory, leaves one program per SM), else 64-row tiles,
+    4 warps, 3 stages (three per SM); 64 columns for N <= 64. Programs in row-major order
+    (GROUP_M = 1: a row tile's N-tiles run together and read its A block from HBM once) and
+    every row tile's K-loop starts at its own step (``k_rotation``), so the rows running
+    together read different parts of the weights and they stay in L2. The traffic model
+    (``traffic_merged_gemm``) chose this against grouped orders and two programs per SM: at
+    DiT-XL/2.fc2 (KD = 4608) a wave's A blocks alone exceed the L2 budget, and grouped or
+    unrotated orders re-read the weights every wave (up to 1.4-1.8x the compulsory bytes).
+    The tightest modelled pass is fc2 of a CFG batch of B = 32 (1.145x): around the boundary
+    of the two halves both slots' weights (21 MB) compete with the A blocks in flight."""
+    bm, one = merged_row_tile(t, interpret)
+    if interpret:
+        return MergedGemmPlan(bm, 32, 32, 1, True, one, 4, 1, 1, cdiv(m, bm), cdiv(n, 32))
+    bn = 128 if n > 64 else 64
+    bk = 64 if kd >= 64 else 32
+    if bm * bn >= 128 * 128:
+        return MergedGemmPlan(bm, bn, bk, 1, True, one, 8, 4, 1, cdiv(m, bm), cdiv(n, bn))
+    return MergedGemmPlan(bm, bn, bk, 1, True, one, 4, 3, 3, cdiv(m, bm), cdiv(n, bn))
+
+
+@dataclass(frozen=True)
+class MergedDwPlan:
+    BN: int
+    BK: int
+    BR: int               # rows per K-step of the long-K GEMM dW[s] = Σ gᵀ·x over slot s's rows
+    FULL: bool            # T % BR == 0: no row chunk crosses a sample's end (no tail mask)
+    num_warps: int
+    num_stages: int
+    ctas_per_sm: int
+    n_tiles: int
+    k_tiles: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def plan_merged_dw(n: int, kd: int, t: int, *, interpret: bool = False) -> MergedDwPlan:
+    """Launch plan of kind_linear_merged_dw_kernel: one program per (128×128 tile of dW[s],
+    slot s), walking the row chunks of slot s's samples. BR: the largest of 64/32/16 dividing
+    T (else 16, the last chunk of each sample masked)."""
+    sizes = (32, 16) if interpret else (64, 32, 16)
+    br = next((r for r in sizes if t % r == 0), sizes[-1])
+    if interpret:
+        return MergedDwPlan(32, 32, br, t % br == 0, 4, 1, 1, cdiv(n, 32), cdiv(kd, 32))
+    return MergedDwPlan(128, 128, br, t % br == 0, 8, 3, 2, cdiv(n, 128), cdiv(kd, 128))
 
 
 # =====================================================================================
@@ -553,6 +652,80 @@ def traffic_tailor_grad(m: int, o: int, n_t: int, k: int, t: int, *, gate: str =
     return tr
 
 
+def merged_grouped_tile(pid: int, m_tiles: int, n_tiles: int, group_m: int) -> tuple[int, int]:
+    """(row tile, N tile) of program ``pid`` in the segmented GEMM's grouped launch order
+    (the kernel's ``_grouped_tile``): GROUP_M row tiles per N band."""
+    per_group = group_m * n_tiles
+    first_m = (pid // per_group) * group_m
+    rows = min(m_tiles - first_m, group_m)
+    return first_m + (pid % per_group) % rows, (pid % per_group) // rows
+
+
+def traffic_merged_gemm(m: int, n: int, kd: int, t: int, slots: Sequence[int], *, plan: MergedGemmPlan | None = None,
+                        gpu: Gpu = REFERENCE, elt: int = 2, chunks: int = 8, bias: bool = True) -> Traffic:
+    """Bytes of one segmented-GEMM launch (path M3, kind_linear_merged_gemm_kernel): A (M, KD)
+    rows of x (or g), B[slot] (KD, N) the merged weight of each sample's slot (``slots``: one
+    entry per sample, B = M / T), out (M, N) stored evict-first. Programs run in the kernel's
+    grouped order; a program's duration is its K-loops (one per distinct slot among its
+    rows); each K-loop reads the row block and its slot's weight band in ``chunks`` pieces at
+    evenly spaced times. Compulsory: A once, the weight of every used slot once, out once."""
+    plan = plan or plan_merged_gemm(m, n, kd, t)
+    bm, bn = plan.BM, plan.BN
+    m_tiles, n_tiles = plan.m_tiles, plan.n_tiles
+    used = sorted(set(slots))
+    tr = Traffic()
+    tr.compulsory = (m * kd + len(used) * kd * n + m * n + (n if bias else 0)) * elt
+    lru = _Lru(gpu.l2_budget)
+    progs = [merged_grouped_tile(p, m_tiles, n_tiles, plan.GROUP_M) for p in range(m_tiles * n_tiles)]
+
+    def tile_slots(r):
+        first, last = r * bm, min(m, (r + 1) * bm) - 1
+        return sorted({slots[b] for b in range(first // t, last // t + 1)})
+
+    row_slots = [tile_slots(r) for r in range(m_tiles)]
+    durs = [float(len(row_slots[r])) for r, _ in progs]
+    starts = _dispatch(durs, gpu.sms * plan.ctas_per_sm)
+    tr.programs = len(progs)
+    tr.waves = sum(durs) / (gpu.sms * plan.ctas_per_sm)
+    events = []
+    seq = 0
+    steps = cdiv(kd, plan.BK)
+    step_chunk = [st * chunks // steps for st in range(steps)]
+    for (r, j), s0, d in zip(progs, starts, durs):
+        rows = min(bm, m - r * bm)
+        cols = min(bn, n - j * bn)
+        loops = row_slots[r]
+        rho = k_rotation(r, steps) if plan.ROTATE else 0
+        for li, sl in enumerate(loops):
+            seen = set()
+            for i in range(steps):
+                c = step_chunk[(rho + i) % steps]
+                if c in seen:
+                    continue
+                seen.add(c)
+                tm = s0 + li + (i + 0.5) / steps
+                events.append((tm, seq, "r", ("A", r, c), rows * kd * elt // chunks))
+                events.append((tm, seq + 1, "r", ("B", sl, j, c), kd * cols * elt // chunks))
+                seq += 2
+        if bias:
+            events.append((s0, seq, "r", ("bias", j), cols * elt))
+            seq += 1
+        events.append((s0 + d, seq, "wf", ("y", r, j), rows * cols * elt))
+        seq += 1
+    events.sort(key=lambda e: (e[0], e[1]))
+    for _, _, kind, key, nbytes in events:
+        lru.access(key, nbytes, kind == "wf", evict_first=kind == "wf")
+    lru.flush()
+    tr.read, tr.written = lru.read, lru.written
+    return tr
+
+
+def cfg_slots(samples: int) -> list[int]:
+    """Slots of a classifier-free-guidance batch: the first half class c (slot 0), the second
+    half the null class (slot 1), as DiT's sampling loop builds it."""
+    return [0] * (samples // 2) + [1] * (samples - samples // 2)
+
+
 # =====================================================================================
 # DiT-XL/2 table
 # =====================================================================================
@@ -585,6 +758,26 @@ def dit_xl_rows(ms: Sequence[int] = (8192, 65536), gpu: Gpu = REFERENCE, layers=
     return rows
 
 
+def dit_xl_merged_rows(samples: Sequence[int] = (32, 256), gpu: Gpu = REFERENCE, layers=LAYERS) -> list[dict]:
+    """Path M3 at DiT-XL/2 sampling: a CFG batch of ``samples`` images (half class c, half
+    null: two merged weights, cached, so no merge), T = 256, the segmented GEMM's forward of
+    every layer."""
+    t = DIT_XL["t"]
+    rows = []
+    cache: dict = {}
+    for b in samples:
+        m = b * t
+        for name, n_in, n_out in layers:
+            key = (m, n_in, n_out)
+            if key not in cache:
+                cache[key] = traffic_merged_gemm(m, n_out, n_in, t, cfg_slots(b), gpu=gpu)
+            tr = cache[key]
+            rows.append(dict(layer=f"DiT-XL/2.{name}", pass_="M3 forward (CFG)", M=m, n_in=n_in, n_out=n_out,
+                             compulsory=tr.compulsory, modelled=tr.total, ratio=tr.ratio, waves=tr.waves,
+                             slices_loaded=0, recomputed=0))
+    return rows
+
+
 def markdown(rows: list[dict], gpu: Gpu = REFERENCE) -> str:
     out = [f"Model: {gpu.name}, L2 budget {gpu.l2_budget / MB:.0f} MB (see kind_fast/perfmodel.py).", "",
            "| layer | pass | M | compulsory MB | modelled MB | modelled/compulsory | shrink parts recomputed |",
@@ -605,13 +798,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--markdown", metavar="PATH", help="also write the table (e.g. bench/results/traffic_dit_xl.md)")
     args = ap.parse_args(argv)
     gpu = Gpu(REFERENCE.name, REFERENCE.sms, REFERENCE.l2_bytes, args.l2_fraction)
-    rows = dit_xl_rows(args.m, gpu)
+    rows = dit_xl_rows(args.m, gpu) + dit_xl_merged_rows(tuple(m // DIT_XL["t"] for m in args.m), gpu)
     text = ("# HBM traffic model of the Triton kernels, DiT-XL/2 layer passes\n\n"
             "Generated by `python -m kind_fast.perfmodel` (pure Python, no GPU). The launch plans the "
             "kernels use, replayed through the L2 model whose assumptions are in the docstring of "
             "`kind_fast/perfmodel.py`: K = 32 of N_T = 96 tailors per class (block gates, uniformly random "
             "classes), T = 256 rows per image, bf16. Compulsory: every input read once, every output written "
-            "once. Not measured on a GPU.\n\n" + markdown(rows, gpu))
+            "once. Path M3 rows: the segmented GEMM over the two cached merged weights of a CFG batch (first half "
+            "class c, second half null; B = M / 256 images). Not measured on a GPU.\n\n" + markdown(rows, gpu))
     print(text)
     if args.markdown:
         with open(args.markdown, "w") as f:

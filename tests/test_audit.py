@@ -1,9 +1,12 @@
 """The static kernel audit (kind_fast/audit.py): sm_90a builds of every pinned kernel config,
 checked for spills, shared memory, warpgroup MMA and software-pipelined K-loops; no GPU.
 
-CI compiles the short list of kernels/kind_linear.py's ``audit_specs(full=False)``: every
-config DiT-XL/2 runs (all layer shapes, B = 32 and 256, bf16 and fp16, paths M1 and M2) and
-one shape for each other KP, for mixed-class tiles and for the narrow DiT-S/2 layers.
+CI compiles the short lists of the kernel modules' ``audit_specs(full=False)``: from
+kernels/kind_linear.py every config DiT-XL/2 runs (all layer shapes, B = 32 and 256, bf16 and
+fp16, paths M1 and M2) and one shape for each other KP, for mixed-class tiles and for the
+narrow DiT-S/2 layers; from kernels/kind_linear_merged.py (path M3) every distinct config of its
+full list (the segmented GEMM with and without bias, dW; one-slot 128-row tiles, 64-row tiles
+over several slots, masked dW run ends; bf16 and fp16).
 ``python -m kind_fast.audit`` compiles the full list and the autotune space
 (bench/results/static_sm90.md). Skipped only where Triton or its bundled ptxas/cuobjdump is
 missing."""
@@ -54,11 +57,12 @@ def test_sass_loop_rules():
     assert (st.wgmma, st.ldgsts, st.dot_loops, st.pipelined_loops) == (1, 2, 1, 1)
     drained = [(a, "DEPBAR.LE SB0, 0x0") if a == 0x30 else (a, t) for a, t in piped]
     st = audit.sass_stats(audit.split_sass("Function : k\n" + _sass(drained))["k"])
-    assert (st.dot_loops, st.pipelined_loops) == (1, 0) and "waits for all" in st.loop_notes[0]
+    assert (st.dot_loops, st.pipelined_loops, st.double_buffered_loops) == (1, 0, 1)
+    assert "waits for all" in st.loop_notes[0]
     synchronous = [(0x30, "LDG.E.128 R4, desc[UR4][R2.64]"), (0x40, "HMMA.16816.F32.BF16 R24, R4, R8, R24"),
                    (0x50, "@P0 BRA 0x30")]
     st = audit.sass_stats(audit.split_sass("Function : k\n" + _sass(synchronous))["k"])
-    assert (st.hmma, st.wgmma, st.dot_loops, st.pipelined_loops) == (1, 0, 1, 0)
+    assert (st.hmma, st.wgmma, st.dot_loops, st.pipelined_loops, st.double_buffered_loops) == (1, 0, 1, 0, 0)
     nested = [(0x10, "MOV R1, R2"), *piped[2:6], (0x68, "IADD3 R1, R1, 0x1"), (0x6c, "@P1 BRA 0x10")]
     st = audit.sass_stats(audit.split_sass("Function : k\n" + _sass(nested))["k"])
     assert (st.dot_loops, st.pipelined_loops) == (1, 1)  # the outer loop issues no MMA itself
@@ -79,6 +83,8 @@ def test_problem_rules():
     assert "shared memory" in audit.problem(dataclasses.replace(ok, smem=228 * 1024))
     assert "HMMA only" in audit.problem(dataclasses.replace(ok, wgmma=0, hmma=4))
     assert "not pipelined" in audit.problem(dataclasses.replace(ok, pipelined_loops=0))
+    double = dataclasses.replace(ok, pipelined_loops=0, double_buffered_loops=1)
+    assert "not pipelined" in audit.problem(double) and double.pipelined == "NO (0/1; 1 double-buffered)"
 
 
 # ------------------------------------------------------------------ real builds for sm_90a
@@ -103,11 +109,12 @@ def pinned():
     return list(zip(specs, rows))
 
 
-DOT_KERNELS = ("kind_linear_fused_kernel", "kind_linear_rows_kernel", "kind_linear_tailor_grad_kernel")
+M3_KERNELS = ("kind_linear_merged_gemm_kernel", "kind_linear_merged_dw_kernel")
+DOT_KERNELS = ("kind_linear_fused_kernel", "kind_linear_rows_kernel", "kind_linear_tailor_grad_kernel", *M3_KERNELS)
 
 
 def test_every_pinned_config_compiles_without_spills_with_wgmma_and_pipelined_k_loops(pinned):
-    assert len(pinned) >= 40
+    assert len(pinned) >= 50
     assert {s.kernel for s, _ in pinned} >= {*DOT_KERNELS, "kind_linear_gate_tables_kernel",
                                              "kind_linear_sample_ds_kernel", "kind_linear_gate_grad_kernel"}
     bad = [f"{r.kernel} {r.config} ({s.variant}): {audit.problem(r)}" for s, r in pinned if audit.problem(r)]
@@ -137,6 +144,43 @@ def test_the_traffic_model_assumes_the_occupancy_the_compiler_gives(pinned):
             assert r.ctas_per_sm == plan.ctas_per_sm, (r.config, r.regs, r.smem)
             checked += 1
     assert checked >= 4
+
+
+def test_the_m3_ci_list_holds_every_distinct_config_of_the_full_list(pinned):
+    """Path M3's configs depend on T (row tile, dW chunk) and the dtype, not on the layer
+    width: the short list CI compiles covers every distinct config of the full DiT-S/B/L/XL
+    list (T = 16 ... 1024, CFG and 4-class batches)."""
+    from kind_fast.kernels import kind_linear_merged as km
+
+    old = os.environ.pop("TRITON_INTERPRET", None)
+    try:
+        full = {s.key for s in km.audit_specs(full=True)}
+    finally:
+        if old is not None:
+            os.environ["TRITON_INTERPRET"] = old
+    ci = {s.key for s, _ in pinned if s.kernel in M3_KERNELS}
+    assert full <= ci, [dict(k[2]) for k in full - ci]
+    cx = [dict(s.constexprs) for s, _ in pinned if s.kernel == "kind_linear_merged_gemm_kernel"]
+    assert {(c["BM"], c["ONE_SLOT"], c["HAS_BIAS"]) for c in cx} >= {(128, True, True), (128, True, False),
+                                                                    (64, False, True), (64, False, False)}
+
+
+def test_m3_occupancy_is_what_the_traffic_model_assumes(pinned):
+    """kind_fast.perfmodel's M3 plans assume one 128-row segmented-GEMM program per SM (the
+    4-stage ring) and three 64-row ones (one-slot or over several slots); the compiled kernels
+    give exactly that."""
+    checked = 0
+    for s, r in pinned:
+        if s.kernel != "kind_linear_merged_gemm_kernel":
+            continue
+        cx = dict(s.constexprs)
+        t = {(128, True): 256, (64, True): 64, (64, False): 37}[cx["BM"], cx["ONE_SLOT"]]
+        plan = pm.plan_merged_gemm(32 * t, 4608, 1152, t)
+        assert (cx["BM"], cx["BN"], cx["BK"], s.num_warps, s.num_stages) == (
+            plan.BM, plan.BN, plan.BK, plan.num_warps, plan.num_stages)
+        assert r.ctas_per_sm == plan.ctas_per_sm, (r.config, r.regs, r.smem)
+        checked += 1
+    assert checked >= 8
 
 
 def test_the_audit_flags_an_unpipelined_and_a_spilling_config(pinned):

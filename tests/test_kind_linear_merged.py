@@ -231,6 +231,131 @@ def test_triton_whole_path_and_layer_m3_equal_m1(interpreter, kind):
     torch.testing.assert_close(y2, y1, rtol=0, atol=0)
 
 
+SLOT_PATTERNS = {  # (B = 7 samples, S = 3 slots): runs of one slot are contiguous row ranges in the dW kernel
+    "cfg": [0, 0, 0, 0, 1, 1, 1], "interleaved": [1, 0, 1, 0, 2, 2, 0], "reversed": [2, 2, 1, 1, 1, 0, 0],
+    "one slot, two unused": [1] * 7,
+}
+
+
+@pytest.mark.parametrize("pattern", sorted(SLOT_PATTERNS))
+def test_slot_runs_cover_each_slots_samples_as_runs(pattern):
+    """slot_runs (the dW launcher's device-side plan): slot s's runs of consecutive samples,
+    read from (order, run, start), are exactly its samples, each once, in batch order."""
+    pytest.importorskip("triton")
+    from kind_fast.kernels.kind_linear_merged import slot_runs
+
+    slots = torch.tensor(SLOT_PATTERNS[pattern])
+    for dt in (torch.int32, torch.int64):
+        order, run, start = (v.tolist() for v in slot_runs(slots.to(dt), 3))
+        assert len(start) == 4 and start[0] == 0 and start[-1] == len(order)
+        for s in range(3):
+            got = []
+            for i in range(start[s], start[s + 1]):
+                got += list(range(order[i], order[i] + run[i]))  # run[i] = 0 inside a run
+            assert got == [b for b, v in enumerate(SLOT_PATTERNS[pattern]) if v == s], (s, order, run, start)
+        assert sum(run) == len(order)
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("pattern", sorted(SLOT_PATTERNS))
+@pytest.mark.parametrize("t", [32, 7, 48])
+def test_triton_dw_walks_each_slots_runs(interpreter, pattern, t):
+    """The dW kernel (one program per tile and slot, a pipelined loop over the slot's runs of
+    samples): interleaved, CFG and reversed slot orders and unused slots (dW = 0), with BR
+    dividing T (T = 32: BR 32; T = 48: BR 16, runs longer than a chunk) or not (T = 7: the
+    last chunk of every run masked); fp32 and fp16 against the float64 reference."""
+    from kind_fast.ops.kind_linear_merged_triton import MERGED_GEMM_BACKWARD_OP
+
+    g = torch.Generator().manual_seed(t)
+    slots = torch.tensor(SLOT_PATTERNS[pattern])
+    b, n_in, n_out, s = slots.shape[0], 40, 36, 3
+    x = torch.randn(b * t, n_in, generator=g)
+    w = torch.randn(s, n_out, n_in, generator=g) * n_in ** -0.5
+    gy = torch.randn(b * t, n_out, generator=g)
+    for dtype in (torch.float32, torch.float16):
+        lx, lw, lg = (v.to(dtype) for v in (x, w, gy))
+        _, dw, _ = MERGED_GEMM_BACKWARD_OP(lg, lx, lw, slots, [False, True, False])
+        mask = [False, True, False]
+        want = kind_linear_merged_gemm_backward_ref(lg.double(), lx.double(), lw.double(), slots, mask)[1]
+        low = kind_linear_merged_gemm_backward_ref(lg, lx, lw, slots, mask)[1]
+        assert dw.dtype == dtype and dw.shape == (s, n_out, n_in)
+        assert_close_to_oracle(dw, want, low, dtype, f"dW {dtype}")
+        for unused in set(range(s)) - set(SLOT_PATTERNS[pattern]):
+            assert not dw[unused].any()
+
+
+@pytest.mark.interpret
+def test_triton_m3_gradients_through_autograd(interpreter):
+    """Training through M3 on the Triton backend: merge + the segmented GEMM op under autograd
+    (dx and dW by the kernels, dW carried through the merge) give M1's reference gradients
+    for x, W_G, bias, U_T, σ_T, V_T and the gate values; a CFG-like batch with a third class."""
+    a = problem("random_k", n_in=40, n_out=36, dist="uniform", b=6, t=16, dtype=torch.float32, seed=3)
+    a["labels"] = torch.tensor([2, 2, 6, 6, 4, 2])
+    leaves = {k: a[k].clone().requires_grad_(True) for k in NAMES + ("val",)}
+    args = {**a, **leaves}
+    with kf.use_backend("triton"):
+        y = kind_linear_merged(*[args[k] for k in ORDER], max_classes=3)
+    gy = torch.randn_like(y)
+    got = torch.autograd.grad(y, [leaves[k] for k in NAMES + ("val",)], gy)
+    a64 = {k: (v.double() if v.is_floating_point() else v) for k, v in a.items()}
+    y_r, h = kind_linear_ref(*[a64[k] for k in ORDER])
+    want = kind_linear_backward_ref(gy.double(), *[a64[k] for k in ORDER if k != "bias"], h, [True] * 7)
+    torch.testing.assert_close(y.double(), y_r, rtol=1e-4, atol=1e-4)
+    names = ("x", "w_g", "bias", "u_t", "sigma_t", "v_t", "val")
+    for name, gg, r in zip(names, got, want):
+        torch.testing.assert_close(gg.double(), r, rtol=2e-4, atol=2e-4, msg=lambda m, n=name: f"d{n}: {m}")
+
+
+def test_meta_tensors_plan_for_the_gpu():
+    """The launchers' configs on ``meta`` tensors (what the static audit replays) are the GPU
+    plans of kind_fast.perfmodel, not the interpreter's; CPU tensors get the interpreter's."""
+    pytest.importorskip("triton")
+    from kind_fast.kernels import kind_linear_merged as km
+
+    from kind_fast import perfmodel as pm
+
+    meta, cpu = torch.device("meta"), torch.device("cpu")
+    gpu = km.gemm_config(8192, 4608, 1152, 256, meta)
+    plan = pm.plan_merged_gemm(8192, 4608, 1152, 256)
+    assert (gpu["BM"], gpu["BN"], gpu["BK"], gpu["num_warps"], gpu["num_stages"]) == (128, 128, 64, 8, 4)
+    assert gpu["GROUP_M"] == plan.GROUP_M and gpu["ROT"] == pm.rotation_stride(1152 // 64) > 1
+    assert km.gemm_config(512, 4608, 1152, 16, meta)["BM"] == 64  # no mma.sync-sized tiles on a GPU
+    assert km.gemm_config(8192, 4608, 1152, 256, cpu)["BM"] == 32
+    assert km.dw_config(4608, 1152, 256, meta) == dict(BN=128, BK=128, BR=64, FULL=True, num_warps=8, num_stages=3)
+    assert km.dw_config(4608, 1152, 37, meta)["FULL"] is False
+    assert km.dw_config(4608, 1152, 256, cpu)["BN"] == 32
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("n_in,n_out,t,slot_of", [(1152, 4608, 256, (0, 0, 1, 1)), (4608, 1152, 256, (0, 1, 1, 0)),
+                                                  (1152, 1152, 37, (1, 0, 2, 0, 1, 1))], ids=str)
+def test_gpu_segmented_gemm_dx_and_dw(monkeypatch, n_in, n_out, t, slot_of, dtype):
+    """The compiled M3 kernels at DiT-XL/2 shapes (128-row one-slot tiles, 4 stages, K-rotation;
+    64-row tiles over several slots; dW over runs of samples) against the float64 reference."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    from kind_fast.ops.kind_linear_merged_triton import MERGED_GEMM_BACKWARD_OP, MERGED_GEMM_OP
+
+    g = torch.Generator(device="cuda").manual_seed(n_in + t)
+    b, s = len(slot_of), max(slot_of) + 1
+    x = torch.randn(b * t, n_in, device="cuda", generator=g)
+    w = torch.randn(s, n_out, n_in, device="cuda", generator=g) * n_in ** -0.5
+    bias = torch.randn(n_out, device="cuda", generator=g)
+    gy = torch.randn(b * t, n_out, device="cuda", generator=g)
+    slots = torch.tensor(slot_of, device="cuda")
+    low = [v.to(dtype) for v in (x, w, bias, gy)]
+    y = MERGED_GEMM_OP(low[0], low[1], low[2], slots)
+    grads = MERGED_GEMM_BACKWARD_OP(low[3], low[0], low[1], slots, [True, True, True])
+    ref64 = [v.double() for v in low]
+    assert_close_to_oracle(y, kind_linear_merged_gemm_ref(*ref64[:3], slots, plan="all"),
+                           kind_linear_merged_gemm_ref(*low[:3], slots, plan="all"), dtype, "GPU M3 y")
+    g_o = kind_linear_merged_gemm_backward_ref(ref64[3], ref64[0], ref64[1], slots, [True] * 3, plan="all")
+    g_l = kind_linear_merged_gemm_backward_ref(low[3], low[0], low[1], slots, [True] * 3, plan="all")
+    for name, a_, o_, l_ in zip(("dx", "dw", "db"), grads, g_o, g_l):
+        assert_close_to_oracle(a_, o_, l_, dtype, f"GPU M3 {name}")
+
+
 # ------------------------------------------------------------------ the entry point
 def _layer(kind="random_k", classes=6, n_in=20, n_out=24, n_t=12, active=4, dtype=torch.float64):
     torch.manual_seed(0)

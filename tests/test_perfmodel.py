@@ -17,6 +17,11 @@ def dit_rows():
     return pm.dit_xl_rows((8192, 65536))
 
 
+@pytest.fixture(scope="module")
+def merged_rows():
+    return pm.dit_xl_merged_rows((32, 256))
+
+
 def test_every_dit_xl_pass_moves_at_most_115_percent_of_the_compulsory_bytes(dit_rows):
     layers = {r["layer"] for r in dit_rows}
     assert layers == {f"DiT-XL/2.{n}" for n in ("q", "k", "v", "proj", "fc1", "fc2")}
@@ -117,3 +122,60 @@ def test_launchers_take_their_plans_from_the_model(monkeypatch):
     for args in ((8192, 1152, 4608, 32, 256), (8192, 4608, 1152, 32, 256), (65536, 384, 384, 48, 256),
                  (8192, 1152, 1152, 32, 37)):
         assert K.fused_config(*args[:3], args[3], args[4], meta) == pm.plan_fused(*args).as_dict()
+
+
+# ------------------------------------------------------------------ path M3 (segmented GEMM)
+def test_m3_sampling_passes_move_at_most_115_percent_of_the_compulsory_bytes(merged_rows):
+    """DiT-XL/2 sampling on path M3: a CFG batch (B = 32 and 256 images, half class c, half
+    null; two cached merged weights, no merge), the segmented GEMM of every layer."""
+    assert {r["layer"] for r in merged_rows} == {f"DiT-XL/2.{n}" for n in ("q", "k", "v", "proj", "fc1", "fc2")}
+    assert {r["M"] for r in merged_rows} == {8192, 65536}
+    over = [(r["layer"], r["M"], round(r["ratio"], 3)) for r in merged_rows if r["ratio"] > BOUND]
+    assert not over, f"M3 passes over {BOUND}x the compulsory HBM bytes: {over}"
+    for r in merged_rows:
+        assert r["modelled"] >= r["compulsory"] * 0.99
+        # compulsory: x, both slots' weights and y once
+        assert r["compulsory"] == 2 * (r["M"] * r["n_in"] + 2 * r["n_in"] * r["n_out"] + r["M"] * r["n_out"]
+                                       + r["n_out"])
+
+
+def test_the_model_flags_the_m3_orders_it_replaced():
+    """What-ifs on DiT-XL/2.fc2 (KD = 4608: a wave's A blocks alone exceed the L2 budget) at
+    B = 256: the grouped order (GROUP_M = 8) and the row-major order without K-rotation both
+    re-read the weights every wave; two programs per SM (more rows in flight) is worse too."""
+    m, n, kd = 65536, 1152, 4608
+    slots = pm.cfg_slots(256)
+    plan = pm.plan_merged_gemm(m, n, kd, 256)
+    assert (plan.GROUP_M, plan.ROTATE, plan.ctas_per_sm) == (1, True, 1)
+    good = pm.traffic_merged_gemm(m, n, kd, 256, slots).ratio
+    assert good <= 1.05
+    for what in (dict(GROUP_M=8, ROTATE=False), dict(ROTATE=False), dict(ctas_per_sm=2, GROUP_M=8)):
+        assert pm.traffic_merged_gemm(m, n, kd, 256, slots, plan=dataclasses.replace(plan, **what)).ratio > BOUND, what
+
+
+def test_merged_grouped_order_visits_every_tile_once():
+    for m_tiles, n_tiles, g in ((7, 5, 1), (7, 5, 3), (64, 9, 8), (1, 4, 8)):
+        tiles = [pm.merged_grouped_tile(p, m_tiles, n_tiles, g) for p in range(m_tiles * n_tiles)]
+        assert sorted(tiles) == [(r, j) for r in range(m_tiles) for j in range(n_tiles)]
+    assert [pm.merged_grouped_tile(p, 3, 2, 1) for p in range(6)] == [(0, 0), (0, 1), (1, 0), (1, 1), (2, 0), (2, 1)]
+
+
+def test_m3_launchers_take_their_plans_from_the_model(monkeypatch):
+    """kernels/kind_linear_merged.py's configs on meta tensors are kind_fast.perfmodel's GPU plans."""
+    pytest.importorskip("triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    import torch
+
+    from kind_fast.ops.kind_linear_merged_triton import _kernels
+
+    K = _kernels()
+    meta = torch.device("meta")
+    for m, n, kd, t in ((8192, 4608, 1152, 256), (8192, 1152, 4608, 256), (2048, 384, 384, 64), (1184, 4608, 1152, 37)):
+        p = pm.plan_merged_gemm(m, n, kd, t)
+        cfg = K.gemm_config(m, n, kd, t, meta)
+        assert (cfg["BM"], cfg["BN"], cfg["BK"], cfg["GROUP_M"], cfg["ONE_SLOT"], cfg["num_warps"],
+                cfg["num_stages"]) == (p.BM, p.BN, p.BK, p.GROUP_M, p.ONE_SLOT, p.num_warps, p.num_stages)
+        assert cfg["ROT"] == pm.rotation_stride(pm.cdiv(kd, p.BK))
+        d = pm.plan_merged_dw(n, kd, t)
+        assert K.dw_config(n, kd, t, meta) == dict(BN=d.BN, BK=d.BK, BR=d.BR, FULL=d.FULL, num_warps=d.num_warps,
+                                                   num_stages=d.num_stages)

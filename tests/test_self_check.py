@@ -138,6 +138,20 @@ def test_triton_gate_checks_the_production_cases_and_path_m2(monkeypatch):
     ok, msg = kt._gate.check(torch.device("cpu"), torch.float16)
     assert seen["cases"] == sc.CHECK_CASES + sc.TRITON_CASES
     assert not ok and "M2" in msg
+    # then path M3: its ops are checked too, and a failing M3 check fails the gate
+    monkeypatch.setattr(kt, "check_factored_ops", lambda *a, **k: (True, "ok"))
+    merged = {}
+
+    def failing_m3(gemm, backward, device, dtype):
+        merged["ops"] = (gemm, backward)
+        return False, "M3 dweights max error 1"
+
+    monkeypatch.setattr(kt, "check_merged_ops", failing_m3)
+    ok, msg = kt._gate.check(torch.device("cpu"), torch.float16)
+    assert not ok and "M3 dweights" in msg
+    assert merged["ops"] == (kt.MERGED_GEMM_OP, kt.MERGED_GEMM_BACKWARD_OP)
+    monkeypatch.setattr(kt, "check_merged_ops", lambda *a, **k: (True, "fine"))
+    assert kt._gate.check(torch.device("cpu"), torch.float16)[0]
 
 
 def _specs(kernels, *args, **kwargs):
@@ -187,3 +201,62 @@ def test_check_cases_select_the_production_configs(monkeypatch):
     assert {c["KP"] for c in rows if c["HAS_OUT"]} >= {64, 128}
     for i, o, n_g, _, k, b, t, _ in FACTORED_CASES:  # NG is a runtime argument: ask the plan
         assert plan_fused(b * t, o, i, n_g + k, t, has_base=False).NG >= 2
+
+
+def test_merged_check_passes_the_triton_ops_and_catches_a_wrong_dweights(monkeypatch):
+    """check_merged_ops runs the Triton backend's M3 ops (here under the interpreter, small cases
+    in MERGED_CASES' format: a CFG batch and interleaved slots with T = 7) against the reference,
+    and a wrong dW fails it."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    from test_kind_linear_triton import _interpreter_broken
+
+    if _interpreter_broken():
+        pytest.skip(_interpreter_broken())
+    from kind_fast.ops.kind_linear_merged_triton import MERGED_GEMM_BACKWARD_OP, MERGED_GEMM_OP
+    from kind_fast.ops.self_check import check_merged_ops
+
+    small = ((40, 36, 2, 32, (0, 0, 1, 1)), (24, 20, 3, 7, (1, 0, 1, 0, 2)))
+    ok, msg = check_merged_ops(MERGED_GEMM_OP, MERGED_GEMM_BACKWARD_OP, torch.device("cpu"), torch.float16,
+                               cases=small)
+    assert ok, msg
+
+    def wrong_dweights(*args):
+        dx, dw, db = MERGED_GEMM_BACKWARD_OP(*args)
+        return dx, dw.flip(0), db  # the slots' gradients swapped
+
+    ok, msg = check_merged_ops(MERGED_GEMM_OP, wrong_dweights, torch.device("cpu"), torch.float16, cases=small)
+    assert not ok and "M3 dweights" in msg
+
+
+def test_merged_cases_select_the_production_configs(monkeypatch):
+    """Path M3 as DiT-XL/2 runs it (every layer shape, a CFG batch of B = 32 and 256 at T = 256,
+    bf16 and fp16: the segmented GEMM with bias, dx, dW) launches no config that the
+    self-check's MERGED_CASES do not launch too; the cases also reach 64-row tiles over
+    several slots and dW with masked run ends."""
+    pytest.importorskip("triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    from kind_fast.audit import capture_launches
+    from kind_fast.ops.kind_linear_merged_triton import _kernels
+    from kind_fast.ops.self_check import MERGED_CASES
+
+    K = _kernels()
+
+    def specs(*args):
+        with capture_launches("") as got:
+            K.replay_launches(*args)
+        return {s.key: s for s in got}
+
+    prod, cases = {}, {}
+    for dtype in (torch.bfloat16, torch.float16):
+        for _, n_in, n_out in K.audit_layers(1152):
+            for b in (32, 256):
+                prod.update(specs(n_in, n_out, b, 256, 2, dtype))
+        for n_in, n_out, n_slots, t, slot_of in MERGED_CASES:
+            cases.update(specs(n_in, n_out, len(slot_of), t, n_slots, dtype))
+    missing = [(s.kernel, dict(s.constexprs), s.num_warps, s.num_stages) for k, s in prod.items() if k not in cases]
+    assert not missing, f"production M3 configs the self-check never runs: {missing}"
+    gemm = [dict(s.constexprs) for s in cases.values() if s.kernel == "kind_linear_merged_gemm_kernel"]
+    assert {(c["BM"], c["ONE_SLOT"]) for c in gemm} == {(128, True), (64, False)}
+    dw = [dict(s.constexprs) for s in cases.values() if s.kernel == "kind_linear_merged_dw_kernel"]
+    assert {(c["BR"], c["FULL"]) for c in dw} == {(64, True), (16, False)}

@@ -52,7 +52,7 @@ from kind_fast.ops.kind_linear import (
     make_kind_linear_backward,
     register_kind_linear_flop_formulas,
 )
-from kind_fast.ops.self_check import CHECK_CASES, TRITON_CASES, SelfCheckGate, check_factored_ops
+from kind_fast.ops.self_check import CHECK_CASES, TRITON_CASES, SelfCheckGate, check_factored_ops, check_merged_ops
 
 __all__ = ["OP", "BACKWARD_OP", "FACTORED_OP", "kind_linear_factored", "status", "supports", "auto_ready",
            "self_check", "MAX_ACTIVE"]
@@ -239,10 +239,19 @@ _gate = SelfCheckGate("Triton", lambda: (OP, BACKWARD_OP),
                       lambda device_type, dtype: device_type == "cuda" and supports(device_type, dtype)
                       and status()[0],
                       cases=CHECK_CASES + TRITON_CASES,
-                      extra=lambda device, dtype: check_factored_ops(
-                          FACTORED_OP, torch.ops.kind_fast.kind_linear_factored_triton_backward, device, dtype))
+                      extra=lambda device, dtype: _check_other_paths(device, dtype))
 auto_ready = _gate.auto_ready
 self_check_results = _gate.results
+
+
+def _check_other_paths(device: torch.device, dtype: torch.dtype) -> tuple[bool, str]:
+    """The gate's checks beyond the M1 op pair: path M2 (FACTORED_CASES), then path M3's
+    segmented GEMM, dx and dW (MERGED_CASES); the first failure fails the gate."""
+    ok, msg = check_factored_ops(FACTORED_OP, torch.ops.kind_fast.kind_linear_factored_triton_backward, device, dtype)
+    if not ok:
+        return ok, msg
+    ok3, msg3 = check_merged_ops(MERGED_GEMM_OP, MERGED_GEMM_BACKWARD_OP, device, dtype)
+    return ok3, (f"M2 {msg}; M3 {msg3}" if ok3 else msg3)
 
 
 def self_check(device: torch.device, dtype: torch.dtype) -> tuple[bool, str]:
@@ -398,4 +407,4 @@ def kind_linear_factored(
 
 
 # Path M3 (merged per-class weights, segmented GEMM): kind_fast/ops/kind_linear_merged_triton.py
-from kind_fast.ops.kind_linear_merged_triton import MERGED_GEMM_OP, MERGED_OP  # noqa: E402, F401
+from kind_fast.ops.kind_linear_merged_triton import MERGED_GEMM_BACKWARD_OP, MERGED_GEMM_OP, MERGED_OP  # noqa: E402, F401

@@ -12,9 +12,10 @@ What a check covers is what "auto" will run: ``CHECK_CASES`` (odd sizes, mixed-c
 both reference plans) for every backend, and for the Triton backend also ``TRITON_CASES``,
 small problems with the production shape of a DiT layer (T = 256, one class per 128-row tile,
 several N-tiles per row, KP = 32 / 64 / 128, several K-steps, both tailor-gradient variants)
-so the very kernel configs a DiT run launches are the ones checked, and ``FACTORED_CASES``
-for path M2 (kind_linear_factored). tests/test_self_check.py checks, on the CPU, that these
-cases make the launchers pick the production configs.
+so the very kernel configs a DiT run launches are the ones checked, ``FACTORED_CASES`` for
+path M2 (kind_linear_factored) and ``MERGED_CASES`` for path M3 (the segmented GEMM over merged
+class weights that sampling runs, its dx and dW). tests/test_self_check.py checks, on the CPU,
+that these cases make the launchers pick the production configs.
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ import torch
 from kind_fast._tracing import capturing_or_tracing
 from kind_fast.ops.kind_linear import kind_linear_backward_ref, kind_linear_ref
 
-__all__ = ["capturing_or_tracing", "check_ops", "check_factored_ops", "SelfCheckGate", "CHECK_CASES", "TRITON_CASES",
-           "FACTORED_CASES"]
+__all__ = ["capturing_or_tracing", "check_ops", "check_factored_ops", "check_merged_ops", "SelfCheckGate",
+           "CHECK_CASES", "TRITON_CASES", "FACTORED_CASES", "MERGED_CASES"]
 
 _ORDER = ("x", "w_g", "bias", "u_t", "sigma_t", "v_t", "idx", "val", "labels")
 _NAMES = ("y", "h", "dx", "dw_g", "dbias", "du_t", "dsigma_t", "dv_t", "dval")
@@ -49,6 +50,12 @@ TRITON_CASES = ((640, 640, 96, 32, 2, 256, 5), (576, 704, 128, 64, 2, 256, 5), (
 # Path M2 (learngenes as N_G always-on slots of the factored kernel): (in, out, N_G, N_T, K, B, T, C);
 # N_G + K = 64 and 100 slots (KP = 64 with BM = 128, KP = 128 with BM = 64), several N-groups.
 FACTORED_CASES = ((640, 640, 32, 96, 32, 2, 256, 5), (320, 384, 68, 96, 32, 2, 256, 5))
+# Path M3 (segmented GEMM over merged slot weights, its dx and dW): (in, out, S, T, slot of each
+# sample). A CFG batch at T = 256 runs what DiT-XL/2 sampling and training run (128-row one-slot
+# tiles, 4 stages, K-rotation with >= 4 K-steps, several N-tiles; dW in 64-row steps over one run
+# per slot); T = 37 with interleaved slots runs 64-row tiles over several slots (a partial last
+# K-step) and dW over runs whose last 16-row chunk is masked.
+MERGED_CASES = ((320, 384, 2, 256, (0, 0, 1, 1)), (200, 136, 3, 37, (1, 0, 1, 0, 2)))
 
 
 def _cannot_run_real_kernels() -> bool:
@@ -175,6 +182,42 @@ def check_factored_ops(forward_op: Callable, backward_op: Callable, device: torc
             torch.cuda.synchronize(device)
     except Exception as e:  # noqa: BLE001 - a crash is a failed check, reported, not raised
         return False, f"M2: {type(e).__name__}: {e}"
+    return True, f"max relative error {worst:.2e} (tolerance {tol:g})"
+
+
+def check_merged_ops(gemm_op: Callable, backward_op: Callable, device: torch.device, dtype: torch.dtype,
+                     cases=MERGED_CASES) -> tuple[bool, str]:
+    """As check_ops for a path-M3 op pair: gemm (x, weights, bias, slots) -> y, backward
+    (grad_y, x, weights, slots, output_mask) -> (dx, dweights, dbias); the reference is
+    kind_linear_merged_gemm_ref in float32 from the same rounded inputs."""
+    from kind_fast.ops.kind_linear_merged import kind_linear_merged_gemm_backward_ref, kind_linear_merged_gemm_ref
+
+    tol = _TOL[dtype]
+    worst = 0.0
+    try:
+        for i, case in enumerate(cases):
+            n_in, n_out, n_slots, t, slot_of = case
+            g = torch.Generator().manual_seed(5678 + i)
+            b = len(slot_of)
+            x = torch.randn(b * t, n_in, generator=g)
+            w = torch.randn(n_slots, n_out, n_in, generator=g) * n_in ** -0.5
+            bias = torch.randn(n_out, generator=g)
+            gy = torch.randn(b * t, n_out, generator=g)
+            x, w, bias, gy = (v.to(device, dtype) for v in (x, w, bias, gy))
+            slots = torch.tensor(slot_of, dtype=torch.int64, device=device)
+            y = gemm_op(x, w, bias, slots)
+            grads = backward_op(gy, x, w, slots, [True, True, True])
+            f = [v.float() for v in (x, w, bias, gy)]
+            y_ref = kind_linear_merged_gemm_ref(f[0], f[1], f[2], slots, plan="all")
+            ref = kind_linear_merged_gemm_backward_ref(f[3], f[0], f[1], slots, [True] * 3, plan="all")
+            msg, worst = _compare(case[:4], ("M3 y", "M3 dx", "M3 dweights", "M3 dbias"), (y, *grads), (y_ref, *ref),
+                                  tol, worst)
+            if msg:
+                return False, msg
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    except Exception as e:  # noqa: BLE001 - a crash is a failed check, reported, not raised
+        return False, f"M3: {type(e).__name__}: {e}"
     return True, f"max relative error {worst:.2e} (tolerance {tol:g})"
 
 
