@@ -100,3 +100,28 @@ def test_pretrain_init_errors(tmp_path, dense_run, capsys):
     assert "drop the tailors" in capsys.readouterr().err
     assert main(["pretrain", "--init", str(dense_run), "--data", "imagefolder", "--data-path", str(tmp_path),
                  "--out", str(tmp_path / "o3"), *TINY_FLAGS]) == 2
+
+
+def test_pretrain_init_pt_file_of_a_custom_width_needs_its_heads(tmp_path, dense_run, capsys):
+    """A dense .pt whose width is no DiT preset: the heads are not in the weights, so pretrain
+    asks for --init-num-heads (never guesses) and then builds the init's exact architecture."""
+    from kind_fast.train.models import build_model, load_weights, make_spec
+
+    dense = load_weights(dense_run / "ema").eval()
+    torch.save(dense.state_dict(), tmp_path / "dit.pt")
+    assert main(["pretrain", "--init", str(tmp_path / "dit.pt"), "--steps", "1", "--out", str(tmp_path / "o"),
+                 "--no-sample", *TINY_FLAGS]) == 2
+    err = capsys.readouterr().err
+    assert "--init-num-heads" in err and "not a DiT preset" in err
+    assert main(["pretrain", "--init", str(tmp_path / "dit.pt"), "--init-num-heads", "0", "--out",
+                 str(tmp_path / "o0"), *TINY_FLAGS]) == 2
+    assert "method.init_num_heads" in capsys.readouterr().err
+    heads = dense.arch["num_heads"]
+    cfg = tiny_config(tmp_path / "o1", method={"name": "kind", "init": str(tmp_path / "dit.pt"),
+                                              "init_num_heads": heads}, model={"gate": "all_on"})
+    spec = make_spec(cfg, 8, (1, 8, 8))
+    assert spec["arch"]["num_heads"] == heads and spec["init_is_kind"] is False
+    x, t, y = _inputs(8)
+    torch.testing.assert_close(build_model(cfg, spec).eval()(x, t, y), dense(x, t, y), rtol=1e-5, atol=1e-5)
+    assert main(["pretrain", "--init", str(tmp_path / "dit.pt"), "--init-num-heads", str(heads), "--steps", "1",
+                 "--out", str(tmp_path / "o2"), "--no-sample", *TINY_FLAGS]) == 0

@@ -33,6 +33,8 @@ _FLAGS = {
     "model": ("model.name", str, "DiT preset, e.g. DiT-S/2 (default: a tiny DiT for digits)"),
     "method": ("method.name", str, None),
     "init": ("method.init", str, "transfer: the pretrain run folder (or a kind_fast save folder)"),
+    "init_num_heads": ("method.init_num_heads", int,
+                       "pretrain --init of a dense DiT whose width is not a preset: its attention heads"),
     "ckpt_every": ("ckpt_every", int, "checkpoint every N steps (0: only at the end)"),
     "sample_every": ("sample_every", int, "sample grid every N steps: <out>/samples/step_N.png and the trackers"),
     "eval_every": ("eval_every", int, "digits: FID / KID / IS / class accuracy every N steps (eval.csv, trackers)"),

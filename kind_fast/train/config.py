@@ -67,6 +67,9 @@ class MethodConfig:
     name: str = "kind"
     init: str | None = None  # transfer: a pretrain run folder or a kind_fast save folder
     init_weights: str = "ema"  # which weights of a run folder: ema | model
+    # pretrain --init of a dense checkpoint whose width is not a DiT preset: its attention heads
+    # (not recorded in the weights); None: from the preset of that width
+    init_num_heads: int | None = None
     freeze_learngenes: bool = True  # KIND transfer
     lora_rank: int = 4
     lora_alpha: float | None = None
@@ -206,6 +209,8 @@ class RunConfig:
         need(not needs_init or bool(me.init), "method.init",
              f"transfer with method {me.name!r} needs the pretrained run: --init PATH")
         need(me.init_weights in ("ema", "model"), "method.init_weights", f"ema or model, got {me.init_weights!r}")
+        need(me.init_num_heads is None or me.init_num_heads >= 1, "method.init_num_heads",
+             f"must be >= 1, got {me.init_num_heads}")
         need(me.lora_rank >= 1, "method.lora_rank", f"must be >= 1, got {me.lora_rank}")
         o = self.optim
         need(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")

@@ -121,8 +121,6 @@ def _is_kind_fast_folder(path: Path, which: str) -> bool:
 
 def _pretrain_init_spec(cfg: RunConfig, num_classes: int, sample_shape) -> dict:
     """arch / kind of ``pretrain --init``: from the init (dense or KIND), classes from the data."""
-    from kind_fast.dit import load_dense
-
     me = cfg.method
     src = Path(me.init)
     if not src.exists():
@@ -141,7 +139,7 @@ def _pretrain_init_spec(cfg: RunConfig, num_classes: int, sample_shape) -> dict:
                              "continue it with your own loop (kind_fast.serialization.load_pretrained)")
         arch, init_kind = dict(info["arch"]), True
     else:
-        arch = dict(info["arch"]) if info is not None else dict(load_dense(src, which=me.init_weights).arch)
+        arch = dict(info["arch"]) if info is not None else dict(_load_dense_init(cfg).arch)
         kind = _kind_from_config(cfg, arch["hidden_size"]) if me.name == "kind" else None
         init_kind = False
     if (arch["in_channels"], arch["input_size"], arch["input_size"]) != tuple(sample_shape):
@@ -154,16 +152,31 @@ def _pretrain_init_spec(cfg: RunConfig, num_classes: int, sample_shape) -> dict:
     return spec
 
 
+def _load_dense_init(cfg: RunConfig) -> nn.Module:
+    """The dense DiT of ``pretrain --init FILE``; the heads come from ``method.init_num_heads``
+    when the width is not a preset's (they are not in the weights)."""
+    from kind_fast.dit import load_dense
+
+    me = cfg.method
+    try:
+        return load_dense(me.init, which=me.init_weights, num_heads=me.init_num_heads)
+    except ValueError as e:
+        if me.init_num_heads is None and "number of attention heads is unknown" in str(e):
+            raise ValueError(f"method.init {me.init}: {str(e).split(',')[0]}, so its number of attention heads "
+                             "is unknown: pass --init-num-heads N (config: method.init_num_heads)") from None
+        raise
+
+
 def _pretrain_init_model(cfg: RunConfig, spec: dict) -> nn.Module:
     """The model of ``pretrain --init``: the init's weights as a KIND-DiT (or dense DiT)."""
-    from kind_fast.dit import kindify_dit, load_dense
+    from kind_fast.dit import kindify_dit
 
     me = cfg.method
     src = Path(me.init)
     if spec["init_is_kind"] or (src.is_dir() and _is_kind_fast_folder(src, me.init_weights)):
         model = load_weights(resolve_init(me.init, me.init_weights))  # a kind_fast save (KIND or dense)
     else:
-        model = load_dense(me.init, which=me.init_weights)  # a checkpoint file or a diffusers model
+        model = _load_dense_init(cfg)  # a checkpoint file or a diffusers model
     if not spec["init_is_kind"]:
         if not isinstance(model, DiT) or model.kind is not None:
             raise ValueError(f"{src}: expected a dense DiT, got a {type(model).__name__}")
