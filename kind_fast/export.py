@@ -91,9 +91,12 @@ class SegmentPlan:
 def segmented_linear(x: Tensor, weight: Tensor, bias: Tensor | None, slots: Tensor, plan: SegmentPlan) -> Tensor:
     """y[n] = x[n] · weight[slots[n]]ᵀ + bias for x (N, …, in), weight (S, out, in), slots (N,).
 
-    One dense GEMM per slot present in the batch over its samples' rows (a CFG batch: two).
-    This is the seam where a fused M3 kernel (one launch over all segments) replaces the
-    loop: it receives the same arguments, ``slots`` on the device and ``plan`` on the host.
+    One dense GEMM per slot present in the batch over its samples' rows (a CFG batch: two
+    cuBLAS GEMMs on a GPU, each over half the rows, plus one copy of y). The package's own M3
+    op, ``kind_fast.ops.kind_linear_merged.kind_linear_merged_gemm``, does the same work with
+    the backends' kernels; an export keeps this plain loop because its plan is built once per
+    labels tensor (``ExportedDiT.route``) and then needs no host read, so a sampling loop over
+    an export can be captured in a CUDA graph, and the export runs wherever PyTorch does.
     """
     if len(plan.segments) <= 1:  # one label in the batch (or an empty batch): one dense GEMM
         return F.linear(x, weight[plan.segments[0][0] if plan.segments else 0], bias)
