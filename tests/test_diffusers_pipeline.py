@@ -83,3 +83,21 @@ def test_pixel_space_and_learned_variance():
     pipe = KindDiTPipeline(transformer=tr, vae=None, scheduler=diffusers.DDIMScheduler())
     out = pipe(class_labels=[1], num_inference_steps=2, generator=gen(), output_type="np").images
     assert out.shape == (1, 8, 8, 3) and out.min() >= 0 and out.max() <= 1
+
+
+def test_training_mode_models_sample_in_eval_and_keep_their_mode():
+    """A DiTTransformer2DModel built directly is in training mode, where diffusers drops labels
+    at random (class dropout). Sampling must not: it runs eval and hands the modes back."""
+    tr, ae = transformer(3), vae()
+    kf.kindify(tr, gate=kf.ClassGate.block(3, 8, 4), split_qkv=False)
+    kw = dict(class_labels=[0, 1, 2, 0, 1, 2], guidance_scale=3.0, num_inference_steps=3, output_type="pt")
+    pipe = KindDiTPipeline(transformer=tr, vae=ae, scheduler=diffusers.DDIMScheduler())
+    ref = pipe(generator=gen(), **kw).images
+    tr.train(), ae.train()
+    for seed in range(3):  # the label dropout draws from the global RNG
+        torch.manual_seed(seed)
+        torch.testing.assert_close(pipe(generator=gen(), **kw).images, ref, rtol=0, atol=0)
+    assert tr.training and ae.training
+    tr.eval()
+    sample_dit(tr, diffusers.DDIMScheduler(), [0], num_inference_steps=1)
+    assert not tr.training

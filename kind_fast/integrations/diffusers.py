@@ -66,7 +66,26 @@ def sample_dit(
     ``guidance_scale > 1`` turns on classifier-free guidance with the model's own null class.
     ``progress``: optional wrapper of the timestep iterator (e.g. ``tqdm`` or a pipeline's
     ``progress_bar``).
+
+    The transformer and the vae run in eval mode and get their own mode back afterwards: a
+    ``DiTTransformer2DModel`` built directly (not by ``from_pretrained``) is in training mode,
+    where diffusers' label embedder drops labels at random, so samples would silently lose
+    their class.
     """
+    modes = [(m, m.training) for m in (transformer, vae) if m is not None]
+    try:
+        for m, _ in modes:
+            m.eval()
+        return _sample(transformer, scheduler, class_labels, vae=vae, guidance_scale=guidance_scale,
+                       num_inference_steps=num_inference_steps, generator=generator, device=device,
+                       progress=progress)
+    finally:
+        for m, was_training in modes:
+            m.train(was_training)
+
+
+def _sample(transformer, scheduler, class_labels, *, vae, guidance_scale, num_inference_steps, generator,
+            device, progress) -> Tensor:
     if device is None:
         device = next(transformer.parameters()).device
     device = torch.device(device)
