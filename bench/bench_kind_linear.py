@@ -16,6 +16,7 @@ import torch
 from conftest import cpu_median, dit_layer_shapes, gpu_median, interleaved, requires_cuda, synced
 
 import kind_fast as kf
+from kind_fast.benchmark import make_reference_layer_step
 from kind_fast.ops.kind_linear import kind_linear_flops
 
 TAILORS, ACTIVE, CLASSES, TOKENS = 96, 32, 10, 256
@@ -120,29 +121,6 @@ GPU_DEVICE, GPU_DTYPE, GPU_TOKENS = "cuda", torch.bfloat16, 32 * TOKENS  # overr
 GPU_M2_WIDTH = 1152  # DiT-XL/2.proj
 
 
-def _ref_step(layer, x, labels, g, mode):
-    """The reference as plain PyTorch ops (kind_linear_ref, autograd through it): what
-    torch.compile can see into, unlike the registered op."""
-    from kind_fast.ops.kind_linear import kind_linear_ref
-
-    def step():
-        idx, val = layer.gate.compiled(x.device)
-        w_g = layer.learngene_weight(x.dtype)
-        x2 = x.reshape(-1, x.shape[-1])
-        y, _ = kind_linear_ref(x2, w_g, layer.bias, layer.u_t, layer.sigma_t.float(), layer.v_t, idx,
-                               val.float(), labels)
-        if mode == "forward":
-            return y
-        y.backward(g.reshape(y.shape))
-
-    if mode == "forward":
-        def run():
-            with torch.no_grad():
-                return step()
-        return run
-    return step
-
-
 def _gpu_goals(times, n_in, n_out, mode):
     t = times["triton"]
     goals = {}
@@ -184,7 +162,7 @@ def test_gpu_layer_triton(benchmark, name, n_in, n_out, mode):
     fns = {"triton": lambda: _on("triton", run_triton), "linear": run_linear,
            "reference": lambda: _on("torch", run_reference)}
     if os.environ.get("KIND_FAST_BENCH_COMPILE", "1") != "0":
-        fns["compiled"] = torch.compile(_ref_step(layer, x, labels, g, mode))
+        fns["compiled"] = torch.compile(make_reference_layer_step(layer, x, labels, g, mode))
         fns["compiled"]()  # compile outside the timing
     times = interleaved(fns, gpu_median)
     times.setdefault("compiled", None)

@@ -178,6 +178,7 @@ def make_layer(cfg: Config, n_in: int, n_out: int, m: int, mode: str, labels=Non
 def run_fns(cfg, layer, lin, x, labels, g, mode, impls):
     """name -> zero-argument callable for each implementation of one row."""
     import kind_fast as kf
+    from kind_fast.benchmark import make_reference_layer_step
 
     def kind(backend):
         def run():
@@ -197,31 +198,10 @@ def run_fns(cfg, layer, lin, x, labels, g, mode, impls):
     fns = {"linear": linear}
     for name in impls:
         if name == "compiled":
-            fns[name] = torch.compile(reference_step(layer, x, labels, g, mode))
+            fns[name] = torch.compile(make_reference_layer_step(layer, x, labels, g, mode))
         else:
             fns[name] = kind({"reference": "torch"}.get(name, name))
     return fns
-
-
-def reference_step(layer, x, labels, g, mode):
-    """The reference as plain PyTorch ops (what torch.compile can see into)."""
-    from kind_fast.ops.kind_linear import kind_linear_ref
-
-    def step():
-        idx, val = layer.gate.compiled(x.device)
-        w_g = layer.learngene_weight(x.dtype)
-        y, _ = kind_linear_ref(x.reshape(-1, x.shape[-1]), w_g, layer.bias, layer.u_t, layer.sigma_t.float(),
-                               layer.v_t, idx, val.float(), labels)
-        if mode == "forward":
-            return y
-        y.backward(g.reshape(y.shape))
-
-    if mode == "forward":
-        def run():
-            with torch.no_grad():
-                return step()
-        return run
-    return step
 
 
 def layer_goals(cfg: Config, t: float, t_lin: float, n_in: int, n_out: int, mode: str) -> dict:

@@ -40,6 +40,7 @@ __all__ = [
     "make_batch",
     "make_train_step",
     "make_cfg_sample_step",
+    "make_reference_layer_step",
     "optimizer_state_bytes",
     "saved_tensor_bytes",
     "peak_memory_bytes",
@@ -196,6 +197,25 @@ def make_cfg_sample_step(model: DiT, batch: int, *, cfg_scale: float = 4.0,
             return model.forward_with_cfg(x2, t2, y2, cfg_scale)
 
     return step
+
+
+def make_reference_layer_step(layer: nn.Module, x: torch.Tensor, labels: torch.Tensor, g: torch.Tensor,
+                              mode: str) -> Callable[[], object]:
+    """One pass of a ``FastKindLinear`` as the reference in plain PyTorch ops (``kind_linear_ref``,
+    autograd through it): what torch.compile can see into, unlike the registered op. ``mode``
+    "forward" runs under no_grad; any other mode also backpropagates ``g``."""
+    from kind_fast.ops.kind_linear import kind_linear_ref
+
+    def step():
+        idx, val = layer.gate.compiled(x.device)
+        w_g = layer.learngene_weight(x.dtype)
+        y, _ = kind_linear_ref(x.reshape(-1, x.shape[-1]), w_g, layer.bias, layer.u_t, layer.sigma_t.float(),
+                               layer.v_t, idx, val.float(), labels)
+        if mode == "forward":
+            return y
+        y.backward(g.reshape(y.shape))
+
+    return torch.no_grad()(step) if mode == "forward" else step
 
 
 # =====================================================================================
