@@ -372,6 +372,24 @@ def _validate(x, w_g, bias, u_t, sigma_t, v_t, idx, val, labels) -> None:
     _check(len(devs) == 1, f"all tensors must be on one device, got {sorted(map(str, devs))}")
 
 
+def checked_inputs(x, w_g, bias, u_t, sigma_t, v_t, idx, val, labels):
+    """The entry of every op of the family (``kind_linear``, ``kind_linear_merged``): under
+    autocast, x and the factors cast to the autocast dtype here, once (σ and gate values stay
+    float32); then the shapes, dtypes, devices and label range are checked. Returns
+    (x, w_g, bias, u_t, v_t) as cast."""
+    _check(isinstance(x, Tensor), f"x must be a torch.Tensor, got {type(x).__name__}", TypeError)
+    dev_type = x.device.type
+    if torch.is_autocast_enabled(dev_type) and x.is_floating_point():
+        dt = torch.get_autocast_dtype(dev_type)
+        x, w_g, u_t, v_t = (t.to(dt) if isinstance(t, Tensor) else t for t in (x, w_g, u_t, v_t))
+        bias = bias.to(dt) if isinstance(bias, Tensor) else bias
+    _validate(x, w_g, bias, u_t, sigma_t, v_t, idx, val, labels)
+    from kind_fast.gate import check_labels
+
+    check_labels(labels, idx.shape[0] - 1)
+    return x, w_g, bias, u_t, v_t
+
+
 def sample_rows(x: Tensor, labels: Tensor, rows_per_sample: int | None = None, *, who: str = "kind_linear") -> Tensor:
     """x as (M, in) rows grouped by sample, after checking that its layout is one of:
 
@@ -435,18 +453,8 @@ def kind_linear(
     Under autocast, x and the weights are cast to the autocast dtype here, once; σ and the
     gate values stay float32.
     """
-    _check(isinstance(x, Tensor), f"x must be a torch.Tensor, got {type(x).__name__}", TypeError)
+    x, w_g, bias, u_t, v_t = checked_inputs(x, w_g, bias, u_t, sigma_t, v_t, idx, val, labels)
     dev_type = x.device.type
-    if torch.is_autocast_enabled(dev_type) and x.is_floating_point():
-        # the one autocast entry point: activations and factors in the autocast dtype,
-        # σ and gate values stay float32
-        dt = torch.get_autocast_dtype(dev_type)
-        x, w_g, u_t, v_t = (t.to(dt) if isinstance(t, Tensor) else t for t in (x, w_g, u_t, v_t))
-        bias = bias.to(dt) if isinstance(bias, Tensor) else bias
-    _validate(x, w_g, bias, u_t, sigma_t, v_t, idx, val, labels)
-    from kind_fast.gate import check_labels
-
-    check_labels(labels, idx.shape[0] - 1)
     lead = x.shape[:-1]
     x2 = sample_rows(x, labels, rows_per_sample)
     if x2.shape[0] == 0:

@@ -451,19 +451,12 @@ def kind_linear_merged(x: Tensor, w_g: Tensor, bias: Tensor | None, u_t: Tensor,
     merged weights; samples of further classes get path M1's answer). Same result as
     ``kind_linear`` up to rounding. Calls that need gradients run ``merge_weights`` and the
     segmented GEMM op under autograd; the others run the backend's whole-path op."""
-    from kind_fast.gate import check_labels
-    from kind_fast.ops.kind_linear import _validate
+    from kind_fast.ops.kind_linear import checked_inputs
 
     _check(isinstance(max_classes, int) and not isinstance(max_classes, bool) and max_classes >= 1,
            f"max_classes must be a positive int, got {max_classes!r}")
-    _check(isinstance(x, Tensor), f"x must be a torch.Tensor, got {type(x).__name__}", TypeError)
+    x, w_g, bias, u_t, v_t = checked_inputs(x, w_g, bias, u_t, sigma_t, v_t, idx, val, labels)
     dev_type = x.device.type
-    if torch.is_autocast_enabled(dev_type) and x.is_floating_point():
-        dt = torch.get_autocast_dtype(dev_type)
-        x, w_g, u_t, v_t = (t.to(dt) if isinstance(t, Tensor) else t for t in (x, w_g, u_t, v_t))
-        bias = bias.to(dt) if isinstance(bias, Tensor) else bias
-    _validate(x, w_g, bias, u_t, sigma_t, v_t, idx, val, labels)
-    check_labels(labels, idx.shape[0] - 1)
     lead = x.shape[:-1]
     n_b = labels.shape[0]
     if x.dim() == 3:
