@@ -98,6 +98,16 @@ int compute_capability_major(int dev) {
 }
 #endif
 
+// x of every op here: (rows, in_features) fp16/bf16 on this build's device.
+void check_x(const char* op, const Tensor& x) {
+  TORCH_CHECK(x.device().type() == (kEmulated ? c10::DeviceType::CPU : c10::DeviceType::CUDA), op,
+              ": x must be a ", kEmulated ? "CPU (emulated build)" : "CUDA", " tensor, got ", x.device());
+  TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16, op,
+              ": x must be float16 or bfloat16 (float32/float64 run on the reference backend), got ",
+              x.scalar_type());
+  TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D (rows, in_features), got shape ", x.sizes());
+}
+
 struct Dims {
   int64_t rows, n_in, n_out, n_tailors, num_classes, samples, rows_per_sample;
   int k_slots;
@@ -106,12 +116,7 @@ struct Dims {
 Dims check_inputs(const char* op, const Tensor& x, const Tensor& w_g, const std::optional<Tensor>& bias,
                   const Tensor& u_t, const Tensor& sigma_t, const Tensor& v_t, const Tensor& idx, const Tensor& val,
                   const Tensor& labels) {
-  TORCH_CHECK(x.device().type() == (kEmulated ? c10::DeviceType::CPU : c10::DeviceType::CUDA), op,
-              ": x must be a ", kEmulated ? "CPU (emulated build)" : "CUDA", " tensor, got ", x.device());
-  TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16, op,
-              ": x must be float16 or bfloat16 (float32/float64 run on the reference backend), got ",
-              x.scalar_type());
-  TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D (rows, in_features), got shape ", x.sizes());
+  check_x(op, x);
   TORCH_CHECK(w_g.dim() == 2 && w_g.size(1) == x.size(1), op, ": w_g must be (out_features, ", x.size(1),
               "), got ", w_g.sizes());
   const int64_t n_out = w_g.size(0);
@@ -550,12 +555,7 @@ struct Problem {
 
 Problem check(const char* op, const Tensor& x, const Tensor& weights, const std::optional<Tensor>& bias,
               const Tensor& slots) {
-  TORCH_CHECK(x.device().type() == (kEmulated ? c10::DeviceType::CPU : c10::DeviceType::CUDA), op,
-              ": x must be a ", kEmulated ? "CPU (emulated build)" : "CUDA", " tensor, got ", x.device());
-  TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16, op,
-              ": x must be float16 or bfloat16 (float32/float64 run on the reference backend), got ",
-              x.scalar_type());
-  TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D (rows, in_features), got shape ", x.sizes());
+  check_x(op, x);
   TORCH_CHECK(weights.dim() == 3 && weights.size(0) >= 1 && weights.size(2) == x.size(1), op,
               ": weights must be (S >= 1, out_features, ", x.size(1), "), got ", weights.sizes());
   TORCH_CHECK(weights.scalar_type() == x.scalar_type(), op, ": weights dtype ", weights.scalar_type(),
