@@ -20,6 +20,15 @@ requirement: an isolated build would pull a second torch).
 
 ``build_decision()`` is the whole decision and is importable without running setup()
 (tests/test_kind_linear_cuda.py checks it in a subprocess).
+
+What a (non-editable) wheel holds beside the package's own modules, copied by ``build_py``:
+    kind_fast/kernels/*.py   the Triton sources of the top-level ``kernels/`` folder (that folder
+                             has no ``__init__.py``, so that from the repository root it never
+                             hides the PyPI package ``kernels``; see kind_fast/kernels/__init__.py)
+    kind_fast/csrc/          the CUDA sources, so ``kind-fast build-ext`` can compile the extension
+                             later from any install (kind_fast/_ext.py)
+``kind_fast/_build_info.py`` (written next to a CUDA build) is shipped only by the build that
+wrote it: a pure build never carries the record of an earlier one.
 """
 
 from __future__ import annotations
@@ -133,11 +142,41 @@ def arch_list(environ: Mapping[str, str] = os.environ, gpu_visible: bool | None 
     return None if gpu_visible else DEFAULT_ARCHS
 
 
+# what build_py copies into a wheel from outside the package folder: (source glob, destination)
+WHEEL_EXTRAS = (("kernels/*.py", "kind_fast/kernels"),
+                ("csrc/*.cu", "kind_fast/csrc"), ("csrc/*.cuh", "kind_fast/csrc"),
+                ("csrc/*.cpp", "kind_fast/csrc"), ("csrc/*.h", "kind_fast/csrc"))
+
+
+def _build_py(builds_extension: bool):
+    """setuptools' build_py, plus WHEEL_EXTRAS, minus a stale kind_fast/_build_info.py."""
+    from setuptools.command.build_py import build_py
+
+    class BuildPy(build_py):
+        def find_package_modules(self, package, package_dir):
+            modules = super().find_package_modules(package, package_dir)
+            if builds_extension:
+                return modules
+            return [m for m in modules if (m[0], m[1]) != ("kind_fast", "_build_info")]
+
+        def run(self):
+            super().run()
+            if self.editable_mode:  # an editable install imports kernels/ and csrc/ in place
+                return
+            for pattern, dest in WHEEL_EXTRAS:
+                for src in sorted(glob.glob(os.path.join(ROOT, pattern))):
+                    out = os.path.join(self.build_lib, dest, os.path.basename(src))
+                    self.mkpath(os.path.dirname(out))
+                    self.copy_file(src, out, preserve_mode=False)
+
+    return BuildPy
+
+
 def _extensions():
     build, why = build_decision()
     _log(why)
     if not build:
-        return [], {}
+        return [], {"build_py": _build_py(False)}
 
     cuda_home = find_cuda_home()
     os.environ["CUDA_HOME"] = cuda_home  # before cpp_extension is imported: it reads CUDA_HOME once
@@ -164,7 +203,7 @@ def _extensions():
             "nvcc": ["-O3", "-lineinfo"],
         },
     )
-    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True), "build_py": _build_py(True)}
 
 
 if __name__ == "__main__":  # also how setuptools' build backend runs this file

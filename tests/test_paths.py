@@ -23,7 +23,7 @@ def _modules() -> dict[str, Path]:
     mods = {}
     for p in sorted((ROOT / "kind_fast").rglob("*.py")) + sorted((ROOT / "kernels").rglob("*.py")):
         parts = list(p.relative_to(ROOT).with_suffix("").parts)
-        if parts[0] == "kernels":  # shipped as kind_fast.kernels (pyproject package-dir)
+        if parts[0] == "kernels":  # imported as kind_fast.kernels (kind_fast/kernels/__init__.py)
             parts = ["kind_fast", "kernels"] + parts[1:]
         if parts[-1] == "__init__":
             parts = parts[:-1]
