@@ -72,12 +72,43 @@ def _auto_threads() -> int:
     return 1 if busy else max(1, min(cores, 4))
 
 
-def _fresh(path: Path) -> None:
-    """Remove a run folder of an earlier demo (only folders that look like one)."""
+DEMO_MARKER = ".kind_fast_demo"  # written into each run folder before its run starts
+
+
+def _fresh(path: Path, log=print) -> None:
+    """Make ``path`` an empty run folder of this demo, marked as such.
+
+    A folder an earlier demo started is the demo's to replace: one that holds the marker, a
+    run's ``config.json``, or nothing but a run lock (what a run that died during its set-up
+    leaves). An unfinished one (no EMA weights exported) is restarted with a message, never a
+    dead end. A folder with anything else in it is refused (the demo never deletes what it did
+    not make), and so is one a live run holds.
+    """
+    from kind_fast.train.runlock import LOCK_FILE, RunLock, RunLockedError
+
     if path.exists():
-        if not (path / "config.json").is_file():
-            raise SystemExit(f"kind-fast demo: {path} exists and is not a demo run folder; choose another --out")
-        shutil.rmtree(path)
+        if not path.is_dir():
+            raise SystemExit(f"kind-fast demo: {path} exists and is not a folder; choose another --out")
+        names = {p.name for p in path.iterdir()}
+        if not (DEMO_MARKER in names or "config.json" in names or names <= {LOCK_FILE}):
+            raise SystemExit(f"kind-fast demo: {path} exists and is not a demo run folder (it holds "
+                             f"{', '.join(sorted(names)[:5])}{', ...' if len(names) > 5 else ''}); choose another "
+                             "--out")
+        lock = RunLock(path)
+        try:
+            lock.acquire()  # a live run (another demo) holds it: refuse, never delete under it
+        except RunLockedError as e:
+            raise SystemExit(f"kind-fast demo: {e}") from None
+        try:
+            if not (path / "ema").is_dir():
+                log(f"  {path} holds an earlier demo run that did not finish; starting it again")
+            for p in path.iterdir():
+                if p.name != LOCK_FILE:
+                    shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+        finally:
+            lock.release()
+    path.mkdir(parents=True, exist_ok=True)
+    (path / DEMO_MARKER).write_text("a run folder of `kind-fast demo`: the next demo replaces it\n")
 
 
 def _config(args, mode: str, method: str, out: Path, init: Path | None):

@@ -147,6 +147,55 @@ def test_demo_prints_one_table(tmp_path, capsys):
             assert im.format == "PNG"
 
 
+def test_demo_after_a_crash_restarts_the_run_it_started(tmp_path, capsys):
+    """A demo that died during a run's set-up leaves the run folder with only its lock file (older
+    versions) or the demo's marker: the next demo restarts that run with a message."""
+    pytest.importorskip("torchmetrics")
+    from kind_fast.demo import DEMO_MARKER
+
+    out = tmp_path / "demo"
+    (out / "pretrain").mkdir(parents=True)
+    (out / "pretrain" / ".kind_fast.lock").write_text("pid 1 on gone, since 2026-01-01 00:00:00\n")
+    (out / "kind").mkdir()
+    (out / "kind" / DEMO_MARKER).write_text("")
+    (out / "kind" / "metrics.csv").write_text("step,loss\n")  # died before config.json was written
+    rc = main(["demo", "--pretrain-steps", "2", "--steps", "2", "--samples-per-class", "4", "--sample-steps", "2",
+               "--methods", "kind", "--out", str(out)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert f"{out / 'pretrain'} holds an earlier demo run that did not finish" in text
+    assert f"{out / 'kind'} holds an earlier demo run that did not finish" in text
+    assert (out / "kind" / "ema").is_dir() and (out / "kind" / DEMO_MARKER).is_file()
+
+
+def test_demo_run_folders_it_did_not_make_or_a_live_run_holds_are_left_alone(tmp_path):
+    from kind_fast.demo import DEMO_MARKER, _fresh
+    from kind_fast.train.runlock import RunLock
+
+    foreign = tmp_path / "thesis"
+    foreign.mkdir()
+    (foreign / "chapter1.tex").write_text("keep me")
+    with pytest.raises(SystemExit, match="is not a demo run folder"):
+        _fresh(foreign)
+    assert (foreign / "chapter1.tex").read_text() == "keep me"
+
+    live = tmp_path / "live"
+    live.mkdir()
+    (live / DEMO_MARKER).write_text("")
+    (live / "config.json").write_text("{}")
+    with RunLock(live):  # another demo is training there right now
+        with pytest.raises(SystemExit, match="in use by another training run"):
+            _fresh(live)
+    assert (live / "config.json").is_file()
+
+    finished = tmp_path / "done"
+    (finished / "ema").mkdir(parents=True)
+    (finished / "config.json").write_text("{}")
+    said = []
+    _fresh(finished, log=said.append)
+    assert said == [] and sorted(p.name for p in finished.iterdir()) == [".kind_fast.lock", DEMO_MARKER]
+
+
 def test_wall_time_note_measures_the_layers_when_kind_is_slower():
     from kind_fast.demo import wall_time_note
     from kind_fast.dit import DiT, KindConfig
