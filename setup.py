@@ -12,11 +12,15 @@ Switch (environment):
     TORCH_CUDA_ARCH_LIST        honoured; defaults to "8.0;9.0" when no GPU is visible.
     MAX_JOBS                    honoured by torch.utils.cpp_extension (ninja).
     CUDA_HOME / CUDA_PATH       the CUDA toolkit folder (bin/nvcc, include/, lib64/); found
-                                from nvcc's real path or /usr/local/cuda when unset.
+                                from nvcc's real path or /usr/local/cuda when unset. Set to a
+                                folder that is not a toolkit, it is an error naming the folder
+                                (kind_fast/_cuda_toolkit.py), never silently replaced.
 
 The extension must be built against the torch that is already installed, so install with
 ``pip install --no-build-isolation .`` (pyproject.toml does not list torch as a build
-requirement: an isolated build would pull a second torch).
+requirement: an isolated build would pull a second torch). A plain ``pip install .`` (isolated:
+no torch in the build environment) builds nothing; ``kind-fast build-ext`` then compiles the
+extension from the sources the wheel ships (kind_fast/_ext.py), and ``kind-fast info`` says so.
 
 ``build_decision()`` is the whole decision and is importable without running setup()
 (tests/test_kind_linear_cuda.py checks it in a subprocess).
@@ -28,7 +32,8 @@ What a (non-editable) wheel holds beside the package's own modules, copied by ``
     kind_fast/csrc/          the CUDA sources, so ``kind-fast build-ext`` can compile the extension
                              later from any install (kind_fast/_ext.py)
 ``kind_fast/_build_info.py`` (written next to a CUDA build) is shipped only by the build that
-wrote it: a pure build never carries the record of an earlier one.
+wrote it: a pure build never carries the record, or the binary, of an earlier one (pip builds in
+the source tree, so ``build/lib`` can hold them).
 """
 
 from __future__ import annotations
@@ -57,38 +62,21 @@ def cuda_sources() -> list[str]:
     return sorted(os.path.relpath(s, ROOT) for s in srcs if not s.startswith(skip))
 
 
-def _is_toolkit(home: str | None) -> bool:
-    """A CUDA toolkit folder: nvcc, the runtime headers and libcudart (not e.g. /usr/local)."""
-    if not home:
-        return False
-    has_lib = any(os.path.exists(os.path.join(home, d, "libcudart.so")) for d in ("lib64", "lib"))
-    return (os.path.exists(os.path.join(home, "bin", "nvcc"))
-            and os.path.exists(os.path.join(home, "include", "cuda_runtime_api.h")) and has_lib)
+def _load_toolkit_module():
+    """kind_fast/_cuda_toolkit.py, loaded by its path (the package is not installed yet, and
+    importing it would import torch): one implementation for setup.py and `kind-fast build-ext`."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("kind_fast_cuda_toolkit",
+                                                  os.path.join(ROOT, "kind_fast", "_cuda_toolkit.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
-def find_cuda_home(environ: Mapping[str, str] = os.environ) -> str | None:
-    """The CUDA toolkit folder, or None. CUDA_HOME/CUDA_PATH first (only if it is a toolkit),
-    then the folder above nvcc's real path, then /usr/local/cuda. A `nvcc` on PATH may be a
-    wrapper script elsewhere, so candidates are checked, not trusted."""
-    for var in ("CUDA_HOME", "CUDA_PATH"):
-        if _is_toolkit(environ.get(var)):
-            return environ[var]
-    nvcc = shutil.which("nvcc", path=environ.get("PATH"))
-    if nvcc:
-        cand = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
-        if _is_toolkit(cand):
-            return cand
-        try:  # a wrapper script such as `exec /usr/local/cuda-13.0/bin/nvcc "$@"`
-            with open(nvcc, errors="replace") as f:
-                head = f.read(4096)
-            for tok in head.replace('"', " ").split():
-                if tok.endswith("/bin/nvcc") and _is_toolkit(os.path.dirname(os.path.dirname(tok))):
-                    return os.path.dirname(os.path.dirname(tok))
-        except OSError:
-            pass
-    if _is_toolkit("/usr/local/cuda"):
-        return "/usr/local/cuda"
-    return None
+_toolkit = _load_toolkit_module()
+find_cuda_home = _toolkit.find_cuda_home  # raises ToolkitError for a CUDA_HOME that is no toolkit
+ToolkitError = _toolkit.ToolkitError
 
 
 def why_not_build(environ: Mapping[str, str] = os.environ) -> str | None:
@@ -101,7 +89,11 @@ def why_not_build(environ: Mapping[str, str] = os.environ) -> str | None:
         return "torch is not importable in the build environment (install torch first, then use --no-build-isolation)"
     if torch.version.cuda is None:
         return f"the installed torch {torch.__version__} has no CUDA support (a CPU build)"
-    if find_cuda_home(environ) is None:
+    try:
+        home = find_cuda_home(environ)
+    except ToolkitError as e:  # an explicit CUDA_HOME is never silently replaced by another toolkit
+        raise RuntimeError(f"{e}; or set KIND_FAST_BUILD_CUDA=0 to install without the CUDA extension") from None
+    if home is None:
         return "nvcc / the CUDA toolkit was not found (set CUDA_HOME to the toolkit folder, e.g. /usr/local/cuda)"
     try:
         import ninja  # noqa: F401
@@ -113,7 +105,8 @@ def why_not_build(environ: Mapping[str, str] = os.environ) -> str | None:
 
 def build_decision(environ: Mapping[str, str] = os.environ) -> tuple[bool, str]:
     """(build the extension?, why). Raises RuntimeError when KIND_FAST_BUILD_CUDA=1 and it
-    cannot be built, ValueError for a switch value other than unset/0/1."""
+    cannot be built, or when CUDA_HOME/CUDA_PATH names a folder that is not a toolkit (unless
+    KIND_FAST_BUILD_CUDA=0); ValueError for a switch value other than unset/0/1."""
     switch = environ.get("KIND_FAST_BUILD_CUDA", "").strip()
     if switch not in ("", "0", "1"):
         raise ValueError(f"KIND_FAST_BUILD_CUDA must be unset, 0 or 1, got {switch!r}")
@@ -163,6 +156,11 @@ def _build_py(builds_extension: bool):
             super().run()
             if self.editable_mode:  # an editable install imports kernels/ and csrc/ in place
                 return
+            if not builds_extension:  # a build folder reused from an earlier CUDA build keeps its outputs
+                stale = glob.glob(os.path.join(self.build_lib, "kind_fast", "_C.*"))
+                for path in stale + glob.glob(os.path.join(self.build_lib, "kind_fast", "_build_info.py")):
+                    _log(f"removing {os.path.relpath(path, ROOT)} of an earlier CUDA build from the build folder")
+                    os.remove(path)
             for pattern, dest in WHEEL_EXTRAS:
                 for src in sorted(glob.glob(os.path.join(ROOT, pattern))):
                     out = os.path.join(self.build_lib, dest, os.path.basename(src))

@@ -19,6 +19,8 @@ Plugging in a backend: a module named in ``_BACKEND_MODULES`` provides
     supports(device_type: str, dtype: torch.dtype) -> bool
     OP: the registered forward op, same schema as torch.ops.kind_fast.kind_linear
     auto_ready(device_type, dtype) -> bool   (optional) whether "auto" may use it now
+    request() -> None   (optional) called when the backend is selected explicitly, before its
+                        status is asked: e.g. the CUDA backend builds a missing extension then
     AUTO_OP: (optional) what "auto" calls instead of OP (same schema), e.g. OP gated per shape
 It is imported on first use, never at ``import kind_fast``. A fp32/fp64 input that a fused
 backend does not support runs on the reference.
@@ -92,6 +94,9 @@ def set_backend(name: str) -> None:
     if name not in _CHOICES:
         raise ValueError(f"unknown backend {name!r}; choose one of {_CHOICES}")
     if name != "auto":
+        mod, _ = _backend_module(name) if name in _BACKEND_MODULES else (None, "")
+        if mod is not None and hasattr(mod, "request"):
+            mod.request()
         ok, reason = backend_status()[name]
         if not ok:
             raise RuntimeError(f"backend {name!r} is not available: {reason}")

@@ -10,7 +10,7 @@ def collect() -> dict:
     import torch
 
     from kind_fast import __version__
-    from kind_fast._ext import load_extension
+    from kind_fast._ext import load_extension, origin, why_cannot_build
     from kind_fast.backends import backend_status, current_backend
 
     info: dict = {
@@ -35,6 +35,14 @@ def collect() -> dict:
     )
     mod, reason = load_extension()
     ext = {"status": reason}
+    if mod is not None:
+        ext["origin"] = origin()
+    else:
+        try:
+            can = why_cannot_build()
+        except Exception as e:  # noqa: BLE001 - info reports, never crashes
+            can = f"{type(e).__name__}: {e}"
+        ext["kind-fast build-ext"] = "can build it here" if can is None else f"cannot build it here: {can}"
     if mod is not None:
         from kind_fast._ext import arch_names
 

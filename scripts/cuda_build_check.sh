@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Prove that the CUDA extension (csrc/ -> kind_fast._C) compiles and links, on a machine
-# without a GPU: a separate venv with a CUDA-enabled torch and ninja, `pip install
-# --no-build-isolation .` for one architecture, then check that kind_fast._C imports and
-# registers its ops with the reference's schemas. It cannot run the kernels (no GPU).
+# without a GPU, both ways a user gets it: a separate venv with a CUDA-enabled torch and ninja,
+# (1) `pip install --no-build-isolation .` for one architecture, then check that kind_fast._C
+# imports and registers its ops with the reference's schemas; (2) a plain `pip install .`
+# (isolated: builds nothing), then `kind-fast build-ext` compiles the sources the wheel ships,
+# and a new process loads the cached build. It cannot run the kernels (no GPU).
 #
 #   KIND_FAST_CUDA_VENV    venv folder (default .venv-cuda; reused when present)
 #   KIND_FAST_CUDA_TORCH   torch requirement (default: torch, a CUDA build; pip's cap applies)
@@ -88,4 +90,32 @@ assert backend.MERGED_GEMM_OP is ops.kind_linear_cuda_merged_gemm and backend.ME
 print(f"backend status: {why}")
 EOF
 t3=$(date +%s)
-echo "cuda_build_check: OK (venv+torch $((t1 - t0)) s, build $((t2 - t1)) s, check $((t3 - t2)) s, total $((t3 - t0)) s)"
+
+# --- (2) after installation: a plain pip install (build isolation hides torch) builds nothing;
+# `kind-fast build-ext` compiles the CUDA sources the wheel ships into a cache folder
+"$VENV/bin/python" -m pip uninstall -q -y kind_fast
+"$VENV/bin/python" -m pip install -q --no-deps "$ROOT"
+KIND_FAST_CACHE_DIR=$(mktemp -d)
+export KIND_FAST_CACHE_DIR
+"$VENV/bin/python" -m kind_fast info > info.txt
+grep -q "kind-fast build-ext : can build it here" info.txt && grep -q "status .*: not built; to get it" info.txt \
+    || { cat info.txt; echo "cuda_build_check: FAILED: info does not offer kind-fast build-ext" >&2; exit 1; }
+"$VENV/bin/kind-fast" build-ext
+# a new process, without the toolkit on PATH or CUDA_HOME, loads the cached build
+env -u CUDA_HOME PATH=/usr/bin:/bin "$VENV/bin/python" - <<'EOF'
+import glob
+import json
+import os
+
+from kind_fast._ext import EXPECTED_OPS, load_extension, origin
+
+mod, why = load_extension()
+assert mod is not None, f"the cached build did not load: {why}"
+assert tuple(mod.OPS) == EXPECTED_OPS and "built after installation" in origin(), origin()
+meta = json.load(open(glob.glob(os.path.join(os.environ["KIND_FAST_CACHE_DIR"], "ext", "*", "build.json"))[0]))
+assert meta["sources"].endswith(os.path.join("kind_fast", "csrc")), meta  # the wheel's copy, not the checkout's
+print(f"kind_fast._C from the cache: {mod.__file__} ({origin()}; built in {meta['seconds']} s)")
+EOF
+t4=$(date +%s)
+echo "cuda_build_check: OK (venv+torch $((t1 - t0)) s, build $((t2 - t1)) s, check $((t3 - t2)) s," \
+     "build-ext $((t4 - t3)) s, total $((t4 - t0)) s)"

@@ -193,7 +193,7 @@ def test_jit_switch_without_cuda_torch_says_why(monkeypatch):
     monkeypatch.setattr(_ext, "_state", {})
     monkeypatch.setenv("KIND_FAST_CUDA_JIT", "1")
     mod, why = _ext.load_extension()
-    assert mod is None and "KIND_FAST_CUDA_JIT=1 needs a CUDA-enabled torch" in why
+    assert mod is None and "not built: it needs a CUDA-enabled torch" in why
 
 
 def test_extension_built_for_another_torch_is_refused(monkeypatch):
@@ -264,11 +264,106 @@ def test_setup_finds_the_toolkit_not_a_wrapper_folder(tmp_path):
     (wrap / "nvcc").write_text(f'#!/bin/sh\nexec {tk}/bin/nvcc "$@"\n')
     (wrap / "nvcc").chmod(0o755)
     assert setup.find_cuda_home({"PATH": str(wrap)}) == str(tk)
-    assert setup.find_cuda_home({"PATH": str(wrap), "CUDA_HOME": str(tmp_path / "usr")}) == str(tk)
+    # an explicit CUDA_HOME that is no toolkit is an error naming the folder, never replaced by nvcc's
+    with pytest.raises(setup.ToolkitError, match=rf"CUDA_HOME={tmp_path / 'usr'} is not a CUDA toolkit folder "
+                                                 r"\(it has no include/cuda_runtime_api.h\)"):
+        setup.find_cuda_home({"PATH": str(wrap), "CUDA_HOME": str(tmp_path / "usr")})
+    with pytest.raises(setup.ToolkitError, match="CUDA_PATH=/nonexistent/cuda is not a CUDA toolkit folder"):
+        setup.find_cuda_home({"PATH": str(wrap), "CUDA_PATH": "/nonexistent/cuda"})
     assert setup.find_cuda_home({"PATH": "", "CUDA_HOME": str(tk)}) == str(tk)
     assert setup.arch_list({"TORCH_CUDA_ARCH_LIST": "9.0"}) == "9.0"
     assert setup.arch_list({}, gpu_visible=False) == "8.0;9.0"
     assert setup.arch_list({}, gpu_visible=True) is None
+
+
+def test_setup_refuses_a_cuda_home_that_is_no_toolkit(monkeypatch, tmp_path):
+    """With a CUDA torch, a CUDA_HOME without nvcc fails the install naming the folder (never a
+    silent pure-Python install, never another toolkit); KIND_FAST_BUILD_CUDA=0 still installs."""
+    import types
+
+    setup = _load_setup_module()
+    fake_torch = types.SimpleNamespace(__version__="2.14.1+cu130", version=types.SimpleNamespace(cuda="13.0"))
+    monkeypatch.setitem(sys.modules, "torch", fake_torch)
+    with pytest.raises(RuntimeError, match=rf"CUDA_HOME={tmp_path} is not a CUDA toolkit folder \(it has no "
+                                           r"bin/nvcc\).*KIND_FAST_BUILD_CUDA=0"):
+        setup.build_decision({"CUDA_HOME": str(tmp_path), "PATH": ""})
+    assert setup.build_decision({"CUDA_HOME": str(tmp_path), "KIND_FAST_BUILD_CUDA": "0"})[0] is False
+
+
+def _fake_cuda_torch(monkeypatch, caps):
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: len(caps))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=0: caps[i])
+
+
+def test_a_cached_build_is_found_by_torch_cuda_sources_and_the_gpus_arch(monkeypatch, tmp_path):
+    from kind_fast import _ext
+
+    monkeypatch.setenv("KIND_FAST_CACHE_DIR", str(tmp_path))
+    _fake_cuda_torch(monkeypatch, [(9, 0)])
+    key = _ext._build_key(_ext.source_folder())
+    assert key.startswith(f"torch{torch.__version__.replace('+', '_')}-cu13.0-src")
+    build = _ext.cache_root() / f"{key}-sm80-90"
+    build.mkdir(parents=True)
+    (build / "_C.so").write_bytes(b"")
+    assert _ext._find_cached_build() is None  # no build.json yet: an unfinished build
+    (build / "build.json").write_text(json.dumps({"archs": "8.0;9.0", "library": "_C.so"}))
+    assert _ext._find_cached_build() == build
+    _fake_cuda_torch(monkeypatch, [(8, 6)])
+    assert _ext._find_cached_build() is None  # sm_80/sm_90 code does not run on an sm_86 GPU
+    _fake_cuda_torch(monkeypatch, [])
+    assert _ext._find_cached_build() == build  # no GPU visible: any build will do
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    assert _ext._find_cached_build() is None  # another CUDA: another key
+    # the key follows the sources: one changed byte is another build
+    src = tmp_path / "src"
+    src.mkdir()
+    for p in _ext._sources(_ext.source_folder()):
+        (src / p.name).write_bytes(p.read_bytes())
+    before = _ext._digest(src)
+    cu = next(src.glob("*.cu"))
+    cu.write_bytes(cu.read_bytes() + b" ")
+    assert _ext._digest(src) != before
+
+
+def test_auto_never_builds_the_extension_an_explicit_request_does(monkeypatch):
+    import importlib.util
+
+    from kind_fast import _ext
+
+    calls = []
+    real_find = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a, **k: None if name == "kind_fast._C" else real_find(name, *a, **k))
+    monkeypatch.setattr(_ext, "_state", {})
+    monkeypatch.setattr(_ext, "_find_cached_build", lambda: None)
+    monkeypatch.setattr(_ext, "build_extension", lambda **k: calls.append(1) or (None, "not built: the test's stub"))
+    monkeypatch.setattr(cuda_backend, "_status", [])
+    monkeypatch.delenv("KIND_FAST_CUDA_JIT", raising=False)
+    monkeypatch.delenv("KIND_FAST_BACKEND", raising=False)
+    assert _ext.load_extension() == (None, _ext.NOT_BUILT) and calls == []
+    assert not cuda_backend.status()[0] and calls == []  # what "auto" asks before choosing
+    with pytest.raises(RuntimeError, match="backend 'cuda' is not available: compiled extension not built: the test"):
+        kf.set_backend("cuda")  # use_backend("cuda") builds first
+    assert calls == [1] and kf.current_backend() == "auto"
+    monkeypatch.setattr(_ext, "_state", {})
+    monkeypatch.setenv("KIND_FAST_BACKEND", "cuda")
+    _ext.load_extension()
+    assert calls == [1, 1]
+
+
+def test_build_ext_command_says_why_it_cannot_build(tmp_path):
+    if torch.version.cuda is not None:
+        pytest.skip("this torch can build the extension (scripts/cuda_build_check.sh builds it)")
+    env = dict(os.environ, CUDA_HOME="/nonexistent/cuda-13.0", KIND_FAST_CACHE_DIR=str(tmp_path))
+    r = subprocess.run([sys.executable, "-m", "kind_fast", "build-ext"], capture_output=True, text=True, env=env,
+                       timeout=300, cwd=tmp_path)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "it needs a CUDA-enabled torch" in r.stderr
+    assert "CUDA_HOME=/nonexistent/cuda-13.0 is not a CUDA toolkit folder (it does not exist)" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "kind_fast.info"], capture_output=True, text=True, env=env,
+                       timeout=300, cwd=tmp_path)
+    assert "kind-fast build-ext" in r.stdout and "cannot build it here" in r.stdout, r.stdout
 
 
 def _fake_backend(ready: bool, op_name: str):

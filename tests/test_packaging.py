@@ -52,6 +52,49 @@ def test_sdist_carries_the_sources_and_metadata(tmp_path):
     assert "Classifier: Environment :: GPU :: NVIDIA CUDA" in pkg_info and "Author: " in pkg_info
 
 
+def test_wheel_ships_the_kernels_and_cuda_sources_but_no_stale_build_record(tmp_path):
+    """A pure wheel (no CUDA build) holds kind_fast/kernels/*.py (imported from there, no top-level
+    `kernels`) and kind_fast/csrc/ (what `kind-fast build-ext` compiles), and never a
+    kind_fast/_build_info.py left in the source tree by an earlier CUDA build; neither does the sdist."""
+    import zipfile
+
+    src = tmp_path / "src"
+    for f in _source_files():
+        (src / f).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / f, src / f)
+    (src / "kind_fast" / "_build_info.py").write_text("TORCH_VERSION = '1.0.0'  # an earlier build's record\n")
+    (src / "build" / "lib" / "kind_fast").mkdir(parents=True)  # pip builds in the tree: an earlier CUDA build's
+    (src / "build" / "lib" / "kind_fast" / "_C.cpython-311-x86_64-linux-gnu.so").write_bytes(b"")  # outputs
+    shutil.copy2(src / "kind_fast" / "_build_info.py", src / "build" / "lib" / "kind_fast" / "_build_info.py")
+    code = ("from setuptools import build_meta; w = build_meta.build_wheel('dist'); s = build_meta.build_sdist('dist'); "
+            "print('BUILT', w, s)")
+    env = dict(os.environ, KIND_FAST_BUILD_CUDA="0")
+    r = subprocess.run([sys.executable, "-c", code], cwd=src, capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    wheel_name, sdist_name = next(ln for ln in r.stdout.splitlines() if ln.startswith("BUILT ")).split()[1:]
+    with zipfile.ZipFile(src / "dist" / wheel_name) as z:
+        names = set(z.namelist())
+        z.extractall(tmp_path / "site")
+    kernels = {f"kind_fast/kernels/{Path(f).name}" for f in _source_files() if f.startswith("kernels/") and
+               f.endswith(".py")}
+    assert kernels and kernels <= names and "kind_fast/kernels/__init__.py" in names, sorted(names)
+    assert "kind_fast/csrc/module.cpp" in names and "kind_fast/csrc/kind_linear_cuda.cu" in names
+    assert not [n for n in names if n.split("/")[0] in ("kernels", "csrc")], "nothing top-level but the package"
+    assert "kind_fast/_build_info.py" not in names and not [n for n in names if n.startswith("kind_fast/_C.")]
+    with tarfile.open(src / "dist" / sdist_name) as tar:
+        assert not [n for n in tar.getnames() if n.endswith("kind_fast/_build_info.py")]
+    # the installed layout imports its kernels from the wheel and finds the CUDA sources there
+    check = ("import kind_fast, kind_fast.kernels.kind_linear as k, kind_fast._ext as e; "
+             "print(k.__file__); print(e.source_folder()); print(kind_fast.kernels.__path__)")
+    env = dict(os.environ, PYTHONPATH=str(tmp_path / "site"))
+    r = subprocess.run([sys.executable, "-c", check], cwd=tmp_path, capture_output=True, text=True, env=env,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    kl, csrc, path = r.stdout.strip().splitlines()
+    site = str(tmp_path / "site" / "kind_fast")
+    assert kl == f"{site}/kernels/kind_linear.py" and csrc == f"{site}/csrc" and path == f"['{site}/kernels']"
+
+
 def test_license_and_citation():
     assert "Apache License" in (ROOT / "LICENSE").read_text()
     cff = (ROOT / "CITATION.cff").read_text()

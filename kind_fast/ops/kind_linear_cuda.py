@@ -68,7 +68,7 @@ from kind_fast.ops.self_check import SelfCheckGate
 
 # OP, BACKWARD_OP, MERGED_OP, MERGED_GEMM_OP and MERGED_GEMM_BACKWARD_OP are module attributes
 # resolved on first access (__getattr__)
-__all__ = ["status", "supports", "auto_ready", "auto_shape_ok", "self_check", "self_check_results",
+__all__ = ["status", "request", "supports", "auto_ready", "auto_shape_ok", "self_check", "self_check_results",
            "kind_linear_merged", "merged_groups", "Hardware", "H200", "modelled_time", "model_passes",
            "SUPPORTED_DTYPES", "AUTO_OP", "MERGED_GEMM_HOST_SLOTS", "cost_table_markdown"]
 
@@ -106,6 +106,13 @@ def status() -> tuple[bool, str]:
         result = (True, f"kind_fast._C ({built})" + (f"; {checks}" if checks else ""))
     _status[:] = [result]
     return result
+
+
+def request() -> None:
+    """The CUDA backend was asked for by name (``use_backend("cuda")``): build the extension now
+    if it is neither installed nor cached (kind_fast._ext.load_extension; "auto" never does)."""
+    load_extension(build=True)
+    _status.clear()
 
 
 def supports(device_type: str, dtype: torch.dtype) -> bool:
