@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 import zipfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -89,6 +90,79 @@ def test_resume_from_an_older_checkpoint_moves_newer_ones_aside(tmp_path):
                  log=lambda *a: None)
     assert tr.step == 6 and tr.cfg.optim.lr == 3e-3
     tr.close()
+
+
+def test_resume_from_an_older_checkpoint_retires_every_output_of_the_abandoned_run(tmp_path):
+    """Issue 21 item 1: a KIND transfer writes task/ (and eval.json, eval.csv, loss.png, samples/)
+    from its newest state; resuming from an older checkpoint must move all of them aside before
+    it trains, so a run killed right after that serves nothing of the abandoned run (export
+    --task and sample-tasks read <out>/task)."""
+    from kind_fast.__main__ import main
+    from kind_fast.tasks import load_base, load_task
+
+    pre, out = tmp_path / "pre", tmp_path / "t"
+    assert main(["pretrain", "--steps", "2", "--out", str(pre), "--no-sample", *TINY_FLAGS]) == 0
+    run = ["transfer", "--init", str(pre), "--method", "kind", "--classes", "8,9", "--out", str(out),
+           "--steps", "6", "--ckpt-every", "3", "--keep-last", "5", "--sample-every", "3", "--eval-every", "6",
+           "--set", "eval.metric_samples=2", "--set", "eval.sample_steps=2", "--eval", "--eval-samples", "2",
+           *TINY_FLAGS]
+    assert main(run) == 0
+    written = {p.name for p in out.iterdir()}
+    # every name a run writes is classified: superseded, copied aside, or kept and continued
+    unknown = written - set(ck.RUN_OUTPUTS) - set(ck.RUN_RECORDS) - set(ck.RUN_KEPT)
+    assert not unknown, f"outputs a resume would neither retire nor keep: {sorted(unknown)}"
+    assert {"task", "eval.json", "eval.csv", "samples", "model", "ema"} <= written
+    before = {n: (out / n).read_bytes() for n in ("eval.json", "eval.csv")}
+    task6 = (out / "task" / "task.safetensors").read_bytes()
+    # resume from step 3 and "die" right after the start (superseded/ exists, nothing trained)
+    tr = Trainer(tiny_config(out, mode="transfer", steps=6, ckpt_every=3, keep_last=5,
+                             data={"classes": [8, 9]}, method={"name": "kind", "init": str(pre)},
+                             optim={"lr": 1e-3, "warmup_steps": 0}, log_every=1),
+                 resume=str(out / "checkpoints" / "step_00000003.pt"), log=lambda *a: None)
+    tr.close()
+    aside, = (out / ck.SUPERSEDED_DIR).iterdir()
+    for name in ck.RUN_OUTPUTS:  # nothing made from step 6 is live any more ...
+        assert not (out / name).exists(), name
+    with pytest.raises(FileNotFoundError, match="not a kind_fast task folder"):
+        load_task(load_base(pre), out / "task")
+    # ... and nothing is lost: it is all in superseded/
+    assert (aside / "task" / "task.safetensors").read_bytes() == task6
+    load_task(load_base(pre), aside / "task")
+    for name, data in before.items():
+        assert (aside / name).read_bytes() == data
+    assert {p.name for p in (aside / "samples").iterdir()} >= {"step_00000003.png", "step_00000006.png", "grid.png"}
+    assert [p.name for p in (aside / "checkpoints").iterdir()] == ["step_00000006.pt"]
+
+
+def test_a_kill_inside_supersede_never_leaves_stale_outputs_live(tmp_path, monkeypatch):
+    """The newer checkpoints are what makes a start supersede: they move last, so a process
+    killed after some of the moves supersedes the rest at its next start."""
+    out = tmp_path / "run"
+    _run(tiny_config(out, steps=4, ckpt_every=2, keep_last=3))
+    from kind_fast.train.models import save_weights
+
+    tr = Trainer(tiny_config(out, steps=4, ckpt_every=2, keep_last=3), resume="auto", log=lambda *a: None)
+    save_weights(tr.eval_model(), tr.spec, out / "ema")  # the step-4 outputs
+    tr.close()
+    real, moves = os.replace, []
+
+    def dies_after_the_first_move(src, dst):  # the process dies after supersede's first move
+        if ck.SUPERSEDED_DIR in Path(dst).parts:
+            if moves:
+                raise KeyboardInterrupt("killed")
+            moves.append(Path(src).name)
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", dies_after_the_first_move)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(tiny_config(out, steps=4, ckpt_every=2, keep_last=3),
+                resume=str(out / "checkpoints" / "step_00000002.pt"), log=lambda *a: None)
+    monkeypatch.setattr(os, "replace", real)
+    assert moves == ["ema"]
+    tr = Trainer(tiny_config(out, steps=4, ckpt_every=2, keep_last=3),
+                 resume=str(out / "checkpoints" / "step_00000002.pt"), log=lambda *a: None)
+    tr.close()
+    assert not (out / "ema").exists() and _steps(out) == [2]
 
 
 def test_pruning_never_deletes_what_it_just_wrote(tmp_path):
