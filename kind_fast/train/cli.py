@@ -254,6 +254,13 @@ def run_sample(args: argparse.Namespace) -> int:
         bad = [c for c in classes if not 0 <= c < n]
         if bad:
             raise ValueError(f"--classes {bad} out of range: the model has classes 0..{n - 1}")
+        if export:
+            unserved = [c for c in classes if c not in served]
+            if unserved:
+                raise ValueError(f"--classes {unserved}: the export {src} serves classes {served} only")
+            if args.cfg_scale != 1.0 and not getattr(model, "guidance", False):
+                raise ValueError(f"the export {src} has no null label (exported without guidance), so it cannot "
+                                 "run classifier-free guidance: sample it with --cfg-scale 1")
         labels = sample_labels(classes, num_samples=args.num_samples, n_per_class=args.n_per_class)
         arch = model.arch
         shape = (arch["in_channels"], arch["input_size"], arch["input_size"])
