@@ -155,8 +155,13 @@ def read_task(directory: str | os.PathLike) -> tuple[dict, dict[str, Tensor]]:
     from safetensors.torch import load
 
     from kind_fast.atomic import refuse_missing_folder
-    from kind_fast.serialization import check_config_digest, config_dtype, read_folder_config, read_recorded_file
-    from kind_fast.serialization import safetensors_metadata
+    from kind_fast.serialization import (
+        check_config_digest,
+        config_dtype,
+        read_folder_config,
+        read_recorded_file,
+        safetensors_metadata,
+    )
 
     d = Path(directory)
     path = d / CONFIG_FILE

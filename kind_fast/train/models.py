@@ -82,7 +82,8 @@ def _kind_from_config(cfg: RunConfig, hidden: int, defaults: dict = FRESH_KIND) 
     m = cfg.model
     rank = m.tailor_rank if m.tailor_rank is not None else defaults["tailor_rank"]
     active = m.active if m.active is not None else defaults["active"]
-    src = "" if m.tailor_rank is not None else f" (the default{' for --init, as kind-fast convert' if defaults is CONVERT_KIND else ''})"
+    src = "" if m.tailor_rank is not None else \
+        f" (the default{' for --init, as kind-fast convert' if defaults is CONVERT_KIND else ''})"
     if rank > hidden:
         raise ValueError(f"model.tailor_rank {rank}{src} exceeds the hidden size {hidden}: set a smaller one "
                          "(--set model.tailor_rank=N)")
