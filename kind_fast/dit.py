@@ -363,8 +363,11 @@ class DiT(nn.Module):
         return self.unpatchify(self.final_layer(x, c))
 
     def forward_with_cfg(self, x: Tensor, t: Tensor, y: Tensor, cfg_scale: float) -> Tensor:
-        """Classifier-free guidance in one batch: the first half of x/y is conditional, the
-        second half's labels are replaced by the null class; guidance acts on all ε channels."""
+        """Classifier-free guidance in one batch, as DiT's sampling loop calls it: y holds the
+        conditional labels in its first half and the null label (``num_classes``) in its second
+        half; both halves run on the first half of x (the second half of x is not read). The
+        labels are used as given (nothing is replaced), and guidance acts on all ε channels:
+        ε = ε_uncond + cfg_scale · (ε_cond - ε_uncond), returned for both halves."""
         half = x[: x.shape[0] // 2]
         both = torch.cat([half, half], dim=0)
         out = self(both, t, y)
