@@ -345,7 +345,7 @@ def _dead_pid():
     return p.pid
 
 
-def test_stale_temp_and_old_folders_are_swept(tmp_path):
+def test_stale_temp_and_old_folders_are_swept(tmp_path, capsys):
     """Item 5: remove_stale_temps removed files only, and atomic_directory never swept its
     siblings: a killed export's full-size hidden folder survived every re-export."""
     import os
@@ -365,6 +365,10 @@ def test_stale_temp_and_old_folders_are_swept(tmp_path):
     assert old_dead.is_dir() and tmp_live.is_dir()
     with pytest.raises(FileNotFoundError, match=r"previous export survives in .*\.e\.old-.*mv '"):
         kf.load_export(target)
+    from kind_fast.__main__ import main
+
+    assert main(["sample", str(target), "--steps", "2"]) == 2  # the CLI says so too
+    assert "survives in" in capsys.readouterr().err
     with pytest.raises(FileExistsError, match="survives in"):  # a new export into e without --overwrite
         kf.save_export(kind_model().export([1], "merged"), target)
     # a re-export (overwrite) sweeps the dead writers' folders for e once it is in place

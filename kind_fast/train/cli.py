@@ -223,7 +223,10 @@ def run_sample(args: argparse.Namespace) -> int:
     from kind_fast.train.sampling import check_sampling_args
 
     try:
+        from kind_fast.atomic import refuse_missing_folder
+
         src = Path(args.weights)
+        refuse_missing_folder(src, "export", "export it again")  # an export killed while it replaced src
         wdir = src
         export = (src / "export_config.json").is_file()  # a kind-fast export folder
         if not (export or (src / SPEC_FILE).is_file() or (src / "kind_config.json").is_file()):
