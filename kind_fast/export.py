@@ -15,7 +15,7 @@ standalone module that serves a fixed set of labels exactly:
              ``kind_linear`` op with the gate rows of the served labels (the ICML paper's
              "decomposable model"). Small on disk.
     dense    ``to_dense(c)`` for one class and no guidance: a plain DiT that refuses every
-             other label (``kind_fast.export_dense.DenseExportDiT``), saved as a
+             other label (``kind_fast.dit.DenseExportDiT``), saved as a
              facebookresearch-layout ``.pt`` state dict.
 
 The served labels are the given classes plus, with ``guidance=True`` (default), the null
@@ -421,9 +421,7 @@ def export_dit(model, classes, form: str = "merged", *, guidance: bool = True) -
         if guidance or len(classes) != 1:
             raise ValueError("form='dense' exports one class without guidance (guidance=False): the null label "
                              "CFG evaluates needs other block weights. Use form='merged' or 'reduced' for CFG")
-        from kind_fast.export_dense import DenseExportDiT  # (kind_fast.dit imports this module)
-
-        return DenseExportDiT.from_dense(model.to_dense(classes[0]).eval(), classes[0])
+        return model.to_dense_export(classes[0])  # a kind_fast.dit.DenseExportDiT
     if not classes and not guidance:
         raise ValueError("nothing to export: no classes and no guidance")
     dtype = model.final_layer.linear.weight.dtype

@@ -57,7 +57,7 @@ def save_export(model: nn.Module, directory: str | os.PathLike, *, overwrite: bo
     from safetensors.torch import save
 
     from kind_fast.atomic import atomic_directory
-    from kind_fast.export_dense import DenseExportDiT
+    from kind_fast.dit import DenseExportDiT
     from kind_fast.serialization import config_digest, file_record
 
     if isinstance(model, ExportedDiT):
@@ -130,8 +130,7 @@ def load_export(directory: str | os.PathLike, map_location: str | torch.device =
     """Rebuild what ``save_export`` wrote: an ``ExportedDiT`` (merged, reduced) or a
     ``DenseExportDiT`` (dense: a DiT that serves its one class only), in eval mode on
     ``map_location``."""
-    from kind_fast.dit import FinalLayer, PatchEmbed, TimestepEmbedder
-    from kind_fast.export_dense import DenseExportDiT
+    from kind_fast.dit import DenseExportDiT, FinalLayer, PatchEmbed, TimestepEmbedder
     from kind_fast.serialization import config_dtype, safetensors_metadata
 
     d = Path(directory)
