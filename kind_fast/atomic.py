@@ -8,7 +8,13 @@ process is gone (same host, PID not alive); every write cleans its own target's 
 and the trainer sweeps its run folder when a run starts.
 
 ``atomic_directory`` does the same for a whole folder: it is built under a temporary sibling
-name and renamed into place, so readers see the old folder or the complete new one.
+folder ``.<name>.tmp-<pid>-<host>`` and renamed into place, so readers see the old folder or the
+complete new one. Replacing a folder takes two renames (the old one aside to
+``.<name>.old-<pid>-<host>``, the new one in); a process killed between them leaves no folder
+under the final name, and the previous one in that ``.old`` sibling: ``refuse_missing_folder``
+names it and says how to restore it. ``remove_stale_temps`` sweeps dead writers' temporary
+folders too, and their ``.old`` folders once the final name exists again (never the only copy);
+``atomic_directory`` sweeps its target's before and after it writes.
 """
 
 from __future__ import annotations
@@ -26,10 +32,11 @@ import torch
 
 __all__ = [
     "atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_torch_save",
-    "temp_name", "remove_stale_temps", "remove_stale_temps_under", "atomic_directory",
+    "temp_name", "remove_stale_temps", "remove_stale_temps_under", "atomic_directory", "old_name",
+    "refuse_missing_folder",
 ]
 
-_TEMP = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)(?:-(?P<host>[A-Za-z0-9_.-]*))?$")
+_TEMP = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)(?:-(?P<host>[A-Za-z0-9_.-]*))?$")
 
 
 def _host() -> str:
@@ -40,6 +47,12 @@ def temp_name(path: str | os.PathLike) -> Path:
     """The temporary file an atomic write of ``path`` by this process uses."""
     path = Path(path)
     return path.with_name(f".{path.name}.tmp-{os.getpid()}-{_host()}")
+
+
+def old_name(path: str | os.PathLike) -> Path:
+    """Where ``atomic_directory`` of this process puts the folder it replaces, between its two renames."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.old-{os.getpid()}-{_host()}")
 
 
 def _pid_alive(pid: int) -> bool:
@@ -55,9 +68,11 @@ def _pid_alive(pid: int) -> bool:
 
 
 def remove_stale_temps(folder: str | os.PathLike, name: str | None = None) -> list[Path]:
-    """Delete temporary files of atomic writes in ``folder`` (only those of the final name
-    ``name`` if given) whose writer process is dead. A temp from another host, or from a
-    live process, is kept. Returns the deleted paths."""
+    """Delete what dead writers left in ``folder`` (only for the final name ``name`` if given):
+    temporary files and folders of atomic writes (``.<name>.tmp-<pid>-<host>``), and folders
+    that ``atomic_directory`` moved aside (``.<name>.old-<pid>-<host>``) once ``<name>`` exists
+    again: while it is missing, the ``.old`` folder is the only copy and is kept. Anything of
+    another host or of a live process is kept, and so are symlinks. Returns the deleted paths."""
     d = Path(folder)
     if not d.is_dir():
         return []
@@ -68,13 +83,41 @@ def remove_stale_temps(folder: str | os.PathLike, name: str | None = None) -> li
             continue
         if m.group("host") not in (None, host) or _pid_alive(int(m.group("pid"))):
             continue
+        if m.group("kind") == "old" and not (d / m.group("name")).exists():
+            continue  # the previous folder, and no new one in its place: keep (refuse_missing_folder)
         try:
-            if p.is_file() and not p.is_symlink():
+            if p.is_symlink():
+                continue
+            if p.is_dir():
+                shutil.rmtree(p)
+                removed.append(p)
+            elif p.is_file():
                 p.unlink()
                 removed.append(p)
         except FileNotFoundError:  # another cleaner got there first
             pass
     return removed
+
+
+def refuse_missing_folder(path: str | os.PathLike, what: str, again: str) -> None:
+    """If the folder ``path`` is missing but a replacement of it was killed between its two
+    renames (a ``.<name>.old-*`` sibling holds the previous one), a FileNotFoundError that says
+    where it is and how to restore it; otherwise nothing (the caller's usual checks follow)."""
+    old = _surviving_old(Path(path))
+    if old is not None:
+        raise FileNotFoundError(
+            f"{path} is missing, but the previous {what} survives in {old}: a write of {path} was killed between "
+            f"its two renames. Restore it with: mv '{old}' '{path}' (or {again})")
+
+
+def _surviving_old(path: Path) -> Path | None:
+    """The newest ``.<name>.old-*`` folder beside a missing ``path`` (see ``atomic_directory``)."""
+    if path.exists() or not path.parent.is_dir():
+        return None
+    olds = [p for p in path.parent.iterdir()
+            if (m := _TEMP.match(p.name)) and m.group("kind") == "old" and m.group("name") == path.name
+            and p.is_dir() and not p.is_symlink()]
+    return max(olds, key=lambda p: p.stat().st_mtime) if olds else None
 
 
 def remove_stale_temps_under(folders: Iterable[str | os.PathLike]) -> list[Path]:
@@ -147,14 +190,19 @@ def atomic_directory(path: str | os.PathLike, *, overwrite: bool = False) -> Ite
 
     ``path`` must not exist unless ``overwrite`` is set; then the old folder is renamed aside,
     the new one renamed in, and the old one deleted (a crash between the two renames leaves
-    the old folder under ``.<name>.old-<pid>-<host>`` beside ``path``, never a partial one under it).
+    the old folder under ``.<name>.old-<pid>-<host>`` beside ``path``, never a partial one under
+    it; without ``overwrite`` such a survivor is refused like an existing ``path``).
     """
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists (choose another folder, or overwrite it)")
+    if not overwrite and (old := _surviving_old(path)) is not None:
+        raise FileExistsError(f"the previous {path} survives in {old} (a replacement was killed between its two "
+                              f"renames): restore it with mv '{old}' '{path}', or overwrite it")
     if path.exists() and not path.is_dir():
         raise NotADirectoryError(f"{path} exists and is not a folder")
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(path.parent, path.name)  # dead writers' temporary folders (full size)
     tmp = temp_name(path)  # .<name>.tmp-<pid>-<host>, as file writes name theirs
     if tmp.exists():  # left over by a crashed earlier attempt of this process id
         shutil.rmtree(tmp)
@@ -170,7 +218,7 @@ def atomic_directory(path: str | os.PathLike, *, overwrite: bool = False) -> Ite
                     os.close(fd)
             _fsync_dir(Path(root))
         if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}-{_host()}")
+            old = old_name(path)
             if old.exists():
                 shutil.rmtree(old)
             os.replace(path, old)
@@ -179,6 +227,7 @@ def atomic_directory(path: str | os.PathLike, *, overwrite: bool = False) -> Ite
         else:
             os.replace(tmp, path)
         _fsync_dir(path.parent)
+        remove_stale_temps(path.parent, path.name)  # dead writers' .old folders: <name> exists again
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

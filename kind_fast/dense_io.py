@@ -205,7 +205,15 @@ def load_diffusers_folder(path: Path) -> nn.Module:
     except ImportError:
         raise ImportError(f"{path} is a diffusers folder: pip install diffusers") from None
     sub = "transformer" if (path / "model_index.json").is_file() else None
-    return DiTTransformer2DModel.from_pretrained(str(path), subfolder=sub, local_files_only=True)
+    try:
+        return DiTTransformer2DModel.from_pretrained(str(path), subfolder=sub, local_files_only=True)
+    except ImportError:
+        raise
+    except Exception as e:  # noqa: BLE001 - diffusers raises OSError, ValueError, ... for unreadable folders
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+        raise ValueError(f"{path} is a diffusers folder, but diffusers could not load a DiTTransformer2DModel "
+                         f"from it ({type(e).__name__}: {first}); its weights or config are corrupt or "
+                         "incomplete") from None
 
 
 def read_dense(src, *, presets: Mapping[str, tuple], which: str = "ema", num_heads: int | None = None,

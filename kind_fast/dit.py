@@ -363,8 +363,11 @@ class DiT(nn.Module):
         return self.unpatchify(self.final_layer(x, c))
 
     def forward_with_cfg(self, x: Tensor, t: Tensor, y: Tensor, cfg_scale: float) -> Tensor:
-        """Classifier-free guidance in one batch: the first half of x/y is conditional, the
-        second half's labels are replaced by the null class; guidance acts on all ε channels."""
+        """Classifier-free guidance in one batch, as DiT's sampling loop calls it: y holds the
+        conditional labels in its first half and the null label (``num_classes``) in its second
+        half; both halves run on the first half of x (the second half of x is not read). The
+        labels are used as given (nothing is replaced), and guidance acts on all ε channels:
+        ε = ε_uncond + cfg_scale · (ε_cond - ε_uncond), returned for both halves."""
         half = x[: x.shape[0] // 2]
         both = torch.cat([half, half], dim=0)
         out = self(both, t, y)
@@ -476,8 +479,77 @@ class DiT(nn.Module):
 
         return export_dit(self, classes, form, guidance=guidance)
 
+    def to_dense_export(self, class_id: int) -> DenseExportDiT:
+        """``to_dense(class_id)`` as the dense export of that class (``export(c, "dense")``):
+        exact for class_id, and every other label is refused (``DenseExportDiT``)."""
+        return DenseExportDiT.from_dense(self.to_dense(class_id).eval(), class_id)
+
+
 def _dense(layer: nn.Module, class_id: int | None) -> Tensor:
     return layer.to_dense(class_id) if isinstance(layer, FastKindLinear) else layer.weight
+
+
+class DenseExportDiT(DiT):
+    """The dense export of one class c of a KIND-DiT: a plain DiT (same modules, same
+    facebookresearch-layout state dict) holding ``to_dense(c)``, whose blocks are
+    W_G + U_Tᵀ diag(σ_T ⊙ g_c) V_T. That is exact for label c and for no other (label c' needs
+    g_c', the null label of classifier-free guidance the learngenes alone), so ``forward``
+    refuses every label but c with a ValueError that names c, and ``forward_with_cfg`` is
+    refused (no null label). Built by ``DiT.to_dense_export`` / ``export(c, "dense")`` and by
+    ``kind_fast.load_export`` of a dense export; the label check reads the labels on the host
+    once per labels tensor (``kind_fast.export.per_labels``)."""
+
+    export_classes: list[int]
+    _plan_cache: tuple | None = None
+
+    @classmethod
+    def from_dense(cls, dense: DiT, class_id: int) -> DenseExportDiT:
+        """``dense`` (``to_dense(class_id)`` of a KIND-DiT) as the export of class_id (its
+        tensors are taken over, not copied)."""
+        if not isinstance(dense, DiT) or dense.kind is not None:
+            raise TypeError(f"DenseExportDiT.from_dense takes a dense DiT (kind=None), got {type(dense).__name__}")
+        with torch.device("meta"):
+            out = cls(**dense.arch, kind=None)
+        out.load_state_dict(dense.state_dict(), strict=True, assign=True)
+        return out.serving(class_id).train(dense.training)
+
+    def serving(self, class_id: int) -> DenseExportDiT:
+        """Set the one class served (in place)."""
+        if isinstance(class_id, bool) or not isinstance(class_id, int) or not 0 <= class_id < self.num_classes:
+            raise ValueError(f"a dense export serves one class id in [0, {self.num_classes}), got {class_id!r}")
+        self.export_classes = [class_id]
+        self._plan_cache = None
+        return self
+
+    def __getstate__(self):  # the label cache holds a weak reference: not picklable, not needed
+        return {**self.__dict__, "_plan_cache": None}
+
+    def _check(self, y: Tensor, labels: list[int]) -> bool:
+        from kind_fast.export import check_served
+
+        c = self.export_classes[0]
+        check_served(labels, self.export_classes, self.num_classes, False,
+                     f"this dense export (exact for class {c} only)",
+                     hint=f"A dense export holds class {c}'s weights; export the others with --form merged or "
+                          "reduced (which also serve the null label for classifier-free guidance)")
+        return True
+
+    def forward(self, x: Tensor, t: Tensor, y: Tensor, force_drop_ids: Tensor | None = None) -> Tensor:
+        from kind_fast.export import per_labels
+
+        if force_drop_ids is not None and bool(force_drop_ids.any()):
+            raise ValueError(f"this dense export serves class {self.export_classes[0]} only: it has no null label "
+                             "to drop labels to (force_drop_ids)")
+        per_labels(self, y, self._check)
+        return super().forward(x, t, y)
+
+    def forward_with_cfg(self, x: Tensor, t: Tensor, y: Tensor, cfg_scale: float) -> Tensor:
+        raise ValueError(f"this dense export serves class {self.export_classes[0]} without guidance (no null "
+                         "label): it cannot run classifier-free guidance; sample it with cfg scale 1, or export "
+                         "with --form merged or reduced for CFG-exact samples")
+
+    def extra_repr(self) -> str:
+        return f"dense export of class {self.export_classes[0]}"
 
 
 # =====================================================================================

@@ -14,8 +14,9 @@ standalone module that serves a fixed set of labels exactly:
     reduced  W_G dense plus only the tailors the served labels switch on, applied by the
              ``kind_linear`` op with the gate rows of the served labels (the ICML paper's
              "decomposable model"). Small on disk.
-    dense    a plain ``kind_fast.dit.DiT(kind=None)`` = ``to_dense(c)`` for one class and
-             no guidance (saved as a facebookresearch-layout ``.pt`` state dict).
+    dense    ``to_dense(c)`` for one class and no guidance: a plain DiT that refuses every
+             other label (``kind_fast.dit.DenseExportDiT``), saved as a
+             facebookresearch-layout ``.pt`` state dict.
 
 The served labels are the given classes plus, with ``guidance=True`` (default), the null
 label ``num_classes``. Labels keep their original ids: ``model(x, t, y)`` takes the KIND
@@ -43,13 +44,61 @@ __all__ = ["ExportedDiT", "export_dit", "segmented_linear", "SegmentPlan", "FORM
 
 FORMS = ("merged", "reduced", "dense")
 FORMAT = "kind_fast.export"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the config is bound to the weights (kind_fast.export_io)
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     """adaLN modulation, as ``kind_fast.dit.modulate`` (this module does not import kind_fast.dit:
     ``DiT.export`` imports it, and the package has no import cycles)."""
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+# =====================================================================================
+# Labels: read on the host once per labels tensor, never stale
+# =====================================================================================
+def per_labels(owner: nn.Module, y: Tensor, build):
+    """``build(y, labels as a host list)`` for the labels ``y``, cached in ``owner._plan_cache``.
+
+    A sampling loop passes the same labels tensor at every step, so they are read on the host
+    (one synchronisation for GPU labels) once, not once per step. The cache must never serve
+    labels that changed: a change through ``y[...] =`` bumps the tensor's version, but one
+    through ``y.data`` or ``y.numpy()`` does not. So on the CPU the labels are compared with the
+    copy read last (cheap: no synchronisation there), and on a GPU a cached answer comes with a
+    device-side assertion that the labels still equal that copy (no synchronisation, also
+    captured into a CUDA graph): a stale answer is an error, never a wrong sample.
+    """
+    if not isinstance(y, Tensor):
+        raise TypeError(f"y must be a torch.Tensor of class ids, got {type(y).__name__}")
+    if y.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8) or y.dim() != 1:
+        raise TypeError(f"y must be a 1-D integer tensor of class ids, got {y.dtype} {tuple(y.shape)}")
+    key = (y.data_ptr(), y.shape[0], y.device, None if y.is_inference() else y._version)
+    hit = owner._plan_cache
+    if hit is not None and hit[0]() is y and hit[1] == key:
+        if y.device.type == "cpu":
+            if torch.equal(y, hit[2]):
+                return hit[3]
+        else:
+            torch._assert_async((y == hit[2]).all(), "kind_fast export: the labels changed in place without "
+                                "a version bump (a write through y.data?); pass a new labels tensor")
+            return hit[3]
+    if y.is_cuda and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(f"{type(owner).__name__}: run one call with these labels before capturing a CUDA graph")
+    seen = y.clone()
+    value = build(y, seen.tolist())
+    owner._plan_cache = (weakref.ref(y), key, seen, value)
+    return value
+
+
+def check_served(labels: list[int], classes: list[int], num_classes: int, guidance: bool, what: str, *,
+                 hint: str = "Export those classes too (DiT.export / kind-fast export --classes)") -> None:
+    """ValueError naming the served classes unless every label is one of ``classes`` or, with
+    ``guidance``, the null label ``num_classes``."""
+    ok = set(classes) | ({num_classes} if guidance else set())
+    bad = sorted({v for v in labels if v not in ok})
+    if bad:
+        served = ", ".join(map(str, classes)) or "none"
+        null = f"; null label {num_classes}" if guidance else " (exported without guidance: no null label)"
+        raise ValueError(f"{what} does not serve label(s) {bad}: it serves classes [{served}]{null}. {hint}")
 
 
 # =====================================================================================
@@ -267,39 +316,18 @@ class ExportedDiT(nn.Module):
         return {**self.__dict__, "_plan_cache": None}
 
     # ------------------------------------------------------------------ labels
-    def _host_labels(self, y: Tensor) -> list[int]:
-        """The labels on the host, read once per labels tensor (a sampling loop passes the
-        same tensor every step, so it pays one host sync in all)."""
-        if torch.cuda.is_available() and y.is_cuda and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("ExportedDiT: run one call with these labels before capturing a CUDA graph")
-        return y.tolist()
-
     def route(self, y: Tensor) -> _Route:
         """Check the labels and map them to weight slots (clear errors for unserved labels)."""
-        if not isinstance(y, Tensor):
-            raise TypeError(f"y must be a torch.Tensor of class ids, got {type(y).__name__}")
-        if y.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8) or y.dim() != 1:
-            raise TypeError(f"y must be a 1-D integer tensor of class ids, got {y.dtype} {tuple(y.shape)}")
-        key = (y._version, y.data_ptr(), y.shape[0], y.device)
-        hit = self._plan_cache
-        if hit is not None and hit[0]() is y and hit[1] == key:
-            return hit[2]
-        labels = self._host_labels(y)
-        bad = sorted({v for v in labels if v not in self._slot})
-        if bad:
-            served = ", ".join(map(str, self.classes)) or "none"
-            null = (f"; null label {self.num_classes}" if self.guidance
-                    else " (exported without guidance: no null label)")
-            raise ValueError(f"this {self.form} export does not serve label(s) {bad}: it serves classes [{served}]"
-                             f"{null}. Export those classes too (DiT.export / kind-fast export --classes)")
+        return per_labels(self, y, self._build_route)
+
+    def _build_route(self, y: Tensor, labels: list[int]) -> _Route:
+        check_served(labels, self.classes, self.num_classes, self.guidance, f"this {self.form} export")
         slots_host = [self._slot[v] for v in labels]
-        slots = torch.tensor(slots_host, dtype=torch.long).to(y.device, non_blocking=True)
+        with torch.inference_mode(False):  # kept across calls: a normal tensor, even under inference_mode
+            slots = torch.tensor(slots_host, dtype=torch.long).to(y.device, non_blocking=True)
         if self.form == "merged":
-            r = _Route(slots, SegmentPlan.from_slots(slots_host, y.device), None, None)
-        else:
-            r = _Route(slots, None, self.gate_idx, self.gate_val)
-        self._plan_cache = (weakref.ref(y), key, r)
-        return r
+            return _Route(slots, SegmentPlan.from_slots(slots_host, y.device), None, None)
+        return _Route(slots, None, self.gate_idx, self.gate_val)
 
     # ------------------------------------------------------------------ forward
     def unpatchify(self, x: Tensor) -> Tensor:
@@ -377,9 +405,10 @@ def _kind_linears(block) -> list[tuple[str, tuple]]:
 def export_dit(model, classes, form: str = "merged", *, guidance: bool = True) -> nn.Module:
     """Standalone model serving ``classes`` (and the null label with ``guidance``) exactly.
 
-    ``form``: merged | reduced → an ``ExportedDiT``; dense → a ``kind_fast.dit.DiT(kind=None)``
-    equal to ``model.to_dense(c)`` (one class, ``guidance=False``: a dense DiT cannot also
-    hold the null label's weights). See the module docstring.
+    ``form``: merged | reduced → an ``ExportedDiT``; dense → a ``DenseExportDiT`` (a
+    ``kind_fast.dit.DiT(kind=None)`` equal to ``model.to_dense(c)`` that serves class c only:
+    one class, ``guidance=False``, since a dense DiT cannot also hold the null label's
+    weights). See the module docstring.
     """
     from kind_fast.layers import FastKindLinear
 
@@ -392,9 +421,7 @@ def export_dit(model, classes, form: str = "merged", *, guidance: bool = True) -
         if guidance or len(classes) != 1:
             raise ValueError("form='dense' exports one class without guidance (guidance=False): the null label "
                              "CFG evaluates needs other block weights. Use form='merged' or 'reduced' for CFG")
-        dense = model.to_dense(classes[0]).eval()
-        dense.export_classes = classes  # recorded by save_export
-        return dense
+        return model.to_dense_export(classes[0])  # a kind_fast.dit.DenseExportDiT
     if not classes and not guidance:
         raise ValueError("nothing to export: no classes and no guidance")
     dtype = model.final_layer.linear.weight.dtype

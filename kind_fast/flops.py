@@ -472,20 +472,21 @@ def flop_counter(display: bool = False, **kwargs):
     return FlopCounterMode(display=display, custom_mapping=mapping, **kwargs)
 
 
-def count_flops(model, x, t, y, *, optimizer=None, loss_fn=None) -> dict[str, int]:
+def count_flops(model, x, t, y, *, optimizer=None, loss_fn=None, custom_mapping=None) -> dict[str, int]:
     """Count one forward (and, with ``loss_fn`` or ``optimizer``, one training step) with
     ``flop_counter()``. Returns FLOPs: {"fwd"} or {"fwd", "bwd", "train"}.
 
     ``loss_fn(out) -> scalar`` defaults to the mean square of the output (no GEMMs).
+    ``custom_mapping``: FLOP formulas {op: fn} that replace the registered ones (FlopCounterMode's).
     """
     train = optimizer is not None or loss_fn is not None
-    with flop_counter() as fc:
+    with flop_counter(custom_mapping=custom_mapping) as fc:
         out = model(x, t, y)
     fwd = fc.get_total_flops()
     if not train:
         return {"fwd": fwd}
     loss = loss_fn(out) if loss_fn is not None else out.float().square().mean()
-    with flop_counter() as fc:
+    with flop_counter(custom_mapping=custom_mapping) as fc:
         loss.backward()
         if optimizer is not None:
             optimizer.step()

@@ -155,6 +155,39 @@ def read_folder_config(directory: Path, name: str, *, fmt: str, max_version: int
     return cfg
 
 
+def config_digest(cfg: dict, ignore: tuple[str, ...] = ()) -> str:
+    """SHA-256 of the canonical JSON of ``cfg`` without its top-level keys ``ignore`` (the
+    bookkeeping that does not change what the weights mean: file records, versions, sources).
+    Export and task folders record it in their weights file's metadata, so a config edited
+    after saving (``classes`` reordered, ``num_heads`` changed: nothing a tensor shape reveals)
+    is refused by ``check_config_digest``."""
+    part = {k: v for k, v in cfg.items() if k not in ignore}
+    return sha256_bytes(json.dumps(part, sort_keys=True, separators=(",", ":")).encode())
+
+
+def check_config_digest(recorded, cfg: dict, ignore: tuple[str, ...], config_path: Path, weights_path: Path,
+                        again: str, *, digest: str | None = None) -> None:
+    """ValueError unless ``recorded`` (read from the weights file) is ``config_digest(cfg, ignore)``
+    (or ``digest``, when the caller computes it its own way)."""
+    if recorded != (digest if digest is not None else config_digest(cfg, ignore)):
+        raise ValueError(
+            f"{config_path} does not describe the weights in {weights_path}: it differs from the config they "
+            f"were saved with (edited by hand?). Restore the saved config or {again}")
+
+
+# names of the dtypes kind_fast writes into its folder configs (``str(dtype)`` without "torch.")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+def config_dtype(value, where: Path) -> torch.dtype:
+    """The torch dtype a folder config names, or a ValueError at load time for a name kind_fast
+    does not write (rather than a late, obscure failure of ``getattr(torch, name)``)."""
+    if not isinstance(value, str) or value not in DTYPES:
+        raise ValueError(f"{where}: dtype {value!r} is not one kind_fast saves ({', '.join(DTYPES)}); "
+                         "the config is corrupt or was edited")
+    return DTYPES[value]
+
+
 def structure_digest(cfg: dict) -> str:
     """SHA-256 of a config's structural sections (canonical JSON)."""
     part = {k: cfg.get(k) for k in STRUCTURE_KEYS}
@@ -163,7 +196,8 @@ def structure_digest(cfg: dict) -> str:
     return sha256_bytes(json.dumps(part, sort_keys=True, separators=(",", ":")).encode())
 
 
-def _safetensors_metadata(data: bytes) -> dict:
+def safetensors_metadata(data: bytes) -> dict:
+    """The ``__metadata__`` of a safetensors file's bytes ({} if there is none)."""
     n = int.from_bytes(data[:8], "little")
     try:
         return json.loads(data[8:8 + n]).get("__metadata__") or {}
@@ -232,7 +266,7 @@ def _read_part(directory: Path, cfg: dict, part: str) -> dict[str, Tensor]:
         data = path.read_bytes()
     else:
         data = verify_file(path, cfg["files"].get(name), CONFIG_FILE)
-        if _safetensors_metadata(data).get("structure_sha256") != structure_digest(cfg):
+        if safetensors_metadata(data).get("structure_sha256") != structure_digest(cfg):
             raise ValueError(
                 f"{directory / CONFIG_FILE} does not describe the weights in {path}: its layers/gate/model "
                 "sections differ from the ones saved with them (edited by hand?). Restore the saved config "

@@ -8,8 +8,14 @@ embedders, position table, the blocks' adaLN), is the pretrained model's, frozen
 ``save_task(model, dir)`` writes that trained part as a small folder::
 
     task.json            task name, classes, gate config, the base it belongs to (a SHA-256
-                         fingerprint of the base tensors, its architecture and KIND config)
-    task.safetensors     tailors, gate table, label table, final layer; no base tensor
+                         fingerprint of the base tensors, its architecture and KIND config),
+                         dtype, and the SHA-256 of task.safetensors
+    task.safetensors     tailors, gate table, label table, final layer; no base tensor. Its
+                         metadata records the SHA-256 of task.json's content (``CONFIG_IGNORED``
+                         and ``base.source`` aside), so an edited task.json is refused
+
+Tasks of format version 1 (before that binding) load without the second check. The folder is
+written as a whole (``kind_fast.atomic.atomic_directory``).
 
 ``load_base(path)`` rebuilds the base once from a pretrain run (only its learngene file is
 read; the pretraining tailors are never needed), ``load_task(base, dir)`` puts a task on it
@@ -42,9 +48,12 @@ __all__ = ["save_task", "load_task", "load_base", "read_task", "base_fingerprint
            "MultiTaskDiT", "TaskHeads"]
 
 FORMAT = "kind_fast.task"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: task.json is bound to task.safetensors (see the module docstring)
 CONFIG_FILE = "task.json"
 WEIGHTS_FILE = "task.safetensors"
+# task.json keys outside the digest bound to the weights (names and records for people and files)
+CONFIG_IGNORED = ("files", "name", "kind_fast_version", "torch_version")
+DIGEST_KEY = "config_sha256"
 HEAD_PREFIXES = ("y_embedder.", "final_layer.")  # the dense heads a transfer trains
 GATE_PREFIX = "kind_gate."
 
@@ -123,7 +132,7 @@ def save_task(model, directory: str | os.PathLike, *, name: str | None = None, o
         "dtype": str(model.pos_embed.dtype).removeprefix("torch."),
         "kind_fast_version": __version__, "torch_version": torch.__version__,
     }
-    data = save(tensors, metadata={"format": FORMAT})
+    data = save(tensors, metadata={"format": FORMAT, DIGEST_KEY: _task_digest(cfg)})
     cfg["files"] = {WEIGHTS_FILE: file_record(data)}  # checked by read_task
     with atomic_directory(d, overwrite=overwrite) as tmp:
         (tmp / WEIGHTS_FILE).write_bytes(data)
@@ -131,24 +140,51 @@ def save_task(model, directory: str | os.PathLike, *, name: str | None = None, o
     return d
 
 
+def _task_digest(cfg: dict) -> str:
+    from kind_fast.serialization import config_digest
+
+    base = cfg.get("base")
+    if isinstance(base, dict):  # where the base came from is for people; its fingerprint is checked
+        cfg = dict(cfg, base={k: v for k, v in base.items() if k != "source"})
+    return config_digest(cfg, CONFIG_IGNORED)
+
+
 def read_task(directory: str | os.PathLike) -> tuple[dict, dict[str, Tensor]]:
-    """(config, tensors) of a task folder, checked for format, integrity and completeness."""
+    """(config, tensors) of a task folder, checked for format, integrity, completeness, a known
+    dtype, and (format version 2) that task.json is the config the tensors were saved with."""
     from safetensors.torch import load
 
-    from kind_fast.serialization import read_folder_config, read_recorded_file
+    from kind_fast.atomic import refuse_missing_folder
+    from kind_fast.serialization import (
+        check_config_digest,
+        config_dtype,
+        read_folder_config,
+        read_recorded_file,
+        safetensors_metadata,
+    )
 
     d = Path(directory)
     path = d / CONFIG_FILE
+    refuse_missing_folder(d, "task", "rerun the transfer with --resume auto to write it again")
     cfg = read_folder_config(d, CONFIG_FILE, fmt=FORMAT, max_version=FORMAT_VERSION, what="task",
                              whole="the task folder", hint=" (a KIND transfer run writes one to <out>/task)")
     for key, kind in (("files", dict), ("base", dict), ("gate", dict), ("num_classes", int)):
         if not isinstance(cfg.get(key), kind):
             raise ValueError(f"{path}: {key!r} is missing or malformed; the task folder is corrupt")
+    dtype = config_dtype(cfg.get("dtype", "float32"), path)
     data = read_recorded_file(d, WEIGHTS_FILE, cfg, CONFIG_FILE)
+    if cfg["format_version"] >= 2:
+        check_config_digest(safetensors_metadata(data).get(DIGEST_KEY), cfg, (), path, d / WEIGHTS_FILE,
+                            "save the task again", digest=_task_digest(cfg))
     try:
         tensors = load(data)
     except Exception as e:  # noqa: BLE001 - safetensors raises several types for corrupt files
         raise ValueError(f"{d / WEIGHTS_FILE} could not be read ({type(e).__name__}: {e}); the task is corrupt") from e
+    found = sorted({str(v.dtype).removeprefix("torch.") for k, v in tensors.items()
+                    if v.is_floating_point() and k != GATE_PREFIX + "table"})
+    if found and found != [str(dtype).removeprefix("torch.")]:
+        raise ValueError(f"{path} says dtype {str(dtype).removeprefix('torch.')}, the tensors in {d / WEIGHTS_FILE} "
+                         f"are {', '.join(found)}; the task folder is corrupt")
     return cfg, tensors
 
 

@@ -189,3 +189,15 @@ def test_check_conversion_can_fail():
     assert bad["weights"] > 1e-3 and bad["output"] > 1e-4
     fresh = DiT(input_size=8, patch_size=2, in_channels=2, hidden_size=32, depth=1, num_heads=4, num_classes=3)
     assert check_conversion(fresh, kindify_dit(copy.deepcopy(fresh), KindConfig(**ALL_ON)))["output"] is None
+
+
+def test_an_unreadable_diffusers_bin_is_one_clear_line(tmp_path, capsys):
+    """Issue 21 item 7: an unreadable .bin in a diffusers folder given to convert ended in a traceback."""
+    m = diffusers_dit()
+    m.save_pretrained(tmp_path / "dit", safe_serialization=False)
+    (tmp_path / "dit" / "diffusion_pytorch_model.bin").write_bytes(b"not a checkpoint" * 64)
+    assert cli(["convert", str(tmp_path / "dit"), "--out", str(tmp_path / "k"), "--tailor-rank", "4",
+                "--active", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "diffusers could not load a DiTTransformer2DModel" in err and "corrupt or incomplete" in err
+    assert not (tmp_path / "k").exists()

@@ -99,6 +99,14 @@ def test_forward_with_cfg():
     raw = m(x, torch.tensor([3, 3, 3, 3]), y)
     assert not torch.allclose(raw[:2, :2], raw[2:, :2]), "cond and uncond differ"
     torch.testing.assert_close(out[:2, :2], raw[2:, :2] + 4.0 * (raw[:2, :2] - raw[2:, :2]))
+    # as its docstring says: the labels are used as given (a second half of real labels is not
+    # replaced by the null label), and the second half of x is not read
+    other = torch.cat([x[:2], torch.randn(2, 2, 8, 8)])
+    y2 = torch.tensor([1, 2, 0, 4])
+    raw2 = m(x, torch.tensor([3, 3, 3, 3]), y2)
+    out2 = m.forward_with_cfg(other, torch.tensor([3, 3, 3, 3]), y2, cfg_scale=4.0)
+    torch.testing.assert_close(out2[:2, :2], raw2[2:, :2] + 4.0 * (raw2[:2, :2] - raw2[2:, :2]))
+    assert not torch.allclose(out2, out)
 
 
 def test_set_mode_transfer_freezes_the_right_parts():

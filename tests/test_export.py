@@ -229,3 +229,209 @@ def test_corrupt_export_is_refused(tmp_path, form):
         kf.load_export(d)
     with pytest.raises(FileNotFoundError, match="not a kind_fast export folder"):
         kf.load_export(tmp_path)
+
+
+# =====================================================================================
+# Issue 21: exports that cannot be silently wrong
+# =====================================================================================
+def _edit(d, fn):
+    path = d / "export_config.json"
+    cfg = json.loads(path.read_text())
+    fn(cfg)
+    path.write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize("form", ["merged", "reduced", "dense"])
+@pytest.mark.parametrize("edit", ["classes", "num_heads", "guidance", "dtype"])
+def test_an_edited_export_config_is_refused(tmp_path, form, edit):
+    """Item 2: the config is bound to the weights (a digest of it in their metadata). Swapping
+    classes [0, 1] -> [1, 0] served label 0 with class 1's weights; num_heads 4 -> 2 was taken."""
+    m = kind_model()
+    classes = [2] if form == "dense" else [0, 1]
+    d = kf.save_export(m.export(classes, form, guidance=form != "dense"), tmp_path / "e")
+    kf.load_export(d)  # as saved: fine
+    edits = {"classes": lambda c: c.update(classes=[3] if form == "dense" else [1, 0]),
+             "num_heads": lambda c: c["arch"].update(num_heads=2),
+             "guidance": lambda c: c.update(guidance=not c["guidance"]),
+             "dtype": lambda c: c.update(dtype="float16")}
+    _edit(d, edits[edit])
+    with pytest.raises(ValueError, match="does not describe the weights"):
+        kf.load_export(d)
+
+
+def test_what_the_binding_ignores_is_bookkeeping(tmp_path):
+    m = kind_model()
+    d = kf.save_export(m.export([1], "merged"), tmp_path / "e", source="runs/x")
+    _edit(d, lambda c: c.update(source="moved/elsewhere", kind_fast_version="0.0"))
+    x, t, y = inputs([1, 5])
+    with torch.no_grad():
+        torch.testing.assert_close(kf.load_export(d)(x, t, y), m(x, t, y), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("form", ["merged", "dense"])
+@pytest.mark.parametrize("bad", ["float33", "Tensor", 7])
+def test_an_unknown_export_dtype_is_refused_at_load(tmp_path, form, bad):
+    """Item 7: dtype went through an unchecked getattr(torch, ...)."""
+    m = kind_model()
+    d = kf.save_export(m.export([1], form, guidance=form != "dense"), tmp_path / "e")
+    _edit(d, lambda c: c.update(dtype=bad))
+    with pytest.raises(ValueError, match=r"dtype .* is not one kind_fast saves"):
+        kf.load_export(d)
+
+
+def test_a_dense_export_refuses_labels_other_than_its_class(tmp_path):
+    """Item 4: a dense export is exact for its one class only; it served label 0 and the null
+    label without complaint."""
+    m = kind_model()
+    dense = m.export([2], "dense", guidance=False)
+    back = kf.load_export(kf.save_export(dense, tmp_path / "d"))
+    for model in (dense, back):
+        x, t, y = inputs([2, 2])
+        with torch.no_grad():
+            torch.testing.assert_close(model(x, t, y), m(x, t, y), rtol=1e-5, atol=1e-5)
+            for labels in ([2, 0], [5], [4, 2]):
+                x, t, y = inputs(labels)
+                with pytest.raises(ValueError, match=r"exact for class 2 only.*serves classes \[2\]"):
+                    model(x, t, y)
+            with pytest.raises(ValueError, match="serves class 2 without guidance"):
+                model.forward_with_cfg(*inputs([2, 5]), 1.5)
+    torch.testing.assert_close(torch.load(tmp_path / "d" / "model.pt", weights_only=True)["pos_embed"],
+                               m.pos_embed)  # still a plain state dict
+
+
+@pytest.mark.parametrize("form", ["merged", "reduced", "dense"])
+def test_the_label_cache_never_serves_labels_changed_behind_its_back(form):
+    """Item 3: the label->slot cache was keyed on y._version, which a write through y.data or
+    y.numpy() does not bump: the export then served the old labels' weights."""
+    m = kind_model()
+    if form == "dense":
+        e, first, second, third = m.export([3], form, guidance=False), [3, 3], (0, 1), (1, 1)
+    else:
+        e, first, second, third = m.export([1, 3], form), [1, 3], (0, 3), (1, 5)
+    x, t, y = inputs(first)
+    with torch.no_grad():
+        torch.testing.assert_close(e(x, t, y), m(x, t, y), rtol=1e-5, atol=1e-5)
+        y.data[second[0]] = second[1]  # no version bump
+        if form == "dense":
+            with pytest.raises(ValueError, match="does not serve"):
+                e(x, t, y)
+            y.data[0] = 3
+        else:
+            torch.testing.assert_close(e(x, t, y), m(x, t, y), rtol=1e-5, atol=1e-5)
+        y.numpy()[third[0]] = third[1] if form != "dense" else 0  # no version bump either
+        if form == "dense":
+            with pytest.raises(ValueError, match="does not serve"):
+                e(x, t, y)
+        else:
+            torch.testing.assert_close(e(x, t, y), m(x, t, y), rtol=1e-5, atol=1e-5)
+        if form == "dense":
+            return  # a DiT's own label check (kind_fast.gate.check_labels) needs a version counter
+        with torch.inference_mode():  # labels without a version counter
+            yi = torch.tensor(first)
+            out1 = e(x, t, yi)
+            yi[-1] = first[0]  # in place, and inference tensors have no version to bump
+            out2 = e(x, t, yi)
+        torch.testing.assert_close(out1, m(x, t, torch.tensor(first)), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out2, m(x, t, torch.tensor(first[:-1] + first[:1])), rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------- item 5: killed exports
+def _dead_pid():
+    import subprocess
+    import sys
+
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_stale_temp_and_old_folders_are_swept(tmp_path, capsys):
+    """Item 5: remove_stale_temps removed files only, and atomic_directory never swept its
+    siblings: a killed export's full-size hidden folder survived every re-export."""
+    import os
+
+    from kind_fast.atomic import remove_stale_temps, temp_name
+
+    target = tmp_path / "e"
+    dead = _dead_pid()
+    tmp_dead = tmp_path / temp_name(target).name.replace(f"tmp-{os.getpid()}-", f"tmp-{dead}-")
+    old_dead = tmp_path / tmp_dead.name.replace(".tmp-", ".old-")
+    tmp_live = tmp_path / temp_name(target).name.replace(f"tmp-{os.getpid()}-", "tmp-1-")  # pid 1: alive
+    for d in (tmp_dead, old_dead, tmp_live):
+        d.mkdir()
+        (d / "model.safetensors").write_bytes(b"x" * 1000)
+    # e is missing: its .old folder is the only copy of the previous export, and is kept
+    assert sorted(p.name for p in remove_stale_temps(tmp_path)) == [tmp_dead.name]
+    assert old_dead.is_dir() and tmp_live.is_dir()
+    with pytest.raises(FileNotFoundError, match=r"previous export survives in .*\.e\.old-.*mv '"):
+        kf.load_export(target)
+    from kind_fast.__main__ import main
+
+    assert main(["sample", str(target), "--steps", "2"]) == 2  # the CLI says so too
+    assert "survives in" in capsys.readouterr().err
+    with pytest.raises(FileExistsError, match="survives in"):  # a new export into e without --overwrite
+        kf.save_export(kind_model().export([1], "merged"), target)
+    # a re-export (overwrite) sweeps the dead writers' folders for e once it is in place
+    tmp_dead.mkdir()
+    kf.save_export(kind_model().export([1], "merged"), target, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["e", tmp_live.name])
+
+
+KILL_CHILD = r"""
+import os, signal, sys
+import torch
+import kind_fast as kf
+from kind_fast.dit import DiT, KindConfig
+from kind_fast.testing import perturbed
+point, classes = sys.argv[2], [int(c) for c in sys.argv[3].split(",")]
+torch.manual_seed(0)
+m = perturbed(DiT(input_size=8, patch_size=2, in_channels=2, hidden_size=32, depth=2, num_heads=4,
+                  num_classes=5, kind=KindConfig(tailor_rank=8, active=2))).eval()
+e = m.export(classes, "merged")
+real_replace, real_fsync = os.replace, os.fsync
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+def replace(src, dst):
+    real_replace(src, dst)
+    if point == "between" and ".old-" in str(dst):
+        die()  # the old folder moved aside, the new one not yet in place
+    if point == "renamed" and ".tmp-" in str(src):
+        die()  # the new folder in place, the old one not yet deleted
+def fsync(fd):
+    if point == "writing":
+        die()  # a file of the new folder written, not yet synced
+    real_fsync(fd)
+os.replace, os.fsync = replace, fsync
+kf.save_export(e, sys.argv[1], overwrite=True)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", ["writing", "between", "renamed"])
+def test_an_export_killed_at_each_step_of_its_write(tmp_path, point):
+    """A re-export SIGKILLed at each step of atomic_directory (aimed by hooks, not by timing):
+    the folder holds the old export or the new one, or is missing and says where the old one
+    is; the next export sweeps every hidden folder the killed one left."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    target = tmp_path / "e"
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    m = kind_model()
+    kf.save_export(m.export([0], "merged"), target)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=repo)
+    r = subprocess.run([sys.executable, "-c", KILL_CHILD, str(target), point, "1,2"], env=env, cwd=repo,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+    hidden = [p.name for p in tmp_path.iterdir() if p.name.startswith(".e.")]
+    assert hidden, "the kill left nothing behind: it did not land inside the write"
+    if point == "between":
+        with pytest.raises(FileNotFoundError, match=r"survives in .*\.e\.old-"):
+            kf.load_export(target)
+    else:  # the old export or the new one, whole
+        assert kf.load_export(target).classes == ([0] if point == "writing" else [1, 2])
+    kf.save_export(m.export([3], "merged"), target, overwrite=True)
+    assert [p.name for p in tmp_path.iterdir()] == ["e"]
+    assert kf.load_export(target).classes == [3]

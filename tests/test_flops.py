@@ -168,10 +168,51 @@ CASES = [("DiT-S/2", 2, "adamw", mode) for mode in MODES] + [
     ("DiT-B/2", 1, "sgd", mode) for mode in TRAIN_MODES]
 
 
+def _reference_gemm_flops(shapes, output_mask=None) -> int:
+    """FLOPs of the GEMMs the kind_linear reference really runs for one call of the op with
+    these argument shapes (meta tensors: no values are needed to count)."""
+    if output_mask is None:
+        xs, ws, bs, us, ss, vs, idxs, vals, labs = shapes[:9]
+    else:
+        gs, xs, ws, us, ss, vs, idxs, vals, labs, hs = shapes[:10]
+    with torch.device("meta"):
+        x, w, u, s, v, val = (torch.empty(sh) for sh in (xs, ws, us, ss, vs, vals))
+        bias = torch.empty(bs) if output_mask is None and bs is not None else None
+        idx, labels = torch.zeros(idxs, dtype=torch.long), torch.zeros(labs, dtype=torch.long)
+        with flop_counter() as fc:
+            if output_mask is None:
+                kind_linear_ref(x, w, bias, u, s, v, idx, val, labels)
+            else:
+                kind_linear_backward_ref(torch.empty(gs), x, w, u, s, v, idx, val, labels, torch.empty(hs),
+                                         output_mask)
+    return fc.get_total_flops()
+
+
+def reference_gemm_mapping():
+    """A ``custom_mapping`` that counts every kind_linear forward / backward call as the GEMMs
+    its reference runs, instead of by the op's registered formula (``kind_linear_flops``): an
+    independent count. The calls are recorded and counted afterwards, outside FlopCounterMode."""
+    calls: list = []
+
+    def fwd(*shapes, out_shape=None, **kw):
+        calls.append((shapes, None))
+        return 0
+
+    def bwd(*shapes, out_shape=None, **kw):
+        calls.append((shapes[:10], shapes[10]))
+        return 0
+
+    ops = torch.ops.kind_fast
+    mapping = {ops.kind_linear: fwd, ops.kind_linear_backward: bwd}
+    return mapping, calls
+
+
 @pytest.mark.parametrize("name,batch,opt,mode", CASES, ids=[f"{c[0]}-{c[3]}" for c in CASES])
 def test_counted_matches_analytic(name, batch, opt, mode):
     """One forward and one training step (loss, backward, optimizer) counted by FlopCounterMode
-    agree with the analytic model within 1% (they agree exactly). Models are built on meta with
+    agree with the analytic model within 1% (they agree exactly), both as torch counts them
+    (the kind_linear ops by their registered formula) and independently of that formula (every
+    kind_linear call counted as the GEMMs its reference runs). Models are built on meta with
     cheap values (FLOPs do not depend on values); B/2 uses SGD to keep memory low (the
     optimizer does no GEMM: S/2 runs AdamW to show it). Attention is counted by the formulas
     ``flop_counter()`` adds for the CPU SDPA kernels."""
@@ -181,6 +222,7 @@ def test_counted_matches_analytic(name, batch, opt, mode):
     if mode in TRAIN_MODES:
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params) if opt == "adamw" else torch.optim.SGD(params, lr=0.0)
+    mapping, calls = reference_gemm_mapping()
     # as the trainer and the sampler run: inside weight_cache(), W_G is built once and reused
     # (learngenes frozen), so a step after the first does not build it
     with weight_cache():
@@ -188,11 +230,19 @@ def test_counted_matches_analytic(name, batch, opt, mode):
             with torch.no_grad():
                 model(x, t, y)
         counted = count_flops(model, x, t, y, optimizer=optimizer)
+        independent = count_flops(model, x, t, y, optimizer=optimizer, custom_mapping=mapping)
+    fwd_calls = [c for c in calls if c[1] is None]
+    independent["fwd"] += sum(_reference_gemm_flops(sh) for sh, _ in fwd_calls)
+    independent["bwd"] = independent.get("bwd", 0) + sum(_reference_gemm_flops(sh, m) for sh, m in calls if m)
+    independent["train"] = independent["fwd"] + independent["bwd"]
+    if mode in ("kind", "pretrain", "transfer"):
+        assert fwd_calls, "no kind_linear call was counted: the independent count checked nothing"
     analytic = dit_flops(name, mode, batch=batch, num_classes=10)
-    assert counted["fwd"] == pytest.approx(analytic.flops("fwd", "step"), rel=0.01)
-    if mode in TRAIN_MODES:
-        assert counted["bwd"] == pytest.approx(analytic.flops("bwd", "step"), rel=0.01)
-        assert counted["train"] == pytest.approx(analytic.flops("train", "step"), rel=0.01)
+    for got in (counted, independent):
+        assert got["fwd"] == pytest.approx(analytic.flops("fwd", "step"), rel=0.01)
+        if mode in TRAIN_MODES:
+            assert got["bwd"] == pytest.approx(analytic.flops("bwd", "step"), rel=0.01)
+            assert got["train"] == pytest.approx(analytic.flops("train", "step"), rel=0.01)
 
 
 # =====================================================================================

@@ -22,11 +22,16 @@ GRAD_NAMES = ("x", "w_g", "bias", "u_t", "sigma_t", "v_t", "val")
 
 
 def make_case(n_in, n_out, n_t, active, batch, t, *, gate_kind="random_k", dist="uniform", classes=6,
-              dtype=torch.float64, seed=0, bias=True):
-    """Fresh random inputs of the op (all leaves), and the gate that produced idx/val."""
+              dtype=torch.float64, seed=0, bias=True, random_values=False):
+    """Fresh random inputs of the op (all leaves), and the gate that produced idx/val.
+
+    ``random_values``: the gate's values times U(0.5, 1.5) (same tailors on): block and random_k
+    gates have value 1, which hides the gate value's part of dσ_T and dval."""
     g = torch.Generator().manual_seed(seed)
     gate = make_gate(gate_kind, classes, n_t, active, seed=seed)
     idx, val = gate.compiled()
+    if random_values:
+        val = val * (0.5 + torch.rand(val.shape, generator=g))
     labels = make_labels(dist, batch, classes, generator=g)
 
     def r(*shape, scale=1.0):
@@ -70,12 +75,14 @@ SHAPES = [
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("gate_kind", GATE_KINDS)
+@pytest.mark.parametrize("gate_kind", GATE_KINDS + ("block_valued",))
 def test_forward_and_grads_match_oracle(shape, gate_kind):
     n_in, n_out, n_t, k, b, t = shape
     if gate_kind == "all_on":
         k = n_t
-    inp, _ = make_case(n_in, n_out, n_t, k, b, t, gate_kind=gate_kind, dist="uniform", seed=hash(shape) % 1000)
+    valued = gate_kind == "block_valued"  # block structure, values other than 1
+    inp, _ = make_case(n_in, n_out, n_t, k, b, t, gate_kind="block" if valued else gate_kind, dist="uniform",
+                       seed=hash(shape) % 1000, random_values=valued)
     leaves = {n: inp[n].clone().requires_grad_(True) for n in GRAD_NAMES if inp[n] is not None}
     inp2 = dict(inp, **leaves)
     y = kind_linear(*args_of(inp2))
@@ -93,7 +100,7 @@ def test_forward_and_grads_match_oracle(shape, gate_kind):
 @pytest.mark.parametrize("t", [1, 5, 16])
 def test_class_distributions(dist, t):
     b = 7 if dist == "distinct" else 12
-    inp, _ = make_case(40, 48, 16, 6, b, t, gate_kind="block", dist=dist, classes=8, seed=t)
+    inp, _ = make_case(40, 48, 16, 6, b, t, gate_kind="block", dist=dist, classes=8, seed=t, random_values=True)
     leaves = {n: inp[n].clone().requires_grad_(True) for n in ("x", "u_t", "sigma_t", "v_t", "val")}
     y = kind_linear(*args_of(dict(inp, **leaves)))
     oleaves = {n: inp[n].clone().requires_grad_(True) for n in leaves}

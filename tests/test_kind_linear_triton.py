@@ -93,13 +93,18 @@ def _interpreter_broken() -> str:
 
 # ------------------------------------------------------------------ helpers
 def make_case(n_in, n_out, n_t, k, b, t, *, gate_kind="random_k", dist="uniform", classes=6, seed=0,
-              bias=True, device="cpu"):
-    """float64 inputs of the op (idx/val from a real gate, labels from a distribution)."""
+              bias=True, device="cpu", random_values=False):
+    """float64 inputs of the op (idx/val from a real gate, labels from a distribution).
+
+    ``random_values``: the gate's values times U(0.5, 1.5) (same tailors on, same K): block and
+    random_k gates have value 1, which hides the gate value's part of dσ_T and dval."""
     g = torch.Generator().manual_seed(seed)
     if gate_kind in ("all_on", "dense_trainable"):
         k = n_t
     gate = make_gate(gate_kind, classes, n_t, k, seed=seed)
     idx, val = gate.compiled()
+    if random_values:
+        val = val * (0.5 + torch.rand(val.shape, generator=g))
     labels = make_labels(dist, b, classes, generator=g)
 
     def r(*shape, scale=1.0):
@@ -180,7 +185,7 @@ def test_forward_and_grads_match_oracle(interpreter, gate_kind, shape, dtype):
 @pytest.mark.parametrize("dist", DISTRIBUTIONS)
 def test_class_distributions(interpreter, dist, t):
     b = 6 if dist == "distinct" else 10
-    inp = make_case(48, 40, 16, 6, b, t, gate_kind="block", dist=dist, classes=8, seed=t)
+    inp = make_case(48, 40, 16, 6, b, t, gate_kind="block", dist=dist, classes=8, seed=t, random_values=True)
     check_against_oracle(inp, torch.float16, TAILOR_GRADS + ("val",), f"{dist} T={t}")
 
 
@@ -373,7 +378,7 @@ def run_m2(inp, backend, g):
 def test_factored_m2_matches_oracle(interpreter, t, dtype):
     """kind_linear_factored on the Triton backend (learngenes as always-on slots, no W_G) vs the
     float64 oracle, every gradient including U_G, σ_G, V_G; torch's error = the M1 reference."""
-    inp = make_m2_case(40, 52, 9, 14, 6, 3, t, gate_kind="random_k", seed=t)
+    inp = make_m2_case(40, 52, 9, 14, 6, 3, t, gate_kind="random_k", seed=t, random_values=True)
     low = cast({**inp, "w_g": None}, dtype)
     low.pop("w_g")
     for n in ("u_g", "v_g"):
@@ -491,7 +496,8 @@ DIT_SHAPES = [(384, 1536), (768, 768), (1152, 3456), (4608, 1152)]  # S.fc1, B.p
 def test_gpu_dit_shapes(monkeypatch, n_in, n_out, t, dtype):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     b = 8 if t == 256 else 24
-    inp = make_case(n_in, n_out, 96, 32, b, t, gate_kind="random_k", classes=10, seed=n_in, device="cuda")
+    inp = make_case(n_in, n_out, 96, 32, b, t, gate_kind="random_k", classes=10, seed=n_in, device="cuda",
+                    random_values=True)
     check_against_oracle(inp, dtype, GRADS, f"GPU {n_in}x{n_out} T={t}")
 
 
@@ -502,7 +508,7 @@ def test_gpu_factored_m2(monkeypatch, t):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     b = 8 if t == 256 else 24
     inp = {n: (v.cuda() if isinstance(v, torch.Tensor) else v)
-           for n, v in make_m2_case(1152, 1152, 64, 96, 32, b, t, classes=10, seed=5).items()}
+           for n, v in make_m2_case(1152, 1152, 64, 96, 32, b, t, classes=10, seed=5, random_values=True).items()}
     low = {n: (v.to(torch.bfloat16) if n in ("x", "u_g", "v_g", "bias", "u_t", "v_t") else v)
            for n, v in inp.items()}
     low["sigma_g"], low["sigma_t"], low["val"] = inp["sigma_g"].float(), inp["sigma_t"].float(), inp["val"].float()

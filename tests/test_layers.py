@@ -118,6 +118,25 @@ def test_reset_tailors_keeps_learngenes_and_sets_gate():
         layer.reset_tailors(ClassGate.block(3, 10, 5))
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_reset_tailors_have_the_scale_of_a_fresh_init(seed):
+    """Transfer's new tailors are the tail components of a fresh nn.Linear-style init: their
+    σ_T match the same singular values of an independently drawn nn.Linear weight (to the
+    spread of random matrices), and U_T, V_T have orthonormal rows. Scaling them by 1e-3 (or
+    by 1e3) went unnoticed before this test."""
+    torch.manual_seed(seed)
+    layer = kf.FastKindLinear(48, 96, tailor_rank=12, gate=ClassGate.block(3, 12, 4))
+    with torch.no_grad():
+        layer.sigma_t.mul_(1e3)  # whatever the tailors were (trained), reset replaces them
+    layer.reset_tailors(generator=torch.Generator().manual_seed(100 + seed))
+    ref = torch.linalg.svdvals(torch.nn.Linear(48, 96).weight.detach().double())[36:48]  # the same components
+    ratio = layer.sigma_t.double() / ref
+    assert ratio.min() > 0.7 and ratio.max() < 1.4, ratio
+    eye = torch.eye(12, dtype=torch.float64)
+    for m in (layer.u_t, layer.v_t):
+        torch.testing.assert_close(m.double() @ m.double().t(), eye, atol=1e-5, rtol=0)
+
+
 def test_learngene_weight_cache_only_inside_a_scope():
     layer, _ = _layer()
     layer.freeze_learngenes()

@@ -304,3 +304,78 @@ def test_export_cli_from_a_base_and_task_and_errors(runs, tmp_path, capsys):
     assert main(["export", str(t1), "--classes", "0,1", "--form", "dense", "--out", str(tmp_path / "d")]) == 2
     assert "one class" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists() and not (tmp_path / "d").exists()
+
+
+# =====================================================================================
+# Issue 21: task.json bound to its tensors, known dtypes, a killed re-save
+# =====================================================================================
+def _edited_copy(src, dst, fn):
+    import shutil
+
+    d = shutil.copytree(src, dst)
+    cfg = json.loads((d / "task.json").read_text())
+    fn(cfg)
+    (d / "task.json").write_text(json.dumps(cfg))
+    return d
+
+
+@pytest.mark.parametrize("edit", ["null", "dropout", "num_heads", "dtype"])
+def test_an_edited_task_json_is_refused(base, three_tasks, tmp_path, edit):
+    """The random_k gate's null mode, say, is in task.json only: editing it changed the task
+    silently. Now task.safetensors records the SHA-256 of task.json's content."""
+    _, dirs = three_tasks
+    load_task(copy.deepcopy(base), dirs[1])
+    edits = {"null": lambda c: c["gate"].update(null="all"),
+             "dropout": lambda c: c.update(class_dropout_prob=0.5),
+             "num_heads": lambda c: (c["base"]["arch"].update(num_heads=2)),
+             "dtype": lambda c: c.update(dtype="bfloat16")}
+    d = _edited_copy(dirs[1], tmp_path / "t", edits[edit])
+    with pytest.raises(ValueError, match="does not describe the tensors|does not describe the weights"):
+        load_task(copy.deepcopy(base), d)
+    # names and where the base came from are for people: editing them is fine
+    d2 = _edited_copy(dirs[1], tmp_path / "t2", lambda c: (c.update(name="renamed"),
+                                                           c["base"].update(source="elsewhere")))
+    load_task(copy.deepcopy(base), d2)
+
+
+@pytest.mark.parametrize("bad", ["float33", "Tensor", None])
+def test_an_unknown_task_dtype_is_refused_at_load(base, three_tasks, tmp_path, bad):
+    _, dirs = three_tasks
+    d = _edited_copy(dirs[0], tmp_path / "t", lambda c: c.update(dtype=bad))
+    with pytest.raises(ValueError, match=r"dtype .* is not one kind_fast saves"):
+        load_task(copy.deepcopy(base), d)
+
+
+def test_a_task_whose_resave_was_killed_between_renames_says_where_it_is(base, three_tasks, tmp_path):
+    import os
+    import shutil
+
+    from kind_fast.atomic import old_name
+
+    _, dirs = three_tasks
+    d = tmp_path / "task"
+    shutil.copytree(dirs[0], d)
+    old = old_name(d)
+    os.replace(d, old)  # what a kill between atomic_directory's two renames leaves
+    with pytest.raises(FileNotFoundError, match=rf"previous task survives in .*{old.name}.*mv '"):
+        load_task(copy.deepcopy(base), d)
+    os.replace(old, d)
+    load_task(copy.deepcopy(base), d)
+
+
+def test_export_cli_classes_and_sampling_a_dense_export(runs, tmp_path, capsys):
+    """Item 7: --classes '' exported every class, --classes 0,0,1 printed [0, 0, 1]; and kind-fast
+    sample ran CFG on a dense export (no null label)."""
+    _, t1, _ = runs
+    assert main(["export", str(t1), "--classes", "", "--out", str(tmp_path / "none")]) == 2
+    assert "names no class" in capsys.readouterr().err and not (tmp_path / "none").exists()
+    assert main(["export", str(t1), "--classes", "1,1,0", "--out", str(tmp_path / "m")]) == 0
+    assert "classes [1, 0] + null label 2" in capsys.readouterr().out
+    assert kf.load_export(tmp_path / "m").classes == [1, 0]
+    assert main(["export", str(t1), "--classes", "1", "--form", "dense", "--out", str(tmp_path / "d")]) == 0
+    common = ["--steps", "2", "--n-per-class", "1", "--out", str(tmp_path / "s.png")]
+    assert main(["sample", str(tmp_path / "d"), *common]) == 2
+    assert "--cfg-scale 1" in capsys.readouterr().err
+    assert main(["sample", str(tmp_path / "d"), "--classes", "0", "--cfg-scale", "1", *common]) == 2
+    assert "serves classes [1] only" in capsys.readouterr().err
+    assert main(["sample", str(tmp_path / "d"), "--cfg-scale", "1", *common]) == 0

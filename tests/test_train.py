@@ -175,6 +175,31 @@ def test_image_folder_bad_paths(tmp_path):
         ImageFolder(tmp_path / "b", classes=[3])
 
 
+def test_unreadable_images_stop_the_run_before_the_model_is_built(tmp_path, monkeypatch):
+    """Issue 21 item 7: a corrupt image in an ImageFolder killed the run at its first batch,
+    after the model was built (and, for a large model, after minutes of setup)."""
+    pytest.importorskip("PIL")
+    import kind_fast.train.loop as loop
+
+    _write_images(tmp_path, [("a", 3, (8, 8)), ("b", 3, (8, 8))])
+    (tmp_path / "a" / "1.png").write_bytes(b"not a png at all")
+    good = (tmp_path / "b" / "2.png").read_bytes()
+    (tmp_path / "b" / "2.png").write_bytes(good[: len(good) // 2])  # truncated: the header still reads
+    with pytest.raises(ValueError, match=r"2 of 6 images cannot be read: .*a/1\.png.*b/2\.png"):
+        ImageFolder(tmp_path, image_size=8)
+
+    def no_model(*a, **k):
+        raise AssertionError("the model was built before the data was checked")
+
+    monkeypatch.setattr(loop, "build_model", no_model)
+    cfg = tiny_config(tmp_path / "run", data={"source": "imagefolder", "path": str(tmp_path), "image_size": 8})
+    with pytest.raises(ValueError, match="images cannot be read"):
+        Trainer(cfg)
+    (tmp_path / "a" / "1.png").unlink()
+    (tmp_path / "b" / "2.png").write_bytes(good)
+    assert len(ImageFolder(tmp_path, image_size=8)) == 5
+
+
 def test_latent_shards_round_trip(tmp_path):
     g = torch.Generator().manual_seed(0)
     lat = torch.randn(7, 4, 2, 2, generator=g).half()
@@ -327,7 +352,8 @@ def test_trainer_writes_its_outputs(tmp_path):
     paths = tr.export()
     tr.close()
     saved = RunConfig.from_dict(json.loads((tmp_path / "run" / "config.json").read_text()))
-    assert saved == cfg
+    # the config as given, with the model that was built filled in (the tiny defaults here)
+    assert saved == cfg.with_overrides({"model.patch_size": 2, "model.mlp_ratio": 4.0, "model.learn_sigma": True})
     assert (paths["ema"] / "kind_config.json").is_file() and (paths["model"] / "train_spec.json").is_file()
     header = (tmp_path / "run" / "metrics.csv").read_text().splitlines()[0]
     assert header.startswith("step,loss,mse,vb,lr,grad_norm")

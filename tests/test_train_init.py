@@ -125,3 +125,89 @@ def test_pretrain_init_pt_file_of_a_custom_width_needs_its_heads(tmp_path, dense
     torch.testing.assert_close(build_model(cfg, spec).eval()(x, t, y), dense(x, t, y), rtol=1e-5, atol=1e-5)
     assert main(["pretrain", "--init", str(tmp_path / "dit.pt"), "--init-num-heads", str(heads), "--steps", "1",
                  "--out", str(tmp_path / "o2"), "--no-sample", *TINY_FLAGS]) == 0
+
+
+# =====================================================================================
+# Issue 21 item 6: model settings are never silently ignored; config.json records the model built
+# =====================================================================================
+def test_a_preset_with_other_sizes_is_refused(tmp_path):
+    """--model DiT-S/8 --set model.hidden_size=64 --set model.depth=1 built hidden 384, depth 12
+    (43M parameters) while config.json said 64 / 1."""
+    from kind_fast.train.config import RunConfig
+    from kind_fast.train.models import make_spec, record_built_model
+
+    def cfg(**model):
+        return RunConfig.from_dict({"out": str(tmp_path / "o"), "model": {"name": "DiT-S/8", **model}})
+
+    with pytest.raises(ValueError, match=r"DiT-S/8 fixes hidden_size=384, depth=12, but the config gives "
+                                         r"hidden_size=64, depth=1"):
+        make_spec(cfg(hidden_size=64, depth=1), 10, (1, 8, 8))
+    for same in ({}, {"hidden_size": 384, "num_heads": 6}, {"mlp_ratio": 2.0}):  # the preset's own, or not its key
+        c = cfg(**same)
+        spec = make_spec(c, 10, (1, 8, 8))
+        built = record_built_model(c, spec).model
+        assert (built.hidden_size, built.depth, built.num_heads, built.patch_size) == (384, 12, 6, 8)
+        assert built.mlp_ratio == same.get("mlp_ratio", 4.0) == spec["arch"]["mlp_ratio"]
+    # without a preset, the given sizes are what is built
+    c = RunConfig.from_dict({"out": str(tmp_path / "o"), "model": {"hidden_size": 48, "depth": 1}})
+    built = record_built_model(c, make_spec(c, 10, (1, 8, 8))).model
+    assert (built.hidden_size, built.depth, built.num_heads, built.tailor_rank, built.active) == (48, 1, 4, 16, 4)
+
+
+def test_pretrain_init_records_the_init_model_and_refuses_other_sizes(tmp_path, dense_run, capsys):
+    """pretrain --init recorded the trainer's defaults (hidden 64, depth 4) in config.json for a
+    model of the init's size; a size that differs from the init's was silently dropped."""
+    out = tmp_path / "k"
+    assert main(["pretrain", "--init", str(dense_run), "--steps", "1", "--out", str(out), "--no-sample",
+                 "--set", "model.tailor_rank=8", "--set", "model.active=2", "--batch-size", "8", "--no-progress",
+                 "--tensorboard", "off"]) == 0
+    saved = json.loads((out / "config.json").read_text())["model"]
+    init = json.loads((dense_run / "ema" / "train_spec.json").read_text())["arch"]
+    assert {k: saved[k] for k in ("hidden_size", "depth", "num_heads", "patch_size")} == \
+        {k: init[k] for k in ("hidden_size", "depth", "num_heads", "patch_size")} == \
+        {"hidden_size": 32, "depth": 2, "num_heads": 2, "patch_size": 2}
+    assert (saved["tailor_rank"], saved["active"]) == (8, 2)
+    capsys.readouterr()
+    assert main(["pretrain", "--init", str(dense_run), "--steps", "1", "--out", str(tmp_path / "k2"),
+                 *TINY_FLAGS, "--set", "model.depth=4"]) == 2
+    assert "has depth=2, but the config gives depth=4" in capsys.readouterr().err
+    # transfer: the pretrained model fixes the architecture and the KIND layout
+    for flag, msg in (("model.hidden_size=64", "has hidden_size=32"), ("model.tailor_rank=16", "has tailor_rank=8")):
+        assert main(["transfer", "--init", str(out), "--classes", "8,9", "--steps", "1",
+                     "--out", str(tmp_path / "t"), *TINY_FLAGS, "--set", flag]) == 2
+        assert msg in capsys.readouterr().err
+    assert main(["transfer", "--init", str(out), "--classes", "8,9", "--steps", "1", "--model", "DiT-S/2",
+                 "--out", str(tmp_path / "t"), "--no-progress"]) == 2  # a preset that is not the init's
+    assert "has depth=2, hidden_size=32, num_heads=2, but the config gives depth=12" in capsys.readouterr().err
+    assert not (tmp_path / "t" / "checkpoints").exists()
+
+
+def test_pretrain_init_uses_the_kind_defaults_of_convert(tmp_path, capsys):
+    """pretrain --init DIT.pt took the trainer's tiny-model defaults (tailor rank 16, active 4)
+    where kind-fast convert takes 96 / 32, so a task trained on one base could not be served by
+    the other ("task has tailor_rank=16, this base has 96")."""
+    from kind_fast.dit import KindConfig
+    from kind_fast.train.config import RunConfig
+    from kind_fast.train.models import init_info, make_spec
+
+    torch.manual_seed(0)
+    dense = DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=128, depth=1, num_heads=2, num_classes=10,
+                kind=None)
+    torch.save(dense.state_dict(), tmp_path / "dit.pt")
+    assert main(["convert", str(tmp_path / "dit.pt"), "--out", str(tmp_path / "conv"), "--num-heads", "2"]) == 0
+    converted = init_info(tmp_path / "conv")["kind"]
+    cfg = RunConfig.from_dict({"out": str(tmp_path / "o"), "method": {"init": str(tmp_path / "dit.pt"),
+                                                                     "init_num_heads": 2}})
+    kind = make_spec(cfg, 10, (1, 8, 8))["kind"]
+    assert (kind["tailor_rank"], kind["active"]) == (converted["tailor_rank"], converted["active"]) == \
+        (KindConfig().tailor_rank, KindConfig().active) == (96, 32)
+    assert {k: kind[k] for k in converted if k != "seed"} == {k: converted[k] for k in converted if k != "seed"}
+    # a fresh tiny model keeps its own small defaults
+    fresh = make_spec(RunConfig.from_dict({"out": str(tmp_path / "f")}), 10, (1, 8, 8))["kind"]
+    assert (fresh["tailor_rank"], fresh["active"]) == (16, 4)
+    # an init too narrow for the default says which setting to pass
+    small = RunConfig.from_dict({"out": str(tmp_path / "s"), "method": {"init": str(tmp_path / "dit.pt"),
+                                                                       "init_num_heads": 2},
+                                 "model": {"tailor_rank": 200}})
+    with pytest.raises(ValueError, match="model.tailor_rank 200 exceeds the hidden size 128"):
+        make_spec(small, 10, (1, 8, 8))

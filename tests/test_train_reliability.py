@@ -10,8 +10,8 @@ import random
 import signal
 import subprocess
 import sys
-import time
 import zipfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -89,6 +89,79 @@ def test_resume_from_an_older_checkpoint_moves_newer_ones_aside(tmp_path):
                  log=lambda *a: None)
     assert tr.step == 6 and tr.cfg.optim.lr == 3e-3
     tr.close()
+
+
+def test_resume_from_an_older_checkpoint_retires_every_output_of_the_abandoned_run(tmp_path):
+    """Issue 21 item 1: a KIND transfer writes task/ (and eval.json, eval.csv, loss.png, samples/)
+    from its newest state; resuming from an older checkpoint must move all of them aside before
+    it trains, so a run killed right after that serves nothing of the abandoned run (export
+    --task and sample-tasks read <out>/task)."""
+    from kind_fast.__main__ import main
+    from kind_fast.tasks import load_base, load_task
+
+    pre, out = tmp_path / "pre", tmp_path / "t"
+    assert main(["pretrain", "--steps", "2", "--out", str(pre), "--no-sample", *TINY_FLAGS]) == 0
+    run = ["transfer", "--init", str(pre), "--method", "kind", "--classes", "8,9", "--out", str(out),
+           "--steps", "6", "--ckpt-every", "3", "--keep-last", "5", "--sample-every", "3", "--eval-every", "6",
+           "--set", "eval.metric_samples=2", "--set", "eval.sample_steps=2", "--eval", "--eval-samples", "2",
+           *TINY_FLAGS]
+    assert main(run) == 0
+    written = {p.name for p in out.iterdir()}
+    # every name a run writes is classified: superseded, copied aside, or kept and continued
+    unknown = written - set(ck.RUN_OUTPUTS) - set(ck.RUN_RECORDS) - set(ck.RUN_KEPT)
+    assert not unknown, f"outputs a resume would neither retire nor keep: {sorted(unknown)}"
+    assert {"task", "eval.json", "eval.csv", "samples", "model", "ema"} <= written
+    before = {n: (out / n).read_bytes() for n in ("eval.json", "eval.csv")}
+    task6 = (out / "task" / "task.safetensors").read_bytes()
+    # resume from step 3 and "die" right after the start (superseded/ exists, nothing trained)
+    tr = Trainer(tiny_config(out, mode="transfer", steps=6, ckpt_every=3, keep_last=5,
+                             data={"classes": [8, 9]}, method={"name": "kind", "init": str(pre)},
+                             optim={"lr": 1e-3, "warmup_steps": 0}, log_every=1),
+                 resume=str(out / "checkpoints" / "step_00000003.pt"), log=lambda *a: None)
+    tr.close()
+    aside, = (out / ck.SUPERSEDED_DIR).iterdir()
+    for name in ck.RUN_OUTPUTS:  # nothing made from step 6 is live any more ...
+        assert not (out / name).exists(), name
+    with pytest.raises(FileNotFoundError, match="not a kind_fast task folder"):
+        load_task(load_base(pre), out / "task")
+    # ... and nothing is lost: it is all in superseded/
+    assert (aside / "task" / "task.safetensors").read_bytes() == task6
+    load_task(load_base(pre), aside / "task")
+    for name, data in before.items():
+        assert (aside / name).read_bytes() == data
+    assert {p.name for p in (aside / "samples").iterdir()} >= {"step_00000003.png", "step_00000006.png", "grid.png"}
+    assert [p.name for p in (aside / "checkpoints").iterdir()] == ["step_00000006.pt"]
+
+
+def test_a_kill_inside_supersede_never_leaves_stale_outputs_live(tmp_path, monkeypatch):
+    """The newer checkpoints are what makes a start supersede: they move last, so a process
+    killed after some of the moves supersedes the rest at its next start."""
+    out = tmp_path / "run"
+    _run(tiny_config(out, steps=4, ckpt_every=2, keep_last=3))
+    from kind_fast.train.models import save_weights
+
+    tr = Trainer(tiny_config(out, steps=4, ckpt_every=2, keep_last=3), resume="auto", log=lambda *a: None)
+    save_weights(tr.eval_model(), tr.spec, out / "ema")  # the step-4 outputs
+    tr.close()
+    real, moves = os.replace, []
+
+    def dies_after_the_first_move(src, dst):  # the process dies after supersede's first move
+        if ck.SUPERSEDED_DIR in Path(dst).parts:
+            if moves:
+                raise KeyboardInterrupt("killed")
+            moves.append(Path(src).name)
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", dies_after_the_first_move)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(tiny_config(out, steps=4, ckpt_every=2, keep_last=3),
+                resume=str(out / "checkpoints" / "step_00000002.pt"), log=lambda *a: None)
+    monkeypatch.setattr(os, "replace", real)
+    assert moves == ["ema"]
+    tr = Trainer(tiny_config(out, steps=4, ckpt_every=2, keep_last=3),
+                 resume=str(out / "checkpoints" / "step_00000002.pt"), log=lambda *a: None)
+    tr.close()
+    assert not (out / "ema").exists() and _steps(out) == [2]
 
 
 def test_pruning_never_deletes_what_it_just_wrote(tmp_path):
@@ -317,50 +390,96 @@ def test_stale_temp_files_are_removed(tmp_path):
     assert sorted(p.name for p in d.iterdir()) == sorted(["step_00000001.pt", other_host])
 
 
+KILL_CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kill_child.py")
+
+
+def _killed_run(argv, point, at, match, timeout=600):
+    """Run ``python -m kind_fast *argv`` and SIGKILL it at the ``at``-th ``point`` event of an
+    atomic write whose final path contains ``match`` (tests/kill_child.py: hooks, not timing)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO, HF_HUB_OFFLINE="1", KF_KILL_POINT=point,
+               KF_KILL_AT=str(at), KF_KILL_MATCH=match)
+    return subprocess.run([sys.executable, KILL_CHILD, "-m", "kind_fast", *argv], capture_output=True, text=True,
+                          env=env, cwd=REPO, timeout=timeout)
+
+
+def _weights_load_or_are_refused(folder):
+    """A weights folder a killed export left: loads, or is refused as a whole (never mixed)."""
+    from kind_fast.train.models import load_weights
+
+    if not folder.exists():
+        return "missing"
+    try:
+        load_weights(folder)
+    except (ValueError, FileNotFoundError):
+        return "refused"
+    return "loads"
+
+
 @pytest.mark.slow
 def test_kill_loop_never_leaves_an_accepted_partial_checkpoint(tmp_path):
-    """SIGKILL a training process again and again, aiming at checkpoint and export writes;
-    every file under a final name stays loadable, and the next run leaves no temp file."""
+    """SIGKILL a training process again and again, each time at a chosen step of a checkpoint or
+    export write (aimed by hooks, so every kill lands inside a write however busy the machine is);
+    every file under a final name stays loadable, exports load or are refused as a whole, and
+    the next run finishes and leaves no temporary file."""
     out = tmp_path / "run"
     flags = [f"--set=model.{k}={v}" for k, v in
              {"hidden_size": 96, "depth": 2, "num_heads": 2, "tailor_rank": 8, "active": 2}.items()]
-    argv = [sys.executable, "-m", "kind_fast", "pretrain", "--out", str(out), "--steps", "30", "--ckpt-every", "1",
-            "--keep-last", "2", "--batch-size", "4", "--no-progress", "--no-sample", "--tensorboard", "off",
-            "--resume", *flags]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
-    watched = [out / "checkpoints", out / "model", out / "ema"]
-    rng = random.Random(1)
-    hits = 0
-    for _ in range(4):
-        # kill at the start of the k-th checkpoint (or export) write this process makes
-        k = rng.randint(1, 4)
-        p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=REPO)
-        deadline = time.monotonic() + 300
-        seen: set[str] = set()
-        killed_mid_write = False
-        while time.monotonic() < deadline and p.poll() is None:
-            temps = {n for d in watched if d.is_dir() for n in os.listdir(d) if ".tmp-" in n}
-            seen |= temps
-            if temps and len(seen) >= k:
-                killed_mid_write = True
-                break
-        p.send_signal(signal.SIGKILL)
-        p.wait()
-        if killed_mid_write:
-            hits += 1
+    argv = ["pretrain", "--out", str(out), "--steps", "12", "--ckpt-every", "1", "--keep-last", "2",
+            "--batch-size", "4", "--no-progress", "--no-sample", "--tensorboard", "off", "--resume", *flags]
+    kills = [("write", 2, "/checkpoints/"), ("rename", 2, "/checkpoints/"), ("renamed", 1, "/checkpoints/"),
+             ("write", 3, "/checkpoints/"), ("rename", 1, "/model/"), ("write", 2, "/ema/"), ("renamed", 3, "/ema/")]
+    for point, at, match in kills:
+        r = _killed_run(argv, point, at, match)
+        assert r.returncode == -signal.SIGKILL, f"{point} {at} {match}: not killed (rc {r.returncode}) " \
+                                                f"{r.stderr[-1500:]}"
         for _, path in ck.list_checkpoints(out):  # never a partial file under a final name
             ck.load_checkpoint(path)
-    print(f"{hits} of 4 kills landed during a write")
-    assert hits >= 1, "no kill landed during a write; the test did not exercise what it should"
-    r = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+        for w in ("model", "ema"):
+            _weights_load_or_are_refused(out / w)
+    r = subprocess.run([sys.executable, "-m", "kind_fast", *argv], capture_output=True, text=True, cwd=REPO,
+                       env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO), timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
-    leftovers = [str(p) for p in out.rglob("*") if ".tmp-" in p.name]
+    leftovers = [str(p) for p in out.rglob("*") if ".tmp-" in p.name or ".old-" in p.name]
     assert leftovers == []
-    assert _steps(out) == [29, 30]
+    assert _steps(out) == [11, 12]
     from kind_fast.train.models import load_weights
 
     load_weights(out / "model")
     load_weights(out / "ema")
+
+
+@pytest.mark.slow
+def test_kill_loop_over_task_writes(tmp_path):
+    """A KIND transfer SIGKILLed at each step of writing its task folder (a whole-folder write:
+    atomic_directory), aimed by hooks: <out>/task is the previous task or the new one, whole, or
+    missing with the previous one named; the resumed run writes it and sweeps every hidden folder."""
+    from kind_fast.__main__ import main
+    from kind_fast.tasks import load_base, load_task
+
+    pre, out = tmp_path / "pre", tmp_path / "t"
+    assert main(["pretrain", "--steps", "2", "--out", str(pre), "--no-sample", *TINY_FLAGS]) == 0
+
+    def argv(steps):
+        return ["transfer", "--init", str(pre), "--classes", "8,9", "--out", str(out), "--steps", str(steps),
+                "--no-sample", "--resume", *TINY_FLAGS]
+
+    assert main(argv(2)) == 0  # a first task, at step 2
+    base = load_base(pre)
+    first = (out / "task" / "task.safetensors").read_bytes()
+    for steps, point in enumerate(("write", "rename", "between", "renamed"), start=3):
+        # each attempt trains one more step, then rewrites the task and is killed inside that write
+        r = _killed_run(argv(steps), point, 1, "/task")
+        assert r.returncode == -signal.SIGKILL, f"{point}: not killed (rc {r.returncode}) {r.stderr[-1500:]}"
+        assert [p for p in out.iterdir() if p.name.startswith(".task.")], f"{point}: the kill left nothing behind"
+        if point == "between":
+            with pytest.raises(FileNotFoundError, match=r"previous task survives in .*\.task\.old-.*mv '"):
+                load_task(base, out / "task")
+        else:  # whole: the previous task, or (renamed) the new one
+            load_task(base, out / "task")
+            assert ((out / "task" / "task.safetensors").read_bytes() != first) == (point == "renamed")
+    assert main(argv(7)) == 0
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == [".kind_fast.lock"]
+    load_task(base, out / "task")
 
 
 # =====================================================================================

@@ -27,9 +27,13 @@ Policy (``docs/design.md`` §4):
   never deletes the checkpoint it just wrote, nor anything newer;
 * resuming from a checkpoint when the run folder holds newer ones (for example after the
   newest was found truncated) moves the newer ones, and the outputs that came from them
-  (``model/``, ``ema/``, ``samples/``, ``eval.json``, copies of ``metrics.csv`` and
-  ``config.json``), to ``<out>/superseded/<time>-after-step-N/``: nothing is deleted, and the
-  resumed run can neither continue the old one nor be mistaken for it;
+  (``RUN_OUTPUTS``: ``model/``, ``ema/``, ``task/``, ``samples/``, ``eval.json``, ``loss.png``;
+  copies of the records ``RUN_RECORDS``: ``metrics.csv``, ``eval.csv``, ``config.json``), to
+  ``<out>/superseded/<time>-after-step-N/``: nothing is deleted, and the resumed run can
+  neither continue the old one nor be mistaken for it (no ``export --task`` or
+  ``sample-tasks`` serves the abandoned run's task). Everything else a run writes is
+  ``RUN_KEPT``: it stays and is continued (``log.txt`` appends, TensorBoard purges the
+  redone steps, W&B resumes);
 * resuming into a run folder from a checkpoint of *another* folder is refused while the run
   folder holds checkpoints of its own.
 """
@@ -46,15 +50,18 @@ from pathlib import Path
 import torch
 
 from kind_fast.atomic import atomic_torch_save
+from kind_fast.train.runlock import LOCK_FILE
 
 FORMAT = "kind_fast.train"
 FORMAT_VERSION = 1
 CKPT_DIR = "checkpoints"
 SUPERSEDED_DIR = "superseded"
 # outputs of a run that a resume from an older checkpoint supersedes (moved aside) ...
-RUN_OUTPUTS = ("model", "ema", "samples", "eval.json")
-# ... and records it keeps writing into (copied aside: the resumed run truncates/overwrites them)
-RUN_RECORDS = ("metrics.csv", "config.json")
+RUN_OUTPUTS = ("model", "ema", "task", "samples", "eval.json", "loss.png")
+# ... records it keeps writing into (copied aside: the resumed run truncates/overwrites them) ...
+RUN_RECORDS = ("metrics.csv", "eval.csv", "config.json")
+# ... and what stays (every name a run writes is in exactly one of the three; tests check it)
+RUN_KEPT = (CKPT_DIR, SUPERSEDED_DIR, "log.txt", "tb", "wandb", "wandb_id.txt", LOCK_FILE)
 _NAME = re.compile(r"^step_(\d{8,})\.pt$")
 
 
@@ -212,9 +219,11 @@ def supersede_newer(out: str | os.PathLike, step: int) -> Path | None:
     for name in RUN_RECORDS:
         if (out / name).is_file():
             shutil.copy2(out / name, dest / name)
-    for p in newer:
-        os.replace(p, dest / CKPT_DIR / p.name)
+    # the outputs first, the newer checkpoints last: they are what makes the next start
+    # supersede again, so a process killed in between never leaves stale outputs live
     for name in RUN_OUTPUTS:
         if (out / name).exists():
             os.replace(out / name, dest / name)
+    for p in newer:
+        os.replace(p, dest / CKPT_DIR / p.name)
     return dest

@@ -223,7 +223,10 @@ def run_sample(args: argparse.Namespace) -> int:
     from kind_fast.train.sampling import check_sampling_args
 
     try:
+        from kind_fast.atomic import refuse_missing_folder
+
         src = Path(args.weights)
+        refuse_missing_folder(src, "export", "export it again")  # an export killed while it replaced src
         wdir = src
         export = (src / "export_config.json").is_file()  # a kind-fast export folder
         if not (export or (src / SPEC_FILE).is_file() or (src / "kind_config.json").is_file()):
@@ -254,6 +257,13 @@ def run_sample(args: argparse.Namespace) -> int:
         bad = [c for c in classes if not 0 <= c < n]
         if bad:
             raise ValueError(f"--classes {bad} out of range: the model has classes 0..{n - 1}")
+        if export:
+            unserved = [c for c in classes if c not in served]
+            if unserved:
+                raise ValueError(f"--classes {unserved}: the export {src} serves classes {served} only")
+            if args.cfg_scale != 1.0 and not getattr(model, "guidance", False):
+                raise ValueError(f"the export {src} has no null label (exported without guidance), so it cannot "
+                                 "run classifier-free guidance: sample it with --cfg-scale 1")
         labels = sample_labels(classes, num_samples=args.num_samples, n_per_class=args.n_per_class)
         arch = model.arch
         shape = (arch["in_channels"], arch["input_size"], arch["input_size"])

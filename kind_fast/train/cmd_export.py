@@ -55,9 +55,14 @@ def run(args: argparse.Namespace) -> int:
         if getattr(model, "kind", None) is None:
             raise ValueError(f"{args.run} holds a dense model: export serves KIND models (a dense DiT is "
                              "already its own export)")
-        classes = parse_int_list(args.classes, "--classes") if args.classes else list(range(model.num_classes))
+        classes = parse_int_list(args.classes, "--classes") if args.classes is not None \
+            else list(range(model.num_classes))
+        if not classes:
+            raise ValueError(f"--classes {args.classes!r} names no class (leave it out to export all "
+                             f"{model.num_classes})")
         guidance = not (args.no_guidance or args.form == "dense")
         exported = model.export(classes, args.form, guidance=guidance)
+        classes = list(getattr(exported, "classes", None) or exported.export_classes)  # as served: no repeats
         out = save_export(exported, args.out, overwrite=args.overwrite,
                           source=str(args.task or args.run))
     except (ValueError, TypeError, FileNotFoundError, FileExistsError) as e:

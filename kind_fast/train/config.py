@@ -27,6 +27,12 @@ from pathlib import Path
 from typing import Any
 
 MODES = ("pretrain", "transfer")
+# a fresh model's architecture where neither the config nor a preset gives it: a tiny DiT for digits
+TINY_ARCH = {"hidden_size": 64, "depth": 4, "num_heads": 4, "patch_size": 2, "mlp_ratio": 4.0, "learn_sigma": True}
+ARCH_KEYS = tuple(TINY_ARCH)
+PRESET_KEYS = ("depth", "hidden_size", "num_heads", "patch_size")  # the order of kind_fast.dit.DiT_models
+# a fresh model's KIND settings where the config does not give them (they suit the tiny model)
+FRESH_KIND = {"tailor_rank": 16, "active": 4}
 PRETRAIN_METHODS = ("kind", "dense")
 TRANSFER_METHODS = ("kind", "full", "lora", "svdiff", "scratch")
 DATA_SOURCES = ("digits", "imagefolder", "latents")
@@ -45,17 +51,24 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    name: str | None = None  # a DiT preset ("DiT-S/2", ...); None: the explicit sizes below
-    hidden_size: int = 64
-    depth: int = 4
-    num_heads: int = 4
-    patch_size: int = 2
-    mlp_ratio: float = 4.0
-    learn_sigma: bool = True
+    """The model. Its size and KIND settings are never silently overridden: None means "not
+    given". A fresh run builds the given sizes (``TINY_ARCH`` for the rest), a preset ``name``
+    fixes hidden_size, depth, num_heads and patch_size, an init (transfer, ``pretrain --init``)
+    fixes all six; a given value that differs from what is built is refused. The tailor rank
+    and active count default to ``FRESH_KIND`` for a fresh model and, for ``pretrain --init`` of
+    a dense DiT, to docs/design.md §1's 96 / 32 (``KindConfig``'s, as ``kind-fast convert``); a
+    KIND init brings its own. ``<out>/config.json`` records the model that was built."""
+
+    name: str | None = None  # a DiT preset ("DiT-S/2", ...); None: the sizes below
+    hidden_size: int | None = None
+    depth: int | None = None
+    num_heads: int | None = None
+    patch_size: int | None = None
+    mlp_ratio: float | None = None
+    learn_sigma: bool | None = None
     class_dropout: float = 0.1
-    # KIND decomposition (docs/design.md §1 defaults are 96 / 32; these suit the tiny default model)
-    tailor_rank: int = 16
-    active: int = 4
+    tailor_rank: int | None = None
+    active: int | None = None
     gate: str = "block"  # block | random_k | all_on
     null: str = "off"  # null-class gate: off (learngenes only) | all | class
     qkv: str = "split"
@@ -194,8 +207,11 @@ class RunConfig:
             need(len(set(d.classes)) == len(d.classes), "data.classes", f"has duplicates: {d.classes}")
         m = self.model
         for key in ("hidden_size", "depth", "num_heads", "patch_size", "tailor_rank", "active"):
-            need(getattr(m, key) >= 1, f"model.{key}", f"must be >= 1, got {getattr(m, key)}")
-        need(m.active <= m.tailor_rank, "model.active", f"({m.active}) must be <= model.tailor_rank ({m.tailor_rank})")
+            v = getattr(m, key)
+            need(v is None or v >= 1, f"model.{key}", f"must be >= 1, got {v}")
+        need(m.mlp_ratio is None or m.mlp_ratio > 0, "model.mlp_ratio", f"must be > 0, got {m.mlp_ratio}")
+        need(m.active is None or m.tailor_rank is None or m.active <= m.tailor_rank, "model.active",
+             f"({m.active}) must be <= model.tailor_rank ({m.tailor_rank})")
         need(0.0 <= m.class_dropout < 1.0, "model.class_dropout", f"must be in [0, 1), got {m.class_dropout}")
         need(m.gate in ("block", "random_k", "all_on"), "model.gate", f"block, random_k or all_on, got {m.gate!r}")
         need(m.null in ("off", "all", "class"), "model.null", f"off, all or class, got {m.null!r}")

@@ -175,11 +175,34 @@ def digits_dataset(classes: Sequence[int] | None, mode: str = "pretrain") -> Ten
     return TensorData(x, y, [str(c) for c in classes])
 
 
+def unreadable_images(files: Sequence[Path], threads: int = 8) -> list[tuple[Path, str]]:
+    """(file, reason) for each of ``files`` that PIL cannot open and verify (header; for PNG,
+    every chunk's CRC: a truncated file too). Threads: the check is mostly file reads."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from PIL import Image
+
+    def check(path: Path) -> str | None:
+        try:
+            with Image.open(path) as im:
+                im.verify()
+        except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, ...
+            return f"{type(e).__name__}: {str(e)[:120]}"
+        return None
+
+    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(files)))) as pool:
+        reasons = list(pool.map(check, files))
+    return [(f, r) for f, r in zip(files, reasons) if r is not None]
+
+
 class ImageFolder:
     """``root/<class>/<image>``: classes are the sorted sub-folder names.
 
     Images are resized (bicubic, antialiased) so the short side is ``image_size``, centre-cropped
-    and scaled to [-1, 1]; read with PIL through numpy.
+    and scaled to [-1, 1]; read with PIL through numpy. Every image is checked when the data set
+    is built (PIL's ``verify``: the header, and for PNG every chunk's CRC), so an unreadable or
+    truncated file stops the run before the model is built, with all such files named, instead of
+    at the first batch that draws one.
 
     Why not torchvision's ImageFolder + CenterCrop/Resize: torchvision's wheels are built for one
     exact torch build. The CPU torch our CI installs (torch 2.13.0+cpu) has no matching
@@ -216,6 +239,11 @@ class ImageFolder:
         keep, new = _relabel(torch.tensor(labels), classes, len(names), str(self.root))
         self.files = [files[i] for i in keep.tolist()]
         self.labels = new
+        bad = unreadable_images(self.files)
+        if bad:
+            listed = "; ".join(f"{f} ({why})" for f, why in bad[:5]) + (" ..." if len(bad) > 5 else "")
+            raise ValueError(f"data.path {self.root}: {len(bad)} of {len(self.files)} images cannot be read: "
+                             f"{listed}. Remove or replace them (nothing was trained)")
         self.class_names = [names[c] for c in classes] if classes is not None else names
         self.num_classes = len(self.class_names)
 

@@ -69,7 +69,7 @@ from kind_fast.train.distributed import (
 )
 from kind_fast.train.evaluate import periodic
 from kind_fast.train.logger import MetricsLogger
-from kind_fast.train.models import build_model, make_spec, model_from_state, save_weights
+from kind_fast.train.models import build_model, make_spec, model_from_state, record_built_model, save_weights
 from kind_fast.train.runlock import RunLock, RunLockedError
 
 # config keys that may change when a run is resumed without changing what it computes
@@ -206,6 +206,8 @@ class Trainer:
         self.sampler = GlobalBatchSampler(len(self.data), cfg.batch_size, cfg.seed)
         self.diffusion = GaussianDiffusion()
         self.spec = make_spec(cfg, self.data.num_classes, self.data.sample_shape)
+        # the config records the model that is built (a preset's or an init's sizes, KIND defaults)
+        self.cfg = cfg = record_built_model(cfg, self.spec)
 
         # ---------------------------------------------------------------- resume?
         ckpt_path = ck.find_resume(self.out, resume) if resume else None

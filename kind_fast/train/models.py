@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from kind_fast.dit import DiT, KindConfig, kind_config_dict
-from kind_fast.train.config import RunConfig
+from kind_fast.train.config import ARCH_KEYS, FRESH_KIND, PRESET_KEYS, TINY_ARCH, RunConfig
 
 SPEC_FILE = "train_spec.json"
 DENSE_WEIGHTS = "model.safetensors"
@@ -48,13 +48,18 @@ DENSE_WEIGHTS = "model.safetensors"
 # =====================================================================================
 # Spec
 # =====================================================================================
-def _arch_from_config(cfg: RunConfig, num_classes: int, sample_shape) -> dict:
+def _preset(cfg: RunConfig) -> dict:
+    """The sizes ``model.name`` fixes ({} without a preset)."""
     from kind_fast.dit import DiT_models
 
+    return dict(zip(PRESET_KEYS, DiT_models[cfg.model.name])) if cfg.model.name is not None else {}
+
+
+def _arch_from_config(cfg: RunConfig, num_classes: int, sample_shape) -> dict:
     m = cfg.model
-    depth, hidden, heads, patch = m.depth, m.hidden_size, m.num_heads, m.patch_size
-    if m.name is not None:
-        depth, hidden, heads, patch = DiT_models[m.name]
+    given = {k: getattr(m, k) for k in ARCH_KEYS if getattr(m, k) is not None}
+    a = {**TINY_ARCH, **given, **_preset(cfg)}  # the preset wins here; check_model_settings refuses a conflict
+    depth, hidden, heads, patch = a["depth"], a["hidden_size"], a["num_heads"], a["patch_size"]
     c, h, w = sample_shape
     if h != w:
         raise ValueError(f"images must be square, got {h}×{w}")
@@ -65,15 +70,27 @@ def _arch_from_config(cfg: RunConfig, num_classes: int, sample_shape) -> dict:
     if hidden % 4:
         raise ValueError(f"model.hidden_size {hidden} must be a multiple of 4")
     return dict(input_size=h, patch_size=patch, in_channels=c, hidden_size=hidden, depth=depth,
-                num_heads=heads, mlp_ratio=m.mlp_ratio, class_dropout_prob=m.class_dropout,
-                num_classes=num_classes, learn_sigma=m.learn_sigma)
+                num_heads=heads, mlp_ratio=a["mlp_ratio"], class_dropout_prob=m.class_dropout,
+                num_classes=num_classes, learn_sigma=a["learn_sigma"])
 
 
-def _kind_from_config(cfg: RunConfig, hidden: int) -> dict:
+# docs/design.md §1's N_T / active, as KindConfig and kind-fast convert use them
+CONVERT_KIND = {"tailor_rank": KindConfig.tailor_rank, "active": KindConfig.active}
+
+
+def _kind_from_config(cfg: RunConfig, hidden: int, defaults: dict = FRESH_KIND) -> dict:
     m = cfg.model
-    if m.tailor_rank > hidden:
-        raise ValueError(f"model.tailor_rank {m.tailor_rank} exceeds the hidden size {hidden}")
-    return kind_config_dict(KindConfig(tailor_rank=m.tailor_rank, active=m.active, gate=m.gate,
+    rank = m.tailor_rank if m.tailor_rank is not None else defaults["tailor_rank"]
+    active = m.active if m.active is not None else defaults["active"]
+    src = "" if m.tailor_rank is not None else \
+        f" (the default{' for --init, as kind-fast convert' if defaults is CONVERT_KIND else ''})"
+    if rank > hidden:
+        raise ValueError(f"model.tailor_rank {rank}{src} exceeds the hidden size {hidden}: set a smaller one "
+                         "(--set model.tailor_rank=N)")
+    if active > rank:
+        raise ValueError(f"model.active {active}{'' if m.active is not None else ' (the default)'} exceeds "
+                         f"model.tailor_rank {rank}: set --set model.active=N")
+    return kind_config_dict(KindConfig(tailor_rank=rank, active=active, gate=m.gate,
                                        null=m.null, qkv=m.qkv, seed=cfg.seed))
 
 
@@ -140,7 +157,9 @@ def _pretrain_init_spec(cfg: RunConfig, num_classes: int, sample_shape) -> dict:
         arch, init_kind = dict(info["arch"]), True
     else:
         arch = dict(info["arch"]) if info is not None else dict(_load_dense_init(cfg).arch)
-        kind = _kind_from_config(cfg, arch["hidden_size"]) if me.name == "kind" else None
+        # a dense init is converted as kind-fast convert converts it (same default N_T / active),
+        # so a base converted by either carries the tasks trained on the other
+        kind = _kind_from_config(cfg, arch["hidden_size"], CONVERT_KIND) if me.name == "kind" else None
         init_kind = False
     if (arch["in_channels"], arch["input_size"], arch["input_size"]) != tuple(sample_shape):
         raise ValueError(f"the init model takes {arch['in_channels']}×{arch['input_size']}×{arch['input_size']} "
@@ -191,7 +210,48 @@ def _pretrain_init_model(cfg: RunConfig, spec: dict) -> nn.Module:
 
 
 def make_spec(cfg: RunConfig, num_classes: int, sample_shape) -> dict:
-    """The model spec of a run (reads the init save's architecture for transfer)."""
+    """The model spec of a run (reads the init save's architecture for transfer). A model
+    setting of ``cfg`` that the spec would not honour is a ValueError (``check_model_settings``)."""
+    spec = _make_spec(cfg, num_classes, sample_shape)
+    check_model_settings(cfg, spec)
+    return spec
+
+
+def check_model_settings(cfg: RunConfig, spec: dict) -> None:
+    """Refuse given model settings that the model of ``spec`` would not have: sizes that a
+    preset (``model.name``) or an init fixes otherwise, a preset that is not the init's, a
+    tailor rank or active count that a KIND init fixes otherwise. Nothing is silently ignored."""
+    m, arch, kind = cfg.model, spec["arch"], spec.get("kind")
+    init = cfg.method.init
+    source = f"the init model ({init})" if init else f"the preset {m.name}"
+    given = {k: getattr(m, k) for k in ARCH_KEYS if getattr(m, k) is not None}
+    if init and m.name is not None:
+        given = {**_preset(cfg), **given}
+    if kind:
+        given.update({k: getattr(m, k) for k in ("tailor_rank", "active") if getattr(m, k) is not None})
+    built = {**arch, **(kind or {})}
+    clash = {k: v for k, v in given.items() if v != built[k]}
+    if clash:
+        gave = ", ".join(f"{k}={v}" for k, v in clash.items())
+        has = ", ".join(f"{k}={built[k]}" for k in clash)
+        what = (f"model.name {m.name} fixes" if not init else f"{source} has")
+        raise ValueError(f"{what} {has}, but the config gives {gave}: they would be ignored. Drop them"
+                         + (" or the preset (--model)" if not init else "") + " (nothing was built)")
+
+
+def record_built_model(cfg: RunConfig, spec: dict) -> RunConfig:
+    """``cfg`` with ``model.*`` set to the model of ``spec`` (what ``<out>/config.json`` records):
+    the sizes actually built, and the KIND settings (None for a model without KIND layers)."""
+    arch, kind = spec["arch"], spec.get("kind")
+    upd: dict = {f"model.{k}": arch[k] for k in ARCH_KEYS}
+    upd["model.tailor_rank"] = kind["tailor_rank"] if kind else None
+    upd["model.active"] = kind["active"] if kind else None
+    if kind and kind.get("gate") != "custom":
+        upd.update({"model.gate": kind["gate"], "model.null": kind["null"], "model.qkv": kind["qkv"]})
+    return cfg.with_overrides(upd)
+
+
+def _make_spec(cfg: RunConfig, num_classes: int, sample_shape) -> dict:
     me = cfg.method
     spec: dict = {"mode": cfg.mode, "method": me.name}
     if cfg.mode == "pretrain" and me.init:
@@ -217,7 +277,7 @@ def make_spec(cfg: RunConfig, num_classes: int, sample_shape) -> dict:
         kind = info["kind"]
         if kind and kind.get("gate") == "custom":  # an explicit gate (kindify): the run's gate settings
             m = cfg.model
-            kind = dict(kind, gate=m.gate, active=m.active, null=m.null)
+            kind = dict(kind, gate=m.gate, active=m.active if m.active is not None else kind["active"], null=m.null)
     else:  # scratch without an init: the config's architecture
         arch, kind = _arch_from_config(cfg, num_classes, sample_shape), None
     spec["arch"] = arch
