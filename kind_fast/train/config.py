@@ -26,10 +26,13 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from kind_fast.gate import DEFAULT_GATE
+
 MODES = ("pretrain", "transfer")
 PRETRAIN_METHODS = ("kind", "dense")
 TRANSFER_METHODS = ("kind", "full", "lora", "svdiff", "scratch")
 DATA_SOURCES = ("digits", "imagefolder", "latents")
+TRAIN_GATES = ("balanced", "block", "random_k", "all_on")
 
 
 @dataclass
@@ -56,7 +59,7 @@ class ModelConfig:
     # KIND decomposition (docs/design.md §1 defaults are 96 / 32; these suit the tiny default model)
     tailor_rank: int = 16
     active: int = 4
-    gate: str = "block"  # block | random_k | all_on
+    gate: str = DEFAULT_GATE  # balanced | block | random_k | all_on (docs/design.md §1.4)
     null: str = "off"  # null-class gate: off (learngenes only) | all | class
     qkv: str = "split"
 
@@ -197,7 +200,7 @@ class RunConfig:
             need(getattr(m, key) >= 1, f"model.{key}", f"must be >= 1, got {getattr(m, key)}")
         need(m.active <= m.tailor_rank, "model.active", f"({m.active}) must be <= model.tailor_rank ({m.tailor_rank})")
         need(0.0 <= m.class_dropout < 1.0, "model.class_dropout", f"must be in [0, 1), got {m.class_dropout}")
-        need(m.gate in ("block", "random_k", "all_on"), "model.gate", f"block, random_k or all_on, got {m.gate!r}")
+        need(m.gate in TRAIN_GATES, "model.gate", f"one of {', '.join(TRAIN_GATES)}, got {m.gate!r}")
         need(m.null in ("off", "all", "class"), "model.null", f"off, all or class, got {m.null!r}")
         need(m.qkv in ("split", "fused"), "model.qkv", f"split or fused, got {m.qkv!r}")
         if m.name is not None:
