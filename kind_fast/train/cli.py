@@ -51,8 +51,8 @@ def add_run_arguments(p: argparse.ArgumentParser, mode: str) -> None:
     p.add_argument("--config", help="YAML or JSON config file")
     for name, (_key, typ, help_text) in _FLAGS.items():
         if name == "method":
-            help_text = ("kind (default) | dense" if mode == "pretrain"
-                         else "kind (default) | full | lora | svdiff | scratch")
+            help_text = ("kind (default) | dense | tleg (TLEG's ancestry)" if mode == "pretrain"
+                         else "kind (default) | full | lora | svdiff | heur_lg | tleg | scratch")
         if name == "init" and mode == "pretrain":
             help_text = ("continue from existing weights: a dense DiT (.pt/.safetensors, diffusers folder, "
                          "kind_fast run) converted to KIND by exact SVD, or a KIND save (kind-fast convert); "

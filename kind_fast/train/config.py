@@ -29,8 +29,8 @@ from typing import Any
 from kind_fast.gate import DEFAULT_GATE
 
 MODES = ("pretrain", "transfer")
-PRETRAIN_METHODS = ("kind", "dense")
-TRANSFER_METHODS = ("kind", "full", "lora", "svdiff", "scratch")
+PRETRAIN_METHODS = ("kind", "dense", "tleg")
+TRANSFER_METHODS = ("kind", "full", "lora", "svdiff", "heur_lg", "tleg", "scratch")
 DATA_SOURCES = ("digits", "imagefolder", "latents")
 TRAIN_GATES = ("balanced", "block", "random_k", "all_on")
 
@@ -66,7 +66,7 @@ class ModelConfig:
 
 @dataclass
 class MethodConfig:
-    # pretrain: kind | dense; transfer: kind | full | lora | svdiff | scratch
+    # pretrain: kind | dense | tleg (TLEG's ancestry); transfer: kind | full | lora | svdiff | heur_lg | tleg | scratch
     name: str = "kind"
     init: str | None = None  # transfer: a pretrain run folder or a kind_fast save folder
     init_weights: str = "ema"  # which weights of a run folder: ema | model
@@ -76,6 +76,8 @@ class MethodConfig:
     freeze_learngenes: bool = True  # KIND transfer
     lora_rank: int = 4
     lora_alpha: float | None = None
+    heur_lg_blocks: int | None = None  # Heur-LG: top DiT blocks inherited (None: half the depth)
+    tleg_depth: int | None = None  # TLEG transfer: blocks of the expanded descendant (None: the ancestry's)
 
 
 @dataclass
@@ -215,6 +217,9 @@ class RunConfig:
         need(me.init_num_heads is None or me.init_num_heads >= 1, "method.init_num_heads",
              f"must be >= 1, got {me.init_num_heads}")
         need(me.lora_rank >= 1, "method.lora_rank", f"must be >= 1, got {me.lora_rank}")
+        need(me.heur_lg_blocks is None or me.heur_lg_blocks >= 1, "method.heur_lg_blocks",
+             f"must be >= 1, got {me.heur_lg_blocks}")
+        need(me.tleg_depth is None or me.tleg_depth >= 1, "method.tleg_depth", f"must be >= 1, got {me.tleg_depth}")
         o = self.optim
         need(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
         need(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
