@@ -219,3 +219,46 @@ def test_digits_quality_reports_every_metric(clf):
     assert out["sfid"] == pytest.approx(M.spatial_frechet_distance(real, fake, M.DigitSpatialFeatures(clf)))
     assert (out["precision"], out["recall"]) == pytest.approx(
         pr_direct(feats(real).double().numpy(), feats(fake).double().numpy()), abs=1e-12)
+
+
+# ------------------------------------------------------------------ scoring an .npz (kind-fast sample --eval)
+def test_iter_npz_streams_rows_in_batches(tmp_path):
+    from kind_fast.train.evaluate import iter_npz
+    from kind_fast.train.sample_ddp import write_npz
+
+    arr = np.arange(7 * 3 * 2 * 1, dtype=np.uint8).reshape(7, 3, 2, 1)
+    np.savez(tmp_path / "a.npz", arr_0=arr, labels=np.arange(7))
+    write_npz(tmp_path / "b.npz", {"arr_0": (arr.shape, np.uint8, [arr[:4], arr[4:]])})
+    for name in ("a.npz", "b.npz"):
+        parts = list(iter_npz(tmp_path / name, batch=3))
+        assert [p.shape[0] for p in parts] == [3, 3, 1] and np.array_equal(np.concatenate(parts), arr)
+    assert np.concatenate(list(iter_npz(tmp_path / "a.npz", "labels"))).tolist() == list(range(7))
+    with pytest.raises(ValueError, match="no array"):
+        list(iter_npz(tmp_path / "b.npz", "labels"))
+
+
+def test_evaluate_npz_equals_the_metrics_on_the_same_images(tmp_path):
+    """The streaming scorer of kind-fast sample --eval gives what the metric functions give on
+    the decoded images: FID, sFID, precision/recall, class accuracy (digits classifier)."""
+    from kind_fast.data import load_digits
+    from kind_fast.train.evaluate import evaluate_npz, uint8_to_images
+    from kind_fast.train.sampling import to_uint8
+
+    x, y = load_digits([3, 5])
+    g = torch.Generator().manual_seed(0)
+    pick = torch.randperm(x.shape[0], generator=g)[:90]
+    fake = (x[pick] + 0.3 * torch.randn(90, 1, 8, 8, generator=g)).clamp(-1, 1)
+    labels = y[pick].numpy()
+    np.savez(tmp_path / "s.npz", arr_0=to_uint8(fake), labels=labels)
+    got = evaluate_npz(tmp_path / "s.npz", digits=[3, 5], seed=0, batch=32)
+    clf, _ = M.train_digit_classifier(0)
+    seen = uint8_to_images(to_uint8(fake))
+    assert got["fid"] == pytest.approx(M.frechet_distance(x, seen, M.DigitFeatures(clf)), rel=1e-6)
+    assert got["sfid"] == pytest.approx(M.frechet_distance(x, seen, M.DigitSpatialFeatures(clf)), rel=1e-6)
+    feats = M.DigitFeatures(clf)
+    assert (got["precision"], got["recall"]) == pytest.approx(
+        pr_direct(feats(x).double().numpy(), feats(seen).double().numpy()), abs=1e-12)
+    acc, _ = M.class_accuracy(seen, torch.tensor([3, 5])[torch.as_tensor(labels)], clf)
+    assert got["class_acc"] == pytest.approx(acc) and (got["n_real"], got["n_generated"]) == (x.shape[0], 90)
+    with pytest.raises(ValueError, match="--ref"):
+        evaluate_npz(tmp_path / "s.npz")
