@@ -242,3 +242,29 @@ def test_check_labels_rechecks_after_in_place_change():
         check_labels(labels, 3)
     with pytest.raises(ValueError, match="out of range"):
         check_labels(torch.tensor([0, 1]), 0)
+
+
+def test_saves_with_the_old_block_default_keep_their_gate(tmp_path):
+    """A KIND-DiT saved with gate="block" (the default before the balanced gate) loads with its
+    block gate whatever the default now is, and its transfer builds a block gate too."""
+    from kind_fast.dit import DiT, KindConfig
+    from kind_fast.serialization import load_pretrained, save_pretrained
+
+    torch.manual_seed(0)
+    kind = KindConfig(tailor_rank=8, active=2, gate="block")
+    model = DiT(input_size=4, patch_size=2, in_channels=1, hidden_size=16, depth=1, num_heads=2,
+                num_classes=6, kind=kind)
+    save_pretrained(model, tmp_path / "old")
+    back = load_pretrained(tmp_path / "old")
+    assert back.kind.gate == "block" and back.kind_gate.kind == "block"
+    assert torch.equal(back.kind_gate.table, ClassGate.block(6, 8, 2).table)
+    back.prepare_transfer(3)
+    assert back.kind_gate.kind == "block" and back.kind_gate.num_classes == 3
+
+
+def test_resume_with_another_gate_names_the_fix():
+    from kind_fast.train.checkpoint import CheckpointError, check_compatible
+
+    spec = {"mode": "pretrain", "method": "kind", "kind": {"gate": "block", "active": 4}}
+    with pytest.raises(CheckpointError, match="--set model.gate=block"):
+        check_compatible({"spec": spec}, dict(spec, kind={"gate": "balanced", "active": 4}), "ck.pt")
