@@ -152,7 +152,8 @@ class ClassGate(nn.Module):
         is kept small (``balanced_sets``: swaps that keep every tailor's use count lower the sum
         of squared pairwise overlaps). Deterministic in ``seed`` on every platform and version
         (its own integer PRNG). With ``null="class"`` the null class is one more class of the
-        design. Needs C ≤ binomial(N_T, K) (distinct sets must exist).
+        design. Distinct sets exist only for C ≤ binomial(N_T, K); beyond that (tiny N_T, many
+        classes) sets repeat, as evenly as the rest of the design allows, with a warning.
         """
         _check_int("num_classes", num_classes, 1)
         _check_int("tailor_rank", tailor_rank, 1)
@@ -415,11 +416,16 @@ def balanced_sets(rows: int, n: int, k: int, *, seed: int = 0) -> Tensor:
        keeps a swap when it lowers Σ_{c<d} O_cd⁴. Proposals target overlaps: c at random, a an
        item c shares with its most-overlapping row, e and b at random. min(50·rows, 3000)
        proposals, then more while two rows are equal (overlap k, the largest term).
-    3. C > binomial(n, k) is refused up front; rows still equal after the search are an error.
+    3. Distinctness. For rows ≤ binomial(n, k), rows still equal after the search are an error
+       (not seen in practice). For more rows than distinct sets exist, sets must repeat: the
+       table keeps balance and the search's overlaps, and a warning says so.
     """
     if rows > math.comb(n, k):
-        raise ValueError(f"{rows} distinct sets of {k} out of {n} tailors do not exist (at most "
-                         f"binomial({n}, {k}) = {math.comb(n, k)}); use more tailors or another gate")
+        import warnings
+
+        warnings.warn(f"{rows} classes but only binomial({n}, {k}) = {math.comb(n, k)} distinct sets of {k} out of "
+                      f"{n} tailors: some classes share a tailor set (use more tailors for class-specific ones)",
+                      stacklevel=3)
     return torch.from_numpy(_balanced_sets(rows, n, k, int(seed)).copy())  # the cached array stays read-only
 
 
@@ -443,7 +449,7 @@ def _balanced_sets(rows: int, n: int, k: int, seed: int):
         np.fill_diagonal(overlap, 0)
         budget, extra = min(50 * rows, 3000), 200 * rows
         it = 0
-        while it < budget or (it < budget + extra and (overlap == k).any()):
+        while it < budget or (it < budget + extra and rows <= math.comb(n, k) and (overlap == k).any()):
             it += 1
             c = rng.below(rows)
             d = int(np.argmax(overlap[c]))
@@ -466,7 +472,7 @@ def _balanced_sets(rows: int, n: int, k: int, seed: int):
                 overlap[e] -= delta
                 overlap[:, c], overlap[:, e] = overlap[c], overlap[e]
     out = g.astype(bool)
-    if len({row.tobytes() for row in out}) != rows:
+    if rows <= math.comb(n, k) and len({row.tobytes() for row in out}) != rows:
         raise ValueError(f"could not make {rows} distinct sets of {k} out of {n} tailors with balanced use; "
                          "use more tailors or another gate")
     out.setflags(write=False)
