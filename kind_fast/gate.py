@@ -26,7 +26,7 @@ NULL_POLICIES = ("off", "all", "class")
 GATE_KINDS = ("balanced", "block", "random_k", "dense", "all_on")
 # The gate KIND-DiT, kindify, ``kind-fast convert`` and the trainer build when none is named. Chosen
 # by measurement (docs/design.md §1.4): balanced distinct tailor sets against block and random_k.
-DEFAULT_GATE = "block"
+DEFAULT_GATE = "balanced"
 
 
 def _check_int(name: str, value: Any, minimum: int) -> int:
