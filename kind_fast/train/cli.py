@@ -218,7 +218,8 @@ def add_sample_arguments(p: argparse.ArgumentParser) -> None:
                         "other models need --ref and --inception-weights")
     p.add_argument("--ref", default=None, help="--eval: reference images, an .npz with arr_0 uint8 N×H×W×C")
     p.add_argument("--inception-weights", default=None,
-                   help="--eval: local Inception-v3 weights (torch-fidelity's weights-inception-2015-12-05-6726825d.pth)")
+                   help="--eval: local Inception-v3 weights "
+                        "(torch-fidelity's weights-inception-2015-12-05-6726825d.pth)")
     p.add_argument("--digit-classes", default=None,
                    help="--eval of a digits model: the digit of each class id (default: from the run's config.json)")
 
