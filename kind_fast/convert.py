@@ -35,9 +35,10 @@ def is_kind_fast_folder(path: Path, which: str = "ema") -> bool:
 
 
 def _from_folder(path: Path, which: str) -> DiT:
+    from kind_fast.baselines import as_plain_dit
     from kind_fast.train.models import load_weights, resolve_init
 
-    model = load_weights(resolve_init(path, which))
+    model = as_plain_dit(load_weights(resolve_init(path, which)))  # a TLEG ancestry: its expanded DiT
     if not isinstance(model, DiT):
         raise ValueError(f"{path} holds a {type(model).__name__}, not a plain DiT (a LoRA/SVDiff run: "
                          "merge or export it to a dense DiT first)")

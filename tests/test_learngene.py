@@ -180,3 +180,13 @@ def test_trainer_learngene_bad_settings(tmp_path, ancestries):
                             method={"name": "heur_lg", "init": str(ancestries["kind"]), "heur_lg_blocks": 3}))
     with pytest.raises(ValueError, match="--init"):
         Trainer(tiny_config(tmp_path / "c", method={"name": "tleg", "init": str(ancestries["kind"])}))
+
+
+def test_convert_reads_a_tleg_ancestry_as_its_expanded_dit(ancestries):
+    from kind_fast.convert import load_dense
+
+    dense = load_dense(ancestries["tleg"])
+    ancestry = load_weights(ancestries["tleg"] / "ema")
+    assert type(dense) is DiT and len(dense.blocks) == 2
+    torch.testing.assert_close(dense.blocks[0].attn.qkv.weight, ancestry.learngene["a"].attn.qkv.weight
+                               + 0.5 * ancestry.learngene["b"].attn.qkv.weight, rtol=0, atol=0)
