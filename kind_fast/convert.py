@@ -22,7 +22,7 @@ from pathlib import Path
 from kind_fast.dense_io import check_conversion, is_diffusers_folder
 from kind_fast.dit import DiT, KindConfig, kindify_dit
 from kind_fast.dit import load_dense as _load_dense
-from kind_fast.gate import ClassGate
+from kind_fast.gate import DEFAULT_GATE, ClassGate
 
 __all__ = ["load_dense", "from_dense", "is_kind_fast_folder"]
 
@@ -35,9 +35,10 @@ def is_kind_fast_folder(path: Path, which: str = "ema") -> bool:
 
 
 def _from_folder(path: Path, which: str) -> DiT:
+    from kind_fast.baselines import as_plain_dit
     from kind_fast.train.models import load_weights, resolve_init
 
-    model = load_weights(resolve_init(path, which))
+    model = as_plain_dit(load_weights(resolve_init(path, which)))  # a TLEG ancestry: its expanded DiT
     if not isinstance(model, DiT):
         raise ValueError(f"{path} holds a {type(model).__name__}, not a plain DiT (a LoRA/SVDiff run: "
                          "merge or export it to a dense DiT first)")
@@ -76,11 +77,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output folder (kind_fast save_pretrained layout)")
     p.add_argument("--tailor-rank", type=int, default=96, help="N_T tailors per matrix (default 96)")
     p.add_argument("--active", type=int, default=32, help="tailors each class switches on (default 32)")
-    p.add_argument("--gate", choices=("block", "random_k", "all_on"), default="block")
+    p.add_argument("--gate", choices=("balanced", "block", "random_k", "all_on"), default=DEFAULT_GATE,
+                   help=f"class gate (default {DEFAULT_GATE}: distinct, balanced tailor sets per class)")
     p.add_argument("--null", choices=("off", "all", "class"), default="off", help="the null (CFG) class's tailors")
     p.add_argument("--qkv", choices=("split", "fused"), default="split")
     p.add_argument("--learngene-rank", type=int, default=None, help="N_G (default: min(in, out) - tailor rank)")
-    p.add_argument("--seed", type=int, default=0, help="random_k gate seed")
+    p.add_argument("--seed", type=int, default=0, help="balanced / random_k gate seed")
     p.add_argument("--num-heads", type=int, default=None, help="attention heads (default: from the DiT preset)")
     p.add_argument("--which", choices=("ema", "model"), default="ema", help="weights of a training checkpoint")
     p.add_argument("--check", action="store_true",

@@ -1,19 +1,21 @@
 """``kind-fast demo``: the main job on the embedded default data (sklearn digits).
 
-1. trains a small digit classifier on real digits (its features define FID here; it also
-   reads the class of generated digits);
-2. pretrains a small KIND-DiT on digits 0-7;
-3. transfers it to digits 8-9 with KIND (learngenes loaded and frozen, fresh tailors, gate and
+1. trains a small digit classifier on real digits (its features define FID, sFID and
+   precision/recall here; it also reads the class of generated digits);
+2. pretrains a small KIND-DiT on digits 0-7 (``--gate`` picks its class gate) and, when TLEG is
+   among the methods, TLEG's ancestry (blocks θ_A + l/L·θ_B) with the same steps;
+3. transfers to digits 8-9 with KIND (learngenes loaded and frozen, fresh tailors, gate and
    label table), and trains the baselines with the same loop, steps, batch, learning rate and
-   seed: full fine-tuning, LoRA and SVDiff (on the dense DiT the pretrained KIND model exports)
-   and training from scratch;
+   seed: full fine-tuning, LoRA, SVDiff and Heur-LG (on the dense DiT the pretrained KIND model
+   exports), TLEG (its ancestry expanded) and training from scratch;
 4. samples every model (EMA weights, CFG, DDIM) and prints one table: trainable parameters,
    training GFLOPs per image (FlopCounterMode over one forward + backward of a training step,
    divided by the batch; attention counted through the math SDPA backend), training wall time,
-   FID in the digit classifier's feature space and the class accuracy of the samples.
+   FID, sFID, precision and recall (k = 3) in the digit classifier's feature spaces and the
+   class accuracy of the samples (docs/design.md §4.1).
 
 Everything is computed in the run; nothing in the table is a constant. Sized for 2 CPU cores
-in about five minutes (``--pretrain-steps`` / ``--steps`` scale it).
+(``--pretrain-steps`` / ``--steps`` / ``--methods`` scale it).
 """
 
 from __future__ import annotations
@@ -25,13 +27,18 @@ import sys
 import time
 from pathlib import Path
 
-METHODS = ("kind", "full", "lora", "svdiff", "scratch")
+from kind_fast.train.config import TRAIN_GATES
+
+METHODS = ("kind", "full", "lora", "svdiff", "heur_lg", "tleg", "scratch")
 LABELS = {
     "pretrain": "KIND pretrain",
+    "tleg_pretrain": "TLEG ancestry",
     "kind": "KIND transfer",
     "full": "full fine-tune",
     "lora": "LoRA",
     "svdiff": "SVDiff",
+    "heur_lg": "Heur-LG",
+    "tleg": "TLEG",
     "scratch": "from scratch",
 }
 
@@ -47,6 +54,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cfg-scale", type=float, default=1.5)
     p.add_argument("--methods", default=",".join(METHODS), help=f"subset of {','.join(METHODS)}")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--gate", default=None, choices=TRAIN_GATES,
+                   help="class gate of KIND pretraining (default: the trainer's, docs/design.md §1.4)")
     p.add_argument("--out", default="runs/demo", help="output folder")
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads; 0 (default): all cores when the machine is idle, 1 when other "
@@ -120,6 +129,7 @@ def _config(args, mode: str, method: str, out: Path, init: Path | None):
         "tensorboard": "off", "ckpt_every": 0, "keep_last": 1,
         "optim": {"lr": args.lr, "ema_decay": 0.999, "grad_clip": 1.0},
         "method": {"name": method, "init": str(init) if init else None, "lora_rank": args.lora_rank},
+        "model": {} if getattr(args, "gate", None) is None else {"gate": args.gate},
         "eval": {"sampler": "ddim", "sample_steps": args.sample_steps, "cfg_scale": args.cfg_scale},
     }
     return RunConfig.from_dict(d)
@@ -159,9 +169,29 @@ def comparison_figure(groups: list[tuple[str, list[str], object]], path: Path, *
     return save_png(np.asarray(canvas), path)
 
 
+COLUMNS = (("fid", "FID", "{:>8.3f}"), ("sfid", "sFID", "{:>8.3f}"), ("precision", "prec", "{:>6.3f}"),
+           ("recall", "recall", "{:>6.3f}"), ("class_acc", "class acc", "{:>9.3f}"))
+
+
+def format_table(rows: list[dict], real: dict) -> str:
+    """The demo's table: one line per run, then the real-digit reference (``real``: half of the
+    real 8s and 9s against the other half, and the classifier's accuracy on them)."""
+    widths = [int(fmt[3:].split(".")[0]) for _, _, fmt in COLUMNS]
+    head = (f"{'method':<15} {'digits':<7} {'trainable':>10} {'train GFLOP/img':>16} {'wall s':>7} "
+            + " ".join(f"{title:>{w}}" for (_, title, _), w in zip(COLUMNS, widths)))
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r['label']:<15} {r['data']:<7} {r['trainable']:>10,d} {r['train_gflops_per_image']:>16.4f} "
+                     f"{r['wall_s']:>7.1f} " + " ".join(fmt.format(r[key]) for key, _, fmt in COLUMNS))
+    lines.append(f"{'real digits':<15} {'8,9':<7} {'-':>10} {'-':>16} {'-':>7} "
+                 + " ".join(fmt.format(real[key]) for key, _, fmt in COLUMNS))
+    return "\n".join(lines)
+
+
 def metrics_chart(rows: list[dict], real: dict, path: Path) -> Path | None:
-    """One PNG of FID, class accuracy and training wall time per transfer method (bars; the
-    real-digit reference as a dashed line). None when matplotlib is not installed."""
+    """One PNG of FID, sFID, precision, recall, class accuracy and training wall time per
+    transfer method (bars; the real-digit reference as a dashed line). None when matplotlib is
+    not installed."""
     try:
         from matplotlib.figure import Figure
     except ImportError:
@@ -171,10 +201,13 @@ def metrics_chart(rows: list[dict], real: dict, path: Path) -> Path | None:
     from kind_fast.atomic import atomic_write_bytes
 
     names = [r["label"] for r in rows]
-    fig = Figure(figsize=(13, 3.8), layout="constrained")
-    axes = fig.subplots(1, 3)
+    fig = Figure(figsize=(13, 7.2), layout="constrained")
+    axes = fig.subplots(2, 3).ravel()
     panels = (("fid", "FID (digit-classifier features), lower is better", real.get("fid")),
+              ("sfid", "sFID (spatial features), lower is better", real.get("sfid")),
               ("class_acc", "class accuracy of samples, higher is better", real.get("class_acc")),
+              ("precision", "precision (k = 3), higher is better", real.get("precision")),
+              ("recall", "recall (k = 3), higher is better", real.get("recall")),
               ("wall_s", "training wall time (s), this machine", None))
     colors = ["tab:green" if r["method"] == "kind" else "tab:gray" for r in rows]
     for ax, (key, title, ref) in zip(axes, panels):
@@ -282,7 +315,15 @@ def run(args: argparse.Namespace) -> int:
 
     from kind_fast.train.data import DIGIT_DEFAULTS
     from kind_fast.train.loop import Trainer
-    from kind_fast.train.metrics import DigitFeatures, class_accuracy, frechet_distance, train_digit_classifier
+    from kind_fast.train.metrics import (
+        DigitFeatures,
+        DigitSpatialFeatures,
+        class_accuracy,
+        features_of,
+        frechet_distance,
+        precision_recall,
+        train_digit_classifier,
+    )
     from kind_fast.train.sampling import sample, save_grid
     from kind_fast.utils import parameter_breakdown
 
@@ -310,8 +351,14 @@ def run(args: argparse.Namespace) -> int:
     print("digit classifier (FID features, class accuracy) on real sklearn digits ...", flush=True)
     clf, report = train_digit_classifier(args.seed)
     print(f"  held-out accuracy {report['test_acc']:.3f} on {report['n_test']} real digits")
-    feats = DigitFeatures(clf)
+    feats, spatial = DigitFeatures(clf), DigitSpatialFeatures(clf)
     rows, grids, models = [], {}, {}
+
+    def quality(real_x, fake) -> dict:
+        """FID, sFID and precision/recall (k = 3) of ``fake`` against ``real_x``."""
+        out = {"fid": frechet_distance(real_x, fake, feats), "sfid": frechet_distance(real_x, fake, spatial)}
+        out["precision"], out["recall"] = precision_recall(features_of(real_x, feats), features_of(fake, feats))
+        return out
 
     def evaluate(trainer, name: str, digits: list[int], per_class: int) -> dict:
         model = trainer.eval_model("ema")
@@ -321,7 +368,10 @@ def run(args: argparse.Namespace) -> int:
         fake = sample(model, labels, shape=trainer.data.sample_shape, sampler="ddim", steps=args.sample_steps,
                       cfg_scale=args.cfg_scale, seed=args.seed + 1)
         t_sample = time.perf_counter() - t0
-        fid = frechet_distance(trainer.data.x, fake, feats)
+        q = quality(trainer.data.x, fake)
+        # per class: each digit's samples against the real digits of that class
+        fid_per = {str(d): frechet_distance(trainer.data.x[trainer.data.y == c], fake[labels == c], feats)
+                   for c, d in enumerate(digits)}
         acc, per = class_accuracy(fake, torch.tensor(digits)[labels], clf)
         show = torch.cat([fake[labels == c][:12] for c in range(k)])
         grid = save_grid(show, trainer.out / "samples" / "grid.png", nrow=min(12, per_class))
@@ -332,12 +382,16 @@ def run(args: argparse.Namespace) -> int:
                 f"{digits[0]}-{digits[-1]}", "trainable": trainable,
                 "train_gflops_per_image": flops["train_per_image"] / 1e9,
                 "fwd_gflops_per_image": flops["forward_per_image"] / 1e9,
-                "wall_s": trainer.wall, "sample_s": t_sample, "fid": fid, "class_acc": acc,
+                "wall_s": trainer.wall, "sample_s": t_sample, **q, "class_acc": acc,
+                "fid_per_digit": fid_per, "fid_class_mean": sum(fid_per.values()) / len(fid_per),
                 "class_acc_per_digit": {str(c): v for c, v in per.items()},
                 "steps": trainer.cfg.steps, "grid": str(grid), "fake_for_grid": show, "k": k}
 
     def train(mode: str, method: str, init: Path | None) -> Trainer:
-        run_dir = out / ("pretrain" if mode == "pretrain" else method)
+        if mode == "pretrain":
+            run_dir = out / ("pretrain" if method == "kind" else f"{method}_pretrain")
+        else:
+            run_dir = out / method
         _fresh(run_dir)
         trainer = Trainer(_config(args, mode, method, run_dir, init), log=lambda *a: None)
         t0 = time.perf_counter()
@@ -346,23 +400,35 @@ def run(args: argparse.Namespace) -> int:
         trainer.export()
         return trainer
 
-    # 1. KIND pretraining on digits 0-7
+    def report_row(r: dict) -> None:
+        print(f"  {r['wall_s']:.0f} s, FID {r['fid']:.2f}, sFID {r['sfid']:.2f}, precision {r['precision']:.3f}, "
+              f"recall {r['recall']:.3f}, class accuracy {r['class_acc']:.3f}", flush=True)
+
+    # 1. pretraining on digits 0-7: KIND, and the ancestry models the learngene baselines need
+    #    (TLEG's expansion-constrained one; Heur-LG inherits blocks of the same pretrained model
+    #    the other baselines start from), same steps, batch, learning rate and seed
     pre_digits = DIGIT_DEFAULTS["pretrain"]
-    print(f"KIND pretraining on digits 0-7: {args.pretrain_steps} steps × batch {args.batch} ...", flush=True)
-    tr = train("pretrain", "kind", None)
-    rows.append(evaluate(tr, "pretrain", pre_digits, max(2, args.samples_per_class // 2)))
-    tr.close()
-    print(f"  {rows[-1]['wall_s']:.0f} s, FID {rows[-1]['fid']:.2f}, class accuracy {rows[-1]['class_acc']:.3f}")
+    pre_per_class = max(2, args.samples_per_class // 2)
+    ancestries = [("pretrain", "kind")] + ([("tleg_pretrain", "tleg")] if "tleg" in methods else [])
+    for name, method in ancestries:
+        print(f"{LABELS[name]}ing on digits 0-7: {args.pretrain_steps} steps × batch {args.batch} ..."
+              if name == "pretrain" else
+              f"{LABELS[name]} (pretraining for TLEG) on digits 0-7: {args.pretrain_steps} steps × batch "
+              f"{args.batch} ...", flush=True)
+        tr = train("pretrain", method, None)
+        rows.append(evaluate(tr, name, pre_digits, pre_per_class))
+        tr.close()
+        report_row(rows[-1])
 
     # 2. transfer to digits 8-9: KIND and the baselines, same loop and budget
     new_digits = DIGIT_DEFAULTS["transfer"]
     for method in methods:
         print(f"{LABELS[method]} on digits 8-9: {args.steps} steps × batch {args.batch} ...", flush=True)
-        tr = train("transfer", method, out / "pretrain")
+        tr = train("transfer", method, out / ("tleg_pretrain" if method == "tleg" else "pretrain"))
         rows.append(evaluate(tr, method, new_digits, args.samples_per_class))
         models[method] = tr.model
         tr.close()
-        print(f"  {rows[-1]['wall_s']:.0f} s, FID {rows[-1]['fid']:.2f}, class accuracy {rows[-1]['class_acc']:.3f}")
+        report_row(rows[-1])
 
     # reference: two halves of the real 8-9 digits against each other, and the classifier on them
     from kind_fast.train.data import digits_dataset
@@ -371,11 +437,11 @@ def run(args: argparse.Namespace) -> int:
     g = torch.Generator().manual_seed(args.seed)
     perm = torch.randperm(len(real), generator=g)
     half = len(real) // 2
-    ref_fid = frechet_distance(real.x[perm[:half]], real.x[perm[half:]], feats)
-    ref_acc, _ = class_accuracy(real.x, torch.tensor(new_digits)[real.y], clf)
+    ref = quality(real.x[perm[:half]], real.x[perm[half:]])
+    ref["class_acc"], _ = class_accuracy(real.x, torch.tensor(new_digits)[real.y], clf)
 
     # one comparison figure: real 8s and 9s, then two labelled rows (8, 9) per transfer method
-    tr_rows = [r for r in rows if r["method"] != "pretrain"]
+    tr_rows = [r for r in rows if r["method"] in METHODS]
     if tr_rows:
         per = min(12, args.samples_per_class)
         names = [str(d) for d in new_digits]
@@ -386,26 +452,26 @@ def run(args: argparse.Namespace) -> int:
             f"{args.sample_steps} steps, CFG {args.cfg_scale}; 8x8 digits shown 6x")
 
     # the table
-    head = (f"{'method':<15} {'digits':<7} {'trainable':>10} {'train GFLOP/img':>16} {'wall s':>7} "
-            f"{'FID':>8} {'class acc':>9}")
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        lines.append(f"{r['label']:<15} {r['data']:<7} {r['trainable']:>10,d} {r['train_gflops_per_image']:>16.4f} "
-                     f"{r['wall_s']:>7.1f} {r['fid']:>8.3f} {r['class_acc']:>9.3f}")
-    lines.append(f"{'real digits':<15} {'8,9':<7} {'-':>10} {'-':>16} {'-':>7} {ref_fid:>8.3f} {ref_acc:>9.3f}")
     print()
-    print("\n".join(lines))
+    print(format_table(rows, ref))
     print(f"\nTransfer rows: {args.steps} steps × batch {args.batch}, AdamW lr {args.lr}, same seed; "
-          f"pretrain row: {args.pretrain_steps} steps on 0-7 (its FID/accuracy are on 0-7, "
-          f"{max(2, args.samples_per_class // 2)} samples per class).")
+          f"pretrain rows: {args.pretrain_steps} steps on 0-7 (their metrics are on 0-7, "
+          f"{pre_per_class} samples per class).")
     print("FID: torchmetrics FrechetInceptionDistance in the 64-d feature space of a CNN trained on real "
           f"digits (held-out acc {report['test_acc']:.3f}), {args.samples_per_class} EMA samples per class "
           f"(DDIM {args.sample_steps} steps, CFG {args.cfg_scale}) against all real digits of those classes; "
           "'real digits' = one half of the real 8s and 9s against the other.")
+    print("sFID: the same Fréchet distance on that CNN's spatial features (first 8 channels of its last 4×4 "
+          "map, 128 values; ADM's sFID keeps 7 channels of Inception's 17×17 mixed_6/conv). prec/recall: "
+          "k-NN manifolds (k = 3, Kynkäänniemi et al. 2019) in the 64-d space: the share of samples on the "
+          "real digits' manifold, and of real digits on the samples' manifold.")
     print("class acc: the fraction of samples that classifier reads as the digit they were generated for.")
     print("train GFLOP/img: FlopCounterMode over one forward + backward of a training step / batch "
           "(FLOPs = 2 × MACs; KIND ops through their registered formulas; attention via the math SDPA "
           "backend; learngene weights cached when frozen). wall s: training only, on this machine.")
+    print("Heur-LG: a fresh DiT that inherits the top blocks and final layer of the pretrained model; TLEG: a "
+          "DiT whose blocks are expanded from TLEG's two learngene blocks (θ_l = θ_A + l/L·θ_B); both then "
+          "train every weight (docs/design.md §4.2).")
     by = {r["method"]: r for r in rows}
     wall_note = None
     if "kind" in by and "full" in by:
@@ -416,11 +482,11 @@ def run(args: argparse.Namespace) -> int:
     for name, path in grids.items():
         print(f"  {name}: {path}")
     if tr_rows:
-        chart = metrics_chart(tr_rows, {"fid": ref_fid, "class_acc": ref_acc}, out / "demo_chart.png")
-        print(f"chart of FID, class accuracy and wall time per method: {chart}" if chart else
+        chart = metrics_chart(tr_rows, ref, out / "demo_chart.png")
+        print(f"chart of FID, sFID, precision, recall, class accuracy and wall time per method: {chart}" if chart else
               "no chart (demo_chart.png): matplotlib is not installed (pip install matplotlib)")
     summary = [{k: v for k, v in r.items() if k not in ("fake_for_grid", "k")} for r in rows]
-    summary.append({"method": "real", "fid": ref_fid, "class_acc": ref_acc})
+    summary.append({"method": "real", **ref})
     from kind_fast.atomic import atomic_write_text
 
     atomic_write_text(json.dumps({"rows": summary, "classifier": report, "args": vars(args),

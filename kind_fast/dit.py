@@ -22,7 +22,7 @@ from einops import rearrange
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from kind_fast.gate import ClassGate
+from kind_fast.gate import DEFAULT_GATE, ClassGate
 from kind_fast.layers import FastKindLinear
 
 
@@ -35,17 +35,19 @@ class KindConfig:
 
     tailor_rank: int = 96  # N_T per matrix
     active: int = 32  # tailors each class switches on
-    gate: str = "block"  # block | random_k | all_on | custom (a ClassGate given explicitly, see make_gate)
+    # balanced | block | random_k | all_on | custom (a ClassGate given explicitly, see make_gate);
+    # the default is kind_fast.gate.DEFAULT_GATE (docs/design.md §1.4)
+    gate: str = DEFAULT_GATE
     null: str = "off"  # null (CFG) class: off | all | class
     qkv: str = "split"  # split: q, k, v are separate KIND layers; fused: one 3d×d layer
     learngene_rank: int | None = None  # N_G; None: min(in, out) - tailor_rank
-    seed: int = 0  # random_k gates
+    seed: int = 0  # random_k and balanced gates
 
     def __post_init__(self):
         if self.qkv not in ("split", "fused"):
             raise ValueError(f"qkv must be 'split' or 'fused', got {self.qkv!r}")
-        if self.gate not in ("block", "random_k", "all_on", "custom"):
-            raise ValueError(f"gate must be block, random_k, all_on or custom, got {self.gate!r}")
+        if self.gate not in ("balanced", "block", "random_k", "all_on", "custom"):
+            raise ValueError(f"gate must be balanced, block, random_k, all_on or custom, got {self.gate!r}")
 
     def make_gate(self, num_classes: int) -> ClassGate:
         """The gate these settings describe for ``num_classes`` classes. ``gate="custom"`` marks a
@@ -53,6 +55,8 @@ class KindConfig:
         with the weights, and a gate for other classes must be passed (``retarget(n, gate=...)``)."""
         if self.gate == "custom":
             raise ValueError("KindConfig(gate='custom') cannot build a gate: pass gate= (a ClassGate) explicitly")
+        if self.gate == "balanced":
+            return ClassGate.balanced(num_classes, self.tailor_rank, self.active, seed=self.seed, null=self.null)
         if self.gate == "block":
             return ClassGate.block(num_classes, self.tailor_rank, self.active, null=self.null)
         if self.gate == "random_k":
@@ -686,7 +690,8 @@ def from_dense(src, kind: KindConfig | None = None, *, gate: ClassGate | None = 
         src: see ``load_dense`` (state dict, checkpoint file, dense DiT, diffusers
             ``DiTTransformer2DModel`` object or folder); ``kind_fast.convert.from_dense`` also
             reads kind_fast run and weights folders.
-        kind: the decomposition (default ``KindConfig()``: 96 tailors, block gate of 32).
+        kind: the decomposition (default ``KindConfig()``: 96 tailors, 32 active per class, the
+            default gate ``kind_fast.gate.DEFAULT_GATE``).
         gate: a ClassGate to use instead of ``kind.make_gate(num_classes)``.
     Returns:
         a new KIND-DiT in eval mode, on the CPU. With ``KindConfig(gate="all_on")`` it

@@ -1,4 +1,5 @@
-"""Analytic FLOP model of DiT training and sampling: KIND, full fine-tuning, LoRA, SVDiff.
+"""Analytic FLOP model of DiT training and sampling: KIND, full fine-tuning, LoRA, SVDiff, and
+the learngene baselines Heur-LG and TLEG.
 
 Units (every number says which):
     MAC   one multiply-accumulate. DiT's paper "Gflops" are GMACs (forward, per image, attention
@@ -37,6 +38,14 @@ What each mode computes in this package (``kind_fast.dit``, ``kind_fast.baseline
     svdiff     dense DiT whose block linears are spectral layers: W = Uᵀ diag(σ) V materialised
                every step, dense forward, dX and dW (dW is needed for dσ = diag(U dW Vᵀ)), plus
                the projection out·in·r per step; label table and final layer train
+  learngene baselines (``LEARNGENE_MODES``, ``kind_fast.baselines``):
+    heur_lg    Heur-LG's descendant: a dense DiT (inherited top blocks, fresh lower ones) that
+               trains every weight: the cost and trainable count of full_ft
+    tleg       TLEG's descendant: the ancestry expanded to a dense DiT, every weight trains:
+               full_ft again
+    tleg_pretrain  TLEG's ancestry: a dense DiT's GEMMs (each block runs θ_A + (l/L)·θ_B, an
+               elementwise expansion that, like the optimizer, is not counted) with the block
+               parameters stored and trained twice, not L times (θ_A, θ_B)
 
 The KIND terms reuse the FLOP formulas registered for the custom op
 (``kind_fast.ops.kind_linear.kind_linear_flops``): forward 2·M·in·out + 2·M·K·(in + out), with
@@ -59,6 +68,8 @@ from kind_fast.ops.kind_linear import kind_linear_flops
 __all__ = [
     "MODES",
     "TRAIN_MODES",
+    "LEARNGENE_MODES",
+    "ALL_MODES",
     "DIT_PAPER_GMACS",
     "PAPER_TRANSFER",
     "Cost",
@@ -77,6 +88,10 @@ __all__ = [
 TRAIN_MODES = ("full_ft", "pretrain", "transfer", "lora", "svdiff")
 INFERENCE_MODES = ("dense", "kind")
 MODES = INFERENCE_MODES + TRAIN_MODES
+# training modes of the learngene baselines (dense DiTs; kept apart from TRAIN_MODES, which the
+# benchmarks build one model per mode for)
+LEARNGENE_MODES = ("heur_lg", "tleg", "tleg_pretrain")
+ALL_MODES = MODES + LEARNGENE_MODES
 MODE_TITLES = {
     "dense": "dense DiT, inference",
     "kind": "KIND-DiT, inference",
@@ -85,6 +100,9 @@ MODE_TITLES = {
     "transfer": "KIND transfer",
     "lora": "LoRA",
     "svdiff": "SVDiff",
+    "heur_lg": "Heur-LG",
+    "tleg": "TLEG",
+    "tleg_pretrain": "TLEG ancestry pretraining",
 }
 SIZES = ("DiT-S/2", "DiT-B/2", "DiT-L/2", "DiT-XL/2")
 
@@ -295,8 +313,8 @@ def dit_flops(
     """
     if model not in DiT_models:
         raise ValueError(f"unknown DiT config {model!r}; choose one of {sorted(DiT_models)}")
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if mode not in ALL_MODES:
+        raise ValueError(f"mode must be one of {ALL_MODES}, got {mode!r}")
     _check_pos("image_size", image_size)
     _check_pos("batch", batch)
     _check_pos("lora_rank", lora_rank)
@@ -312,8 +330,8 @@ def dit_flops(
     grid = image_size // VAE_FACTOR // p
     t = grid * grid
     c_in, c_out = in_channels, (2 if learn_sigma else 1) * in_channels
-    training = mode in TRAIN_MODES
-    full = mode in ("full_ft", "pretrain")  # every parameter trains
+    training = mode in TRAIN_MODES or mode in LEARNGENE_MODES
+    full = mode in ("full_ft", "pretrain") or mode in LEARNGENE_MODES  # every parameter trains
 
     costs: list[Cost] = []
     patch = d * c_in * p * p
@@ -335,7 +353,7 @@ def dit_flops(
     shapes = qkv + [("blocks.*.attn.proj", d, d), ("blocks.*.mlp.fc1", d, hidden),
                     ("blocks.*.mlp.fc2", hidden, d)]
     for name, n_in, n_out in shapes:
-        if mode in ("dense", "full_ft"):
+        if mode in ("dense", "full_ft") or mode in LEARNGENE_MODES:
             costs.append(_linear(name, n_in, n_out, t, n_depth, dx=training, dw=training))
         elif mode == "lora":
             costs.append(_lora(name, n_in, n_out, t, n_depth, lora_rank, training))
@@ -348,6 +366,9 @@ def dit_flops(
     tr = dict(dx=training, dw=training)  # the final layer trains in every training mode
     costs.append(_linear("final_layer.adaLN_modulation.1", d, 2 * d, 1, 1, **tr))
     costs.append(_linear("final_layer.linear", d, p * p * c_out, t, 1, **tr))
+    if mode == "tleg_pretrain":  # the blocks' parameters are θ_A and θ_B: two blocks' worth, not depth
+        costs = [replace(c, params=c.params // c.count * 2, trainable=c.trainable // c.count * 2)
+                 if c.name.startswith("blocks.") else c for c in costs]
     if mode == "lora":  # PEFT's modules_to_save trains copies of the heads and keeps the originals (frozen)
         heads = emb + (d * 2 * d + 2 * d) + (d * p * p * c_out + p * p * c_out)
         costs.append(Cost("heads (PEFT modules_to_save originals)", 1, params=heads))
@@ -381,7 +402,7 @@ def transfer_saving(model: str = "DiT-L/2", *, baseline: str = "full_ft", mode: 
     )
 
 
-BASELINES = ("full_ft", "lora", "svdiff")
+BASELINES = ("full_ft", "lora", "svdiff", "heur_lg", "tleg")
 
 
 def baseline_savings(models: Sequence[str] = SIZES, *, batch: int = 32, num_classes: int = 461,
@@ -512,7 +533,7 @@ def _rows(results: Iterable[ModelFlops]) -> list[dict]:
     rows = []
     for r in results:
         b = base.get(r.model)
-        train = r.mode in TRAIN_MODES
+        train = r.mode in TRAIN_MODES or r.mode in LEARNGENE_MODES
         rows.append(dict(
             model=r.model, mode=r.mode,
             trainable=f"{r.trainable_params / 1e6:.2f}M" if train else "-",
@@ -549,7 +570,7 @@ def format_markdown(results: Sequence[ModelFlops], *, image_size: int, batch: in
     """The report ``kind-fast flops`` writes."""
     results = list(results)
     lines = [
-        "# FLOPs of DiT training: KIND vs full fine-tuning, LoRA and SVDiff",
+        "# FLOPs of DiT training: KIND vs full fine-tuning, LoRA, SVDiff, Heur-LG and TLEG",
         "",
         f"Analytic model `kind_fast.flops` at {image_size}×{image_size} "
         f"({results[0].tokens} tokens per image for /2 models), per-step terms amortised over "
@@ -612,9 +633,10 @@ def pyplot():
 def plot_flops(results: Sequence[ModelFlops], path: str | Path) -> Path:
     """Grouped bars: training GFLOPs per image (fwd / dX / dW stacked) by model and mode."""
     plt = pyplot()
-    results = [r for r in results if r.mode in TRAIN_MODES]
+    trained = TRAIN_MODES + LEARNGENE_MODES
+    results = [r for r in results if r.mode in trained]
     models = list(dict.fromkeys(r.model for r in results))
-    modes = [m for m in TRAIN_MODES if any(r.mode == m for r in results)]
+    modes = [m for m in trained if any(r.mode == m for r in results)]
     fig, axes = plt.subplots(1, len(models), figsize=(3.2 * len(models) + 1, 4.2), squeeze=False)
     colors = {"fwd": "#4C72B0", "dx": "#DD8452", "dw": "#55A868"}
     for ax, m in zip(axes[0], models, strict=True):
@@ -664,7 +686,7 @@ def write_flops_report(out_dir: str | Path, *, models: Sequence[str] = SIZES, im
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--models", nargs="+", default=list(SIZES),
                    help="DiT configs (default S/B/L/XL /2)")
-    p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    p.add_argument("--modes", nargs="+", default=list(ALL_MODES), choices=ALL_MODES)
     p.add_argument("--image-size", type=int, default=256)
     p.add_argument("--batch", type=int, default=32,
                    help="images per device per step (amortises per-step work)")

@@ -12,6 +12,8 @@ active tailors are padded with id 0 and value 0 (docs/design.md §2).
 
 from __future__ import annotations
 
+import functools
+import math
 import weakref
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -21,7 +23,10 @@ import torch
 from torch import Tensor, nn
 
 NULL_POLICIES = ("off", "all", "class")
-GATE_KINDS = ("block", "random_k", "dense", "all_on")
+GATE_KINDS = ("balanced", "block", "random_k", "dense", "all_on")
+# The gate KIND-DiT, kindify, ``kind-fast convert`` and the trainer build when none is named. Chosen
+# by measurement (docs/design.md §1.4): balanced distinct tailor sets against block and random_k.
+DEFAULT_GATE = "balanced"
 
 
 def _check_int(name: str, value: Any, minimum: int) -> int:
@@ -137,6 +142,36 @@ class ClassGate(nn.Module):
         return cls(table, kind="block", null=null, config=cfg)
 
     @classmethod
+    def balanced(
+        cls, num_classes: int, tailor_rank: int, active: int, *, seed: int = 0, null: str = "off"
+    ) -> ClassGate:
+        """Class-specific tailor sets: every class switches on its own set of ``active`` tailors.
+
+        The sets are pairwise distinct, each tailor is switched on by ⌊C·K/N_T⌋ or ⌈C·K/N_T⌉
+        classes (C classes, K = ``active``, N_T = ``tailor_rank``), and the overlap of two sets
+        is kept small (``balanced_sets``: swaps that keep every tailor's use count lower the sum
+        of squared pairwise overlaps). Deterministic in ``seed`` on every platform and version
+        (its own integer PRNG). With ``null="class"`` the null class is one more class of the
+        design. Distinct sets exist only for C ≤ binomial(N_T, K); beyond that (tiny N_T, many
+        classes) sets repeat, as evenly as the rest of the design allows, with a warning.
+        """
+        _check_int("num_classes", num_classes, 1)
+        _check_int("tailor_rank", tailor_rank, 1)
+        _check_int("active", active, 1)
+        if active > tailor_rank:
+            raise ValueError(f"active ({active}) must be <= tailor_rank ({tailor_rank})")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+        _check_null(null)
+        rows = num_classes + (1 if null == "class" else 0)
+        table = torch.zeros(num_classes + 1, tailor_rank, device="cpu")
+        table[:rows] = balanced_sets(rows, tailor_rank, active, seed=seed).float()
+        if null == "all":
+            table[num_classes] = 1.0
+        cfg = dict(num_classes=num_classes, tailor_rank=tailor_rank, active=active, null=null, seed=seed)
+        return cls(table, kind="balanced", null=null, config=cfg)
+
+    @classmethod
     def random_k(
         cls, num_classes: int, tailor_rank: int, active: int, *, seed: int = 0, null: str = "off"
     ) -> ClassGate:
@@ -200,7 +235,9 @@ class ClassGate(nn.Module):
         """Rebuild a gate from ``to_config()`` (and its saved table for dense gates)."""
         kind = config.get("kind")
         args = {k: v for k, v in config.items() if k not in ("kind", "trainable")}
-        if kind == "block":
+        if kind == "balanced":
+            gate = cls.balanced(**args)
+        elif kind == "block":
             gate = cls.block(**args)
         elif kind == "random_k":
             gate = cls.random_k(**args)
@@ -333,6 +370,126 @@ class ClassGate(nn.Module):
             f"kind={self.kind}, num_classes={self.num_classes}, tailor_rank={self.tailor_rank}, "
             f"active={self.active}, null={self.null}, trainable={self.trainable}"
         )
+
+
+class _SplitMix64:
+    """SplitMix64 (Steele, Lea, Flood 2014): a tiny integer PRNG whose stream depends on the seed
+    only, never on a library's version or platform, so a gate rebuilt from its saved config years
+    later equals the saved table."""
+
+    _MASK = (1 << 64) - 1
+
+    def __init__(self, seed: int):
+        self.state = int(seed) & self._MASK
+
+    def next(self) -> int:
+        self.state = (self.state + 0x9E3779B97F4A7C15) & self._MASK
+        z = self.state
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & self._MASK
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & self._MASK
+        return z ^ (z >> 31)
+
+    def below(self, n: int) -> int:
+        """An int in [0, n) (the modulo bias, < n / 2^64, does not matter here)."""
+        return self.next() % n
+
+    def permutation(self, n: int) -> list[int]:
+        """A Fisher-Yates shuffle of range(n)."""
+        p = list(range(n))
+        for i in range(n - 1, 0, -1):
+            j = self.below(i + 1)
+            p[i], p[j] = p[j], p[i]
+        return p
+
+
+def balanced_sets(rows: int, n: int, k: int, *, seed: int = 0) -> Tensor:
+    """A bool (rows, n) table: ``rows`` distinct sets of ``k`` of ``n`` items, each item in
+    ⌊rows·k/n⌋ or ⌈rows·k/n⌉ sets, with small pairwise overlaps. Deterministic in ``seed``.
+
+    1. Balance. Rows take their items in turn from a stream of seeded permutations of range(n),
+       skipping an item the row already holds (it stays first in line for the next row). Each
+       whole permutation uses every item once and the last, partial one each item at most once,
+       so use counts differ by at most one; rows drawn from one permutation are disjoint.
+    2. Overlap. The overlap of rows c and d is O_cd = |S_c ∩ S_d|. Its sum over pairs is fixed
+       by the use counts (Σ_j binom(n_j, 2)): what can be done is to trim its tail. A local
+       search swaps item a of row c for item b of row e (a ∉ S_e, b ∉ S_c: use counts stay) and
+       keeps a swap when it lowers Σ_{c<d} O_cd⁴. Proposals target overlaps: c at random, a an
+       item c shares with its most-overlapping row, e and b at random. min(50·rows, 3000)
+       proposals, then more while two rows are equal (overlap k, the largest term).
+    3. Distinctness. For rows ≤ binomial(n, k), rows still equal after the search are an error
+       (not seen in practice). For more rows than distinct sets exist, sets must repeat: the
+       table keeps balance and the search's overlaps, and a warning says so.
+    """
+    if rows > math.comb(n, k):
+        import warnings
+
+        warnings.warn(f"{rows} classes but only binomial({n}, {k}) = {math.comb(n, k)} distinct sets of {k} out of "
+                      f"{n} tailors: some classes share a tailor set (use more tailors for class-specific ones)",
+                      stacklevel=3)
+    return torch.from_numpy(_balanced_sets(rows, n, k, int(seed)).copy())  # the cached array stays read-only
+
+
+@functools.lru_cache(maxsize=32)
+def _balanced_sets(rows: int, n: int, k: int, seed: int):
+    import numpy as np
+
+    rng = _SplitMix64(seed * 0x2545F4914F6CDD1D + 0x1F123BB5)
+    g = np.zeros((rows, n), dtype=np.int64)
+    stream: list[int] = []
+    for r in range(rows):
+        for _ in range(k):
+            if not stream:
+                stream = rng.permutation(n)
+            # an item the row lacks exists: the row holds < k <= n items, at most the ones this
+            # permutation already gave it plus some of the previous one's tail
+            i = next(i for i, t in enumerate(stream) if not g[r, t])
+            g[r, stream.pop(i)] = 1
+    if rows > 2 and k < n:
+        overlap = g @ g.T
+        np.fill_diagonal(overlap, 0)
+        budget, extra = min(50 * rows, 3000), 200 * rows
+        it = 0
+        while it < budget or (it < budget + extra and rows <= math.comb(n, k) and (overlap == k).any()):
+            it += 1
+            c = rng.below(rows)
+            d = int(np.argmax(overlap[c]))
+            common = np.flatnonzero(g[c] & g[d])
+            e = rng.below(rows - 1)
+            e += e >= c
+            if common.size == 0:
+                continue
+            a = int(common[rng.below(common.size)])
+            only_e = np.flatnonzero(g[e] > g[c])
+            if g[e, a] or only_e.size == 0:
+                continue
+            b = int(only_e[rng.below(only_e.size)])
+            delta = g[:, b] - g[:, a]  # overlap with row x: row c gains delta[x], row e loses it
+            delta[c] = delta[e] = 0
+            oc, oe = overlap[c], overlap[e]
+            if ((oc + delta) ** 4 - oc ** 4 + (oe - delta) ** 4 - oe ** 4).sum() < 0:
+                g[c, a], g[c, b], g[e, b], g[e, a] = 0, 1, 0, 1
+                overlap[c] += delta
+                overlap[e] -= delta
+                overlap[:, c], overlap[:, e] = overlap[c], overlap[e]
+    out = g.astype(bool)
+    if rows <= math.comb(n, k) and len({row.tobytes() for row in out}) != rows:
+        raise ValueError(f"could not make {rows} distinct sets of {k} out of {n} tailors with balanced use; "
+                         "use more tailors or another gate")
+    out.setflags(write=False)
+    return out
+
+
+def default_gate(num_classes: int, tailor_rank: int = 96, active: int | None = None, *, seed: int = 0,
+                 null: str = "off") -> ClassGate:
+    """The gate KIND-DiT, kindify, ``kind-fast convert`` and the trainer use when none is named:
+    ``DEFAULT_GATE`` (docs/design.md §1.4); ``active`` defaults to a third of the tailors (32 of
+    the default 96)."""
+    active = max(1, tailor_rank // 3) if active is None else active
+    if DEFAULT_GATE == "balanced":
+        return ClassGate.balanced(num_classes, tailor_rank, active, seed=seed, null=null)
+    if DEFAULT_GATE == "random_k":
+        return ClassGate.random_k(num_classes, tailor_rank, active, seed=seed, null=null)
+    return ClassGate.block(num_classes, tailor_rank, active, null=null)
 
 
 def check_labels(labels: Any, num_classes: int, *, name: str = "labels") -> Tensor:

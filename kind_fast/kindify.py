@@ -131,14 +131,14 @@ def _is_native_dit(model: nn.Module, target_modules) -> bool:
 
 
 def _kind_config_for(gate: ClassGate, tailor_rank: int, learngene_rank: int | None, split_qkv: bool):
-    """The KindConfig of a native conversion with ``gate``: block/random_k/all_on when the
+    """The KindConfig of a native conversion with ``gate``: balanced/block/random_k/all_on when the
     config rebuilds exactly this gate, else ``gate="custom"`` (the gate is saved with the model)."""
     from kind_fast.dit import KindConfig
 
     base = dict(tailor_rank=tailor_rank, learngene_rank=learngene_rank, qkv="split" if split_qkv else "fused")
     cfg = gate.to_config()
     cands = []
-    if gate.kind in ("block", "random_k"):
+    if gate.kind in ("balanced", "block", "random_k"):
         cands.append(KindConfig(**base, gate=gate.kind, active=cfg["active"], null=cfg["null"],
                                 seed=cfg.get("seed", 0)))
     elif gate.kind == "all_on":
@@ -150,10 +150,21 @@ def _kind_config_for(gate: ClassGate, tailor_rank: int, learngene_rank: int | No
     return KindConfig(**base, gate="custom")
 
 
+def _detect_num_classes(model: nn.Module) -> int:
+    """The class count of a known DiT layout (kind_fast/facebookresearch DiT, diffusers)."""
+    for owner in (model, getattr(model, "y_embedder", None), getattr(model, "config", None)):
+        for attr in ("num_classes", "num_embeds_ada_norm"):
+            n = getattr(owner, attr, None) if owner is not None else None
+            if isinstance(n, int) and not isinstance(n, bool) and n >= 1:
+                return n
+    raise ValueError(f"kindify could not tell how many classes {type(model).__name__} has; pass gate= "
+                     "(e.g. kind_fast.ClassGate.balanced(num_classes, 96, 32))")
+
+
 def kindify(
     model: nn.Module,
     *,
-    gate: ClassGate,
+    gate: ClassGate | None = None,
     tailor_rank: int | None = None,
     learngene_rank: int | None = None,
     target_modules: str | Sequence[str] | None = None,
@@ -164,7 +175,9 @@ def kindify(
     """Convert ``model``'s target linears to ``FastKindLinear`` in place and route labels.
 
     Args:
-        gate: the shared class gate (its num_classes must match the model's labels).
+        gate: the shared class gate (its num_classes must match the model's labels). Default:
+            ``kind_fast.gate.default_gate`` for the model's classes (the ``DEFAULT_GATE`` kind,
+            ``tailor_rank`` tailors, default 96, a third of them active per class; docs/design.md §1.4).
         tailor_rank: N_T per layer (default: ``gate.tailor_rank``; they must agree).
         learngene_rank: N_G per layer (default: min(in, out) - tailor_rank).
         target_modules: regex (full match) or list of names / name suffixes; default:
@@ -180,6 +193,10 @@ def kindify(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if gate is None:
+        from kind_fast.gate import default_gate
+
+        gate = default_gate(_detect_num_classes(model), 96 if tailor_rank is None else tailor_rank)
     if not isinstance(gate, ClassGate):
         raise TypeError(f"gate must be a ClassGate, got {type(gate).__name__}")
     if getattr(model, "_kind_fast_hook", None) is not None or getattr(model, "_kind_fast_kindify", None):

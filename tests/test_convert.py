@@ -14,6 +14,7 @@ from kind_fast.__main__ import main as cli
 from kind_fast.convert import from_dense, load_dense
 from kind_fast.dit import DiT, KindConfig, kindify_dit
 from kind_fast.dit import from_dense as dit_from_dense
+from kind_fast.gate import DEFAULT_GATE
 from kind_fast.dit import load_dense as dit_load_dense
 from kind_fast.serialization import load_pretrained
 from kind_fast.testing import tiny_dit
@@ -50,7 +51,7 @@ def test_state_dict_all_on_reproduces_dense(qkv):
 def test_block_gate_diverts_and_src_is_untouched():
     dense = tiny_dit()
     before = {k: v.clone() for k, v in dense.state_dict().items()}
-    m = from_dense(dense, KindConfig(tailor_rank=8, active=4))  # a DiT object: copied, not changed
+    m = from_dense(dense, KindConfig(tailor_rank=8, active=4, gate="block"))  # a DiT object: copied, not changed
     assert all(torch.equal(v, before[k]) for k, v in dense.state_dict().items())
     x, t, _ = inputs()
     a, b = m(x, t, torch.tensor([0, 0, 0])), m(x, t, torch.tensor([1, 1, 1]))
@@ -152,7 +153,7 @@ def test_convert_cli(tmp_path, capsys):
     output = float(text.split("with every tailor on ")[1].split()[0])
     assert weights < 1e-6 and output < 1e-5
     cfg = json.loads((out / "kind_config.json").read_text())
-    assert cfg["model"]["kind"]["tailor_rank"] == 8 and cfg["gate"]["kind"] == "block"
+    assert cfg["model"]["kind"]["tailor_rank"] == 8 and cfg["gate"]["kind"] == DEFAULT_GATE
     loaded = load_pretrained(out)
     direct = from_dense(dense, KindConfig(tailor_rank=8, active=4))
     x, t, y = inputs()

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def kind_model(qkv="split", gate=None, null="off", seed=0):
     torch.manual_seed(seed)
     m = DiT(input_size=8, patch_size=2, in_channels=2, hidden_size=32, depth=2, num_heads=4, num_classes=5,
-            kind=KindConfig(tailor_rank=8, active=2, qkv=qkv, null=null), gate=gate)
+            kind=KindConfig(tailor_rank=8, active=2, qkv=qkv, null=null, gate="block"), gate=gate)
     return perturbed(m).eval()
 
 

@@ -382,3 +382,40 @@ def test_savings_against_every_baseline():
     for m in ("DiT-B/2", "DiT-L/2"):
         assert rows[(m, "lora")]["saved_gflop"] < 0 < rows[(m, "full_ft")]["saved_gflop"]
         assert rows[(m, "svdiff")]["saved_gflop"] > 0
+
+
+# =====================================================================================
+# The learngene baselines (Heur-LG, TLEG): same FLOP model, counted on real models
+# =====================================================================================
+def _learngene_model(mode: str, name: str = "DiT-S/2", num_classes: int = 10):
+    from kind_fast.baselines import TLEGDiT, heur_lg_descendant
+
+    depth, hidden, heads, p = DiT_models[name]
+    arch = dict(input_size=32, patch_size=p, in_channels=4, hidden_size=hidden, depth=depth, num_heads=heads,
+                num_classes=num_classes)
+    torch.manual_seed(0)
+    if mode == "tleg_pretrain":
+        return TLEGDiT(**arch).set_mode("pretrain")
+    if mode == "tleg":
+        return TLEGDiT(**arch).expand().set_mode("full_finetune")
+    return heur_lg_descendant(build_dit(name, num_classes=num_classes), num_classes)
+
+
+@pytest.mark.parametrize("mode", ["heur_lg", "tleg", "tleg_pretrain"])
+def test_learngene_modes_counted_match_analytic(mode):
+    """One training step of each learngene baseline's model, counted by FlopCounterMode, equals
+    the analytic model; their parameter counts too (TLEG's ancestry stores two blocks)."""
+    model = _learngene_model(mode)
+    analytic = dit_flops("DiT-S/2", mode, batch=2, num_classes=10)
+    got = parameter_breakdown(model)["all"]
+    assert (analytic.params, analytic.trainable_params) == (got["total"], got["trainable"])
+    x, t, y = make_batch(model, 2)
+    params = [p for p in model.parameters() if p.requires_grad]
+    counted = count_flops(model, x, t, y, optimizer=torch.optim.SGD(params, lr=0.0))
+    assert counted["fwd"] == pytest.approx(analytic.flops("fwd", "step"), rel=0.01)
+    assert counted["train"] == pytest.approx(analytic.flops("train", "step"), rel=0.01)
+    full = dit_flops("DiT-S/2", "full_ft", batch=2, num_classes=10)
+    assert analytic.flops("train") == full.flops("train"), "a dense DiT's GEMMs, every weight training"
+    if mode == "tleg_pretrain":
+        block = sum(p.numel() for p in model.learngene["a"].parameters())
+        assert full.params - analytic.params == (len(model.blocks) - 2) * block

@@ -39,6 +39,94 @@ def test_random_k_is_seeded_and_sized():
     assert torch.all(ids[:, 1:] > ids[:, :-1]), "active ids are sorted and distinct"
 
 
+def _overlaps(support: torch.Tensor) -> torch.Tensor:
+    g = support.long()
+    o = g @ g.t()
+    return o[~torch.eye(g.shape[0], dtype=torch.bool)]
+
+
+@pytest.mark.parametrize("classes,n_t,k,max_overlap", [
+    (8, 16, 4, 1),     # the demo's pretraining gate
+    (2, 16, 4, 0),     # the demo's transfer gate
+    (9, 16, 4, 1),     # C·K/N_T not an integer
+    (150, 96, 32, 16),  # KIND's 150 pretraining classes at the DiT defaults
+    (35, 7, 3, 2),     # every 3-subset of 7 tailors: distinct sets only just exist
+])
+def test_balanced_gate_is_class_specific_and_balanced(classes, n_t, k, max_overlap):
+    g = ClassGate.balanced(classes, n_t, k, seed=0)
+    s = g.table[:classes] != 0
+    assert g.kind == "balanced" and torch.all(s.sum(1) == k)
+    assert torch.unique(s, dim=0).shape[0] == classes, "every class has its own set of tailors"
+    use = s.sum(0)
+    lo, hi = classes * k // n_t, -(-classes * k // n_t)
+    assert int(use.min()) >= lo and int(use.max()) <= hi, "each tailor serves floor/ceil(C·K/N_T) classes"
+    if classes > 1:
+        assert int(_overlaps(s).max()) <= max_overlap
+    assert torch.all(g.table[classes] == 0), "null class: learngenes only"
+
+
+def test_balanced_gate_beats_block_and_random_k_on_its_properties():
+    """At KIND's scale (150 classes, N_T = 96, K = 32): block gives 3 distinct sets (50 classes
+    each, overlap 32); random_k gives distinct sets with unequal tailor use and a longer overlap
+    tail than the balanced gate."""
+    bal = ClassGate.balanced(150, 96, 32).table[:150] != 0
+    blk = ClassGate.block(150, 96, 32).table[:150] != 0
+    rnd = ClassGate.random_k(150, 96, 32).table[:150] != 0
+    assert torch.unique(blk, dim=0).shape[0] == 3 and int(_overlaps(blk).max()) == 32
+    assert int(rnd.sum(0).max() - rnd.sum(0).min()) > 1 and int(bal.sum(0).max() - bal.sum(0).min()) == 0
+    assert int(_overlaps(bal).max()) < int(_overlaps(rnd).max())
+
+
+def test_balanced_gate_is_deterministic_across_versions():
+    a = ClassGate.balanced(8, 16, 4, seed=0)
+    assert torch.equal(a.table, ClassGate.balanced(8, 16, 4, seed=0).table)
+    assert not torch.equal(a.table, ClassGate.balanced(8, 16, 4, seed=1).table)
+    # the gate's own PRNG (SplitMix64): these ids may never change, or saved models would stop loading
+    assert a.idx[:8].tolist() == [[3, 6, 12, 15], [1, 8, 11, 14], [1, 7, 10, 13], [0, 3, 4, 9],
+                                  [2, 10, 14, 15], [4, 5, 6, 7], [0, 2, 11, 12], [5, 8, 9, 13]]
+
+
+@pytest.mark.parametrize("null,expected", [("off", 0), ("all", 16), ("class", 4)])
+def test_balanced_gate_null_policies(null, expected):
+    g = ClassGate.balanced(8, 16, 4, null=null)
+    assert int(g.row(8).sum()) == expected
+    if null == "class":  # the null class is one more class of the design: its own set
+        s = g.table != 0
+        assert torch.unique(s, dim=0).shape[0] == 9
+
+
+def test_balanced_gate_errors():
+    with pytest.warns(UserWarning, match="binomial"):  # only 10 distinct 2-subsets of 5: sets repeat
+        g = ClassGate.balanced(11, 5, 2)
+    s = g.table[:11] != 0
+    assert torch.all(s.sum(1) == 2) and torch.unique(s, dim=0).shape[0] == 10
+    assert int(s.sum(0).max() - s.sum(0).min()) <= 1, "still balanced"
+    with pytest.raises(ValueError, match="active"):
+        ClassGate.balanced(4, 8, 9)
+    with pytest.raises(TypeError, match="seed"):
+        ClassGate.balanced(4, 8, 2, seed=1.5)
+
+
+def test_default_gate_is_the_documented_kind():
+    from kind_fast.dit import KindConfig
+    from kind_fast.gate import DEFAULT_GATE, default_gate
+    from kind_fast.train.config import RunConfig
+
+    assert KindConfig().gate == DEFAULT_GATE == RunConfig().model.gate
+    assert default_gate(10, 16, 4).kind == DEFAULT_GATE
+    assert default_gate(10).active == 32 and default_gate(10).tailor_rank == 96
+
+
+def test_kindify_without_a_gate_uses_the_default():
+    from kind_fast.dit import DiT
+    from kind_fast.gate import DEFAULT_GATE
+
+    dit = DiT(input_size=4, patch_size=2, in_channels=1, hidden_size=24, depth=1, num_heads=2, num_classes=5)
+    kf.kindify(dit, tailor_rank=12)
+    assert dit.kind_gate.kind == DEFAULT_GATE and dit.kind_gate.num_classes == 5
+    assert dit.kind_gate.active == 4 and dit.kind.gate == DEFAULT_GATE
+
+
 def test_dense_gate_padding_and_values():
     table = torch.tensor([[0.5, 0.0, -2.0, 0.0], [0.0, 0.0, 0.0, 1.5], [0.0, 0.0, 0.0, 0.0]])
     g = ClassGate.dense(table)
@@ -109,6 +197,7 @@ def test_compiled_cache_per_device_and_version():
 
 def test_config_roundtrip():
     for g in (ClassGate.block(5, 16, 4, null="class"), ClassGate.random_k(5, 16, 4, seed=2),
+              ClassGate.balanced(5, 16, 4, seed=3, null="class"),
               ClassGate.all_on(5, 16), ClassGate.dense(torch.randn(5, 16))):
         h = ClassGate.from_config(g.to_config(), g.table)
         assert torch.equal(h.table, g.table) and torch.equal(h.idx, g.idx) and h.kind == g.kind
@@ -156,3 +245,29 @@ def test_check_labels_rechecks_after_in_place_change():
         check_labels(labels, 3)
     with pytest.raises(ValueError, match="out of range"):
         check_labels(torch.tensor([0, 1]), 0)
+
+
+def test_saves_with_the_old_block_default_keep_their_gate(tmp_path):
+    """A KIND-DiT saved with gate="block" (the default before the balanced gate) loads with its
+    block gate whatever the default now is, and its transfer builds a block gate too."""
+    from kind_fast.dit import DiT, KindConfig
+    from kind_fast.serialization import load_pretrained, save_pretrained
+
+    torch.manual_seed(0)
+    kind = KindConfig(tailor_rank=8, active=2, gate="block")
+    model = DiT(input_size=4, patch_size=2, in_channels=1, hidden_size=16, depth=1, num_heads=2,
+                num_classes=6, kind=kind)
+    save_pretrained(model, tmp_path / "old")
+    back = load_pretrained(tmp_path / "old")
+    assert back.kind.gate == "block" and back.kind_gate.kind == "block"
+    assert torch.equal(back.kind_gate.table, ClassGate.block(6, 8, 2).table)
+    back.prepare_transfer(3)
+    assert back.kind_gate.kind == "block" and back.kind_gate.num_classes == 3
+
+
+def test_resume_with_another_gate_names_the_fix():
+    from kind_fast.train.checkpoint import CheckpointError, check_compatible
+
+    spec = {"mode": "pretrain", "method": "kind", "kind": {"gate": "block", "active": 4}}
+    with pytest.raises(CheckpointError, match="--set model.gate=block"):
+        check_compatible({"spec": spec}, dict(spec, kind={"gate": "balanced", "active": 4}), "ck.pt")

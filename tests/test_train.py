@@ -541,7 +541,9 @@ def test_sampling_shapes_determinism_and_label_checks(pretrained):
     assert a.abs().max() <= 1.0
     d = sample(model, labels, sampler="ddim", seed=5, **kw)
     e = sample(model, labels, sampler="ddim", seed=5, batch_size=2, **kw)  # chunking is deterministic too
-    assert d.shape == a.shape and torch.equal(d[:2], e[:2])
+    # (up to rounding: the merged path's GEMMs change shape with the chunk; results depend on the batch size)
+    assert d.shape == a.shape and torch.equal(e, sample(model, labels, sampler="ddim", seed=5, batch_size=2, **kw))
+    torch.testing.assert_close(d[:2], e[:2], rtol=0, atol=1e-6)
     assert sample(model, labels, sampler="ddim", seed=5, shape=(1, 8, 8), steps=3, cfg_scale=1.0).shape == a.shape
     assert model.training  # sample() switches to eval and back
     with pytest.raises(ValueError, match="class ids"):

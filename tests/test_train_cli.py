@@ -127,21 +127,30 @@ def test_demo_prints_one_table(tmp_path, capsys):
                "--out", str(out)])
     assert rc == 0
     text = capsys.readouterr().out
-    for label in ("KIND pretrain", "KIND transfer", "full fine-tune", "LoRA", "SVDiff", "from scratch", "real digits"):
+    for label in ("KIND pretrain", "TLEG ancestry", "KIND transfer", "full fine-tune", "LoRA", "SVDiff", "Heur-LG",
+                  "TLEG", "from scratch", "real digits"):
         assert label in text
+    head = next(line for line in text.splitlines() if line.startswith("method "))
+    assert head.split()[-6:] == ["FID", "sFID", "prec", "recall", "class", "acc"]
     assert "train GFLOP/img" in text and "transfer_grid.png" in text
     assert "wall time: KIND transfer" in text  # compared with full fine-tuning, explained when slower
     summary = json.loads((out / "demo_summary.json").read_text())
     rows = {r["method"]: r for r in summary["rows"]}
-    assert set(rows) == {"pretrain", "kind", "full", "lora", "svdiff", "scratch", "real"}
+    assert set(rows) == {"pretrain", "tleg_pretrain", "kind", "full", "lora", "svdiff", "heur_lg", "tleg", "scratch",
+                         "real"}
     assert rows["kind"]["trainable"] < rows["full"]["trainable"]
     assert rows["kind"]["train_gflops_per_image"] < rows["full"]["train_gflops_per_image"]
-    assert all(r["fid"] == r["fid"] for r in rows.values())  # computed (not NaN)
+    for m in ("heur_lg", "tleg"):  # dense descendants that train every weight: full fine-tuning's cost
+        assert rows[m]["trainable"] == rows["full"]["trainable"]
+        assert rows[m]["train_gflops_per_image"] == pytest.approx(rows["full"]["train_gflops_per_image"])
+    assert rows["tleg_pretrain"]["trainable"] < rows["scratch"]["trainable"]  # two learngene blocks, not four
+    for r in rows.values():  # computed (not NaN), in range
+        assert r["fid"] == r["fid"] and r["sfid"] == r["sfid"] and 0 <= r["precision"] <= 1 and 0 <= r["recall"] <= 1
     from PIL import Image
 
-    with Image.open(out / "transfer_grid.png") as im:  # real + 5 methods, 2 labelled rows each, 4 digits a row
+    with Image.open(out / "transfer_grid.png") as im:  # real + 7 methods, 2 labelled rows each, 4 digits a row
         w, h = im.size
-        assert h > 12 * 8 * 6 and w > 4 * 8 * 6
+        assert h > 16 * 8 * 6 and w > 4 * 8 * 6
     if "matplotlib is not installed" not in text:
         with Image.open(out / "demo_chart.png") as im:
             assert im.format == "PNG"

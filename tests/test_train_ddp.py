@@ -106,3 +106,23 @@ def test_sampling_on_two_processes_matches_one(tmp_path, pretrained):
     assert np.array_equal(a["arr_0"], b["arr_0"]) and np.array_equal(a["labels"], b["labels"])
     assert len({a["arr_0"][i].tobytes() for i in range(7)}) == 7  # every sample its own noise
     assert sorted(p.name for p in (tmp_path / "multi").iterdir()) == ["g.npz", "g.png"]  # shares removed
+
+
+def test_sample_eval_scores_the_npz_of_every_process(tmp_path, pretrained):
+    """kind-fast sample --eval under torchrun: rank 0 scores the assembled .npz (FID, sFID,
+    precision/recall, class accuracy in the digit classifier's spaces) into <out>.eval.json, with
+    the same numbers as a one-process run."""
+    from kind_fast.__main__ import main
+
+    common = ["--num-samples", "16", "--batch-size", "4", "--steps", "3", "--eval", "--device", "cpu", "--seed", "1"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "-m", "kind_fast", "sample", str(pretrained), "--out", str(tmp_path / "multi" / "g.png"),
+                        *common], capture_output=True, text=True, timeout=240, env=env)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    multi = json.loads((tmp_path / "multi" / "g.eval.json").read_text())
+    assert {"fid", "sfid", "precision", "recall", "class_acc"} <= set(multi) and multi["n_generated"] == 16
+    with single_thread():
+        assert main(["sample", str(pretrained), "--out", str(tmp_path / "single" / "g.png"), *common]) == 0
+    single = json.loads((tmp_path / "single" / "g.eval.json").read_text())
+    assert single == multi

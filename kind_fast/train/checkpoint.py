@@ -186,6 +186,9 @@ def check_compatible(state: dict, spec: dict, path: Path | str) -> None:
     diffs = sorted(k for k in set(saved) | set(spec) if saved.get(k) != spec.get(k))
     if diffs:
         detail = "; ".join(f"{k}: checkpoint {saved.get(k)!r} vs run {spec.get(k)!r}" for k in diffs)
+        old, new = (saved.get("kind") or {}).get("gate"), (spec.get("kind") or {}).get("gate")
+        if old and new and old != new:  # e.g. a run started before the default gate changed (docs/design.md §1.4)
+            detail += f"; the checkpoint's class gate is {old!r}: resume with --set model.gate={old}"
         raise CheckpointError(f"checkpoint {path} is from an incompatible run ({detail})")
 
 

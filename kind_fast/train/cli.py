@@ -51,8 +51,8 @@ def add_run_arguments(p: argparse.ArgumentParser, mode: str) -> None:
     p.add_argument("--config", help="YAML or JSON config file")
     for name, (_key, typ, help_text) in _FLAGS.items():
         if name == "method":
-            help_text = ("kind (default) | dense" if mode == "pretrain"
-                         else "kind (default) | full | lora | svdiff | scratch")
+            help_text = ("kind (default) | dense | tleg (TLEG's ancestry)" if mode == "pretrain"
+                         else "kind (default) | full | lora | svdiff | heur_lg | tleg | scratch")
         if name == "init" and mode == "pretrain":
             help_text = ("continue from existing weights: a dense DiT (.pt/.safetensors, diffusers folder, "
                          "kind_fast run) converted to KIND by exact SVD, or a KIND save (kind-fast convert); "
@@ -212,6 +212,16 @@ def add_sample_arguments(p: argparse.ArgumentParser) -> None:
                    help="KIND layers keep path M1 instead of merged per-class weights (path M3)")
     p.add_argument("--cuda-graphs", choices=("auto", "on", "off"), default="auto",
                    help="capture each sampling step's model call in a CUDA graph (auto: on CUDA devices)")
+    p.add_argument("--eval", action="store_true",
+                   help="score the samples (writes the .npz, then FID, sFID, precision/recall k=3 to <out>.eval.json): "
+                        "digits models against real digits in the digit classifier's spaces (+ class accuracy); "
+                        "other models need --ref and --inception-weights")
+    p.add_argument("--ref", default=None, help="--eval: reference images, an .npz with arr_0 uint8 N×H×W×C")
+    p.add_argument("--inception-weights", default=None,
+                   help="--eval: local Inception-v3 weights "
+                        "(torch-fidelity's weights-inception-2015-12-05-6726825d.pth)")
+    p.add_argument("--digit-classes", default=None,
+                   help="--eval of a digits model: the digit of each class id (default: from the run's config.json)")
 
 
 def run_sample(args: argparse.Namespace) -> int:
@@ -267,6 +277,19 @@ def run_sample(args: argparse.Namespace) -> int:
         labels = sample_labels(classes, num_samples=args.num_samples, n_per_class=args.n_per_class)
         arch = model.arch
         shape = (arch["in_channels"], arch["input_size"], arch["input_size"])
+        if args.eval:
+            args.npz = True  # the .npz (ADM layout) is what --eval scores
+            digits = None
+            if args.ref is None:
+                digits = (parse_int_list(args.digit_classes, "--digit-classes") if args.digit_classes
+                          else _digits_of(wdir))
+                if digits is None or shape != (1, 8, 8):
+                    raise ValueError("--eval needs --ref and --inception-weights (or, for a digits model, its "
+                                     "run's config.json or --digit-classes)")
+                if len(digits) != n:
+                    raise ValueError(f"--digit-classes names {len(digits)} digits but the model has {n} classes")
+            elif args.inception_weights is None:
+                raise ValueError("--eval with --ref needs --inception-weights (a local Inception-v3 weights file)")
         if args.npz and args.vae is None and shape[0] not in (1, 3):
             raise ValueError(f"--npz writes uint8 images; this model makes {shape[0]}-channel latents: "
                              "add --vae FOLDER to decode them")
@@ -294,7 +317,23 @@ def run_sample(args: argparse.Namespace) -> int:
         print(f"wrote {written['grid']} ({what}, {args.sampler} {args.steps} steps, cfg {args.cfg_scale}{procs})")
         if "npz" in written:
             print(f"wrote {written['npz']} (arr_0: uint8 N×H×W×C, labels)")
+        if args.eval:
+            from kind_fast.atomic import atomic_write_text
+            from kind_fast.train.evaluate import evaluate_npz
+
+            scores = evaluate_npz(written["npz"], digits=digits, ref=args.ref, inception_weights=args.inception_weights,
+                                  seed=args.seed, device=env.device)
+            path = written["npz"].with_suffix(".eval.json")
+            atomic_write_text(json.dumps(scores, indent=2) + "\n", path)
+            print(json.dumps(scores, indent=2))
+            print(f"wrote {path}")
     return 0
+
+
+def _digits_of(weights_dir):
+    from kind_fast.train.evaluate import digits_of_run
+
+    return digits_of_run(weights_dir)
 
 
 def decode_latents(latents, vae_path: str, scale: float, device):

@@ -26,6 +26,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from kind_fast.gate import DEFAULT_GATE
+
 MODES = ("pretrain", "transfer")
 # a fresh model's architecture where neither the config nor a preset gives it: a tiny DiT for digits
 TINY_ARCH = {"hidden_size": 64, "depth": 4, "num_heads": 4, "patch_size": 2, "mlp_ratio": 4.0, "learn_sigma": True}
@@ -33,9 +35,10 @@ ARCH_KEYS = tuple(TINY_ARCH)
 PRESET_KEYS = ("depth", "hidden_size", "num_heads", "patch_size")  # the order of kind_fast.dit.DiT_models
 # a fresh model's KIND settings where the config does not give them (they suit the tiny model)
 FRESH_KIND = {"tailor_rank": 16, "active": 4}
-PRETRAIN_METHODS = ("kind", "dense")
-TRANSFER_METHODS = ("kind", "full", "lora", "svdiff", "scratch")
+PRETRAIN_METHODS = ("kind", "dense", "tleg")
+TRANSFER_METHODS = ("kind", "full", "lora", "svdiff", "heur_lg", "tleg", "scratch")
 DATA_SOURCES = ("digits", "imagefolder", "latents")
+TRAIN_GATES = ("balanced", "block", "random_k", "all_on")
 
 
 @dataclass
@@ -69,14 +72,14 @@ class ModelConfig:
     class_dropout: float = 0.1
     tailor_rank: int | None = None
     active: int | None = None
-    gate: str = "block"  # block | random_k | all_on
+    gate: str = DEFAULT_GATE  # balanced | block | random_k | all_on (docs/design.md §1.4)
     null: str = "off"  # null-class gate: off (learngenes only) | all | class
     qkv: str = "split"
 
 
 @dataclass
 class MethodConfig:
-    # pretrain: kind | dense; transfer: kind | full | lora | svdiff | scratch
+    # pretrain: kind | dense | tleg (TLEG's ancestry); transfer: kind | full | lora | svdiff | heur_lg | tleg | scratch
     name: str = "kind"
     init: str | None = None  # transfer: a pretrain run folder or a kind_fast save folder
     init_weights: str = "ema"  # which weights of a run folder: ema | model
@@ -86,6 +89,8 @@ class MethodConfig:
     freeze_learngenes: bool = True  # KIND transfer
     lora_rank: int = 4
     lora_alpha: float | None = None
+    heur_lg_blocks: int | None = None  # Heur-LG: top DiT blocks inherited (None: half the depth)
+    tleg_depth: int | None = None  # TLEG transfer: blocks of the expanded descendant (None: the ancestry's)
 
 
 @dataclass
@@ -213,7 +218,7 @@ class RunConfig:
         need(m.active is None or m.tailor_rank is None or m.active <= m.tailor_rank, "model.active",
              f"({m.active}) must be <= model.tailor_rank ({m.tailor_rank})")
         need(0.0 <= m.class_dropout < 1.0, "model.class_dropout", f"must be in [0, 1), got {m.class_dropout}")
-        need(m.gate in ("block", "random_k", "all_on"), "model.gate", f"block, random_k or all_on, got {m.gate!r}")
+        need(m.gate in TRAIN_GATES, "model.gate", f"one of {', '.join(TRAIN_GATES)}, got {m.gate!r}")
         need(m.null in ("off", "all", "class"), "model.null", f"off, all or class, got {m.null!r}")
         need(m.qkv in ("split", "fused"), "model.qkv", f"split or fused, got {m.qkv!r}")
         if m.name is not None:
@@ -228,6 +233,9 @@ class RunConfig:
         need(me.init_num_heads is None or me.init_num_heads >= 1, "method.init_num_heads",
              f"must be >= 1, got {me.init_num_heads}")
         need(me.lora_rank >= 1, "method.lora_rank", f"must be >= 1, got {me.lora_rank}")
+        need(me.heur_lg_blocks is None or me.heur_lg_blocks >= 1, "method.heur_lg_blocks",
+             f"must be >= 1, got {me.heur_lg_blocks}")
+        need(me.tleg_depth is None or me.tleg_depth >= 1, "method.tleg_depth", f"must be >= 1, got {me.tleg_depth}")
         o = self.optim
         need(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
         need(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")

@@ -75,3 +75,149 @@ def periodic(trainer) -> float:
     del model
     barrier(trainer.env)
     return time.perf_counter() - t0
+
+
+# =====================================================================================
+# Scoring an ADM-format .npz (kind-fast sample --eval, also after a torchrun sampling run)
+# =====================================================================================
+def iter_npz(path, name: str = "arr_0", batch: int = 500):
+    """The rows of array ``name`` of an uncompressed .npz (what ``np.savez`` and
+    ``sample_ddp.write_npz`` write), ``batch`` rows at a time, without loading it whole."""
+    import zipfile
+
+    import numpy as np
+
+    with zipfile.ZipFile(path) as zf:
+        try:
+            f = zf.open(f"{name}.npy")
+        except KeyError:
+            raise ValueError(f"{path} has no array {name!r} (it holds {sorted(zf.namelist())})") from None
+        with f:
+            version = np.lib.format.read_magic(f)
+            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                           else np.lib.format.read_array_header_2_0)
+            shape, fortran, dtype = read_header(f)
+            if fortran:
+                raise ValueError(f"{path}:{name} is stored in Fortran order; expected C order")
+            row = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+            for start in range(0, shape[0], batch):
+                n = min(batch, shape[0] - start)
+                data = f.read(n * row)
+                if len(data) != n * row:
+                    raise ValueError(f"{path}:{name} is truncated")
+                yield np.frombuffer(data, dtype=dtype).reshape(n, *shape[1:])
+
+
+def uint8_to_images(arr) -> torch.Tensor:
+    """uint8 (N, H, W, C) (the .npz layout) → float (N, C, H, W) in [-1, 1] (the inverse of
+    ``sampling.to_uint8`` up to its rounding)."""
+    import numpy as np
+
+    if arr.dtype != np.uint8 or arr.ndim != 4:
+        raise ValueError(f"expected uint8 N×H×W×C images, got {arr.dtype} of shape {arr.shape}")
+    return torch.from_numpy(np.array(arr)).permute(0, 3, 1, 2).float() / 127.5 - 1.0  # a writable copy
+
+
+@torch.no_grad()
+def quality_of_batches(real_batches, fake_batches, pooled: nn.Module, spatial: nn.Module, *, k: int = 3,
+                       device=None, on_fake=None) -> dict:
+    """FID, sFID and precision/recall (k-NN manifolds, ``k``) of two streams of image batches
+    ((N, C, H, W) in [-1, 1]) in the feature spaces ``pooled`` and ``spatial``. Features are
+    computed once per image; the Fréchet distances accumulate through torchmetrics (float64
+    sums), the pooled features are kept for precision/recall. ``on_fake(images)`` sees every
+    generated batch (e.g. to count class accuracy)."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    from kind_fast.train.metrics import FeatureIdentity, precision_recall
+
+    device = torch.device("cpu") if device is None else torch.device(device)
+    pooled, spatial = pooled.to(device).eval(), spatial.to(device).eval()
+    fid = FrechetInceptionDistance(feature=FeatureIdentity(pooled.num_features)).to(device)
+    sfid = FrechetInceptionDistance(feature=FeatureIdentity(spatial.num_features)).to(device)
+    kept = {True: [], False: []}
+    counts = {True: 0, False: 0}
+    for real, batches in ((True, real_batches), (False, fake_batches)):
+        for images in batches:
+            images = images.to(device)
+            p = pooled(images).double()
+            fid.update(p, real=real)
+            sfid.update(spatial(images).double(), real=real)
+            kept[real].append(p.float().cpu())
+            counts[real] += images.shape[0]
+            if not real and on_fake is not None:
+                on_fake(images)
+    if min(counts.values()) < 2:
+        raise ValueError(f"need at least 2 real and 2 generated images, got {counts[True]} and {counts[False]}")
+    out = {"fid": float(fid.compute()), "sfid": float(sfid.compute())}
+    out["precision"], out["recall"] = precision_recall(torch.cat(kept[True]), torch.cat(kept[False]), k=k)
+    out["n_real"], out["n_generated"] = counts[True], counts[False]
+    return out
+
+
+def digits_of_run(weights_dir) -> list[int] | None:
+    """The digit each class of a digits run stands for (from the run's config.json), else None."""
+    import json
+    from pathlib import Path
+
+    from kind_fast.train.data import DIGIT_DEFAULTS
+
+    for cand in (Path(weights_dir) / "config.json", Path(weights_dir).parent / "config.json"):
+        if cand.is_file():
+            try:
+                cfg = json.loads(cand.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                return None
+            data = cfg.get("data") or {}
+            if data.get("source", "digits") != "digits":
+                return None
+            return list(data.get("classes") or DIGIT_DEFAULTS.get(cfg.get("mode"), []) or []) or None
+    return None
+
+
+def evaluate_npz(npz_path, *, digits: list[int] | None = None, ref=None, inception_weights=None, seed: int = 0,
+                 device=None, batch: int = 500) -> dict:
+    """Score the samples of an ADM-format .npz (``arr_0`` uint8 N×H×W×C, ``labels``).
+
+    * ``digits`` given (a digits model: ``digits[c]`` is the digit of class c): the digit
+      classifier's spaces against the real sklearn digits of those classes, plus class accuracy.
+    * otherwise ``ref`` (an .npz with ``arr_0`` reference images, e.g. the ADM evaluator's
+      reference batch) and ``inception_weights`` (a local file): Inception's pool features
+      (FID, precision/recall) and spatial features (sFID).
+    """
+    import numpy as np
+
+    from kind_fast.train import metrics as M
+
+    if digits is not None:
+        from kind_fast.data import load_digits
+
+        clf, report = M.train_digit_classifier(seed)
+        pooled, spatial = M.DigitFeatures(clf), M.DigitSpatialFeatures(clf)
+        real_x, _ = load_digits(list(digits))
+        real_batches = (real_x[i:i + batch] for i in range(0, real_x.shape[0], batch))
+        space = f"digit classifier (held-out acc {report['test_acc']:.3f}) vs real digits {list(digits)}"
+    else:
+        if ref is None or inception_weights is None:
+            raise ValueError("scoring non-digit samples needs --ref (an .npz of reference images, arr_0) and "
+                             "--inception-weights (a local Inception-v3 weights file, torch-fidelity's)")
+        pooled = M.InceptionFeatures(str(inception_weights), 2048)
+        spatial = M.InceptionFeatures(str(inception_weights), "spatial")
+        real_batches = (uint8_to_images(a) for a in iter_npz(ref, batch=batch))
+        space = f"Inception-v3 ({inception_weights}) vs {ref}"
+    labels = np.concatenate(list(iter_npz(npz_path, "labels", batch=1 << 20)))
+    hits, seen = [0], [0]
+
+    def on_fake(images):
+        if digits is None:
+            return
+        y = torch.as_tensor(labels[seen[0]:seen[0] + images.shape[0]])
+        want = torch.tensor(list(digits))[y].to(images.device)
+        hits[0] += int((clf.to(images.device)(images).argmax(1) == want).sum())
+        seen[0] += images.shape[0]
+
+    fake_batches = (uint8_to_images(a) for a in iter_npz(npz_path, batch=batch))
+    out = quality_of_batches(real_batches, fake_batches, pooled, spatial, device=device, on_fake=on_fake)
+    if digits is not None:
+        out["class_acc"] = hits[0] / max(1, seen[0])
+    out["feature_space"] = space
+    return out

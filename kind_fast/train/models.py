@@ -5,6 +5,8 @@ Methods (all trained by the same loop):
 ==================  ===================================================================
 pretrain/kind       KIND-DiT, every component trainable; the class gate diverts tailors.
 pretrain/dense      a plain DiT (fused qkv), all trainable: the dense reference.
+pretrain/tleg       TLEG's ancestry (``kind_fast.baselines.TLEGDiT``): every block is
+                    θ_A + (l/L)·θ_B of two learngene blocks; θ_A, θ_B, embedders, final layer train.
 pretrain + init     ``--init SRC`` continues from existing weights: a dense DiT (facebookresearch
                     ``.pt``, diffusers folder, kind_fast dense save) is converted by exact SVD
                     (``kind_fast.dit.kindify_dit``) with the run's KIND settings; a KIND save (e.g. from
@@ -22,6 +24,12 @@ transfer/lora       that dense DiT, frozen, PEFT LoRA on the block linears (``ap
                     adapter folder); ``load_weights`` gives the PeftModel (``merge_and_unload()``).
 transfer/svdiff     that dense DiT, frozen, SVDiff spectral shifts on the block linears
                     (``apply_svdiff``), plus the label table and final layer.
+transfer/heur_lg    Heur-LG: a fresh DiT with the top ``method.heur_lg_blocks`` blocks (default:
+                    half) and the final layer of that dense DiT (``heur_lg_descendant``), new
+                    label table, all trainable.
+transfer/tleg       TLEG: the TLEG ancestry (``pretrain --method tleg``) expanded to a plain DiT
+                    of ``method.tleg_depth`` blocks (default: its own depth; ``TLEGDiT.expand``),
+                    new label table, all trainable.
 transfer/scratch    a fresh dense DiT of the pretrained architecture, all trainable.
 ==================  ===================================================================
 
@@ -254,6 +262,8 @@ def record_built_model(cfg: RunConfig, spec: dict) -> RunConfig:
 def _make_spec(cfg: RunConfig, num_classes: int, sample_shape) -> dict:
     me = cfg.method
     spec: dict = {"mode": cfg.mode, "method": me.name}
+    if cfg.mode == "pretrain" and me.name == "tleg" and me.init:
+        raise ValueError("pretrain --method tleg trains TLEG's ancestry from a fresh init; --init is not supported")
     if cfg.mode == "pretrain" and me.init:
         spec.update(_pretrain_init_spec(cfg, num_classes, sample_shape))
         return spec
@@ -274,6 +284,18 @@ def _make_spec(cfg: RunConfig, num_classes: int, sample_shape) -> dict:
         if me.name == "kind" and not info["kind"]:
             raise ValueError(f"method kind needs a KIND pretrained model; {me.init} is a dense DiT "
                              "(use method full, lora, svdiff or scratch, or convert it first: kind-fast convert)")
+        if me.name == "tleg" and info.get("method") != "tleg":  # other methods expand a TLEG ancestry first
+            raise ValueError(f"method tleg transfers a TLEG ancestry (pretrain --method tleg); {me.init} holds "
+                             f"a {info.get('method') or 'kind'} model")
+        if me.name == "tleg" and me.tleg_depth is not None:
+            arch["depth"] = me.tleg_depth
+        if me.name == "heur_lg":
+            depth = arch["depth"]
+            blocks = max(1, depth // 2) if me.heur_lg_blocks is None else me.heur_lg_blocks
+            if not 1 <= blocks <= depth:
+                raise ValueError(f"method.heur_lg_blocks must be in [1, {depth}] (the pretrained DiT's depth), "
+                                 f"got {blocks}")
+            spec["heur_lg_blocks"] = blocks
         kind = info["kind"]
         if kind and kind.get("gate") == "custom":  # an explicit gate (kindify): the run's gate settings
             m = cfg.model
@@ -306,6 +328,10 @@ def build_from_spec(spec: dict, *, empty: bool = False) -> nn.Module:
     method, arch = spec["method"], dict(spec["arch"])
     kind = KindConfig(**spec["kind"]) if spec.get("kind") else None
     if spec["mode"] == "pretrain":
+        if method == "tleg":
+            from kind_fast.baselines import TLEGDiT
+
+            return TLEGDiT(**arch).set_mode("pretrain")
         return DiT(**arch, kind=kind).set_mode("pretrain")
     if method == "kind":
         model = DiT(**arch, kind=kind).set_mode("transfer")
@@ -313,7 +339,7 @@ def build_from_spec(spec: dict, *, empty: bool = False) -> nn.Module:
             freeze_learngenes(model, False)
         return model
     model = DiT(**arch, kind=None)
-    if method in ("full", "scratch"):
+    if method in ("full", "scratch", "heur_lg", "tleg"):
         return model.set_mode("full_finetune")
     if method == "lora":
         return apply_lora(model, spec["lora_rank"], alpha=spec.get("lora_alpha"))
@@ -344,9 +370,20 @@ def build_model(cfg: RunConfig, spec: dict) -> nn.Module:
         if not spec.get("freeze_learngenes", True):
             freeze_learngenes(model, False)
         return model
-    dense = load_weights(init).to_dense() if init_info(init)["kind"] else load_weights(init)
+    from kind_fast.baselines import TLEGDiT, as_plain_dit, heur_lg_descendant
+
+    if method == "tleg":
+        ancestry = load_weights(init)
+        if not isinstance(ancestry, TLEGDiT):
+            raise ValueError(f"{init}: expected a TLEG ancestry (pretrain --method tleg)")
+        dense = ancestry.expand(arch["depth"])  # TLEG's descendant initialisation
+        dense.retarget(arch["num_classes"])
+        return dense.requires_grad_(True).set_mode("full_finetune")
+    dense = load_weights(init).to_dense() if init_info(init)["kind"] else as_plain_dit(load_weights(init))
     if not isinstance(dense, DiT) or dense.kind is not None:
         raise ValueError(f"{init}: expected a DiT")
+    if method == "heur_lg":
+        return heur_lg_descendant(dense, arch["num_classes"], blocks=spec["heur_lg_blocks"])
     dense.retarget(arch["num_classes"])  # a fresh label table for the new classes
     dense.requires_grad_(True)
     if method == "full":
