@@ -348,8 +348,10 @@ class ClassGate(nn.Module):
         if torch.compiler.is_compiling():
             val = self.table.gather(1, self.idx.long()) * self.mask
             return self.idx.to(device), val.to(device)
-        key = (device, self.table._version, self.table.data_ptr())
-        hit = self._val_cache.get(key)
+        # a table made under torch.inference_mode has no version counter: never cached then
+        version = None if self.table.is_inference() else self.table._version
+        key = (device, version, self.table.data_ptr())
+        hit = self._val_cache.get(key) if version is not None else None
         if hit is not None and hit[1].is_inference() and not torch.is_inference_mode_enabled():
             hit = None  # made under torch.inference_mode: autograd may not save it
         if hit is None:
@@ -514,10 +516,12 @@ def check_labels(labels: Any, num_classes: int, *, name: str = "labels") -> Tens
         return labels
     if labels.numel() == 0:
         return labels
-    # Every KIND layer of a model sees the same labels tensor: check it once per value.
-    key = (labels._version, num_classes)
+    # Every KIND layer of a model sees the same labels tensor: check it once per value. An
+    # inference tensor (made under torch.inference_mode) has no version counter, so an in-place
+    # change could not be seen: it is checked on every call.
+    key = None if labels.is_inference() else (labels._version, num_classes)
     ref, seen = _LAST_CHECKED
-    if ref is not None and ref() is labels and seen == key:
+    if key is not None and ref is not None and ref() is labels and seen == key:
         return labels
     if labels.device.type == "cpu":
         lo, hi = int(labels.min()), int(labels.max())

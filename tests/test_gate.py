@@ -247,6 +247,32 @@ def test_check_labels_rechecks_after_in_place_change():
         check_labels(torch.tensor([0, 1]), 0)
 
 
+def test_check_labels_takes_inference_tensors_and_rechecks_them():
+    """Labels made under torch.inference_mode have no version counter: they are checked (and
+    rechecked after an in-place change) instead of crashing the cache."""
+    from kind_fast.dit import DiT, KindConfig
+
+    with torch.inference_mode():
+        labels = torch.tensor([0, 1])
+        assert check_labels(labels, 3) is labels and check_labels(labels, 3) is labels
+        labels[1] = 7
+        with pytest.raises(ValueError, match="out of range"):
+            check_labels(labels, 3)
+    kind = KindConfig(tailor_rank=8, active=2)
+    model = DiT(input_size=4, patch_size=2, in_channels=1, hidden_size=16, depth=1, num_heads=2, num_classes=3,
+                kind=kind)
+    x, t = torch.randn(2, 1, 4, 4), torch.tensor([5, 9])
+    with torch.inference_mode():
+        y = torch.tensor([0, 3])
+        out = model(x, t, y)
+        with torch.device("cpu"):  # a model built under inference_mode too (its gate table has no version)
+            inner = DiT(input_size=4, patch_size=2, in_channels=1, hidden_size=16, depth=1, num_heads=2,
+                        num_classes=3, kind=kind)
+        inner.load_state_dict(model.state_dict())
+        assert torch.equal(inner(x, t, y), out)
+    torch.testing.assert_close(out, model(x, t, torch.tensor([0, 3])))
+
+
 def test_saves_with_the_old_block_default_keep_their_gate(tmp_path):
     """A KIND-DiT saved with gate="block" (the default before the balanced gate) loads with its
     block gate whatever the default now is, and its transfer builds a block gate too."""

@@ -146,7 +146,8 @@ def test_trainer_tleg_pretrain_saves_and_loads_the_ancestry(ancestries):
     ("full", "tleg", {}),  # any baseline starts from the expanded TLEG ancestry
 ])
 def test_trainer_learngene_transfers(tmp_path, ancestries, method, init, extra):
-    cfg = tiny_config(tmp_path / "t", "transfer", steps=2, data={"classes": [8, 9]},
+    # the depth comes from the init, or from method.tleg_depth: a given model.depth would be refused
+    cfg = tiny_config(tmp_path / "t", "transfer", steps=2, data={"classes": [8, 9]}, model={"depth": None},
                       method={"name": method, "init": str(ancestries[init]), **extra})
     tr = Trainer(cfg)
     try:
@@ -172,6 +173,10 @@ def test_trainer_learngene_transfers(tmp_path, ancestries, method, init, extra):
 
 
 def test_trainer_learngene_bad_settings(tmp_path, ancestries):
+    with pytest.raises(ValueError, match="expanded to method.tleg_depth=3 blocks has depth=3, but the config gives "
+                                         "depth=2"):
+        Trainer(tiny_config(tmp_path / "d", "transfer", data={"classes": [8, 9]},
+                            method={"name": "tleg", "init": str(ancestries["tleg"]), "tleg_depth": 3}))
     with pytest.raises(ValueError, match="TLEG ancestry"):
         Trainer(tiny_config(tmp_path / "a", "transfer", data={"classes": [8, 9]},
                             method={"name": "tleg", "init": str(ancestries["kind"])}))

@@ -232,6 +232,8 @@ def check_model_settings(cfg: RunConfig, spec: dict) -> None:
     m, arch, kind = cfg.model, spec["arch"], spec.get("kind")
     init = cfg.method.init
     source = f"the init model ({init})" if init else f"the preset {m.name}"
+    if init and cfg.method.name == "tleg" and cfg.method.tleg_depth is not None:
+        source = f"the init model ({init}) expanded to method.tleg_depth={cfg.method.tleg_depth} blocks"
     given = {k: getattr(m, k) for k in ARCH_KEYS if getattr(m, k) is not None}
     if init and m.name is not None:
         given = {**_preset(cfg), **given}
