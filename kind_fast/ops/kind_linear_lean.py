@@ -55,13 +55,14 @@ class LeanPlan:
     union tailor's gate value for each sample (0 where the sample's class does not use it), in
     the accumulation dtype. Sample: ``ids`` (B, K) int64 active tailor ids, ``gate`` (B, K)."""
 
-    __slots__ = ("kind", "b", "rank", "cols", "lo", "ids", "gate", "_tiled")
+    __slots__ = ("kind", "b", "rank", "cols", "lo", "ids", "gate", "_tiled", "_rows")
 
     def __init__(self, kind: str, b: int, rank: int, *, cols: Tensor | None = None, lo: int = 0,
                  ids: Tensor | None = None, gate: Tensor | None = None):
         self.kind, self.b, self.rank = kind, b, rank
         self.cols, self.lo, self.ids, self.gate = cols, lo, ids, gate
         self._tiled: dict[int, Tensor] = {}
+        self._rows: dict[tuple[int, int], Tensor] = {}
 
     def gate_for(self, groups: int) -> Tensor:
         """The union gate (R, B) repeated for ``groups`` layers: (groups·R, B)."""
@@ -70,6 +71,14 @@ class LeanPlan:
         hit = self._tiled.get(groups)
         if hit is None:
             hit = self._tiled[groups] = self.gate.repeat(groups, 1)
+        return hit
+
+    def gate_rows(self, groups: int, t: int) -> Tensor:
+        """The union gate per row: (groups·R, B·t), each sample's value repeated over its t rows
+        (built once per plan, groups and t)."""
+        hit = self._rows.get((groups, t))
+        if hit is None:
+            hit = self._rows[(groups, t)] = self.gate_for(groups).repeat_interleave(t, dim=1)
         return hit
 
     def rows(self, p: Tensor) -> Tensor:
@@ -152,31 +161,36 @@ class _LeanKindLinear(torch.autograd.Function):
         b = plan.b
         t = x.shape[0] // b
         if kind == "union":
+            # per row m and union tailor r: g[r, m] the sample's gate value, S = σ_r·g[r, m];
+            # hᵀ = V_R·xᵀ (G·R, M), hg = hᵀ ⊙ g (for dσ), hs = hᵀ ⊙ S (the expand's input)
             rows = plan.rows
             if g_n == 1:
                 vr, sr = rows(vs[0]), rows(sigmas[0])
             else:
                 vr, sr = torch.cat([rows(v) for v in vs]), torch.cat([rows(s) for s in sigmas])
-            s = sr.to(acc)[:, None] * plan.gate_for(g_n)                              # (G·R, B)
-            ht = torch.mm(vr, x.t())                                                  # (G·R, M)
+            gr = plan.gate_rows(g_n, t)                                                   # (G·R, M), acc
+            s_full = gr * sr.to(acc)[:, None]
+            ht = torch.mm(vr, x.t())                                                      # (G·R, M)
             if dt == acc:
-                hs = (ht.view(-1, b, t) * s[:, :, None]).view(ht.shape)
+                hg, hs = ht * gr, ht * s_full
             else:
-                hs = (ht.view(-1, b, t).to(acc) * s[:, :, None]).to(dt).view(ht.shape)
+                ha = ht.to(acc)
+                hg, hs = ha * gr, (ha * s_full).to(dt)
             if g_n == 1:
                 ur = rows(us[0])
                 y.addmm_(hs.t(), ur)
-                ctx.save_for_backward(x, w, ht, hs, s, vr, ur, *tailors)
-                return y
-            r, o = plan.rank, 0
-            urs = []
-            for i, u in enumerate(us):
-                ur = rows(u)
-                n_o = ur.shape[1]
-                y[:, o:o + n_o].addmm_(hs[i * r:(i + 1) * r].t(), ur)
-                o += n_o
-                urs.append(ur)
-            ctx.save_for_backward(x, w, ht, hs, s, vr, *urs, *tailors)
+                ctx.save_for_backward(x, w, hg, hs, s_full, vr, ur)
+            else:
+                r, o = plan.rank, 0
+                urs = []
+                for i, u in enumerate(us):
+                    ur = rows(u)
+                    n_o = ur.shape[1]
+                    y[:, o:o + n_o].addmm_(hs[i * r:(i + 1) * r].t(), ur)
+                    o += n_o
+                    urs.append(ur)
+                ctx.save_for_backward(x, w, hg, hs, s_full, vr, *urs)
+            ctx.shapes = [(u.shape, u.dtype, sg.dtype, v.dtype) for u, sg, v in zip(us, sigmas, vs)]
             return y
         # sample plan: each sample's K active tailors gathered, batched GEMMs
         ids, k = plan.ids, plan.rank
@@ -200,7 +214,8 @@ class _LeanKindLinear(torch.autograd.Function):
                 yb[:, :, o:o + n_o] += torch.bmm(hs[:, :, i * k:(i + 1) * k], ug)
                 o += n_o
                 ugs.append(ug)
-        ctx.save_for_backward(x, w, h, hs, s, vg, *ugs, *tailors)
+        ctx.save_for_backward(x, w, h, hs, s, vg, *ugs)
+        ctx.shapes = [(u.shape, u.dtype, sg.dtype, v.dtype) for u, sg, v in zip(us, sigmas, vs)]
         return y
 
     @staticmethod
@@ -217,23 +232,21 @@ class _LeanKindLinear(torch.autograd.Function):
         if kind == "none":
             tailors = saved[2:]
             return (None, dx, dw, db, *(torch.zeros_like(p) if n else None for p, n in zip(tailors, need[4:])))
-        n_tl = len(need) - 4
-        g_n = n_tl // 3
-        tailors = saved[-n_tl:]
-        us = tailors[0::3]
-        n_t = us[0].shape[0]
+        shapes = ctx.shapes
+        g_n = len(shapes)
+        n_t = shapes[0][0][0]
         need_u, need_s, need_v = any(need[4::3]), any(need[5::3]), any(need[6::3])
         dt = x.dtype
         acc = torch.float64 if dt == torch.float64 else torch.float32
         b = plan.b
         t = x.shape[0] // b
-        grads: list = [None] * n_tl
+        grads: list = [None] * (3 * g_n)
         if kind == "union":
-            ht, hs, s, vr = saved[2:6]
+            hg, hs, s_full, vr = saved[2:6]
             urs = saved[6:6 + g_n]
             r = plan.rank
             if g_n == 1:
-                dhs = torch.mm(urs[0], g.t())                                         # (R, M)
+                dhs = torch.mm(urs[0], g.t())                                             # (R, M)
             else:
                 dhs = torch.empty(g_n * r, g.shape[0], dtype=dt)
                 o = 0
@@ -242,22 +255,18 @@ class _LeanKindLinear(torch.autograd.Function):
                     torch.mm(ur, g[:, o:o + n_o].t(), out=dhs[i * r:(i + 1) * r])
                     o += n_o
             if need[1] or need_v:
-                if dt == acc:
-                    dh = (dhs.view(-1, b, t) * s[:, :, None]).view(dhs.shape)
-                else:
-                    dh = (dhs.view(-1, b, t).to(acc) * s[:, :, None]).to(dt).view(dhs.shape)
+                dh = dhs * s_full if dt == acc else (dhs.to(acc) * s_full).to(dt)
                 if need[1]:
                     dx.addmm_(dh.t(), vr)
                 if need_v:
-                    dv = plan.scatter(torch.mm(dh, x).view(g_n, r, -1), n_t, 1)       # (G, N_T, in)
+                    dv = plan.scatter(torch.mm(dh, x).view(g_n, r, -1), n_t, 1)          # (G, N_T, in)
                     for i in range(g_n):
-                        grads[3 * i + 2] = dv[i]
+                        grads[3 * i + 2] = dv[i] if dv.dtype == shapes[i][3] else dv[i].to(shapes[i][3])
             if need_s:
-                prod = dhs * ht if dt == acc else dhs.to(acc) * ht.to(acc)
-                ds = (prod.view(-1, b, t).sum(2) * plan.gate_for(g_n)).sum(1)       # (G·R,)
-                ds = plan.scatter(ds.view(g_n, r), n_t, 1)                          # (G, N_T)
+                ds = torch.linalg.vecdot(dhs.to(acc) if dt != acc else dhs, hg)           # (G·R,)
+                ds = plan.scatter(ds.view(g_n, r), n_t, 1)                              # (G, N_T)
                 for i in range(g_n):
-                    grads[3 * i + 1] = ds[i]
+                    grads[3 * i + 1] = ds[i] if ds.dtype == shapes[i][2] else ds[i].to(shapes[i][2])
             if need_u:
                 o = 0
                 for i, ur in enumerate(urs):
@@ -273,15 +282,17 @@ class _LeanKindLinear(torch.autograd.Function):
         ids, k = plan.ids, plan.rank
         flat = ids.reshape(-1)
         gb = g.view(b, t, g.shape[1])
-        if g_n == 1:
-            dhs = torch.bmm(gb, ugs[0].transpose(1, 2))                             # (B, T, K)
-        else:
-            parts, o = [], 0
-            for ug in ugs:
-                n_o = ug.shape[2]
-                parts.append(torch.bmm(gb[:, :, o:o + n_o], ug.transpose(1, 2)))
-                o += n_o
-            dhs = torch.cat(parts, 2)                                              # (B, T, G·K)
+        need_dhs = need[1] or need_v or need_s
+        if need_dhs:
+            if g_n == 1:
+                dhs = torch.bmm(gb, ugs[0].transpose(1, 2))                             # (B, T, K)
+            else:
+                parts, o = [], 0
+                for ug in ugs:
+                    n_o = ug.shape[2]
+                    parts.append(torch.bmm(gb[:, :, o:o + n_o], ug.transpose(1, 2)))
+                    o += n_o
+                dhs = torch.cat(parts, 2)                                              # (B, T, G·K)
         if need[1] or need_v:
             dh = dhs * s[:, None, :] if dt == acc else (dhs.to(acc) * s[:, None, :]).to(dt)
             if need[1]:
@@ -298,12 +309,13 @@ class _LeanKindLinear(torch.autograd.Function):
             if need[4 + 3 * i]:
                 dug = torch.bmm(hs[:, :, sl].transpose(1, 2), gb[:, :, o:o + n_o])     # (B, K, out_i)
                 grads[3 * i] = torch.zeros(n_t, n_o, dtype=acc).index_add_(
-                    0, flat, dug.reshape(-1, n_o).to(acc)).to(dt)
+                    0, flat, dug.reshape(-1, n_o).to(acc)).to(shapes[i][1])
             if need[5 + 3 * i]:
-                grads[3 * i + 1] = torch.zeros(n_t, dtype=acc).index_add_(0, flat, ds[:, sl].reshape(-1))
+                grads[3 * i + 1] = torch.zeros(n_t, dtype=acc).index_add_(
+                    0, flat, ds[:, sl].reshape(-1)).to(shapes[i][2])
             if need[6 + 3 * i]:
                 grads[3 * i + 2] = torch.zeros(n_t, x.shape[1], dtype=acc).index_add_(
-                    0, flat, dvg[:, sl].reshape(-1, x.shape[1]).to(acc)).to(dt)
+                    0, flat, dvg[:, sl].reshape(-1, x.shape[1]).to(acc)).to(shapes[i][3])
             o += n_o
         return (None, dx, dw, db, *grads)
 

@@ -135,8 +135,8 @@ class DeviceCosts:
 # kernels): no launch overhead is modelled, since none was measured on a GPU, so M1, M2 and M3
 # are chosen by FLOPs there, as before; CUDA graphs take the launches off the sampling loop.
 COSTS = {
-    "cpu": DeviceCosts(flops_per_s=7.5e10, op_s=1.8e-5, custom_op_s=1.1e-4, skinny_flops_per_s=3.0e10,
-                       item_s=2.0e-6),
+    "cpu": DeviceCosts(flops_per_s=8.5e10, op_s=1.25e-5, custom_op_s=1.2e-4, skinny_flops_per_s=5.0e10,
+                       item_s=3.0e-7),
     "cuda": DeviceCosts(flops_per_s=4.0e14, op_s=0.0, custom_op_s=0.0),
 }
 
@@ -163,6 +163,9 @@ def path_terms(
         lg += 6 * learngene_rank * i * o
     lg_ops = 6 if lg else 0
     bwd = 2 if training else 0  # dense backward GEMMs: dx (the learngenes' dW is in lg)
+    # eager op counts per call, forward + backward (eval: forward), wrapper included: counted with
+    # torch.profiler (top-level aten ops) on the CPU paths by bench/cpu_paths.py's cases; the
+    # GPU paths' counts are estimates (no launch overhead is modelled on CUDA anyway)
     tail_mult = 3 if training else 1  # tailor GEMM pairs: forward, and dx/dh + dU/dV backward
     per_sample = tailor_plan(m, b, k, nt) == "sample"
 
@@ -171,7 +174,7 @@ def path_terms(
     # "sample" plan runs batched GEMMs over the B samples)
     ke = nt if not per_sample else k
     t0 = 2 * m * ke * (i + o) * tail_mult
-    out["M0"] = ((dense * (1 + bwd / 2) + lg, t0, 10 + lg_ops + (16 if training else 0), 1 + training,
+    out["M0"] = ((dense * (1 + bwd / 2) + lg, t0, (88 if training else 37) + lg_ops, 1 + training,
                   b * (2 + 4 * training) if per_sample else 0),
                  kind_linear_flops(m, i, o, k), dense * (1 + bwd / 2) + lg + t0)
     f1 = kind_linear_flops(m, i, o, k)
@@ -194,22 +197,22 @@ def path_terms(
         f3 = dense * factor + merge
         b3 = (2 * dense * factor + 2 * merge + lg - (dense if lg else 0)) if training else 0
         host = backend == "torch" and device_type == "cpu"  # the reference's loop over slots
-        ops3 = ((2 + 3 * s) if host else 2) + (0 if merge == 0 else 6) + \
-            (((8 + 6 * s) if host else 4) if training else 0)
+        ops3 = ((77 + 13 * s) if training else (60 + 2 * s)) if host else \
+            (2 + (0 if merge == 0 else 6) + (4 if training else 0))
         out["M3"] = ((f3 + b3, 0, ops3, 1 + training if backend != "torch" else 0, 0), f3, f3 + b3)
     t4 = 2 * m * nt * (i + o) * tail_mult
-    out["M4"] = ((dense * (1 + bwd / 2) + lg, t4, 12 + lg_ops + (14 if training else 0), 0, 0),
+    out["M4"] = ((dense * (1 + bwd / 2) + lg, t4, (52 if training else 35) + lg_ops, 0, 0),
                  dense + 2 * m * nt * (i + o), dense * (1 + bwd / 2) + lg + t4)
     if device_type == "cpu" and backend == "torch":
         # M5: the lean path, one hand-written Function; the sample plan's batched GEMMs pay per item
         plans = {}
         if union_rank is not None:
-            plans["union"] = (union_rank, 0, 11)
+            plans["union"] = (union_rank, 0, 39 if training else 28)
         if samples and m // b >= k:
-            plans["sample"] = (k, b * (2 + 4 * training), 12)
+            plans["sample"] = (k, b * (2 + 4 * training), 57 if training else 28)
         for plan, (r, items, ops) in plans.items():
             t5 = 2 * m * r * (i + o) * tail_mult
-            out[f"M5:{plan}"] = ((dense * (1 + bwd / 2) + lg, t5, ops + (14 if training else 0) + lg_ops, 0, items),
+            out[f"M5:{plan}"] = ((dense * (1 + bwd / 2) + lg, t5, ops + lg_ops, 0, items),
                                  dense + 2 * m * r * (i + o), dense * (1 + bwd / 2) + lg + t5)
     return out
 
@@ -567,7 +570,8 @@ def _check_served(labels: Tensor, classes: tuple[int, ...], served_from_labels: 
 class _Call:
     """One call's decision (``_decide``): the path and what running it needs."""
 
-    __slots__ = ("path", "plan", "backend", "dt", "served", "declared", "training", "key", "tok", "hit", "choice")
+    __slots__ = ("path", "plan", "backend", "dt", "served", "declared", "training", "key", "tok", "hit", "choice",
+                 "admitted")
 
 
 def _decide(x: Tensor, labels: Tensor, u_g, sigma_g, v_g, bias, u_t, sigma_t, v_t, idx, val, merged, token, classes,
@@ -660,6 +664,7 @@ def _decide(x: Tensor, labels: Tensor, u_g, sigma_g, v_g, bias, u_t, sigma_t, v_
     call = _Call()
     call.path, call.plan, call.backend, call.dt, call.choice = path, plan, backend, dt, choice
     call.served, call.declared, call.training, call.key, call.tok, call.hit = served, declared, training, key, tok, hit
+    call.admitted = cached
     return call
 
 
@@ -724,7 +729,7 @@ def kind_linear_layer(
             y = kind_linear_eager(x2, w, bias, u_t, sigma_t, v_t, idx, val, labels)
         else:
             y = _run_merged(x2, labels, w, bias, u_t, sigma_t, v_t, idx, val, call.served, call.declared,
-                            call.training, backend, merged, call.key, call.tok, hit)
+                            call.training, backend, merged if call.admitted else None, call.key, call.tok, hit)
     return y.view(*lead, n_out)
 
 
