@@ -689,6 +689,12 @@ def kind_linear_layer(
     """
     call = _decide(x, labels, u_g, sigma_g, v_g, bias, u_t, sigma_t, v_t, idx, val, merged, token, classes,
                    training_module)
+    return _execute(call, x, labels, u_g, sigma_g, v_g, bias, u_t, sigma_t, v_t, idx, val, w_g, merged)
+
+
+def _execute(call: _Call, x: Tensor, labels: Tensor, u_g, sigma_g, v_g, bias, u_t, sigma_t, v_t, idx, val, w_g,
+             merged) -> Tensor:
+    """Run one layer call along the path ``_decide`` chose."""
     path, backend, dt = call.path, call.backend, call.dt
     dev_type = x.device.type
     n_in, n_out = v_t.shape[-1], u_t.shape[-1]
@@ -786,9 +792,9 @@ def kind_linear_group_layer(
     paths_ = {c.path for c in calls}
     forced = _FORCED.path
 
-    def separately():
-        return [kind_linear_layer(x, labels, idx=idx, val=val, classes=classes, training_module=training_module,
-                                  **{k: v for k, v in m.items()}) for m in members]
+    def separately():  # each layer on its own, along the path decided for it
+        return [_execute(c, x, labels, m["u_g"], m["sigma_g"], m["v_g"], m.get("bias"), m["u_t"], m["sigma_t"],
+                         m["v_t"], idx, val, m.get("w_g"), m.get("merged")) for c, m in zip(calls, members)]
 
     if (forced is not None and not forced.startswith("M5")) or len(members) == 1:
         return separately()
