@@ -7,7 +7,8 @@ time (``time.thread_time``: on a shared machine, waiting for a core does not cou
 wall-clock minimum is kept beside it in the JSON):
 
 * one KIND layer, transfer training (learngenes frozen, x needs its gradient) and eval with a
-  declared CFG batch, along every CPU path (M0 the reference op, M3 merged weights, M4 plain
+  declared CFG batch (one serving scope around all calls, as the sampler holds it), along every
+  CPU path (M0 the reference op, M3 merged weights, M4 plain
   autograd ops, M5 the lean path with its union and per-sample plans) and the cost model's own
   choice, beside nn.Linear of the same shape: the demo's layers (hidden 64, B = 64 images of
   T = 16 tokens, N_T = 16, K = 4, 2 classes + null), the demo's q/k/v as one group against a
@@ -141,16 +142,18 @@ def layer_case(case, rounds: int) -> list[dict]:
 
     def evaluate(path):
         def fn():
-            with torch.no_grad(), gate.serving([1, classes]), force_path(path):
+            with force_path(path):
                 layer(xe, labels=ye)
         return fn
 
     fns = {p: evaluate(p) for p in ("M0", "M3", "M4", "M5:union")}
     fns["cost model"] = evaluate(None)
     fns["nn.Linear"] = lambda: lin(xe[..., :n_in])
-    with torch.no_grad():
+    # one serving scope around every call, as the sampler holds it over its steps (leaving it drops
+    # the merged weights and W_G: a scope per call would time their rebuilds)
+    with torch.no_grad(), gate.serving([1, classes]):
         res = interleaved(fns, rounds if b * t * n_in * n_out < 5e7 else max(3, rounds // 2))
-        with paths.record_paths() as rec, gate.serving([1, classes]):
+        with paths.record_paths() as rec:
             layer(xe, labels=ye)
     rows.append(dict(name=name, mode="eval (CFG batch, declared)", n_in=n_in, n_out=n_out, groups=1, b=b, t=t,
                      n_t=n_t, k=k, union=paths.lean_union_rank(ye, idx, val, (1, classes)), classes=2,
@@ -314,9 +317,9 @@ def markdown(meta: dict, layers: list[dict], steps: list[dict], c: dict) -> str:
            f"the {c['points']} (layer, path) timings below leave over after the FLOPs.", "",
            "## One KIND layer (or group) per path, µs per call: measured (fitted model)", ""]
     head = ["M0", "M3", "M4", "M5:union", "M5:sample"]
-    out += ["| layer | mode | R | " + " | ".join(head) + " | cost model picks | one by one | nn.Linear | "
-            "picked / nn.Linear | fastest measured |",
-            "|" + "---|" * (len(head) + 8)]
+    out += ["| layer | mode | R | " + " | ".join(head) + " | the code's cost model picks | one by one | nn.Linear | "
+            "picked / nn.Linear | fastest measured | the fit picks |",
+            "|" + "---|" * (len(head) + 9)]
     for r in layers:
         cells = []
         for p in head:
@@ -325,11 +328,13 @@ def markdown(meta: dict, layers: list[dict], steps: list[dict], c: dict) -> str:
             cells.append("-" if t is None else f"{t * 1e6:.0f} ({pr * 1e6:.0f})" if pr else f"{t * 1e6:.0f}")
         paths_only = {p: t for p, t in r["times"].items() if p in head}
         fastest = min(paths_only, key=paths_only.get)
+        pred = {p: predicted(r, p, c) for p in paths_only}
+        fit_pick = min((p for p in pred if pred[p] is not None), key=pred.get)
         sep = r["times"].get("one by one (cost model)")
         out.append(f"| {r['name']} | {r['mode']} | {r['union']} | " + " | ".join(cells) +
                    f" | {r['chosen']}: {r['times']['cost model'] * 1e6:.0f} | "
                    f"{'-' if sep is None else f'{sep * 1e6:.0f}'} | {r['times']['nn.Linear'] * 1e6:.0f} | "
-                   f"{r['times']['cost model'] / r['times']['nn.Linear']:.2f} | {fastest} |")
+                   f"{r['times']['cost model'] / r['times']['nn.Linear']:.2f} | {fastest} | {fit_pick} |")
     out += ["", "## Demo model steps (DiT hidden 64, depth 4, 8×8 digits, batch 64), ms per step", "",
             "| step | ms (median) | ratio |", "|---|---|---|"]
     for mode in ("train step", "CFG sample step"):

@@ -154,7 +154,8 @@ def test_cost_model_backends():
 
 def test_cost_model_tiny_layers_and_sampling():
     """The choices the CPU measurements (bench/results/cpu_paths.md) support: the lean path M5
-    for the demo's layers in transfer training and in CFG evaluation (M4 when M5 is not allowed),
+    for the demo's layers in transfer training (M4 when M5 is not allowed), M3 or M5 for their
+    CFG evaluation (measured within noise of each other),
     the reference at DiT-S shapes among the op paths, M3 on cached weights for a DiT-XL-sized
     CFG batch, M1 on the Triton backend when the merged weights would not be cached and the
     batch is small."""
@@ -166,9 +167,8 @@ def test_cost_model_tiny_layers_and_sampling():
     assert choose_path(512, 384, 384, 32, 96, learngene_rank=288, allow=every, **dict(demo, samples=2)).path == "M0"
     cfg = dict(samples=64, distinct_classes=2, training=False, merged_cached=True, backend="torch",
                device_type="cpu")
-    for n_in, n_out in ((64, 64), (64, 256), (256, 64)):
-        assert choose_path(1024, n_in, n_out, 4, 16, allow=every, **cfg).path == "M4"
-        assert choose_path(1024, n_in, n_out, 4, 16, union_rank=4, **cfg).path == "M5"
+    for n_in, n_out in ((64, 64), (64, 256), (256, 64)):  # measured within noise of each other at this size
+        assert choose_path(1024, n_in, n_out, 4, 16, union_rank=4, **cfg).path in ("M3", "M5")
     assert choose_path(8192, 1152, 1152, 32, 96, **dict(cfg, samples=32), union_rank=32).path == "M3"
     xl = dict(samples=2, distinct_classes=2, training=False, backend="triton")
     assert choose_path(512, 1152, 1152, 32, 96, merged_cached=True, **xl).path == "M3"

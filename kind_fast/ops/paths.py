@@ -135,8 +135,8 @@ class DeviceCosts:
 # kernels): no launch overhead is modelled, since none was measured on a GPU, so M1, M2 and M3
 # are chosen by FLOPs there, as before; CUDA graphs take the launches off the sampling loop.
 COSTS = {
-    "cpu": DeviceCosts(flops_per_s=8.5e10, op_s=1.25e-5, custom_op_s=1.2e-4, skinny_flops_per_s=5.0e10,
-                       item_s=3.0e-7),
+    "cpu": DeviceCosts(flops_per_s=8.95e10, op_s=3.84e-6, custom_op_s=3.59e-5, skinny_flops_per_s=5.23e10,
+                       item_s=1.14e-6),
     "cuda": DeviceCosts(flops_per_s=4.0e14, op_s=0.0, custom_op_s=0.0),
 }
 
