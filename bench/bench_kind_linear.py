@@ -13,16 +13,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import cpu_median, dit_layer_shapes, gpu_median, interleaved, requires_cuda, synced
+from conftest import cpu_median, dit_layer_shapes, gpu_median, interleaved, load_average, paired, pair_stats, \
+    requires_cuda, synced
 
 import kind_fast as kf
 from kind_fast.benchmark import make_reference_layer_step
 from kind_fast.ops.kind_linear import kind_linear_flops
 
 TAILORS, ACTIVE, CLASSES, TOKENS = 96, 32, 10, 256
-# (mode) -> goal on the ratio t(KIND) / t(nn.Linear); CPU goals from the foundation issue and
-# docs/design.md §6 (transfer: <= 0.90, the FLOP floor is ~0.72), GPU goals from docs/design.md §6.
-CPU_GOALS = {"transfer": 0.90}
+# (mode) -> goal on the ratio t(KIND) / t(nn.Linear), docs/design.md §6: transfer <= 0.80 on the
+# CPU (with or without a weight_cache() scope; the FLOP floor is ~0.72) and on the GPU (d >= 768).
+CPU_GOALS = {"transfer": 0.80}
 GPU_GOALS = {"transfer": 0.80}
 
 
@@ -89,6 +90,28 @@ def test_cpu_layer(benchmark, name, n_in, n_out, mode):
     _record(benchmark, times, _flops(n_in, n_out, m, mode), CPU_GOALS.get(mode), "cpu")
     benchmark.extra_info.update(shape=name, tokens=m, threads=torch.get_num_threads())
     benchmark.pedantic(run_kind, rounds=5, iterations=1, warmup_rounds=1)
+
+
+@pytest.mark.parametrize("scope", ["inside", "outside"])
+def test_cpu_fc1_transfer_scope(benchmark, scope):
+    """DiT-B/2 fc1, 2048 tokens, transfer fwd+bwd against nn.Linear fwd+bwd, inside and outside a
+    ``kind_fast.weight_cache()`` scope (docs/design.md §6: <= 0.80 both ways): paired rounds
+    (KIND and nn.Linear back to back, order alternating), the median of the per-round ratios
+    and their spread, the machine's load before and after."""
+    n_in, n_out = dit_layer_shapes("B")["DiT-B/2.fc1"]
+    m = 2048
+    run_kind, run_linear = _setup(n_in, n_out, m, "transfer", "cpu", torch.float32)
+    for fn in (run_kind, run_linear):
+        fn()
+    load_before = load_average()
+    rounds = paired({"kind": run_kind, "linear": run_linear}, lambda fn: cpu_median(fn, reps=1, warmup=0), rounds=9)
+    st = pair_stats(rounds, "kind", "linear")
+    benchmark.extra_info.update(
+        shape="DiT-B/2.fc1", tokens=m, scope=scope, threads=torch.get_num_threads(), torch=torch.__version__,
+        t_kind_ms=st["ms"], t_linear_ms=st["base_ms"], ratio_vs_linear=st["ratio"], ratio_min=st["ratio_min"],
+        ratio_max=st["ratio_max"], rounds=st["rounds"], goal_ratio=CPU_GOALS["transfer"],
+        meets_goal=st["ratio"] <= CPU_GOALS["transfer"], load_before=load_before, load_after=load_average())
+    benchmark.pedantic(run_kind, rounds=3, iterations=1, warmup_rounds=1)
 
 
 GPU_CASES = [(name, *shape) for size in ("S", "B", "L", "XL") for name, shape in dit_layer_shapes(size).items()]

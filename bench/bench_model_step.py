@@ -13,6 +13,8 @@ Sizes:
           fp32, the reference backend: relative costs on 2 cores in well under a minute a mode.
     GPU   DiT-S/2, B/2, L/2, XL/2 at full depth, batch 32 (DiT's 256 over 8 GPUs), bf16
           autocast, fp32 master weights; skipped without a GPU.
+CPU goal (docs/design.md §6): the DiT-S/2 transfer step <= 0.80 × full fine-tuning (recorded in
+extra_info, not asserted: benchmarks are not timed tests).
 GPU goals (docs/design.md §6): DiT-XL/2 transfer step <= 0.80 × full fine-tuning and peak memory
 <= 0.75 ×; KIND pretraining step <= 1.20 × the dense (full fine-tuning) step.
 Model builds use ``init="cheap"`` (meta build, random values of the right scale): timing and
@@ -45,10 +47,13 @@ GPU_MODELS, GPU_BATCH = ("DiT-S/2", "DiT-B/2", "DiT-L/2", "DiT-XL/2"), 32
 # (mode) -> {metric: goal on the ratio against full fine-tuning}, and the sizes they apply to
 GPU_GOALS = {"transfer": {"time": 0.80, "memory": 0.75}, "pretrain": {"time": 1.20}}
 GOAL_MODELS = {"transfer": ("DiT-XL/2",), "pretrain": GPU_MODELS}
+# docs/design.md §6, on the CPU: the DiT-S/2 transfer step <= 0.80 × full fine-tuning
+CPU_GOALS = {"transfer": {"time": 0.80}}
 
 
 def _cpu_timer(fn) -> float:
     return cpu_median(fn, reps=1, warmup=0)  # one step per round: the rounds give the spread
+    # (KIND_FAST_BENCH_CLOCK=thread: this thread's CPU time, for a machine shared with other jobs)
 
 
 # rounds of (mode step, full fine-tuning step) pairs; the CPU report shows their median and spread
@@ -65,7 +70,9 @@ def cpu_threads():
 
 
 def _goals(name: str, mode: str, gpu: bool) -> dict:
-    if not gpu or name not in GOAL_MODELS.get(mode, ()):
+    if not gpu:
+        return CPU_GOALS.get(mode, {}) if name == CPU_MODEL else {}
+    if name not in GOAL_MODELS.get(mode, ()):
         return {}
     return GPU_GOALS.get(mode, {})
 

@@ -27,15 +27,28 @@ def dit_layer_shapes(size: str) -> dict[str, tuple[int, int]]:
     }
 
 
+def cpu_clock():
+    """The CPU benchmarks' clock: wall time (``time.perf_counter``), or with
+    ``KIND_FAST_BENCH_CLOCK=thread`` this thread's CPU time (``time.thread_time``: on a machine
+    shared with other jobs, waiting for a core does not count; meaningful with one torch thread)."""
+    import os
+
+    clock = os.environ.get("KIND_FAST_BENCH_CLOCK", "wall")
+    if clock not in ("wall", "thread"):
+        raise ValueError(f"KIND_FAST_BENCH_CLOCK must be wall or thread, got {clock!r}")
+    return time.thread_time if clock == "thread" else time.perf_counter
+
+
 def cpu_median(fn, reps: int = 7, warmup: int = 2) -> float:
-    """Median wall time of ``fn()`` in seconds (CPU: ops are synchronous)."""
+    """Median time of ``fn()`` in seconds (CPU: ops are synchronous), on ``cpu_clock()``."""
+    clock = cpu_clock()
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(reps):
-        t0 = time.perf_counter()
+        t0 = clock()
         fn()
-        times.append(time.perf_counter() - t0)
+        times.append(clock() - t0)
     return statistics.median(times)
 
 
@@ -106,18 +119,30 @@ requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs 
 
 
 @pytest.fixture(autouse=True)
-def _weight_cache():
+def _weight_cache(request):
     """Benchmarks run inside ``kind_fast.weight_cache()``, as the trainer (while learngenes are
-    frozen) and the sampler do: W_G is built once, not per call (kind_fast.caching)."""
+    frozen) and the sampler do (kind_fast.caching), except tests parametrized with
+    ``scope="outside"``: a drop-in layer in a user's own loop (W_G is still kept while the
+    learngenes are frozen)."""
     from kind_fast.caching import weight_cache
 
+    params = getattr(getattr(request.node, "callspec", None), "params", {})
+    if params.get("scope") == "outside":
+        yield
+        return
     with weight_cache():
         yield
 
 
 @pytest.fixture(autouse=True)
 def _threads():
-    """Pin CPU threads so numbers from one run compare with each other."""
+    """Pin CPU threads so numbers from one run compare with each other: KIND_FAST_BENCH_THREADS=N
+    sets N for every benchmark (1 on a shared machine, and with KIND_FAST_BENCH_CLOCK=thread)."""
+    import os
+
     n = torch.get_num_threads()
+    want = os.environ.get("KIND_FAST_BENCH_THREADS")
+    if want:
+        torch.set_num_threads(int(want))
     yield
     torch.set_num_threads(n)

@@ -1,7 +1,8 @@
 """kind_fast: fused kernels and drop-in PyTorch modules for KIND in Diffusion Transformers.
 
-The top level holds the layer and its gate (``FastKindLinear``, ``ClassGate``), the op
-(``kind_linear``, ``kind_linear_ref``), conversion (``kindify``, ``kindify_from_pretrained``),
+The top level holds the layer and its gate (``FastKindLinear``, ``ClassGate``), groups of layers
+that read one input (``kind_group``), the ops (``kind_linear``, ``kind_linear_ref``,
+``kind_linear_grouped``), conversion (``kindify``, ``kindify_from_pretrained``),
 deployment (``save_export`` / ``load_export``, ``save_task`` / ``load_task`` / ``load_base``,
 ``MultiTaskDiT``), ``weight_cache``, backend selection and ``print_trainable_parameters``. The
 DiT is ``kind_fast.dit``, the trainer ``kind_fast.train``; docs/design.md is the contract.
@@ -16,8 +17,9 @@ from kind_fast.caching import weight_cache
 from kind_fast.export_io import load_export, save_export
 from kind_fast.gate import ClassGate
 from kind_fast.kindify import kindify
-from kind_fast.layers import FastKindLinear
+from kind_fast.layers import FastKindLinear, kind_group
 from kind_fast.ops.kind_linear import kind_linear, kind_linear_ref
+from kind_fast.ops.kind_linear_grouped import kind_linear_grouped
 from kind_fast.serialization import kindify_from_pretrained
 from kind_fast.tasks import MultiTaskDiT, load_base, load_task, save_task
 from kind_fast.utils import print_trainable_parameters
@@ -26,7 +28,9 @@ __all__ = [
     "__version__",
     "ClassGate",
     "FastKindLinear",
+    "kind_group",
     "kind_linear",
+    "kind_linear_grouped",
     "kind_linear_ref",
     "kindify",
     "kindify_from_pretrained",

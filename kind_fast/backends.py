@@ -22,6 +22,9 @@ Plugging in a backend: a module named in ``_BACKEND_MODULES`` provides
     request() -> None   (optional) called when the backend is selected explicitly, before its
                         status is asked: e.g. the CUDA backend builds a missing extension then
     AUTO_OP: (optional) what "auto" calls instead of OP (same schema), e.g. OP gated per shape
+    GROUPED_OP: (optional) a registered op with kind_fast::kind_linear_grouped's schema that runs
+        a group of layers on one x in one launch; without it, groups run as exact per-layer
+        calls of OP (kind_fast.ops.kind_linear_grouped.resolve_grouped_op)
 It is imported on first use, never at ``import kind_fast``. A fp32/fp64 input that a fused
 backend does not support runs on the reference.
 

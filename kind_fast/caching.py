@@ -1,17 +1,21 @@
-"""Caches of weights derived from parameters, allowed only inside an explicit scope.
+"""Caches of weights derived from parameters, and the scope that allows more of them.
 
 A KIND layer's learngene weight W_G = U_Gᵀ diag(σ_G) V_G costs N_G/M of the layer's GEMM to
-build (M rows). Rebuilding it on every call is what makes stale results impossible, and it
-is what happens by default: outside ``weight_cache()`` every derived weight is computed from
-the parameters as they are now, whatever wrote them (optimizer steps, ``load_state_dict``,
-writes through ``.data`` such as diffusers' ``EMAModel.copy_to``/``restore``, weight loaders).
+build (M rows). ``FastKindLinear`` keeps it across calls **while the learngenes are frozen**
+(transfer, deployment), with or without a scope: the entry is valid only for the same parameter
+objects with unchanged version counters and storage (it pins the storage, so a freed address
+cannot match). In-place updates (optimizer steps, ``copy_`` under no_grad, ``load_state_dict``),
+``to()``, ``freeze_learngenes`` and replacing a parameter (``layer.u_g = nn.Parameter(...)``,
+``p.data = new``) are all seen. In-place writes **through** ``.data`` are not (``.data`` has its
+own version counter): after one, call ``invalidate()``. That is the one documented exception;
+diffusers' ``EMAModel.copy_to``/``restore`` on a transfer model write the trainable parameters
+(tailors, heads) or frozen learngenes with their own values, so they stay correct. While the
+learngenes train (pretraining), W_G is rebuilt on every call outside a scope.
 
-Inside ``with kind_fast.weight_cache():`` a layer may keep its derived weight across calls
-while its parameters' version counters and storage are unchanged. In-place updates
-(optimizer steps, ``copy_`` under ``no_grad``, ``load_state_dict``) change the version
-counter and are seen. Writes through ``.data`` are NOT seen (``.data`` has its own version
-counter): inside a scope, do not write parameters through ``.data``, or call ``invalidate()``
-after doing so. Leaving the outermost scope drops every cache filled in it.
+Inside ``with kind_fast.weight_cache():`` more may be kept while version counters and storage
+are unchanged: merged per-class weights (path M3) and W_G of trainable learngenes when no
+gradient flows (sampling during pretraining). Inside a scope, do not write parameters through
+``.data``, or call ``invalidate()`` after doing so. Leaving the outermost scope drops every cache.
 
 kind_fast enters the scope where nothing writes the parameters behind its back: sampling
 (``kind_fast.train.sampling.sample``) and the trainer's steps while the learngenes are frozen
@@ -20,8 +24,9 @@ never used while gradients flow to the learngenes, under ``torch.compile`` traci
 inference tensor made under ``torch.inference_mode``) outside inference mode.
 
 Measured on the 2-core CPU VM (fp32, one thread, B = 2 at 32×32 latents, depth-reduced DiT-S/2
-and DiT-B/2 with the default 96 tailors): sampling forwards take 1.4× (S) and 2.0× (B) as long
-without the cache, transfer fwd+bwd 1.2× and 1.45×. The share shrinks as N_G/M with the batch.
+and DiT-B/2 with the default 96 tailors), before W_G was kept outside scopes: sampling forwards
+took 1.4× (S) and 2.0× (B) as long without the cache, transfer fwd+bwd 1.2× and 1.45×. The share
+shrinks as N_G/M with the batch.
 """
 
 from __future__ import annotations
@@ -53,8 +58,8 @@ def remember(holder) -> None:
 
 
 def invalidate() -> None:
-    """Drop every derived-weight cache now (e.g. after writing parameters through ``.data``
-    inside a scope)."""
+    """Drop every derived-weight cache now: after writing parameters through ``.data`` (inside a
+    scope, or to the frozen learngenes of a layer whose W_G is kept)."""
     global _generation
     _generation += 1
     for h in list(_holders):

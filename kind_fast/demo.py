@@ -231,22 +231,33 @@ def step_breakdown(kind_model, full_model, batch: int, sample_shape, *, reps: in
     """Where KIND transfer's wall time goes at this size, measured interleaved (so both methods
     see the same machine load): forward + backward of one training step of each model (the
     batch at the step's shape, labels, timesteps) and, inside it, of the decomposed layers alone:
-    every FastKindLinear of the KIND model (learngenes frozen, tailors training) against the
-    nn.Linear layers full fine-tuning trains in their place (weights training), each on an input
-    that needs its gradient, as inside the model. Medians of ``reps`` rounds after a warm-up;
-    milliseconds per training step."""
+    the KIND model's layer calls as the model makes them (q, k, v of a block as one group,
+    ``kind_fast.layers.kind_group``; proj, fc1, fc2 one by one; learngenes frozen, tailors
+    training) against the nn.Linear layers full fine-tuning trains in their place (weights
+    training), each on an input that needs its gradient, as inside the model. Medians of ``reps``
+    rounds after a warm-up; milliseconds per training step."""
     import statistics
 
     import torch
     from torch import nn
 
-    from kind_fast.layers import FastKindLinear
+    from kind_fast.dit import Attention
+    from kind_fast.layers import FastKindLinear, _group_problem, kind_group
 
     patch = kind_model.patch_size
     tokens = (sample_shape[1] // patch) * (sample_shape[2] // patch)
-    # the decomposed positions: attention and MLP linears of every block (KIND keeps q, k, v
-    # apart; the dense DiT that full fine-tuning trains fuses them into one qkv layer)
-    kind_layers = [m for m in kind_model.modules() if isinstance(m, FastKindLinear)]
+    # the decomposed positions: attention and MLP linears of every block; KIND's q, k, v are three
+    # layers run as one group (the dense DiT that full fine-tuning trains has one qkv layer)
+    calls = []
+    for block in kind_model.blocks:
+        attn = block.attn
+        qkv = [attn.q, attn.k, attn.v] if attn.split else [attn.qkv]
+        if attn.split and Attention.group_qkv and _group_problem(qkv) is None:
+            calls.append(qkv)
+        else:
+            calls += [[m] for m in qkv]
+        calls += [[attn.proj], [block.mlp.fc1], [block.mlp.fc2]]
+    calls = [c for c in calls if all(isinstance(m, FastKindLinear) for m in c)]
     dense_layers = [m for n, m in full_model.named_modules()
                     if isinstance(m, nn.Linear) and n.startswith("blocks.") and (".attn." in n or ".mlp." in n)]
     g = torch.Generator().manual_seed(0)
@@ -254,17 +265,23 @@ def step_breakdown(kind_model, full_model, batch: int, sample_shape, *, reps: in
     x0 = torch.randn(batch, *sample_shape, generator=g)
     t = torch.randint(0, 1000, (batch,), generator=g)
 
-    def layer_run(layer, kind: bool):
+    def kind_run(layers):
+        x = torch.randn(batch, tokens, layers[0].in_features, generator=g, requires_grad=True)
+        grads = [torch.randn(batch, tokens, m.out_features, generator=g) for m in layers]
+        if len(layers) == 1:
+            return lambda: layers[0](x, labels=labels).backward(grads[0])
+        return lambda: torch.autograd.backward(kind_group(layers, x, labels), grads)
+
+    def dense_run(layer):
         x = torch.randn(batch, tokens, layer.in_features, generator=g, requires_grad=True)
         grad = torch.randn(batch, tokens, layer.out_features, generator=g)
-        return lambda: (layer(x, labels=labels) if kind else layer(x)).backward(grad)
+        return lambda: layer(x).backward(grad)
 
     def step_run(model):
         return lambda: model(x0, t, labels).square().mean().backward()
 
     runs = {"kind_step": [step_run(kind_model)], "full_step": [step_run(full_model)],
-            "kind_layers": [layer_run(m, True) for m in kind_layers],
-            "full_layers": [layer_run(m, False) for m in dense_layers]}
+            "kind_layers": [kind_run(c) for c in calls], "full_layers": [dense_run(m) for m in dense_layers]}
     times: dict[str, list[float]] = {k: [] for k in runs}
     was = kind_model.training, full_model.training
     kind_model.train()
@@ -283,31 +300,35 @@ def step_breakdown(kind_model, full_model, batch: int, sample_shape, *, reps: in
         kind_model.train(was[0])
         full_model.train(was[1])
     out = {k: 1e3 * statistics.median(v) for k, v in times.items()}
-    return out | {"kind_n": len(kind_layers), "full_n": len(dense_layers), "rows": batch * tokens,
-                  "shapes": sorted({(k.in_features, k.out_features) for k in kind_layers})}
+    kind_layers = [m for c in calls for m in c]
+    return out | {"kind_n": len(kind_layers), "kind_calls": len(calls), "full_n": len(dense_layers),
+                  "rows": batch * tokens, "shapes": sorted({(k.in_features, k.out_features) for k in kind_layers})}
 
 
 def wall_time_note(kind: dict, full: dict, kind_model, full_model, batch: int, sample_shape) -> str:
-    """The table's wall-time comparison of KIND transfer and full fine-tuning, explained by a
-    measurement of where a step's time goes when KIND took longer."""
+    """The table's wall-time comparison of KIND transfer and full fine-tuning, with a measurement
+    of where a step's time goes (both ways: when KIND took longer, it says why)."""
     ratio = kind["wall_s"] / full["wall_s"]
+    flops = kind["train_gflops_per_image"] / full["train_gflops_per_image"]
+    t = step_breakdown(kind_model, full_model, batch, sample_shape)
+    gap, layer_gap = t["kind_step"] - t["full_step"], t["kind_layers"] - t["full_layers"]
+    measured = (f"Measured now, interleaved, forward + backward of one step (batch {batch}, {t['rows']} token rows): "
+                f"KIND {t['kind_step']:.1f} ms, full fine-tuning {t['full_step']:.1f} ms "
+                f"({t['kind_step'] / t['full_step']:.2f}×). Of that, the {t['kind_n']} KIND layers in "
+                f"{t['kind_calls']} calls (q, k, v of a block as one group; proj, fc1, fc2; (in, out) in "
+                f"{t['shapes']}) take {t['kind_layers']:.1f} ms and the {t['full_n']} nn.Linear layers full "
+                f"fine-tuning trains in their place (qkv fused) {t['full_layers']:.1f} ms")
     if ratio <= 1.0:
         return (f"\nwall time: KIND transfer trained in {ratio:.2f}× full fine-tuning's time "
-                f"({kind['wall_s']:.1f} s vs {full['wall_s']:.1f} s).")
-    t = step_breakdown(kind_model, full_model, batch, sample_shape)
-    flops = kind["train_gflops_per_image"] / full["train_gflops_per_image"]
-    gap, layer_gap = t["kind_step"] - t["full_step"], t["kind_layers"] - t["full_layers"]
+                f"({kind['wall_s']:.1f} s vs {full['wall_s']:.1f} s) for {flops:.2f}× its FLOPs. {measured}.")
     share = f"{layer_gap / gap:.0%} of" if gap > 0 else "more than"
     return (f"\nwall time: KIND transfer took {ratio:.2f}× full fine-tuning's time ({kind['wall_s']:.1f} s vs "
-            f"{full['wall_s']:.1f} s) for {flops:.2f}× its FLOPs. Measured now, interleaved, forward + backward "
-            f"of one step (batch {batch}, {t['rows']} token rows): KIND {t['kind_step']:.1f} ms, full "
-            f"fine-tuning {t['full_step']:.1f} ms. Of that, the {t['kind_n']} KIND layers (q, k, v, proj, fc1, "
-            f"fc2 per block; (in, out) in {t['shapes']}) take {t['kind_layers']:.1f} ms and the {t['full_n']} "
-            f"nn.Linear layers full fine-tuning trains in their place (qkv fused) {t['full_layers']:.1f} ms: "
-            f"{share} the difference. At these widths a layer is one or two tiny GEMMs, so the fixed work each "
-            "KIND call adds (the tailor term's small GEMMs and gathers or its dense per-sample gate, more ops to "
-            "dispatch) outweighs the FLOPs it saves, and KIND keeps q, k and v as three layers where the dense "
-            "model has one qkv layer. bench/results/cpu_demo_wall_time.md has the per-layer numbers.")
+            f"{full['wall_s']:.1f} s) for {flops:.2f}× its FLOPs. {measured}: {share} the difference. At these "
+            "widths (64) a layer is a few tiny GEMMs: KIND skips the weight-gradient GEMM but pays the tailor "
+            "term (the tailors the batch's classes switch on, in skinny GEMMs that run well below the dense rate) "
+            "and the fixed per-call work of a Python op, and its optimizer steps more, smaller tensors; the "
+            "training loop's own work (data, noise draws, loss, EMA) is the same for both. "
+            "bench/results/cpu_demo_wall_time.md has the per-layer and per-step numbers.")
 
 
 def run(args: argparse.Namespace) -> int:

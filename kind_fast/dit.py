@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from kind_fast.gate import DEFAULT_GATE, ClassGate
-from kind_fast.layers import FastKindLinear
+from kind_fast.layers import FastKindLinear, _group_problem, kind_group
 
 
 # =====================================================================================
@@ -149,7 +149,14 @@ def _apply(layer: nn.Module, x: Tensor, labels: Tensor | None) -> Tensor:
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention; q, k, v separate (KIND split) or one fused qkv layer."""
+    """Multi-head self-attention; q, k, v separate (KIND split) or one fused qkv layer.
+
+    Split q, k, v KIND layers run as one group (``kind_fast.layers.kind_group``: one pass over x,
+    each layer its own components and state-dict keys); ``group_qkv = False`` on the class or an
+    instance runs them one by one (benchmarks compare the two), and so do layers with forward
+    hooks (called as modules, so their hooks run)."""
+
+    group_qkv = True
 
     def __init__(self, dim: int, num_heads: int, kind: KindConfig | None, gate: ClassGate | None):
         super().__init__()
@@ -165,7 +172,11 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, labels: Tensor | None = None) -> Tensor:
         if self.split:
-            q, k, v = (_apply(m, x, labels) for m in (self.q, self.k, self.v))
+            layers = (self.q, self.k, self.v)
+            if self.group_qkv and labels is not None and _group_problem(layers, hooks=True) is None:
+                q, k, v = kind_group(layers, x, labels)
+            else:
+                q, k, v = (_apply(m, x, labels) for m in layers)
         else:
             q, k, v = _apply(self.qkv, x, labels).chunk(3, dim=-1)
         q, k, v = (rearrange(z, "n t (h e) -> n h t e", h=self.num_heads) for z in (q, k, v))

@@ -14,6 +14,12 @@ Known layouts (target modules detected automatically):
     diffusers DiTTransformer2DModel:
         transformer_blocks.{i}.attn1.to_q/to_k/to_v, attn1.to_out.0, ff.net.0.proj, ff.net.2
 
+q, k and v run as one group (``kind_fast.layers.kind_group``: one pass over x), each layer keeping
+its own components and state-dict keys: a split ``qkv`` (``SplitLinear``) calls the group
+directly, and diffusers' ``to_q``/``to_k``/``to_v``, which the attention processor calls one by one
+on the same tensor, share a ``kind_fast.layers.InputGroup`` (the first call computes all three;
+``model.kind_input_groups`` lists them, ``group.detach()`` turns one off).
+
 The hook routes the label *argument*. A model that replaces labels by the null class inside
 its forward (label dropout) gates those samples by their real class; do label dropout
 before calling the model (kind_fast's trainer does) or use kind_fast.dit.DiT with ``kind``.
@@ -44,7 +50,7 @@ import torch
 from torch import Tensor, nn
 
 from kind_fast.gate import ClassGate
-from kind_fast.layers import FastKindLinear
+from kind_fast.layers import FastKindLinear, InputGroup, _group_problem, kind_group
 
 __all__ = ["kindify", "SplitLinear", "DIT_TARGETS", "DIFFUSERS_DIT_TARGETS"]
 
@@ -55,14 +61,18 @@ LABEL_ARGS = ("y", "class_labels", "labels", "class_label")
 
 class SplitLinear(nn.Module):
     """Several layers whose outputs are concatenated on the last dim (a fused qkv split into
-    separate q, k, v KIND layers, each with its own components)."""
+    separate q, k, v KIND layers, each with its own components). KIND parts sharing one gate run
+    as one group (``kind_fast.layers.kind_group``)."""
 
     def __init__(self, parts: Sequence[nn.Module]):
         super().__init__()
         self.parts = nn.ModuleList(parts)
 
     def forward(self, x: Tensor) -> Tensor:
-        return torch.cat([p(x) for p in self.parts], dim=-1)
+        parts = list(self.parts)
+        if _group_problem(parts, hooks=True) is None:
+            return torch.cat(kind_group(parts, x), dim=-1)
+        return torch.cat([p(x) for p in parts], dim=-1)
 
 
 def _detect_targets(model: nn.Module) -> str:
@@ -245,6 +255,12 @@ def kindify(
 
     replace_linears(model, targets, make)
     model.kind_gate = gate
+    groups = []  # diffusers' attention calls to_q, to_k, to_v one by one on the same tensor
+    for _, parent in model.named_modules():
+        trio = [getattr(parent, n, None) for n in ("to_q", "to_k", "to_v")]
+        if _group_problem(trio) is None:
+            groups.append(InputGroup(trio))
+    object.__setattr__(model, "kind_input_groups", groups)
     model._kind_fast_kindify = dict(target_modules=targets if isinstance(targets, str) else list(targets),
                                     label_arg=label_arg, split_qkv=bool(split_qkv), tailor_rank=tailor_rank,
                                     learngene_rank=learngene_rank, native=False)
@@ -259,6 +275,8 @@ def kindify(
 
     def _clear_labels(module, args, kwargs, output):
         module.kind_gate.labels = None
+        for group in module.__dict__.get("kind_input_groups", ()):
+            group.forget()  # outputs kept for members not called (yet) belong to this forward only
 
     model._kind_fast_hook = model.register_forward_pre_hook(_route_labels, with_kwargs=True)
     model._kind_fast_clear_hook = model.register_forward_hook(_clear_labels, with_kwargs=True, always_call=True)

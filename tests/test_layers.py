@@ -137,22 +137,90 @@ def test_reset_tailors_have_the_scale_of_a_fresh_init(seed):
         torch.testing.assert_close(m.double() @ m.double().t(), eye, atol=1e-5, rtol=0)
 
 
-def test_learngene_weight_cache_only_inside_a_scope():
+def test_learngene_weight_cache_while_frozen_with_or_without_a_scope():
     layer, _ = _layer()
     layer.freeze_learngenes()
-    assert layer.learngene_weight() is not layer.learngene_weight(), "no cache outside a scope"
+    w1 = layer.learngene_weight()
+    assert layer.learngene_weight() is w1, "frozen learngenes: cached without a scope (drop-in use)"
+    with torch.no_grad():
+        layer.sigma_g.mul_(2.0)  # like an optimizer step or a load: the version counter moves
+    w2 = layer.learngene_weight()
+    assert w2 is not w1
+    torch.testing.assert_close(w2, 2 * w1)
     with kf.weight_cache():
-        w1 = layer.learngene_weight()
-        assert layer.learngene_weight() is w1, "cached while frozen"
+        assert layer.learngene_weight() is w2, "the scope reuses it too"
+    w3 = layer.learngene_weight()
+    assert w3 is not w2, "leaving a scope drops every cache (filled inside or outside it)"
+    torch.testing.assert_close(w3, w2)
+    layer.freeze_learngenes(False)
+    w4 = layer.learngene_weight()
+    assert w4.requires_grad and w4 is not w3, "trainable learngenes are rebuilt with a graph"
+
+
+def test_trainable_learngenes_are_cached_only_inside_a_scope_without_grad():
+    """Pretraining behaves as before: outside a scope W_G is rebuilt on every call, also under
+    no_grad; inside a scope (sampling) it is reused while no gradient flows."""
+    layer, _ = _layer()
+    with torch.no_grad():
+        assert layer.learngene_weight() is not layer.learngene_weight()
+        with kf.weight_cache():
+            w = layer.learngene_weight()
+            assert layer.learngene_weight() is w
+    with kf.weight_cache():
+        assert layer.learngene_weight() is not layer.learngene_weight()  # gradients flow: never cached
+    assert layer._wg_cache is None
+
+
+def _transfer_case():
+    layer, gate = _layer(classes=3)
+    layer.freeze_learngenes()
+    x, labels = torch.randn(4, 5, 40), torch.tensor([0, 3, 2, 1])
+    return layer, x, labels
+
+
+def _fresh_output(layer, x, labels):
+    """The layer's output from a copy that has never cached anything."""
+    import copy
+
+    twin = copy.deepcopy(layer)
+    assert twin._wg_cache is None, "copies start without derived weights"
+    with torch.no_grad():
+        return twin(x, labels=labels)
+
+
+@pytest.mark.parametrize("change", ["load_state_dict", "to", "unfreeze", "replace", "data_swap", "invalidate"])
+def test_cached_learngene_weight_sees_every_module_api_change(change):
+    """Everything the version counters and the module API can see rebuilds the cached W_G; a
+    write through .data is the documented exception, fixed by kind_fast.caching.invalidate()."""
+    layer, x, labels = _transfer_case()
+    with torch.no_grad():
+        before = layer(x, labels=labels)
+    assert layer._wg_cache is not None
+    new = {k: v + 0.1 * torch.randn_like(v) if k in ("u_g", "sigma_g", "v_g") else v
+           for k, v in layer.state_dict().items()}
+    if change == "load_state_dict":
+        layer.load_state_dict(new)
+    elif change == "to":
+        layer.to(torch.float64).to(torch.float32)
         with torch.no_grad():
-            layer.sigma_g.mul_(2.0)  # like an optimizer step or a load: the version counter moves
-        w2 = layer.learngene_weight()
-        assert w2 is not w1
-        torch.testing.assert_close(w2, 2 * w1)
+            layer.u_g.mul_(1.5)
+    elif change == "unfreeze":  # train the learngenes a step, then freeze them again
         layer.freeze_learngenes(False)
-        w3 = layer.learngene_weight()
-        assert w3.requires_grad and w3 is not w2, "trainable learngenes are rebuilt with a graph"
-    assert layer._wg_cache is None, "leaving the scope drops the cache"
+        opt = torch.optim.SGD([layer.u_g, layer.sigma_g, layer.v_g], lr=0.5)
+        layer(x, labels=labels).square().sum().backward()
+        opt.step()
+        layer.freeze_learngenes()
+    elif change == "replace":
+        layer.u_g = nn.Parameter(new["u_g"], requires_grad=False)
+    elif change == "data_swap":
+        layer.sigma_g.data = new["sigma_g"].clone()  # the version counter stays; the storage changes
+    else:
+        layer.v_g.data.copy_(new["v_g"])  # in place through .data: invisible to version counters
+        kf.caching.invalidate()
+    with torch.no_grad():
+        after = layer(x, labels=labels)
+    assert (after - before).abs().max() > 1e-3
+    torch.testing.assert_close(after, _fresh_output(layer, x, labels), rtol=0, atol=0)
 
 
 def _ema_style_write(params, values):
@@ -161,37 +229,84 @@ def _ema_style_write(params, values):
     torch._foreach_copy_([p.data for p in params], [v.data for v in values])
 
 
-def test_writes_through_data_never_leave_a_stale_learngene_weight():
+def test_writes_through_data_to_trainable_parameters_are_always_seen():
+    """EMA swaps of a transfer model write its trainable parameters (tailors, label table, final
+    layer) through .data: nothing derived from them is cached, so the output always follows. A
+    pretraining model (trainable learngenes) caches no W_G outside a scope either."""
     from kind_fast.dit import DiT, KindConfig
 
     torch.manual_seed(0)
-    m = DiT(input_size=8, patch_size=2, in_channels=2, hidden_size=32, depth=1, num_heads=2, num_classes=3,
-            kind=KindConfig(tailor_rank=8, active=2)).set_mode("transfer").eval()
-    x, t, y = torch.randn(2, 2, 8, 8), torch.tensor([5, 500]), torch.tensor([0, 2])
-    params = list(m.parameters())
-    shadow = [p.detach() + 0.05 * torch.randn_like(p) for p in params]  # "EMA" weights
-    saved = [p.detach().clone() for p in params]
+    for mode in ("transfer", "pretrain"):
+        m = DiT(input_size=8, patch_size=2, in_channels=2, hidden_size=32, depth=1, num_heads=2, num_classes=3,
+                kind=KindConfig(tailor_rank=8, active=2)).set_mode(mode).eval()
+        x, t, y = torch.randn(2, 2, 8, 8), torch.tensor([5, 500]), torch.tensor([0, 2])
+        params = [p for p in m.parameters() if p.requires_grad]
+        shadow = [p.detach() + 0.05 * torch.randn_like(p) for p in params]  # "EMA" weights
+        saved = [p.detach().clone() for p in params]
 
-    def reference():  # a fresh model with the current weights: no cache anywhere
-        fresh = DiT(**m.arch, kind=m.kind).eval()
-        fresh.load_state_dict(m.state_dict())
-        return fresh(x, t, y)
+        def reference():  # a fresh model with the current weights: no cache anywhere
+            fresh = DiT(**m.arch, kind=m.kind).eval()
+            fresh.load_state_dict(m.state_dict())
+            return fresh(x, t, y)
 
-    with torch.no_grad():
-        before = m(x, t, y)
-        _ema_style_write(params, shadow)  # swap the EMA weights in
-        torch.testing.assert_close(m(x, t, y), reference(), rtol=0, atol=0)
-        assert (m(x, t, y) - before).abs().max() > 1e-3
-        _ema_style_write(params, saved)  # and back
-        torch.testing.assert_close(m(x, t, y), before, rtol=0, atol=0)
-        with kf.weight_cache():  # inside a scope: invalidate() after a .data write
-            m(x, t, y)
-            _ema_style_write(params, shadow)
-            kf.caching.invalidate()
+        with torch.no_grad():
+            before = m(x, t, y)
+            _ema_style_write(params, shadow)  # swap the EMA weights in
             torch.testing.assert_close(m(x, t, y), reference(), rtol=0, atol=0)
-        _ema_style_write(params, saved)  # between scopes: nothing carried over
-        with kf.weight_cache():
+            assert (m(x, t, y) - before).abs().max() > 1e-3
+            _ema_style_write(params, saved)  # and back
             torch.testing.assert_close(m(x, t, y), before, rtol=0, atol=0)
+            with kf.weight_cache():  # inside a scope: invalidate() after a .data write
+                m(x, t, y)
+                _ema_style_write(params, shadow)
+                kf.caching.invalidate()
+                torch.testing.assert_close(m(x, t, y), reference(), rtol=0, atol=0)
+            _ema_style_write(params, saved)
+
+
+def test_diffusers_ema_copy_to_on_a_transfer_model():
+    """diffusers' EMAModel on a transfer model, over its trainable parameters (as the trainer keeps
+    it) or over all of them (frozen learngenes: their EMA is the weights themselves): after
+    training steps, copy_to and restore (writes through .data) leave the model computing what a
+    fresh model with those weights computes, with the W_G cached all along."""
+    pytest.importorskip("diffusers")
+    from diffusers.training_utils import EMAModel
+
+    from kind_fast.dit import DiT, KindConfig
+
+    torch.manual_seed(0)
+    for which in ("trainable", "all"):
+        m = DiT(input_size=8, patch_size=2, in_channels=2, hidden_size=32, depth=1, num_heads=2, num_classes=3,
+                kind=KindConfig(tailor_rank=8, active=2)).set_mode("transfer")
+        params = [p for p in m.parameters() if p.requires_grad] if which == "trainable" else list(m.parameters())
+        ema = EMAModel(params, decay=0.5)
+        opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
+        x, t, y = torch.randn(2, 2, 8, 8), torch.tensor([5, 500]), torch.tensor([0, 2])
+        target = torch.randn(2, 4, 8, 8)
+        for _ in range(3):
+            opt.zero_grad()
+            (m(x, t, y) - target).square().mean().backward()
+            opt.step()
+            ema.step(params)
+        layer = m.blocks[0].mlp.fc1
+        assert layer._wg_cache is not None
+
+        def reference():
+            fresh = DiT(**m.arch, kind=m.kind).eval()
+            fresh.load_state_dict(m.state_dict())
+            return fresh(x, t, y)
+
+        m.eval()
+        with torch.no_grad():
+            live = m(x, t, y)
+            ema.store(params)
+            ema.copy_to(params)
+            swapped = m(x, t, y)
+            torch.testing.assert_close(swapped, reference(), rtol=0, atol=0)
+            assert (swapped - live).abs().max() > 1e-4
+            ema.restore(params)
+            torch.testing.assert_close(m(x, t, y), live, rtol=0, atol=0)
+        m.train()
 
 
 @pytest.mark.parametrize("scoped", [False, True])

@@ -344,32 +344,48 @@ def _check(cond: bool, msg: str, exc: type[Exception] = ValueError) -> None:
 
 
 def _validate(x, w_g, bias, u_t, sigma_t, v_t, idx, val, labels) -> None:
+    # every message is formatted only when its check fails (this runs on every call)
     for name, t in (("x", x), ("w_g", w_g), ("u_t", u_t), ("sigma_t", sigma_t), ("v_t", v_t),
                     ("idx", idx), ("val", val), ("labels", labels)):
-        _check(isinstance(t, Tensor), f"{name} must be a torch.Tensor, got {type(t).__name__}", TypeError)
-    _check(x.dtype in SUPPORTED_DTYPES, f"x dtype {x.dtype} is not supported; use one of {SUPPORTED_DTYPES}", TypeError)
-    _check(x.dim() >= 1, "x must have at least one dimension (..., in_features)")
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"x dtype {x.dtype} is not supported; use one of {SUPPORTED_DTYPES}")
+    if x.dim() < 1:
+        raise ValueError("x must have at least one dimension (..., in_features)")
     n_in = x.shape[-1]
-    _check(w_g.dim() == 2 and w_g.shape[1] == n_in,
-           f"w_g must be (out_features, {n_in}) to match x's last dim, got {tuple(w_g.shape)}")
+    if w_g.dim() != 2 or w_g.shape[1] != n_in:
+        raise ValueError(f"w_g must be (out_features, {n_in}) to match x's last dim, got {tuple(w_g.shape)}")
     n_out = w_g.shape[0]
-    _check(u_t.dim() == 2 and u_t.shape[1] == n_out, f"u_t must be (tailor_rank, {n_out}), got {tuple(u_t.shape)}")
+    if u_t.dim() != 2 or u_t.shape[1] != n_out:
+        raise ValueError(f"u_t must be (tailor_rank, {n_out}), got {tuple(u_t.shape)}")
     n_t = u_t.shape[0]
-    _check(v_t.shape == (n_t, n_in), f"v_t must be ({n_t}, {n_in}), got {tuple(v_t.shape)}")
-    _check(sigma_t.shape == (n_t,), f"sigma_t must be ({n_t},), got {tuple(sigma_t.shape)}")
-    for name, t in (("w_g", w_g), ("u_t", u_t), ("v_t", v_t)) + ((("bias", bias),) if bias is not None else ()):
-        _check(t.dtype == x.dtype, f"{name} dtype {t.dtype} != x dtype {x.dtype} (cast them, or use autocast)",
-               TypeError)
-    if bias is not None:
-        _check(bias.shape == (n_out,), f"bias must be ({n_out},), got {tuple(bias.shape)}")
-    _check(sigma_t.is_floating_point() and val.is_floating_point(), "sigma_t and val must be floating point", TypeError)
-    _check(idx.dtype in (torch.int32, torch.int64), f"idx must be int32 or int64, got {idx.dtype}", TypeError)
-    _check(idx.dim() == 2 and val.shape == idx.shape,
-           f"idx and val must both be (num_classes + 1, K), got {tuple(idx.shape)} and {tuple(val.shape)}")
-    devs = {t.device for t in (x, w_g, u_t, sigma_t, v_t, idx, val, labels)}
-    if bias is not None:
-        devs.add(bias.device)
-    _check(len(devs) == 1, f"all tensors must be on one device, got {sorted(map(str, devs))}")
+    if v_t.shape != (n_t, n_in):
+        raise ValueError(f"v_t must be ({n_t}, {n_in}), got {tuple(v_t.shape)}")
+    if sigma_t.shape != (n_t,):
+        raise ValueError(f"sigma_t must be ({n_t},), got {tuple(sigma_t.shape)}")
+    dt = x.dtype
+    if w_g.dtype != dt or u_t.dtype != dt or v_t.dtype != dt or (bias is not None and bias.dtype != dt):
+        for name, t in (("w_g", w_g), ("u_t", u_t), ("v_t", v_t)) + ((("bias", bias),) if bias is not None else ()):
+            if t.dtype != dt:
+                raise TypeError(f"{name} dtype {t.dtype} != x dtype {dt} (cast them, or use autocast)")
+    if bias is not None and bias.shape != (n_out,):
+        raise ValueError(f"bias must be ({n_out},), got {tuple(bias.shape)}")
+    if not (sigma_t.is_floating_point() and val.is_floating_point()):
+        raise TypeError("sigma_t and val must be floating point")
+    if idx.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"idx must be int32 or int64, got {idx.dtype}")
+    if idx.dim() != 2 or val.shape != idx.shape:
+        raise ValueError(f"idx and val must both be (num_classes + 1, K), got {tuple(idx.shape)} and "
+                         f"{tuple(val.shape)}")
+    dev = x.device
+    if not (w_g.device == dev and u_t.device == dev and sigma_t.device == dev and v_t.device == dev
+            and idx.device == dev and val.device == dev and labels.device == dev
+            and (bias is None or bias.device == dev)):
+        devs = {t.device for t in (x, w_g, u_t, sigma_t, v_t, idx, val, labels)}
+        if bias is not None:
+            devs.add(bias.device)
+        raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devs))}")
 
 
 def checked_inputs(x, w_g, bias, u_t, sigma_t, v_t, idx, val, labels):

@@ -16,12 +16,19 @@ needed, on how many classes the batch holds and on what the backend implements:
     M4  tiny layers on the CPU: the layer as a handful of plain PyTorch ops under autograd,
         every tailor through a dense per-sample gate (N_T/K more tailor FLOPs, but no custom-op
         dispatch, gathers or scatters), for shapes where per-call overhead, not FLOPs, dominates.
+    M5  the lean CPU path (kind_fast/ops/kind_linear_lean.py): one hand-written autograd
+        Function, no registered-op dispatch and no autograd graph of small ops: one GEMM with
+        W_G forward, one for dx, and the tailor term's few GEMMs over the tailors the batch's
+        classes switch on (R, their union, read from CPU labels; or each sample's K gathered).
+        Also runs a group of layers that read the same x (q, k, v) as one call.
 
 ``choose_path`` is the cost model: an estimated time per path, FLOPs / throughput + eager op
-launches × their overhead (per-device constants measured on the CPU, see COSTS), minimised over
-the paths that can run the call. It reads shapes only, never tensor values. ``kind_linear_layer``
-is the entry point FastKindLinear calls. Backends are reached through the registry
-(kind_fast.backends), never imported here.
+launches × their overhead (per-device constants measured on the CPU, see COSTS; the tailor
+term's skinny GEMMs at their own measured rate), minimised over the paths that can run the
+call. It reads shapes only, never tensor values. ``kind_linear_layer``
+is the entry point FastKindLinear calls, ``kind_linear_group_layer`` the one for a group of
+layers that read the same x (``kind_fast.layers.kind_group``). Backends are reached through the
+registry (kind_fast.backends), never imported here.
 
 Caching (M3): the caller passes a ``MergedWeightCache`` and a token function; merged weights
 are built once per (class set, parameter version) and reused. In eval calls M3 runs only on
@@ -70,7 +77,7 @@ import os
 import sys
 import weakref
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -84,10 +91,11 @@ from kind_fast.ops.kind_linear_merged import (
     merge_weights,
 )
 
-__all__ = ["PATHS", "PathChoice", "DeviceCosts", "COSTS", "choose_path", "path_costs", "kind_linear_layer",
-           "kind_linear_eager", "force_path", "forced_path", "distinct_classes", "host_slots", "record_paths"]
+__all__ = ["PATHS", "PathChoice", "DeviceCosts", "COSTS", "TERMS", "choose_path", "path_costs", "path_terms",
+           "kind_linear_layer",
+           "kind_linear_group_layer", "kind_linear_eager", "force_path", "forced_path", "distinct_classes", "host_slots", "record_paths"]
 
-PATHS = ("M0", "M1", "M2", "M3", "M4")
+PATHS = ("M0", "M1", "M2", "M3", "M4", "M5")
 # Largest N_G + K the Triton backend's fused kernel takes for M2 (its BM×KP shrink accumulator
 # lives in registers); the backend module's own MAX_ACTIVE is read when it is loaded.
 _DEFAULT_MAX_ACTIVE = 128
@@ -100,37 +108,51 @@ class PathChoice:
     flop_ratio: float    # the chosen path's forward FLOPs / dense F.linear FLOPs of the same shape
     would_prefer: str    # the path with the fewest FLOPs if every path ran everywhere
     backend: str = "triton"
+    plan: str = ""       # M5: "union" or "sample" (how the tailor term runs)
 
 
 @dataclass(frozen=True)
 class DeviceCosts:
-    """The time model's constants for one device type: time ≈ FLOPs / flops_per_s +
-    eager op launches × op_s + registered-op (Python custom op) calls × custom_op_s."""
+    """The time model's constants for one device type:
+
+        time ≈ dense GEMM FLOPs / flops_per_s + the tailor term's FLOPs / skinny_flops_per_s
+               + eager ops × op_s + registered-op (Python custom op) calls × custom_op_s
+               + per-sample batched-GEMM items × item_s
+
+    (the tailor term's GEMMs are skinny, R or K columns, and run well below the dense rate on a
+    CPU; a batched GEMM over B small per-sample matrices pays per item)."""
     flops_per_s: float
     op_s: float
     custom_op_s: float
+    skinny_flops_per_s: float = 0.0  # 0: flops_per_s
+    item_s: float = 0.0
 
 
-# "cpu": the reference on the CPU, fitted to the layer timings in bench/results/cpu_paths.md
-# (2-core VM, one thread, torch 2.13; shared with other jobs while measured). "cuda": the fused
-# backends (also under Triton's CPU interpreter, a test vehicle for GPU kernels): no launch
-# overhead is modelled, since none was measured on a GPU, so M1, M2 and M3 are chosen by FLOPs
-# there, as before; CUDA graphs take the launches off the sampling loop.
+# "cpu": the reference and the lean path on the CPU, fitted by ``python bench/cpu_paths.py`` to
+# interleaved layer timings on the 2-core VM (one thread, torch 2.13; shared with other jobs
+# while measured, so the fit is on this thread's CPU time): bench/results/cpu_paths.md.
+# "cuda": the fused backends (also under Triton's CPU interpreter, a test vehicle for GPU
+# kernels): no launch overhead is modelled, since none was measured on a GPU, so M1, M2 and M3
+# are chosen by FLOPs there, as before; CUDA graphs take the launches off the sampling loop.
 COSTS = {
-    "cpu": DeviceCosts(flops_per_s=7.5e10, op_s=1.8e-5, custom_op_s=1.1e-4),
+    "cpu": DeviceCosts(flops_per_s=8.95e10, op_s=3.84e-6, custom_op_s=3.59e-5, skinny_flops_per_s=5.23e10,
+                       item_s=1.14e-6),
     "cuda": DeviceCosts(flops_per_s=4.0e14, op_s=0.0, custom_op_s=0.0),
 }
 
+# the terms of one path's time (time = the DeviceCosts-weighted sum; see path_terms)
+TERMS = ("dense_flops", "tailor_flops", "ops", "custom_ops", "items")
 
-def path_costs(
+
+def path_terms(
     rows: int, n_in: int, n_out: int, active: int, tailor_rank: int, *,
     learngene_rank: int | None = None, samples: int | None = None, distinct_classes: int | None = None,
     training: bool = True, learngene_grad: bool = False, merged_cached: bool = False,
-    backend: str = "triton", device_type: str = "cuda",
-) -> dict[str, tuple[float, float, float]]:
-    """path -> (estimated seconds, forward FLOPs, forward + backward FLOPs) for every path the
-    shape could take (before asking what the backend implements; see the module docstring)."""
-    c = COSTS["cpu"] if (device_type == "cpu" and backend == "torch") else COSTS["cuda"]
+    backend: str = "triton", device_type: str = "cuda", union_rank: int | None = None,
+) -> dict[str, tuple[tuple[float, ...], float, float]]:
+    """path -> (the ``TERMS`` of its time, forward FLOPs, forward + backward FLOPs) for every path
+    the shape could take (before asking what the backend implements; see the module docstring).
+    M5 appears as "M5:union" (when ``union_rank``, R, is known) and "M5:sample" (T >= K)."""
     m, i, o, k, nt = rows, n_in, n_out, active, tailor_rank
     b = samples if samples else max(m, 1)
     dense = 2 * m * i * o
@@ -139,26 +161,31 @@ def path_costs(
     lg = dense if (training and learngene_grad) else 0
     if training and learngene_grad and learngene_rank:
         lg += 6 * learngene_rank * i * o
-
-    def t(flops, ops, custom):
-        return flops / c.flops_per_s + ops * c.op_s + custom * c.custom_op_s
+    lg_ops = 6 if lg else 0
+    bwd = 2 if training else 0  # dense backward GEMMs: dx (the learngenes' dW is in lg)
+    # eager op counts per call, forward + backward (eval: forward), wrapper included: counted with
+    # torch.profiler (top-level aten ops) on the CPU paths by bench/cpu_paths.py's cases; the
+    # GPU paths' counts are estimates (no launch overhead is modelled on CUDA anyway)
+    tail_mult = 3 if training else 1  # tailor GEMM pairs: forward, and dx/dh + dU/dV backward
+    per_sample = tailor_plan(m, b, k, nt) == "sample"
 
     out = {}
-    # M0 / M1: the kind_linear op (the reference's "row" plan multiplies all N_T tailors)
-    ke = nt if tailor_plan(m, b, k, nt) == "row" else k
-    f0 = kind_linear_flops(m, i, o, ke)
-    b0 = (dense + 4 * m * ke * (i + o) + lg) if training else 0
-    lg_ops = 6 if lg else 0
-    out["M0"] = (t(f0 + b0, 10 + lg_ops + (16 if training else 0), 1 + training), kind_linear_flops(m, i, o, k),
-                 f0 + b0)
+    # M0 / M1: the kind_linear op (the reference's "row" plan multiplies all N_T tailors; its
+    # "sample" plan runs batched GEMMs over the B samples)
+    ke = nt if not per_sample else k
+    t0 = 2 * m * ke * (i + o) * tail_mult
+    out["M0"] = ((dense * (1 + bwd / 2) + lg, t0, (88 if training else 37) + lg_ops, 1 + training,
+                  b * (2 + 4 * training) if per_sample else 0),
+                 kind_linear_flops(m, i, o, k), dense * (1 + bwd / 2) + lg + t0)
     f1 = kind_linear_flops(m, i, o, k)
-    b1 = (dense + 4 * m * k * (i + o) + lg) if training else 0
-    out["M1"] = (t(f1 + b1, 3 + lg_ops + (7 if training else 0), 1 + training), f1, f1 + b1)
+    t1 = 2 * m * k * (i + o) * tail_mult
+    out["M1"] = ((dense * (1 + bwd / 2) + lg, t1, 3 + lg_ops + (7 if training else 0), 1 + training, 0), f1,
+                 dense * (1 + bwd / 2) + lg + t1)
     if learngene_rank is not None:
         r = learngene_rank + k
         f2 = 2 * m * r * (i + o)
         f2_all = f2 * (3 if training else 1)
-        out["M2"] = (t(f2_all, 8 + (8 if training else 0), 1 + training), f2, f2_all)
+        out["M2"] = ((f2_all, 0, 8 + (8 if training else 0), 1 + training, 0), f2, f2_all)
     if distinct_classes is not None and distinct_classes > 0:
         s = distinct_classes
         # the reference GEMM reads slots on the host on the CPU (one GEMM per slot); elsewhere it
@@ -170,13 +197,41 @@ def path_costs(
         f3 = dense * factor + merge
         b3 = (2 * dense * factor + 2 * merge + lg - (dense if lg else 0)) if training else 0
         host = backend == "torch" and device_type == "cpu"  # the reference's loop over slots
-        ops3 = ((2 + 3 * s) if host else 2) + (0 if merge == 0 else 6) + \
-            (((8 + 6 * s) if host else 4) if training else 0)
-        out["M3"] = (t(f3 + b3, ops3, 1 + training if backend != "torch" else 0), f3, f3 + b3)
-    f4 = dense + 2 * m * nt * (i + o)
-    b4 = (dense + 4 * m * nt * (i + o) + lg) if training else 0
-    out["M4"] = (t(f4 + b4, 12 + lg_ops + (14 if training else 0), 0), f4, f4 + b4)
+        ops3 = ((77 + 13 * s) if training else (60 + 2 * s)) if host else \
+            (2 + (0 if merge == 0 else 6) + (4 if training else 0))
+        out["M3"] = ((f3 + b3, 0, ops3, 1 + training if backend != "torch" else 0, 0), f3, f3 + b3)
+    t4 = 2 * m * nt * (i + o) * tail_mult
+    out["M4"] = ((dense * (1 + bwd / 2) + lg, t4, (52 if training else 35) + lg_ops, 0, 0),
+                 dense + 2 * m * nt * (i + o), dense * (1 + bwd / 2) + lg + t4)
+    if device_type == "cpu" and backend == "torch":
+        # M5: the lean path, one hand-written Function; the sample plan's batched GEMMs pay per item
+        plans = {}
+        if union_rank is not None:
+            plans["union"] = (union_rank, 0, 39 if training else 28)
+        if samples and m // b >= k:
+            plans["sample"] = (k, b * (2 + 4 * training), 57 if training else 28)
+        for plan, (r, items, ops) in plans.items():
+            t5 = 2 * m * r * (i + o) * tail_mult
+            out[f"M5:{plan}"] = ((dense * (1 + bwd / 2) + lg, t5, ops + lg_ops, 0, items),
+                                 dense + 2 * m * r * (i + o), dense * (1 + bwd / 2) + lg + t5)
     return out
+
+
+def path_costs(
+    rows: int, n_in: int, n_out: int, active: int, tailor_rank: int, *,
+    learngene_rank: int | None = None, samples: int | None = None, distinct_classes: int | None = None,
+    training: bool = True, learngene_grad: bool = False, merged_cached: bool = False,
+    backend: str = "triton", device_type: str = "cuda", union_rank: int | None = None,
+) -> dict[str, tuple[float, float, float]]:
+    """path -> (estimated seconds, forward FLOPs, forward + backward FLOPs): ``path_terms``
+    weighted by the device's ``COSTS``."""
+    c = COSTS["cpu"] if (device_type == "cpu" and backend == "torch") else COSTS["cuda"]
+    rates = (1 / c.flops_per_s, 1 / (c.skinny_flops_per_s or c.flops_per_s), c.op_s, c.custom_op_s, c.item_s)
+    terms = path_terms(rows, n_in, n_out, active, tailor_rank, learngene_rank=learngene_rank, samples=samples,
+                       distinct_classes=distinct_classes, training=training, learngene_grad=learngene_grad,
+                       merged_cached=merged_cached, backend=backend, device_type=device_type,
+                       union_rank=union_rank)
+    return {p: (sum(a * w for a, w in zip(t, rates)), f, fa) for p, (t, f, fa) in terms.items()}
 
 
 def _choose_path(
@@ -184,7 +239,7 @@ def _choose_path(
     learngene_rank: int | None = None, samples: int | None = None, distinct_classes: int | None = None,
     training: bool = True, learngene_grad: bool = False, merged_cached: bool = False,
     backend: str = "triton", device_type: str | None = None, max_active: int = _DEFAULT_MAX_ACTIVE,
-    allow: Sequence[str] | None = None,
+    allow: Sequence[str] | None = None, union_rank: int | None = None,
 ) -> PathChoice:
     """Which path runs one layer call, and why. Shapes only (no tensor is read).
 
@@ -197,20 +252,25 @@ def _choose_path(
         backend: the resolved backend ("torch", "triton", "cuda"); device_type: "cpu" or
         "cuda" (default: "cuda" for fused backends, else "cpu"); max_active: the Triton
         kernel's largest slot count; allow: restrict the candidates (a tuple; the entry
-        point's rules). Results are memoised (arguments are plain values).
+        point's rules; M5 runs only where the entry point allows it: CPU labels, eager, a
+        fixed gate); union_rank: R, the tailors the batch's classes switch on (M5's union
+        plan; None: only its sample plan). Results are memoised (arguments are plain values).
 
     Forward FLOPs per path, K active tailors (backward: see ``path_costs``):
         M0/M1  2·M·in·out + 2·M·K·(in + out)        (M0's "row" plan: N_T instead of K)
         M2     2·M·(N_G + K)·(in + out)             wins when N_G + K < ~0.5·min(in, out)
         M3     2·M·in·out (+ 2·S·K·in·out to merge when not cached)
         M4     2·M·in·out + 2·M·N_T·(in + out)      no custom op: wins on tiny CPU layers
+        M5     2·M·in·out + 2·M·R·(in + out)        hand-written backward, no dW: the CPU
+               (union plan; the sample plan: K)    transfer path; also groups (q, k, v)
     """
     device_type = device_type or ("cuda" if backend in ("triton", "cuda") else "cpu")
     costs = path_costs(rows, n_in, n_out, active, tailor_rank, learngene_rank=learngene_rank, samples=samples,
                        distinct_classes=distinct_classes, training=training, learngene_grad=learngene_grad,
-                       merged_cached=merged_cached, backend=backend, device_type=device_type)
+                       merged_cached=merged_cached, backend=backend, device_type=device_type,
+                       union_rank=union_rank)
     dense = max(2 * rows * n_in * n_out, 1)
-    flop_best = {p: c[2] for p, c in costs.items() if p != "M0" and p != "M4"}
+    flop_best = {p: c[2] for p, c in costs.items() if p not in ("M0", "M4") and not p.startswith("M5")}
     prefer = min(flop_best, key=lambda p: (flop_best[p], p))
     if active == 0 or tailor_rank == 0 or rows == 0:
         return PathChoice("M0", "no active tailors: one F.linear", 1.0, "M0", backend)
@@ -228,14 +288,16 @@ def _choose_path(
         can.add("M3")
     if device_type == "cpu" and backend == "torch":
         can.add("M4")
+        can.update(p for p in costs if p.startswith("M5"))
     if backend == "triton" and active > max_active:
         can.discard("M1")
         can.add("M0")
         why_not["M1"] = f"K={active} active tailors > {max_active}"
     if allow is not None:
-        can = (can & set(allow)) or {"M1" if fused and "M1" in can else "M0"}
-    path = min(can, key=lambda p: (costs[p][0], p))
-    est = costs[path][0]
+        can = {p for p in can if p.split(":")[0] in allow} or {"M1" if fused and "M1" in can else "M0"}
+    key = min(can, key=lambda p: (costs[p][0], p))
+    est = costs[key][0]
+    path, _, plan = key.partition(":")
     reasons = {
         "M0": "reference: x·W_Gᵀ + gathered tailor term in batched GEMMs",
         "M1": "fused GEMM + gathered tailor term, shrink in the same K-loop",
@@ -243,6 +305,9 @@ def _choose_path(
         "M3": f"{distinct_classes} merged class weight(s) "
               f"({'cached' if merged_cached and not training else 'merged now'}) + segmented GEMM",
         "M4": "tiny layer: plain autograd ops, all N_T tailors under a dense per-sample gate",
+        "M5": (f"lean CPU path: W_G GEMM + the {union_rank} tailors of the batch's classes, hand-written backward"
+               if plan == "union" else
+               f"lean CPU path: W_G GEMM + each sample's {active} gathered tailors, hand-written backward"),
     }
     # the time estimate is shown where its constants were measured (the CPU), not on CUDA
     reason = f"{reasons[path]}; est. {est * 1e6:.0f} us" if device_type == "cpu" else reasons[path]
@@ -250,7 +315,7 @@ def _choose_path(
         reason += f" ({prefer} would need fewer FLOPs but {why_not[prefer]})"
     if path == "M0" and "M1" in why_not:
         reason = f"{why_not['M1']}: {reason}"
-    return PathChoice(path, reason, costs[path][1] / dense, prefer, backend)
+    return PathChoice(path, reason, costs[key][1] / dense, prefer, backend, plan)
 
 
 choose_path = functools.lru_cache(maxsize=4096)(_choose_path)
@@ -275,11 +340,13 @@ def forced_path() -> str | None:
 def force_path(path: str | None) -> Iterator[None]:
     """Pin the path of every ``kind_linear_layer`` call in the block (None: the cost model).
 
-    A pinned path that cannot run a call (M2 off the Triton backend, M3 with unknown classes)
-    raises there.
+    ``"M5:union"`` / ``"M5:sample"`` also pin M5's plan. A pinned path that cannot run a call
+    (M2 off the Triton backend, M3 with unknown classes, M5 off the CPU reference) raises there.
     """
-    if path is not None and path not in PATHS:
-        raise ValueError(f"unknown path {path!r}; choose one of {PATHS} or None")
+    if path is not None:
+        name, _, plan = path.partition(":")
+        if name not in PATHS or (plan and (name != "M5" or plan not in ("union", "sample"))):
+            raise ValueError(f"unknown path {path!r}; choose one of {PATHS}, 'M5:union', 'M5:sample' or None")
     previous = _FORCED.path
     _FORCED.path = path
     try:
@@ -468,6 +535,12 @@ def _backend_module(name: str):
     return backend_module(name)
 
 
+def _resolve_backend(device: torch.device, dtype: torch.dtype) -> str:
+    from kind_fast.backends import resolve_backend
+
+    return resolve_backend(device, dtype)
+
+
 def _learngene_weight(u_g: Tensor, sigma_g: Tensor, v_g: Tensor, dtype: torch.dtype) -> Tensor:
     acc = acc_dtype(u_g.dtype)
     with torch.autocast(u_g.device.type, enabled=False):
@@ -494,34 +567,32 @@ def _check_served(labels: Tensor, classes: tuple[int, ...], served_from_labels: 
                             "labels outside the declared served classes (ClassGate.serving)")
 
 
-def kind_linear_layer(
-    x: Tensor, labels: Tensor, *, u_g: Tensor, sigma_g: Tensor, v_g: Tensor, bias: Tensor | None,
-    u_t: Tensor, sigma_t: Tensor, v_t: Tensor, idx: Tensor, val: Tensor,
-    w_g: Tensor | Callable[[torch.dtype], Tensor] | None = None,
-    merged=None, token: Callable[[], tuple | None] | None = None,
-    classes: Sequence[int] | None = None, training_module: bool | None = None,
-) -> Tensor:
-    """A KIND layer's forward along the path ``choose_path`` picks (see the module docstring).
+class _Call:
+    """One call's decision (``_decide``): the path and what running it needs."""
 
-    Every path gives the same result up to rounding and the same gradients (autograd reaches
-    every component, ``val`` included).
-    """
+    __slots__ = ("path", "plan", "backend", "dt", "served", "declared", "training", "key", "tok", "hit", "choice",
+                 "admitted")
+
+
+def _decide(x: Tensor, labels: Tensor, u_g, sigma_g, v_g, bias, u_t, sigma_t, v_t, idx, val, merged, token, classes,
+            training_module) -> _Call:
+    """The path of one layer call (the rules in the module docstring) and its cache state."""
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    dev_type = x.device.type
+    dev = x.device
+    dev_type = dev.type
     dt = torch.get_autocast_dtype(dev_type) if torch.is_autocast_enabled(dev_type) else x.dtype
-    from kind_fast.backends import resolve_backend
-
-    backend = resolve_backend(x.device, dt)
+    backend = _resolve_backend(dev, dt)
     n_in, n_out = v_t.shape[-1], u_t.shape[-1]
     rows = x.numel() // max(n_in, 1)
     k = idx.shape[1] if isinstance(idx, Tensor) and idx.dim() == 2 else 0
     n_b = labels.shape[0] if isinstance(labels, Tensor) and labels.dim() == 1 else 0
     n_g = u_g.shape[0]
-    grad = torch.is_grad_enabled()
-    training = grad and any(isinstance(t, Tensor) and t.requires_grad
-                            for t in (x, u_g, sigma_g, v_g, bias, u_t, sigma_t, v_t, val))
-    learngene_grad = training and any(t.requires_grad for t in (u_g, sigma_g, v_g))
+    learngene_grad = u_g.requires_grad or sigma_g.requires_grad or v_g.requires_grad
+    training = torch.is_grad_enabled() and (
+        learngene_grad or x.requires_grad or u_t.requires_grad or sigma_t.requires_grad or v_t.requires_grad
+        or (bias is not None and bias.requires_grad) or (isinstance(val, Tensor) and val.requires_grad))
+    learngene_grad = training and learngene_grad
     max_active = _DEFAULT_MAX_ACTIVE
     if backend == "triton":
         max_active = getattr(_backend_module("triton")[0], "MAX_ACTIVE", _DEFAULT_MAX_ACTIVE)
@@ -530,15 +601,21 @@ def kind_linear_layer(
     plain = not torch.compiler.is_compiling() and not under_dispatch_mode()
     allow = ["M0", "M1", "M2"]
     served, declared = None, False
-    if isinstance(labels, Tensor) and n_b and plain:
+    union = None
+    if n_b and plain:
+        present = distinct_classes(labels)  # CPU labels: read on the host, once per labels tensor
         if classes is not None:
             served, declared = tuple(sorted({int(c) for c in classes})), True
         else:
-            served = distinct_classes(labels)
+            served = present
             if served is None and merged is not None and not training and merged.fits(idx.shape[0]):
                 served = tuple(range(idx.shape[0]))  # CUDA labels: every class, when they all fit
         if dev_type == "cpu" and backend == "torch":
             allow.append("M4")
+            if present is not None and k and not (isinstance(val, Tensor) and val.requires_grad) \
+                    and rows % n_b == 0:
+                allow.append("M5")
+                union = lean_union_rank(labels, idx, val, present)
     key = tok = hit = None
     cached = False
     if served is not None and declared and not all(isinstance(c, int) and 0 <= c < idx.shape[0] for c in served):
@@ -561,17 +638,67 @@ def kind_linear_layer(
                     distinct_classes=len(served) if served is not None else None, training=training,
                     learngene_grad=learngene_grad, merged_cached=cached, backend=backend,
                     device_type=dev_type, max_active=max_active,
-                    allow=tuple(allow) if forced is None else None)
-    path = choice.path if forced is None else forced
-    if forced is not None and forced != choice.path:
-        choice = PathChoice(forced, "pinned by force_path", choice.flop_ratio, choice.would_prefer, backend)
+                    allow=tuple(allow) if forced is None else None, union_rank=union)
+    forced_plan = ""
+    if forced is not None:
+        forced, _, forced_plan = forced.partition(":")
+    path, plan = (choice.path, choice.plan) if forced is None else (forced, forced_plan)
+    if forced == "M5":
+        if "M5" not in allow:
+            raise RuntimeError("path M5 runs on the CPU reference backend only, in eager mode, with CPU labels "
+                               "and a fixed (non-trainable) gate")
+        if not plan:  # the cheaper plan
+            costs = path_costs(rows, n_in, n_out, k, u_t.shape[0], samples=n_b or None, training=training,
+                               learngene_grad=learngene_grad, backend=backend, device_type=dev_type,
+                               union_rank=union)
+            plan = min((p for p in costs if p.startswith("M5")), key=lambda p: costs[p][0]).partition(":")[2]
+    if forced is not None and (forced != choice.path or plan != choice.plan):
+        choice = PathChoice(forced, "pinned by force_path", choice.flop_ratio, choice.would_prefer, backend, plan)
     if plain:
         _debug_log(choice, rows, n_in, n_out, k, u_t.shape[0], n_b, dt, training,
                    len(served) if served is not None else None)
         for calls in _RECORDERS:
             calls.append(dict(path=path, backend=backend, reason=choice.reason, rows=rows, n_in=n_in, n_out=n_out,
                               samples=n_b, classes=len(served) if served is not None else None,
-                              training=training))
+                              training=training, plan=plan))
+    call = _Call()
+    call.path, call.plan, call.backend, call.dt, call.choice = path, plan, backend, dt, choice
+    call.served, call.declared, call.training, call.key, call.tok, call.hit = served, declared, training, key, tok, hit
+    call.admitted = cached
+    return call
+
+
+def lean_union_rank(labels: Tensor, idx: Tensor, val: Tensor, present: tuple[int, ...]) -> int:
+    """R of path M5's union plan for CPU ``labels`` (once per labels tensor and gate)."""
+    from kind_fast.ops.kind_linear_lean import lean_plan
+
+    return lean_plan(labels, idx, val, present, "union").rank
+
+
+def kind_linear_layer(
+    x: Tensor, labels: Tensor, *, u_g: Tensor, sigma_g: Tensor, v_g: Tensor, bias: Tensor | None,
+    u_t: Tensor, sigma_t: Tensor, v_t: Tensor, idx: Tensor, val: Tensor,
+    w_g: Tensor | Callable[[torch.dtype], Tensor] | None = None,
+    merged=None, token: Callable[[], tuple | None] | None = None,
+    classes: Sequence[int] | None = None, training_module: bool | None = None,
+) -> Tensor:
+    """A KIND layer's forward along the path ``choose_path`` picks (see the module docstring).
+
+    Every path gives the same result up to rounding and the same gradients (autograd reaches
+    every component, ``val`` included; path M5 runs only where ``val`` is fixed).
+    """
+    call = _decide(x, labels, u_g, sigma_g, v_g, bias, u_t, sigma_t, v_t, idx, val, merged, token, classes,
+                   training_module)
+    return _execute(call, x, labels, u_g, sigma_g, v_g, bias, u_t, sigma_t, v_t, idx, val, w_g, merged)
+
+
+def _execute(call: _Call, x: Tensor, labels: Tensor, u_g, sigma_g, v_g, bias, u_t, sigma_t, v_t, idx, val, w_g,
+             merged) -> Tensor:
+    """Run one layer call along the path ``_decide`` chose."""
+    path, backend, dt = call.path, call.backend, call.dt
+    dev_type = x.device.type
+    n_in, n_out = v_t.shape[-1], u_t.shape[-1]
+    n_b = labels.shape[0] if isinstance(labels, Tensor) and labels.dim() == 1 else 0
 
     # ---- run it
     if path == "M2":
@@ -587,8 +714,9 @@ def kind_linear_layer(
                                      sigma_t=sigma_t, v_t=v_t, idx=idx, val=val, w_g=w_g)
     if path in ("M0", "M1"):
         return kind_linear(x, _resolve_w_g(w_g, u_g, sigma_g, v_g, dt), bias, u_t, sigma_t, v_t, idx, val, labels)
-    # M3 / M4: the ops' own validation first (kind_linear's checks), then autocast casts. An M3
+    # M3 / M4 / M5: the ops' own validation first (kind_linear's checks), then autocast casts. An M3
     # call on cached weights needs no W_G: a 0-byte stand-in carries its shape to the checks.
+    hit = call.hit
     w = x.new_empty(()).expand(n_out, n_in) if (path == "M3" and hit is not None) else \
         _resolve_w_g(w_g, u_g, sigma_g, v_g, dt)
     if torch.is_autocast_enabled(dev_type) and x.is_floating_point():
@@ -599,19 +727,122 @@ def kind_linear_layer(
 
     check_labels(labels, idx.shape[0] - 1)
     lead = x.shape[:-1]
+    x2 = _rows_by_sample(x, n_in, n_b)
+    with _no_autocast(dev_type):
+        if path == "M5":
+            y = _run_lean(x2, labels, idx, val, w, bias, ((u_t, sigma_t, v_t),), call.plan)
+        elif path == "M4":
+            y = kind_linear_eager(x2, w, bias, u_t, sigma_t, v_t, idx, val, labels)
+        else:
+            y = _run_merged(x2, labels, w, bias, u_t, sigma_t, v_t, idx, val, call.served, call.declared,
+                            call.training, backend, merged if call.admitted else None, call.key, call.tok, hit)
+    return y.view(*lead, n_out)
+
+
+def _no_autocast(dev_type: str):
+    """Autocast off for the block (the casts were made at the entry); no context object when it
+    is off already (building one costs more than the small ops it would wrap)."""
+    return torch.autocast(dev_type, enabled=False) if torch.is_autocast_enabled(dev_type) else nullcontext()
+
+
+def _rows_by_sample(x: Tensor, n_in: int, n_b: int) -> Tensor:
     if x.dim() == 3 and x.shape[0] != n_b:
         raise ValueError(f"x is (B, T, in) with B={x.shape[0]} but labels has {n_b} entries")
     x2 = x.reshape(-1, n_in)
     if n_b == 0 or x2.shape[0] % n_b:
         raise ValueError(f"x has {x2.shape[0]} rows, not a multiple of the {n_b} samples in labels "
                          "(rows must be grouped by sample)")
-    with torch.autocast(dev_type, enabled=False):
-        if path == "M4":
-            y = kind_linear_eager(x2, w, bias, u_t, sigma_t, v_t, idx, val, labels)
-        else:
-            y = _run_merged(x2, labels, w, bias, u_t, sigma_t, v_t, idx, val, served, declared, training,
-                            backend, merged, key, tok, hit)
-    return y.view(*lead, n_out)
+    return x2
+
+
+def _run_lean(x2: Tensor, labels: Tensor, idx: Tensor, val: Tensor, w: Tensor, bias: Tensor | None, tailors,
+              plan_kind: str) -> Tensor:
+    """Path M5 on rows x2 (M, in): ``w``/``bias`` the (concatenated) learngene weights, ``tailors``
+    one (u_t, sigma_t, v_t) per layer. The plan (union or per-sample) is built once per labels."""
+    from kind_fast.ops.kind_linear_lean import kind_linear_lean, lean_plan
+
+    present = distinct_classes(labels)
+    plan = lean_plan(labels, idx, val, present, plan_kind or "union")
+    return kind_linear_lean(x2.contiguous(), w, bias, tailors, plan)
+
+
+def kind_linear_group_layer(
+    x: Tensor, labels: Tensor, members: Sequence[dict], *, idx: Tensor, val: Tensor,
+    weights: Callable[[torch.dtype], tuple[Tensor, Tensor | None]] | None = None,
+    classes: Sequence[int] | None = None, training_module: bool | None = None,
+) -> list[Tensor]:
+    """Several KIND layers that read the same ``x`` and share one gate, as one op where a path
+    serves groups (docs/design.md §2): the list of their outputs, each equal to that layer's
+    ``kind_linear_layer`` output.
+
+    ``members``: one dict per layer with ``kind_linear_layer``'s keyword arguments (u_g, sigma_g,
+    v_g, bias, u_t, sigma_t, v_t, and optionally w_g, merged, token). ``weights``: dtype ->
+    (W_G of every layer concatenated (Σ out_i, in), biases concatenated or None), e.g. a cache;
+    None: concatenated here. Each layer's path is decided as for a call of its own; when every
+    layer's path is M5 the group runs as one lean call (one GEMM for the learngene terms, one
+    shrink GEMM for every layer's tailors); when every layer's path is the kind_linear op (M0 /
+    M1) it runs as the registered ``kind_linear_grouped`` op (its backend's grouped kernel, or
+    exact per-layer calls where the backend has none); otherwise (M2, M3, M4, a pinned path other
+    than M5) each layer runs on its own.
+    """
+    if not members:
+        raise ValueError("kind_linear_group_layer needs at least one layer")
+    calls = [_decide(x, labels, m["u_g"], m["sigma_g"], m["v_g"], m.get("bias"), m["u_t"], m["sigma_t"], m["v_t"],
+                     idx, val, m.get("merged"), m.get("token"), classes, training_module) for m in members]
+    paths_ = {c.path for c in calls}
+    forced = _FORCED.path
+
+    def separately():  # each layer on its own, along the path decided for it
+        return [_execute(c, x, labels, m["u_g"], m["sigma_g"], m["v_g"], m.get("bias"), m["u_t"], m["sigma_t"],
+                         m["v_t"], idx, val, m.get("w_g"), m.get("merged")) for c, m in zip(calls, members)]
+
+    if (forced is not None and not forced.startswith("M5")) or len(members) == 1:
+        return separately()
+    dt = calls[0].dt
+
+    def concatenated():
+        if weights is not None:
+            return weights(dt)
+        from kind_fast.ops.kind_linear_grouped import concat_group
+
+        return concat_group([_resolve_w_g(m.get("w_g"), m["u_g"], m["sigma_g"], m["v_g"], dt) for m in members],
+                            [m.get("bias") for m in members])
+
+    if paths_ == {"M5"}:
+        n_in = members[0]["v_t"].shape[-1]
+        n_b = labels.shape[0]
+        w, bias = concatenated()
+        us = [m["u_t"] for m in members]
+        vs = [m["v_t"] for m in members]
+        dev_type = x.device.type
+        if torch.is_autocast_enabled(dev_type) and x.is_floating_point():
+            x, w = x.to(dt), w.to(dt)
+            bias = bias.to(dt) if bias is not None else None
+            us, vs = [u.to(dt) for u in us], [v.to(dt) for v in vs]
+        for m, u, v in zip(members, us, vs):
+            _validate(x, w[:u.shape[1]], None, u, m["sigma_t"], v, idx, val, labels)
+        if w.shape != (sum(u.shape[1] for u in us), n_in) or w.dtype != x.dtype:
+            raise ValueError(f"the group's concatenated W_G must be ({sum(u.shape[1] for u in us)}, {n_in}) in "
+                             f"{x.dtype}, got {tuple(w.shape)} {w.dtype}")
+        from kind_fast.gate import check_labels
+
+        check_labels(labels, idx.shape[0] - 1)
+        lead = x.shape[:-1]
+        x2 = _rows_by_sample(x, n_in, n_b)
+        plans = {c.plan for c in calls}
+        with _no_autocast(dev_type):
+            y = _run_lean(x2, labels, idx, val, w, bias,
+                          [(u, m["sigma_t"], v) for m, u, v in zip(members, us, vs)],
+                          "sample" if plans == {"sample"} else "union")
+        outs = [u.shape[1] for u in us]
+        return [part.view(*lead, o) for part, o in zip(y.split(outs, -1), outs)]
+    if paths_ <= {"M0", "M1"} and len({c.backend for c in calls}) == 1:
+        from kind_fast.ops.kind_linear_grouped import kind_linear_grouped
+
+        w, bias = concatenated()
+        return kind_linear_grouped(x, w, bias, [m["u_t"] for m in members], [m["sigma_t"] for m in members],
+                                   [m["v_t"] for m in members], idx, val, labels)
+    return separately()
 
 
 def _resolve_w_g(w_g, u_g, sigma_g, v_g, dt) -> Tensor:
