@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import functools
 import math
-import weakref
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from kind_fast.ops.labels import LabelsMemo
 
 NULL_POLICIES = ("off", "all", "class")
 GATE_KINDS = ("balanced", "block", "random_k", "dense", "all_on")
@@ -516,12 +517,9 @@ def check_labels(labels: Any, num_classes: int, *, name: str = "labels") -> Tens
         return labels
     if labels.numel() == 0:
         return labels
-    # Every KIND layer of a model sees the same labels tensor: check it once per value. An
-    # inference tensor (made under torch.inference_mode) has no version counter, so an in-place
-    # change could not be seen: it is checked on every call.
-    key = None if labels.is_inference() else (labels._version, num_classes)
-    ref, seen = _LAST_CHECKED
-    if key is not None and ref is not None and ref() is labels and seen == key:
+    # Every KIND layer of a model sees the same labels tensor: check it once while it is unchanged
+    # (kind_fast.ops.labels: the same tensor, version and values; inference tensors every call).
+    if _CHECKED.get(labels, num_classes) is not None:
         return labels
     if labels.device.type == "cpu":
         lo, hi = int(labels.min()), int(labels.max())
@@ -535,8 +533,8 @@ def check_labels(labels: Any, num_classes: int, *, name: str = "labels") -> Tens
             ((labels >= 0) & (labels <= num_classes)).all(),
             f"{name} out of range [0, {num_classes}]",
         )
-    _LAST_CHECKED[:] = [weakref.ref(labels), key]
+    _CHECKED.put(labels, True, num_classes)
     return labels
 
 
-_LAST_CHECKED: list = [None, None]  # [weakref to the last labels checked, (version, num_classes)]
+_CHECKED = LabelsMemo()  # the last labels tensor that passed the check, per num_classes

@@ -559,9 +559,12 @@ class InputGroup:
         self._kept = {}
 
     @staticmethod
-    def _state(m: FastKindLinear, x: Tensor, labels) -> tuple:
-        """What the kept output depends on besides the identity of x and labels."""
+    def _state(m: FastKindLinear, x: Tensor, labels) -> tuple | None:
+        """What the kept output depends on besides the identity of x and labels; None when that
+        cannot be told (an inference tensor has no version counter to see an in-place change)."""
         params = (m.u_g, m.sigma_g, m.v_g, m.bias, m.u_t, m.sigma_t, m.v_t)
+        if any(t is not None and t.is_inference() for t in (x, labels, *params)):
+            return None
         dev = x.device.type
         return (x._version, None if labels is None else labels._version, torch.is_grad_enabled(),
                 torch.is_inference_mode_enabled(), torch.is_autocast_enabled(dev),
@@ -574,6 +577,9 @@ class InputGroup:
         if not isinstance(x, Tensor) or layer not in self.layers or _group_problem(self.layers) is not None:
             return None
         lab = labels if labels is not None else layer.gate.labels
+        if self._state(layer, x, lab) is None:  # inference tensors: every member runs on its own
+            self._kept = {}
+            return None
         kept = self._kept.pop(id(layer), None)
         if kept is not None:
             kx, klab, state, out = kept

@@ -515,6 +515,22 @@ def test_input_group_falls_back_for_another_input():
     assert "_input_group" not in layers[0].__dict__
 
 
+def test_input_group_under_inference_mode_runs_each_member():
+    """Inference tensors have no version counter: an InputGroup cannot tell that x is unchanged,
+    so each member runs on its own (it crashed on x._version before)."""
+    layers, _ = _kind_layers()
+    group = InputGroup(layers)
+    x, labels = torch.randn(2, 3, 16, dtype=F64), torch.tensor([0, 1])
+    with torch.no_grad():
+        want = [m._forward(x, labels) for m in layers]
+    with torch.inference_mode():
+        xi, yi = x.clone(), labels.clone()
+        got = [m(xi, labels=yi) for m in layers]
+        assert not group._kept
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+
+
 def test_tiny_dit_grouped_sampling_matches_m0():
     from kind_fast.train.sampling import sample
 

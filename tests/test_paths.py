@@ -249,3 +249,51 @@ def test_debug_log(monkeypatch, capsys):
 def test_path_choice_is_a_value():
     c = PathChoice("M1", "r", 1.0, "M1")
     assert c.backend == "triton" and c == PathChoice("M1", "r", 1.0, "M1", "triton")
+
+
+# ------------------------------------------------------------------ labels changed behind the version counter
+def _write_behind(labels: torch.Tensor, how: str, i: int, value: int) -> None:
+    if how == "data":
+        labels.data[i] = value
+    else:
+        labels.numpy()[i] = value
+
+
+@pytest.mark.parametrize("how", ["data", "numpy"])
+@pytest.mark.parametrize("path", ["M0", "M1", "M3", "M4", "M5:union", "M5:sample", None])
+def test_labels_written_behind_the_version_counter_never_serve_a_stale_plan(path, how):
+    """A write through labels.data or labels.numpy() does not bump the version counter. The plans
+    kept per labels tensor (classes and rows, M3's slots, M5's tailor plans, the range check) must
+    still see it: every path answers for the labels as they are now, and an out-of-range value
+    written that way is still refused."""
+    torch.manual_seed(0)
+    gate = kf.ClassGate.random_k(4, 8, 3, seed=1)
+    layer = kf.FastKindLinear(24, 16, tailor_rank=8, gate=gate)
+    layer.freeze_learngenes()
+    x = torch.randn(4, 3, 24)
+    labels = torch.tensor([0, 1, 2, 1])
+    with force_path(path), torch.no_grad():
+        before = layer(x, labels=labels)
+        _write_behind(labels, how, 1, 3)
+        after = layer(x, labels=labels)
+        fresh = layer(x, labels=torch.tensor([0, 3, 2, 1]))
+        torch.testing.assert_close(after, fresh, rtol=0, atol=0)
+        assert not torch.allclose(after[1], before[1]), "the written label changes sample 1's output"
+        torch.testing.assert_close(after[2:], before[2:])  # (a new union plan: rounding only)
+        _write_behind(labels, how, 2, 9)  # out of range [0, 4]
+        with pytest.raises(ValueError, match="out of range"):
+            layer(x, labels=labels)
+
+
+def test_grouped_layers_see_labels_written_behind_the_version_counter():
+    torch.manual_seed(0)
+    gate = kf.ClassGate.random_k(4, 8, 3, seed=1)
+    layers = [kf.FastKindLinear(24, 16, tailor_rank=8, gate=gate) for _ in range(3)]
+    x, labels = torch.randn(4, 3, 24), torch.tensor([0, 1, 2, 1])
+    with torch.no_grad():
+        kf.kind_group(layers, x, labels)
+        labels.data[0] = 3
+        got = kf.kind_group(layers, x, labels)
+        want = kf.kind_group(layers, x, torch.tensor([3, 1, 2, 1]))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kind_fast.ops.kind_linear import acc_dtype
+from kind_fast.ops.labels import LabelsMemo
 
 __all__ = ["LeanPlan", "lean_plan", "kind_linear_lean"]
 
@@ -98,22 +99,23 @@ class LeanPlan:
         return grad.new_zeros(shape).index_copy_(dim, self.cols, grad)
 
 
-# the plans of the last labels tensor: [weakref labels, its version, weakref idx, weakref val, val version,
-# {kind: plan}]
-_LAST: list = [None] * 6
+# the plans of the last labels tensor and gate: (weakref idx, weakref val, {kind: plan})
+_PLANS = LabelsMemo()
 
 
 def lean_plan(labels: Tensor, idx: Tensor, val: Tensor, classes: tuple[int, ...], kind: str) -> LeanPlan:
     """The ``kind`` ("union" or "sample") plan of a batch: CPU ``labels``, ``classes`` their
     distinct values (sorted), the gate's compiled (idx, val). Built once per labels tensor, gate
     and kind: every layer of a model gets the same object."""
-    last = _LAST
-    if labels.is_inference() or val.is_inference():  # no version counters: built every call
-        last = [None] * 6
-    elif not (last[0] is not None and last[0]() is labels and last[1] == labels._version and last[2]() is idx
-              and last[3]() is val and last[4] == val._version):
-        last[:] = [weakref.ref(labels), labels._version, weakref.ref(idx), weakref.ref(val), val._version, {}]
-    hit = last[5].get(kind) if last[5] is not None else None
+    if val.is_inference():  # no version counter: built every call
+        plans: dict = {}
+    else:  # the labels unchanged (kind_fast.ops.labels: object, version and values) and the same gate
+        key = (id(idx), id(val), val._version)
+        plans = _PLANS.get(labels, key)
+        if plans is None or plans[0]() is not idx or plans[1]() is not val:
+            plans = _PLANS.put(labels, (weakref.ref(idx), weakref.ref(val), {}), key)
+        plans = plans[2]
+    hit = plans.get(kind)
     if hit is not None:
         return hit
     acc = acc_dtype(val.dtype)
@@ -137,8 +139,7 @@ def lean_plan(labels: Tensor, idx: Tensor, val: Tensor, classes: tuple[int, ...]
                 lo = int(cols[0])
                 contiguous = int(cols[-1]) - lo + 1 == r
                 plan = LeanPlan("union", b, r, cols=None if contiguous else cols, lo=lo, gate=gate)
-    if last[5] is not None:
-        last[5][kind] = plan
+    plans[kind] = plan
     return plan
 
 

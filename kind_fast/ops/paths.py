@@ -75,7 +75,6 @@ from __future__ import annotations
 import functools
 import os
 import sys
-import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -90,10 +89,11 @@ from kind_fast.ops.kind_linear_merged import (
     kind_linear_merged_gemm_ref,
     merge_weights,
 )
+from kind_fast.ops.labels import LabelsMemo
 
 __all__ = ["PATHS", "PathChoice", "DeviceCosts", "COSTS", "TERMS", "choose_path", "path_costs", "path_terms",
-           "kind_linear_layer",
-           "kind_linear_group_layer", "kind_linear_eager", "force_path", "forced_path", "distinct_classes", "host_slots", "record_paths"]
+           "kind_linear_layer", "kind_linear_group_layer", "kind_linear_eager", "force_path", "forced_path",
+           "distinct_classes", "host_slots", "record_paths"]
 
 PATHS = ("M0", "M1", "M2", "M3", "M4", "M5")
 # Largest N_G + K the Triton backend's fused kernel takes for M2 (its BM×KP shrink accumulator
@@ -391,7 +391,7 @@ def _debug_log(choice: PathChoice, rows: int, n_in: int, n_out: int, k: int, n_t
 # =====================================================================================
 # The classes of CPU labels and their samples (read on the host: free there), once per tensor
 # =====================================================================================
-_LAST_PLAN: list = [None, None, None]  # [weakref to labels, its _version, (classes, rows)]
+_PLAN = LabelsMemo()  # (classes, rows) of the last CPU labels tensor
 
 
 def host_plan(labels: Tensor) -> tuple[tuple[int, ...], dict] | None:
@@ -402,8 +402,8 @@ def host_plan(labels: Tensor) -> tuple[tuple[int, ...], dict] | None:
     if (labels.device.type != "cpu" or torch.compiler.is_compiling() or labels.is_inference()
             or under_dispatch_mode()):
         return None
-    ref, version, plan = _LAST_PLAN
-    if ref is not None and ref() is labels and version == labels._version:
+    plan = _PLAN.get(labels)
+    if plan is not None:
         return plan
     lab = labels.long()
     classes = tuple(torch.unique(lab).tolist())
@@ -412,9 +412,7 @@ def host_plan(labels: Tensor) -> tuple[tuple[int, ...], dict] | None:
         where = (lab == c).nonzero().flatten()
         lo, hi = int(where[0]), int(where[-1]) + 1
         rows[c] = slice(lo, hi) if hi - lo == where.numel() else where
-    plan = (classes, rows)
-    _LAST_PLAN[:] = [weakref.ref(labels), labels._version, plan]
-    return plan
+    return _PLAN.put(labels, (classes, rows))
 
 
 def distinct_classes(labels: Tensor) -> tuple[int, ...] | None:
@@ -423,8 +421,7 @@ def distinct_classes(labels: Tensor) -> tuple[int, ...] | None:
     return None if plan is None else plan[0]
 
 
-# [weakref to labels, its _version, served classes, (host slots, labels as read)]
-_LAST_SLOTS: list = [None, None, None, None]
+_SLOTS = LabelsMemo()  # host slots of the last labels tensor, per served classes
 
 
 def host_slots(labels: Tensor, served: tuple[int, ...]) -> Tensor | None:
@@ -439,17 +436,13 @@ def host_slots(labels: Tensor, served: tuple[int, ...]) -> Tensor | None:
     assertion captured with it checks at every replay that the labels still hold it."""
     if torch.compiler.is_compiling() or under_dispatch_mode() or labels.is_inference():
         return None
-    ref, version, key, cached = _LAST_SLOTS
-    hit = ref is not None and ref() is labels and version == labels._version and key == served
-    capturing = labels.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-    if capturing:
-        if not hit:
-            return None
-        torch._assert_async((labels == cached[1]).all(),
-                            "kind_fast: labels changed after a CUDA graph captured path M3 with host slots")
-        return cached[0]
-    if hit:
-        return cached[0]
+    # a hit on GPU labels enqueues a device assertion that they still hold the values read (also
+    # inside a captured graph, where it checks at every replay)
+    slots = _SLOTS.get(labels, served)
+    if slots is not None:
+        return slots
+    if labels.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return None
     lab = labels.long().cpu()  # one synchronisation for GPU labels
     slot_of = torch.full((int(max(served)) + 1,), -1, dtype=torch.long)
     slot_of[list(served)] = torch.arange(len(served))
@@ -460,8 +453,7 @@ def host_slots(labels: Tensor, served: tuple[int, ...]) -> Tensor | None:
         extra = sorted(set(lab[bad].tolist()))
         raise ValueError(f"labels hold classes {extra} outside the declared served classes {list(served)} "
                          "(ClassGate.serving / classes=)")
-    _LAST_SLOTS[:] = [weakref.ref(labels), labels._version, served, (slots, labels.clone())]
-    return slots
+    return _SLOTS.put(labels, slots, served)
 
 
 # =====================================================================================
