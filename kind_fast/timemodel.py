@@ -1,0 +1,697 @@
+"""Time model of the kind_linear op family on the reference GPU: every number here is MODELLED.
+
+``python -m kind_fast.timemodel [--markdown bench/results/model_dit_xl.md]`` prints, for every
+DiT-XL/2 layer at M = 8192 and 65536 tokens and for the DiT-XL/2 steps, each goal of
+docs/design.md §6 as a modelled ratio, at our main-loop efficiency e = 1.00 (cuBLAS parity)
+and e = 0.85, and the break-even efficiency e* at which the ratio meets the goal.
+
+How a time is made (no GPU; kind_fast.launches records what the code launches):
+
+1. The code under test runs on ``meta`` tensors inside ``kind_fast.launches.record_launches``:
+   the Triton launchers plan for the reference GPU there and every kernel launch is recorded
+   (Triton launches with grid, sizes and constexprs; aten ops with shapes). So the model prices
+   exactly the launches the code makes, and follows every change of a launcher or a plan.
+2. Each launch gets a time (``price``):
+
+   * a Triton kernel with a tile schedule (``kind_linear_fused_kernel`` and the others named
+     in ``TRITON_MODELS``): its programs in launch order, each taking
+     ``ctas × MMA FLOPs / (rate_SM · e) + exposed`` on one of ``SMs × ctas`` slots (list
+     scheduling; this is where wave quantization comes from: the last wave is as long as its
+     longest program). ``rate_SM`` = peak × ``cublas`` / SMs: e is our main loop's rate per
+     FLOP relative to cuBLAS's. ``exposed`` is the part of a program that issues no MMA:
+     its pipeline fill and the latency chain of its epilogue (each kernel's chain is spelled
+     out in its model); ``ctas`` resident programs per SM hide each other's exposed parts,
+     hence the factor. HBM time = modelled bytes (kind_fast.perfmodel's L2 replay where it has
+     one, else compulsory bytes) / bandwidth, where bandwidth is capped by
+     ``resident programs × cta_bandwidth`` (a program keeps only a few stages in flight).
+     Kernel time = max(compute, HBM) + one launch.
+   * an aten GEMM (cuBLAS): max(FLOPs / (peak · cublas), bytes / bandwidth) + pipeline fill +
+     one launch: no wave quantization and an overlapped epilogue (cuBLAS's persistent
+     schedules), the most favourable assumption for the baseline we are judged against.
+   * attention (recorded as one ``flash_attention`` launch by the step replays): FLOPs at
+     ``attention`` × peak.
+   * any other aten op: (bytes read + written) / bandwidth + HBM latency + one launch.
+3. A goal's ratio divides two such sums (e.g. KIND transfer forward + backward over nn.Linear
+   forward + backward, with bias, as bench/gpu_check.py measures them).
+
+The constants (``GpuTime``) are stated assumptions, not measurements: the first GPU run of
+``bash bench/gpu_check.sh`` prints the model's prediction beside each measured ratio, which is
+how they get calibrated. What the model leaves out: clocks and power limits (they scale
+cuBLAS and us alike), L2 bandwidth limits of the main loop (folded into e), other work on the
+GPU, the CPU cost of launching (it assumes the CPU runs ahead of the GPU; under CUDA graphs it
+does).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import math
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+
+from kind_fast import perfmodel as pm
+from kind_fast.launches import Launch, TensorInfo
+
+__all__ = ["GpuTime", "H100_TIME", "price", "price_all", "KernelTime", "layer_goal_rows", "step_goal_rows",
+           "break_even", "markdown", "main", "GOALS"]
+
+US = 1e-6
+
+
+@dataclass(frozen=True)
+class GpuTime:
+    """Constants of the time model (stated assumptions; see the module docstring)."""
+    name: str = "H100 SXM"
+    sms: int = 132
+    peak: float = 989.4e12         # dense bf16 tensor-core FLOP/s
+    cublas: float = 0.70           # cuBLAS main loop on large bf16 GEMMs, fraction of peak (~690 TFLOP/s)
+    attention: float = 0.50        # FlashAttention-2-class attention, fraction of peak
+    hbm: float = 3.35e12           # HBM3 bytes/s
+    hbm_eff: float = 0.90          # achievable fraction for streaming kernels
+    cta_bandwidth: float = 100e9   # bytes/s one resident program sustains (stages in flight / latency)
+    launch: float = 2.0 * US       # GPU-side gap per dependent kernel (CPU ahead of the GPU)
+    hbm_latency: float = 0.8 * US  # first bytes of a program's pipeline from HBM
+    l2_latency: float = 0.35 * US  # one L2 round trip (a flag atomic, a small load)
+    store_bandwidth: float = 110e9  # bytes/s one SM issues plain stores of an output tile
+    l2: pm.Gpu = pm.REFERENCE      # the L2 model of kind_fast.perfmodel (25 MB budget)
+
+    def rate_sm(self, e: float) -> float:
+        """MMA FLOP/s of one SM in our main loops at efficiency e (relative to cuBLAS)."""
+        return self.peak * self.cublas * e / self.sms
+
+    @property
+    def bandwidth(self) -> float:
+        return self.hbm * self.hbm_eff
+
+
+H100_TIME = GpuTime()
+
+
+@dataclass
+class KernelTime:
+    name: str
+    seconds: float
+    compute: float = 0.0     # makespan of the programs (or FLOPs / rate)
+    memory: float = 0.0      # HBM bytes / bandwidth
+    flops: float = 0.0
+    bytes: float = 0.0
+    programs: int = 0
+    exposed: float = 0.0     # SM-seconds of non-MMA time per program (its model's chain)
+    note: str = ""
+
+
+# =====================================================================================
+# Generic pricing
+# =====================================================================================
+def _memory_seconds(nbytes: float, gpu: GpuTime, resident: int | None = None) -> float:
+    bw = gpu.bandwidth if resident is None else min(gpu.bandwidth, resident * gpu.cta_bandwidth)
+    return nbytes / bw
+
+
+def gemm_seconds(m: int, n: int, k: int, gpu: GpuTime, *, batch: int = 1, elt: int = 2,
+                 out_elt: int | None = None) -> KernelTime:
+    """A cuBLAS GEMM (batch × (m × k)·(k × n)): compute or HBM bound, plus fill and launch."""
+    flops = 2.0 * batch * m * n * k
+    nbytes = batch * (m * k + k * n) * elt + batch * m * n * (out_elt or elt)
+    comp = flops / (gpu.peak * gpu.cublas)
+    mem = _memory_seconds(nbytes, gpu)
+    return KernelTime("cublas gemm", max(comp, mem) + gpu.hbm_latency + gpu.launch, comp, mem, flops, nbytes)
+
+
+def _aten_gemm(r: Launch, gpu: GpuTime) -> KernelTime | None:
+    ins = [t for t in r.inputs if len(t.shape) >= 2]
+    out = r.outputs[0] if r.outputs else None
+    if r.name in ("mm", "addmm") and len(ins) >= 2 and out is not None:
+        a, b = ins[-2], ins[-1]
+        m, k = a.shape
+        n = b.shape[1]
+        t = gemm_seconds(m, n, k, gpu, elt=a.itemsize, out_elt=out.itemsize)
+    elif r.name in ("bmm", "baddbmm") and len(ins) >= 2 and out is not None:
+        a, b = ins[-2], ins[-1]
+        bt, m, k = a.shape
+        n = b.shape[2]
+        t = gemm_seconds(m, n, k, gpu, batch=bt, elt=a.itemsize, out_elt=out.itemsize)
+    else:
+        return None
+    t.name = f"cublas {r.name}"
+    return t
+
+
+def _aten_memory(r: Launch, gpu: GpuTime) -> KernelTime:
+    nbytes = sum(t.nbytes for t in r.inputs) + sum(t.nbytes for t in r.outputs)
+    mem = _memory_seconds(nbytes, gpu)
+    return KernelTime(f"aten {r.name}", mem + gpu.hbm_latency + gpu.launch, 0.0, mem, 0.0, nbytes)
+
+
+def _attention(r: Launch, gpu: GpuTime) -> KernelTime:
+    """FlashAttention forward (4·B·H·T²·D FLOPs) or backward (2.5× that), q/k/v/o read once."""
+    b, h, t, d = r.inputs[0].shape
+    flops = 4.0 * b * h * t * t * d * (2.5 if r.name.endswith("backward") else 1.0)
+    nbytes = sum(x.nbytes for x in r.inputs) + sum(x.nbytes for x in r.outputs)
+    comp = flops / (gpu.peak * gpu.attention)
+    mem = _memory_seconds(nbytes, gpu)
+    return KernelTime(r.name, max(comp, mem) + gpu.hbm_latency + gpu.launch, comp, mem, flops, nbytes)
+
+
+def price(r: Launch, gpu: GpuTime = H100_TIME, e: float = 1.0) -> KernelTime:
+    """Modelled seconds of one recorded launch (see the module docstring)."""
+    if r.kind == "sync":
+        return KernelTime(f"sync {r.name}", 10 * US, note="host read of device data")
+    if r.kind == "triton":
+        fn = TRITON_MODELS.get(r.name)
+        if fn is None:
+            raise KeyError(f"no time model for Triton kernel {r.name} (add one to kind_fast.timemodel)")
+        return _cached(fn, r, gpu, e)
+    if r.kind == "model":  # a stand-in recorded by a replay (attention)
+        return _attention(r, gpu)
+    if r.kind == "custom":
+        return _custom(r, gpu, e)
+    g = _aten_gemm(r, gpu)
+    return g if g is not None else _aten_memory(r, gpu)
+
+
+_PRICED: dict = {}
+
+
+def _cached(fn, r: Launch, gpu: GpuTime, e: float) -> KernelTime:
+    """A Triton launch's price, memoised per (launch, GPU, e): recorded launches are kept
+    alive by ``layer_launches``' cache, so their ids are stable."""
+    key = (id(r), gpu, e)
+    hit = _PRICED.get(key)
+    if hit is None or hit[0] is not r:
+        hit = (r, fn(r, gpu, e))
+        _PRICED[key] = hit
+    return hit[1]
+
+
+def price_all(launches: Sequence[Launch], gpu: GpuTime = H100_TIME, e: float = 1.0) -> float:
+    return sum(price(r, gpu, e).seconds for r in launches)
+
+
+# =====================================================================================
+# Triton kernels (kernels/kind_linear.py, kernels/kind_linear_merged.py)
+# =====================================================================================
+@functools.lru_cache(maxsize=4096)
+def _makespan(progs: tuple, ctas: int, sms: int, rate: float) -> float:
+    """Makespan of programs (MMA FLOPs, exposed seconds) dispatched in launch order onto
+    ``sms × ctas`` slots, each program taking ``ctas × FLOPs / rate + exposed`` on its slot.
+    Runs of equal programs are dispatched in closed form (whole waves), the rest one by one."""
+    if not progs:
+        return 0.0
+    import heapq
+
+    slots = sms * ctas
+    free = [0.0] * min(slots, len(progs))
+    heapq.heapify(free)
+    i = 0
+    while i < len(progs):
+        f, x = progs[i]
+        d = ctas * f / rate + x
+        j = i
+        while j < len(progs) and progs[j] == progs[i]:
+            j += 1
+        run = j - i
+        if run >= 2 * len(free) and max(free) - min(free) < 1e-15:  # whole waves of one program kind
+            waves, rest = divmod(run, len(free))
+            base = free[0] + waves * d
+            free = [base + d] * rest + [base] * (len(free) - rest)
+            heapq.heapify(free)
+            i = j
+            continue
+        s = heapq.heappop(free)
+        heapq.heappush(free, s + d)
+        i += 1
+    return max(free)
+
+
+def _tile_kernel(name: str, progs: list[tuple[float, float]], nbytes: float, ctas: int, gpu: GpuTime, e: float,
+                 note: str = "") -> KernelTime:
+    """Programs as (MMA FLOPs, exposed seconds) in launch order, ``ctas`` resident per SM."""
+    rate = gpu.rate_sm(e)
+    ctas = max(1, min(ctas, -(-len(progs) // gpu.sms)))  # programs sharing an SM (fewer than SMs: none)
+    comp = _makespan(tuple(progs), ctas, gpu.sms, rate)
+    mem = _memory_seconds(nbytes, gpu, resident=min(len(progs), gpu.sms * ctas))
+    flops = sum(f for f, _ in progs)
+    exposed = sum(x for _, x in progs) / max(len(progs), 1)
+    return KernelTime(name, max(comp, mem) + gpu.launch, comp, mem, flops, nbytes, len(progs), exposed, note)
+
+
+@functools.lru_cache(maxsize=None)
+def _traffic_fused(m, n, kd, k, t, pass_, l2, elt) -> int:
+    return pm.traffic_fused(m, n, kd, k, t, pass_=pass_, gpu=l2, elt=elt).total
+
+
+@functools.lru_cache(maxsize=None)
+def _traffic_tailor(m, o, n_t, k, t, l2, elt) -> int:
+    return pm.traffic_tailor_grad(m, o, n_t, k, t, gpu=l2, elt=elt).total
+
+
+def _elt(r: Launch) -> int:
+    return 4 if r.meta.get("PREC") == "ieee" else 2
+
+
+def _fused(r: Launch, gpu: GpuTime, e: float) -> KernelTime:
+    """kind_linear_fused_kernel (path M1 forward / dx; one program per output tile).
+
+    Per row tile: G owner sub-tiles (BN/G output columns + KP/NSH shrink columns each), then
+    the row's other N-tiles. Exposed per program (the epilogue's chain, docs/backends.md):
+    pipeline fill from HBM; an owner stores its part, then a barrier and a release atomic
+    (one L2 round trip); every program then reads the row's flag (acquire: one L2 round trip),
+    loads h (another), runs the expand MMA (counted as FLOPs) and issues its output stores.
+    Owner 0 with ds partials also loads the saved h (one L2 round trip)."""
+    s, m_ = r.sizes, r.meta
+    M, N, KD, K, T = s["M"], s["N"], s["KD"], s["K"], s["T"]
+    bm, bn, kp, g_cnt, nsh, spt = m_["BM"], m_["BN"], m_["KP"], m_["G"], m_["NSH"], m_["SPT"]
+    ds = bool(m_["DS_PARTIAL"])
+    plan = pm.plan_fused(M, N, KD, K, T)
+    ctas = plan.ctas_per_sm
+    m_tiles, n_tiles = pm.cdiv(M, bm), pm.cdiv(N, bn)
+    elt = _elt(r)
+    progs = []
+    for _ in range(m_tiles):
+        for j in range(g_cnt + n_tiles - 1):
+            owner = j < g_cnt
+            cols = bn // g_cnt if owner else bn
+            shrink = spt * kp // nsh if (owner and j < nsh) else 0
+            flops = 2.0 * bm * KD * (cols + shrink) + 2.0 * bm * kp * cols * spt
+            x = gpu.hbm_latency + 2 * gpu.l2_latency + bm * cols * elt / gpu.store_bandwidth
+            if shrink:
+                x += gpu.l2_latency
+            if ds and j == 0:
+                x += gpu.l2_latency
+            progs.append((flops, x))
+    if plan.tiles and (plan.BM, plan.BN, plan.G) == (bm, bn, g_cnt):
+        nbytes = _traffic_fused(M, N, KD, K, T, "dx" if ds else "forward", gpu.l2, elt)
+    else:  # a config off the pinned plan (autotuning): compulsory bytes
+        nbytes = (M * KD + KD * N + M * N) * elt + M * K * 4
+    return _tile_kernel(r.name, progs, nbytes, ctas, gpu, e)
+
+
+def _rows(r: Launch, gpu: GpuTime, e: float) -> KernelTime:
+    """kind_linear_rows_kernel (path M2, or the shrink alone): a program per (row tile, N-group):
+    the shrink over the whole reduction, then the expand into each of its N-tiles."""
+    s, m_ = r.sizes, r.meta
+    M, N, KD = s["M"], s["N"], s["KD"]
+    bm, bn, kp, spt = m_["BM"], m_["BN"], m_["KP"], m_["SPT"]
+    ng = s.get("NG", 1) if "NG" in s else 1
+    has_out = bool(m_["HAS_OUT"])
+    m_tiles, n_tiles = pm.cdiv(M, bm), pm.cdiv(N, bn)
+    elt = _elt(r)
+    per = pm.cdiv(n_tiles, ng) if has_out else 0
+    progs = []
+    for _ in range(m_tiles * ng):
+        flops = 2.0 * bm * KD * kp * spt + 2.0 * bm * kp * bn * per * spt
+        x = gpu.hbm_latency + per * bm * bn * elt / gpu.store_bandwidth
+        progs.append((flops, x))
+    nbytes = M * KD * elt * (ng if has_out else 1) + (M * N * elt if has_out else 0) + M * s["K"] * 4
+    plan = pm.plan_fused(M, N, KD, s["K"], s["T"], has_base=False, has_out=has_out)
+    return _tile_kernel(r.name, progs, nbytes, plan.ctas_per_sm, gpu, e)
+
+
+def _tailor_grad(r: Launch, gpu: GpuTime, e: float) -> KernelTime:
+    """kind_linear_tailor_grad_kernel (dU_T / dV_T as separate passes): programs (tailor
+    block, column block, split) walk their row-tile lists; HBM bytes from the traffic model
+    (z re-read once per tailor block that uses a row tile); bandwidth capped by the resident
+    programs (18 programs at M = 8192 for a 1152-wide output: this is why it is slow there)."""
+    s, m_ = r.sizes, r.meta
+    M, O, NT, K, T = s["M"], s["O"], s["NT"], s["K"], s["T"]
+    split = s.get("SPLIT", 1)
+    bm, bt, bo = m_["BM"], m_["BT"], m_["BO"]
+    plan = pm.plan_tailor_grad(M, O, NT, K, T)
+    elt = _elt(r)
+    nbytes = _traffic_tailor(M, O, NT, K, T, gpu.l2, elt)
+    m_tiles = pm.cdiv(M, bm)
+    share = m_tiles * (bt / max(NT, 1) if plan.SKIP else 1.0) / split
+    progs = [(2.0 * bt * bm * bo * share, gpu.hbm_latency) for _ in range(r.programs)]
+    return _tile_kernel(r.name, progs, nbytes, plan.ctas_per_sm, gpu, e)
+
+
+def _tiny(r: Launch, gpu: GpuTime, e: float) -> KernelTime:
+    """Gate tables, per-sample ds, gate gradients: kilobytes; one latency and one launch."""
+    return KernelTime(r.name, gpu.hbm_latency + gpu.l2_latency + gpu.launch, programs=r.programs)
+
+
+def _merged_gemm(r: Launch, gpu: GpuTime, e: float) -> KernelTime:
+    """kind_linear_merged_gemm_kernel (path M3): a GEMM over merged slot weights, one program per
+    output tile, one K-loop per slot among the tile's rows (one in a CFG batch at T = 256).
+    Exposed per program: pipeline fill and the output stores."""
+    s, m_ = r.sizes, r.meta
+    M, N, KD = s["M"], s["N"], s["KD"]
+    bm, bn = m_["BM"], m_["BN"]
+    elt = 2
+    plan = pm.plan_merged_gemm(M, N, KD, s["T"])
+    progs = [(2.0 * bm * bn * KD, gpu.hbm_latency + bm * bn * elt / gpu.store_bandwidth)
+             for _ in range(pm.cdiv(M, bm) * pm.cdiv(N, bn))]
+    nbytes = (M * KD + 2 * KD * N + M * N) * elt
+    return _tile_kernel(r.name, progs, nbytes, plan.ctas_per_sm, gpu, e)
+
+
+def _merged_dw(r: Launch, gpu: GpuTime, e: float) -> KernelTime:
+    s, m_ = r.sizes, r.meta
+    M, N, KD = s["M"], s["N"], s["KD"]
+    progs = [(2.0 * m_["BN"] * m_["BK"] * M / max(r.grid[-1], 1), gpu.hbm_latency) for _ in range(r.programs)]
+    return _tile_kernel(r.name, progs, (M * (N + KD)) * 2 + N * KD * 4, 2, gpu, e)
+
+
+TRITON_MODELS: dict[str, Callable[[Launch, GpuTime, float], KernelTime]] = {
+    "kind_linear_fused_kernel": _fused,
+    "kind_linear_rows_kernel": _rows,
+    "kind_linear_tailor_grad_kernel": _tailor_grad,
+    "kind_linear_gate_tables_kernel": _tiny,
+    "kind_linear_sample_ds_kernel": _tiny,
+    "kind_linear_gate_grad_kernel": _tiny,
+    "kind_linear_merged_gemm_kernel": _merged_gemm,
+    "kind_linear_merged_dw_kernel": _merged_dw,
+}
+
+
+# =====================================================================================
+# Replays on meta tensors: what one layer pass launches
+# =====================================================================================
+@contextlib.contextmanager
+def meta_replay():
+    """``torch.autocast("meta", ...)`` as a no-op (and autocast off on ``meta``) while the package's code runs on ``meta``
+    tensors (torch has no autocast for that device type; the replays model autocast
+    themselves, kind_fast.timemodel_steps)."""
+    import torch
+
+    real, real_enabled = torch.autocast, torch.is_autocast_enabled
+
+    def autocast(device_type, *args, **kwargs):
+        if device_type == "meta":
+            return contextlib.nullcontext()
+        return real(device_type, *args, **kwargs)
+
+    def is_autocast_enabled(*args):
+        if args and args[0] == "meta":
+            return False
+        return real_enabled(*args)
+
+    torch.autocast, torch.is_autocast_enabled = autocast, is_autocast_enabled
+    try:
+        yield
+    finally:
+        torch.autocast, torch.is_autocast_enabled = real, real_enabled
+
+
+@contextlib.contextmanager
+def _meta_kernels():
+    """The Triton kernel module decorated for the GPU (never the interpreter): meta tensors
+    plan for the reference GPU and every launch is recorded, not run."""
+    import os
+
+    old = os.environ.pop("TRITON_INTERPRET", None)
+    try:
+        from kind_fast.ops.kind_linear_triton import _kernels
+
+        yield _kernels()
+    finally:
+        if old is not None:
+            os.environ["TRITON_INTERPRET"] = old
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    name: str
+    n_in: int
+    n_out: int
+    m: int
+    k: int = 32
+    n_t: int = 96
+    t: int = 256
+    classes: int = 10
+
+
+def _e(*shape, dt=None):
+    import torch
+
+    return torch.empty(shape, dtype=dt or torch.bfloat16, device="meta")
+
+
+@functools.lru_cache(maxsize=None)
+def layer_launches(shape: LayerShape, what: str) -> tuple[Launch, ...]:
+    """The launches of one pass of one layer (``what``):
+
+    ``linear_fwd``      F.linear(x, W, b) (no grad)
+    ``linear_fwd_bwd``  nn.Linear forward + backward with bias, x requiring grad (dx, dW, db)
+    ``kind_fwd``        the Triton backend's forward op (path M1; W_G given)
+    ``kind_bwd_transfer``  its backward with the transfer mask (dx, dU_T, dσ_T, dV_T)
+    ``kind_bwd_pretrain``  with every gradient (dx, dW_G, db, dU_T, dσ_T, dV_T)
+    ``kind_bwd:MASK``   with the gradient mask MASK (7 digits 0/1, the backward op's order)
+    ``wg_fwd_bwd``      W_G = U_Gᵀ diag(σ_G) V_G materialised and differentiated (pretrain)
+    ``m3_fwd``          path M3's segmented GEMM over two cached merged weights (a CFG batch)
+    """
+    with meta_replay():
+        return _layer_launches(shape, what)
+
+
+def _layer_launches(shape: LayerShape, what: str) -> tuple[Launch, ...]:
+    import torch
+    import torch.nn.functional as F
+
+    from kind_fast.launches import record_launches
+
+    m, n_in, n_out, k, n_t, t = shape.m, shape.n_in, shape.n_out, shape.k, shape.n_t, shape.t
+    b = m // t
+    f32 = torch.float32
+    x, g, bias, labels = _e(m, n_in), _e(m, n_out), _e(n_out), _e(b, dt=torch.int64)
+    w = _e(n_out, n_in)
+    if what == "linear_fwd":
+        with record_launches() as rec:
+            F.linear(x, w, bias)
+        return tuple(rec)
+    if what == "linear_fwd_bwd":
+        lin_w, lin_b = w.clone().requires_grad_(), bias.clone().requires_grad_()
+        xr = x.clone().requires_grad_()
+        with record_launches() as rec:
+            F.linear(xr, lin_w, lin_b).backward(g)
+        return tuple(rec)
+    if what == "wg_fwd_bwd":
+        n_g = min(n_in, n_out) - n_t
+        u_g, s_g, v_g = (_e(n_g, n_out, dt=f32).requires_grad_(), _e(n_g, dt=f32).requires_grad_(),
+                         _e(n_g, n_in, dt=f32).requires_grad_())
+        from kind_fast.ops.paths import _learngene_weight
+
+        with record_launches() as rec:
+            _learngene_weight(u_g, s_g, v_g, torch.bfloat16).backward(w)
+        return tuple(rec)
+    from kind_fast.ops import kind_linear_triton as T
+
+    u_t, v_t, sigma = _e(n_t, n_out), _e(n_t, n_in), _e(n_t, dt=f32)
+    idx, val = _e(shape.classes + 1, k, dt=torch.int32), _e(shape.classes + 1, k, dt=f32)
+    with _meta_kernels():
+        if what == "kind_fwd":
+            with record_launches() as rec:
+                T.kind_linear_triton_forward(x, w, bias, u_t, sigma, v_t, idx, val, labels)
+            return tuple(rec)
+        h = _e(m, k, dt=f32)
+        if what.startswith("kind_bwd"):
+            mask = {"kind_bwd_transfer": "1001110", "kind_bwd_pretrain": "1111110"}.get(what) or what.split(":")[1]
+            mask = [c == "1" for c in mask]
+            with record_launches() as rec:
+                T.kind_linear_triton_backward(g, x, w, u_t, sigma, v_t, idx, val, labels, h, mask)
+            return tuple(rec)
+        if what == "m3_fwd":
+            from kind_fast.ops.kind_linear_merged_triton import _kernels as merged_kernels
+
+            mk = merged_kernels()
+            weights = _e(2, n_out, n_in)
+            slots = torch.tensor(pm.cfg_slots(b), dtype=torch.int64).to("meta")
+            with record_launches() as rec:
+                mk.merged_gemm(x, weights, bias, slots, True)
+            return tuple(rec)
+    raise ValueError(f"unknown pass {what!r}")
+
+
+# =====================================================================================
+# Goals (docs/design.md §6)
+# =====================================================================================
+GOALS = {
+    "forward": "t(KIND forward) <= 1.10 × t(F.linear) × (1 + K/in + K/out)",
+    "transfer": "t(KIND transfer fwd+bwd) <= 0.80 × t(nn.Linear fwd+bwd)",
+    "pretrain": "t(KIND pretrain fwd+bwd) <= 1.20 × t(nn.Linear fwd+bwd)",
+    "sampling M3": "t(M3 segmented GEMM) <= 1.05 × t(F.linear)",
+}
+
+
+@dataclass
+class GoalRow:
+    what: str                 # layer / step name
+    goal: str                 # key of GOALS (or a step goal)
+    m: int
+    target: float
+    ratio: Callable[[float], float] = field(repr=False)   # e -> modelled ratio
+    floor: float | None = None  # the ratio of an ideal schedule at e = 1 (FLOPs only; see flop_floor)
+
+    def at(self, e: float) -> float:
+        return self.ratio(e)
+
+    @property
+    def e_star(self) -> float:
+        return break_even(self.ratio, self.target)
+
+
+def flop_floor(goal: str, n_in: int, n_out: int, m: int, k: int = 32, n_t: int = 96) -> float:
+    """The goal's ratio for an ideal schedule at cuBLAS parity: every kernel a pure main loop
+    over the op's own FLOPs (no exposed prologue or epilogue, no wave quantization, no launch,
+    no memory-bound pass), the baseline the same. Its e* = floor / target is the least main-
+    loop efficiency ANY schedule needs: a goal whose floor e* exceeds 0.85 cannot be met at
+    85 % of cuBLAS by any design.
+
+    forward      1 + K/in + K/out                               (shrink + expand)
+    transfer     (2 + 3·(K/in + K/out)) / 3                     (forward, dx; dU_T, dV_T; no dW)
+    pretrain     (3 + 3·(K/in + K/out) + 3·N_G/M) / 3           (+ dW_G; W_G built and projected)
+    sampling M3  1
+    """
+    lr = k / n_in + k / n_out
+    if goal == "forward":
+        return 1 + lr
+    if goal == "transfer":
+        return (2 + 3 * lr) / 3
+    if goal == "pretrain":
+        return (3 + 3 * lr + 3 * (min(n_in, n_out) - n_t) / m) / 3
+    if goal == "sampling M3":
+        return 1.0
+    raise ValueError(goal)
+
+
+def break_even(ratio: Callable[[float], float], target: float, lo: float = 0.3, hi: float = 3.0) -> float:
+    """Smallest main-loop efficiency e at which ratio(e) <= target (ratio falls as e grows);
+    inf when even e = ``hi`` misses it."""
+    if ratio(hi) > target:
+        return math.inf
+    if ratio(lo) <= target:
+        return lo
+    for _ in range(24):
+        mid = 0.5 * (lo + hi)
+        if ratio(mid) <= target:
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+DIT_XL_LAYERS = (("q/k/v/proj", 1152, 1152), ("fc1", 1152, 4608), ("fc2", 4608, 1152))
+
+
+def _sum(shape: LayerShape, passes: Sequence[str], gpu: GpuTime, e: float) -> float:
+    return sum(price_all(layer_launches(shape, p), gpu, e) for p in passes)
+
+
+def layer_goal_rows(ms: Sequence[int] = (8192, 65536), gpu: GpuTime = H100_TIME,
+                    layers=DIT_XL_LAYERS) -> list[GoalRow]:
+    rows = []
+    for m in ms:
+        for name, n_in, n_out in layers:
+            sh = LayerShape(f"DiT-XL/2.{name}", n_in, n_out, m)
+            k = sh.k
+            lin_f = _sum(sh, ["linear_fwd"], gpu, 1.0)
+            lin_fb = _sum(sh, ["linear_fwd_bwd"], gpu, 1.0)
+
+            def fwd(e, sh=sh, lin_f=lin_f):
+                return _sum(sh, ["kind_fwd"], gpu, e) / lin_f
+
+            def transfer(e, sh=sh, lin_fb=lin_fb):
+                return _sum(sh, ["kind_fwd", "kind_bwd_transfer"], gpu, e) / lin_fb
+
+            def pretrain(e, sh=sh, lin_fb=lin_fb):
+                return _sum(sh, ["wg_fwd_bwd", "kind_fwd", "kind_bwd_pretrain"], gpu, e) / lin_fb
+
+            def m3(e, sh=sh, lin_f=lin_f):
+                return _sum(sh, ["m3_fwd"], gpu, e) / lin_f
+
+            def floor(goal, n_in=n_in, n_out=n_out, m=m):
+                return flop_floor(goal, n_in, n_out, m, k, sh.n_t)
+
+            rows.append(GoalRow(sh.name, "forward", m, 1.10 * (1 + k / n_in + k / n_out), fwd, floor("forward")))
+            if min(n_in, n_out) >= 768:
+                rows.append(GoalRow(sh.name, "transfer", m, 0.80, transfer, floor("transfer")))
+            rows.append(GoalRow(sh.name, "pretrain", m, 1.20, pretrain, floor("pretrain")))
+            rows.append(GoalRow(sh.name, "sampling M3", m, 1.05, m3, floor("sampling M3")))
+    return rows
+
+
+def step_goal_rows(gpu: GpuTime = H100_TIME) -> list[GoalRow]:
+    """DiT-XL/2 training and sampling steps (kind_fast.timemodel_steps)."""
+    from kind_fast.timemodel_steps import dit_step_rows
+
+    return dit_step_rows(gpu)
+
+
+def _custom(r: Launch, gpu: GpuTime, e: float) -> KernelTime:
+    from kind_fast.timemodel_steps import price_custom
+
+    return price_custom(r, gpu, e)
+
+
+# =====================================================================================
+# Report
+# =====================================================================================
+def launch_counts(shape: LayerShape) -> dict[str, int]:
+    from kind_fast.launches import kernel_launches
+
+    return {p: len(kernel_launches(list(layer_launches(shape, p))))
+            for p in ("kind_fwd", "kind_bwd_transfer", "kind_bwd_pretrain")}
+
+
+def _fmt(v: float) -> str:
+    return "∞" if math.isinf(v) else f"{v:.2f}"
+
+
+def markdown(rows: Sequence[GoalRow], gpu: GpuTime = H100_TIME, efficiencies=(1.0, 0.85)) -> str:
+    head = ["| what | goal | M | target | FLOP floor e* | " + " | ".join(f"modelled @ e={e:.2f}" for e in efficiencies)
+            + " | met @ e=1.00 | e* (break-even) |",
+            "|---|---|---|---|---|" + "---|" * len(efficiencies) + "---|---|"]
+    lines = []
+    for r in rows:
+        vals = [r.at(e) for e in efficiencies]
+        fl = "-" if r.floor is None else f"{r.floor / r.target:.2f}"
+        lines.append(f"| {r.what} | {r.goal} | {r.m} | {r.target:.3f} | {fl} | " + " | ".join(f"{v:.3f}" for v in vals)
+                     + f" | {'yes' if vals[0] <= r.target else 'NO'} | {_fmt(r.e_star)} |")
+    return "\n".join(head + lines) + "\n"
+
+
+def constants_table(gpu: GpuTime) -> str:
+    rows = [("SMs", gpu.sms), ("tensor peak (dense bf16)", f"{gpu.peak / 1e12:.0f} TFLOP/s"),
+            ("cuBLAS main loop", f"{gpu.cublas:.2f} × peak"), ("attention", f"{gpu.attention:.2f} × peak"),
+            ("HBM", f"{gpu.hbm / 1e12:.2f} TB/s × {gpu.hbm_eff:.2f}"),
+            ("bandwidth per resident program", f"{gpu.cta_bandwidth / 1e9:.0f} GB/s"),
+            ("launch gap", f"{gpu.launch / US:.1f} µs"), ("HBM latency", f"{gpu.hbm_latency / US:.2f} µs"),
+            ("L2 round trip", f"{gpu.l2_latency / US:.2f} µs"),
+            ("store issue per SM", f"{gpu.store_bandwidth / 1e9:.0f} GB/s"),
+            ("L2 budget (traffic model)", f"{gpu.l2.l2_budget / pm.MB:.0f} MiB")]
+    return "| constant | value |\n|---|---|\n" + "\n".join(f"| {a} | {b} |" for a, b in rows) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m kind_fast.timemodel", description=__doc__.splitlines()[0])
+    ap.add_argument("--m", type=int, nargs="*", default=[8192, 65536])
+    ap.add_argument("--no-steps", action="store_true", help="layer rows only")
+    ap.add_argument("--markdown", metavar="PATH", help="also write the report (bench/results/model_dit_xl.md)")
+    args = ap.parse_args(argv)
+    gpu = H100_TIME
+    rows = layer_goal_rows(args.m, gpu)
+    if not args.no_steps:
+        rows += step_goal_rows(gpu)
+    counts = launch_counts(LayerShape("DiT-XL/2.q", 1152, 1152, 8192))
+    text = ("# Time model of the kind_linear op family, DiT-XL/2 (MODELLED, not measured)\n\n"
+            "Generated by `python -m kind_fast.timemodel` (no GPU): the launches the code makes, recorded on "
+            "`meta` tensors, each priced by the model in `kind_fast/timemodel.py` (its docstring states how). "
+            "e is our kernels' main-loop rate per FLOP relative to cuBLAS's; e* is the smallest e at which the "
+            "modelled ratio meets the goal (∞: no e does). K = 32 of N_T = 96 tailors, T = 256, bf16, 10 classes.\n\n"
+            "## Constants (assumptions, to be calibrated by `bash bench/gpu_check.sh`)\n\n" + constants_table(gpu) +
+            f"\n## Launches of one KIND layer (DiT-XL/2.q, M = 8192; counted)\n\n"
+            f"forward {counts['kind_fwd']}, transfer backward {counts['kind_bwd_transfer']}, "
+            f"pretrain backward {counts['kind_bwd_pretrain']}.\n\n## Goals\n\n" + markdown(rows, gpu))
+    print(text)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
