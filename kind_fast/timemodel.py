@@ -67,6 +67,7 @@ class GpuTime:
     name: str = "H100 SXM"
     sms: int = 132
     peak: float = 989.4e12         # dense bf16 tensor-core FLOP/s
+    tf32_peak: float = 494.7e12    # dense TF32 tensor-core FLOP/s (fp32 GEMMs: the trainer allows TF32, as DiT)
     cublas: float = 0.70           # cuBLAS main loop on large bf16 GEMMs, fraction of peak (~690 TFLOP/s)
     attention: float = 0.50        # FlashAttention-2-class attention, fraction of peak
     hbm: float = 3.35e12           # HBM3 bytes/s
@@ -76,6 +77,7 @@ class GpuTime:
     hbm_latency: float = 0.8 * US  # first bytes of a program's pipeline from HBM
     l2_latency: float = 0.35 * US  # one L2 round trip (a flag atomic, a small load)
     store_bandwidth: float = 110e9  # bytes/s one SM issues plain stores of an output tile
+    wgmma_sync: float = 0.05 * US  # a K-step that must wait for its own warpgroup MMA (wait_group 0)
     l2: pm.Gpu = pm.REFERENCE      # the L2 model of kind_fast.perfmodel (25 MB budget)
 
     def rate_sm(self, e: float) -> float:
@@ -113,10 +115,11 @@ def _memory_seconds(nbytes: float, gpu: GpuTime, resident: int | None = None) ->
 
 def gemm_seconds(m: int, n: int, k: int, gpu: GpuTime, *, batch: int = 1, elt: int = 2,
                  out_elt: int | None = None) -> KernelTime:
-    """A cuBLAS GEMM (batch × (m × k)·(k × n)): compute or HBM bound, plus fill and launch."""
+    """A cuBLAS GEMM (batch × (m × k)·(k × n)): compute or HBM bound, plus fill and launch; fp32
+    operands (elt 4) run on TF32 tensor cores."""
     flops = 2.0 * batch * m * n * k
     nbytes = batch * (m * k + k * n) * elt + batch * m * n * (out_elt or elt)
-    comp = flops / (gpu.peak * gpu.cublas)
+    comp = flops / ((gpu.tf32_peak if elt >= 4 else gpu.peak) * gpu.cublas)
     mem = _memory_seconds(nbytes, gpu)
     return KernelTime("cublas gemm", max(comp, mem) + gpu.hbm_latency + gpu.launch, comp, mem, flops, nbytes)
 
@@ -229,7 +232,9 @@ def _makespan(progs: tuple, ctas: int, sms: int, rate: float) -> float:
 
 def _tile_kernel(name: str, progs: list[tuple[float, float]], nbytes: float, ctas: int, gpu: GpuTime, e: float,
                  note: str = "") -> KernelTime:
-    """Programs as (MMA FLOPs, exposed seconds) in launch order, ``ctas`` resident per SM."""
+    """Programs as (MMA FLOPs, exposed seconds) in launch order, ``ctas`` resident per SM (a
+    persistent grid with a dynamic tile counter runs them in the same order, one grid slot per
+    resident CTA, so the same list schedule prices it)."""
     rate = gpu.rate_sm(e)
     ctas = max(1, min(ctas, -(-len(progs) // gpu.sms)))  # programs sharing an SM (fewer than SMs: none)
     comp = _makespan(tuple(progs), ctas, gpu.sms, rate)
@@ -240,8 +245,10 @@ def _tile_kernel(name: str, progs: list[tuple[float, float]], nbytes: float, cta
 
 
 @functools.lru_cache(maxsize=None)
-def _traffic_fused(m, n, kd, k, t, pass_, l2, elt) -> int:
-    return pm.traffic_fused(m, n, kd, k, t, pass_=pass_, gpu=l2, elt=elt).total
+def _traffic_fused(m, n, kd, k, t, pass_, l2, elt, partials=False) -> tuple[int, int]:
+    tr = pm.traffic_fused(m, n, kd, k, t, pass_=pass_, gpu=l2, elt=elt,
+                          plan=pm.plan_fused(m, n, kd, k, t, partials=partials, gpu=l2))
+    return tr.total, tr.recomputed
 
 
 @functools.lru_cache(maxsize=None)
@@ -254,21 +261,29 @@ def _elt(r: Launch) -> int:
 
 
 def _fused(r: Launch, gpu: GpuTime, e: float) -> KernelTime:
-    """kind_linear_fused_kernel (path M1 forward / dx; one program per output tile).
+    """kind_linear_fused_kernel (path M1 forward / dx): a persistent grid whose CTAs take the
+    programs of the row-major order from a device counter; per row tile G owner sub-tiles
+    (BN/G output columns + KP/NSH shrink columns each), then the row's other N-tiles.
 
-    Per row tile: G owner sub-tiles (BN/G output columns + KP/NSH shrink columns each), then
-    the row's other N-tiles. Exposed per program (the epilogue's chain, docs/backends.md):
-    pipeline fill from HBM; an owner stores its part, then a barrier and a release atomic
-    (one L2 round trip); every program then reads the row's flag (acquire: one L2 round trip),
-    loads h (another), runs the expand MMA (counted as FLOPs) and issues its output stores.
-    Owner 0 with ds partials also loads the saved h (one L2 round trip)."""
+    Exposed per program (nothing else runs on its SM meanwhile at one CTA per SM; more CTAs
+    per SM hide each other's): the K-loop's pipeline fill (the program's first loads, from
+    HBM); its epilogue's latency chain: the row's flags (acquire, one L2 round trip), h (another),
+    the expand MMA (counted as FLOPs), the output stores; an owner's publish (store, barrier,
+    release: one more). Owner 0 with ds partials loads the saved h (one more). The dx pass with
+    tailor-gradient partials: owners run the dU_T dot too (FLOPs) and each of its steps waits
+    for it (``wgmma_sync`` per K-step); every program loads its x tile after its output tile
+    (HBM latency), runs the dV_T dot and stores its partial. HBM bytes: the L2 replay of
+    kind_fast.perfmodel for the GEMM's operands, plus x and the partials once; the shrink parts
+    that replay finds recomputed (an owner not done when a tile of its row ends: the tile
+    recomputes the part, KP/NSH columns over the whole reduction) are added as MMA work."""
     s, m_ = r.sizes, r.meta
     M, N, KD, K, T = s["M"], s["N"], s["KD"], s["K"], s["T"]
     bm, bn, kp, g_cnt, nsh, spt = m_["BM"], m_["BN"], m_["KP"], m_["G"], m_["NSH"], m_["SPT"]
-    ds = bool(m_["DS_PARTIAL"])
-    plan = pm.plan_fused(M, N, KD, K, T)
+    ds, du, dv = bool(m_["DS_PARTIAL"]), bool(m_.get("DU_PART")), bool(m_.get("DV_PART"))
+    plan = pm.plan_fused(M, N, KD, K, T, partials=du or dv)
     ctas = plan.ctas_per_sm
     m_tiles, n_tiles = pm.cdiv(M, bm), pm.cdiv(N, bn)
+    steps = pm.cdiv(KD, m_["BK"])
     elt = _elt(r)
     progs = []
     for _ in range(m_tiles):
@@ -280,14 +295,45 @@ def _fused(r: Launch, gpu: GpuTime, e: float) -> KernelTime:
             x = gpu.hbm_latency + 2 * gpu.l2_latency + bm * cols * elt / gpu.store_bandwidth
             if shrink:
                 x += gpu.l2_latency
+                if du:
+                    flops += 2.0 * bm * KD * shrink
+                    x += steps * gpu.wgmma_sync
             if ds and j == 0:
                 x += gpu.l2_latency
+            if dv:
+                flops += 2.0 * bm * cols * kp
+                x += gpu.hbm_latency + cols * kp * elt / gpu.store_bandwidth
             progs.append((flops, x))
     if plan.tiles and (plan.BM, plan.BN, plan.G) == (bm, bn, g_cnt):
-        nbytes = _traffic_fused(M, N, KD, K, T, "dx" if ds else "forward", gpu.l2, elt)
+        nbytes, recomputed = _traffic_fused(M, N, KD, K, T, "dx" if ds else "forward", gpu.l2, elt, du or dv)
     else:  # a config off the pinned plan (autotuning): compulsory bytes
-        nbytes = (M * KD + KD * N + M * N) * elt + M * K * 4
+        nbytes, recomputed = (M * KD + KD * N + M * N) * elt + M * K * 4, 0
+    nbytes += (M * N * elt + m_tiles * kp * N * elt if dv else 0) + (m_tiles * kp * KD * elt if du else 0)
+    if recomputed:
+        extra = recomputed * 2.0 * bm * KD * (kp // nsh) / len(progs)
+        progs = [(f + extra, x) for f, x in progs]
     return _tile_kernel(r.name, progs, nbytes, ctas, gpu, e)
+
+
+def _tailor_reduce(r: Launch, gpu: GpuTime, e: float) -> KernelTime:
+    """kind_linear_tailor_reduce_kernel: memory-bound. It reads each written partial once (K
+    slots per row tile of dU_T and dV_T), its programs' fp32 sums twice when SPLIT > 1, writes
+    the gradients. Latency: a dU_T / dV_T program walks its row tiles RB at a time, an L2 round
+    trip (labels, ids) then an HBM one (the partials) a step; the gate-gradient programs, beside
+    them, walk the batch 16 samples a step, two L2 round trips each. Kernel time = the longest
+    of the HBM time and those walks, plus the first loads' latency and the launch."""
+    s, m_ = r.sizes, r.meta
+    M, NO, NI, NT, K, T, B, split = s["M"], s["NO"], s["NI"], s["NT"], s["K"], s["T"], s["B"], s.get("SPLIT", 1)
+    m_tiles = pm.cdiv(M, m_["BM"])
+    elt = 2
+    nbytes = m_tiles * K * (NO + NI) * elt + NT * (NO + NI) * elt
+    if split > 1:
+        nbytes += 2 * split * NT * (NO + NI) * 4
+    mem = _memory_seconds(nbytes, gpu, resident=r.programs)
+    gate = pm.cdiv(B, m_["BB"]) * 2 * gpu.l2_latency if (m_["NEED_DVAL"] or m_["NEED_DSIG"]) else 0.0
+    walk = pm.cdiv(pm.cdiv(m_tiles, split), m_["RB"]) * (gpu.l2_latency + gpu.hbm_latency)
+    lat = max(gate, walk)
+    return KernelTime(r.name, max(mem, lat) + gpu.hbm_latency + gpu.launch, lat, mem, 0.0, nbytes, r.programs)
 
 
 def _rows(r: Launch, gpu: GpuTime, e: float) -> KernelTime:
@@ -363,6 +409,7 @@ TRITON_MODELS: dict[str, Callable[[Launch, GpuTime, float], KernelTime]] = {
     "kind_linear_gate_tables_kernel": _tiny,
     "kind_linear_sample_ds_kernel": _tiny,
     "kind_linear_gate_grad_kernel": _tiny,
+    "kind_linear_tailor_reduce_kernel": _tailor_reduce,
     "kind_linear_merged_gemm_kernel": _merged_gemm,
     "kind_linear_merged_dw_kernel": _merged_dw,
 }
@@ -445,6 +492,7 @@ def layer_launches(shape: LayerShape, what: str) -> tuple[Launch, ...]:
     ``m3_fwd``          path M3's segmented GEMM over two cached merged weights (a CFG batch)
     """
     with meta_replay():
+        _layer_launches(shape, what)  # the first call also makes the device's launch state (once)
         return _layer_launches(shape, what)
 
 
@@ -656,12 +704,14 @@ def markdown(rows: Sequence[GoalRow], gpu: GpuTime = H100_TIME, efficiencies=(1.
 
 def constants_table(gpu: GpuTime) -> str:
     rows = [("SMs", gpu.sms), ("tensor peak (dense bf16)", f"{gpu.peak / 1e12:.0f} TFLOP/s"),
+            ("tensor peak (dense TF32: fp32 GEMMs)", f"{gpu.tf32_peak / 1e12:.0f} TFLOP/s"),
             ("cuBLAS main loop", f"{gpu.cublas:.2f} × peak"), ("attention", f"{gpu.attention:.2f} × peak"),
             ("HBM", f"{gpu.hbm / 1e12:.2f} TB/s × {gpu.hbm_eff:.2f}"),
             ("bandwidth per resident program", f"{gpu.cta_bandwidth / 1e9:.0f} GB/s"),
             ("launch gap", f"{gpu.launch / US:.1f} µs"), ("HBM latency", f"{gpu.hbm_latency / US:.2f} µs"),
             ("L2 round trip", f"{gpu.l2_latency / US:.2f} µs"),
             ("store issue per SM", f"{gpu.store_bandwidth / 1e9:.0f} GB/s"),
+            ("a K-step waiting for its own MMA", f"{gpu.wgmma_sync / US:.2f} µs"),
             ("L2 budget (traffic model)", f"{gpu.l2.l2_budget / pm.MB:.0f} MiB")]
     return "| constant | value |\n|---|---|\n" + "\n".join(f"| {a} | {b} |" for a, b in rows) + "\n"
 
@@ -671,6 +721,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--m", type=int, nargs="*", default=[8192, 65536])
     ap.add_argument("--no-steps", action="store_true", help="layer rows only")
     ap.add_argument("--markdown", metavar="PATH", help="also write the report (bench/results/model_dit_xl.md)")
+    ap.add_argument("--json", metavar="PATH", help="also write the rows (bench/results/model_dit_xl.json, which "
+                    "bench/gpu_check.py prints beside its measurements)")
     args = ap.parse_args(argv)
     gpu = H100_TIME
     rows = layer_goal_rows(args.m, gpu)
@@ -690,7 +742,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.markdown:
         with open(args.markdown, "w") as f:
             f.write(text)
+    if args.json:
+        import json
+
+        with open(args.json, "w") as f:
+            json.dump({"note": "MODELLED (kind_fast.timemodel), not measured", "gpu": gpu.name,
+                       "rows": rows_json(rows)}, f, indent=1)
+            f.write("\n")
     return 0
+
+
+def rows_json(rows: Sequence[GoalRow]) -> list[dict]:
+    """The goal rows as plain data: what, goal, M, target, the modelled ratio at e = 1.00 and
+    0.85, the break-even e* (None: no e meets it) and the FLOP floor's e*."""
+    out = []
+    for r in rows:
+        e_star = r.e_star
+        out.append(dict(what=r.what, goal=r.goal, M=r.m, target=round(r.target, 4), at_1_00=round(r.at(1.0), 4),
+                        at_0_85=round(r.at(0.85), 4), e_star=None if math.isinf(e_star) else round(e_star, 3),
+                        floor_e_star=None if r.floor is None else round(r.floor / r.target, 3)))
+    return out
 
 
 if __name__ == "__main__":
