@@ -93,7 +93,8 @@ Tiles: ``tl.dot`` needs dims >= 16 and ``tl.arange`` powers of two, so K is padd
 KP = next_pow2(max(K, 16)) with masked loads (padded slots load σ = val = 0); KP <= 128 (the
 BM×KP shrink accumulator lives in registers). Tile sizes, owner splits and splits come from
 kind_fast/perfmodel.py (``plan_fused``, ``plan_tailor_reduce``, ``plan_tailor_grad``), whose
-traffic model checks the schedules (kind_fast/timemodel.py prices them); ``KIND_FAST_AUTOTUNE=1`` tunes the fused kernel over a small space instead (never
+traffic model checks the schedules (kind_fast/timemodel.py prices them); ``KIND_FAST_AUTOTUNE=1``
+tunes the fused kernel over a small space instead (never
 while a CUDA graph is being captured). ``audit_specs()`` lists every config the launchers can
 launch for ``python -m kind_fast.audit``.
 """
@@ -616,7 +617,8 @@ def _owner_tile(g, r, cls, ids, scale, samp, s_lo, s_hi, m0, rm, row_ok, rj, slo
                 sig_ptr, idx_ptr, val_ptr, lab_ptr, x_ptr, pu_ptr, pv_ptr,
                 N, KD, K, s_am, s_ak, s_om, s_on, s_bk, s_bn, s_pr, s_pk, s_qr, s_qn, s_xm, s_xn,
                 BM: tl.constexpr, BNG: tl.constexpr, G: tl.constexpr, BK: tl.constexpr, KP: tl.constexpr,
-                KPG: tl.constexpr, NSH: tl.constexpr, ALL_SHRINK: tl.constexpr, SPIN_NS: tl.constexpr, SPT: tl.constexpr,
+                KPG: tl.constexpr, NSH: tl.constexpr, ALL_SHRINK: tl.constexpr, SPIN_NS: tl.constexpr,
+                SPT: tl.constexpr,
                 HAS_BIAS: tl.constexpr, ONE_CLASS: tl.constexpr, DS_PARTIAL: tl.constexpr, DU_PART: tl.constexpr,
                 DV_PART: tl.constexpr, TMA: tl.constexpr, B_TRANS: tl.constexpr, FORCE_LOCAL: tl.constexpr,
                 PREC: tl.constexpr):
@@ -847,7 +849,8 @@ def kind_linear_tailor_reduce_kernel(
     (tailor block, column block, split) of dU_T, then of dV_T: walk the split's row tiles in
         order, RB at a time; a row tile of class c adds, for each tailor n of the block, the
         partial row of the first slot of c holding n (it carries all of n's gradient: canonical
-        scale s'), gathered (RB, BT, BO) loads summed over the RB tiles, then over the steps. With SPLIT > 1 each program stores its sum; the last to
+        scale s'), gathered (RB, BT, BO) loads summed over the RB tiles, then over the steps.
+        With SPLIT > 1 each program stores its sum; the last to
         arrive at the block's counter (an integer atomic, acquire/release) adds the SPLIT
         sums in split order, stores the gradient and resets the counter.
     C+1 programs of dval[c, k] = σ_T[idx[c, k]] · Σ_{b: labels[b] = c} ds[b, k], samples in order.
@@ -1095,7 +1098,8 @@ def _autotune_enabled(device: torch.device) -> bool:
 # (BN, BK, num_warps, num_stages) of the autotune space of the fused kernel (one-class tiles).
 # The static audit (python -m kind_fast.audit) compiles every entry the pruning below keeps at
 # KP 16/32/64/128: none spills. Pruned: 4 warps with 128-row tiles or KP = 128 (they spill),
-# BN > 64 or 4 stages at KP = 128 (likewise). G/NSH follow from (KP, BN) as in the pinned plans.
+# BN > 64 at KP >= 64 and 4 stages at KP = 128 (likewise). G/NSH follow from (KP, BN) as in the
+# pinned plans.
 AUTOTUNE_SPACE = ((64, 64, 4, 3), (64, 64, 4, 4), (64, 64, 8, 3), (64, 64, 8, 4), (128, 64, 8, 3), (128, 64, 8, 4),
                   (128, 32, 8, 4))
 
@@ -1106,6 +1110,8 @@ def autotune_configs(n: int, kp: int, bm: int) -> list[triton.Config]:
     out = []
     for bn, bk, w, st in AUTOTUNE_SPACE:
         if kp >= 128 and (bn > 64 or w < 8 or st > 3):
+            continue
+        if kp >= 64 and bn > 64:  # 128 columns beside a (BM, 64) shrink spill (as the pinned plans)
             continue
         if bm == 128 and w < 8:
             continue
@@ -1147,7 +1153,9 @@ _MIN_FLAGS = 1 << 16
 
 
 def device_state(device: torch.device, flags: int = 0, counters: int = 0) -> tuple[torch.Tensor, ...]:
-    """(state, flags, counters) of ``device``, grown (zeroed) when a launch needs more."""
+    """(state, flags, counters) of ``device``, grown (zeroed) when a launch needs more. One set
+    per device: launches of these kernels on one device must not overlap in time (one stream,
+    as a training or sampling loop runs them; a CUDA graph keeps its captured order)."""
     key = (device.type, device.index)
     st = _DEVICE_STATE.get(key)
     if st is None:
@@ -1267,7 +1275,8 @@ def _fused(a, base, base_transposed, bias, p, q, sigma, idx, val, labels, *, h_s
         launch = (flags, state)
         tail = (x if x is not None else dummy, pu if pu is not None else dummy, pv if pv is not None else dummy)
         flags_in = dict(DU_PART=du, DV_PART=x is not None, TMA=use_tma, B_TRANS=base_transposed)
-        if (autotune if autotune is not None else _autotune_enabled(dev)) and plan.ONE_CLASS and not (du or x is not None):
+        tune = autotune if autotune is not None else _autotune_enabled(dev)
+        if tune and plan.ONE_CLASS and not (du or x is not None):
             sizes = (m, n, kd, k, t, bucket(m))
             slots = num_sms(dev) * plan.ctas_per_sm
             scratch = torch.empty((slots, bm, kp), dtype=torch.float32, device=dev)

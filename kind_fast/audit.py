@@ -820,7 +820,8 @@ def markdown_table(rows: list[AuditRow]) -> str:
         wait = "-" if r.wgmma_wait < 0 else (str(r.wgmma_wait) if r.wgmma_wait == r.wgmma_wait_max
                                               else f"{r.wgmma_wait}-{r.wgmma_wait_max}")
         lines.append(f"| {r.kernel} | {r.origin} | {r.config} | {r.variant} | {r.regs} | "
-                     f"{r.spill_stores}+{r.spill_loads} | {_fmt_bytes(r.smem)} | {r.ctas_per_sm} | {mma} | {wait} | {cp} | "
+                     f"{r.spill_stores}+{r.spill_loads} | {_fmt_bytes(r.smem)} | {r.ctas_per_sm} | {mma} | "
+                     f"{wait} | {cp} | "
                      f"{r.pipelined} | {'yes' if r.persistent else 'no'} |")
     return head + "\n".join(lines) + "\n"
 

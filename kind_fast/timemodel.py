@@ -50,10 +50,10 @@ import functools
 import math
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from kind_fast import perfmodel as pm
-from kind_fast.launches import Launch, TensorInfo
+from kind_fast.launches import Launch
 
 __all__ = ["GpuTime", "H100_TIME", "price", "price_all", "KernelTime", "layer_goal_rows", "step_goal_rows",
            "break_even", "markdown", "main", "GOALS"]
@@ -323,7 +323,7 @@ def _tailor_reduce(r: Launch, gpu: GpuTime, e: float) -> KernelTime:
     them, walk the batch 16 samples a step, two L2 round trips each. Kernel time = the longest
     of the HBM time and those walks, plus the first loads' latency and the launch."""
     s, m_ = r.sizes, r.meta
-    M, NO, NI, NT, K, T, B, split = s["M"], s["NO"], s["NI"], s["NT"], s["K"], s["T"], s["B"], s.get("SPLIT", 1)
+    M, NO, NI, NT, K, B, split = s["M"], s["NO"], s["NI"], s["NT"], s["K"], s["B"], s.get("SPLIT", 1)
     m_tiles = pm.cdiv(M, m_["BM"])
     elt = 2
     nbytes = m_tiles * K * (NO + NI) * elt + NT * (NO + NI) * elt
@@ -420,9 +420,9 @@ TRITON_MODELS: dict[str, Callable[[Launch, GpuTime, float], KernelTime]] = {
 # =====================================================================================
 @contextlib.contextmanager
 def meta_replay():
-    """``torch.autocast("meta", ...)`` as a no-op (and autocast off on ``meta``) while the package's code runs on ``meta``
-    tensors (torch has no autocast for that device type; the replays model autocast
-    themselves, kind_fast.timemodel_steps)."""
+    """``torch.autocast("meta", ...)`` as a no-op (and autocast off on ``meta``) while the
+    package's code runs on ``meta`` tensors (torch has no autocast for that device type; the
+    replays model autocast themselves, kind_fast.timemodel_steps)."""
     import torch
 
     real, real_enabled = torch.autocast, torch.is_autocast_enabled
@@ -651,8 +651,8 @@ def layer_goal_rows(ms: Sequence[int] = (8192, 65536), gpu: GpuTime = H100_TIME,
             def m3(e, sh=sh, lin_f=lin_f):
                 return _sum(sh, ["m3_fwd"], gpu, e) / lin_f
 
-            def floor(goal, n_in=n_in, n_out=n_out, m=m):
-                return flop_floor(goal, n_in, n_out, m, k, sh.n_t)
+            def floor(goal, n_in=n_in, n_out=n_out, m=m, k=k, n_t=sh.n_t):
+                return flop_floor(goal, n_in, n_out, m, k, n_t)
 
             rows.append(GoalRow(sh.name, "forward", m, 1.10 * (1 + k / n_in + k / n_out), fwd, floor("forward")))
             if min(n_in, n_out) >= 768:

@@ -33,8 +33,16 @@ import functools
 from collections.abc import Iterator
 
 from kind_fast.launches import Launch, TensorInfo
-from kind_fast.timemodel import (H100_TIME, GoalRow, GpuTime, KernelTime, LayerShape, layer_launches,
-                                 meta_replay, price_all)
+from kind_fast.timemodel import (
+    H100_TIME,
+    GoalRow,
+    GpuTime,
+    KernelTime,
+    LayerShape,
+    layer_launches,
+    meta_replay,
+    price_all,
+)
 
 __all__ = ["dit_step_launches", "dit_step_rows", "price_custom", "step_memory"]
 
@@ -154,7 +162,6 @@ def _autocast_extras(model, trainable_only: bool) -> list[Launch]:
     import torch
 
     from kind_fast.launches import record_launches
-
     from kind_fast.layers import FastKindLinear
 
     out = []
