@@ -122,7 +122,6 @@ def _plain(obj):
 @contextlib.contextmanager
 def record_launches() -> Iterator[list[Launch]]:
     """Record every kernel launch made inside the block (see the module docstring)."""
-    import torch
     from torch.utils._python_dispatch import TorchDispatchMode
 
     out: list[Launch] = []
