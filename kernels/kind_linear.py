@@ -123,6 +123,9 @@ from kind_fast.perfmodel import (
     samples_per_tile,
 )
 
+# Kernels whose launchers run a persistent grid (the static audit checks the binary and grid)
+PERSISTENT_KERNELS = ("kind_linear_fused_kernel",)
+
 # Whether these kernels were decorated for the interpreter (TRITON_INTERPRET=1 at import
 # time): Triton decides at decoration time. kind_fast.ops.kind_linear_triton reloads this
 # module when the environment changes, so tests can switch it on in-process.

@@ -20,8 +20,9 @@ with ``nvcc -Xptxas -v`` (where nvcc is present), then reads the compiler's own 
               ``DEPBAR.LE SB0, 0x0`` inside), i.e. loads for later iterations are in flight
               while this iteration's MMAs run (code after the last unconditional EXIT, the
               out-of-line retry loops of mbarrier waits, is not a loop of the body)
-    persistent  a loop over tiles around the K-loops, launched on a grid no larger than the
-              GPU holds at once (SMs × CTAs/SM): the kernel's CTAs stay resident and loop
+    persistent  a kernel its module declares persistent (``PERSISTENT_KERNELS``) whose binary
+              has a loop over tiles around the K-loops and whose launch grid is no larger than
+              the GPU holds at once (SMs × CTAs/SM): its CTAs stay resident and loop
 
 Where the configs come from. Every module of ``kind_fast.kernels`` may define
 ``audit_specs() -> list[AuditSpec]``; the audit imports each module (compiled, never
@@ -106,6 +107,7 @@ class AuditSpec:
     pinned: bool = True                     # False: only reachable through autotuning
     has_dot: bool | None = None             # None: decided from the compiled code
     grid: tuple = field(default=(), compare=False)  # the recorded launch's grid (persistence check)
+    persistent: bool = field(default=False, compare=False)  # its module lists it in PERSISTENT_KERNELS
 
     @property
     def key(self) -> tuple:
@@ -211,7 +213,7 @@ def capture_launches(variant: str) -> Iterator[list[AuditSpec]]:
                                     grid=tuple(int(x) for x in g) if not callable(grid) else ()))
 
     def tuner_run(self, *args, **kwargs):
-        kwargs.pop("grid", None)
+        grid = kwargs.pop("grid", None)
         named = dict(zip(self.arg_names, args))
         configs = list(self.configs)
         prune = getattr(self, "early_config_prune", None)
@@ -219,8 +221,11 @@ def capture_launches(variant: str) -> Iterator[list[AuditSpec]]:
             configs = prune(configs, {**named, **kwargs}, **kwargs)
         for c in configs:
             kw = {**kwargs, **c.kwargs}
+            g = grid({**named, **kw}) if callable(grid) else grid
+            g = g if isinstance(g, (tuple, list)) else ((g,) if g is not None else ())
             out.append(spec_from_launch(self.fn, args, kw, variant=variant + " (autotune)", pinned=False,
-                                        num_warps=c.num_warps, num_stages=c.num_stages))
+                                        num_warps=c.num_warps, num_stages=c.num_stages,
+                                        grid=tuple(int(x) for x in g)))
 
     saved = (JITFunction.run, Autotuner.run)
     JITFunction.run, Autotuner.run = jit_run, tuner_run
@@ -248,7 +253,10 @@ def collect_specs(include_autotune: bool = True, full: bool = True) -> list[Audi
             if fn is None:
                 continue
             listed = fn(full=full) if "full" in inspect.signature(fn).parameters else fn()
+            persistent = set(getattr(mod, "PERSISTENT_KERNELS", ()))
             for s in listed:
+                if s.kernel in persistent:
+                    s = dataclasses.replace(s, persistent=True)
                 if not include_autotune and not s.pinned:
                     continue
                 prev = specs.get(s.key)
@@ -645,7 +653,8 @@ def _compile(spec: AuditSpec, capability: int, machine: Machine = SM90) -> Audit
         row.double_buffered_loops = st.double_buffered_loops
         row.wgmma_wait, row.wgmma_wait_max = st.wgmma_wait, st.wgmma_wait_max
         grid = spec.grid[0] if spec.grid else 0
-        row.persistent = bool(st.outer_loops) and 0 < grid <= machine.sms * max(row.ctas_per_sm, 1)
+        row.persistent = (spec.persistent and bool(st.outer_loops)
+                          and 0 < grid <= machine.sms * max(row.ctas_per_sm, 1))
         if row.pipelined_loops < row.dot_loops:
             notes.extend(st.loop_notes)
     else:
