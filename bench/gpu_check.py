@@ -5,7 +5,10 @@ of per-round medians; GPU times with device events through ``triton.testing.do_b
 
     layers     DiT-XL/2 layer passes in bf16, K = 32 of 96 tailors, T = 256 rows per sample,
                M = 8192 and 65536 tokens: forward (fc2 forward included), transfer fwd+bwd
-               (learngenes frozen: dX, dU_T, dV_T, dσ_T; fc1 dX included), pretrain fwd+bwd.
+               (learngenes frozen: dX, dU_T, dV_T, dσ_T; fc1 dX included; inside a
+               kind_fast.weight_cache() scope, as a transfer step runs: W_G built once),
+               pretrain fwd+bwd (W_G rebuilt and differentiated every call). Gradients are set
+               to None before every backward, as zero_grad(set_to_none=True) leaves them.
                q, k, v and proj are one shape (1152 -> 1152), so one row stands for the four.
                Implementations: F.linear / nn.Linear (the ceiling), the Triton backend, the
                unfused reference and (on a few rows) its torch.compile. First, the Triton
@@ -13,7 +16,9 @@ of per-round medians; GPU times with device events through ``triton.testing.do_b
                layer launches: T = 256, one-class 128-row tiles, N-groups >= 2, KP 32/64/128,
                M1 and M2; kind_fast/ops/self_check.py).
     steps      one DiT-XL/2 training step (forward, ε-loss, backward, AdamW; batch 32, bf16
-               autocast): full fine-tuning, KIND transfer, KIND pretrain; time and peak memory.
+               autocast): full fine-tuning, KIND transfer (inside kind_fast.caching.training_scope,
+               as the trainer runs it: W_G reused while the learngenes are frozen), KIND
+               pretrain; time and peak memory.
     sampling   one guided DiT-XL/2 sampling step: the sampler's model call
                (kind_fast.train.sampling.cfg_model_fn) on 32 images of one class + their null
                rows, bf16 weights. Dense DiT vs KIND-DiT inside kind_fast.utils.serving(model,
@@ -26,6 +31,10 @@ of per-round medians; GPU times with device events through ``triton.testing.do_b
                run of samples from host slots; beside it the whole-path op merging per call); the
                sampling step above with every KIND layer on this backend; its M1 against F.linear
                and the reference on the layer rows.
+
+Beside every measured goal ratio the summary prints the time model's prediction for it
+(MODELLED, bench/results/model_dit_xl.json from ``python -m kind_fast.timemodel --json``), so the
+first GPU run calibrates the model.
 
 Goals (docs/design.md §6), recorded per row as [value, target, met]:
     forward   t / t(F.linear) <= 1.10 · (1 + K/in + K/out)
@@ -176,9 +185,16 @@ def make_layer(cfg: Config, n_in: int, n_out: int, m: int, mode: str, labels=Non
 
 
 def run_fns(cfg, layer, lin, x, labels, g, mode, impls):
-    """name -> zero-argument callable for each implementation of one row."""
+    """name -> zero-argument callable for each implementation of one row. Gradients are set to
+    None before each backward (as a training step's zero_grad(set_to_none=True) leaves them), so
+    no call pays for accumulating into the last call's gradients."""
     import kind_fast as kf
     from kind_fast.benchmark import make_reference_layer_step
+
+    def fresh():
+        x.grad = None
+        layer.zero_grad(set_to_none=True)
+        lin.zero_grad(set_to_none=True)
 
     def kind(backend):
         def run():
@@ -186,6 +202,7 @@ def run_fns(cfg, layer, lin, x, labels, g, mode, impls):
                 if mode == "forward":
                     with torch.no_grad():
                         return layer(x, labels=labels)
+                fresh()
                 layer(x, labels=labels).backward(g)
         return run
 
@@ -193,6 +210,7 @@ def run_fns(cfg, layer, lin, x, labels, g, mode, impls):
         if mode == "forward":
             with torch.no_grad():
                 return lin(x)
+        fresh()
         lin(x).backward(g)
 
     fns = {"linear": linear}
@@ -243,6 +261,8 @@ def self_check_rows(section: str, backend: str, cfg: Config) -> list[dict]:
 
 
 def section_layers(cfg: Config, deadline: Deadline) -> list[dict]:
+    import kind_fast as kf
+
     rows = self_check_rows("layers", "triton", cfg)
     tri_ok, tri_why = backend_ready("triton", cfg)
     primary = "triton" if tri_ok else ("reference" if cfg.dry else None)
@@ -265,10 +285,14 @@ def section_layers(cfg: Config, deadline: Deadline) -> list[dict]:
                 try:
                     layer, lin, x, labels, g = make_layer(cfg, n_in, n_out, m, mode)
                     fns = run_fns(cfg, layer, lin, x, labels, g, mode, impls)
-                    for fn in fns.values():  # compile / autotune / warm up outside the timing
-                        fn()
-                    sync(cfg)
-                    times = interleaved(fns, time_one, cfg.rounds)
+                    # a transfer step reuses W_G while the learngenes are frozen (the trainer's
+                    # kind_fast.caching.training_scope); pretraining rebuilds it every call
+                    scope = kf.weight_cache() if mode == "transfer" else contextlib.nullcontext()
+                    with scope:
+                        for fn in fns.values():  # compile / autotune / warm up outside the timing
+                            fn()
+                        sync(cfg)
+                        times = interleaved(fns, time_one, cfg.rounds)
                     for k, v in times.items():
                         row[f"t_{k}_ms"] = v * 1e3
                     if primary is not None:
@@ -283,8 +307,11 @@ def section_layers(cfg: Config, deadline: Deadline) -> list[dict]:
                 finally:
                     layer = lin = x = g = fns = None
                     free(cfg)
+                model = modelled(row, next(iter(row.get("goals") or {}), None))
                 print(f"layers {row['shape']} M={m} {mode}: " + ", ".join(
-                    f"{k[2:-3]} {v:.3f} ms" for k, v in row.items() if k.startswith("t_")), flush=True)
+                    f"{k[2:-3]} {v:.3f} ms" for k, v in row.items() if k.startswith("t_"))
+                    + (f"; ratio {next(iter(row['goals'].values()))[0]:.3f}, MODELLED {model}" if model else ""),
+                    flush=True)
     return rows
 
 
@@ -292,7 +319,13 @@ def section_layers(cfg: Config, deadline: Deadline) -> list[dict]:
 # Model steps
 # =====================================================================================
 def section_steps(cfg: Config, deadline: Deadline) -> list[dict]:
+    with contextlib.ExitStack() as scopes:
+        return _section_steps(cfg, deadline, scopes)
+
+
+def _section_steps(cfg: Config, deadline: Deadline, scopes: contextlib.ExitStack) -> list[dict]:
     from kind_fast.benchmark import build_model, make_train_step
+    from kind_fast.caching import training_scope
 
     amp = torch.bfloat16 if cfg.device.type == "cuda" else None
     time_one = timer(cfg)
@@ -306,6 +339,9 @@ def section_steps(cfg: Config, deadline: Deadline) -> list[dict]:
         try:
             mem0 = torch.cuda.memory_allocated() if cfg.device.type == "cuda" else 0
             model = build_model(cfg.model, mode, device=cfg.device, depth=cfg.depth, input_size=cfg.input_size)
+            # W_G reused across steps while the learngenes are frozen, as the trainer runs a
+            # transfer (kind_fast.caching.training_scope; a no-op for the other modes)
+            scopes.enter_context(training_scope(model))
             step, _ = make_train_step(model, cfg.batch, autocast=amp)
             for _ in range(1 if cfg.dry else 2):  # optimizer state allocated, kernels compiled
                 step()
@@ -588,23 +624,59 @@ def _cell(text) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
+MODEL_FILE = Path(__file__).resolve().parent / "results" / "model_dit_xl.json"
+# the goal keys of these rows -> kind_fast.timemodel's goal names
+_MODEL_GOALS = {"forward_vs_linear": "forward", "transfer_vs_linear": "transfer", "pretrain_vs_linear": "pretrain",
+                "m3_vs_linear": "sampling M3", "step_memory_vs_full_ft": "transfer peak memory",
+                "sampling_m3_vs_dense": "sampling step"}
+
+
+def _model_rows() -> list[dict]:
+    try:
+        return json.loads(MODEL_FILE.read_text())["rows"]
+    except (OSError, ValueError, KeyError):
+        return []
+
+
+def modelled(row: dict, goal: str | None) -> str:
+    """The time model's prediction for a measured goal (bench/results/model_dit_xl.json,
+    ``python -m kind_fast.timemodel --json``): "1.33 (e=1.00), 1.52 (e=0.85)", or "" where the
+    model has no such row (the dry run's shapes, the CUDA backend's M1 rows)."""
+    if goal is None or row.get("section") == "cuda" and goal != "m3_vs_linear":
+        return ""
+    if goal == "step_time_vs_full_ft":
+        name = "transfer step" if row.get("mode") == "transfer" else "pretrain step"
+    else:
+        name = _MODEL_GOALS.get(goal)
+    shape = str(row.get("shape") or "").replace(",", "/")
+    for r in _model_rows():
+        if r["goal"] != name:
+            continue
+        if "tokens" in row and (r["what"] != shape or r["M"] != row["tokens"]):
+            continue
+        if "tokens" not in row and not str(r["what"]).startswith(str(row.get("model", ""))):
+            continue
+        return f"{r['at_1_00']:.2f} (e=1.00), {r['at_0_85']:.2f} (e=0.85)"
+    return ""
+
+
 def ratio_table(rows: list[dict]) -> list[str]:
-    lines = ["| section | row | ratio | goal | met | context |", "|---|---|---|---|---|---|"]
+    lines = ["| section | row | ratio | goal | met | MODELLED | context |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         sec = r.get("section")
         if r.get("mode") == "self-check" and "passed" in r:
             lines.append(f"| {sec} | {r.get('backend', sec)} self-check {r['dtype']} | - | passes | "
-                         f"{'yes' if r['passed'] else 'NO'} | {_cell(str(r.get('message', ''))[:60])} |")
+                         f"{'yes' if r['passed'] else 'NO'} | - | {_cell(str(r.get('message', ''))[:60])} |")
             continue
         if r.get("mode") == "self-check":
             name = f"{r.get('backend', sec)} self-check {r['dtype']}"
-            lines.append(f"| {sec} | {_cell(name)} | - | - | - | "
+            lines.append(f"| {sec} | {_cell(name)} | - | - | - | - | "
                          f"{_cell(r.get('skipped') or 'ERROR: ' + str(r.get('error'))[:80])} |")
             continue
         name = " ".join(str(x) for x in (r.get("shape") or r.get("model"), r.get("tokens") and f"M={r['tokens']}",
                                           r.get("mode")) if x)
         if "skipped" in r or "error" in r:
-            lines.append(f"| {sec} | {_cell(name)} | - | - | - | "
+            lines.append(f"| {sec} | {_cell(name)} | - | - | - | - | "
                          f"{_cell(r.get('skipped') or 'ERROR: ' + r['error'][:80])} |")
             continue
         ctx = []
@@ -622,10 +694,10 @@ def ratio_table(rows: list[dict]) -> list[str]:
             ctx.append(f"triton {r['triton'][:50]}")
         goals = r.get("goals") or {}
         if not goals:
-            lines.append(f"| {sec} | {_cell(name)} | - | - | - | {_cell(', '.join(ctx))} |")
+            lines.append(f"| {sec} | {_cell(name)} | - | - | - | - | {_cell(', '.join(ctx))} |")
         for g, (v, target, met) in goals.items():
             lines.append(f"| {sec} | {_cell(name)}: {g} | {_f(v)} | <= {_f(target)} | {'yes' if met else 'NO'} | "
-                         f"{_cell(', '.join(ctx))} |")
+                         f"{_cell(modelled(r, g) or '-')} | {_cell(', '.join(ctx))} |")
     return lines
 
 
@@ -648,7 +720,10 @@ def summarize(out: Path) -> int:
     md = [env.rstrip(), "", f"- {tests}", *[f"- {n}" for n in notes], "",
           "## Ratios (docs/design.md §6 goals)", "",
           "Layers: time ÷ F.linear (forward) or ÷ nn.Linear forward+backward, bf16, K = 32 of 96 tailors, "
-          "T = 256. Steps: ÷ the full fine-tuning step. Sampling: ÷ the dense DiT step.", "", *table, "",
+          "T = 256. Steps: ÷ the full fine-tuning step. Sampling: ÷ the dense DiT step. MODELLED: the time "
+          "model's prediction for the same ratio at our main-loop efficiency e = 1.00 and 0.85 of cuBLAS's "
+          "(bench/results/model_dit_xl.json, kind_fast/timemodel.py); the measured ratios calibrate it.",
+          "", *table, "",
           f"Goals met: {met} of {len(goals)}."]
     (out / "summary.md").write_text("\n".join(md) + "\n")
     print("\n".join([*[f"note: {n}" for n in notes], tests, "", *table, "", f"goals met: {met} of {len(goals)}"]))
@@ -700,6 +775,8 @@ def main(argv=None) -> int:
     if a.summarize:
         return summarize(a.out)
     cfg = Config(a.dry_run)
+    if cfg.device.type == "cuda":  # fp32 GEMMs (W_G built in fp32) on TF32, as the trainer runs them
+        torch.backends.cuda.matmul.allow_tf32 = True
     if cfg.dry:
         torch.set_num_threads(1)  # a shared small CPU: idle-waiting threads make tiny ops 10x slower
     if cfg.device.type == "cuda" and not torch.cuda.is_available():

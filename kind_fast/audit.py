@@ -9,12 +9,20 @@ with ``nvcc -Xptxas -v`` (where nvcc is present), then reads the compiler's own 
     smem      shared memory per block in bytes (Triton's launch metadata + static smem)
     CTAs/SM   resident blocks per SM on sm_90 from regs, smem and threads
     wgmma     warpgroup MMA instructions in the SASS (HGMMA; HMMA = the older mma.sync)
+    wait_group  N of ``wgmma.wait_group N`` (SASS ``WARPGROUP.DEPBAR.LE gsb0, N``) in the K-loops,
+              least-most over a kernel's K-loops: N >= 1 keeps a warpgroup MMA in flight while
+              the next is issued; 0 waits for each (the dx kernel's owners store their dU_T
+              slice of every K-step, so their loop has to)
     async     asynchronous global->shared copies in the SASS: cp.async (LDGSTS) and TMA
-              (UTMALDG, UBLKCP)
+              (UTMALDG, UBLKCP; counted apart as "TMA")
     pipelined for every K-loop (an innermost loop of the SASS that issues MMAs): the loop
               itself issues asynchronous copies and never waits for all of them (no
               ``DEPBAR.LE SB0, 0x0`` inside), i.e. loads for later iterations are in flight
-              while this iteration's MMAs run
+              while this iteration's MMAs run (code after the last unconditional EXIT, the
+              out-of-line retry loops of mbarrier waits, is not a loop of the body)
+    persistent  a kernel its module declares persistent (``PERSISTENT_KERNELS``) whose binary
+              has a loop over tiles around the K-loops and whose launch grid is no larger than
+              the GPU holds at once (SMs × CTAs/SM): its CTAs stay resident and loop
 
 Where the configs come from. Every module of ``kind_fast.kernels`` may define
 ``audit_specs() -> list[AuditSpec]``; the audit imports each module (compiled, never
@@ -42,6 +50,7 @@ import contextlib
 import dataclasses
 import functools
 import importlib
+import io
 import os
 import pkgutil
 import re
@@ -97,10 +106,33 @@ class AuditSpec:
     num_stages: int = 3
     pinned: bool = True                     # False: only reachable through autotuning
     has_dot: bool | None = None             # None: decided from the compiled code
+    grid: tuple = field(default=(), compare=False)  # the recorded launch's grid (persistence check)
+    persistent: bool = field(default=False, compare=False)  # its module lists it in PERSISTENT_KERNELS
 
     @property
     def key(self) -> tuple:
         return (self.kernel, self.signature, self.constexprs, self.divisible, self.num_warps, self.num_stages)
+
+
+_DTYPE_NAMES: dict = {}
+
+
+def _dtype_name(dtype) -> str:
+    import torch
+
+    if not _DTYPE_NAMES:
+        _DTYPE_NAMES.update({torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32",
+                             torch.float64: "fp64", torch.int32: "i32", torch.int64: "i64", torch.int16: "i16",
+                             torch.int8: "i8", torch.uint8: "u8", torch.bool: "i1"})
+    return _DTYPE_NAMES[dtype]
+
+
+def _is_descriptor(value) -> bool:
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+    except ImportError:
+        return False
+    return isinstance(value, TensorDescriptor)
 
 
 def _triton_type(value) -> str | None:
@@ -108,10 +140,9 @@ def _triton_type(value) -> str | None:
     import torch
 
     if isinstance(value, torch.Tensor):
-        names = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64",
-                 torch.int32: "i32", torch.int64: "i64", torch.int16: "i16", torch.int8: "i8",
-                 torch.uint8: "u8", torch.bool: "i1"}
-        return "*" + names[value.dtype]
+        return "*" + _dtype_name(value.dtype)
+    if _is_descriptor(value):  # a host-side TMA descriptor: its element type and block shape
+        return f"tensordesc<{_dtype_name(value.base.dtype)}[{', '.join(str(b) for b in value.block_shape)}]>"
     if isinstance(value, bool):
         return "i1"
     if isinstance(value, int):
@@ -122,7 +153,7 @@ def _triton_type(value) -> str | None:
 
 
 def spec_from_launch(fn, args: Sequence, kwargs: dict, *, variant: str, pinned: bool = True,
-                     num_warps: int = 4, num_stages: int = 3) -> AuditSpec:
+                     num_warps: int = 4, num_stages: int = 3, grid: tuple = ()) -> AuditSpec:
     """The spec Triton's JIT would compile for ``fn[grid](*args, **kwargs)``: tensors become
     pointers (16-byte aligned unless a view's offset says otherwise), integers equal to 1 become
     constexprs, integers divisible by 16 get the divisibility attribute (as Triton specialises)."""
@@ -145,6 +176,8 @@ def spec_from_launch(fn, args: Sequence, kwargs: dict, *, variant: str, pinned: 
             sig.append((n, t))
             if (v.storage_offset() * v.element_size()) % 16 == 0:
                 div.append(n)
+        elif _is_descriptor(v):
+            sig.append((n, t))
         elif isinstance(v, bool):
             sig.append((n, t))
         elif isinstance(v, int):
@@ -157,7 +190,7 @@ def spec_from_launch(fn, args: Sequence, kwargs: dict, *, variant: str, pinned: 
         else:
             sig.append((n, t or "fp32"))
     return AuditSpec(kernel=fn.__name__, variant=variant, fn=fn, signature=tuple(sig), constexprs=tuple(cx),
-                     divisible=tuple(div), num_warps=num_warps, num_stages=num_stages, pinned=pinned)
+                     divisible=tuple(div), num_warps=num_warps, num_stages=num_stages, pinned=pinned, grid=grid)
 
 
 @contextlib.contextmanager
@@ -175,10 +208,12 @@ def capture_launches(variant: str) -> Iterator[list[AuditSpec]]:
         stages = kwargs.pop("num_stages", 3)
         for k in ("num_ctas", "maxnreg", "enable_fp_fusion", "launch_cooperative_grid", "launch_pdl"):
             kwargs.pop(k, None)
-        out.append(spec_from_launch(self, args, kwargs, variant=variant, num_warps=warps, num_stages=stages))
+        g = grid if isinstance(grid, (tuple, list)) else ((grid,) if grid is not None else ())
+        out.append(spec_from_launch(self, args, kwargs, variant=variant, num_warps=warps, num_stages=stages,
+                                    grid=tuple(int(x) for x in g) if not callable(grid) else ()))
 
     def tuner_run(self, *args, **kwargs):
-        kwargs.pop("grid", None)
+        grid = kwargs.pop("grid", None)
         named = dict(zip(self.arg_names, args))
         configs = list(self.configs)
         prune = getattr(self, "early_config_prune", None)
@@ -186,8 +221,11 @@ def capture_launches(variant: str) -> Iterator[list[AuditSpec]]:
             configs = prune(configs, {**named, **kwargs}, **kwargs)
         for c in configs:
             kw = {**kwargs, **c.kwargs}
+            g = grid({**named, **kw}) if callable(grid) else grid
+            g = g if isinstance(g, (tuple, list)) else ((g,) if g is not None else ())
             out.append(spec_from_launch(self.fn, args, kw, variant=variant + " (autotune)", pinned=False,
-                                        num_warps=c.num_warps, num_stages=c.num_stages))
+                                        num_warps=c.num_warps, num_stages=c.num_stages,
+                                        grid=tuple(int(x) for x in g)))
 
     saved = (JITFunction.run, Autotuner.run)
     JITFunction.run, Autotuner.run = jit_run, tuner_run
@@ -215,7 +253,10 @@ def collect_specs(include_autotune: bool = True, full: bool = True) -> list[Audi
             if fn is None:
                 continue
             listed = fn(full=full) if "full" in inspect.signature(fn).parameters else fn()
+            persistent = set(getattr(mod, "PERSISTENT_KERNELS", ()))
             for s in listed:
+                if s.kernel in persistent:
+                    s = dataclasses.replace(s, persistent=True)
                 if not include_autotune and not s.pinned:
                     continue
                 prev = specs.get(s.key)
@@ -325,6 +366,9 @@ class SassStats:
     dot_loops: int = 0
     pipelined_loops: int = 0
     double_buffered_loops: int = 0   # copies in the loop, but a full wait every iteration
+    outer_loops: int = 0             # loops around a K-loop (a persistent kernel's loop over its tiles)
+    wgmma_wait: int = -1             # least N of "wgmma.wait_group N" in a K-loop (-1: none there)
+    wgmma_wait_max: int = -1         # the K-loop keeping the most MMAs in flight
     loop_notes: list = field(default_factory=list)
 
     @property
@@ -368,10 +412,14 @@ def sass_stats(insns: list[tuple[int, str]]) -> SassStats:
         elif o.startswith(("UTMALDG", "UBLKCP")):
             st.tma += 1
     addr_index = {a: i for i, (a, _) in enumerate(insns)}
+    # out-of-line stubs (an mbarrier wait's retry loop, a warp-divergent shuffle) follow the last
+    # unconditional EXIT and jump back into the body: those jumps are not loops
+    main_end = max((i for i, o in enumerate(ops) if o == "EXIT" and not insns[i][1].lstrip().startswith("@")),
+                   default=len(insns))
     loops = []
     for i, (a, text) in enumerate(insns):
         m = _BRA.search(text)
-        if m:
+        if m and i <= main_end:
             tgt = int(m.group(1), 16)
             if tgt <= a and tgt in addr_index:
                 loops.append((addr_index[tgt], i))
@@ -380,20 +428,44 @@ def sass_stats(insns: list[tuple[int, str]]) -> SassStats:
     def inside(inner, outer):
         return outer[0] <= inner[0] and inner[1] <= outer[1] and inner != outer
 
-    for lp in loops:
+    def own(lp):  # a loop's instructions outside its nested loops
         nested = [q for q in loops if inside(q, lp)]
-        idx = [j for j in range(lp[0], lp[1] + 1) if not any(q[0] <= j <= q[1] for q in nested)]
-        mmas = sum(1 for j in idx if ops[j].startswith(_MMA))
-        if not mmas:
+        return [j for j in range(lp[0], lp[1] + 1) if not any(q[0] <= j <= q[1] for q in nested)]
+
+    mma_loops = [lp for lp in loops if any(ops[j].startswith(_MMA) for j in own(lp))]
+    waits, loop_waits = [], []
+    for lp in mma_loops:
+        if any(inside(q, lp) for q in mma_loops):  # a loop around K-loops: the persistent tile loop
+            st.outer_loops += 1
             continue
+        idx = own(lp)
+        mmas = sum(1 for j in idx if ops[j].startswith(_MMA))
         st.dot_loops += 1
         copies = sum(1 for j in idx if ops[j].startswith(_ASYNC))
         full_wait = any(ops[j].startswith("DEPBAR") and re.search(r"SB0,\s*0x0\b", insns[j][1]) for j in idx)
+        # a TMA load issued before the iteration's first MMA is waited for by that MMA: the
+        # loop loads what it multiplies (a software pipeline issues the loads of later stages
+        # after this stage's MMAs)
+        first_tma = next((j for j in idx if ops[j].startswith(("UTMALDG", "UBLKCP"))), None)
+        first_mma = next(j for j in idx if ops[j].startswith(_MMA))
+        full_wait = full_wait or (first_tma is not None and first_tma < first_mma)
         ok = copies > 0 and not full_wait
         st.pipelined_loops += ok
         st.double_buffered_loops += copies > 0 and full_wait
+        here = []
+        for j in idx:
+            w = re.search(r"WARPGROUP\.DEPBAR\.LE\s+gsb0,\s*0x([0-9a-f]+)", insns[j][1])
+            if w:
+                here.append(int(w.group(1), 16))
+        waits.extend(here)
+        if here:
+            loop_waits.append(min(here))
         st.loop_notes.append(f"loop @0x{insns[lp[0]][0]:x}: {mmas} MMA, {copies} async copies"
                              + (", waits for all copies" if full_wait else ""))
+    if any(lp for lp in loops if any(inside(q, lp) for q in mma_loops) and lp not in mma_loops):
+        st.outer_loops += 1  # an outer loop issuing no MMA itself
+    st.wgmma_wait = min(waits) if waits else -1
+    st.wgmma_wait_max = max(loop_waits) if loop_waits else -1
     return st
 
 
@@ -422,6 +494,9 @@ class AuditRow:
     dot_loops: int = 0
     pipelined_loops: int = 0
     double_buffered_loops: int = 0
+    persistent: bool = False     # a loop over tiles around the K-loops, on a grid that fits the GPU at once
+    wgmma_wait: int = -1         # least N of the K-loops' "wgmma.wait_group N" (N >= 1: an MMA stays in flight)
+    wgmma_wait_max: int = -1     # the K-loop keeping the most MMAs in flight
     seconds: float = 0.0
     error: str = ""
     notes: str = ""
@@ -493,6 +568,26 @@ def audit_spec(spec: AuditSpec, machine: Machine = SM90) -> AuditRow:
     return dataclasses.replace(row, variant=spec.variant, origin="pinned" if spec.pinned else "autotune")
 
 
+@contextlib.contextmanager
+def _ptxas_log_to(buf: io.StringIO) -> Iterator[None]:
+    """Triton's own ``ptxas -v`` log (it prints it when ``knobs.nvidia.dump_ptxas_log`` is set)
+    into ``buf``: the registers and spills of the very binary it builds, with the flags its
+    version uses, for the price of no extra ptxas run."""
+    try:
+        from triton import knobs
+
+        old = knobs.nvidia.dump_ptxas_log
+        knobs.nvidia.dump_ptxas_log = True
+    except Exception:  # noqa: BLE001 - an older Triton: the audit runs ptxas itself
+        yield
+        return
+    try:
+        with contextlib.redirect_stdout(buf):
+            yield
+    finally:
+        knobs.nvidia.dump_ptxas_log = old
+
+
 def _compile(spec: AuditSpec, capability: int, machine: Machine = SM90) -> AuditRow:
     import triton
     from triton.backends.compiler import GPUTarget
@@ -505,9 +600,11 @@ def _compile(spec: AuditSpec, capability: int, machine: Machine = SM90) -> Audit
     cx = dict(spec.constexprs)
     sig = {n: ("constexpr" if n in cx else types.get(n, "i32")) for n in fn.arg_names}
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in spec.divisible if n in fn.arg_names}
+    ptxas_log = io.StringIO()
     try:
         src = ASTSource(fn, sig, constexprs=cx, attrs=attrs)
-        with warnings.catch_warnings():  # Triton 3.9 notes its FP-fusion default (the launch default: kept)
+        with warnings.catch_warnings(), _ptxas_log_to(ptxas_log):
+            # (Triton 3.9 notes its FP-fusion default, the launch default: kept)
             warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION")
             ck = triton.compile(src, target=GPUTarget("cuda", capability, 32),
                                 options=dict(num_warps=spec.num_warps, num_stages=spec.num_stages))
@@ -516,30 +613,30 @@ def _compile(spec: AuditSpec, capability: int, machine: Machine = SM90) -> Audit
         row.seconds = time.perf_counter() - t0
         return row
     dyn_smem = int(getattr(ck.metadata, "shared", 0) or 0)
+    # the spills of the binary Triton built, from its own ptxas run's log; only a binary from
+    # Triton's on-disk cache (no ptxas run) is assembled again here to read them
+    info = next(iter(parse_ptxas(ptxas_log.getvalue()).values()), {})
+    ptxas = ptxas_path(capability)
     with tempfile.TemporaryDirectory() as tmp:
-        ptx = Path(tmp) / "k.ptx"
-        ptx.write_text(ck.asm["ptx"])
         cubin = Path(tmp) / "k.cubin"
         cubin.write_bytes(ck.asm["cubin"])
-        ptxas = ptxas_path(capability)
-        arch = f"sm_{capability}a" if capability >= 90 else f"sm_{capability}"
-        info = {}
-        if ptxas:
+        if not info and ptxas:
+            ptx = Path(tmp) / "k.ptx"
+            ptx.write_text(ck.asm["ptx"])
+            arch = f"sm_{capability}a" if capability >= 90 else f"sm_{capability}"
             r = _run([ptxas, "-lineinfo", "-v", "--regAllocOptLevel=2", f"--gpu-name={arch}", str(ptx),
                       "-o", str(Path(tmp) / "v.cubin")])
             if r.returncode != 0:  # older ptxas without --regAllocOptLevel
                 r = _run([ptxas, "-lineinfo", "-v", f"--gpu-name={arch}", str(ptx), "-o", str(Path(tmp) / "v.cubin")])
-            parsed = parse_ptxas(r.stdout + r.stderr)
-            info = next(iter(parsed.values()), {})
+            info = next(iter(parse_ptxas(r.stdout + r.stderr).values()), {})
         cuobjdump = _triton_tool("cuobjdump")
         static_smem, regs = 0, info.get("regs", 0)
         sass = ""
-        if cuobjdump:
-            res = _run([cuobjdump, "-res-usage", str(cubin)]).stdout
-            m = re.search(r"REG:(\d+).*?SHARED:(\d+)", res)
+        if cuobjdump:  # resources and SASS in one call
+            sass = _run([cuobjdump, "-res-usage", "-sass", str(cubin)]).stdout
+            m = re.search(r"REG:(\d+).*?SHARED:(\d+)", sass)
             if m:
                 regs, static_smem = int(m.group(1)), int(m.group(2))
-            sass = _run([cuobjdump, "-sass", str(cubin)]).stdout
     row.regs = regs
     row.spill_stores = info.get("spill_stores", 0)
     row.spill_loads = info.get("spill_loads", 0)
@@ -554,6 +651,10 @@ def _compile(spec: AuditSpec, capability: int, machine: Machine = SM90) -> Audit
         row.wgmma, row.hmma, row.async_copies, row.tma = st.wgmma, st.hmma, st.async_copies, st.tma
         row.dot_loops, row.pipelined_loops = st.dot_loops, st.pipelined_loops
         row.double_buffered_loops = st.double_buffered_loops
+        row.wgmma_wait, row.wgmma_wait_max = st.wgmma_wait, st.wgmma_wait_max
+        grid = spec.grid[0] if spec.grid else 0
+        row.persistent = (spec.persistent and bool(st.outer_loops)
+                          and 0 < grid <= machine.sms * max(row.ctas_per_sm, 1))
         if row.pipelined_loops < row.dot_loops:
             notes.extend(st.loop_notes)
     else:
@@ -715,19 +816,22 @@ def _fmt_bytes(n: int) -> str:
 
 
 def markdown_table(rows: list[AuditRow]) -> str:
-    head = ("| kernel | origin | config | variant | regs | spills (st+ld B) | smem | CTAs/SM | wgmma | "
-            "async copies | pipelined |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
+    head = ("| kernel | origin | config | variant | regs | spills (st+ld B) | smem | CTAs/SM | wgmma | wait_group | "
+            "async copies | pipelined | persistent |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
     lines = []
     for r in rows:
         r = dataclasses.replace(r, variant=r.variant.replace("|", "/"))  # markdown cells
         if r.error:
-            lines.append(f"| {r.kernel} | {r.origin} | {r.config} | {r.variant} | error: {r.error} ||||||||")
+            lines.append(f"| {r.kernel} | {r.origin} | {r.config} | {r.variant} | error: {r.error} ||||||||||")
             continue
         mma = f"{r.wgmma}" + (f" (+{r.hmma} HMMA)" if r.hmma else "")
         cp = f"{r.async_copies}" + (f" ({r.tma} TMA)" if r.tma else "")
+        wait = "-" if r.wgmma_wait < 0 else (str(r.wgmma_wait) if r.wgmma_wait == r.wgmma_wait_max
+                                              else f"{r.wgmma_wait}-{r.wgmma_wait_max}")
         lines.append(f"| {r.kernel} | {r.origin} | {r.config} | {r.variant} | {r.regs} | "
-                     f"{r.spill_stores}+{r.spill_loads} | {_fmt_bytes(r.smem)} | {r.ctas_per_sm} | {mma} | {cp} | "
-                     f"{r.pipelined} |")
+                     f"{r.spill_stores}+{r.spill_loads} | {_fmt_bytes(r.smem)} | {r.ctas_per_sm} | {mma} | "
+                     f"{wait} | {cp} | "
+                     f"{r.pipelined} | {'yes' if r.persistent else 'no'} |")
     return head + "\n".join(lines) + "\n"
 
 
@@ -741,8 +845,8 @@ def summary_table(rows: list[AuditRow]) -> str:
         lo, hi = min(vals), max(vals)
         return f"{lo}" if lo == hi else f"{lo}-{hi}"
 
-    out = ["| kernel | origin | configs | regs | max spills (B) | smem (KB) | CTAs/SM | wgmma | async copies | "
-           "K-loops pipelined |", "|---|---|---|---|---|---|---|---|---|---|"]
+    out = ["| kernel | origin | configs | regs | max spills (B) | smem (KB) | CTAs/SM | wgmma | wait_group | "
+           "async copies (TMA) | K-loops pipelined | persistent |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for (k, o), rs in groups.items():
         ok = [r for r in rs if not r.error]
         if not ok:
@@ -751,11 +855,14 @@ def summary_table(rows: list[AuditRow]) -> str:
         loops = sum(r.dot_loops for r in ok)
         piped = sum(r.pipelined_loops for r in ok)
         dbuf = sum(r.double_buffered_loops for r in ok)
+        waits = [r.wgmma_wait for r in ok if r.wgmma_wait >= 0]
+        pers = sum(r.persistent for r in ok)
         out.append(f"| {k} | {o} | {len(rs)}{' (' + str(len(rs) - len(ok)) + ' failed)' if len(ok) < len(rs) else ''}"
                    f" | {rng([r.regs for r in ok])} | {max(r.spills for r in ok)} | "
                    f"{rng([round(r.smem / 1024, 1) for r in ok])} | {rng([r.ctas_per_sm for r in ok])} | "
-                   f"{rng([r.wgmma for r in ok])} | {rng([r.async_copies for r in ok])} | "
-                   f"{piped}/{loops}{f' ({dbuf} double-buffered)' if dbuf else ''} |")
+                   f"{rng([r.wgmma for r in ok])} | {rng(waits) if waits else '-'} | "
+                   f"{rng([r.async_copies for r in ok])} ({rng([r.tma for r in ok])}) | "
+                   f"{piped}/{loops}{f' ({dbuf} double-buffered)' if dbuf else ''} | {pers}/{len(ok)} |")
     return "\n".join(out) + "\n"
 
 

@@ -12,16 +12,22 @@ schedule.
 What the kernels do (the kernel files have the math):
 
 fused (forward y = x·W_Gᵀ + ((x·V_T[ids]ᵀ) ⊙ s)·U_T[ids] + b, and dx the same with g, W_G, U_T, V_T)
-    One program per output tile, the programs of a row tile consecutive in launch order, so
-    a row's tiles run together and its A block (BM×KD) comes from HBM once. Tile 0 of a row
-    runs as G owner sub-tiles of BN/G columns that also compute KP/NSH columns of the shrink
-    (h = a·P[ids]ᵀ) and publish them; being shorter than a tile, they finish before the other
-    tiles of the row need h at their epilogue (a part not published then is recomputed).
-    Every program of row r starts its K-loop at step (r·stride) mod steps. Without a dense
-    term (path M2) or without outputs (shrink only) a program owns a row tile and NG of its
-    N-tiles instead ("row programs"): the shrink, then the expand into each tile.
+    One program per output tile, row-major, run by a persistent grid (SMs × CTAs/SM) that
+    takes them in that order from a device counter, so a row's tiles run together and its A
+    block (BM×KD) comes from HBM once. Tile 0 of a row runs as G owner sub-tiles of BN/G
+    columns that also compute KP/NSH columns of the shrink (h = a·P[ids]ᵀ) and publish them;
+    being shorter than a tile, they finish before the other tiles of the row need h at their
+    epilogue (a part not published then is recomputed). Every program of row r starts its
+    K-loop at step (r·stride) mod steps. The dx pass with the tailor-gradient partials adds
+    the owners' dU_T dot (their work (BN/G + 2·KP/NSH)/BN) and each tile's x read and dV_T
+    partial. Without a dense term (path M2) or without outputs (shrink only) a program owns a
+    row tile and NG of its N-tiles instead ("row programs"): the shrink, then the expand.
 
-tailor_grad (dU_T = Σ_m (h ⊙ s)ᵀ g, dV_T = Σ_m (dh_s ⊙ s)ᵀ x, scattered to the tailors)
+tailor_reduce (path M1 backward: dU_T, dV_T from the dx pass's slot partials; dσ_T, dval)
+    Programs (tailor block, column block, split) gather, for each row tile of their split,
+    the partial rows of their tailors; splits are added in order by the last to arrive.
+
+tailor_grad (the other backwards: dU_T = Σ_m (h ⊙ s)ᵀ g, dV_T = Σ_m (dh_s ⊙ s)ᵀ x, scattered)
     Programs (tailor block, column block, split), tailor block fastest. With block gates
     (2K <= N_T) each tailor block walks a compacted list of the row tiles whose class uses
     it; SPLIT programs share a block's list and write fp32 partials summed in a fixed order.
@@ -65,9 +71,11 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 __all__ = ["Gpu", "H100", "REFERENCE", "FusedPlan", "TailorPlan", "plan_fused", "plan_tailor_grad",
+           "TailorReducePlan", "plan_tailor_reduce", "partials_supported",
            "padded_active", "row_tile", "samples_per_tile", "fused_unsupported", "owner_split", "k_rotation",
            "rotation_stride", "Traffic", "traffic_fused", "traffic_tailor_grad", "dit_xl_rows", "MAX_ACTIVE",
            "MergedGemmPlan", "MergedDwPlan", "merged_row_tile", "plan_merged_gemm", "plan_merged_dw",
+           "traffic_tailor_reduce", "traffic_dx_partials",
            "traffic_merged_gemm", "dit_xl_merged_rows", "cfg_slots", "merged_grouped_tile"]
 
 MAX_ACTIVE = 128  # largest supported K (padded): the BM×KP fp32 shrink accumulator lives in registers
@@ -171,6 +179,7 @@ class FusedPlan:
     ctas_per_sm: int     # resident programs per SM the plan assumes (the audit checks it)
     m_tiles: int
     n_tiles: int
+    grid: int = 0        # tile programs: persistent CTAs (<= SMs × ctas_per_sm), each looping over programs
 
     @property
     def programs(self) -> int:
@@ -180,25 +189,29 @@ class FusedPlan:
         return asdict(self)
 
 
-def _tile_config(n: int, kd: int, kp: int, bm: int, interpret: bool, one: bool = True) -> tuple[int, int, int, int]:
+def _tile_config(n: int, kd: int, kp: int, bm: int, interpret: bool, one: bool = True,
+                 partials: bool = False) -> tuple[int, int, int, int]:
     """(BN, BK, num_warps, num_stages) of the pinned fused configs: BN 64 for narrow layers and
-    KP = 128, else 128 (and 128 for mixed-class tiles, whose owners need the room)."""
+    KP >= 64 (a (BM, KP) shrink and a (KP, BN) expand operand beside a 128×128 accumulator
+    spill), else 128 (and 128 for mixed-class tiles, whose owners need the room)."""
     if interpret:
         return 32, 32, 4, 1
-    bn = 64 if ((n <= 512 and one) or kp >= 128) else 128
+    bn = 64 if ((n <= 512 and one) or kp >= 64) else 128
     bk = 64 if kd >= 64 else 32
-    # 4 warps spill (static audit) at 128x128 tiles, at KP = 128 and with mixed-class tiles
-    warps = 8 if (bm * bn >= 128 * 128 or kp >= 128 or not one) else 4
+    # 4 warps spill (static audit) at 128x128 tiles, at KP >= 64, with mixed-class tiles and
+    # with the dx pass's tailor-gradient partials
+    warps = 8 if (bm * bn >= 128 * 128 or kp >= 64 or not one or partials) else 4
     return bn, bk, warps, 3
 
 
-def owner_split(kp: int, bn: int, n: int, spt: int = 1) -> tuple[int, int]:
+def owner_split(kp: int, bn: int, n: int, spt: int = 1, du: bool = False) -> tuple[int, int]:
     """(G, NSH): tile 0 of every row runs as G owner sub-tiles of BN/G columns; the first NSH
     of them also compute KP/NSH columns of the shrink (>= 16 each, tl.dot's minimum), for each
-    of the SPT samples of a mixed tile. An owner's MMA work is (BN/G + SPT·KP/NSH)/BN of a
-    tile; G is the smallest power of two that keeps it <= 3/4, so owners publish their part of
-    h well before the other tiles of the row (launched with them) reach their epilogue, and a
-    one-class row costs exactly its tiles plus the shrink, (N + KP)/BN tile-times. Sub-tiles
+    of the SPT samples of a mixed tile, and in the dx pass with tailor-gradient partials (``du``)
+    as many columns of dU_T's partials again. An owner's MMA work is (BN/G + (1 + du)·SPT·KP/NSH)
+    /BN of a tile; G is the smallest power of two that keeps it <= 3/4, so owners publish their
+    part of h well before the other tiles of the row (run with them) reach their epilogue, and
+    a one-class row costs exactly its tiles plus the shrink, (N + KP)/BN tile-times. Sub-tiles
     stay >= 16 columns (if none gets to 3/4, the split with the least owner work). A row of
     one tile (N <= BN) is one program: (1, 1)."""
     if n <= bn:
@@ -207,7 +220,7 @@ def owner_split(kp: int, bn: int, n: int, spt: int = 1) -> tuple[int, int]:
     g = 2
     while bn // g >= 16:
         nsh = max(1, min(g, kp // 16))
-        work = (bn // g + spt * (kp // nsh)) / bn
+        work = (bn // g + (2 if du else 1) * spt * (kp // nsh)) / bn
         if work < best_work - 1e-9:
             best, best_work = (g, nsh), work
         if work <= 0.75:
@@ -247,28 +260,33 @@ def n_groups(m_tiles: int, n_tiles: int, shrink_cost: float, sms: int) -> int:
 
 
 def plan_fused(m: int, n: int, kd: int, k: int, t: int, *, has_base: bool = True, has_out: bool = True,
-               interpret: bool = False, gpu: Gpu = REFERENCE, sms: int | None = None) -> FusedPlan:
+               partials: bool = False, interpret: bool = False, gpu: Gpu = REFERENCE,
+               sms: int | None = None) -> FusedPlan:
     """The launch plan of the fused / rows kernel for one shape (M rows, N outputs, KD the
-    reduction, K active tailors, T rows per sample). ``sms`` overrides the GPU's SM count (the
-    launcher passes the device's; the interpreter uses 4 so that the split paths get exercised)."""
+    reduction, K active tailors, T rows per sample; ``partials``: the dx pass that also writes
+    the tailor-gradient partials). ``sms`` overrides the GPU's SM count (the launcher passes the
+    device's; the interpreter uses 4 so that the split and persistent paths get exercised).
+    Tile programs run on a persistent grid of min(programs, SMs × CTAs/SM) CTAs."""
     kp = padded_active(k)
     sms = gpu.sms if sms is None else sms
     bm, one = row_tile(t, kp, interpret)
     spt = 1 if one else samples_per_tile(bm, t)
-    bn, bk, warps, stages = _tile_config(n, kd, kp, bm, interpret, one)
+    bn, bk, warps, stages = _tile_config(n, kd, kp, bm, interpret, one, partials)
     m_tiles, n_tiles = cdiv(m, bm), cdiv(n, bn)
     # resident programs per SM as compiled for sm_90 (tests/test_audit.py checks the DiT-XL/2
     # configs against the compiler): ~200-255 registers per thread, so one block of 8 warps
     # or two of 4 warps
     ctas = 1 if warps == 8 else 2
     if has_base and has_out:
-        g, nsh = owner_split(kp, bn, n, spt)
-        return FusedPlan(True, bm, bn, bk, kp, g, nsh, 1, one, spt, warps, stages, ctas, m_tiles, n_tiles)
+        g, nsh = owner_split(kp, bn, n, spt, du=partials)
+        programs = m_tiles * (g + n_tiles - 1)
+        return FusedPlan(True, bm, bn, bk, kp, g, nsh, 1, one, spt, warps, stages, ctas, m_tiles, n_tiles,
+                         min(programs, sms * ctas))
     if has_out:  # path M2: row programs, shrink then expand; the shrink costs KD/BN expand tiles
         ng = n_groups(m_tiles, n_tiles, kd / bn, sms * ctas)
     else:
         ng = 1
-    return FusedPlan(False, bm, bn, bk, kp, 1, 1, ng, one, spt, warps, stages, ctas, m_tiles, n_tiles)
+    return FusedPlan(False, bm, bn, bk, kp, 1, 1, ng, one, spt, warps, stages, ctas, m_tiles, n_tiles, m_tiles * ng)
 
 
 @dataclass(frozen=True)
@@ -312,6 +330,47 @@ def plan_tailor_grad(m: int, o: int, n_t: int, k: int, t: int, *, interpret: boo
         split -= 1
     split = cdiv(m_tiles, cdiv(m_tiles, split))  # no empty split
     return TailorPlan(bm, bt, bo, split, skip, one, warps, stages, ctas, m_tiles, t_blocks, o_blocks)
+
+
+@dataclass(frozen=True)
+class TailorReducePlan:
+    BT: int               # tailors per program
+    BO: int               # columns per program
+    SPLIT: int            # programs sharing a (tailor block, column block): row tiles split in order
+    num_warps: int
+    num_stages: int
+    programs: int         # dU_T and dV_T programs (the gate-gradient programs come on top)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+REDUCE_ROWS = 128  # row tiles one reduction program walks at most (8 per step)
+
+
+def partials_supported(t: int, k: int, interpret: bool = False) -> bool:
+    """Whether the dx pass takes the tailor-gradient partials (``kernels.kind_linear.fused_dx``):
+    one class per row tile (T a multiple of the row tile) and KP <= 64 (with KP = 128 an owner
+    carrying the dU_T partials would run longer than a tile). Otherwise the backward runs the
+    separate tailor-gradient kernels."""
+    kp = padded_active(k)
+    return kp <= 64 and row_tile(t, kp, interpret)[1]
+
+
+def plan_tailor_reduce(m: int, n_out: int, n_in: int, n_t: int, k: int, t: int, bm: int, *, interpret: bool = False,
+                       gpu: Gpu = REFERENCE, sms: int | None = None) -> TailorReducePlan:
+    """Launch plan of kind_linear_tailor_reduce_kernel: programs (tailor block of BT, column
+    block of BO, split) over dU_T (N_T × out) and dV_T (N_T × in). SPLIT splits the row tiles,
+    in order, so that the launch has a program per SM at least (a DiT-XL/2 layer at M = 8192:
+    6 · (18 + 18) = 216 programs, SPLIT = 1, no fp32 sums to add up) and no program walks more
+    than REDUCE_ROWS row tiles (M = 65536: SPLIT = 4), never more splits than row tiles."""
+    sms = gpu.sms if sms is None else sms
+    bt, bo = (16, 16) if interpret else (16, 64)
+    blocks = cdiv(n_t, bt) * (cdiv(n_out, bo) + cdiv(n_in, bo))
+    m_tiles = cdiv(m, bm)
+    split = max(1, min(m_tiles, max(cdiv(sms, max(blocks, 1)), cdiv(m_tiles, REDUCE_ROWS))))
+    split = cdiv(m_tiles, cdiv(m_tiles, split))  # no empty split
+    return TailorReducePlan(bt, bo, split, 4, 2, blocks * split)
 
 
 # -------------------------------------------------------------------------------------
@@ -521,7 +580,8 @@ def traffic_fused(m: int, n: int, kd: int, k: int, t: int, *, pass_: str = "forw
     for _, j in order:  # MMA work: the full tile width (masked columns still run) + shrink columns
         _, w, sh = cols_of(j)
         durs.append((w + sh) / bn)
-    starts = _dispatch(durs, slots)
+    # a persistent grid takes programs in launch order from a device counter: the same order
+    starts = _dispatch(durs, min(slots, plan.grid) if plan.grid else slots)
     tr.programs = len(order)
     tr.waves = sum(durs) / slots
     publish = {}
@@ -734,23 +794,57 @@ LAYERS = (("q", 1152, 1152), ("k", 1152, 1152), ("v", 1152, 1152), ("proj", 1152
           ("fc2", 4608, 1152))
 
 
+def traffic_tailor_reduce(m: int, n_out: int, n_in: int, n_t: int, k: int, t: int, *, gpu: Gpu = REFERENCE,
+                          elt: int = 2) -> Traffic:
+    """Bytes of kind_linear_tailor_reduce_kernel: every written slot partial of dU_T and dV_T
+    (K per row tile) read once, each program's fp32 sum written and read back when SPLIT > 1,
+    the gradients written. Its programs each read disjoint partial rows once: no reuse to
+    model. Compulsory: the partials and the gradients."""
+    bm = row_tile(t, padded_active(k), False)[0]
+    plan = plan_tailor_reduce(m, n_out, n_in, n_t, k, t, bm, gpu=gpu)
+    tr = Traffic()
+    partials = cdiv(m, bm) * k * (n_out + n_in) * elt
+    grads = n_t * (n_out + n_in) * elt
+    tr.compulsory = partials + grads
+    tr.read = partials + (plan.SPLIT * n_t * (n_out + n_in) * 4 if plan.SPLIT > 1 else 0)
+    tr.written = grads + (plan.SPLIT * n_t * (n_out + n_in) * 4 if plan.SPLIT > 1 else 0)
+    tr.programs = plan.programs
+    return tr
+
+
+def traffic_dx_partials(m: int, n_in: int, n_out: int, k: int, t: int, *, gpu: Gpu = REFERENCE, elt: int = 2,
+                        n_t: int = 96) -> Traffic:
+    """The dx pass with the tailor-gradient partials (kernels.kind_linear.fused_dx): the fused
+    kernel's schedule replayed as ``traffic_fused`` does (dx, dh_s, the ds partials), plus x read
+    once (each tile reads the x tile matching its dx tile, in the row order the L2 model
+    already sees streaming) and the dU_T / dV_T slot partials written once. The added bytes are
+    compulsory for this pass: they count on both sides."""
+    plan = plan_fused(m, n_in, n_out, k, t, partials=True, gpu=gpu)
+    tr = traffic_fused(m, n_in, n_out, k, t, pass_="dx", plan=plan, gpu=gpu, elt=elt, n_t=n_t)
+    extra = m * n_in * elt + plan.m_tiles * plan.KP * (n_in + n_out) * elt
+    tr.compulsory += extra
+    tr.read += m * n_in * elt
+    tr.written += plan.m_tiles * plan.KP * (n_in + n_out) * elt
+    return tr
+
+
 def dit_xl_rows(ms: Sequence[int] = (8192, 65536), gpu: Gpu = REFERENCE, layers=LAYERS) -> list[dict]:
-    """Modelled and compulsory bytes of every DiT-XL/2 layer pass (forward, dx, dU_T, dV_T)."""
+    """Modelled and compulsory bytes of every DiT-XL/2 layer pass of path M1 (forward; dx with
+    the tailor-gradient partials; the reduction to dU_T, dV_T, dσ_T, dval)."""
     k, n_t, t = DIT_XL["k"], DIT_XL["n_t"], DIT_XL["t"]
     rows = []
     cache: dict = {}
     for m in ms:
         for name, n_in, n_out in layers:
-            for pname in ("forward", "dx", "dU_T", "dV_T"):
+            for pname in ("forward", "dx", "tailor reduce"):
                 key = (m, n_in, n_out, pname)
                 if key not in cache:
                     if pname == "forward":
                         cache[key] = traffic_fused(m, n_out, n_in, k, t, pass_="forward", gpu=gpu, n_t=n_t)
                     elif pname == "dx":
-                        cache[key] = traffic_fused(m, n_in, n_out, k, t, pass_="dx", gpu=gpu, n_t=n_t)
+                        cache[key] = traffic_dx_partials(m, n_in, n_out, k, t, gpu=gpu, n_t=n_t)
                     else:
-                        o = n_out if pname == "dU_T" else n_in
-                        cache[key] = traffic_tailor_grad(m, o, n_t, k, t, gpu=gpu)
+                        cache[key] = traffic_tailor_reduce(m, n_out, n_in, n_t, k, t, gpu=gpu)
                 tr = cache[key]
                 rows.append(dict(layer=f"DiT-XL/2.{name}", pass_=pname, M=m, n_in=n_in, n_out=n_out,
                                  compulsory=tr.compulsory, modelled=tr.total, ratio=tr.ratio, waves=tr.waves,
@@ -804,7 +898,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             "kernels use, replayed through the L2 model whose assumptions are in the docstring of "
             "`kind_fast/perfmodel.py`: K = 32 of N_T = 96 tailors per class (block gates, uniformly random "
             "classes), T = 256 rows per image, bf16. Compulsory: every input read once, every output written "
-            "once. Path M3 rows: the segmented GEMM over the two cached merged weights of a CFG batch (first half "
+            "once. The dx pass (path M1's backward) includes x read once and the tailor-gradient slot partials "
+            "written once; the tailor reduce pass reads them. Path M3 rows: the segmented GEMM over the two cached "
+            "merged weights of a CFG batch (first half "
             "class c, second half null; B = M / 256 images). Not measured on a GPU.\n\n" + markdown(rows, gpu))
     print(text)
     if args.markdown:

@@ -69,6 +69,39 @@ def test_sass_loop_rules():
     assert (st.dot_loops, st.pipelined_loops) == (1, 1)  # the outer loop issues no MMA itself
 
 
+def test_sass_stub_jumps_outer_loops_and_wgmma_waits():
+    """An mbarrier wait's out-of-line retry stub (after the last unconditional EXIT) jumps back
+    into the body: not a loop. A loop around K-loops (a persistent kernel's loop over tiles,
+    with the epilogue's own MMA) is an outer loop, not a K-loop. The wait_group depth of each
+    K-loop is read from WARPGROUP.DEPBAR."""
+    body = [(0x10, "MOV R1, R2"),                                   # outer loop head
+            (0x20, "UTMALDG.2D [UR8], [UR4]"),
+            (0x30, "SYNCS.PHASECHK.TRANS64.TRYWAIT P5, [UR13+0x100], R81"),
+            (0x40, "@!P5 BRA 0x200"),                               # to the stub
+            (0x50, "HGMMA.64x128x16.F32.BF16 R24, gdesc[UR8], R24, gsb0"),
+            (0x60, "WARPGROUP.DEPBAR.LE gsb0, 0x1"),
+            (0x70, "UTMALDG.2D [UR8], [UR4]"),
+            (0x80, "@P3 BRA 0x30"),                                 # the K-loop's back-edge
+            (0x90, "WARPGROUP.DEPBAR.LE gsb0, 0x0"),
+            (0xa0, "HGMMA.64x64x16.F32.BF16 R24, R56, gdesc[UR8].tnspB, R24, gsb0"),  # epilogue expand
+            (0xb0, "@P4 BRA 0x10"),                                 # the tile loop's back-edge
+            (0xc0, "EXIT"),
+            (0x200, "SYNCS.PHASECHK.TRANS64.TRYWAIT P5, [UR13+0x100], R81"),
+            (0x210, "@!P5 BRA 0x200"),
+            (0x220, "BRA 0x40")]                                    # back into the K-loop
+    st = audit.sass_stats(audit.split_sass("Function : k\n" + _sass(body))["k"])
+    assert (st.dot_loops, st.pipelined_loops, st.outer_loops, st.tma, st.wgmma_wait) == (1, 1, 1, 2, 1)
+    drained = [(a, "WARPGROUP.DEPBAR.LE gsb0, 0x0") if a == 0x60 else (a, t) for a, t in body]
+    st = audit.sass_stats(audit.split_sass("Function : k\n" + _sass(drained))["k"])
+    assert st.wgmma_wait == 0 and st.wgmma_wait_max == 0
+    loads_first = [(0x48, "UTMALDG.2D [UR8], [UR4]") if a == 0x70 else (a, t) for a, t in body]
+    st = audit.sass_stats(audit.split_sass("Function : k\n" + _sass(sorted(loads_first)))["k"])
+    assert (st.dot_loops, st.pipelined_loops) == (1, 0)  # the loop loads what it multiplies
+    no_exit = [(a, t) for a, t in body if t != "EXIT"]  # without the EXIT the stub's jump is a loop
+    st = audit.sass_stats(audit.split_sass("Function : k\n" + _sass(no_exit))["k"])
+    assert st.dot_loops + st.outer_loops > 2
+
+
 def test_occupancy_rules():
     assert audit.occupancy(211, 107520, 256) == 1   # the fused kernel's DiT config
     assert audit.occupancy(128, 50692, 128) == 4    # the tailor-gradient kernel
@@ -125,6 +158,26 @@ def test_every_pinned_config_compiles_without_spills_with_wgmma_and_pipelined_k_
         if s.kernel in DOT_KERNELS:  # every kernel with a tl.dot runs it on warpgroup MMA,
             assert r.wgmma > 0 and r.hmma == 0, (s.kernel, r.config)
             assert r.dot_loops >= 1 and r.async_copies > 0 and r.pipelined_loops == r.dot_loops, (s.kernel, r.config)
+
+
+def test_the_production_forward_is_persistent_loads_through_tma_and_keeps_mmas_in_flight(pinned):
+    """docs/design.md §6: the forward configs DiT-XL/2 runs (path M1, one-class 128-row tiles)
+    loop over tiles on a grid the GPU holds at once, load x and W_G through TMA descriptors, and
+    every K-loop keeps a warpgroup MMA in flight (wgmma.wait_group >= 1). The dx kernel with the
+    tailor-gradient partials: persistent and TMA too; its plain tiles' K-loop keeps an MMA in
+    flight, its owners' K-loop waits for each (they store every K-step's dU_T slice)."""
+    fused = [(s, r) for s, r in pinned if s.kernel == "kind_linear_fused_kernel" and s.variant.startswith("DiT-XL/2")
+             and "T=256" in s.variant and dict(s.constexprs)["BM"] == 128]
+    fwd = [(s, r) for s, r in fused if dict(s.constexprs)["B_TRANS"]]
+    dx = [(s, r) for s, r in fused if dict(s.constexprs)["DU_PART"]]
+    assert fwd and dx
+    for s, r in fwd + dx:
+        assert r.tma > 0 and r.persistent, (s.variant, r.config)
+        assert dict(s.constexprs)["TMA"] and s.grid[0] <= audit.SM90.sms * r.ctas_per_sm
+    for s, r in fwd:
+        assert r.wgmma_wait >= 1, (s.variant, r.config, r.notes)
+    for s, r in dx:
+        assert r.wgmma_wait_max >= 1, (s.variant, r.config, r.notes)
 
 
 def test_the_traffic_model_assumes_the_occupancy_the_compiler_gives(pinned):
@@ -219,3 +272,4 @@ def test_tables(pinned):
     assert table.count("\n") == len(rows) + 2 and "kind_linear_fused_kernel" in table
     summary = audit.summary_table(rows)
     assert "| kind_linear_tailor_grad_kernel | pinned |" in summary
+    assert "| kind_linear_tailor_reduce_kernel | pinned |" in summary and "persistent" in summary

@@ -320,7 +320,7 @@ def test_autotune_space_is_pruned_and_wraps_the_kernel(interpreter):
 
     K = _kernels()
     tuner = K._autotuned_fused(1152, 32, 128)
-    assert len(tuner.configs) >= 3 and tuner.reset_to_zero == ["flag_ptr"]
+    assert len(tuner.configs) >= 3 and not tuner.reset_to_zero  # epoch flags: nothing to zero between trials
     for kp, bm in ((128, 64), (32, 128), (64, 64)):
         kept = K.autotune_configs(1152, kp, bm)
         assert kept

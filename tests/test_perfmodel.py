@@ -25,7 +25,7 @@ def merged_rows():
 def test_every_dit_xl_pass_moves_at_most_115_percent_of_the_compulsory_bytes(dit_rows):
     layers = {r["layer"] for r in dit_rows}
     assert layers == {f"DiT-XL/2.{n}" for n in ("q", "k", "v", "proj", "fc1", "fc2")}
-    assert {r["pass_"] for r in dit_rows} == {"forward", "dx", "dU_T", "dV_T"}
+    assert {r["pass_"] for r in dit_rows} == {"forward", "dx", "tailor reduce"}
     assert {r["M"] for r in dit_rows} == {8192, 65536}
     over = [(r["layer"], r["pass_"], r["M"], round(r["ratio"], 3)) for r in dit_rows if r["ratio"] > BOUND]
     assert not over, f"passes over {BOUND}x the compulsory HBM bytes: {over}"
@@ -89,6 +89,21 @@ def test_plans_of_the_dit_shapes():
     m2 = pm.plan_fused(512, 640, 640, 64, 256, has_base=False)
     assert not m2.tiles and m2.NG >= 2  # few row tiles: split the N-tiles over programs
     assert pm.plan_fused(512, 640, 640, 64, 256, has_base=True, has_out=False).NG == 1
+
+
+def test_the_tailor_reduction_fills_the_gpu_and_keeps_its_sums_small():
+    """kind_linear_tailor_reduce_kernel's plan for the DiT-XL/2 layers: at least one program per
+    SM at M = 8192 (the separate passes it replaces ran 18), no split (no fp32 sums) there, and
+    at M = 65536 splits that keep each program to REDUCE_ROWS row tiles with sums worth < 10 %
+    of the partials it reads."""
+    for n_in, n_out in ((1152, 1152), (1152, 4608), (4608, 1152)):
+        small = pm.plan_tailor_reduce(8192, n_out, n_in, 96, 32, 256, 128)
+        assert small.programs >= 132 and small.SPLIT == 1
+        big = pm.plan_tailor_reduce(65536, n_out, n_in, 96, 32, 256, 128)
+        assert pm.cdiv(512, big.SPLIT) <= pm.REDUCE_ROWS
+        assert big.SPLIT * 96 * (n_in + n_out) * 4 * 2 < 0.10 * 512 * 32 * (n_in + n_out) * 2
+    assert pm.partials_supported(256, 32) and pm.partials_supported(256, 64)
+    assert not pm.partials_supported(256, 100) and not pm.partials_supported(37, 32)
 
 
 def test_tailor_grad_split_keeps_partials_small():

@@ -16,7 +16,10 @@ Paths (the op family's cost model ``kind_fast.ops.paths.choose_path`` picks one 
 ``python -m kind_fast.info`` shows it for the DiT shapes and ``KIND_FAST_DEBUG=1`` logs each new
 choice and tile config to stderr):
     M1  one fused kernel: x·W_Gᵀ + gathered gated tailor term + bias, shrink in the same K-loop
-        (forward); dx fused the same way, dU_T/dV_T, dσ_T, dval by the tailor kernels (backward).
+        (forward, one launch); backward with one class per row tile (T a multiple of the row
+        tile, K <= 64): dx fused the same way, writing the slot partials of dU_T and dV_T on
+        the way, then one reduction launch for dU_T, dV_T, dσ_T, dval (+ dW_G and db when the
+        learngenes train); otherwise dx, then the separate tailor-gradient kernels.
     M2  fully factored (``kind_linear_factored``; the op family's entry point takes it on this
         backend when the cost model says so): the learngenes become N_G always-on slots of the
         same kernel, no W_G, no dense GEMM. Needs N_G + K <= 128.
@@ -24,8 +27,7 @@ choice and tile config to stderr):
         shrink accumulator in registers; M·max(in, out) >= 2^31: int32 offsets; on a GPU, rows
         per sample that would put more than 4 samples in a 64-row tile, or K > 64 with tiles
         that mix samples: kind_fast.perfmodel.fused_unsupported).
-    M3 (per-class merged weights for sampling) is evaluated by the cost model and reported, but
-    not implemented: where it would win, M1 runs.
+    M3 (per-class merged weights for sampling): kind_fast/ops/kind_linear_merged_triton.py.
 
 Supported: CUDA tensors in float16/bfloat16 (float32 runs the reference through the
 registry); with TRITON_INTERPRET=1 also CPU tensors in float16/float32 (the interpreter has
@@ -167,9 +169,25 @@ def kind_linear_triton_backward(
 
     # ---- learngene side: plain GEMM / reduction, only when asked for
     dw = g.t() @ x if need_dw else empty()
-    db = g.sum(0, dtype=torch.float32).to(x.dtype) if need_db else empty()
-    # ---- dx = g·W_G + (dh_s ⊙ s)·V_T[ids] fused, with dh_s and the ds partials on the way
+    db = g.sum(0) if need_db else empty()  # one launch (accumulated in fp32 by torch for half inputs)
     need_part = need_ds or need_dval
+    from kind_fast.perfmodel import partials_supported
+
+    if need_dx and w_g is not None and partials_supported(m // labels.shape[0], k, _interpret()):
+        # ---- path M1, one class per row tile: two launches. The dx kernel writes dx, the ds
+        # partials and the slot partials of dU_T (while g streams through its owners) and of
+        # dV_T (x read once); the reduction turns them into dU_T, dV_T, dσ_T and dval.
+        dx, part, pu, pv, cfg = kern.fused_dx(g, w_g, u_t, v_t, sigma, idx, val32, labels, h, x, need_du=need_du,
+                                              need_dv=need_dv, need_ds=need_part)
+        du_, dv_, dval_, dsig_ = kern.tailor_reduce(
+            pu, pv, part, idx, val32, sigma, labels, m, cfg["BM"], n_t=n_t, du_dtype=u_t.dtype, dv_dtype=v_t.dtype,
+            dval_dtype=val.dtype, dsig_dtype=sigma_t.dtype, need_dval=need_dval, need_dsig=need_ds)
+        pick = lambda t, need: t if need else empty()  # noqa: E731
+        _debug_log("backward", x, u_t.shape[1], k, n_t, labels.shape[0],
+                   f"mask={[int(v) for v in output_mask]} fused partials")
+        return dx, dw, db, pick(du_, need_du), pick(dsig_, need_ds), pick(dv_, need_dv), pick(dval_, need_dval)
+    # ---- otherwise (mixed-class tiles, path M2, no dx, KP = 128): dx fused the same way, with
+    # dh_s and the ds partials on the way, then the separate tailor-gradient kernels
     dx, dhs, part, cfg = empty(), None, None, None
     if need_dx or need_dv or need_part:
         out, dhs, part, cfg = kern.fused(

@@ -43,10 +43,12 @@ CHECK_CASES = ((72, 80, 24, 7, 3, 37, 5), (40, 56, 16, 9, 4, 3, 3))
 # BK = 64, 8 warps, two owner sub-tiles per row and block-gate tailor gradients (2K <= N_T, the
 # compacted row lists); KP = 64 likewise with other in/out; KP = 128 (BM = 64, BN = 64, four
 # owner sub-tiles, dense tailor gradients). Forward and dx both have >= 5 N-tiles per row. The
-# last case has enough rows (B = 48) for the tailor gradients to split the rows over programs
-# (fp32 partials), as DiT-XL/2 does at B = 256.
+# fourth case has enough rows (B = 48) for the tailor gradients to split the rows over programs
+# (fp32 partials), as DiT-XL/2 does at B = 256; the last one has as many tailor-gradient blocks
+# as the GPU has SMs, so its reduction runs unsplit, as DiT-XL/2's does at B = 32 (and a batch
+# divisible by 16, as DiT's, which Triton specialises on).
 TRITON_CASES = ((640, 640, 96, 32, 2, 256, 5), (576, 704, 128, 64, 2, 256, 5), (320, 384, 160, 100, 2, 256, 5),
-                (640, 640, 64, 32, 48, 256, 5))
+                (640, 640, 64, 32, 48, 256, 5), (704, 704, 96, 32, 16, 256, 5))
 # Path M2 (learngenes as N_G always-on slots of the factored kernel): (in, out, N_G, N_T, K, B, T, C);
 # N_G + K = 64 and 100 slots (KP = 64 with BM = 128, KP = 128 with BM = 64), several N-groups.
 FACTORED_CASES = ((640, 640, 32, 96, 32, 2, 256, 5), (320, 384, 68, 96, 32, 2, 256, 5))
