@@ -5,6 +5,7 @@ loop of SIGKILLs during checkpoint writes."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import signal
@@ -262,6 +263,35 @@ def test_resume_applies_changed_optimizer_settings(tmp_path):
     tr = Trainer(tiny_config(out, steps=3, optim=new), resume="auto", log=logs.append)
     tr.close()
     assert tr._apply_optim_settings() == []
+
+
+def test_cpu_optimizer_is_fused_and_an_older_checkpoint_resumes_with_it(tmp_path, monkeypatch):
+    """The CPU trainer's AdamW is PyTorch's fused one; a checkpoint written by the for-loop AdamW
+    (what older versions saved: fused/foreach None) still loads, and the resumed run uses the
+    fused implementation, as a fresh run would (one implementation within a run from then on)."""
+    from kind_fast.train import loop
+
+    out = tmp_path / "run"
+    tr = Trainer(tiny_config(tmp_path / "fresh", steps=1), log=lambda *a: None)
+    tr.close()
+    assert tr.opt.param_groups[0]["fused"] is True and tr.opt.param_groups[0]["foreach"] is False
+
+    def for_loop_adamw(params, o):
+        return torch.optim.AdamW(params, lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay), {}
+
+    with monkeypatch.context() as m:
+        m.setattr(loop, "_adamw", for_loop_adamw)
+        _run(tiny_config(out, steps=2))
+    st = ck.load_checkpoint(out / "checkpoints" / "step_00000002.pt")
+    assert st["optimizer"]["param_groups"][0]["fused"] is None
+    tr = Trainer(tiny_config(out, steps=3), resume="auto", log=lambda *a: None)
+    try:
+        g = tr.opt.param_groups[0]
+        assert g["fused"] is True and g["foreach"] is False
+        losses = tr.train()
+    finally:
+        tr.close()
+    assert len(losses) == 3 and all(map(math.isfinite, losses))
 
 
 # =====================================================================================

@@ -9,7 +9,8 @@ One step (DiT's recipe, docs/design.md §4):
    are passed as ``force_drop_ids`` so ``DiT.forward`` turns them into the null class *before*
    it routes labels to the KIND gate: the null row of the gate is what the null class trains;
 3. loss = ε-MSE + the learned-Σ VB term (``GaussianDiffusion.loss_terms``), batch mean;
-4. AdamW on the trainable parameters only, global grad-norm clipping, a warm-up then constant
+4. AdamW on the trainable parameters only (``_adamw``: PyTorch's fused implementation on the
+   CPU, one kernel over every tensor; the default elsewhere), global grad-norm clipping, a warm-up then constant
    (or cosine) learning rate, and an EMA of the trainable parameters (diffusers' ``EMAModel``;
    frozen parameters are their own EMA).
 
@@ -133,6 +134,26 @@ def _local(t: Tensor) -> Tensor:
     return t.to_local() if _is_dtensor(t) else t
 
 
+def _adamw(params: list[Tensor], o) -> tuple[torch.optim.AdamW, dict]:
+    """AdamW over ``params`` (config ``o``) and its implementation settings. On the CPU (every
+    parameter a plain CPU floating tensor) PyTorch's fused implementation: one kernel over every
+    tensor instead of a Python loop of small ops per tensor (the CPU's for-loop default), which
+    matters for runs of many small tensors such as the demo's (measured there: 2.3-2.6 ms per
+    step down to 0.84 ms, bench/results/cpu_demo_wall_time.md). Elsewhere PyTorch's default (foreach on GPUs). The same
+    choice is re-applied after a checkpoint's optimizer state is loaded, so a run and its resume
+    use one implementation (bit-identical losses); a checkpoint's format does not depend on it."""
+    impl: dict = {"fused": None, "foreach": None}  # PyTorch's defaults
+    if params and all(p.device.type == "cpu" and not _is_dtensor(p) and p.is_floating_point() for p in params):
+        impl = {"fused": True, "foreach": False}
+    kw = dict(lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay)
+    try:
+        opt = torch.optim.AdamW(params, **kw, **impl)
+    except (RuntimeError, TypeError, ValueError):  # an older torch without the fused CPU kernel
+        impl = {"fused": None, "foreach": None}
+        opt = torch.optim.AdamW(params, **kw, **impl)
+    return opt, impl
+
+
 def _make_ema(params: list[Tensor], o) -> EMAModel:  # noqa: F821 - diffusers is imported lazily
     """diffusers' EMAModel over the trainable parameters only (``AveragedModel`` would copy the
     whole model, frozen learngenes included). Decay at update k (1-based): 0 for the first (the
@@ -245,7 +266,7 @@ class Trainer:
         self.param_names = [n for n, _ in named]
         self.params = [p for _, p in named]
         o = cfg.optim
-        self.opt = torch.optim.AdamW(self.params, lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay)
+        self.opt, self._opt_impl = _adamw(self.params, o)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, functools.partial(
             lr_factor, warmup=o.warmup_steps, total=cfg.steps, schedule=o.lr_schedule))
         self.ema_model = _make_ema(self.params, o)
@@ -300,6 +321,8 @@ class Trainer:
             set_optimizer_state_dict(self.ddp, self.opt, state["optimizer"], options=self._dcp_options())
         except (KeyError, ValueError, RuntimeError) as e:
             raise ck.CheckpointError(f"checkpoint optimizer state does not fit this run: {e}") from None
+        for g in self.opt.param_groups:  # this run's implementation, whatever the checkpoint's was
+            g.update(self._opt_impl)
         self.sched.load_state_dict(state["scheduler"])
         with torch.no_grad():
             for n, p in zip(self.param_names, self.params):
