@@ -138,8 +138,8 @@ def _adamw(params: list[Tensor], o) -> tuple[torch.optim.AdamW, dict]:
     """AdamW over ``params`` (config ``o``) and its implementation settings. On the CPU (every
     parameter a plain CPU floating tensor) PyTorch's fused implementation: one kernel over every
     tensor instead of a Python loop of small ops per tensor (the CPU's for-loop default), which
-    matters for runs of many small tensors such as the demo's (measured there: 2.3-2.6 ms per
-    step down to 0.84 ms, bench/results/cpu_demo_wall_time.md). Elsewhere PyTorch's default (foreach on GPUs). The same
+    matters for runs of many small tensors such as the demo's (per-tensor overhead dominates
+    there: bench/results/cpu_demo_wall_time.md). Elsewhere PyTorch's default (foreach on GPUs). The same
     choice is re-applied after a checkpoint's optimizer state is loaded, so a run and its resume
     use one implementation (bit-identical losses); a checkpoint's format does not depend on it."""
     impl: dict = {"fused": None, "foreach": None}  # PyTorch's defaults
