@@ -41,7 +41,15 @@ def main(argv: list[str] | None = None) -> int:
                 mod.add_arguments(p)
     args = parser.parse_args(argv)
     module = importlib.import_module(COMMANDS[args.command][0])
-    return int(module.run(args) or 0)
+    # commands may choose torch's CPU threads (--threads); a caller in the same process (a test, a
+    # notebook) gets its own count back
+    torch = sys.modules.get("torch")
+    threads = torch.get_num_threads() if torch is not None else None
+    try:
+        return int(module.run(args) or 0)
+    finally:
+        if threads is not None:
+            torch.set_num_threads(threads)
 
 
 if __name__ == "__main__":

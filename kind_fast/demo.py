@@ -59,8 +59,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="class gate of KIND pretraining (default: the trainer's, docs/design.md §1.4)")
     p.add_argument("--out", default="runs/demo", help="output folder")
     p.add_argument("--threads", type=int, default=0,
-                   help="torch CPU threads; 0 (default): all cores when the machine is idle, 1 when other "
-                        "jobs already load it (multi-threaded small ops slow down badly on a busy CPU)")
+                   help="torch CPU threads; 0 (default): torch's own count (at most 4) when the machine is idle, "
+                        "the cores the load leaves free when other jobs already load it (multi-threaded small "
+                        "ops slow down badly on a busy CPU)")
 
 
 def requirements(methods) -> dict[str, str]:
@@ -72,14 +73,11 @@ def requirements(methods) -> dict[str, str]:
 
 
 def _auto_threads() -> int:
-    import os
+    """The trainer's choice (kind_fast/train/cpu_threads.py: torch's count when idle, the cores
+    the load leaves free when busy), at most 4: the demo's ops are too small to use more."""
+    from kind_fast.train import cpu_threads
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    try:
-        busy = os.getloadavg()[0] >= 0.5 * cores
-    except OSError:  # pragma: no cover - no load average on this platform
-        busy = False
-    return 1 if busy else max(1, min(cores, 4))
+    return min(cpu_threads.choose(0)[0], 4)
 
 
 DEMO_MARKER = ".kind_fast_demo"  # written into each run folder before its run starts

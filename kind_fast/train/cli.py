@@ -67,6 +67,9 @@ def add_run_arguments(p: argparse.ArgumentParser, mode: str) -> None:
     p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="auto|PATH",
                    help="continue from the newest checkpoint in --out (auto) or from PATH")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    p.add_argument("--threads", type=int, default=0,
+                   help="CPU runs: torch threads; 0 (default): torch's own count, fewer when the machine is "
+                        "already busy (kind_fast/train/cpu_threads.py)")
     p.add_argument("--no-sample", action="store_true", help="skip the sample grid at the end")
     p.add_argument("--eval", action="store_true",
                    help="digits: FID / KID / IS and class accuracy of samples (digit-classifier features)")
@@ -104,10 +107,13 @@ def config_from_args(args: argparse.Namespace, mode: str) -> RunConfig:
 
 
 def run_training(args: argparse.Namespace, mode: str) -> int:
+    from kind_fast.train import cpu_threads
     from kind_fast.train.loop import NonFiniteError, Trainer
 
     try:
         cfg = config_from_args(args, mode)
+        if args.threads < 0:
+            raise ValueError(f"--threads must be >= 0 (0: choose), got {args.threads}")
     except (ValueError, FileNotFoundError, ImportError) as e:
         print(f"kind-fast {mode}: {e}", file=sys.stderr)
         return 2
@@ -140,6 +146,9 @@ def run_training(args: argparse.Namespace, mode: str) -> int:
             with contextlib.redirect_stdout(buf):
                 print_trainable_parameters(trainer.model)
             say(buf.getvalue().rstrip())
+        threads = cpu_threads.apply(args.threads, trainer.device)
+        if main and threads:
+            say(threads)
         try:
             losses = trainer.train()
             paths = trainer.export()
@@ -200,6 +209,8 @@ def add_sample_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eta", type=float, default=0.0, help="DDIM η")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=0,
+                   help="CPU: torch threads; 0 (default): torch's own count, fewer when the machine is already busy")
     p.add_argument("--batch-size", type=int, default=256,
                    help="samples per forward pass on each process; the noise is seeded per batch, so this "
                         "(not the number of processes) fixes the result for a seed")
@@ -246,10 +257,17 @@ def run_sample(args: argparse.Namespace) -> int:
         if args.n_per_class < 1 or args.batch_size < 1:
             raise ValueError("--n-per-class and --batch-size must be >= 1")
         check_sampling_args(args.steps, args.cfg_scale, args.eta, names=("--steps", "--cfg-scale", "--eta"))
+        if args.threads < 0:
+            raise ValueError(f"--threads must be >= 0 (0: choose), got {args.threads}")
         env = init_distributed(args.device)  # under torchrun: every rank samples its share
     except (ValueError, FileNotFoundError) as e:
         print(f"kind-fast sample: {e}", file=sys.stderr)
         return 2
+    from kind_fast.train import cpu_threads
+
+    threads = cpu_threads.apply(args.threads, env.device)
+    if threads and env.is_main:
+        print(threads, flush=True)
     try:
         if args.cuda_graphs == "on" and env.device.type != "cuda":
             raise ValueError(f"--cuda-graphs on needs a CUDA device, got {env.device}")
