@@ -16,12 +16,12 @@ of per-round medians; GPU times with device events through ``triton.testing.do_b
                layer launches: T = 256, one-class 128-row tiles, N-groups >= 2, KP 32/64/128,
                M1 and M2; kind_fast/ops/self_check.py).
     steps      one DiT-XL/2 training step (forward, ε-loss, backward, AdamW; batch 32, bf16
-               autocast): full fine-tuning, KIND transfer (inside kind_fast.caching.training_scope,
+               autocast): full fine-tuning, KIND transfer (inside kind_fast.nn.caching.training_scope,
                as the trainer runs it: W_G reused while the learngenes are frozen), KIND
                pretrain; time and peak memory.
     sampling   one guided DiT-XL/2 sampling step: the sampler's model call
                (kind_fast.train.sampling.cfg_model_fn) on 32 images of one class + their null
-               rows, bf16 weights. Dense DiT vs KIND-DiT inside kind_fast.utils.serving(model,
+               rows, bf16 weights. Dense DiT vs KIND-DiT inside kind_fast.nn.utils.serving(model,
                {c, null}) as sample_chunks runs it: the op family's cost model picks each
                layer's path and backend ("auto"; recorded: M3 on merged weights cached by the
                first call is expected) and KIND-DiT with force_path("M1") beside it; M3's output
@@ -286,7 +286,7 @@ def section_layers(cfg: Config, deadline: Deadline) -> list[dict]:
                     layer, lin, x, labels, g = make_layer(cfg, n_in, n_out, m, mode)
                     fns = run_fns(cfg, layer, lin, x, labels, g, mode, impls)
                     # a transfer step reuses W_G while the learngenes are frozen (the trainer's
-                    # kind_fast.caching.training_scope); pretraining rebuilds it every call
+                    # kind_fast.nn.caching.training_scope); pretraining rebuilds it every call
                     scope = kf.weight_cache() if mode == "transfer" else contextlib.nullcontext()
                     with scope:
                         for fn in fns.values():  # compile / autotune / warm up outside the timing
@@ -325,7 +325,7 @@ def section_steps(cfg: Config, deadline: Deadline) -> list[dict]:
 
 def _section_steps(cfg: Config, deadline: Deadline, scopes: contextlib.ExitStack) -> list[dict]:
     from kind_fast.benchmark import build_model, make_train_step
-    from kind_fast.caching import training_scope
+    from kind_fast.nn.caching import training_scope
 
     amp = torch.bfloat16 if cfg.device.type == "cuda" else None
     time_one = timer(cfg)
@@ -340,7 +340,7 @@ def _section_steps(cfg: Config, deadline: Deadline, scopes: contextlib.ExitStack
             mem0 = torch.cuda.memory_allocated() if cfg.device.type == "cuda" else 0
             model = build_model(cfg.model, mode, device=cfg.device, depth=cfg.depth, input_size=cfg.input_size)
             # W_G reused across steps while the learngenes are frozen, as the trainer runs a
-            # transfer (kind_fast.caching.training_scope; a no-op for the other modes)
+            # transfer (kind_fast.nn.caching.training_scope; a no-op for the other modes)
             scopes.enter_context(training_scope(model))
             step, _ = make_train_step(model, cfg.batch, autocast=amp)
             for _ in range(1 if cfg.dry else 2):  # optimizer state allocated, kernels compiled
@@ -527,7 +527,7 @@ def _paths_summary(calls: list[dict]) -> str:
 def sampling_row(cfg: Config, deadline: Deadline, section: str, backend: str | None) -> dict:
     """One guided sampling step of the sampler (kind_fast.train.sampling.cfg_model_fn: the model
     on [c]·B + [null]·B) for a dense DiT and a KIND-DiT, bf16 weights (no autocast: neither
-    model pays per-call weight casts). KIND-DiT runs inside ``kind_fast.utils.serving(model,
+    model pays per-call weight casts). KIND-DiT runs inside ``kind_fast.nn.utils.serving(model,
     {c, null})`` as ``sample_chunks`` does: the op family's cost model picks each layer's path
     (M3 on merged weights, cached by the first call) on ``backend`` (None: "auto"); M1 beside it
     is the same call under ``force_path("M1")``. Records the paths the cost model took, how far
@@ -537,7 +537,7 @@ def sampling_row(cfg: Config, deadline: Deadline, section: str, backend: str | N
     from kind_fast.benchmark import build_model
     from kind_fast.ops.paths import force_path, record_paths
     from kind_fast.train.sampling import cfg_model_fn
-    from kind_fast.utils import serving
+    from kind_fast.nn.utils import serving
 
     row = {"section": section, "model": cfg.model, "mode": "sampling step", "batch": cfg.batch,
            "rows": 2 * cfg.batch, "labels": "one class + null (CFG)", "dtype": str(cfg.dtype).replace("torch.", ""),

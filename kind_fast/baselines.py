@@ -41,7 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from kind_fast.kindify import _detect_targets, replace_linears
-from kind_fast.layers import FastKindLinear
+from kind_fast.nn.layers import FastKindLinear
 
 __all__ = ["lora_config", "apply_lora", "apply_svdiff", "HEAD_MODULES", "heur_lg_descendant", "TLEGDiT",
            "as_plain_dit"]

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from kind_fast.caching import training_scope, weight_cache
+from kind_fast.nn.caching import training_scope, weight_cache
 from kind_fast.dit import DiT, KindConfig, build_dit
 from kind_fast.flops import MODE_TITLES, SIZES, TRAIN_MODES, dit_flops
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from kind_fast.dense_io import check_conversion, is_diffusers_folder
 from kind_fast.dit import DiT, KindConfig, kindify_dit
 from kind_fast.dit import load_dense as _load_dense
-from kind_fast.gate import DEFAULT_GATE, ClassGate
+from kind_fast.nn.gate import DEFAULT_GATE, ClassGate
 
 __all__ = ["load_dense", "from_dense", "is_kind_fast_folder"]
 

@@ -36,8 +36,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from kind_fast.gate import ClassGate
-from kind_fast.layers import FastKindLinear
+from kind_fast.nn.gate import ClassGate
+from kind_fast.nn.layers import FastKindLinear
 
 __all__ = ["read_dense", "state_from_checkpoint", "state_from_diffusers", "load_diffusers_folder",
            "is_diffusers_folder", "check_conversion"]

@@ -22,8 +22,8 @@ from einops import rearrange
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from kind_fast.gate import DEFAULT_GATE, ClassGate
-from kind_fast.layers import FastKindLinear, _group_problem, kind_group
+from kind_fast.nn.gate import DEFAULT_GATE, ClassGate
+from kind_fast.nn.layers import FastKindLinear, _group_problem, kind_group
 
 
 # =====================================================================================
@@ -36,7 +36,7 @@ class KindConfig:
     tailor_rank: int = 96  # N_T per matrix
     active: int = 32  # tailors each class switches on
     # balanced | block | random_k | all_on | custom (a ClassGate given explicitly, see make_gate);
-    # the default is kind_fast.gate.DEFAULT_GATE (docs/design.md §1.4)
+    # the default is kind_fast.nn.gate.DEFAULT_GATE (docs/design.md §1.4)
     gate: str = DEFAULT_GATE
     null: str = "off"  # null (CFG) class: off | all | class
     qkv: str = "split"  # split: q, k, v are separate KIND layers; fused: one 3d×d layer
@@ -151,7 +151,7 @@ def _apply(layer: nn.Module, x: Tensor, labels: Tensor | None) -> Tensor:
 class Attention(nn.Module):
     """Multi-head self-attention; q, k, v separate (KIND split) or one fused qkv layer.
 
-    Split q, k, v KIND layers run as one group (``kind_fast.layers.kind_group``: one pass over x,
+    Split q, k, v KIND layers run as one group (``kind_fast.nn.layers.kind_group``: one pass over x,
     each layer its own components and state-dict keys); ``group_qkv = False`` on the class or an
     instance runs them one by one (benchmarks compare the two), and so do layers with forward
     hooks (called as modules, so their hooks run)."""
@@ -363,7 +363,7 @@ class DiT(nn.Module):
         return rearrange(x, "n (h w) (p q c) -> n c (h p) (w q)", h=h, p=self.patch_size, q=self.patch_size)
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor, force_drop_ids: Tensor | None = None) -> Tensor:
-        from kind_fast.gate import check_labels
+        from kind_fast.nn.gate import check_labels
 
         check_labels(y, self.num_classes, name="y (class labels)")
         if isinstance(x, Tensor) and y.shape[0] != x.shape[0]:
@@ -702,7 +702,7 @@ def from_dense(src, kind: KindConfig | None = None, *, gate: ClassGate | None = 
             ``DiTTransformer2DModel`` object or folder); ``kind_fast.convert.from_dense`` also
             reads kind_fast run and weights folders.
         kind: the decomposition (default ``KindConfig()``: 96 tailors, 32 active per class, the
-            default gate ``kind_fast.gate.DEFAULT_GATE``).
+            default gate ``kind_fast.nn.gate.DEFAULT_GATE``).
         gate: a ClassGate to use instead of ``kind.make_gate(num_classes)``.
     Returns:
         a new KIND-DiT in eval mode, on the CPU. With ``KindConfig(gate="all_on")`` it

@@ -410,7 +410,7 @@ def export_dit(model, classes, form: str = "merged", *, guidance: bool = True) -
     one class, ``guidance=False``, since a dense DiT cannot also hold the null label's
     weights). See the module docstring.
     """
-    from kind_fast.layers import FastKindLinear
+    from kind_fast.nn.layers import FastKindLinear
 
     if getattr(model, "kind", None) is None or not hasattr(model, "kind_gate") or not hasattr(model, "blocks"):
         raise TypeError("export needs a KIND-DiT (kind_fast.dit.DiT with kind set); a dense DiT is its own export")

@@ -14,10 +14,10 @@ Known layouts (target modules detected automatically):
     diffusers DiTTransformer2DModel:
         transformer_blocks.{i}.attn1.to_q/to_k/to_v, attn1.to_out.0, ff.net.0.proj, ff.net.2
 
-q, k and v run as one group (``kind_fast.layers.kind_group``: one pass over x), each layer keeping
+q, k and v run as one group (``kind_fast.nn.layers.kind_group``: one pass over x), each layer keeping
 its own components and state-dict keys: a split ``qkv`` (``SplitLinear``) calls the group
 directly, and diffusers' ``to_q``/``to_k``/``to_v``, which the attention processor calls one by one
-on the same tensor, share a ``kind_fast.layers.InputGroup`` (the first call computes all three;
+on the same tensor, share a ``kind_fast.nn.layers.InputGroup`` (the first call computes all three;
 ``model.kind_input_groups`` lists them, ``group.detach()`` turns one off).
 
 The hook routes the label *argument*. A model that replaces labels by the null class inside
@@ -49,8 +49,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from kind_fast.gate import ClassGate
-from kind_fast.layers import FastKindLinear, InputGroup, _group_problem, kind_group
+from kind_fast.nn.gate import ClassGate
+from kind_fast.nn.layers import FastKindLinear, InputGroup, _group_problem, kind_group
 
 __all__ = ["kindify", "SplitLinear", "DIT_TARGETS", "DIFFUSERS_DIT_TARGETS"]
 
@@ -62,7 +62,7 @@ LABEL_ARGS = ("y", "class_labels", "labels", "class_label")
 class SplitLinear(nn.Module):
     """Several layers whose outputs are concatenated on the last dim (a fused qkv split into
     separate q, k, v KIND layers, each with its own components). KIND parts sharing one gate run
-    as one group (``kind_fast.layers.kind_group``)."""
+    as one group (``kind_fast.nn.layers.kind_group``)."""
 
     def __init__(self, parts: Sequence[nn.Module]):
         super().__init__()
@@ -186,7 +186,7 @@ def kindify(
 
     Args:
         gate: the shared class gate (its num_classes must match the model's labels). Default:
-            ``kind_fast.gate.default_gate`` for the model's classes (the ``DEFAULT_GATE`` kind,
+            ``kind_fast.nn.gate.default_gate`` for the model's classes (the ``DEFAULT_GATE`` kind,
             ``tailor_rank`` tailors, default 96, a third of them active per class; docs/design.md §1.4).
         tailor_rank: N_T per layer (default: ``gate.tailor_rank``; they must agree).
         learngene_rank: N_G per layer (default: min(in, out) - tailor_rank).
@@ -204,7 +204,7 @@ def kindify(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if gate is None:
-        from kind_fast.gate import default_gate
+        from kind_fast.nn.gate import default_gate
 
         gate = default_gate(_detect_num_classes(model), 96 if tailor_rank is None else tailor_rank)
     if not isinstance(gate, ClassGate):

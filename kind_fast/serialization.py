@@ -34,9 +34,9 @@ from torch import Tensor, nn
 
 from kind_fast._version import __version__
 from kind_fast.atomic import atomic_write_bytes, atomic_write_text
-from kind_fast.gate import ClassGate
-from kind_fast.layers import TAILOR_PARAMS
-from kind_fast.utils import kind_layers
+from kind_fast.nn.gate import ClassGate
+from kind_fast.nn.layers import TAILOR_PARAMS
+from kind_fast.nn.utils import kind_layers
 
 __all__ = [
     "save_kind", "load_learngenes", "load_tailors", "split_state_dict",

@@ -41,8 +41,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kind_fast._version import __version__
-from kind_fast.gate import ClassGate
-from kind_fast.layers import TAILOR_PARAMS
+from kind_fast.nn.gate import ClassGate
+from kind_fast.nn.layers import TAILOR_PARAMS
 
 __all__ = ["save_task", "load_task", "load_base", "read_task", "base_fingerprint", "task_state_dict",
            "MultiTaskDiT", "TaskHeads"]
@@ -67,7 +67,7 @@ def _check_kind_dit(model, what: str):
 
 
 def _tailor_keys(model) -> set[str]:
-    from kind_fast.utils import kind_layers
+    from kind_fast.nn.utils import kind_layers
 
     return {f"{n}.{p}" for n, _ in kind_layers(model) for p in TAILOR_PARAMS}
 
@@ -348,7 +348,7 @@ class MultiTaskDiT(nn.Module):
 
     def __init__(self, base, tasks: Sequence[tuple[str, dict, dict[str, Tensor]]]):
         super().__init__()
-        from kind_fast.utils import kind_layers
+        from kind_fast.nn.utils import kind_layers
 
         _check_kind_dit(base, "MultiTaskDiT")
         if not tasks:

@@ -9,7 +9,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor
 
-from kind_fast.gate import ClassGate
+from kind_fast.nn.gate import ClassGate
 
 DISTRIBUTIONS = ("same", "cfg", "uniform", "zipf", "distinct")
 GATE_KINDS = ("block", "random_k", "dense", "dense_trainable", "all_on")
@@ -107,7 +107,7 @@ def assert_close_to_oracle(out: Tensor, oracle: Tensor, torch_lowp: Tensor, dtyp
 def routed_labels(model: torch.nn.Module) -> Iterator[list[Tensor]]:
     """Record the labels every KIND layer of ``model`` uses while the block runs (given as
     ``labels=`` or read from the gate), one entry per layer call."""
-    from kind_fast.layers import FastKindLinear
+    from kind_fast.nn.layers import FastKindLinear
 
     seen: list[Tensor] = []
 

@@ -698,7 +698,7 @@ def _custom(r: Launch, gpu: GpuTime, e: float) -> KernelTime:
 #   path, replayed on ``meta``). Known understatement: W_G's build and projections, which the
 #   layer runs in fp32 with autocast off (TF32 GEMMs), are priced as bf16 here; the layer rows
 #   (``timemodel.layer_launches("wg_fwd_bwd")``) price them in fp32.
-# * Transfer steps run inside ``kind_fast.caching.training_scope`` as the trainer runs them
+# * Transfer steps run inside ``kind_fast.nn.caching.training_scope`` as the trainer runs them
 #   (W_G built once and reused while the learngenes are frozen; bench/gpu_check.py does the same).
 # * Peak memory (the transfer step's ≤ 0.75 × goal): fp32 parameters + bf16 copies of what a
 #   forward reads + fp32 gradients and AdamW state of the trainable parameters + the distinct
@@ -803,7 +803,7 @@ def _as_autocast(rec) -> list[Launch]:
 def _weights_read(model) -> int:
     """Elements of the bf16 weights a forward reads under autocast: a dense layer's matrix, a
     KIND layer's W_G (out × in) and its tailors U_T, V_T."""
-    from kind_fast.layers import FastKindLinear
+    from kind_fast.nn.layers import FastKindLinear
 
     n, kind_params = 0, set()
     for m in model.modules():
@@ -820,7 +820,7 @@ def _autocast_extras(model, trainable_only: bool) -> list[Launch]:
     import torch
 
     from kind_fast.launches import record_launches
-    from kind_fast.layers import FastKindLinear
+    from kind_fast.nn.layers import FastKindLinear
 
     out = []
     kind_params = {id(p) for m in model.modules() if isinstance(m, FastKindLinear) for p in m.parameters()}
@@ -879,10 +879,10 @@ def _dit_step_launches(mode: str) -> tuple[tuple[Launch, ...], dict]:
     """(launches, info) of one DiT-XL/2 step: ``full_ft``, ``transfer``, ``pretrain`` (forward,
     ε-loss, backward, AdamW) or ``dense_sample`` / ``kind_sample`` (one guided sampling step:
     the model on 32 images of one class and their 32 null rows; KIND inside
-    ``kind_fast.utils.serving`` on cached merged weights, as the sampler runs it)."""
+    ``kind_fast.nn.utils.serving`` on cached merged weights, as the sampler runs it)."""
     import torch
 
-    from kind_fast.caching import training_scope, weight_cache
+    from kind_fast.nn.caching import training_scope, weight_cache
     from kind_fast.diffusion import GaussianDiffusion
     from kind_fast.launches import record_launches
 
@@ -893,7 +893,7 @@ def _dit_step_launches(mode: str) -> tuple[tuple[Launch, ...], dict]:
         x = torch.empty(2 * BATCH, model.in_channels, size, size, device="meta")
         t = torch.zeros(2 * BATCH, dtype=torch.int64, device="meta")
         y = torch.tensor([3] * BATCH + [CLASSES] * BATCH).to("meta")
-        from kind_fast.utils import serving
+        from kind_fast.nn.utils import serving
 
         scope = contextlib.ExitStack()
         if mode == "kind_sample":

@@ -14,7 +14,7 @@ from kind_fast.__main__ import main as cli
 from kind_fast.convert import from_dense, load_dense
 from kind_fast.dit import DiT, KindConfig, kindify_dit
 from kind_fast.dit import from_dense as dit_from_dense
-from kind_fast.gate import DEFAULT_GATE
+from kind_fast.nn.gate import DEFAULT_GATE
 from kind_fast.dit import load_dense as dit_load_dense
 from kind_fast.serialization import load_pretrained
 from kind_fast.testing import tiny_dit

@@ -13,7 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from kind_fast.__main__ import main
 from kind_fast.benchmark import build_model, load_results, make_batch
-from kind_fast.caching import weight_cache
+from kind_fast.nn.caching import weight_cache
 from kind_fast.dit import DiT_models, KindConfig, build_dit
 from kind_fast.flops import (
     DIT_PAPER_GMACS,
@@ -27,9 +27,9 @@ from kind_fast.flops import (
     paper_conventions,
     transfer_saving,
 )
-from kind_fast.gate import ClassGate
+from kind_fast.nn.gate import ClassGate
 from kind_fast.ops.kind_linear import kind_linear_backward_ref, kind_linear_flops, kind_linear_ref
-from kind_fast.utils import parameter_breakdown
+from kind_fast.nn.utils import parameter_breakdown
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import kind_fast as kf
-from kind_fast.gate import ClassGate, check_labels
+from kind_fast.nn.gate import ClassGate, check_labels
 
 
 def test_block_gate_structure():
@@ -109,7 +109,7 @@ def test_balanced_gate_errors():
 
 def test_default_gate_is_the_documented_kind():
     from kind_fast.dit import KindConfig
-    from kind_fast.gate import DEFAULT_GATE, default_gate
+    from kind_fast.nn.gate import DEFAULT_GATE, default_gate
     from kind_fast.train.config import RunConfig
 
     assert KindConfig().gate == DEFAULT_GATE == RunConfig().model.gate
@@ -119,7 +119,7 @@ def test_default_gate_is_the_documented_kind():
 
 def test_kindify_without_a_gate_uses_the_default():
     from kind_fast.dit import DiT
-    from kind_fast.gate import DEFAULT_GATE
+    from kind_fast.nn.gate import DEFAULT_GATE
 
     dit = DiT(input_size=4, patch_size=2, in_channels=1, hidden_size=24, depth=1, num_heads=2, num_classes=5)
     kf.kindify(dit, tailor_rank=12)

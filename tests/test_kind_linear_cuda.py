@@ -1284,7 +1284,7 @@ def test_gpu_dit_sampling_step_m3_on_the_cuda_backend():
     from kind_fast.benchmark import build_model
     from kind_fast.ops.paths import force_path, record_paths
     from kind_fast.train.sampling import cfg_model_fn
-    from kind_fast.utils import serving
+    from kind_fast.nn.utils import serving
 
     model = build_model("DiT-S/2", "kind", device="cuda", depth=2, input_size=16).to(torch.bfloat16)
     y = torch.full((4,), 3, device="cuda")

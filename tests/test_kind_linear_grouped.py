@@ -13,7 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import kind_fast as kf
 from kind_fast.dit import Attention, DiT, KindConfig
-from kind_fast.layers import InputGroup
+from kind_fast.nn.layers import InputGroup
 from kind_fast.ops import kind_linear_grouped as grouped_mod
 from kind_fast.ops import paths
 from kind_fast.ops.kind_linear import kind_linear, kind_linear_flops
@@ -435,7 +435,7 @@ def test_kindify_split_qkv_groups_and_stays_exact():
     assert isinstance(split, SplitLinear)
     calls = []
     real = paths.kind_linear_group_layer
-    import kind_fast.layers as layers_mod
+    import kind_fast.nn.layers as layers_mod
 
     def spy(*a, **k):
         calls.append(1)
@@ -471,7 +471,7 @@ def test_kindified_diffusers_attention_groups_qkv():
     params = [p for p in m.parameters() if p.requires_grad]
     computed = []
     real = paths.kind_linear_group_layer
-    import kind_fast.layers as layers_mod
+    import kind_fast.nn.layers as layers_mod
 
     def run():
         out = m(x, t, class_labels=y).sample

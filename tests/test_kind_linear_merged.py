@@ -11,7 +11,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import kind_fast as kf
-from kind_fast.merged_cache import MergedWeightCache, tokens
+from kind_fast.nn.merged_cache import MergedWeightCache, tokens
 from kind_fast.ops import paths
 from kind_fast.ops.kind_linear import kind_linear_backward_ref, kind_linear_ref
 from kind_fast.ops.kind_linear_merged import (

@@ -109,8 +109,8 @@ def test_cycle_finder_finds_the_old_cycle():
 def test_layer_does_not_pick_backend_paths():
     """FastKindLinear reaches paths through the op family only (issue 9 item 6)."""
     graph = import_graph()
-    assert "kind_fast.ops.paths" in graph["kind_fast.layers"]
-    assert not graph["kind_fast.layers"] & {"kind_fast.ops.kind_linear_triton", "kind_fast.ops.kind_linear_cuda"}
+    assert "kind_fast.ops.paths" in graph["kind_fast.nn.layers"]
+    assert not graph["kind_fast.nn.layers"] & {"kind_fast.ops.kind_linear_triton", "kind_fast.ops.kind_linear_cuda"}
     # the family reaches backends through the registry only
     assert not graph["kind_fast.ops.paths"] & {"kind_fast.ops.kind_linear_triton", "kind_fast.ops.kind_linear_cuda"}
 

@@ -403,7 +403,7 @@ def kind_linear_factored(
             w_g = ((u_g.t().to(acc) * sigma_g.to(acc)) @ v_g.to(acc)).to(dt)
         return kind_linear(x, w_g, bias, u_t, sigma_t, v_t, idx, val, labels, rows_per_sample=rows_per_sample)
     # kind_linear's own checks, on a 0-byte stand-in for W_G
-    from kind_fast.gate import check_labels
+    from kind_fast.nn.gate import check_labels
     from kind_fast.ops.kind_linear import _validate, sample_rows
 
     _validate(x, x.new_empty(()).expand(u_t.shape[-1], x.shape[-1]), bias, u_t, sigma_t, v_t, idx, val, labels)

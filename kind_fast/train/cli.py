@@ -131,7 +131,7 @@ def run_training(args: argparse.Namespace, mode: str) -> int:
             import contextlib
             import io
 
-            from kind_fast.utils import print_trainable_parameters
+            from kind_fast.nn.utils import print_trainable_parameters
 
             say(f"{mode}/{cfg.method.name}: {len(trainer.data)} samples, {trainer.data.num_classes} classes, "
                 f"{cfg.steps} steps × batch {cfg.batch_size} on {trainer.device}"

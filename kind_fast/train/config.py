@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from kind_fast.gate import DEFAULT_GATE
+from kind_fast.nn.gate import DEFAULT_GATE
 
 MODES = ("pretrain", "transfer")
 # a fresh model's architecture where neither the config nor a preset gives it: a tiny DiT for digits

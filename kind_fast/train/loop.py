@@ -53,7 +53,7 @@ import torch
 from torch import Tensor, nn
 
 from kind_fast.atomic import remove_stale_temps_under
-from kind_fast.caching import training_scope
+from kind_fast.nn.caching import training_scope
 from kind_fast.diffusion import GaussianDiffusion
 from kind_fast.train import checkpoint as ck
 from kind_fast.train.config import RunConfig
@@ -411,7 +411,7 @@ class Trainer:
         """``kind_fast.weight_cache()`` (W_G reused across steps) while every learngene is
         frozen: the trainer then writes the live model only through the optimizer, which does
         not hold them. Whoever writes learngenes of the live model through ``.data`` inside
-        ``train()`` must call ``kind_fast.caching.invalidate()``. A no-op scope otherwise."""
+        ``train()`` must call ``kind_fast.nn.caching.invalidate()``. A no-op scope otherwise."""
         return training_scope(unwrap(self.ddp))
 
     # ------------------------------------------------------------------ non-finite guard

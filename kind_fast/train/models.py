@@ -325,7 +325,7 @@ def build_from_spec(spec: dict, *, empty: bool = False) -> nn.Module:
             model = build_from_spec(spec)
         return model.to_empty(device="cpu")
     from kind_fast.baselines import apply_lora, apply_svdiff
-    from kind_fast.utils import freeze_learngenes
+    from kind_fast.nn.utils import freeze_learngenes
 
     method, arch = spec["method"], dict(spec["arch"])
     kind = KindConfig(**spec["kind"]) if spec.get("kind") else None
@@ -354,7 +354,7 @@ def build_model(cfg: RunConfig, spec: dict) -> nn.Module:
     """A fresh model for a new run: random init (seeded) or loaded from ``method.init``."""
     from kind_fast.baselines import apply_lora, apply_svdiff
     from kind_fast.serialization import load_learngenes
-    from kind_fast.utils import freeze_learngenes
+    from kind_fast.nn.utils import freeze_learngenes
 
     torch.manual_seed(cfg.seed)
     method, arch = spec["method"], dict(spec["arch"])

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from kind_fast.caching import weight_cache
+from kind_fast.nn.caching import weight_cache
 from kind_fast.diffusion import GaussianDiffusion, space_timesteps
 
 
@@ -145,7 +145,7 @@ def sample_chunks(model: nn.Module, labels: Tensor, chunk_ids, *, shape: tuple[i
 
     from kind_fast.graphs import graphed
     from kind_fast.train.data import derived_seed
-    from kind_fast.utils import serving
+    from kind_fast.nn.utils import serving
 
     if labels.dim() != 1:
         raise ValueError(f"labels must be 1-D, got shape {tuple(labels.shape)}")

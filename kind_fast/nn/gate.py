@@ -312,7 +312,7 @@ class ClassGate(nn.Module):
 
         The block is also a ``kind_fast.weight_cache()`` scope (merged weights are cached only
         there): inside it, write parameters only through in-place ops or the optimizer, not
-        through ``.data``, or call ``kind_fast.caching.invalidate()`` after such a write."""
+        through ``.data``, or call ``kind_fast.nn.caching.invalidate()`` after such a write."""
         served = []
         for c in classes:
             c = int(c)
@@ -321,7 +321,7 @@ class ClassGate(nn.Module):
             served.append(c)
         if not served:
             raise ValueError("serving needs at least one class")
-        from kind_fast.caching import weight_cache
+        from kind_fast.nn.caching import weight_cache
 
         previous = self.served
         self.served = tuple(sorted(set(served)))
