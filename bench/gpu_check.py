@@ -143,7 +143,7 @@ def backend_ready(name: str, cfg: Config) -> tuple[bool, str]:
 
     if cfg.device.type != "cuda":
         return False, f"the {name} backend runs CUDA tensors only (dry run on the CPU)"
-    ok, why = kf.backends.backend_status()[name]
+    ok, why = kf.ops.backends.backend_status()[name]
     return (ok, "" if ok else why)
 
 
@@ -394,7 +394,7 @@ def _section_steps(cfg: Config, deadline: Deadline, scopes: contextlib.ExitStack
 def _auto_backend(cfg: Config) -> str:
     """The backend use_backend("auto") resolves to for the KIND layers (cached choices per shape
     may differ between Triton and the CUDA extension when both are ready)."""
-    from kind_fast.backends import _auto_candidates, resolve_backend
+    from kind_fast.ops.backends import _auto_candidates, resolve_backend
 
     name = resolve_backend(cfg.device, cfg.dtype if cfg.device.type == "cuda" else torch.float32)
     cands = _auto_candidates(cfg.device.type, torch.bfloat16) if cfg.device.type == "cuda" else ()
@@ -449,7 +449,7 @@ def _cuda_row(cfg, row, n_in, n_out, m, mode, time_one):
     eval inside ``gate.serving({c, null})``: the op family's M3 on this backend (merged weights
     cached by the first call, then MERGED_GEMM_OP: one cuBLAS GEMM per half, from host slots),
     beside the backend's whole-path M3 op that merges per call (kind_linear_merged)."""
-    from kind_fast.backends import use_backend
+    from kind_fast.ops.backends import use_backend
     from kind_fast.ops.kind_linear_cuda import kind_linear_merged
     from kind_fast.ops.paths import record_paths
 
@@ -533,7 +533,7 @@ def sampling_row(cfg: Config, deadline: Deadline, section: str, backend: str | N
     is the same call under ``force_path("M1")``. Records the paths the cost model took, how far
     M3's output is from M1's, and on a GPU the CUDA-graph replays of both steps (as the sampler
     runs them) when the budget allows."""
-    from kind_fast.backends import use_backend
+    from kind_fast.ops.backends import use_backend
     from kind_fast.benchmark import build_model
     from kind_fast.ops.paths import force_path, record_paths
     from kind_fast.train.sampling import cfg_model_fn

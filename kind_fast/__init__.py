@@ -12,7 +12,7 @@ extension; backends are resolved on first use (see ``python -m kind_fast.info``)
 """
 
 from kind_fast._version import __version__
-from kind_fast.backends import current_backend, set_backend, use_backend
+from kind_fast.ops.backends import current_backend, set_backend, use_backend
 from kind_fast.nn.caching import weight_cache
 from kind_fast.export_io import load_export, save_export
 from kind_fast.nn.gate import ClassGate

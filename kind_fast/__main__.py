@@ -21,7 +21,7 @@ COMMANDS = {
     "sample-tasks": ("kind_fast.train.cmd_sample_tasks", "samples of several tasks on one base in mixed batches"),
     "plot": ("kind_fast.train.cmd_plot", "a run's loss curves as <run>/loss.png (from metrics.csv)"),
     "info": ("kind_fast.info", "versions, devices and which backends are live"),
-    "build-ext": ("kind_fast._ext", "compile the CUDA extension kind_fast._C after installation (cached)"),
+    "build-ext": ("kind_fast.ops._ext", "compile the CUDA extension kind_fast._C after installation (cached)"),
     "flops": ("kind_fast.flops",
               "analytic FLOPs per mode (KIND, full FT, LoRA, SVDiff, Heur-LG, TLEG): table, markdown, plot"),
     "bench": ("kind_fast.benchmark", "time a training step per mode and CFG sampling; --report: markdown + plot"),

@@ -363,7 +363,7 @@ class DiT(nn.Module):
         return rearrange(x, "n (h w) (p q c) -> n c (h p) (w q)", h=h, p=self.patch_size, q=self.patch_size)
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor, force_drop_ids: Tensor | None = None) -> Tensor:
-        from kind_fast.nn.gate import check_labels
+        from kind_fast.ops.labels import check_labels
 
         check_labels(y, self.num_classes, name="y (class labels)")
         if isinstance(x, Tensor) and y.shape[0] != x.shape[0]:

@@ -849,7 +849,7 @@ def _triton_paths() -> Iterator[None]:
     their fake kernels here), so the op family's cost model picks the paths it picks there;
     the recording dispatch mode is hidden from the entry point (it would otherwise keep to the
     op paths, as it does under FlopCounterMode)."""
-    import kind_fast.backends as B
+    import kind_fast.ops.backends as B
     import kind_fast.ops.paths as P
     from kind_fast.ops import kind_linear_triton as T
 

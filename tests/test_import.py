@@ -104,7 +104,7 @@ def test_backend_selection():
     import torch
 
     import kind_fast as kf
-    from kind_fast.backends import resolve_backend
+    from kind_fast.ops.backends import resolve_backend
 
     assert kf.current_backend() == "auto"
     assert resolve_backend(torch.device("cpu"), torch.float32) == "torch"

@@ -174,19 +174,19 @@ def test_grouped_backend_dispatch_is_pluggable(monkeypatch):
         return torch.ops.kind_fast.kind_linear_grouped(*args)
 
     fake = types.SimpleNamespace(GROUPED_OP=fake_grouped)
-    monkeypatch.setattr("kind_fast.backends.resolve_backend", lambda device, dtype: "triton")
-    monkeypatch.setattr("kind_fast.backends.backend_module", lambda name: (fake, ""))
+    monkeypatch.setattr("kind_fast.ops.backends.resolve_backend", lambda device, dtype: "triton")
+    monkeypatch.setattr("kind_fast.ops.backends.backend_module", lambda name: (fake, ""))
     assert grouped_mod.resolve_grouped_op(torch.device("cpu"), torch.float32) is fake_grouped
     ys = _grouped(*case)
     assert calls == ["grouped"]
     for a, r in zip(ys, y_ref):
         torch.testing.assert_close(a.detach(), r, rtol=0, atol=0)
     # no grouped kernel: the per-layer fallback, one kind_linear call per layer
-    monkeypatch.setattr("kind_fast.backends.backend_module", lambda name: (types.SimpleNamespace(), ""))
+    monkeypatch.setattr("kind_fast.ops.backends.backend_module", lambda name: (types.SimpleNamespace(), ""))
     per_layer = []
     real = grouped_mod.kind_linear
     monkeypatch.setattr(grouped_mod, "kind_linear", lambda *a, **k: per_layer.append(1) or real(*a, **k))
-    monkeypatch.setattr("kind_fast.backends.resolve_op", lambda device, dtype: torch.ops.kind_fast.kind_linear)
+    monkeypatch.setattr("kind_fast.ops.backends.resolve_op", lambda device, dtype: torch.ops.kind_fast.kind_linear)
     ys = _grouped(*case)
     assert len(per_layer) == 3
     for a, r in zip(ys, y_ref):

@@ -623,7 +623,7 @@ def test_cache_token_tracks_storage_and_inference_tensors():
 def _gpu_backend_ready(name: str) -> tuple[bool, str]:
     if not torch.cuda.is_available():
         return False, "needs a CUDA GPU"
-    ok, why = kf.backends.backend_status()[name]
+    ok, why = kf.ops.backends.backend_status()[name]
     return ok, why
 
 

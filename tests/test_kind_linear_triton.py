@@ -524,7 +524,7 @@ def test_gpu_factored_m2(monkeypatch, t):
 @pytest.mark.gpu
 @requires_cuda
 def test_gpu_auto_backend_choice(monkeypatch):
-    from kind_fast.backends import resolve_backend
+    from kind_fast.ops.backends import resolve_backend
 
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     dev = torch.device("cuda")

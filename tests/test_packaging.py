@@ -84,7 +84,7 @@ def test_wheel_ships_the_kernels_and_cuda_sources_but_no_stale_build_record(tmp_
     with tarfile.open(src / "dist" / sdist_name) as tar:
         assert not [n for n in tar.getnames() if n.endswith("kind_fast/_build_info.py")]
     # the installed layout imports its kernels from the wheel and finds the CUDA sources there
-    check = ("import kind_fast, kind_fast.kernels.kind_linear as k, kind_fast._ext as e; "
+    check = ("import kind_fast, kind_fast.kernels.kind_linear as k, kind_fast.ops._ext as e; "
              "print(k.__file__); print(e.source_folder()); print(kind_fast.kernels.__path__)")
     env = dict(os.environ, PYTHONPATH=str(tmp_path / "site"))
     r = subprocess.run([sys.executable, "-c", check], cwd=tmp_path, capture_output=True, text=True, env=env,
@@ -131,8 +131,7 @@ def _pretend_built(monkeypatch, torch_version: str | None):
     import importlib
     import importlib.util
 
-    from kind_fast import _ext
-
+    from kind_fast.ops import _ext
     imported = []
     real_find, real_import = importlib.util.find_spec, importlib.import_module
 

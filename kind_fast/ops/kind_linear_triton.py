@@ -9,7 +9,7 @@ kind_fast/ops/kind_linear.py for the math):
                                                     labels, h, output_mask) -> 7 gradients
 
 with the reference's fake kernels, autograd (``make_kind_linear_backward``) and FLOP formulas.
-The backend registry (kind_fast/backends.py) imports this module on first use; nothing here
+The backend registry (kind_fast/ops/backends.py) imports this module on first use; nothing here
 imports Triton until a kernel runs or ``status()`` is asked.
 
 Paths (the op family's cost model ``kind_fast.ops.paths.choose_path`` picks one per call;
@@ -80,7 +80,7 @@ def _kernels():
 
 
 # =====================================================================================
-# Backend protocol (kind_fast.backends)
+# Backend protocol (kind_fast.ops.backends)
 # =====================================================================================
 def status() -> tuple[bool, str]:
     """(available, reason)."""
@@ -378,7 +378,7 @@ def kind_linear_factored(
     Where the Triton backend does not run these tensors, or N_G + K > 128, W_G is materialised
     and ``kind_linear`` (path M1 / reference) runs instead: same result.
     """
-    from kind_fast.backends import resolve_backend
+    from kind_fast.ops.backends import resolve_backend
     from kind_fast.ops.kind_linear import acc_dtype, kind_linear
 
     for name, t in (("u_g", u_g), ("sigma_g", sigma_g), ("v_g", v_g)):
@@ -403,7 +403,7 @@ def kind_linear_factored(
             w_g = ((u_g.t().to(acc) * sigma_g.to(acc)) @ v_g.to(acc)).to(dt)
         return kind_linear(x, w_g, bias, u_t, sigma_t, v_t, idx, val, labels, rows_per_sample=rows_per_sample)
     # kind_linear's own checks, on a 0-byte stand-in for W_G
-    from kind_fast.nn.gate import check_labels
+    from kind_fast.ops.labels import check_labels
     from kind_fast.ops.kind_linear import _validate, sample_rows
 
     _validate(x, x.new_empty(()).expand(u_t.shape[-1], x.shape[-1]), bias, u_t, sigma_t, v_t, idx, val, labels)
