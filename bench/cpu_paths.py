@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 import kind_fast as kf
-from kind_fast.dit import Attention, DiT, KindConfig
+from kind_fast.models.dit import Attention, DiT, KindConfig
 from kind_fast.ops import paths
 from kind_fast.ops.paths import TERMS, force_path, path_terms
 

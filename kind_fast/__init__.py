@@ -5,7 +5,7 @@ that read one input (``kind_group``), the ops (``kind_linear``, ``kind_linear_re
 ``kind_linear_grouped``), conversion (``kindify``, ``kindify_from_pretrained``),
 deployment (``save_export`` / ``load_export``, ``save_task`` / ``load_task`` / ``load_base``,
 ``MultiTaskDiT``), ``weight_cache``, backend selection and ``print_trainable_parameters``. The
-DiT is ``kind_fast.dit``, the trainer ``kind_fast.train``; docs/design.md is the contract.
+DiT is ``kind_fast.models.dit``, the trainer ``kind_fast.train``; docs/design.md is the contract.
 
 Importing this package never initialises CUDA, imports Triton or loads the compiled
 extension; backends are resolved on first use (see ``python -m kind_fast.info``).
@@ -16,7 +16,7 @@ from kind_fast.ops.backends import current_backend, set_backend, use_backend
 from kind_fast.nn.caching import weight_cache
 from kind_fast.export_io import load_export, save_export
 from kind_fast.nn.gate import ClassGate
-from kind_fast.kindify import kindify
+from kind_fast.models.kindify import kindify
 from kind_fast.nn.layers import FastKindLinear, kind_group
 from kind_fast.ops.kind_linear import kind_linear, kind_linear_ref
 from kind_fast.ops.kind_linear_grouped import kind_linear_grouped

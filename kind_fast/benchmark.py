@@ -32,7 +32,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from kind_fast.nn.caching import training_scope, weight_cache
-from kind_fast.dit import DiT, KindConfig, build_dit
+from kind_fast.models.dit import DiT, KindConfig, build_dit
 from kind_fast.flops import MODE_TITLES, SIZES, TRAIN_MODES, dit_flops
 
 __all__ = [
@@ -97,7 +97,7 @@ def build_model(
     ``"real"`` (DiT's init with SVDs; transfer re-initialises tailors as ``prepare_transfer``).
     Inference modes ``dense`` / ``kind`` return an eval-mode model with nothing trainable.
     """
-    from kind_fast.baselines import apply_lora, apply_svdiff
+    from kind_fast.models.baselines import apply_lora, apply_svdiff
     from kind_fast.flops import MODES
 
     if mode not in MODES:
@@ -160,7 +160,7 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
 def make_train_step(model: DiT, batch: int, *, autocast: torch.dtype | None = None,
                     lr: float = 1e-4, seed: int = 0) -> tuple[Callable[[], None], Optimizer]:
     """A closure running one step (DDPM ε-loss, backward, AdamW) on a fixed batch."""
-    from kind_fast.diffusion import GaussianDiffusion
+    from kind_fast.models.diffusion import GaussianDiffusion
 
     diffusion = GaussianDiffusion()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -319,7 +319,7 @@ def measure_step(
         mem_offset = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
         model = build_model(name, mode, device=device, depth=depth, lora_rank=lora_rank, kind=kind)
     step, opt = make_train_step(model, batch, autocast=autocast)
-    from kind_fast.diffusion import GaussianDiffusion
+    from kind_fast.models.diffusion import GaussianDiffusion
 
     x, _, y = make_batch(model, batch)
     with _autocast(device, autocast):

@@ -242,7 +242,7 @@ def step_breakdown(kind_model, full_model, batch: int, sample_shape, *, reps: in
     import torch
     from torch import nn
 
-    from kind_fast.dit import Attention
+    from kind_fast.models.dit import Attention
     from kind_fast.nn.layers import FastKindLinear, _group_problem, kind_group
 
     patch = kind_model.patch_size

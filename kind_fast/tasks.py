@@ -59,10 +59,10 @@ GATE_PREFIX = "kind_gate."
 
 
 def _check_kind_dit(model, what: str):
-    from kind_fast.dit import DiT
+    from kind_fast.models.dit import DiT
 
     if not isinstance(model, DiT) or model.kind is None:
-        raise TypeError(f"{what} needs a KIND-DiT (kind_fast.dit.DiT with kind set), got {type(model).__name__}"
+        raise TypeError(f"{what} needs a KIND-DiT (kind_fast.models.dit.DiT with kind set), got {type(model).__name__}"
                         + (" with kind=None" if isinstance(model, DiT) else ""))
 
 
@@ -117,7 +117,7 @@ def save_task(model, directory: str | os.PathLike, *, name: str | None = None, o
     from safetensors.torch import save
 
     from kind_fast.atomic import atomic_directory
-    from kind_fast.dit import kind_config_dict
+    from kind_fast.models.dit import kind_config_dict
     from kind_fast.serialization import file_record
 
     _check_kind_dit(model, "save_task")
@@ -190,7 +190,7 @@ def read_task(directory: str | os.PathLike) -> tuple[dict, dict[str, Tensor]]:
 
 def _check_base(model, cfg: dict, directory, fingerprint: str | None = None) -> None:
     """Refuse a task whose base is not ``model``'s (architecture, KIND layout, tensors)."""
-    from kind_fast.dit import kind_config_dict
+    from kind_fast.models.dit import kind_config_dict
 
     base = cfg["base"]
     name = cfg.get("name", Path(directory).name)
@@ -226,7 +226,7 @@ def load_task(model, directory: str | os.PathLike, *, fingerprint: str | None = 
 
     ``fingerprint``: the model's ``base_fingerprint`` if already known (skips rehashing).
     """
-    from kind_fast.dit import LabelEmbedder
+    from kind_fast.models.dit import LabelEmbedder
     from kind_fast.serialization import _copy_into
 
     _check_kind_dit(model, "load_task")
@@ -272,14 +272,14 @@ def load_base(path: str | os.PathLike, map_location: str | torch.device = "cpu",
     Only the learngene part is read. The result has zero tailors and a zero label table (it is
     the learngene-only model) until ``load_task`` puts a task on it.
     """
-    from kind_fast.dit import DiT, KindConfig
+    from kind_fast.models.dit import DiT, KindConfig
     from kind_fast.serialization import _read_config, _read_part, load_learngenes
 
     d = _resolve_base_dir(path, which)
     cfg = _read_config(d)
     mcfg = cfg.get("model") or {}
     if mcfg.get("class") != "kind_fast.dit.DiT" or not mcfg.get("kind"):
-        raise ValueError(f"{d} does not hold a KIND-DiT (kind_fast.dit.DiT with kind set)")
+        raise ValueError(f"{d} does not hold a KIND-DiT (kind_fast.models.dit.DiT with kind set)")
     with torch.device("meta"):
         model = DiT(**mcfg["arch"], kind=KindConfig(**mcfg["kind"]))
     model.to_empty(device=map_location)
@@ -486,7 +486,7 @@ class MultiTaskDiT(nn.Module):
         c = self.t_embedder(t) + self.label_table(y)
         for block in self.blocks:
             x = block(x, c, y)  # labels passed explicitly: nothing is left on the gate
-        from kind_fast.dit import DiT
+        from kind_fast.models.dit import DiT
 
         return DiT.unpatchify(self, self.heads(x, c, task))
 

@@ -136,10 +136,10 @@ def perturbed(model: torch.nn.Module, std: float = 0.05, *, trainable_only: bool
 
 
 def tiny_dit(seed: int = 0, num_classes: int = 6, kind=None, **kwargs) -> torch.nn.Module:
-    """A small ``kind_fast.dit.DiT`` (8×8×2 inputs, width 32, depth 2, 4 heads; ``kwargs``
+    """A small ``kind_fast.models.dit.DiT`` (8×8×2 inputs, width 32, depth 2, 4 heads; ``kwargs``
     override), built after ``torch.manual_seed(seed)``, in eval mode, ``perturbed``. Dense unless
     ``kind`` (a KindConfig) is given."""
-    from kind_fast.dit import DiT
+    from kind_fast.models.dit import DiT
 
     torch.manual_seed(seed)
     args = dict(input_size=8, patch_size=2, in_channels=2, hidden_size=32, depth=2, num_heads=4,

@@ -677,7 +677,7 @@ def _custom(r: Launch, gpu: GpuTime, e: float) -> KernelTime:
 # =====================================================================================
 # DiT-XL/2 steps in the time model (kind_fast.timemodel): every number here is MODELLED.
 #
-# A whole step of a real DiT-XL/2 (kind_fast.dit, batch 32, 256 tokens per image) runs on
+# A whole step of a real DiT-XL/2 (kind_fast.models.dit, batch 32, 256 tokens per image) runs on
 # ``meta`` tensors inside ``kind_fast.launches.record_launches``; every launch is priced by
 # kind_fast.timemodel. What is substituted, and why (stated assumptions):
 #
@@ -883,7 +883,7 @@ def _dit_step_launches(mode: str) -> tuple[tuple[Launch, ...], dict]:
     import torch
 
     from kind_fast.nn.caching import training_scope, weight_cache
-    from kind_fast.diffusion import GaussianDiffusion
+    from kind_fast.models.diffusion import GaussianDiffusion
     from kind_fast.launches import record_launches
 
     info: dict = {}

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import kind_fast as kf
-from kind_fast.diffusion import GaussianDiffusion
-from kind_fast.dit import DiT, DiT_models, KindConfig, build_dit
+from kind_fast.models.diffusion import GaussianDiffusion
+from kind_fast.models.dit import DiT, DiT_models, KindConfig, build_dit
 from kind_fast.testing import perturbed, routed_labels
 from kind_fast.nn.utils import parameter_breakdown
 

@@ -14,7 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from kind_fast.__main__ import main
 from kind_fast.benchmark import build_model, load_results, make_batch
 from kind_fast.nn.caching import weight_cache
-from kind_fast.dit import DiT_models, KindConfig, build_dit
+from kind_fast.models.dit import DiT_models, KindConfig, build_dit
 from kind_fast.flops import (
     DIT_PAPER_GMACS,
     MODES,
@@ -388,7 +388,7 @@ def test_savings_against_every_baseline():
 # The learngene baselines (Heur-LG, TLEG): same FLOP model, counted on real models
 # =====================================================================================
 def _learngene_model(mode: str, name: str = "DiT-S/2", num_classes: int = 10):
-    from kind_fast.baselines import TLEGDiT, heur_lg_descendant
+    from kind_fast.models.baselines import TLEGDiT, heur_lg_descendant
 
     depth, hidden, heads, p = DiT_models[name]
     arch = dict(input_size=32, patch_size=p, in_channels=4, hidden_size=hidden, depth=depth, num_heads=heads,

@@ -12,7 +12,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import kind_fast as kf
-from kind_fast.dit import Attention, DiT, KindConfig
+from kind_fast.models.dit import Attention, DiT, KindConfig
 from kind_fast.nn.layers import InputGroup
 from kind_fast.ops import kind_linear_grouped as grouped_mod
 from kind_fast.ops import paths
@@ -407,7 +407,7 @@ def test_kind_dit_grouped_under_torch_compile_fullgraph():
 
 
 def test_kindify_split_qkv_groups_and_stays_exact():
-    from kind_fast.kindify import SplitLinear, kindify
+    from kind_fast.models.kindify import SplitLinear, kindify
 
     class Attn(torch.nn.Module):
         def __init__(self):
@@ -456,7 +456,7 @@ def test_kindified_diffusers_attention_groups_qkv():
     computes all three (one group), the others get their kept outputs; outputs and gradients equal
     the ungrouped model's, and nothing is kept after the forward."""
     diffusers = pytest.importorskip("diffusers")
-    from kind_fast.kindify import kindify
+    from kind_fast.models.kindify import kindify
 
     torch.manual_seed(0)
     m = diffusers.DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4,
@@ -550,7 +550,7 @@ def test_tiny_dit_grouped_sampling_matches_m0():
 def test_kindify_input_groups_keep_nothing_past_the_forward():
     """A model that calls only some members: what the group kept for the others is dropped when
     the model's forward ends (kindify's label hook), so no output outlives its forward."""
-    from kind_fast.kindify import kindify
+    from kind_fast.models.kindify import kindify
 
     class Attn(torch.nn.Module):
         def __init__(self):

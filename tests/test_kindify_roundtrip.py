@@ -10,7 +10,7 @@ from torch import nn
 
 import kind_fast as kf
 from kind_fast import kindify, kindify_from_pretrained
-from kind_fast.dit import DiT, KindConfig
+from kind_fast.models.dit import DiT, KindConfig
 from kind_fast.serialization import load_pretrained, save_pretrained
 from kind_fast.testing import tiny_dit
 

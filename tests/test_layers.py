@@ -233,7 +233,7 @@ def test_writes_through_data_to_trainable_parameters_are_always_seen():
     """EMA swaps of a transfer model write its trainable parameters (tailors, label table, final
     layer) through .data: nothing derived from them is cached, so the output always follows. A
     pretraining model (trainable learngenes) caches no W_G outside a scope either."""
-    from kind_fast.dit import DiT, KindConfig
+    from kind_fast.models.dit import DiT, KindConfig
 
     torch.manual_seed(0)
     for mode in ("transfer", "pretrain"):
@@ -272,7 +272,7 @@ def test_diffusers_ema_copy_to_on_a_transfer_model():
     pytest.importorskip("diffusers")
     from diffusers.training_utils import EMAModel
 
-    from kind_fast.dit import DiT, KindConfig
+    from kind_fast.models.dit import DiT, KindConfig
 
     torch.manual_seed(0)
     for which in ("trainable", "all"):
@@ -408,7 +408,7 @@ def test_out_of_range_labels_under_torch_compile_name_the_range():
 
 
 def test_training_scope_caches_only_while_every_learngene_is_frozen():
-    from kind_fast.dit import DiT, KindConfig
+    from kind_fast.models.dit import DiT, KindConfig
 
     m = DiT(input_size=8, patch_size=2, in_channels=2, hidden_size=32, depth=1, num_heads=2, num_classes=3,
             kind=KindConfig(tailor_rank=8, active=2))

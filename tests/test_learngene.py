@@ -9,8 +9,8 @@ import sys
 import pytest
 import torch
 
-from kind_fast.baselines import TLEGDiT, heur_lg_descendant
-from kind_fast.dit import DiT, KindConfig
+from kind_fast.models.baselines import TLEGDiT, heur_lg_descendant
+from kind_fast.models.dit import DiT, KindConfig
 from kind_fast.train.loop import Trainer
 from kind_fast.train.models import load_weights, read_spec
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kind_fast.dit import DiT, KindConfig
+from kind_fast.models.dit import DiT, KindConfig
 from kind_fast.graphs import GraphedCall, graphed, use_cuda_graphs
 from kind_fast.ops import paths
 from kind_fast.ops.paths import force_path

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 import kind_fast as kf
-from kind_fast.dit import DiT, KindConfig
+from kind_fast.models.dit import DiT, KindConfig
 from kind_fast.serialization import (
     load_learngenes,
     load_pretrained,

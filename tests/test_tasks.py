@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 import kind_fast as kf
 from kind_fast.__main__ import main
-from kind_fast.dit import DiT, KindConfig
+from kind_fast.models.dit import DiT, KindConfig
 from kind_fast.nn.gate import ClassGate
 from kind_fast.serialization import save_kind
 from kind_fast.tasks import MultiTaskDiT, base_fingerprint, load_base, load_task, save_task

@@ -207,7 +207,7 @@ def test_demo_run_folders_it_did_not_make_or_a_live_run_holds_are_left_alone(tmp
 
 def test_wall_time_note_reports_what_it_measured_either_way():
     from kind_fast.demo import wall_time_note
-    from kind_fast.dit import DiT, KindConfig
+    from kind_fast.models.dit import DiT, KindConfig
 
     kind = DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=1, num_heads=2, num_classes=2,
                kind=KindConfig(tailor_rank=8, active=2)).set_mode("transfer")

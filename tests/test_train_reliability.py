@@ -531,7 +531,7 @@ def test_sample_arguments_are_validated(tmp_path, capsys, flags, match):
 
 
 def test_sample_function_validates_its_arguments():
-    from kind_fast.dit import DiT, KindConfig
+    from kind_fast.models.dit import DiT, KindConfig
     from kind_fast.train.sampling import sample
 
     m = DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=16, depth=1, num_heads=1, num_classes=2,

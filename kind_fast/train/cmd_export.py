@@ -7,7 +7,7 @@
 
 merged / reduced write ``model.safetensors`` + ``export_config.json`` (read back with
 ``kind_fast.load_export``); dense writes a facebookresearch-layout state dict ``model.pt``
-for one class without guidance. See ``kind_fast.export``.
+for one class without guidance. See ``kind_fast.models.export``.
 """
 
 from __future__ import annotations

@@ -54,7 +54,7 @@ from torch import Tensor, nn
 
 from kind_fast.atomic import remove_stale_temps_under
 from kind_fast.nn.caching import training_scope
-from kind_fast.diffusion import GaussianDiffusion
+from kind_fast.models.diffusion import GaussianDiffusion
 from kind_fast.train import checkpoint as ck
 from kind_fast.train.config import RunConfig
 from kind_fast.train.data import GlobalBatchSampler, batch_stream, build_dataset, rank_slice, step_generator

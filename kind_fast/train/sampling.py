@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from kind_fast.nn.caching import weight_cache
-from kind_fast.diffusion import GaussianDiffusion, space_timesteps
+from kind_fast.models.diffusion import GaussianDiffusion, space_timesteps
 
 
 def cfg_model_fn(model: nn.Module, y: Tensor, cfg_scale: float, null_id: int | Tensor, channels: int,

@@ -9,7 +9,7 @@ previous batch's labels. With an all-on gate the converted model reproduces the 
 output to float tolerance.
 
 Known layouts (target modules detected automatically):
-    DiT (facebookresearch layout, and kind_fast.dit.DiT with kind=None):
+    DiT (facebookresearch layout, and kind_fast.models.dit.DiT with kind=None):
         blocks.{i}.attn.qkv, blocks.{i}.attn.proj, blocks.{i}.mlp.fc1, blocks.{i}.mlp.fc2
     diffusers DiTTransformer2DModel:
         transformer_blocks.{i}.attn1.to_q/to_k/to_v, attn1.to_out.0, ff.net.0.proj, ff.net.2
@@ -22,10 +22,10 @@ on the same tensor, share a ``kind_fast.nn.layers.InputGroup`` (the first call c
 
 The hook routes the label *argument*. A model that replaces labels by the null class inside
 its forward (label dropout) gates those samples by their real class; do label dropout
-before calling the model (kind_fast's trainer does) or use kind_fast.dit.DiT with ``kind``.
+before calling the model (kind_fast's trainer does) or use kind_fast.models.dit.DiT with ``kind``.
 
-kind_fast's own dense DiT (``kind_fast.dit.DiT`` with ``kind=None``, default targets) is not
-hooked: it becomes a native KIND-DiT (``kind_fast.dit.kindify_dit``: q, k, v separate with
+kind_fast's own dense DiT (``kind_fast.models.dit.DiT`` with ``kind=None``, default targets) is not
+hooked: it becomes a native KIND-DiT (``kind_fast.models.dit.kindify_dit``: q, k, v separate with
 ``split_qkv=True``, ``model.kind`` set, labels routed by ``DiT.forward`` after label dropout), so
 it saves, loads and transfers like any KIND-DiT.
 
@@ -127,7 +127,7 @@ class _ForeignSaveGuard:
 
     def __call__(self, *args, **kwargs):
         raise RuntimeError(
-            f"this {self.cls_name} was converted by kind_fast.kindify: {self.cls_name}.save_pretrained would "
+            f"this {self.cls_name} was converted by kind_fast.models.kindify: {self.cls_name}.save_pretrained would "
             "write the KIND components (u_g, sigma_g, ...) under names its from_pretrained does not know, and "
             "loading that folder would re-initialise every converted linear. Save it with "
             "kind_fast.serialization.save_pretrained(model, folder) and load it with "
@@ -135,7 +135,7 @@ class _ForeignSaveGuard:
 
 
 def _is_native_dit(model: nn.Module, target_modules) -> bool:
-    from kind_fast.dit import DiT
+    from kind_fast.models.dit import DiT
 
     return isinstance(model, DiT) and model.kind is None and target_modules in (None, DIT_TARGETS)
 
@@ -143,7 +143,7 @@ def _is_native_dit(model: nn.Module, target_modules) -> bool:
 def _kind_config_for(gate: ClassGate, tailor_rank: int, learngene_rank: int | None, split_qkv: bool):
     """The KindConfig of a native conversion with ``gate``: balanced/block/random_k/all_on when the
     config rebuilds exactly this gate, else ``gate="custom"`` (the gate is saved with the model)."""
-    from kind_fast.dit import KindConfig
+    from kind_fast.models.dit import KindConfig
 
     base = dict(tailor_rank=tailor_rank, learngene_rank=learngene_rank, qkv="split" if split_qkv else "fused")
     cfg = gate.to_config()
@@ -198,7 +198,7 @@ def kindify(
         svd: set the components from the SVD of the dense weights (default). ``False`` leaves
             them uninitialised, for loading saved weights right after (kindify_from_pretrained).
     Returns:
-        the same model, with ``model.kind_gate`` registered. A ``kind_fast.dit.DiT`` with
+        the same model, with ``model.kind_gate`` registered. A ``kind_fast.models.dit.DiT`` with
         ``kind=None`` (and default targets) becomes a native KIND-DiT instead (module docstring).
     """
     if not isinstance(model, nn.Module):
@@ -217,10 +217,10 @@ def kindify(
     if tailor_rank != gate.tailor_rank:
         raise ValueError(f"tailor_rank {tailor_rank} != gate.tailor_rank {gate.tailor_rank}")
     if _is_native_dit(model, target_modules):
-        from kind_fast.dit import kindify_dit
+        from kind_fast.models.dit import kindify_dit
 
         if label_arg not in (None, "y"):
-            raise ValueError(f"kind_fast.dit.DiT takes its labels as y, not {label_arg!r}")
+            raise ValueError(f"kind_fast.models.dit.DiT takes its labels as y, not {label_arg!r}")
         kind_fast_kind = _kind_config_for(gate, tailor_rank, learngene_rank, split_qkv)
         kindify_dit(model, kind_fast_kind, gate, svd=svd)
         model._kind_fast_kindify = dict(target_modules=DIT_TARGETS, label_arg="y", split_qkv=bool(split_qkv),

@@ -489,8 +489,8 @@ class DiT(nn.Module):
         (docs/design.md §7). ``form``: ``"merged"`` (one dense weight per served label,
         segmented GEMM: dense speed), ``"reduced"`` (W_G dense + only the tailors the labels
         use: small), ``"dense"`` (one class, ``guidance=False``: a plain dense DiT).
-        See ``kind_fast.export``; save with ``kind_fast.save_export``."""
-        from kind_fast.export import export_dit
+        See ``kind_fast.models.export``; save with ``kind_fast.save_export``."""
+        from kind_fast.models.export import export_dit
 
         return export_dit(self, classes, form, guidance=guidance)
 
@@ -512,7 +512,7 @@ class DenseExportDiT(DiT):
     refuses every label but c with a ValueError that names c, and ``forward_with_cfg`` is
     refused (no null label). Built by ``DiT.to_dense_export`` / ``export(c, "dense")`` and by
     ``kind_fast.load_export`` of a dense export; the label check reads the labels on the host
-    once per labels tensor (``kind_fast.export.per_labels``)."""
+    once per labels tensor (``kind_fast.models.export.per_labels``)."""
 
     export_classes: list[int]
     _plan_cache: tuple | None = None
@@ -540,7 +540,7 @@ class DenseExportDiT(DiT):
         return {**self.__dict__, "_plan_cache": None}
 
     def _check(self, y: Tensor, labels: list[int]) -> bool:
-        from kind_fast.export import check_served
+        from kind_fast.models.export import check_served
 
         c = self.export_classes[0]
         check_served(labels, self.export_classes, self.num_classes, False,
@@ -550,7 +550,7 @@ class DenseExportDiT(DiT):
         return True
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor, force_drop_ids: Tensor | None = None) -> Tensor:
-        from kind_fast.export import per_labels
+        from kind_fast.models.export import per_labels
 
         if force_drop_ids is not None and bool(force_drop_ids.any()):
             raise ValueError(f"this dense export serves class {self.export_classes[0]} only: it has no null label "
@@ -613,14 +613,14 @@ def _kind_layer(weight: Tensor, bias: Tensor | None, kind: KindConfig, gate: Cla
 
 @torch.no_grad()
 def kindify_dit(model: DiT, kind: KindConfig, gate: ClassGate | None = None, *, svd: bool = True) -> DiT:
-    """Turn a dense ``kind_fast.dit.DiT`` into a KIND-DiT **in place**: the same modules and
+    """Turn a dense ``kind_fast.models.dit.DiT`` into a KIND-DiT **in place**: the same modules and
     parameter names as ``DiT(..., kind=kind)``, every block linear set by an exact SVD
     (``svd=False``: left uninitialised, for loading saved weights right after).
 
     ``gate`` defaults to ``kind.make_gate(model.num_classes)``. Returns ``model``.
     """
     if not isinstance(model, DiT):
-        raise TypeError(f"kindify_dit expects a kind_fast.dit.DiT, got {type(model).__name__}")
+        raise TypeError(f"kindify_dit expects a kind_fast.models.dit.DiT, got {type(model).__name__}")
     if model.kind is not None:
         raise ValueError("the model is already a KIND-DiT (kind is set)")
     if not isinstance(kind, KindConfig):
@@ -667,11 +667,11 @@ def load_dense(src, *, which: str = "ema", num_heads: int | None = None, class_d
 
     ``src``: a facebookresearch-layout state dict or checkpoint dict, the path of a ``.pt`` /
     ``.safetensors`` file, a diffusers ``DiTTransformer2DModel`` or its local folder
-    (``kind_fast.dense_io``), or a dense ``DiT`` (copied). kind_fast run/weights folders are
+    (``kind_fast.models.dense_io``), or a dense ``DiT`` (copied). kind_fast run/weights folders are
     read by ``kind_fast.convert.load_dense``. ``which``: ``ema`` or ``model`` weights of a
     training checkpoint. ``num_heads``: when neither the checkpoint nor the preset says.
     """
-    from kind_fast.dense_io import read_dense
+    from kind_fast.models.dense_io import read_dense
 
     if which not in ("ema", "model"):
         raise ValueError(f"which must be 'ema' or 'model', got {which!r}")

@@ -1,8 +1,8 @@
 """Reading dense DiT checkpoints into kind_fast's DiT layout (docs/design.md §3.4).
 
-Each reader returns ``(arch, state)``: the ``kind_fast.dit.DiT`` constructor arguments and a
-state dict with DiT's module names. ``kind_fast.dit.load_dense`` / ``from_dense`` build the
-model from them (this module does not import ``kind_fast.dit``, which imports it).
+Each reader returns ``(arch, state)``: the ``kind_fast.models.dit.DiT`` constructor arguments and a
+state dict with DiT's module names. ``kind_fast.models.dit.load_dense`` / ``from_dense`` build the
+model from them (this module does not import ``kind_fast.models.dit``, which imports it).
 
 Sources:
 
@@ -59,7 +59,7 @@ def _clean(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
 def state_from_checkpoint(obj: Mapping, *, presets: Mapping[str, tuple], which: str = "ema",
                           num_heads: int | None = None, class_dropout_prob: float = 0.1) -> tuple[dict, dict]:
     """(arch, state) of a facebookresearch-layout state dict or training checkpoint dict.
-    ``presets``: ``kind_fast.dit.DiT_models`` (name -> (depth, hidden, heads, patch))."""
+    ``presets``: ``kind_fast.models.dit.DiT_models`` (name -> (depth, hidden, heads, patch))."""
     if not isinstance(obj, Mapping):
         raise TypeError(f"expected a state dict (a mapping of tensors), got {type(obj).__name__}")
     args = obj.get("args")
@@ -123,8 +123,8 @@ def state_from_diffusers(transformer: nn.Module) -> tuple[dict, dict]:
                 diff = (v.float() - ref[k].float()).abs().max().item()
                 raise ValueError(
                     f"transformer_blocks.{i}.norm1.emb.{k} differs from block 0's (max |diff| {diff:.3g}): "
-                    "this DiT has per-block timestep/label embedders, which kind_fast.dit.DiT (one shared "
-                    "embedder, as the original DiT) cannot hold. Use kind_fast.kindify(transformer, gate=...) "
+                    "this DiT has per-block timestep/label embedders, which kind_fast.models.dit.DiT (one shared "
+                    "embedder, as the original DiT) cannot hold. Use kind_fast.models.kindify(transformer, gate=...) "
                     "to make it a KIND model in diffusers' own layout instead")
     heads, head_dim = cfg["num_attention_heads"], cfg["attention_head_dim"]
     hidden = heads * head_dim
@@ -223,7 +223,7 @@ def read_dense(src, *, presets: Mapping[str, tuple], which: str = "ema", num_hea
         if type(src).__name__ == "DiTTransformer2DModel":
             return state_from_diffusers(src)
         raise TypeError(f"cannot import a {type(src).__name__}: expected a DiT state dict, a kind_fast DiT or "
-                        "a diffusers DiTTransformer2DModel (for other models use kind_fast.kindify)")
+                        "a diffusers DiTTransformer2DModel (for other models use kind_fast.models.kindify)")
     kw = dict(presets=presets, which=which, num_heads=num_heads, class_dropout_prob=class_dropout_prob)
     if isinstance(src, Mapping):
         return state_from_checkpoint(src, **kw)
