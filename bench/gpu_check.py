@@ -576,7 +576,7 @@ def sampling_row(cfg: Config, deadline: Deadline, section: str, backend: str | N
             sync(cfg)
             times = interleaved(fns, step_timer, cfg.rounds)
             if cfg.device.type == "cuda" and not deadline.over(12):  # the sampler's CUDA-graph replays
-                from kind_fast.graphs import GraphedCall
+                from kind_fast.deploy.graphs import GraphedCall
 
                 graphed = {"dense_graphed": GraphedCall(step_dense), "kind_m3_graphed": GraphedCall(step_kind)}
                 for name, g in graphed.items():

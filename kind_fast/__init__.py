@@ -14,14 +14,14 @@ extension; backends are resolved on first use (see ``python -m kind_fast.info``)
 from kind_fast._version import __version__
 from kind_fast.ops.backends import current_backend, set_backend, use_backend
 from kind_fast.nn.caching import weight_cache
-from kind_fast.export_io import load_export, save_export
+from kind_fast.deploy.export_io import load_export, save_export
 from kind_fast.nn.gate import ClassGate
 from kind_fast.models.kindify import kindify
 from kind_fast.nn.layers import FastKindLinear, kind_group
 from kind_fast.ops.kind_linear import kind_linear, kind_linear_ref
 from kind_fast.ops.kind_linear_grouped import kind_linear_grouped
-from kind_fast.serialization import kindify_from_pretrained
-from kind_fast.tasks import MultiTaskDiT, load_base, load_task, save_task
+from kind_fast.deploy.serialization import kindify_from_pretrained
+from kind_fast.deploy.tasks import MultiTaskDiT, load_base, load_task, save_task
 from kind_fast.nn.utils import print_trainable_parameters
 
 # kf.caching.invalidate() keeps working (the module is kind_fast.nn.caching since the layout of

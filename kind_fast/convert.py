@@ -43,7 +43,7 @@ def _from_folder(path: Path, which: str) -> DiT:
         raise ValueError(f"{path} holds a {type(model).__name__}, not a plain DiT (a LoRA/SVDiff run: "
                          "merge or export it to a dense DiT first)")
     if model.kind is not None:
-        raise ValueError(f"{path} already holds a KIND-DiT: load it with kind_fast.serialization.load_pretrained")
+        raise ValueError(f"{path} already holds a KIND-DiT: load it with kind_fast.deploy.serialization.load_pretrained")
     return model.eval()
 
 
@@ -93,7 +93,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import sys
 
-    from kind_fast.serialization import save_pretrained
+    from kind_fast.deploy.serialization import save_pretrained
 
     try:
         kind = KindConfig(tailor_rank=args.tailor_rank, active=args.active, gate=args.gate, null=args.null,

@@ -277,7 +277,7 @@ def test_saves_with_the_old_block_default_keep_their_gate(tmp_path):
     """A KIND-DiT saved with gate="block" (the default before the balanced gate) loads with its
     block gate whatever the default now is, and its transfer builds a block gate too."""
     from kind_fast.models.dit import DiT, KindConfig
-    from kind_fast.serialization import load_pretrained, save_pretrained
+    from kind_fast.deploy.serialization import load_pretrained, save_pretrained
 
     torch.manual_seed(0)
     kind = KindConfig(tailor_rank=8, active=2, gate="block")

@@ -636,7 +636,7 @@ def test_gpu_layer_m3_equals_m1_eager_and_graphed(backend):
     ok, why = _gpu_backend_ready(backend)
     if not ok:
         pytest.skip(f"{backend} backend: {why}")
-    from kind_fast.graphs import GraphedCall
+    from kind_fast.deploy.graphs import GraphedCall
 
     torch.manual_seed(0)
     gate = kf.ClassGate.block(10, 96, 32)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from kind_fast.models.dit import DiT, KindConfig
-from kind_fast.graphs import GraphedCall, graphed, use_cuda_graphs
+from kind_fast.deploy.graphs import GraphedCall, graphed, use_cuda_graphs
 from kind_fast.ops import paths
 from kind_fast.ops.paths import force_path
 from kind_fast.train.sampling import sample

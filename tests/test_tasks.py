@@ -1,4 +1,4 @@
-"""Tasks (kind_fast.tasks): save_task / load_task on a learngene base saved once, refusal of
+"""Tasks (kind_fast.deploy.tasks): save_task / load_task on a learngene base saved once, refusal of
 a foreign base, mixed batches over several tasks, and the CLI (transfer writes its task,
 sample-tasks, export)."""
 
@@ -17,8 +17,8 @@ import kind_fast as kf
 from kind_fast.__main__ import main
 from kind_fast.models.dit import DiT, KindConfig
 from kind_fast.nn.gate import ClassGate
-from kind_fast.serialization import save_kind
-from kind_fast.tasks import MultiTaskDiT, base_fingerprint, load_base, load_task, save_task
+from kind_fast.deploy.serialization import save_kind
+from kind_fast.deploy.tasks import MultiTaskDiT, base_fingerprint, load_base, load_task, save_task
 from kind_fast.testing import perturbed
 from kind_fast.train.models import load_weights
 from kind_fast.train.sampling import cfg_model_fn, make_scheduler, run_scheduler, sample

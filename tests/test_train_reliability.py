@@ -98,7 +98,7 @@ def test_resume_from_an_older_checkpoint_retires_every_output_of_the_abandoned_r
     it trains, so a run killed right after that serves nothing of the abandoned run (export
     --task and sample-tasks read <out>/task)."""
     from kind_fast.__main__ import main
-    from kind_fast.tasks import load_base, load_task
+    from kind_fast.deploy.tasks import load_base, load_task
 
     pre, out = tmp_path / "pre", tmp_path / "t"
     assert main(["pretrain", "--steps", "2", "--out", str(pre), "--no-sample", *TINY_FLAGS]) == 0
@@ -484,7 +484,7 @@ def test_kill_loop_over_task_writes(tmp_path):
     atomic_directory), aimed by hooks: <out>/task is the previous task or the new one, whole, or
     missing with the previous one named; the resumed run writes it and sweeps every hidden folder."""
     from kind_fast.__main__ import main
-    from kind_fast.tasks import load_base, load_task
+    from kind_fast.deploy.tasks import load_base, load_task
 
     pre, out = tmp_path / "pre", tmp_path / "t"
     assert main(["pretrain", "--steps", "2", "--out", str(pre), "--no-sample", *TINY_FLAGS]) == 0

@@ -4,5 +4,5 @@
   ``DiTTransformer2DModel`` with any number of classes (``KindDiTPipeline``, ``sample_dit``).
 
 The PEFT LoRA baseline lives in ``kind_fast.models.baselines``; kindify's diffusers round trip in
-``kind_fast.models.kindify`` / ``kind_fast.serialization``.
+``kind_fast.models.kindify`` / ``kind_fast.deploy.serialization``.
 """

@@ -71,7 +71,7 @@ def state_from_checkpoint(obj: Mapping, *, presets: Mapping[str, tuple], which: 
     state = _clean(state)
     if any(k.endswith((".u_g", ".u_t")) for k in state):
         raise ValueError("this state dict is already a KIND-DiT (it has u_g/u_t components); "
-                         "load it with kind_fast.serialization.load_pretrained or DiT.load_state_dict")
+                         "load it with kind_fast.deploy.serialization.load_pretrained or DiT.load_state_dict")
     missing = [k for k in _REQUIRED if k not in state]
     if missing:
         raise ValueError(f"not a DiT state dict in the facebookresearch layout: missing {missing} "

@@ -24,7 +24,7 @@ model's class ids and raises a clear error for any label it does not serve. Samp
 export therefore match the KIND model's for the same seed (fp32: to rounding).
 
 No ClassGate and no FastKindLinear are involved: the export's parameters are plain tensors,
-saved as safetensors + a JSON config by ``kind_fast.export_io`` (``save_export`` / ``load_export``).
+saved as safetensors + a JSON config by ``kind_fast.deploy.export_io`` (``save_export`` / ``load_export``).
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ __all__ = ["ExportedDiT", "export_dit", "segmented_linear", "SegmentPlan", "FORM
 
 FORMS = ("merged", "reduced", "dense")
 FORMAT = "kind_fast.export"
-FORMAT_VERSION = 2  # 2: the config is bound to the weights (kind_fast.export_io)
+FORMAT_VERSION = 2  # 2: the config is bound to the weights (kind_fast.deploy.export_io)
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:

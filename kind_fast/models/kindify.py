@@ -30,9 +30,9 @@ hooked: it becomes a native KIND-DiT (``kind_fast.models.dit.kindify_dit``: q, k
 it saves, loads and transfers like any KIND-DiT.
 
 Round trip (docs/design.md §3.2): kindify's settings (targets, qkv split, label argument, ranks)
-are kept in ``model._kind_fast_kindify`` and written by ``kind_fast.serialization.save_pretrained``
+are kept in ``model._kind_fast_kindify`` and written by ``kind_fast.deploy.serialization.save_pretrained``
 beside the gate and the weights; ``kind_fast.kindify_from_pretrained(base_model, dir)`` (in
-``kind_fast.serialization``) rebuilds the same model, and ``load_pretrained(dir)`` does it alone
+``kind_fast.deploy.serialization``) rebuilds the same model, and ``load_pretrained(dir)`` does it alone
 for kind_fast DiTs and diffusers models (whose config is saved too). A kindified model's own
 ``save_pretrained`` (diffusers, transformers) is replaced by one that raises: it would write the
 KIND components under names its ``from_pretrained`` does not know, and loading that folder would
@@ -130,8 +130,8 @@ class _ForeignSaveGuard:
             f"this {self.cls_name} was converted by kind_fast.models.kindify: {self.cls_name}.save_pretrained would "
             "write the KIND components (u_g, sigma_g, ...) under names its from_pretrained does not know, and "
             "loading that folder would re-initialise every converted linear. Save it with "
-            "kind_fast.serialization.save_pretrained(model, folder) and load it with "
-            "kind_fast.serialization.load_pretrained(folder) or kind_fast.kindify_from_pretrained(base_model, folder)")
+            "kind_fast.deploy.serialization.save_pretrained(model, folder) and load it with "
+            "kind_fast.deploy.serialization.load_pretrained(folder) or kind_fast.kindify_from_pretrained(base_model, folder)")
 
 
 def _is_native_dit(model: nn.Module, target_modules) -> bool:

@@ -254,7 +254,7 @@ def run_sample(args: argparse.Namespace) -> int:
         if args.cuda_graphs == "on" and env.device.type != "cuda":
             raise ValueError(f"--cuda-graphs on needs a CUDA device, got {env.device}")
         if export:
-            from kind_fast.export_io import load_export
+            from kind_fast.deploy.export_io import load_export
 
             model = load_export(wdir, map_location=env.device)
             served = getattr(model, "classes", None) or getattr(model, "export_classes", None)

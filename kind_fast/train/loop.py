@@ -581,7 +581,7 @@ class Trainer:
     # ------------------------------------------------------------------ outputs
     def export(self) -> dict[str, Path]:
         """Write ``<out>/model`` and ``<out>/ema`` (rank 0), and for a KIND transfer the EMA
-        weights' task folder ``<out>/task`` (``kind_fast.tasks``); returns their paths."""
+        weights' task folder ``<out>/task`` (``kind_fast.deploy.tasks``); returns their paths."""
         self.check_finite_state("exporting the weights")
         state = self.full_model_state()
         ema = self.full_ema_state()
@@ -591,7 +591,7 @@ class Trainer:
             ema_model = model_from_state(self.spec, {**state, **ema})
             paths["ema"] = save_weights(ema_model, self.spec, self.out / "ema")
             if self.spec["mode"] == "transfer" and self.spec["method"] == "kind":
-                from kind_fast.tasks import save_task  # the task alone, beside its base (docs/design.md §7)
+                from kind_fast.deploy.tasks import save_task  # the task alone, beside its base (docs/design.md §7)
                 from kind_fast.train.models import resolve_init
 
                 base = resolve_init(self.cfg.method.init, self.cfg.method.init_weights)

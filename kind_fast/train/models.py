@@ -161,7 +161,7 @@ def _pretrain_init_spec(cfg: RunConfig, num_classes: int, sample_shape) -> dict:
         kind = dict(info["kind"])
         if kind.get("gate") == "custom":
             raise ValueError(f"{src} has an explicitly given (custom) gate, which a run config cannot describe; "
-                             "continue it with your own loop (kind_fast.serialization.load_pretrained)")
+                             "continue it with your own loop (kind_fast.deploy.serialization.load_pretrained)")
         arch, init_kind = dict(info["arch"]), True
     else:
         arch = dict(info["arch"]) if info is not None else dict(_load_dense_init(cfg).arch)
@@ -353,7 +353,7 @@ def build_from_spec(spec: dict, *, empty: bool = False) -> nn.Module:
 def build_model(cfg: RunConfig, spec: dict) -> nn.Module:
     """A fresh model for a new run: random init (seeded) or loaded from ``method.init``."""
     from kind_fast.models.baselines import apply_lora, apply_svdiff
-    from kind_fast.serialization import load_learngenes
+    from kind_fast.deploy.serialization import load_learngenes
     from kind_fast.nn.utils import freeze_learngenes
 
     torch.manual_seed(cfg.seed)
@@ -409,7 +409,7 @@ def save_weights(model: nn.Module, spec: dict, directory: str | os.PathLike) -> 
     from safetensors.torch import save
 
     from kind_fast.atomic import atomic_write_bytes, atomic_write_text
-    from kind_fast.serialization import CONFIG_FILE, file_record, save_pretrained
+    from kind_fast.deploy.serialization import CONFIG_FILE, file_record, save_pretrained
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -446,7 +446,7 @@ def load_weights(directory: str | os.PathLike, map_location: str | torch.device 
     """Rebuild a model written by ``save_weights`` (or any ``save_pretrained`` KIND-DiT)."""
     from safetensors.torch import load
 
-    from kind_fast.serialization import load_pretrained, verify_file
+    from kind_fast.deploy.serialization import load_pretrained, verify_file
 
     d = Path(directory)
     if not d.is_dir():

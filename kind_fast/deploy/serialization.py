@@ -419,7 +419,7 @@ def build_base(record: dict) -> nn.Module:
 
 
 def kindify_from_pretrained(base_model: nn.Module, directory, *, map_location=None) -> nn.Module:
-    """Restore a kindified model saved with ``kind_fast.serialization.save_pretrained``.
+    """Restore a kindified model saved with ``kind_fast.deploy.serialization.save_pretrained``.
 
     ``base_model`` is the dense model kindify was applied to (its architecture; its weights are
     replaced by the saved ones). It is kindified with the saved settings and gate, then every
@@ -432,7 +432,7 @@ def kindify_from_pretrained(base_model: nn.Module, directory, *, map_location=No
     settings = cfg.get("kindify")
     if not settings:
         raise ValueError(f"{d} was not saved from a kindified model (no kindify settings in kind_config.json); "
-                         "for a kind_fast.models.dit.DiT use kind_fast.serialization.load_pretrained")
+                         "for a kind_fast.models.dit.DiT use kind_fast.deploy.serialization.load_pretrained")
     if cfg.get("gate") is None:
         raise ValueError(f"{d}: the save has no gate config")
     tensors = _read_part(d, cfg, "tailors")

@@ -118,7 +118,7 @@ def save_task(model, directory: str | os.PathLike, *, name: str | None = None, o
 
     from kind_fast.atomic import atomic_directory
     from kind_fast.models.dit import kind_config_dict
-    from kind_fast.serialization import file_record
+    from kind_fast.deploy.serialization import file_record
 
     _check_kind_dit(model, "save_task")
     d = Path(directory)
@@ -141,7 +141,7 @@ def save_task(model, directory: str | os.PathLike, *, name: str | None = None, o
 
 
 def _task_digest(cfg: dict) -> str:
-    from kind_fast.serialization import config_digest
+    from kind_fast.deploy.serialization import config_digest
 
     base = cfg.get("base")
     if isinstance(base, dict):  # where the base came from is for people; its fingerprint is checked
@@ -155,7 +155,7 @@ def read_task(directory: str | os.PathLike) -> tuple[dict, dict[str, Tensor]]:
     from safetensors.torch import load
 
     from kind_fast.atomic import refuse_missing_folder
-    from kind_fast.serialization import (
+    from kind_fast.deploy.serialization import (
         check_config_digest,
         config_dtype,
         read_folder_config,
@@ -227,7 +227,7 @@ def load_task(model, directory: str | os.PathLike, *, fingerprint: str | None = 
     ``fingerprint``: the model's ``base_fingerprint`` if already known (skips rehashing).
     """
     from kind_fast.models.dit import LabelEmbedder
-    from kind_fast.serialization import _copy_into
+    from kind_fast.deploy.serialization import _copy_into
 
     _check_kind_dit(model, "load_task")
     cfg, tensors = read_task(directory)
@@ -273,7 +273,7 @@ def load_base(path: str | os.PathLike, map_location: str | torch.device = "cpu",
     the learngene-only model) until ``load_task`` puts a task on it.
     """
     from kind_fast.models.dit import DiT, KindConfig
-    from kind_fast.serialization import _read_config, _read_part, load_learngenes
+    from kind_fast.deploy.serialization import _read_config, _read_part, load_learngenes
 
     d = _resolve_base_dir(path, which)
     cfg = _read_config(d)
