@@ -24,7 +24,7 @@ import pytest
 import torch
 from conftest import cpu_median, gpu_median, interleaved, requires_cuda, synced
 
-from kind_fast.benchmark import build_model
+from kind_fast.perf.benchmark import build_model
 from kind_fast.deploy.tasks import MultiTaskDiT, task_state_dict
 
 CPU_MODEL, CPU_DEPTH, CPU_BATCH = "DiT-S/2", 2, 4

@@ -250,7 +250,7 @@ def demo_model(kind: bool, qkv: str = "split") -> DiT:
 
 
 def model_rows(rounds: int) -> list[dict]:
-    from kind_fast.benchmark import make_cfg_sample_step, make_train_step
+    from kind_fast.perf.benchmark import make_cfg_sample_step, make_train_step
     from kind_fast.nn.caching import training_scope
 
     kind_model, dense_model = demo_model(True), demo_model(False)

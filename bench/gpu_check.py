@@ -33,7 +33,7 @@ of per-round medians; GPU times with device events through ``triton.testing.do_b
                and the reference on the layer rows.
 
 Beside every measured goal ratio the summary prints the time model's prediction for it
-(MODELLED, bench/results/model_dit_xl.json from ``python -m kind_fast.timemodel --json``), so the
+(MODELLED, bench/results/model_dit_xl.json from ``python -m kind_fast.perf.timemodel --json``), so the
 first GPU run calibrates the model.
 
 Goals (docs/design.md §6), recorded per row as [value, target, met]:
@@ -189,7 +189,7 @@ def run_fns(cfg, layer, lin, x, labels, g, mode, impls):
     None before each backward (as a training step's zero_grad(set_to_none=True) leaves them), so
     no call pays for accumulating into the last call's gradients."""
     import kind_fast as kf
-    from kind_fast.benchmark import make_reference_layer_step
+    from kind_fast.perf.benchmark import make_reference_layer_step
 
     def fresh():
         x.grad = None
@@ -324,7 +324,7 @@ def section_steps(cfg: Config, deadline: Deadline) -> list[dict]:
 
 
 def _section_steps(cfg: Config, deadline: Deadline, scopes: contextlib.ExitStack) -> list[dict]:
-    from kind_fast.benchmark import build_model, make_train_step
+    from kind_fast.perf.benchmark import build_model, make_train_step
     from kind_fast.nn.caching import training_scope
 
     amp = torch.bfloat16 if cfg.device.type == "cuda" else None
@@ -402,7 +402,7 @@ def _auto_backend(cfg: Config) -> str:
 
 
 def _median_events(fn, cfg: Config, reps: int = 5) -> float:
-    from kind_fast.benchmark import time_fn
+    from kind_fast.perf.benchmark import time_fn
 
     return time_fn(fn, cfg.device, reps=reps, warmup=1)
 
@@ -534,7 +534,7 @@ def sampling_row(cfg: Config, deadline: Deadline, section: str, backend: str | N
     M3's output is from M1's, and on a GPU the CUDA-graph replays of both steps (as the sampler
     runs them) when the budget allows."""
     from kind_fast.ops.backends import use_backend
-    from kind_fast.benchmark import build_model
+    from kind_fast.perf.benchmark import build_model
     from kind_fast.ops.paths import force_path, record_paths
     from kind_fast.train.sampling import cfg_model_fn
     from kind_fast.nn.utils import serving
@@ -625,7 +625,7 @@ def _cell(text) -> str:
 
 
 MODEL_FILE = Path(__file__).resolve().parent / "results" / "model_dit_xl.json"
-# the goal keys of these rows -> kind_fast.timemodel's goal names
+# the goal keys of these rows -> kind_fast.perf.timemodel's goal names
 _MODEL_GOALS = {"forward_vs_linear": "forward", "transfer_vs_linear": "transfer", "pretrain_vs_linear": "pretrain",
                 "m3_vs_linear": "sampling M3", "step_memory_vs_full_ft": "transfer peak memory",
                 "sampling_m3_vs_dense": "sampling step"}
@@ -640,7 +640,7 @@ def _model_rows() -> list[dict]:
 
 def modelled(row: dict, goal: str | None) -> str:
     """The time model's prediction for a measured goal (bench/results/model_dit_xl.json,
-    ``python -m kind_fast.timemodel --json``): "1.33 (e=1.00), 1.52 (e=0.85)", or "" where the
+    ``python -m kind_fast.perf.timemodel --json``): "1.33 (e=1.00), 1.52 (e=0.85)", or "" where the
     model has no such row (the dry run's shapes, the CUDA backend's M1 rows)."""
     if goal is None or row.get("section") == "cuda" and goal != "m3_vs_linear":
         return ""
@@ -722,7 +722,7 @@ def summarize(out: Path) -> int:
           "Layers: time ÷ F.linear (forward) or ÷ nn.Linear forward+backward, bf16, K = 32 of 96 tailors, "
           "T = 256. Steps: ÷ the full fine-tuning step. Sampling: ÷ the dense DiT step. MODELLED: the time "
           "model's prediction for the same ratio at our main-loop efficiency e = 1.00 and 0.85 of cuBLAS's "
-          "(bench/results/model_dit_xl.json, kind_fast/timemodel.py); the measured ratios calibrate it.",
+          "(bench/results/model_dit_xl.json, kind_fast/perf/timemodel.py); the measured ratios calibrate it.",
           "", *table, "",
           f"Goals met: {met} of {len(goals)}."]
     (out / "summary.md").write_text("\n".join(md) + "\n")

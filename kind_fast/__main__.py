@@ -22,9 +22,9 @@ COMMANDS = {
     "plot": ("kind_fast.train.cmd_plot", "a run's loss curves as <run>/loss.png (from metrics.csv)"),
     "info": ("kind_fast.info", "versions, devices and which backends are live"),
     "build-ext": ("kind_fast.ops._ext", "compile the CUDA extension kind_fast._C after installation (cached)"),
-    "flops": ("kind_fast.flops",
+    "flops": ("kind_fast.perf.flops",
               "analytic FLOPs per mode (KIND, full FT, LoRA, SVDiff, Heur-LG, TLEG): table, markdown, plot"),
-    "bench": ("kind_fast.benchmark", "time a training step per mode and CFG sampling; --report: markdown + plot"),
+    "bench": ("kind_fast.perf.benchmark", "time a training step per mode and CFG sampling; --report: markdown + plot"),
 }
 
 

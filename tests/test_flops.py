@@ -1,4 +1,4 @@
-"""The analytic FLOP model (kind_fast.flops), checked against DiT's table, against
+"""The analytic FLOP model (kind_fast.perf.flops), checked against DiT's table, against
 torch.utils.flop_counter on real models, and against the KIND paper's arithmetic; plus the
 `kind-fast flops` / `kind-fast bench --report` commands."""
 
@@ -12,10 +12,10 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from kind_fast.__main__ import main
-from kind_fast.benchmark import build_model, load_results, make_batch
+from kind_fast.perf.benchmark import build_model, load_results, make_batch
 from kind_fast.nn.caching import weight_cache
 from kind_fast.models.dit import DiT_models, KindConfig, build_dit
-from kind_fast.flops import (
+from kind_fast.perf.flops import (
     DIT_PAPER_GMACS,
     MODES,
     PAPER_TRANSFER,

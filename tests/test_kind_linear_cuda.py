@@ -1273,7 +1273,7 @@ def test_gpu_merged_gemm_capture_with_host_slots(ops):
 def test_gpu_dit_sampling_step_m3_on_the_cuda_backend():
     """A small KIND-DiT's guided sampling call inside serving() on the CUDA backend: every KIND
     layer takes M3 (MERGED_GEMM_OP from host slots), and the output matches M1's."""
-    from kind_fast.benchmark import build_model
+    from kind_fast.perf.benchmark import build_model
     from kind_fast.ops.paths import force_path, record_paths
     from kind_fast.train.sampling import cfg_model_fn
     from kind_fast.nn.utils import serving

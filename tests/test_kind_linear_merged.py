@@ -308,12 +308,11 @@ def test_triton_m3_gradients_through_autograd(interpreter):
 
 def test_meta_tensors_plan_for_the_gpu():
     """The launchers' configs on ``meta`` tensors (what the static audit replays) are the GPU
-    plans of kind_fast.perfmodel, not the interpreter's; CPU tensors get the interpreter's."""
+    plans of kind_fast.perf.perfmodel, not the interpreter's; CPU tensors get the interpreter's."""
     pytest.importorskip("triton")
     from kind_fast.kernels import kind_linear_merged as km
 
-    from kind_fast import perfmodel as pm
-
+    from kind_fast.perf import perfmodel as pm
     meta, cpu = torch.device("meta"), torch.device("cpu")
     gpu = km.gemm_config(8192, 4608, 1152, 256, meta)
     plan = pm.plan_merged_gemm(8192, 4608, 1152, 256)

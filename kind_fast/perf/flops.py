@@ -572,7 +572,7 @@ def format_markdown(results: Sequence[ModelFlops], *, image_size: int, batch: in
     lines = [
         "# FLOPs of DiT training: KIND vs full fine-tuning, LoRA, SVDiff, Heur-LG and TLEG",
         "",
-        f"Analytic model `kind_fast.flops` at {image_size}×{image_size} "
+        f"Analytic model `kind_fast.perf.flops` at {image_size}×{image_size} "
         f"({results[0].tokens} tokens per image for /2 models), per-step terms amortised over "
         f"batch {batch} (images per device per step), label table of "
         f"{results[0].num_classes} classes + null. MAC = multiply-accumulate, FLOP = 2 × MAC. "
