@@ -11,7 +11,7 @@ import torch
 
 import kind_fast as kf
 from kind_fast.__main__ import main as cli
-from kind_fast.convert import from_dense, load_dense
+from kind_fast.train.convert import from_dense, load_dense
 from kind_fast.models.dit import DiT, KindConfig, kindify_dit
 from kind_fast.models.dit import from_dense as dit_from_dense
 from kind_fast.nn.gate import DEFAULT_GATE

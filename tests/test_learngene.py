@@ -188,7 +188,7 @@ def test_trainer_learngene_bad_settings(tmp_path, ancestries):
 
 
 def test_convert_reads_a_tleg_ancestry_as_its_expanded_dit(ancestries):
-    from kind_fast.convert import load_dense
+    from kind_fast.train.convert import load_dense
 
     dense = load_dense(ancestries["tleg"])
     ancestry = load_weights(ancestries["tleg"] / "ema")

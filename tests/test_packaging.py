@@ -45,7 +45,7 @@ def test_sdist_carries_the_sources_and_metadata(tmp_path):
     kernels = [f for f in _source_files() if f.startswith("kernels/")]
     assert kernels and set(kernels) <= names
     for f in ("LICENSE", "CITATION.cff", "setup.py", "pyproject.toml", "docs/design.md", "README.md",
-              "kind_fast/convert.py", "kind_fast/integrations/diffusers.py"):
+              "kind_fast/train/convert.py", "kind_fast/integrations/diffusers.py"):
         assert f in names, f
     assert "License-Expression: Apache-2.0" in pkg_info
     assert "Project-URL: Paper, https://arxiv.org/abs/2408.07337" in pkg_info
@@ -208,7 +208,7 @@ def test_demo_checks_its_extras_before_training(tmp_path, monkeypatch, missing, 
 
 
 def test_demo_requirements_follow_the_methods():
-    from kind_fast.demo import requirements
+    from kind_fast.train.demo import requirements
 
     assert "peft" not in requirements(["kind", "full"]) and requirements(["lora"])["peft"] == "peft"
     from kind_fast._optional import available, missing

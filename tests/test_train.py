@@ -575,7 +575,7 @@ def test_png_writer_round_trips(tmp_path):
 
 def test_metrics_sanity():
     pytest.importorskip("torchmetrics")
-    from kind_fast.data import load_digits
+    from kind_fast.train.digits import load_digits
     from kind_fast.train.metrics import (
         DigitFeatures,
         DigitLogits,

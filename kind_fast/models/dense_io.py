@@ -234,7 +234,7 @@ def read_dense(src, *, presets: Mapping[str, tuple], which: str = "ema", num_hea
         if is_diffusers_folder(path):
             return state_from_diffusers(load_diffusers_folder(path))
         raise ValueError(f"{path} is not a diffusers folder; a kind_fast run or weights folder is read by "
-                         "kind_fast.convert.load_dense (or kind_fast.train.models.load_weights)")
+                         "kind_fast.train.convert.load_dense (or kind_fast.train.models.load_weights)")
     return state_from_checkpoint(read_file(path), **kw)
 
 

@@ -278,7 +278,7 @@ class DiT(nn.Module):
                          hidden_size=hidden_size, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
                          class_dropout_prob=class_dropout_prob, num_classes=num_classes,
                          learn_sigma=learn_sigma)
-        # conventions of diffusers' DiTTransformer2DModel (kind_fast.convert maps them exactly);
+        # conventions of diffusers' DiTTransformer2DModel (kind_fast.train.convert maps them exactly);
         # recorded only when they differ from DiT's, so older saves and specs stay unchanged
         if time_freq_shift:
             self.arch["time_freq_shift"] = time_freq_shift
@@ -668,7 +668,7 @@ def load_dense(src, *, which: str = "ema", num_heads: int | None = None, class_d
     ``src``: a facebookresearch-layout state dict or checkpoint dict, the path of a ``.pt`` /
     ``.safetensors`` file, a diffusers ``DiTTransformer2DModel`` or its local folder
     (``kind_fast.models.dense_io``), or a dense ``DiT`` (copied). kind_fast run/weights folders are
-    read by ``kind_fast.convert.load_dense``. ``which``: ``ema`` or ``model`` weights of a
+    read by ``kind_fast.train.convert.load_dense``. ``which``: ``ema`` or ``model`` weights of a
     training checkpoint. ``num_heads``: when neither the checkpoint nor the preset says.
     """
     from kind_fast.models.dense_io import read_dense
@@ -699,7 +699,7 @@ def from_dense(src, kind: KindConfig | None = None, *, gate: ClassGate | None = 
 
     Args:
         src: see ``load_dense`` (state dict, checkpoint file, dense DiT, diffusers
-            ``DiTTransformer2DModel`` object or folder); ``kind_fast.convert.from_dense`` also
+            ``DiTTransformer2DModel`` object or folder); ``kind_fast.train.convert.from_dense`` also
             reads kind_fast run and weights folders.
         kind: the decomposition (default ``KindConfig()``: 96 tailors, 32 active per class, the
             default gate ``kind_fast.nn.gate.DEFAULT_GATE``).
