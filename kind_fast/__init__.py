@@ -7,6 +7,12 @@ deployment (``save_export`` / ``load_export``, ``save_task`` / ``load_task`` / `
 ``MultiTaskDiT``), ``weight_cache``, backend selection and ``print_trainable_parameters``. The
 DiT is ``kind_fast.models.dit``, the trainer ``kind_fast.train``; docs/design.md is the contract.
 
+The subpackages are layers, each importing only those below it (docs/design.md, "Package
+layout"): ``ops`` (the op family, its backends and ``_C`` loader), ``nn`` (gate, layers, caches),
+``models`` (DiT, diffusion, kindify, exports, baselines), ``deploy`` (save/load, tasks, CUDA
+graphs), ``perf`` (FLOPs, launch plans, time model, audit, benchmarks), ``train`` (the trainer,
+its data, the demo, the commands); ``integrations`` (diffusers) and ``kernels`` (Triton sources).
+
 Importing this package never initialises CUDA, imports Triton or loads the compiled
 extension; backends are resolved on first use (see ``python -m kind_fast.info``).
 """
@@ -24,9 +30,8 @@ from kind_fast.deploy.serialization import kindify_from_pretrained
 from kind_fast.deploy.tasks import MultiTaskDiT, load_base, load_task, save_task
 from kind_fast.nn.utils import print_trainable_parameters
 
-# kf.caching.invalidate() keeps working (the module is kind_fast.nn.caching since the layout of
-# docs/design.md "Package layout"); not in __all__
-from kind_fast.nn import caching  # noqa: E402,F401,I001
+# kf.caching.invalidate() keeps working: the module is kind_fast.nn.caching (not in __all__)
+from kind_fast.nn import caching  # noqa: F401,I001
 
 __all__ = [
     "__version__",

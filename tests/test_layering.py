@@ -139,7 +139,9 @@ DOCS = ["README.md", *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").g
         "kernels/README.md"]
 # names a wheel or a build has and a checkout does not
 GENERATED = {"kind_fast/_build_info.py", "kind_fast/csrc", "kind_fast._build_info", "kind_fast._C"}
-DOTTED = re.compile(r"(?<![\w./-])kind_fast(?:\.\w+)+")
+# a dotted name in double quotes is a string a file format records ("kind_fast.dit.DiT", the
+# format "kind_fast.export"), not a module path
+DOTTED = re.compile(r"(?<![\w./\"-])kind_fast(?:\.\w+)+")
 FILE = re.compile(r"(?<![\w./-])(?:kind_fast|kernels|csrc|tests|bench|scripts|docs)/[\w./-]*\w")
 
 
@@ -191,3 +193,4 @@ def test_dead_path_checker_can_fail():
     assert dead_paths("see `kind_fast.audit` and kind_fast/layers.py") == ["kind_fast.audit", "kind_fast/layers.py"]
     assert dead_paths("`python -m kind_fast.perf.audit`, kind_fast/nn/layers.py, kind_fast.FastKindLinear") == []
     assert dead_paths("kind_fast.nn.gate.no_such_name") == ["kind_fast.nn.gate.no_such_name"]
+    assert dead_paths('records "kind_fast.dit.DiT"; the module is `kind_fast.dit`') == ["kind_fast.dit"]
