@@ -14,13 +14,13 @@ Switch (environment):
     CUDA_HOME / CUDA_PATH       the CUDA toolkit folder (bin/nvcc, include/, lib64/); found
                                 from nvcc's real path or /usr/local/cuda when unset. Set to a
                                 folder that is not a toolkit, it is an error naming the folder
-                                (kind_fast/_cuda_toolkit.py), never silently replaced.
+                                (kind_fast/ops/_cuda_toolkit.py), never silently replaced.
 
 The extension must be built against the torch that is already installed, so install with
 ``pip install --no-build-isolation .`` (pyproject.toml does not list torch as a build
 requirement: an isolated build would pull a second torch). A plain ``pip install .`` (isolated:
 no torch in the build environment) builds nothing; ``kind-fast build-ext`` then compiles the
-extension from the sources the wheel ships (kind_fast/_ext.py), and ``kind-fast info`` says so.
+extension from the sources the wheel ships (kind_fast/ops/_ext.py), and ``kind-fast info`` says so.
 
 ``build_decision()`` is the whole decision and is importable without running setup()
 (tests/test_kind_linear_cuda.py checks it in a subprocess).
@@ -30,7 +30,7 @@ What a (non-editable) wheel holds beside the package's own modules, copied by ``
                              has no ``__init__.py``, so that from the repository root it never
                              hides the PyPI package ``kernels``; see kind_fast/kernels/__init__.py)
     kind_fast/csrc/          the CUDA sources, so ``kind-fast build-ext`` can compile the extension
-                             later from any install (kind_fast/_ext.py)
+                             later from any install (kind_fast/ops/_ext.py)
 ``kind_fast/_build_info.py`` (written next to a CUDA build) is shipped only by the build that
 wrote it: a pure build never carries the record, or the binary, of an earlier one (pip builds in
 the source tree, so ``build/lib`` can hold them).
@@ -63,12 +63,12 @@ def cuda_sources() -> list[str]:
 
 
 def _load_toolkit_module():
-    """kind_fast/_cuda_toolkit.py, loaded by its path (the package is not installed yet, and
+    """kind_fast/ops/_cuda_toolkit.py, loaded by its path (the package is not installed yet, and
     importing it would import torch): one implementation for setup.py and `kind-fast build-ext`."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("kind_fast_cuda_toolkit",
-                                                  os.path.join(ROOT, "kind_fast", "_cuda_toolkit.py"))
+                                                  os.path.join(ROOT, "kind_fast", "ops", "_cuda_toolkit.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod

@@ -24,8 +24,8 @@ import pytest
 import torch
 from conftest import cpu_median, gpu_median, interleaved, requires_cuda, synced
 
-from kind_fast.benchmark import build_model
-from kind_fast.tasks import MultiTaskDiT, task_state_dict
+from kind_fast.perf.benchmark import build_model
+from kind_fast.deploy.tasks import MultiTaskDiT, task_state_dict
 
 CPU_MODEL, CPU_DEPTH, CPU_BATCH = "DiT-S/2", 2, 4
 GPU_MODELS, GPU_BATCH = ("DiT-S/2", "DiT-B/2", "DiT-L/2", "DiT-XL/2"), 32

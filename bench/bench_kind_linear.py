@@ -17,7 +17,7 @@ from conftest import cpu_median, dit_layer_shapes, gpu_median, interleaved, load
     requires_cuda, synced
 
 import kind_fast as kf
-from kind_fast.benchmark import make_reference_layer_step
+from kind_fast.perf.benchmark import make_reference_layer_step
 from kind_fast.ops.kind_linear import kind_linear_flops
 
 TAILORS, ACTIVE, CLASSES, TOKENS = 96, 32, 10, 256

@@ -1,6 +1,6 @@
 """Model-level benchmarks: one DiT training step per mode, and CFG sampling throughput.
 
-Modes (``kind_fast.flops``): full_ft (dense DiT), pretrain (KIND, everything trains), transfer
+Modes (``kind_fast.perf.flops``): full_ft (dense DiT), pretrain (KIND, everything trains), transfer
 (KIND, learngenes frozen), lora (r = 8), svdiff. One step = forward + DDPM ε-loss + backward +
 AdamW. Each test times the mode's step and, interleaved in the same process, the full
 fine-tuning step of the same model size and batch (the baseline of every ratio in docs/design.md §6);
@@ -32,7 +32,7 @@ import pytest
 import torch
 from conftest import cpu_median, gpu_median, load_average, pair_stats, paired, requires_cuda, synced
 
-from kind_fast.benchmark import (
+from kind_fast.perf.benchmark import (
     build_model,
     make_cfg_sample_step,
     make_train_step,
@@ -40,7 +40,7 @@ from kind_fast.benchmark import (
     measure_step,
     peak_memory_bytes,
 )
-from kind_fast.flops import TRAIN_MODES
+from kind_fast.perf.flops import TRAIN_MODES
 
 CPU_MODEL, CPU_DEPTH, CPU_BATCH = "DiT-S/2", 2, 4
 GPU_MODELS, GPU_BATCH = ("DiT-S/2", "DiT-B/2", "DiT-L/2", "DiT-XL/2"), 32

@@ -121,10 +121,10 @@ requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs 
 @pytest.fixture(autouse=True)
 def _weight_cache(request):
     """Benchmarks run inside ``kind_fast.weight_cache()``, as the trainer (while learngenes are
-    frozen) and the sampler do (kind_fast.caching), except tests parametrized with
+    frozen) and the sampler do (kind_fast.nn.caching), except tests parametrized with
     ``scope="outside"``: a drop-in layer in a user's own loop (W_G is still kept while the
     learngenes are frozen)."""
-    from kind_fast.caching import weight_cache
+    from kind_fast.nn.caching import weight_cache
 
     params = getattr(getattr(request.node, "callspec", None), "params", {})
     if params.get("scope") == "outside":

@@ -4,7 +4,7 @@
 
 What ``kind-fast demo`` times (its table's "wall s"), at its defaults: the trainer's transfer
 runs (digits 8-9, batch 64, AdamW, EMA, grad clipping, logging: ``Trainer.train``) of KIND
-transfer and of full fine-tuning, built exactly as the demo builds them (``kind_fast.demo``'s
+transfer and of full fine-tuning, built exactly as the demo builds them (``kind_fast.train.demo``'s
 config, from one pretrained KIND model; its pretraining is cut to ``--pretrain-steps``, which
 changes the weights' values, not the work of a step; the loss-curve plot that ends each
 ``train()`` call is left out, see ``build_trainers``). Both trainers live in one process and
@@ -38,7 +38,7 @@ def _load() -> str:
 
 
 def build_trainers(root: Path, pretrain_steps: int, steps: int, threads: int):
-    from kind_fast import demo
+    from kind_fast.train import demo
     from kind_fast.train.loop import Trainer
 
     p = argparse.ArgumentParser()
@@ -74,7 +74,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="0: as the demo picks")
     ap.add_argument("--out", default="bench/results/cpu_demo_steps")
     a = ap.parse_args()
-    from kind_fast.demo import _auto_threads
+    from kind_fast.train.demo import _auto_threads
 
     threads = a.threads or _auto_threads()
     torch.set_num_threads(threads)

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 import kind_fast as kf
-from kind_fast.dit import Attention, DiT, KindConfig
+from kind_fast.models.dit import Attention, DiT, KindConfig
 from kind_fast.ops import paths
 from kind_fast.ops.paths import TERMS, force_path, path_terms
 
@@ -250,8 +250,8 @@ def demo_model(kind: bool, qkv: str = "split") -> DiT:
 
 
 def model_rows(rounds: int) -> list[dict]:
-    from kind_fast.benchmark import make_cfg_sample_step, make_train_step
-    from kind_fast.caching import training_scope
+    from kind_fast.perf.benchmark import make_cfg_sample_step, make_train_step
+    from kind_fast.nn.caching import training_scope
 
     kind_model, dense_model = demo_model(True), demo_model(False)
     kind_step, _ = make_train_step(kind_model, B)

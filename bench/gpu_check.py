@@ -16,12 +16,12 @@ of per-round medians; GPU times with device events through ``triton.testing.do_b
                layer launches: T = 256, one-class 128-row tiles, N-groups >= 2, KP 32/64/128,
                M1 and M2; kind_fast/ops/self_check.py).
     steps      one DiT-XL/2 training step (forward, ε-loss, backward, AdamW; batch 32, bf16
-               autocast): full fine-tuning, KIND transfer (inside kind_fast.caching.training_scope,
+               autocast): full fine-tuning, KIND transfer (inside kind_fast.nn.caching.training_scope,
                as the trainer runs it: W_G reused while the learngenes are frozen), KIND
                pretrain; time and peak memory.
     sampling   one guided DiT-XL/2 sampling step: the sampler's model call
                (kind_fast.train.sampling.cfg_model_fn) on 32 images of one class + their null
-               rows, bf16 weights. Dense DiT vs KIND-DiT inside kind_fast.utils.serving(model,
+               rows, bf16 weights. Dense DiT vs KIND-DiT inside kind_fast.nn.utils.serving(model,
                {c, null}) as sample_chunks runs it: the op family's cost model picks each
                layer's path and backend ("auto"; recorded: M3 on merged weights cached by the
                first call is expected) and KIND-DiT with force_path("M1") beside it; M3's output
@@ -33,7 +33,7 @@ of per-round medians; GPU times with device events through ``triton.testing.do_b
                and the reference on the layer rows.
 
 Beside every measured goal ratio the summary prints the time model's prediction for it
-(MODELLED, bench/results/model_dit_xl.json from ``python -m kind_fast.timemodel --json``), so the
+(MODELLED, bench/results/model_dit_xl.json from ``python -m kind_fast.perf.timemodel --json``), so the
 first GPU run calibrates the model.
 
 Goals (docs/design.md §6), recorded per row as [value, target, met]:
@@ -143,7 +143,7 @@ def backend_ready(name: str, cfg: Config) -> tuple[bool, str]:
 
     if cfg.device.type != "cuda":
         return False, f"the {name} backend runs CUDA tensors only (dry run on the CPU)"
-    ok, why = kf.backends.backend_status()[name]
+    ok, why = kf.ops.backends.backend_status()[name]
     return (ok, "" if ok else why)
 
 
@@ -189,7 +189,7 @@ def run_fns(cfg, layer, lin, x, labels, g, mode, impls):
     None before each backward (as a training step's zero_grad(set_to_none=True) leaves them), so
     no call pays for accumulating into the last call's gradients."""
     import kind_fast as kf
-    from kind_fast.benchmark import make_reference_layer_step
+    from kind_fast.perf.benchmark import make_reference_layer_step
 
     def fresh():
         x.grad = None
@@ -286,7 +286,7 @@ def section_layers(cfg: Config, deadline: Deadline) -> list[dict]:
                     layer, lin, x, labels, g = make_layer(cfg, n_in, n_out, m, mode)
                     fns = run_fns(cfg, layer, lin, x, labels, g, mode, impls)
                     # a transfer step reuses W_G while the learngenes are frozen (the trainer's
-                    # kind_fast.caching.training_scope); pretraining rebuilds it every call
+                    # kind_fast.nn.caching.training_scope); pretraining rebuilds it every call
                     scope = kf.weight_cache() if mode == "transfer" else contextlib.nullcontext()
                     with scope:
                         for fn in fns.values():  # compile / autotune / warm up outside the timing
@@ -324,8 +324,8 @@ def section_steps(cfg: Config, deadline: Deadline) -> list[dict]:
 
 
 def _section_steps(cfg: Config, deadline: Deadline, scopes: contextlib.ExitStack) -> list[dict]:
-    from kind_fast.benchmark import build_model, make_train_step
-    from kind_fast.caching import training_scope
+    from kind_fast.perf.benchmark import build_model, make_train_step
+    from kind_fast.nn.caching import training_scope
 
     amp = torch.bfloat16 if cfg.device.type == "cuda" else None
     time_one = timer(cfg)
@@ -340,7 +340,7 @@ def _section_steps(cfg: Config, deadline: Deadline, scopes: contextlib.ExitStack
             mem0 = torch.cuda.memory_allocated() if cfg.device.type == "cuda" else 0
             model = build_model(cfg.model, mode, device=cfg.device, depth=cfg.depth, input_size=cfg.input_size)
             # W_G reused across steps while the learngenes are frozen, as the trainer runs a
-            # transfer (kind_fast.caching.training_scope; a no-op for the other modes)
+            # transfer (kind_fast.nn.caching.training_scope; a no-op for the other modes)
             scopes.enter_context(training_scope(model))
             step, _ = make_train_step(model, cfg.batch, autocast=amp)
             for _ in range(1 if cfg.dry else 2):  # optimizer state allocated, kernels compiled
@@ -394,7 +394,7 @@ def _section_steps(cfg: Config, deadline: Deadline, scopes: contextlib.ExitStack
 def _auto_backend(cfg: Config) -> str:
     """The backend use_backend("auto") resolves to for the KIND layers (cached choices per shape
     may differ between Triton and the CUDA extension when both are ready)."""
-    from kind_fast.backends import _auto_candidates, resolve_backend
+    from kind_fast.ops.backends import _auto_candidates, resolve_backend
 
     name = resolve_backend(cfg.device, cfg.dtype if cfg.device.type == "cuda" else torch.float32)
     cands = _auto_candidates(cfg.device.type, torch.bfloat16) if cfg.device.type == "cuda" else ()
@@ -402,7 +402,7 @@ def _auto_backend(cfg: Config) -> str:
 
 
 def _median_events(fn, cfg: Config, reps: int = 5) -> float:
-    from kind_fast.benchmark import time_fn
+    from kind_fast.perf.benchmark import time_fn
 
     return time_fn(fn, cfg.device, reps=reps, warmup=1)
 
@@ -449,7 +449,7 @@ def _cuda_row(cfg, row, n_in, n_out, m, mode, time_one):
     eval inside ``gate.serving({c, null})``: the op family's M3 on this backend (merged weights
     cached by the first call, then MERGED_GEMM_OP: one cuBLAS GEMM per half, from host slots),
     beside the backend's whole-path M3 op that merges per call (kind_linear_merged)."""
-    from kind_fast.backends import use_backend
+    from kind_fast.ops.backends import use_backend
     from kind_fast.ops.kind_linear_cuda import kind_linear_merged
     from kind_fast.ops.paths import record_paths
 
@@ -527,17 +527,17 @@ def _paths_summary(calls: list[dict]) -> str:
 def sampling_row(cfg: Config, deadline: Deadline, section: str, backend: str | None) -> dict:
     """One guided sampling step of the sampler (kind_fast.train.sampling.cfg_model_fn: the model
     on [c]·B + [null]·B) for a dense DiT and a KIND-DiT, bf16 weights (no autocast: neither
-    model pays per-call weight casts). KIND-DiT runs inside ``kind_fast.utils.serving(model,
+    model pays per-call weight casts). KIND-DiT runs inside ``kind_fast.nn.utils.serving(model,
     {c, null})`` as ``sample_chunks`` does: the op family's cost model picks each layer's path
     (M3 on merged weights, cached by the first call) on ``backend`` (None: "auto"); M1 beside it
     is the same call under ``force_path("M1")``. Records the paths the cost model took, how far
     M3's output is from M1's, and on a GPU the CUDA-graph replays of both steps (as the sampler
     runs them) when the budget allows."""
-    from kind_fast.backends import use_backend
-    from kind_fast.benchmark import build_model
+    from kind_fast.ops.backends import use_backend
+    from kind_fast.perf.benchmark import build_model
     from kind_fast.ops.paths import force_path, record_paths
     from kind_fast.train.sampling import cfg_model_fn
-    from kind_fast.utils import serving
+    from kind_fast.nn.utils import serving
 
     row = {"section": section, "model": cfg.model, "mode": "sampling step", "batch": cfg.batch,
            "rows": 2 * cfg.batch, "labels": "one class + null (CFG)", "dtype": str(cfg.dtype).replace("torch.", ""),
@@ -576,7 +576,7 @@ def sampling_row(cfg: Config, deadline: Deadline, section: str, backend: str | N
             sync(cfg)
             times = interleaved(fns, step_timer, cfg.rounds)
             if cfg.device.type == "cuda" and not deadline.over(12):  # the sampler's CUDA-graph replays
-                from kind_fast.graphs import GraphedCall
+                from kind_fast.deploy.graphs import GraphedCall
 
                 graphed = {"dense_graphed": GraphedCall(step_dense), "kind_m3_graphed": GraphedCall(step_kind)}
                 for name, g in graphed.items():
@@ -625,7 +625,7 @@ def _cell(text) -> str:
 
 
 MODEL_FILE = Path(__file__).resolve().parent / "results" / "model_dit_xl.json"
-# the goal keys of these rows -> kind_fast.timemodel's goal names
+# the goal keys of these rows -> kind_fast.perf.timemodel's goal names
 _MODEL_GOALS = {"forward_vs_linear": "forward", "transfer_vs_linear": "transfer", "pretrain_vs_linear": "pretrain",
                 "m3_vs_linear": "sampling M3", "step_memory_vs_full_ft": "transfer peak memory",
                 "sampling_m3_vs_dense": "sampling step"}
@@ -640,7 +640,7 @@ def _model_rows() -> list[dict]:
 
 def modelled(row: dict, goal: str | None) -> str:
     """The time model's prediction for a measured goal (bench/results/model_dit_xl.json,
-    ``python -m kind_fast.timemodel --json``): "1.33 (e=1.00), 1.52 (e=0.85)", or "" where the
+    ``python -m kind_fast.perf.timemodel --json``): "1.33 (e=1.00), 1.52 (e=0.85)", or "" where the
     model has no such row (the dry run's shapes, the CUDA backend's M1 rows)."""
     if goal is None or row.get("section") == "cuda" and goal != "m3_vs_linear":
         return ""
@@ -722,7 +722,7 @@ def summarize(out: Path) -> int:
           "Layers: time ÷ F.linear (forward) or ÷ nn.Linear forward+backward, bf16, K = 32 of 96 tailors, "
           "T = 256. Steps: ÷ the full fine-tuning step. Sampling: ÷ the dense DiT step. MODELLED: the time "
           "model's prediction for the same ratio at our main-loop efficiency e = 1.00 and 0.85 of cuBLAS's "
-          "(bench/results/model_dit_xl.json, kind_fast/timemodel.py); the measured ratios calibrate it.",
+          "(bench/results/model_dit_xl.json, kind_fast/perf/timemodel.py); the measured ratios calibrate it.",
           "", *table, "",
           f"Goals met: {met} of {len(goals)}."]
     (out / "summary.md").write_text("\n".join(md) + "\n")

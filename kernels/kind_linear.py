@@ -25,7 +25,7 @@ whose shrink reads the same rows": out = a·B + ((a·Pᵀ[ids]) ⊙ s)·Q[ids] w
     one fetched while the current one runs), so they start in launch order. The shrink of a
     row tile needs the whole row block of ``a``; every output tile of the row needs the shrink
     before its epilogue. A row's programs run together, stream the same row block at the same
-    time and it comes from HBM once (kind_fast/perfmodel.py models the L2). ``a`` and W_G are
+    time and it comes from HBM once (kind_fast/perf/perfmodel.py models the L2). ``a`` and W_G are
     read through TMA descriptors (when their strides allow; else pointer loads), the gathered
     factor rows through asynchronous copies. Tile 0 of the row runs as G *owner* sub-tiles of
     BN/G columns; owner g's K-loop runs a second, narrow dot on the very tiles of ``a`` its
@@ -92,11 +92,11 @@ recomputes; under
 Tiles: ``tl.dot`` needs dims >= 16 and ``tl.arange`` powers of two, so K is padded to
 KP = next_pow2(max(K, 16)) with masked loads (padded slots load σ = val = 0); KP <= 128 (the
 BM×KP shrink accumulator lives in registers). Tile sizes, owner splits and splits come from
-kind_fast/perfmodel.py (``plan_fused``, ``plan_tailor_reduce``, ``plan_tailor_grad``), whose
-traffic model checks the schedules (kind_fast/timemodel.py prices them); ``KIND_FAST_AUTOTUNE=1``
+kind_fast/perf/perfmodel.py (``plan_fused``, ``plan_tailor_reduce``, ``plan_tailor_grad``), whose
+traffic model checks the schedules (kind_fast/perf/timemodel.py prices them); ``KIND_FAST_AUTOTUNE=1``
 tunes the fused kernel over a small space instead (never
 while a CUDA graph is being captured). ``audit_specs()`` lists every config the launchers can
-launch for ``python -m kind_fast.audit``.
+launch for ``python -m kind_fast.perf.audit``.
 """
 
 from __future__ import annotations
@@ -108,7 +108,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kind_fast.perfmodel import (
+from kind_fast.perf.perfmodel import (
     MAX_ACTIVE,
     FusedPlan,
     TailorPlan,
@@ -1043,7 +1043,7 @@ def kind_linear_gate_grad_kernel(
 
 
 # =====================================================================================
-# Configs: pinned from kind_fast.perfmodel; KIND_FAST_AUTOTUNE=1 tunes the fused kernel
+# Configs: pinned from kind_fast.perf.perfmodel; KIND_FAST_AUTOTUNE=1 tunes the fused kernel
 # =====================================================================================
 def bucket(n: int) -> int:
     """Autotune key bucket of a row count: the next power of two."""
@@ -1072,7 +1072,7 @@ def _interpret(device: torch.device) -> bool:
 
 def fused_config(m: int, n: int, kd: int, kp: int, t: int, device: torch.device, *, has_base: bool = True,
                  has_out: bool = True) -> dict:
-    """The pinned plan of the fused / rows kernel for one shape, as a dict (kind_fast.perfmodel)."""
+    """The pinned plan of the fused / rows kernel for one shape, as a dict (kind_fast.perf.perfmodel)."""
     return _plan(m, n, kd, kp, t, device, has_base, has_out).as_dict()
 
 
@@ -1099,7 +1099,7 @@ def _autotune_enabled(device: torch.device) -> bool:
 
 
 # (BN, BK, num_warps, num_stages) of the autotune space of the fused kernel (one-class tiles).
-# The static audit (python -m kind_fast.audit) compiles every entry the pruning below keeps at
+# The static audit (python -m kind_fast.perf.audit) compiles every entry the pruning below keeps at
 # KP 16/32/64/128: none spills. Pruned: 4 warps with 128-row tiles or KP = 128 (they spill),
 # BN > 64 at KP >= 64 and 4 stages at KP = 128 (likewise). G/NSH follow from (KP, BN) as in the
 # pinned plans.
@@ -1208,7 +1208,7 @@ def fused(
     dx pass False (B = W_G). ``base=None`` drops the dense term (path M2: the learngenes are
     slots of P/Q); ``with_out=False`` runs the shrink only. With ``h_saved`` the per-tile
     partials of Σ dh_s ⊙ h come back too. Returns (out, shrink (M, K) fp32, partials, config).
-    ``plan`` overrides kind_fast.perfmodel's plan (tests); ``force_local`` makes every program
+    ``plan`` overrides kind_fast.perf.perfmodel's plan (tests); ``force_local`` makes every program
     of the fused kernel recompute the shrink instead of taking the owners' parts, and
     ``reverse_owners`` runs a row's owners in reverse order (tests, see REVERSE_OWNERS);
     ``autotune`` overrides the KIND_FAST_AUTOTUNE rule (the static audit lists the space).
@@ -1452,7 +1452,7 @@ def gate_grads(
 
 
 # =====================================================================================
-# Static audit (python -m kind_fast.audit): every config the launchers above can launch
+# Static audit (python -m kind_fast.perf.audit): every config the launchers above can launch
 # =====================================================================================
 AUDIT_LAYERS = (("DiT-XL/2.q/k/v/proj", 1152, 1152), ("DiT-XL/2.qkv", 1152, 3456), ("DiT-XL/2.fc1", 1152, 4608),
                 ("DiT-XL/2.fc2", 4608, 1152), ("DiT-S/2.proj", 384, 384), ("DiT-S/2.fc1", 384, 1536))
@@ -1469,11 +1469,11 @@ def replay_launches(n_in, n_out, m, k, n_t, t, dtype, *, m1=True, m2_learngenes=
     """Run the Triton backend's op implementations for one layer shape the way the op family
     does (path M1: forward, then the backward under each of REPLAY_MASKS; path M2 with
     ``m2_learngenes`` learngene slots: forward and backward) on ``meta`` tensors. Inside
-    kind_fast.audit.capture_launches each kernel launch is recorded instead of run, so this
+    kind_fast.perf.audit.capture_launches each kernel launch is recorded instead of run, so this
     lists exactly the configs those calls launch (the static audit; the self-check's coverage
-    test; kind_fast.timemodel prices the same launches)."""
+    test; kind_fast.perf.timemodel prices the same launches)."""
     from kind_fast.ops import kind_linear_triton as T
-    from kind_fast.perfmodel import fused_unsupported
+    from kind_fast.perf.perfmodel import fused_unsupported
 
     dev = torch.device("meta")
     b = m // t
@@ -1506,14 +1506,14 @@ def replay_launches(n_in, n_out, m, k, n_t, t, dtype, *, m1=True, m2_learngenes=
 
 def audit_specs(full: bool = True):
     """Every (kernel, config) the launchers of this module can launch on a GPU, for
-    ``python -m kind_fast.audit``. ``full``: the pinned plans of the DiT layer shapes (S/2 and
+    ``python -m kind_fast.perf.audit``. ``full``: the pinned plans of the DiT layer shapes (S/2 and
     XL/2) at M = 512 / 8192 / 65536 rows, K = 16 / 32 / 48 / 100 active tailors (KP 16 / 32 /
     64 / 128), T = 256 (one class per tile) and T = 16 / 37 (mixed tiles), bf16 and fp16, both
     paths and every backward kernel, plus the autotune space of the fused kernel
     (``pinned=False``). Otherwise (the CI test): what DiT-XL/2 runs (every layer shape, B = 32
     and 256, K = 32, T = 256, bf16 and fp16, M1 and M2) and one shape for each other KP, for
     mixed tiles and for the narrow (BN = 64) layers of DiT-S/2, bf16."""
-    from kind_fast.audit import capture_launches
+    from kind_fast.perf.audit import capture_launches
 
     specs = []
 

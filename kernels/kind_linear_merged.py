@@ -17,7 +17,7 @@ b = m // T) and g = dL/dy:
     N band; the plan uses GROUP_M = 1, row-major: a row tile's N-tiles run together and read
     its A block from HBM once), and row tile r runs its K-loop from step (r·ROT) mod steps, so
     rows running together read different parts of the weights, which stay in L2 (the traffic
-    model in kind_fast/perfmodel.py chose both); outputs are stored evict-first (no later
+    model in kind_fast/perf/perfmodel.py chose both); outputs are stored evict-first (no later
     program reads them). When T % BM == 0 (ONE_SLOT) a row tile lies in one sample, hence one
     slot: a plain pipelined K-loop of dots with both operands staged in shared memory (on
     sm_90: 128×128×64 tiles, 8 warps, 4 stages, warpgroup MMA), the same work as F.linear.
@@ -35,10 +35,10 @@ b = m // T) and g = dL/dy:
     slot reads another slot's rows, so all slots together do the work of one dense dW. No
     atomics: the result is bitwise reproducible.
 
-The launch plans (tile sizes, warps, stages) come from kind_fast/perfmodel.py
+The launch plans (tile sizes, warps, stages) come from kind_fast/perf/perfmodel.py
 (``plan_merged_gemm``, ``plan_merged_dw``), which also models the segmented GEMM's HBM
 traffic. ``meta`` tensors plan for the GPU (``audit_specs`` replays the launchers on them
-for the static sm_90 audit, kind_fast/audit.py).
+for the static sm_90 audit, kind_fast/perf/audit.py).
 
 fp32 accumulation throughout; outputs in the input dtype. Under TRITON_INTERPRET=1 the kernels
 run on CPU tensors (fp32/fp16) with small tiles; that is how CI tests them.
@@ -52,7 +52,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kind_fast.perfmodel import merged_row_tile, plan_merged_dw, plan_merged_gemm, rotation_stride
+from kind_fast.perf.perfmodel import merged_row_tile, plan_merged_dw, plan_merged_gemm, rotation_stride
 
 # Whether these kernels were decorated for the interpreter (TRITON_INTERPRET=1 at import time);
 # kind_fast.ops.kind_linear_merged_triton reloads this module when the environment changes.
@@ -201,19 +201,19 @@ def _interpret(device: torch.device) -> bool:
 
 
 def row_tile(t: int, interpret: bool) -> tuple[int, bool]:
-    """(BM, ONE_SLOT) of the segmented GEMM (kind_fast.perfmodel.merged_row_tile)."""
+    """(BM, ONE_SLOT) of the segmented GEMM (kind_fast.perf.perfmodel.merged_row_tile)."""
     return merged_row_tile(t, interpret)
 
 
 def gemm_config(m: int, n: int, kd: int, t: int, device: torch.device) -> dict:
-    """Pinned config of the segmented GEMM for one shape (kind_fast.perfmodel.plan_merged_gemm)."""
+    """Pinned config of the segmented GEMM for one shape (kind_fast.perf.perfmodel.plan_merged_gemm)."""
     p = plan_merged_gemm(m, n, kd, t, interpret=_interpret(device))
     return dict(BM=p.BM, BN=p.BN, BK=p.BK, GROUP_M=p.GROUP_M, ONE_SLOT=p.ONE_SLOT, num_warps=p.num_warps,
                 num_stages=p.num_stages, ROT=rotation_stride(triton.cdiv(kd, p.BK)) if p.ROTATE else 0)
 
 
 def dw_config(n: int, kd: int, t: int, device: torch.device) -> dict:
-    """Pinned config of the dW kernel for one shape (kind_fast.perfmodel.plan_merged_dw)."""
+    """Pinned config of the dW kernel for one shape (kind_fast.perf.perfmodel.plan_merged_dw)."""
     p = plan_merged_dw(n, kd, t, interpret=_interpret(device))
     return dict(BN=p.BN, BK=p.BK, BR=p.BR, FULL=p.FULL, num_warps=p.num_warps, num_stages=p.num_stages)
 
@@ -278,7 +278,7 @@ def merged_dw(g: torch.Tensor, x: torch.Tensor, slots: torch.Tensor, num_slots: 
 
 
 # =====================================================================================
-# Static audit (kind_fast/audit.py)
+# Static audit (kind_fast/perf/audit.py)
 # =====================================================================================
 # DiT layer shapes (hidden d, MLP 4d): (name, in, out); q/k/v/proj share d -> d
 AUDIT_MODELS = (("DiT-S", 384), ("DiT-B", 768), ("DiT-L", 1024), ("DiT-XL", 1152))
@@ -293,7 +293,7 @@ def replay_launches(n_in: int, n_out: int, b: int, t: int, slots: int, dtype: to
     """Run this module's launchers for one layer shape the way the Triton backend's M3 ops do
     (kind_fast/ops/kind_linear_merged_triton.py: the forward with bias; the backward's dx and
     dW) on ``meta`` tensors, B samples of T rows and ``slots`` merged weights. Inside
-    kind_fast.audit.capture_launches each kernel launch is recorded instead of run. The merge
+    kind_fast.perf.audit.capture_launches each kernel launch is recorded instead of run. The merge
     itself (a rank-K update of W_G per slot, kind_fast.ops.kind_linear_merged.merge_weights)
     is one batched torch GEMM, not a kernel of this module."""
     dev = torch.device("meta")
@@ -312,7 +312,7 @@ def replay_launches(n_in: int, n_out: int, b: int, t: int, slots: int, dtype: to
 
 def audit_specs(full: bool = True):
     """Every (kernel, config) this module's launchers pick at DiT shapes, for
-    ``python -m kind_fast.audit``. ``full``: DiT-S/B/L/XL (hidden 384/768/1024/1152, MLP 4×;
+    ``python -m kind_fast.perf.audit``. ``full``: DiT-S/B/L/XL (hidden 384/768/1024/1152, MLP 4×;
     q/k/v/proj, fused qkv, fc1, fc2), T = 256 (/2 patches at 256 px: 128-row one-slot tiles),
     1024 (512 px), 64 (/4: 64-row one-slot tiles) and 16 (/8: 64-row tiles over several
     slots), a CFG batch (B = 32, 2 slots) and a few classes (B = 8, 4 slots), bf16 and fp16,
@@ -320,7 +320,7 @@ def audit_specs(full: bool = True):
     autotuned. Otherwise (the CI test): DiT-XL at T = 256, 64, 16 and 37, B = 32, bf16 and
     fp16: every distinct config of the full list (the configs depend on T and the dtype, not
     on the layer width; tests/test_audit.py checks that the short list covers the full one)."""
-    from kind_fast.audit import capture_launches
+    from kind_fast.perf.audit import capture_launches
 
     specs = []
 

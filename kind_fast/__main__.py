@@ -11,20 +11,20 @@ import importlib
 import sys
 
 COMMANDS = {
-    "demo": ("kind_fast.demo", "main job: pretrain on digits 0-7, transfer to 8-9, baselines, one table"),
+    "demo": ("kind_fast.train.demo", "main job: pretrain on digits 0-7, transfer to 8-9, baselines, one table"),
     "pretrain": ("kind_fast.train.cmd_pretrain", "KIND pretraining (or a dense DiT); flags or a YAML/JSON config"),
     "transfer": ("kind_fast.train.cmd_transfer",
                  "KIND transfer or a baseline (full, lora, svdiff, heur_lg, tleg, scratch)"),
     "sample": ("kind_fast.train.cmd_sample", "CFG samples of a trained run: PNG grid, .npz (torchrun: all ranks)"),
-    "convert": ("kind_fast.convert", "import a dense DiT checkpoint (.pt, diffusers folder) as a KIND-DiT save folder"),
+    "convert": ("kind_fast.train.convert", "import a dense DiT checkpoint (.pt, diffusers folder) as a KIND-DiT save folder"),
     "export": ("kind_fast.train.cmd_export", "CFG-exact standalone model for some classes (merged, reduced, dense)"),
     "sample-tasks": ("kind_fast.train.cmd_sample_tasks", "samples of several tasks on one base in mixed batches"),
     "plot": ("kind_fast.train.cmd_plot", "a run's loss curves as <run>/loss.png (from metrics.csv)"),
     "info": ("kind_fast.info", "versions, devices and which backends are live"),
-    "build-ext": ("kind_fast._ext", "compile the CUDA extension kind_fast._C after installation (cached)"),
-    "flops": ("kind_fast.flops",
+    "build-ext": ("kind_fast.ops._ext", "compile the CUDA extension kind_fast._C after installation (cached)"),
+    "flops": ("kind_fast.perf.flops",
               "analytic FLOPs per mode (KIND, full FT, LoRA, SVDiff, Heur-LG, TLEG): table, markdown, plot"),
-    "bench": ("kind_fast.benchmark", "time a training step per mode and CFG sampling; --report: markdown + plot"),
+    "bench": ("kind_fast.perf.benchmark", "time a training step per mode and CFG sampling; --report: markdown + plot"),
 }
 
 

@@ -10,8 +10,8 @@ def collect() -> dict:
     import torch
 
     from kind_fast import __version__
-    from kind_fast._ext import load_extension, origin, why_cannot_build
-    from kind_fast.backends import backend_status, current_backend
+    from kind_fast.ops._ext import load_extension, origin, why_cannot_build
+    from kind_fast.ops.backends import backend_status, current_backend
 
     info: dict = {
         "kind_fast": __version__,
@@ -44,7 +44,7 @@ def collect() -> dict:
             can = f"{type(e).__name__}: {e}"
         ext["kind-fast build-ext"] = "can build it here" if can is None else f"cannot build it here: {can}"
     if mod is not None:
-        from kind_fast._ext import arch_names
+        from kind_fast.ops._ext import arch_names
 
         ext["archs"] = arch_names(getattr(mod, "ARCH_LIST", "unknown"))
         ext["CUDA runtime"] = getattr(mod, "CUDA_VERSION", "unknown")

@@ -9,7 +9,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor
 
-from kind_fast.gate import ClassGate
+from kind_fast.nn.gate import ClassGate
 
 DISTRIBUTIONS = ("same", "cfg", "uniform", "zipf", "distinct")
 GATE_KINDS = ("block", "random_k", "dense", "dense_trainable", "all_on")
@@ -107,7 +107,7 @@ def assert_close_to_oracle(out: Tensor, oracle: Tensor, torch_lowp: Tensor, dtyp
 def routed_labels(model: torch.nn.Module) -> Iterator[list[Tensor]]:
     """Record the labels every KIND layer of ``model`` uses while the block runs (given as
     ``labels=`` or read from the gate), one entry per layer call."""
-    from kind_fast.layers import FastKindLinear
+    from kind_fast.nn.layers import FastKindLinear
 
     seen: list[Tensor] = []
 
@@ -136,10 +136,10 @@ def perturbed(model: torch.nn.Module, std: float = 0.05, *, trainable_only: bool
 
 
 def tiny_dit(seed: int = 0, num_classes: int = 6, kind=None, **kwargs) -> torch.nn.Module:
-    """A small ``kind_fast.dit.DiT`` (8×8×2 inputs, width 32, depth 2, 4 heads; ``kwargs``
+    """A small ``kind_fast.models.dit.DiT`` (8×8×2 inputs, width 32, depth 2, 4 heads; ``kwargs``
     override), built after ``torch.manual_seed(seed)``, in eval mode, ``perturbed``. Dense unless
     ``kind`` (a KindConfig) is given."""
-    from kind_fast.dit import DiT
+    from kind_fast.models.dit import DiT
 
     torch.manual_seed(seed)
     args = dict(input_size=8, patch_size=2, in_channels=2, hidden_size=32, depth=2, num_heads=4,

@@ -60,7 +60,7 @@ cd "$(mktemp -d)"
 import torch
 
 import kind_fast  # noqa: F401  (registers the reference ops)
-from kind_fast._ext import EXPECTED_OPS, load_extension
+from kind_fast.ops._ext import EXPECTED_OPS, load_extension
 
 mod, why = load_extension()
 assert mod is not None, f"kind_fast._C did not load: {why}"
@@ -107,7 +107,7 @@ import glob
 import json
 import os
 
-from kind_fast._ext import EXPECTED_OPS, load_extension, origin
+from kind_fast.ops._ext import EXPECTED_OPS, load_extension, origin
 
 mod, why = load_extension()
 assert mod is not None, f"the cached build did not load: {why}"

@@ -1,4 +1,4 @@
-"""The static kernel audit (kind_fast/audit.py): sm_90a builds of every pinned kernel config,
+"""The static kernel audit (kind_fast/perf/audit.py): sm_90a builds of every pinned kernel config,
 checked for spills, shared memory, warpgroup MMA and software-pipelined K-loops; no GPU.
 
 CI compiles the short lists of the kernel modules' ``audit_specs(full=False)``: from
@@ -7,7 +7,7 @@ fp16, paths M1 and M2) and one shape for each other KP, for mixed-class tiles an
 narrow DiT-S/2 layers; from kernels/kind_linear_merged.py (path M3) every distinct config of its
 full list (the segmented GEMM with and without bias, dW; one-slot 128-row tiles, 64-row tiles
 over several slots, masked dW run ends; bf16 and fp16).
-``python -m kind_fast.audit`` compiles the full list and the autotune space
+``python -m kind_fast.perf.audit`` compiles the full list and the autotune space
 (bench/results/static_sm90.md). Skipped only where Triton or its bundled ptxas/cuobjdump is
 missing."""
 
@@ -18,10 +18,8 @@ import os
 
 import pytest
 
-from kind_fast import audit
-from kind_fast import perfmodel as pm
-
-# ------------------------------------------------------------------ parsers (no compiler needed)
+from kind_fast.perf import audit
+from kind_fast.perf import perfmodel as pm  # ------------------------------------------------------------------ parsers (no compiler needed)
 PTXAS_LOG = """\
 ptxas info    : 0 bytes gmem
 ptxas info    : Compiling entry function 'kernel_a' for 'sm_90a'
@@ -181,7 +179,7 @@ def test_the_production_forward_is_persistent_loads_through_tma_and_keeps_mmas_i
 
 
 def test_the_traffic_model_assumes_the_occupancy_the_compiler_gives(pinned):
-    """kind_fast.perfmodel simulates sms × ctas_per_sm resident programs; the compiled DiT-XL/2
+    """kind_fast.perf.perfmodel simulates sms × ctas_per_sm resident programs; the compiled DiT-XL/2
     kernels must give exactly that (more would make the L2 working set larger than modelled)."""
     checked = 0
     for s, r in pinned:
@@ -220,7 +218,7 @@ def test_the_m3_ci_list_holds_every_distinct_config_of_the_full_list(pinned):
 
 
 def test_m3_occupancy_is_what_the_traffic_model_assumes(pinned):
-    """kind_fast.perfmodel's M3 plans assume one 128-row segmented-GEMM program per SM (the
+    """kind_fast.perf.perfmodel's M3 plans assume one 128-row segmented-GEMM program per SM (the
     4-stage ring) and three 64-row ones (one-slot or over several slots); the compiled kernels
     give exactly that."""
     checked = 0

@@ -11,12 +11,12 @@ import torch
 
 import kind_fast as kf
 from kind_fast.__main__ import main as cli
-from kind_fast.convert import from_dense, load_dense
-from kind_fast.dit import DiT, KindConfig, kindify_dit
-from kind_fast.dit import from_dense as dit_from_dense
-from kind_fast.gate import DEFAULT_GATE
-from kind_fast.dit import load_dense as dit_load_dense
-from kind_fast.serialization import load_pretrained
+from kind_fast.train.convert import from_dense, load_dense
+from kind_fast.models.dit import DiT, KindConfig, kindify_dit
+from kind_fast.models.dit import from_dense as dit_from_dense
+from kind_fast.nn.gate import DEFAULT_GATE
+from kind_fast.models.dit import load_dense as dit_load_dense
+from kind_fast.deploy.serialization import load_pretrained
 from kind_fast.testing import tiny_dit
 
 ALL_ON = dict(tailor_rank=8, gate="all_on")
@@ -164,9 +164,9 @@ def test_convert_cli(tmp_path, capsys):
 
 
 def test_load_dense_from_kind_fast_folders(tmp_path):
-    from kind_fast.serialization import save_pretrained
+    from kind_fast.deploy.serialization import save_pretrained
 
-    kind_model = kf.dit.DiT(input_size=8, patch_size=2, in_channels=2, hidden_size=32, depth=1, num_heads=4,
+    kind_model = kf.models.dit.DiT(input_size=8, patch_size=2, in_channels=2, hidden_size=32, depth=1, num_heads=4,
                             num_classes=3, kind=KindConfig(tailor_rank=8, active=4))
     save_pretrained(kind_model, tmp_path / "k")
     with pytest.raises(ValueError, match="already holds a KIND-DiT"):
@@ -178,7 +178,7 @@ def test_load_dense_from_kind_fast_folders(tmp_path):
 
 
 def test_check_conversion_can_fail():
-    from kind_fast.dense_io import check_conversion
+    from kind_fast.models.dense_io import check_conversion
 
     dense = tiny_dit()
     m = kindify_dit(copy.deepcopy(dense), KindConfig(tailor_rank=8, active=4))

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 import kind_fast as kf
-from kind_fast.diffusion import GaussianDiffusion
-from kind_fast.dit import DiT, DiT_models, KindConfig, build_dit
+from kind_fast.models.diffusion import GaussianDiffusion
+from kind_fast.models.dit import DiT, DiT_models, KindConfig, build_dit
 from kind_fast.testing import perturbed, routed_labels
-from kind_fast.utils import parameter_breakdown
+from kind_fast.nn.utils import parameter_breakdown
 
 # published DiT parameter counts (DiT paper; pos_embed counted, as its checkpoints store it)
 DIT_PARAMS_M = {"DiT-S/2": 32.96, "DiT-B/2": 130.51, "DiT-L/2": 458.10, "DiT-XL/2": 675.13}

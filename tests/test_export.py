@@ -1,4 +1,4 @@
-"""CFG-exact exports (kind_fast.export): merged and reduced forms reproduce the KIND model on
+"""CFG-exact exports (kind_fast.models.export): merged and reduced forms reproduce the KIND model on
 every served label and on the null label, guided samples match, save/load round trips,
 the facebookresearch-layout dense .pt, and clear errors."""
 
@@ -11,9 +11,9 @@ import torch
 
 import kind_fast as kf
 from kind_fast.atomic import atomic_directory
-from kind_fast.dit import DiT, KindConfig
-from kind_fast.export import ExportedDiT, SegmentPlan, segmented_linear
-from kind_fast.gate import ClassGate
+from kind_fast.models.dit import DiT, KindConfig
+from kind_fast.models.export import ExportedDiT, SegmentPlan, segmented_linear
+from kind_fast.nn.gate import ClassGate
 from kind_fast.testing import perturbed
 from kind_fast.train.sampling import sample
 
@@ -325,7 +325,7 @@ def test_the_label_cache_never_serves_labels_changed_behind_its_back(form):
         else:
             torch.testing.assert_close(e(x, t, y), m(x, t, y), rtol=1e-5, atol=1e-5)
         if form == "dense":
-            return  # a DiT's own label check (kind_fast.gate.check_labels) needs a version counter
+            return  # a DiT's own label check (kind_fast.nn.gate.check_labels) needs a version counter
         with torch.inference_mode():  # labels without a version counter
             yi = torch.tensor(first)
             out1 = e(x, t, yi)
@@ -381,7 +381,7 @@ KILL_CHILD = r"""
 import os, signal, sys
 import torch
 import kind_fast as kf
-from kind_fast.dit import DiT, KindConfig
+from kind_fast.models.dit import DiT, KindConfig
 from kind_fast.testing import perturbed
 point, classes = sys.argv[2], [int(c) for c in sys.argv[3].split(",")]
 torch.manual_seed(0)

@@ -1,4 +1,4 @@
-"""The analytic FLOP model (kind_fast.flops), checked against DiT's table, against
+"""The analytic FLOP model (kind_fast.perf.flops), checked against DiT's table, against
 torch.utils.flop_counter on real models, and against the KIND paper's arithmetic; plus the
 `kind-fast flops` / `kind-fast bench --report` commands."""
 
@@ -12,10 +12,10 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from kind_fast.__main__ import main
-from kind_fast.benchmark import build_model, load_results, make_batch
-from kind_fast.caching import weight_cache
-from kind_fast.dit import DiT_models, KindConfig, build_dit
-from kind_fast.flops import (
+from kind_fast.perf.benchmark import build_model, load_results, make_batch
+from kind_fast.nn.caching import weight_cache
+from kind_fast.models.dit import DiT_models, KindConfig, build_dit
+from kind_fast.perf.flops import (
     DIT_PAPER_GMACS,
     MODES,
     PAPER_TRANSFER,
@@ -27,9 +27,9 @@ from kind_fast.flops import (
     paper_conventions,
     transfer_saving,
 )
-from kind_fast.gate import ClassGate
+from kind_fast.nn.gate import ClassGate
 from kind_fast.ops.kind_linear import kind_linear_backward_ref, kind_linear_flops, kind_linear_ref
-from kind_fast.utils import parameter_breakdown
+from kind_fast.nn.utils import parameter_breakdown
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -388,7 +388,7 @@ def test_savings_against_every_baseline():
 # The learngene baselines (Heur-LG, TLEG): same FLOP model, counted on real models
 # =====================================================================================
 def _learngene_model(mode: str, name: str = "DiT-S/2", num_classes: int = 10):
-    from kind_fast.baselines import TLEGDiT, heur_lg_descendant
+    from kind_fast.models.baselines import TLEGDiT, heur_lg_descendant
 
     depth, hidden, heads, p = DiT_models[name]
     arch = dict(input_size=32, patch_size=p, in_channels=4, hidden_size=hidden, depth=depth, num_heads=heads,

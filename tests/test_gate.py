@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import kind_fast as kf
-from kind_fast.gate import ClassGate, check_labels
+from kind_fast.nn.gate import ClassGate, check_labels
 
 
 def test_block_gate_structure():
@@ -108,8 +108,8 @@ def test_balanced_gate_errors():
 
 
 def test_default_gate_is_the_documented_kind():
-    from kind_fast.dit import KindConfig
-    from kind_fast.gate import DEFAULT_GATE, default_gate
+    from kind_fast.models.dit import KindConfig
+    from kind_fast.nn.gate import DEFAULT_GATE, default_gate
     from kind_fast.train.config import RunConfig
 
     assert KindConfig().gate == DEFAULT_GATE == RunConfig().model.gate
@@ -118,8 +118,8 @@ def test_default_gate_is_the_documented_kind():
 
 
 def test_kindify_without_a_gate_uses_the_default():
-    from kind_fast.dit import DiT
-    from kind_fast.gate import DEFAULT_GATE
+    from kind_fast.models.dit import DiT
+    from kind_fast.nn.gate import DEFAULT_GATE
 
     dit = DiT(input_size=4, patch_size=2, in_channels=1, hidden_size=24, depth=1, num_heads=2, num_classes=5)
     kf.kindify(dit, tailor_rank=12)
@@ -250,7 +250,7 @@ def test_check_labels_rechecks_after_in_place_change():
 def test_check_labels_takes_inference_tensors_and_rechecks_them():
     """Labels made under torch.inference_mode have no version counter: they are checked (and
     rechecked after an in-place change) instead of crashing the cache."""
-    from kind_fast.dit import DiT, KindConfig
+    from kind_fast.models.dit import DiT, KindConfig
 
     with torch.inference_mode():
         labels = torch.tensor([0, 1])
@@ -276,8 +276,8 @@ def test_check_labels_takes_inference_tensors_and_rechecks_them():
 def test_saves_with_the_old_block_default_keep_their_gate(tmp_path):
     """A KIND-DiT saved with gate="block" (the default before the balanced gate) loads with its
     block gate whatever the default now is, and its transfer builds a block gate too."""
-    from kind_fast.dit import DiT, KindConfig
-    from kind_fast.serialization import load_pretrained, save_pretrained
+    from kind_fast.models.dit import DiT, KindConfig
+    from kind_fast.deploy.serialization import load_pretrained, save_pretrained
 
     torch.manual_seed(0)
     kind = KindConfig(tailor_rank=8, active=2, gate="block")

@@ -110,8 +110,8 @@ def test_sampling_row_runs_the_package_path(one_thread):
     """The sampling row times the sampler's own model call with KIND-DiT inside serving(): on
     the CPU dry run the cost model's decisions are recorded (every KIND layer, one path), its
     output equals M1's, and the goal is computed from the measured times."""
-    from kind_fast.benchmark import build_model
-    from kind_fast.layers import FastKindLinear
+    from kind_fast.perf.benchmark import build_model
+    from kind_fast.nn.layers import FastKindLinear
 
     gc = _gpu_check_module()
     cfg = gc.Config(dry_run=True)

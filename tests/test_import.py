@@ -23,7 +23,7 @@ def test_import_does_not_touch_cuda_or_the_extension(tmp_path):
             raise AssertionError("CUDA was queried at import")
         for name in ("current_device", "_lazy_init", "device_count", "is_available", "get_device_capability"):
             setattr(torch.cuda, name, boom)
-        import kind_fast, kind_fast.dit, kind_fast.kindify, kind_fast.serialization, kind_fast.baselines
+        import kind_fast, kind_fast.models.dit, kind_fast.models.kindify, kind_fast.deploy.serialization, kind_fast.models.baselines
         assert "kind_fast._C" not in sys.modules, "extension loaded at import time"
         assert "kind_fast.kernels" not in sys.modules
         gate = kind_fast.ClassGate.block(3, 4, 2)
@@ -104,7 +104,7 @@ def test_backend_selection():
     import torch
 
     import kind_fast as kf
-    from kind_fast.backends import resolve_backend
+    from kind_fast.ops.backends import resolve_backend
 
     assert kf.current_backend() == "auto"
     assert resolve_backend(torch.device("cpu"), torch.float32) == "torch"

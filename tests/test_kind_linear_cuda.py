@@ -128,7 +128,7 @@ def test_backend_module_protocol():
 
 
 def test_status_says_why_when_not_built():
-    from kind_fast._ext import load_extension
+    from kind_fast.ops._ext import load_extension
 
     if load_extension()[0] is not None:
         pytest.skip("the extension is built here")
@@ -156,8 +156,7 @@ def test_broken_extension_is_one_warning_not_an_import_error(monkeypatch):
     import importlib
     import importlib.util
 
-    from kind_fast import _ext
-
+    from kind_fast.ops import _ext
     real_find, real_import = importlib.util.find_spec, importlib.import_module
 
     def find_spec(name, *a, **k):
@@ -183,8 +182,7 @@ def test_broken_extension_is_one_warning_not_an_import_error(monkeypatch):
 def test_jit_switch_without_cuda_torch_says_why(monkeypatch):
     import importlib.util
 
-    from kind_fast import _ext
-
+    from kind_fast.ops import _ext
     if torch.version.cuda is not None:
         pytest.skip("this torch could JIT-build the extension")
     real_find = importlib.util.find_spec
@@ -199,8 +197,7 @@ def test_jit_switch_without_cuda_torch_says_why(monkeypatch):
 def test_extension_built_for_another_torch_is_refused(monkeypatch):
     import types
 
-    from kind_fast import _ext
-
+    from kind_fast.ops import _ext
     fake = types.SimpleNamespace(TORCH_VERSION="1.0.0")
     assert "built against torch 1.0.0" in _ext._check_loaded(fake)
 
@@ -297,8 +294,7 @@ def _fake_cuda_torch(monkeypatch, caps):
 
 
 def test_a_cached_build_is_found_by_torch_cuda_sources_and_the_gpus_arch(monkeypatch, tmp_path):
-    from kind_fast import _ext
-
+    from kind_fast.ops import _ext
     monkeypatch.setenv("KIND_FAST_CACHE_DIR", str(tmp_path))
     _fake_cuda_torch(monkeypatch, [(9, 0)])
     key = _ext._build_key(_ext.source_folder())
@@ -329,8 +325,7 @@ def test_a_cached_build_is_found_by_torch_cuda_sources_and_the_gpus_arch(monkeyp
 def test_auto_never_builds_the_extension_an_explicit_request_does(monkeypatch):
     import importlib.util
 
-    from kind_fast import _ext
-
+    from kind_fast.ops import _ext
     calls = []
     real_find = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
@@ -377,8 +372,8 @@ def _fake_backend(ready: bool, op_name: str):
 
 
 def test_auto_uses_cuda_only_after_its_self_check(monkeypatch):
-    from kind_fast import backends
-    from kind_fast.autoselect import PerShapeOp
+    from kind_fast.ops import backends
+    from kind_fast.ops.autoselect import PerShapeOp
 
     dev = torch.device("cuda")
     tri, _ = _fake_backend(True, "triton-op")
@@ -401,8 +396,7 @@ def test_auto_uses_cuda_only_after_its_self_check(monkeypatch):
 
 
 def test_per_shape_choice_without_timing(monkeypatch):
-    from kind_fast import autoselect
-
+    from kind_fast.ops import autoselect
     monkeypatch.setenv("KIND_FAST_AUTOTUNE", "0")
     autoselect.clear_cache()
     seen = []
@@ -873,10 +867,10 @@ def test_emulated_merged_gemm_checks_and_opcheck(emu):
 
 
 def test_cuda_backend_declares_its_m3_ops():
-    """What the op family reads from this backend module (kind_fast.backends.backend_module)."""
+    """What the op family reads from this backend module (kind_fast.ops.backends.backend_module)."""
     assert cuda_backend.MERGED_GEMM_HOST_SLOTS is True
     assert {"MERGED_GEMM_OP", "MERGED_GEMM_BACKWARD_OP", "MERGED_OP"} <= set(cuda_backend._OP_ATTRS)
-    from kind_fast._ext import EXPECTED_OPS
+    from kind_fast.ops._ext import EXPECTED_OPS
 
     assert set(cuda_backend._OP_ATTRS.values()) == set(EXPECTED_OPS) == set(cuda_backend.OP_NAMES)
 
@@ -926,8 +920,7 @@ def emulated_cuda_backend(emu, monkeypatch):
     slots each M3 call got."""
     import types
 
-    from kind_fast import backends
-
+    from kind_fast.ops import backends
     seen = []
 
     def gemm(x, weights, bias, slots):
@@ -1092,7 +1085,7 @@ def test_gpu_self_check_and_auto():
     ok, msg = cuda_backend.self_check(torch.device("cuda"), torch.bfloat16)
     assert ok, msg
     assert cuda_backend.auto_ready("cuda", torch.bfloat16)
-    assert kf.backends.resolve_backend(torch.device("cuda"), torch.bfloat16) in ("triton", "cuda")
+    assert kf.ops.backends.resolve_backend(torch.device("cuda"), torch.bfloat16) in ("triton", "cuda")
 
 
 @gpu
@@ -1210,8 +1203,7 @@ def test_gpu_auto_op_matches_reference():
 @pytest.mark.gpu
 def test_gpu_per_shape_timing_caches_a_choice(ops):
     """autoselect on real ops: times both candidates once per shape bucket, then reuses the choice."""
-    from kind_fast import autoselect
-
+    from kind_fast.ops import autoselect
     autoselect.clear_cache()
     args, _ = make_problem(1152, 4608, 96, 32, 8, 256, dtype=torch.bfloat16, device="cuda")
     op = autoselect.PerShapeOp(("cuda", "torch"), (ops.kind_linear_cuda, ops.kind_linear))
@@ -1281,10 +1273,10 @@ def test_gpu_merged_gemm_capture_with_host_slots(ops):
 def test_gpu_dit_sampling_step_m3_on_the_cuda_backend():
     """A small KIND-DiT's guided sampling call inside serving() on the CUDA backend: every KIND
     layer takes M3 (MERGED_GEMM_OP from host slots), and the output matches M1's."""
-    from kind_fast.benchmark import build_model
+    from kind_fast.perf.benchmark import build_model
     from kind_fast.ops.paths import force_path, record_paths
     from kind_fast.train.sampling import cfg_model_fn
-    from kind_fast.utils import serving
+    from kind_fast.nn.utils import serving
 
     model = build_model("DiT-S/2", "kind", device="cuda", depth=2, input_size=16).to(torch.bfloat16)
     y = torch.full((4,), 3, device="cuda")

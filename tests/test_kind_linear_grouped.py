@@ -12,8 +12,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import kind_fast as kf
-from kind_fast.dit import Attention, DiT, KindConfig
-from kind_fast.layers import InputGroup
+from kind_fast.models.dit import Attention, DiT, KindConfig
+from kind_fast.nn.layers import InputGroup
 from kind_fast.ops import kind_linear_grouped as grouped_mod
 from kind_fast.ops import paths
 from kind_fast.ops.kind_linear import kind_linear, kind_linear_flops
@@ -174,19 +174,19 @@ def test_grouped_backend_dispatch_is_pluggable(monkeypatch):
         return torch.ops.kind_fast.kind_linear_grouped(*args)
 
     fake = types.SimpleNamespace(GROUPED_OP=fake_grouped)
-    monkeypatch.setattr("kind_fast.backends.resolve_backend", lambda device, dtype: "triton")
-    monkeypatch.setattr("kind_fast.backends.backend_module", lambda name: (fake, ""))
+    monkeypatch.setattr("kind_fast.ops.backends.resolve_backend", lambda device, dtype: "triton")
+    monkeypatch.setattr("kind_fast.ops.backends.backend_module", lambda name: (fake, ""))
     assert grouped_mod.resolve_grouped_op(torch.device("cpu"), torch.float32) is fake_grouped
     ys = _grouped(*case)
     assert calls == ["grouped"]
     for a, r in zip(ys, y_ref):
         torch.testing.assert_close(a.detach(), r, rtol=0, atol=0)
     # no grouped kernel: the per-layer fallback, one kind_linear call per layer
-    monkeypatch.setattr("kind_fast.backends.backend_module", lambda name: (types.SimpleNamespace(), ""))
+    monkeypatch.setattr("kind_fast.ops.backends.backend_module", lambda name: (types.SimpleNamespace(), ""))
     per_layer = []
     real = grouped_mod.kind_linear
     monkeypatch.setattr(grouped_mod, "kind_linear", lambda *a, **k: per_layer.append(1) or real(*a, **k))
-    monkeypatch.setattr("kind_fast.backends.resolve_op", lambda device, dtype: torch.ops.kind_fast.kind_linear)
+    monkeypatch.setattr("kind_fast.ops.backends.resolve_op", lambda device, dtype: torch.ops.kind_fast.kind_linear)
     ys = _grouped(*case)
     assert len(per_layer) == 3
     for a, r in zip(ys, y_ref):
@@ -407,7 +407,7 @@ def test_kind_dit_grouped_under_torch_compile_fullgraph():
 
 
 def test_kindify_split_qkv_groups_and_stays_exact():
-    from kind_fast.kindify import SplitLinear, kindify
+    from kind_fast.models.kindify import SplitLinear, kindify
 
     class Attn(torch.nn.Module):
         def __init__(self):
@@ -435,7 +435,7 @@ def test_kindify_split_qkv_groups_and_stays_exact():
     assert isinstance(split, SplitLinear)
     calls = []
     real = paths.kind_linear_group_layer
-    import kind_fast.layers as layers_mod
+    import kind_fast.nn.layers as layers_mod
 
     def spy(*a, **k):
         calls.append(1)
@@ -456,7 +456,7 @@ def test_kindified_diffusers_attention_groups_qkv():
     computes all three (one group), the others get their kept outputs; outputs and gradients equal
     the ungrouped model's, and nothing is kept after the forward."""
     diffusers = pytest.importorskip("diffusers")
-    from kind_fast.kindify import kindify
+    from kind_fast.models.kindify import kindify
 
     torch.manual_seed(0)
     m = diffusers.DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4,
@@ -471,7 +471,7 @@ def test_kindified_diffusers_attention_groups_qkv():
     params = [p for p in m.parameters() if p.requires_grad]
     computed = []
     real = paths.kind_linear_group_layer
-    import kind_fast.layers as layers_mod
+    import kind_fast.nn.layers as layers_mod
 
     def run():
         out = m(x, t, class_labels=y).sample
@@ -550,7 +550,7 @@ def test_tiny_dit_grouped_sampling_matches_m0():
 def test_kindify_input_groups_keep_nothing_past_the_forward():
     """A model that calls only some members: what the group kept for the others is dropped when
     the model's forward ends (kindify's label hook), so no output outlives its forward."""
-    from kind_fast.kindify import kindify
+    from kind_fast.models.kindify import kindify
 
     class Attn(torch.nn.Module):
         def __init__(self):

@@ -11,7 +11,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import kind_fast as kf
-from kind_fast.merged_cache import MergedWeightCache, tokens
+from kind_fast.nn.merged_cache import MergedWeightCache, tokens
 from kind_fast.ops import paths
 from kind_fast.ops.kind_linear import kind_linear_backward_ref, kind_linear_ref
 from kind_fast.ops.kind_linear_merged import (
@@ -308,12 +308,11 @@ def test_triton_m3_gradients_through_autograd(interpreter):
 
 def test_meta_tensors_plan_for_the_gpu():
     """The launchers' configs on ``meta`` tensors (what the static audit replays) are the GPU
-    plans of kind_fast.perfmodel, not the interpreter's; CPU tensors get the interpreter's."""
+    plans of kind_fast.perf.perfmodel, not the interpreter's; CPU tensors get the interpreter's."""
     pytest.importorskip("triton")
     from kind_fast.kernels import kind_linear_merged as km
 
-    from kind_fast import perfmodel as pm
-
+    from kind_fast.perf import perfmodel as pm
     meta, cpu = torch.device("meta"), torch.device("cpu")
     gpu = km.gemm_config(8192, 4608, 1152, 256, meta)
     plan = pm.plan_merged_gemm(8192, 4608, 1152, 256)
@@ -623,7 +622,7 @@ def test_cache_token_tracks_storage_and_inference_tensors():
 def _gpu_backend_ready(name: str) -> tuple[bool, str]:
     if not torch.cuda.is_available():
         return False, "needs a CUDA GPU"
-    ok, why = kf.backends.backend_status()[name]
+    ok, why = kf.ops.backends.backend_status()[name]
     return ok, why
 
 
@@ -636,7 +635,7 @@ def test_gpu_layer_m3_equals_m1_eager_and_graphed(backend):
     ok, why = _gpu_backend_ready(backend)
     if not ok:
         pytest.skip(f"{backend} backend: {why}")
-    from kind_fast.graphs import GraphedCall
+    from kind_fast.deploy.graphs import GraphedCall
 
     torch.manual_seed(0)
     gate = kf.ClassGate.block(10, 96, 32)

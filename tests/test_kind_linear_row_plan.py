@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kind_fast.gate import ClassGate
+from kind_fast.nn.gate import ClassGate
 from kind_fast.ops.kind_linear import kind_linear_backward_ref, kind_linear_ref, tailor_plan
 
 

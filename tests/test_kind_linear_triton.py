@@ -316,7 +316,7 @@ def test_autotune_space_is_pruned_and_wraps_the_kernel(interpreter):
     """KIND_FAST_AUTOTUNE=1 wraps the fused kernel in triton.autotune (tuning itself needs a GPU);
     the space is pruned of the configs the static audit shows spilling (tests/test_audit.py)."""
     from kind_fast.ops.kind_linear_triton import _kernels
-    from kind_fast.perfmodel import owner_split
+    from kind_fast.perf.perfmodel import owner_split
 
     K = _kernels()
     tuner = K._autotuned_fused(1152, 32, 128)
@@ -524,7 +524,7 @@ def test_gpu_factored_m2(monkeypatch, t):
 @pytest.mark.gpu
 @requires_cuda
 def test_gpu_auto_backend_choice(monkeypatch):
-    from kind_fast.backends import resolve_backend
+    from kind_fast.ops.backends import resolve_backend
 
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     dev = torch.device("cuda")
@@ -618,4 +618,4 @@ def test_gpu_deterministic_bitwise(monkeypatch):
 
 # ------------------------------------------------------------------ compiled mode without a GPU
 # Every config the launchers can launch is compiled for sm_90a by the static audit
-# (kind_fast/audit.py, tests/test_audit.py): registers, spills, wgmma, async copies.
+# (kind_fast/perf/audit.py, tests/test_audit.py): registers, spills, wgmma, async copies.

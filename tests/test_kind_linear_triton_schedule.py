@@ -17,7 +17,7 @@ import dataclasses
 import pytest
 import torch
 
-from kind_fast import perfmodel as pm
+from kind_fast.perf import perfmodel as pm
 from kind_fast.ops.kind_linear import kind_linear_backward_ref, kind_linear_ref
 from kind_fast.testing import make_gate, make_labels
 

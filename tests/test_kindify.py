@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import kind_fast as kf
-from kind_fast.kindify import SplitLinear, kindify
+from kind_fast.models.kindify import SplitLinear, kindify
 from kind_fast.testing import routed_labels, tiny_dit
 
 

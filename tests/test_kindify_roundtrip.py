@@ -10,8 +10,8 @@ from torch import nn
 
 import kind_fast as kf
 from kind_fast import kindify, kindify_from_pretrained
-from kind_fast.dit import DiT, KindConfig
-from kind_fast.serialization import load_pretrained, save_pretrained
+from kind_fast.models.dit import DiT, KindConfig
+from kind_fast.deploy.serialization import load_pretrained, save_pretrained
 from kind_fast.testing import tiny_dit
 
 
@@ -52,7 +52,7 @@ def test_native_dit_round_trip(tmp_path, gate, split_qkv):
 
 def test_native_dit_transfers_from_kindified_save(tmp_path):
     """load_learngenes into a KIND-DiT of another class count (what `transfer --init` does)."""
-    from kind_fast.serialization import load_learngenes
+    from kind_fast.deploy.serialization import load_learngenes
 
     m = tiny_dit()
     kindify(m, gate=kf.ClassGate.block(6, 8, 4), split_qkv=True)
@@ -108,7 +108,7 @@ def test_diffusers_round_trip_and_save_guard(tmp_path):
     restored = kindify_from_pretrained(base, tmp_path / "kind")
     assert torch.equal(restored(x, timestep=t, class_labels=y).sample, ref)
     # diffusers' own save would lose the KIND weights on reload: it refuses, saying what to use
-    with pytest.raises(RuntimeError, match="kind_fast.serialization.save_pretrained"):
+    with pytest.raises(RuntimeError, match="kind_fast.deploy.serialization.save_pretrained"):
         m.save_pretrained(tmp_path / "diffusers")
     assert not (tmp_path / "diffusers").exists()
     with pytest.raises(RuntimeError, match="kindify"):

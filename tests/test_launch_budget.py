@@ -1,7 +1,7 @@
 """The launch budget of one KIND layer (docs/design.md §6), counted without a GPU.
 
 The Triton backend's op implementations run on ``meta`` tensors inside
-``kind_fast.launches.record_launches``: the launchers plan for the reference GPU there and every
+``kind_fast.perf.launches.record_launches``: the launchers plan for the reference GPU there and every
 kernel they would launch is recorded (Triton launches intercepted, aten ops through the
 dispatcher). Budget per layer call (path M1, DiT-XL/2 shapes, W_G given as the layer's cache
 gives it): forward 1 kernel, transfer backward <= 3, pretrain backward <= 4; no host
@@ -16,7 +16,7 @@ import os
 import pytest
 import torch
 
-from kind_fast.launches import kernel_launches, record_launches
+from kind_fast.perf.launches import kernel_launches, record_launches
 
 pytest.importorskip("triton")
 

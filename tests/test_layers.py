@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import kind_fast as kf
-from kind_fast.gate import ClassGate
+from kind_fast.nn.gate import ClassGate
 
 
 def _layer(n_in=40, n_out=56, n_t=12, active=4, classes=5, **kw):
@@ -191,7 +191,7 @@ def _fresh_output(layer, x, labels):
 @pytest.mark.parametrize("change", ["load_state_dict", "to", "unfreeze", "replace", "data_swap", "invalidate"])
 def test_cached_learngene_weight_sees_every_module_api_change(change):
     """Everything the version counters and the module API can see rebuilds the cached W_G; a
-    write through .data is the documented exception, fixed by kind_fast.caching.invalidate()."""
+    write through .data is the documented exception, fixed by kind_fast.nn.caching.invalidate()."""
     layer, x, labels = _transfer_case()
     with torch.no_grad():
         before = layer(x, labels=labels)
@@ -216,7 +216,7 @@ def test_cached_learngene_weight_sees_every_module_api_change(change):
         layer.sigma_g.data = new["sigma_g"].clone()  # the version counter stays; the storage changes
     else:
         layer.v_g.data.copy_(new["v_g"])  # in place through .data: invisible to version counters
-        kf.caching.invalidate()
+        kf.nn.caching.invalidate()
     with torch.no_grad():
         after = layer(x, labels=labels)
     assert (after - before).abs().max() > 1e-3
@@ -233,7 +233,7 @@ def test_writes_through_data_to_trainable_parameters_are_always_seen():
     """EMA swaps of a transfer model write its trainable parameters (tailors, label table, final
     layer) through .data: nothing derived from them is cached, so the output always follows. A
     pretraining model (trainable learngenes) caches no W_G outside a scope either."""
-    from kind_fast.dit import DiT, KindConfig
+    from kind_fast.models.dit import DiT, KindConfig
 
     torch.manual_seed(0)
     for mode in ("transfer", "pretrain"):
@@ -259,7 +259,7 @@ def test_writes_through_data_to_trainable_parameters_are_always_seen():
             with kf.weight_cache():  # inside a scope: invalidate() after a .data write
                 m(x, t, y)
                 _ema_style_write(params, shadow)
-                kf.caching.invalidate()
+                kf.nn.caching.invalidate()
                 torch.testing.assert_close(m(x, t, y), reference(), rtol=0, atol=0)
             _ema_style_write(params, saved)
 
@@ -272,7 +272,7 @@ def test_diffusers_ema_copy_to_on_a_transfer_model():
     pytest.importorskip("diffusers")
     from diffusers.training_utils import EMAModel
 
-    from kind_fast.dit import DiT, KindConfig
+    from kind_fast.models.dit import DiT, KindConfig
 
     torch.manual_seed(0)
     for which in ("trainable", "all"):
@@ -408,13 +408,13 @@ def test_out_of_range_labels_under_torch_compile_name_the_range():
 
 
 def test_training_scope_caches_only_while_every_learngene_is_frozen():
-    from kind_fast.dit import DiT, KindConfig
+    from kind_fast.models.dit import DiT, KindConfig
 
     m = DiT(input_size=8, patch_size=2, in_channels=2, hidden_size=32, depth=1, num_heads=2, num_classes=3,
             kind=KindConfig(tailor_rank=8, active=2))
     layer = m.blocks[0].mlp.fc1
     for mode, cached in (("transfer", True), ("pretrain", False)):
         m.set_mode(mode)
-        with kf.caching.training_scope(m), torch.no_grad():
-            assert kf.caching.enabled() is cached
+        with kf.nn.caching.training_scope(m), torch.no_grad():
+            assert kf.nn.caching.enabled() is cached
             assert (layer.learngene_weight() is layer.learngene_weight()) is cached

@@ -9,8 +9,8 @@ import sys
 import pytest
 import torch
 
-from kind_fast.baselines import TLEGDiT, heur_lg_descendant
-from kind_fast.dit import DiT, KindConfig
+from kind_fast.models.baselines import TLEGDiT, heur_lg_descendant
+from kind_fast.models.dit import DiT, KindConfig
 from kind_fast.train.loop import Trainer
 from kind_fast.train.models import load_weights, read_spec
 
@@ -188,7 +188,7 @@ def test_trainer_learngene_bad_settings(tmp_path, ancestries):
 
 
 def test_convert_reads_a_tleg_ancestry_as_its_expanded_dit(ancestries):
-    from kind_fast.convert import load_dense
+    from kind_fast.train.convert import load_dense
 
     dense = load_dense(ancestries["tleg"])
     ancestry = load_weights(ancestries["tleg"] / "ema")

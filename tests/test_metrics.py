@@ -240,7 +240,7 @@ def test_iter_npz_streams_rows_in_batches(tmp_path):
 def test_evaluate_npz_equals_the_metrics_on_the_same_images(tmp_path):
     """The streaming scorer of kind-fast sample --eval gives what the metric functions give on
     the decoded images: FID, sFID, precision/recall, class accuracy (digits classifier)."""
-    from kind_fast.data import load_digits
+    from kind_fast.train.digits import load_digits
     from kind_fast.train.evaluate import evaluate_npz, uint8_to_images
     from kind_fast.train.sampling import to_uint8
 

@@ -45,7 +45,7 @@ def test_sdist_carries_the_sources_and_metadata(tmp_path):
     kernels = [f for f in _source_files() if f.startswith("kernels/")]
     assert kernels and set(kernels) <= names
     for f in ("LICENSE", "CITATION.cff", "setup.py", "pyproject.toml", "docs/design.md", "README.md",
-              "kind_fast/convert.py", "kind_fast/integrations/diffusers.py"):
+              "kind_fast/train/convert.py", "kind_fast/integrations/diffusers.py"):
         assert f in names, f
     assert "License-Expression: Apache-2.0" in pkg_info
     assert "Project-URL: Paper, https://arxiv.org/abs/2408.07337" in pkg_info
@@ -84,7 +84,7 @@ def test_wheel_ships_the_kernels_and_cuda_sources_but_no_stale_build_record(tmp_
     with tarfile.open(src / "dist" / sdist_name) as tar:
         assert not [n for n in tar.getnames() if n.endswith("kind_fast/_build_info.py")]
     # the installed layout imports its kernels from the wheel and finds the CUDA sources there
-    check = ("import kind_fast, kind_fast.kernels.kind_linear as k, kind_fast._ext as e; "
+    check = ("import kind_fast, kind_fast.kernels.kind_linear as k, kind_fast.ops._ext as e; "
              "print(k.__file__); print(e.source_folder()); print(kind_fast.kernels.__path__)")
     env = dict(os.environ, PYTHONPATH=str(tmp_path / "site"))
     r = subprocess.run([sys.executable, "-c", check], cwd=tmp_path, capture_output=True, text=True, env=env,
@@ -131,8 +131,7 @@ def _pretend_built(monkeypatch, torch_version: str | None):
     import importlib
     import importlib.util
 
-    from kind_fast import _ext
-
+    from kind_fast.ops import _ext
     imported = []
     real_find, real_import = importlib.util.find_spec, importlib.import_module
 
@@ -209,7 +208,7 @@ def test_demo_checks_its_extras_before_training(tmp_path, monkeypatch, missing, 
 
 
 def test_demo_requirements_follow_the_methods():
-    from kind_fast.demo import requirements
+    from kind_fast.train.demo import requirements
 
     assert "peft" not in requirements(["kind", "full"]) and requirements(["lora"])["peft"] == "peft"
     from kind_fast._optional import available, missing

@@ -92,7 +92,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 def test_no_import_cycle():
     graph = import_graph()
-    assert "kind_fast.ops.paths" in graph and "kind_fast.backends" in graph["kind_fast.ops.paths"]
+    assert "kind_fast.ops.paths" in graph and "kind_fast.ops.backends" in graph["kind_fast.ops.paths"]
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
@@ -101,7 +101,7 @@ def test_cycle_finder_finds_the_old_cycle():
     """The checker would have caught issue 9's cycle (kind_linear → backends → autoselect →
     self_check → kind_linear)."""
     graph = import_graph()
-    graph["kind_fast.autoselect"] = graph["kind_fast.autoselect"] | {"kind_fast.ops.self_check"}
+    graph["kind_fast.ops.autoselect"] = graph["kind_fast.ops.autoselect"] | {"kind_fast.ops.self_check"}
     cycle = find_cycle(graph)
     assert cycle is not None and "kind_fast.ops.self_check" in cycle
 
@@ -109,8 +109,8 @@ def test_cycle_finder_finds_the_old_cycle():
 def test_layer_does_not_pick_backend_paths():
     """FastKindLinear reaches paths through the op family only (issue 9 item 6)."""
     graph = import_graph()
-    assert "kind_fast.ops.paths" in graph["kind_fast.layers"]
-    assert not graph["kind_fast.layers"] & {"kind_fast.ops.kind_linear_triton", "kind_fast.ops.kind_linear_cuda"}
+    assert "kind_fast.ops.paths" in graph["kind_fast.nn.layers"]
+    assert not graph["kind_fast.nn.layers"] & {"kind_fast.ops.kind_linear_triton", "kind_fast.ops.kind_linear_cuda"}
     # the family reaches backends through the registry only
     assert not graph["kind_fast.ops.paths"] & {"kind_fast.ops.kind_linear_triton", "kind_fast.ops.kind_linear_cuda"}
 
@@ -119,7 +119,7 @@ def test_fresh_import_loads_no_backend():
     """A fresh process imports the entry point (and through the package, the layer) without
     importing a backend module: the family reaches backends only on first use. (torch's own
     custom-op machinery may import the triton package; that is not ours.)"""
-    code = ("import sys, kind_fast.ops.paths, kind_fast.autoselect, kind_fast.ops.self_check; "
+    code = ("import sys, kind_fast.ops.paths, kind_fast.ops.autoselect, kind_fast.ops.self_check; "
             "bad = [m for m in ('kind_fast.ops.kind_linear_triton', 'kind_fast.ops.kind_linear_cuda', "
             "'kind_fast.kernels.kind_linear') "
             "if m in sys.modules]; assert not bad, bad")

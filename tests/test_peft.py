@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kind_fast.baselines import HEAD_MODULES, apply_lora, lora_config
-from kind_fast.dit import DiT
-from kind_fast.kindify import replace_linears
+from kind_fast.models.baselines import HEAD_MODULES, apply_lora, lora_config
+from kind_fast.models.dit import DiT
+from kind_fast.models.kindify import replace_linears
 from kind_fast.testing import perturbed, tiny_dit
 
 peft = pytest.importorskip("peft")
@@ -108,7 +108,7 @@ def test_errors_and_config():
         lora_config(0, model=tiny_dit())
     with pytest.raises(ValueError, match="target_modules= or model="):
         lora_config(4)
-    from kind_fast.dit import KindConfig
+    from kind_fast.models.dit import KindConfig
 
     kind = DiT(input_size=8, patch_size=2, in_channels=2, hidden_size=32, depth=1, num_heads=4, num_classes=3,
                kind=KindConfig(tailor_rank=8, active=4))

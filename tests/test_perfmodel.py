@@ -1,4 +1,4 @@
-"""kind_fast.perfmodel: the launch plans of the Triton kernels and the HBM-traffic model of
+"""kind_fast.perf.perfmodel: the launch plans of the Triton kernels and the HBM-traffic model of
 their schedules (pure Python; no GPU, no Triton needed)."""
 
 from __future__ import annotations
@@ -7,8 +7,7 @@ import dataclasses
 
 import pytest
 
-from kind_fast import perfmodel as pm
-
+from kind_fast.perf import perfmodel as pm
 BOUND = 1.15  # modelled HBM bytes / compulsory bytes, every DiT-XL/2 layer pass (docs/design.md §6)
 
 
@@ -124,7 +123,7 @@ def test_k_rotation_spreads_the_rows_that_run_together():
 
 
 def test_launchers_take_their_plans_from_the_model(monkeypatch):
-    """kernels/kind_linear.py asks kind_fast.perfmodel for every config (meta device = the
+    """kernels/kind_linear.py asks kind_fast.perf.perfmodel for every config (meta device = the
     reference GPU, as the static audit uses it)."""
     pytest.importorskip("triton")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
@@ -176,7 +175,7 @@ def test_merged_grouped_order_visits_every_tile_once():
 
 
 def test_m3_launchers_take_their_plans_from_the_model(monkeypatch):
-    """kernels/kind_linear_merged.py's configs on meta tensors are kind_fast.perfmodel's GPU plans."""
+    """kernels/kind_linear_merged.py's configs on meta tensors are kind_fast.perf.perfmodel's GPU plans."""
     pytest.importorskip("triton")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     import torch

@@ -7,12 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kind_fast.dit import DiT, KindConfig
-from kind_fast.graphs import GraphedCall, graphed, use_cuda_graphs
+from kind_fast.models.dit import DiT, KindConfig
+from kind_fast.deploy.graphs import GraphedCall, graphed, use_cuda_graphs
 from kind_fast.ops import paths
 from kind_fast.ops.paths import force_path
 from kind_fast.train.sampling import sample
-from kind_fast.utils import class_gates, serving
+from kind_fast.nn.utils import class_gates, serving
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -156,7 +156,7 @@ def test_triton_gate_checks_the_production_cases_and_path_m2(monkeypatch):
 
 def _specs(kernels, *args, **kwargs):
     """{key: spec} of every launch kernels.replay_launches(*args, **kwargs) makes."""
-    from kind_fast.audit import capture_launches
+    from kind_fast.perf.audit import capture_launches
 
     with capture_launches("") as got:
         kernels.replay_launches(*args, **kwargs)
@@ -175,7 +175,7 @@ def test_check_cases_select_the_production_configs(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     from kind_fast.ops.kind_linear_triton import _kernels
     from kind_fast.ops.self_check import FACTORED_CASES, TRITON_CASES
-    from kind_fast.perfmodel import plan_fused, plan_tailor_grad
+    from kind_fast.perf.perfmodel import plan_fused, plan_tailor_grad
 
     K = _kernels()
     prod, cases = {}, {}
@@ -236,7 +236,7 @@ def test_merged_cases_select_the_production_configs(monkeypatch):
     several slots and dW with masked run ends."""
     pytest.importorskip("triton")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    from kind_fast.audit import capture_launches
+    from kind_fast.perf.audit import capture_launches
     from kind_fast.ops.kind_linear_merged_triton import _kernels
     from kind_fast.ops.self_check import MERGED_CASES
 

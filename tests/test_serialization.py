@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import load_file
 
 import kind_fast as kf
-from kind_fast.dit import DiT, KindConfig
-from kind_fast.serialization import (
+from kind_fast.models.dit import DiT, KindConfig
+from kind_fast.deploy.serialization import (
     load_learngenes,
     load_pretrained,
     load_tailors,
@@ -130,7 +130,7 @@ def test_kindified_model_save_load(tmp_path):
 # Integrity (issue 12): interrupted saves, changed bytes, edited configs
 # =====================================================================================
 def test_an_interrupted_save_is_refused_not_mixed(tmp_path, monkeypatch):
-    import kind_fast.serialization as ser
+    import kind_fast.deploy.serialization as ser
 
     old, new = model(seed=0), model(seed=1)
     save_pretrained(old, tmp_path)

@@ -1,4 +1,4 @@
-"""Tasks (kind_fast.tasks): save_task / load_task on a learngene base saved once, refusal of
+"""Tasks (kind_fast.deploy.tasks): save_task / load_task on a learngene base saved once, refusal of
 a foreign base, mixed batches over several tasks, and the CLI (transfer writes its task,
 sample-tasks, export)."""
 
@@ -15,14 +15,14 @@ from safetensors.torch import load_file
 
 import kind_fast as kf
 from kind_fast.__main__ import main
-from kind_fast.dit import DiT, KindConfig
-from kind_fast.gate import ClassGate
-from kind_fast.serialization import save_kind
-from kind_fast.tasks import MultiTaskDiT, base_fingerprint, load_base, load_task, save_task
+from kind_fast.models.dit import DiT, KindConfig
+from kind_fast.nn.gate import ClassGate
+from kind_fast.deploy.serialization import save_kind
+from kind_fast.deploy.tasks import MultiTaskDiT, base_fingerprint, load_base, load_task, save_task
 from kind_fast.testing import perturbed
 from kind_fast.train.models import load_weights
 from kind_fast.train.sampling import cfg_model_fn, make_scheduler, run_scheduler, sample
-from kind_fast.utils import kind_layers
+from kind_fast.nn.utils import kind_layers
 
 sys.path.insert(0, os.path.dirname(__file__))
 from train_helpers import TINY_FLAGS  # noqa: E402

@@ -1,5 +1,5 @@
-"""kind_fast.timemodel: the MODELLED time of each launch and of each goal of docs/design.md §6
-(no GPU: the code runs on ``meta`` tensors and kind_fast.launches records what it launches)."""
+"""kind_fast.perf.timemodel: the MODELLED time of each launch and of each goal of docs/design.md §6
+(no GPU: the code runs on ``meta`` tensors and kind_fast.perf.launches records what it launches)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import math
 
 import pytest
 
-from kind_fast import perfmodel as pm
-from kind_fast import timemodel as tm
-from kind_fast.launches import Launch, TensorInfo
+from kind_fast.perf import perfmodel as pm
+from kind_fast.perf import timemodel as tm
+from kind_fast.perf.launches import Launch, TensorInfo
 
 GPU = tm.H100_TIME
 
@@ -103,7 +103,7 @@ def test_a_layer_goal_follows_its_launches(q8k):
 
 
 def test_the_committed_model_table_is_the_models_current_output():
-    """bench/results/model_dit_xl.json (and .md) are what ``python -m kind_fast.timemodel`` gives
+    """bench/results/model_dit_xl.json (and .md) are what ``python -m kind_fast.perf.timemodel`` gives
     for the code as it is: every DiT-XL/2 layer row at M = 8192 and 65536, at e = 1.00 and 0.85
     (a kernel, plan or launch change that moves a modelled ratio fails here until the table is
     regenerated; the step rows, slower to replay, are checked present)."""

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from kind_fast.diffusion import GaussianDiffusion, space_timesteps
+from kind_fast.models.diffusion import GaussianDiffusion, space_timesteps
 from kind_fast.train import checkpoint as ck
 from kind_fast.train.config import RunConfig, load_config_file, parse_int_list
 from kind_fast.train.data import (
@@ -419,7 +419,7 @@ def test_train_flops_kind_transfer_below_full_fine_tuning(tmp_path, pretrained):
 # Diffusion loss and samplers
 # =====================================================================================
 def test_simple_loss_api_still_works():
-    from kind_fast.dit import DiT
+    from kind_fast.models.dit import DiT
 
     m = DiT(input_size=8, patch_size=4, in_channels=1, hidden_size=16, depth=1, num_heads=2, num_classes=2)
     loss = GaussianDiffusion().loss(m, torch.randn(2, 1, 8, 8), torch.tensor([0, 1]), torch.Generator().manual_seed(0))
@@ -575,7 +575,7 @@ def test_png_writer_round_trips(tmp_path):
 
 def test_metrics_sanity():
     pytest.importorskip("torchmetrics")
-    from kind_fast.data import load_digits
+    from kind_fast.train.digits import load_digits
     from kind_fast.train.metrics import (
         DigitFeatures,
         DigitLogits,

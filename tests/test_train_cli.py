@@ -160,7 +160,7 @@ def test_demo_after_a_crash_restarts_the_run_it_started(tmp_path, capsys):
     """A demo that died during a run's set-up leaves the run folder with only its lock file (older
     versions) or the demo's marker: the next demo restarts that run with a message."""
     pytest.importorskip("torchmetrics")
-    from kind_fast.demo import DEMO_MARKER
+    from kind_fast.train.demo import DEMO_MARKER
 
     out = tmp_path / "demo"
     (out / "pretrain").mkdir(parents=True)
@@ -178,7 +178,7 @@ def test_demo_after_a_crash_restarts_the_run_it_started(tmp_path, capsys):
 
 
 def test_demo_run_folders_it_did_not_make_or_a_live_run_holds_are_left_alone(tmp_path):
-    from kind_fast.demo import DEMO_MARKER, _fresh
+    from kind_fast.train.demo import DEMO_MARKER, _fresh
     from kind_fast.train.runlock import RunLock
 
     foreign = tmp_path / "thesis"
@@ -206,8 +206,8 @@ def test_demo_run_folders_it_did_not_make_or_a_live_run_holds_are_left_alone(tmp
 
 
 def test_wall_time_note_reports_what_it_measured_either_way():
-    from kind_fast.demo import wall_time_note
-    from kind_fast.dit import DiT, KindConfig
+    from kind_fast.train.demo import wall_time_note
+    from kind_fast.models.dit import DiT, KindConfig
 
     kind = DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=1, num_heads=2, num_classes=2,
                kind=KindConfig(tailor_rank=8, active=2)).set_mode("transfer")
@@ -227,7 +227,7 @@ def test_comparison_figure_labels_and_enlarges_every_row(tmp_path):
     import torch
     from PIL import Image
 
-    from kind_fast.demo import comparison_figure
+    from kind_fast.train.demo import comparison_figure
 
     g = torch.Generator().manual_seed(0)
     imgs = torch.rand(6, 1, 8, 8, generator=g) * 2 - 1  # 2 rows (8, 9) × 3 digits

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from kind_fast.__main__ import main
-from kind_fast.dit import DiT
+from kind_fast.models.dit import DiT
 
 sys.path.insert(0, os.path.dirname(__file__))
 from train_helpers import TINY_FLAGS, tiny_config  # noqa: E402
@@ -186,7 +186,7 @@ def test_pretrain_init_uses_the_kind_defaults_of_convert(tmp_path, capsys):
     """pretrain --init DIT.pt took the trainer's tiny-model defaults (tailor rank 16, active 4)
     where kind-fast convert takes 96 / 32, so a task trained on one base could not be served by
     the other ("task has tailor_rank=16, this base has 96")."""
-    from kind_fast.dit import KindConfig
+    from kind_fast.models.dit import KindConfig
     from kind_fast.train.config import RunConfig
     from kind_fast.train.models import init_info, make_spec
 

@@ -98,7 +98,7 @@ def test_resume_from_an_older_checkpoint_retires_every_output_of_the_abandoned_r
     it trains, so a run killed right after that serves nothing of the abandoned run (export
     --task and sample-tasks read <out>/task)."""
     from kind_fast.__main__ import main
-    from kind_fast.tasks import load_base, load_task
+    from kind_fast.deploy.tasks import load_base, load_task
 
     pre, out = tmp_path / "pre", tmp_path / "t"
     assert main(["pretrain", "--steps", "2", "--out", str(pre), "--no-sample", *TINY_FLAGS]) == 0
@@ -484,7 +484,7 @@ def test_kill_loop_over_task_writes(tmp_path):
     atomic_directory), aimed by hooks: <out>/task is the previous task or the new one, whole, or
     missing with the previous one named; the resumed run writes it and sweeps every hidden folder."""
     from kind_fast.__main__ import main
-    from kind_fast.tasks import load_base, load_task
+    from kind_fast.deploy.tasks import load_base, load_task
 
     pre, out = tmp_path / "pre", tmp_path / "t"
     assert main(["pretrain", "--steps", "2", "--out", str(pre), "--no-sample", *TINY_FLAGS]) == 0
@@ -531,7 +531,7 @@ def test_sample_arguments_are_validated(tmp_path, capsys, flags, match):
 
 
 def test_sample_function_validates_its_arguments():
-    from kind_fast.dit import DiT, KindConfig
+    from kind_fast.models.dit import DiT, KindConfig
     from kind_fast.train.sampling import sample
 
     m = DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=16, depth=1, num_heads=1, num_classes=2,

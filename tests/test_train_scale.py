@@ -32,7 +32,7 @@ def _run(cfg, resume=None, until=None):
 
 
 def _tiny_dit(**kw):
-    from kind_fast.dit import DiT, KindConfig
+    from kind_fast.models.dit import DiT, KindConfig
 
     torch.manual_seed(0)
     m = DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=2, num_heads=2, num_classes=5,

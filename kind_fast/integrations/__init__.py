@@ -3,6 +3,6 @@
 * ``kind_fast.integrations.diffusers``: class-conditional CFG sampling of a (kindified)
   ``DiTTransformer2DModel`` with any number of classes (``KindDiTPipeline``, ``sample_dit``).
 
-The PEFT LoRA baseline lives in ``kind_fast.baselines``; kindify's diffusers round trip in
-``kind_fast.kindify`` / ``kind_fast.serialization``.
+The PEFT LoRA baseline lives in ``kind_fast.models.baselines``; kindify's diffusers round trip in
+``kind_fast.models.kindify`` / ``kind_fast.deploy.serialization``.
 """

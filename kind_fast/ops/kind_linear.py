@@ -400,7 +400,7 @@ def checked_inputs(x, w_g, bias, u_t, sigma_t, v_t, idx, val, labels):
         x, w_g, u_t, v_t = (t.to(dt) if isinstance(t, Tensor) else t for t in (x, w_g, u_t, v_t))
         bias = bias.to(dt) if isinstance(bias, Tensor) else bias
     _validate(x, w_g, bias, u_t, sigma_t, v_t, idx, val, labels)
-    from kind_fast.gate import check_labels
+    from kind_fast.ops.labels import check_labels
 
     check_labels(labels, idx.shape[0] - 1)
     return x, w_g, bias, u_t, v_t
@@ -476,7 +476,7 @@ def kind_linear(
     if x2.shape[0] == 0:
         return F.linear(x, w_g, bias)
     acc = acc_dtype(x2.dtype)
-    from kind_fast.backends import resolve_op
+    from kind_fast.ops.backends import resolve_op
 
     op = resolve_op(x2.device, x2.dtype)
     with torch.autocast(dev_type, enabled=False):

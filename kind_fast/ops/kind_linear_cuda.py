@@ -37,7 +37,7 @@ Registered ops (defined in C++, csrc/module.cpp; the schemas and semantics of th
         -> (dx, dweights, dbias)        (schemas of kind_fast::kind_linear_merged_gemm(_backward))
 
 This module adds their fake kernels, autograd and FLOP formulas (C++ names it with
-``set_python_module``), the backend protocol of kind_fast/backends.py, the cost model, and the
+``set_python_module``), the backend protocol of kind_fast/ops/backends.py, the cost model, and the
 safety rule for ``use_backend("auto")``: these kernels were written without a GPU to run them,
 so "auto" uses them on a device only after a one-time self-check there (a small random problem
 per dtype, both tailor plans, every output and gradient against the reference) has passed, and
@@ -55,7 +55,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from kind_fast._ext import arch_names, load_extension
+from kind_fast.ops._ext import arch_names, load_extension
 from kind_fast.ops.kind_linear import (
     acc_dtype,
     kind_linear_backward_fake,
@@ -84,7 +84,7 @@ _registered = False
 
 
 # =====================================================================================
-# Backend protocol (kind_fast.backends)
+# Backend protocol (kind_fast.ops.backends)
 # =====================================================================================
 _status: list = []  # [(available, reason)] once computed; reset when a self-check adds a result
 
@@ -110,7 +110,7 @@ def status() -> tuple[bool, str]:
 
 def request() -> None:
     """The CUDA backend was asked for by name (``use_backend("cuda")``): build the extension now
-    if it is neither installed nor cached (kind_fast._ext.load_extension; "auto" never does)."""
+    if it is neither installed nor cached (kind_fast.ops._ext.load_extension; "auto" never does)."""
     load_extension(build=True)
     _status.clear()
 
@@ -417,7 +417,7 @@ def auto_shape_ok(m: int, batch: int, n_in: int, n_out: int, n_t: int, k: int, m
                   hw: Hardware = H200) -> bool:
     """Whether ``use_backend("auto")`` may run this backend's M1 for this call: its modelled time
     is at most the reference's. (Whether it is also faster than Triton is measured per shape
-    by kind_fast.autoselect.)"""
+    by kind_fast.ops.autoselect.)"""
     return modelled_time("cuda", mode, m, batch, n_in, n_out, n_t, k, hw) <= \
         modelled_time("reference", mode, m, batch, n_in, n_out, n_t, k, hw)
 

@@ -23,7 +23,7 @@ Registered as ``kind_fast::kind_linear_grouped`` / ``kind_fast::kind_linear_grou
 (torch.library: fake kernels, autograd, FLOP formulas; opcheck-clean, torch.compile fullgraph).
 The kernel registered here is the reference: one ``kind_linear_ref`` per layer on its block of
 W_G, exactly the separate layers' arithmetic. Backends plug in through their module
-(``kind_fast.backends``): a backend module that defines ``GROUPED_OP`` (this op's schema) serves
+(``kind_fast.ops.backends``): a backend module that defines ``GROUPED_OP`` (this op's schema) serves
 groups with it; for every other backend the functional runs the group as exact per-layer calls
 of that backend's ``kind_linear`` op (``resolve_grouped_op`` returns None). On the CPU, eager
 groups run the op family's lean path M5 (``kind_fast.ops.kind_linear_lean``).
@@ -237,7 +237,7 @@ def resolve_grouped_op(device: torch.device, dtype: torch.dtype) -> Callable | N
     backend selection, or None where that backend has no grouped op yet (the functional then
     runs exact per-layer calls of the backend's ``kind_linear`` op). A backend module serves
     groups by defining ``GROUPED_OP`` with this module's schema."""
-    from kind_fast.backends import backend_module, resolve_backend
+    from kind_fast.ops.backends import backend_module, resolve_backend
 
     name = resolve_backend(device, dtype)
     if name == "torch":

@@ -367,7 +367,7 @@ def _check(cond: bool, msg: str, exc: type[Exception] = ValueError) -> None:
 
 def _backend_op(device: torch.device, dtype: torch.dtype, attr: str, default: Callable) -> Callable:
     """The resolved backend's M3 op ``attr`` (MERGED_GEMM_OP / MERGED_OP), else the reference's."""
-    from kind_fast.backends import backend_module, resolve_backend
+    from kind_fast.ops.backends import backend_module, resolve_backend
 
     name = resolve_backend(device, dtype)
     if name == "torch":

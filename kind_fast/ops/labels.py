@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["LabelsMemo"]
+__all__ = ["LabelsMemo", "check_labels"]
 
 
 class LabelsMemo:
@@ -64,3 +64,48 @@ class LabelsMemo:
         self._ref, self._version, self._extra, self._value = weakref.ref(labels), labels._version, extra, value
         self._copy = labels.detach().clone()
         return value
+
+
+def check_labels(labels: Any, num_classes: int, *, name: str = "labels") -> Tensor:
+    """Validate per-sample labels: a 1-D integer tensor with values in [0, num_classes].
+
+    ``num_classes`` is the gate's C; the value C is the null class. The range check reads
+    the values, so it runs where that is free: on CPU tensors, and on GPU tensors only as an
+    asynchronous device assertion (no host sync). Under torch.compile the range check is traced
+    as a device assertion (``torch._assert_async``, lowered by Inductor into the graph): it
+    survives tracing and still names the range.
+    """
+    if not isinstance(labels, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of class ids, got {type(labels).__name__}")
+    if labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+        raise TypeError(f"{name} must have an integer dtype, got {labels.dtype}")
+    if labels.dim() != 1:
+        raise ValueError(f"{name} must be 1-D (one class id per sample), got shape {tuple(labels.shape)}")
+    if torch.compiler.is_compiling():
+        torch._assert_async(((labels >= 0) & (labels <= num_classes)).all(),
+                            f"{name} out of range: expected class ids in [0, {num_classes}] "
+                            f"({num_classes} classes; {num_classes} is the null class)")
+        return labels
+    if labels.numel() == 0:
+        return labels
+    # Every KIND layer of a model sees the same labels tensor: check it once while it is unchanged
+    # (kind_fast.ops.labels: the same tensor, version and values; inference tensors every call).
+    if _CHECKED.get(labels, num_classes) is not None:
+        return labels
+    if labels.device.type == "cpu":
+        lo, hi = int(labels.min()), int(labels.max())
+        if lo < 0 or hi > num_classes:
+            raise ValueError(
+                f"{name} out of range: got values in [{lo}, {hi}], expected [0, {num_classes}] "
+                f"({num_classes} classes; {num_classes} is the null class)"
+            )
+    elif labels.device.type == "cuda" and not torch.cuda.is_current_stream_capturing():
+        torch._assert_async(
+            ((labels >= 0) & (labels <= num_classes)).all(),
+            f"{name} out of range [0, {num_classes}]",
+        )
+    _CHECKED.put(labels, True, num_classes)
+    return labels
+
+
+_CHECKED = LabelsMemo()  # the last labels tensor that passed the check, per num_classes

@@ -27,8 +27,8 @@ launches × their overhead (per-device constants measured on the CPU, see COSTS;
 term's skinny GEMMs at their own measured rate), minimised over the paths that can run the
 call. It reads shapes only, never tensor values. ``kind_linear_layer``
 is the entry point FastKindLinear calls, ``kind_linear_group_layer`` the one for a group of
-layers that read the same x (``kind_fast.layers.kind_group``). Backends are reached through the
-registry (kind_fast.backends), never imported here.
+layers that read the same x (``kind_fast.nn.layers.kind_group``). Backends are reached through the
+registry (kind_fast.ops.backends), never imported here.
 
 Caching (M3): the caller passes a ``MergedWeightCache`` and a token function; merged weights
 are built once per (class set, parameter version) and reused. In eval calls M3 runs only on
@@ -63,7 +63,7 @@ Entry point (FastKindLinear passes its parameters; DiT.export or other modules m
     idx, val the compiled gate, (C+1, K) int32 / float32 (ClassGate.compiled)
     w_g      W_G (out, in) in x's dtype, or a callable dtype -> W_G (the layer's cached
              ``learngene_weight``), or None (built here from the learngenes)
-    merged   a kind_fast.merged_cache.MergedWeightCache (None: M3 only uncached, in training)
+    merged   a kind_fast.nn.merged_cache.MergedWeightCache (None: M3 only uncached, in training)
     token    () -> a token of every tensor the merged weights depend on (merged_cache.tokens)
     classes  declared class ids of this call's labels (a sampling loop), or None
     training_module  the module's ``training`` flag (None: treated as eval when no grad is
@@ -522,13 +522,13 @@ def kind_linear_eager(x: Tensor, w_g: Tensor, bias: Tensor | None, u_t: Tensor, 
 # Entry point
 # =====================================================================================
 def _backend_module(name: str):
-    from kind_fast.backends import backend_module
+    from kind_fast.ops.backends import backend_module
 
     return backend_module(name)
 
 
 def _resolve_backend(device: torch.device, dtype: torch.dtype) -> str:
-    from kind_fast.backends import resolve_backend
+    from kind_fast.ops.backends import resolve_backend
 
     return resolve_backend(device, dtype)
 
@@ -699,7 +699,7 @@ def _execute(call: _Call, x: Tensor, labels: Tensor, u_g, sigma_g, v_g, bias, u_
         factored = _backend_module("triton")[0].kind_linear_factored
         return factored(x, u_g, sigma_g, v_g, bias, u_t, sigma_t, v_t, idx, val, labels)
     if path == "M0" and backend != "torch":  # pinned: the reference, not the fused backend
-        from kind_fast.backends import use_backend
+        from kind_fast.ops.backends import use_backend
 
         with use_backend("torch"):
             return kind_linear_layer(x, labels, u_g=u_g, sigma_g=sigma_g, v_g=v_g, bias=bias, u_t=u_t,
@@ -715,7 +715,7 @@ def _execute(call: _Call, x: Tensor, labels: Tensor, u_g, sigma_g, v_g, bias, u_
         x, w, u_t, v_t = (t.to(dt) for t in (x, w, u_t, v_t))
         bias = bias.to(dt) if bias is not None else None
     _validate(x, w, bias, u_t, sigma_t, v_t, idx, val, labels)
-    from kind_fast.gate import check_labels
+    from kind_fast.ops.labels import check_labels
 
     check_labels(labels, idx.shape[0] - 1)
     lead = x.shape[:-1]
@@ -816,7 +816,7 @@ def kind_linear_group_layer(
         if w.shape != (sum(u.shape[1] for u in us), n_in) or w.dtype != x.dtype:
             raise ValueError(f"the group's concatenated W_G must be ({sum(u.shape[1] for u in us)}, {n_in}) in "
                              f"{x.dtype}, got {tuple(w.shape)} {w.dtype}")
-        from kind_fast.gate import check_labels
+        from kind_fast.ops.labels import check_labels
 
         check_labels(labels, idx.shape[0] - 1)
         lead = x.shape[:-1]

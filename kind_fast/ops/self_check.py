@@ -225,7 +225,7 @@ def check_merged_ops(gemm_op: Callable, backward_op: Callable, device: torch.dev
 
 class SelfCheckGate:
     """Per-(device, dtype) cache of a backend's self-check; ``auto_ready`` is the registry's
-    optional backend hook (see kind_fast.backends)."""
+    optional backend hook (see kind_fast.ops.backends)."""
 
     def __init__(self, backend: str, ops: Callable[[], tuple[Callable, Callable]],
                  ready: Callable[[str, torch.dtype], bool], on_result: Callable[[], None] | None = None,

@@ -1,7 +1,10 @@
-"""The KIND trainer: pretrain, transfer and the baselines through one loop (docs/design.md §4).
+"""The KIND trainer: pretrain, transfer and the baselines through one loop (docs/design.md §4),
+its data, the demo and the ``kind-fast`` commands that run them. The top layer: may import every
+other subpackage; nothing below it imports ``train`` (tests/test_layering.py).
 
 * ``config``: ``RunConfig`` (defaults ← YAML/JSON file ← flags), validated.
-* ``data``: sklearn digits, ImageFolder, VAE-latent shards; a (seed, step)-determined order.
+* ``data``: sklearn digits, ImageFolder, VAE-latent shards; a (seed, step)-determined order;
+  ``digits``: sklearn's 8×8 digits as a tensor data set (``load_digits``).
 * ``models``: the model of each method (KIND pretrain/transfer, full fine-tuning, LoRA,
   SVDiff, scratch) and its spec; final weights (``<out>/model``, ``<out>/ema``).
 * ``loop``: ``Trainer`` (DDPM with learned Σ, AdamW, EMA, clipping, bf16/fp16 autocast,
@@ -16,6 +19,8 @@
 * ``metrics``: FID / KID / IS through torchmetrics with pluggable features; the digit classifier.
 * ``cli`` and ``cmd_*``: the ``kind-fast`` commands pretrain, transfer, sample, sample-tasks,
   export and plot (each ``cmd_*`` module: ``add_arguments(parser)`` and ``run(args)``).
+* ``convert``: ``kind-fast convert``, a dense DiT checkpoint as a KIND-DiT save folder.
+* ``demo``: ``kind-fast demo``, the main job (pretrain on digits 0-7, transfer to 8-9, baselines).
 
 Nothing here is imported by ``import kind_fast``.
 """

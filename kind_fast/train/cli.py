@@ -137,7 +137,7 @@ def run_training(args: argparse.Namespace, mode: str) -> int:
             import contextlib
             import io
 
-            from kind_fast.utils import print_trainable_parameters
+            from kind_fast.nn.utils import print_trainable_parameters
 
             say(f"{mode}/{cfg.method.name}: {len(trainer.data)} samples, {trainer.data.num_classes} classes, "
                 f"{cfg.steps} steps × batch {cfg.batch_size} on {trainer.device}"
@@ -272,7 +272,7 @@ def run_sample(args: argparse.Namespace) -> int:
         if args.cuda_graphs == "on" and env.device.type != "cuda":
             raise ValueError(f"--cuda-graphs on needs a CUDA device, got {env.device}")
         if export:
-            from kind_fast.export_io import load_export
+            from kind_fast.deploy.export_io import load_export
 
             model = load_export(wdir, map_location=env.device)
             served = getattr(model, "classes", None) or getattr(model, "export_classes", None)

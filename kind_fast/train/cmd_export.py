@@ -7,7 +7,7 @@
 
 merged / reduced write ``model.safetensors`` + ``export_config.json`` (read back with
 ``kind_fast.load_export``); dense writes a facebookresearch-layout state dict ``model.pt``
-for one class without guidance. See ``kind_fast.export``.
+for one class without guidance. See ``kind_fast.models.export``.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-guidance", action="store_true",
                    help="do not serve the null label (no classifier-free guidance); implied by --form dense")
     p.add_argument("--out", required=True, help="export folder (written atomically)")
-    p.add_argument("--task", default=None, help="a task folder (kind_fast.tasks) to put on the base RUN first")
+    p.add_argument("--task", default=None, help="a task folder (kind_fast.deploy.tasks) to put on the base RUN first")
     p.add_argument("--which", choices=("ema", "model"), default="ema", help="weights of a run folder")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
 
@@ -36,7 +36,7 @@ def load_kind_model(run: str, which: str = "ema", task: str | None = None):
     from kind_fast.train.models import SPEC_FILE, load_weights
 
     if task is not None:
-        from kind_fast.tasks import load_base, load_task
+        from kind_fast.deploy.tasks import load_base, load_task
 
         return load_task(load_base(run, which=which), task)
     src = Path(run)
@@ -47,7 +47,7 @@ def load_kind_model(run: str, which: str = "ema", task: str | None = None):
 
 
 def run(args: argparse.Namespace) -> int:
-    from kind_fast.export_io import save_export
+    from kind_fast.deploy.export_io import save_export
     from kind_fast.train.config import parse_int_list
 
     try:

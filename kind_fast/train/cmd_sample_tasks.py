@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
-    from kind_fast.tasks import MultiTaskDiT, load_base
+    from kind_fast.deploy.tasks import MultiTaskDiT, load_base
     from kind_fast.train.config import parse_int_list
     from kind_fast.train.distributed import resolve_device
     from kind_fast.train.sampling import sample, save_grid, to_uint8

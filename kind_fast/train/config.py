@@ -26,13 +26,13 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from kind_fast.gate import DEFAULT_GATE
+from kind_fast.nn.gate import DEFAULT_GATE
 
 MODES = ("pretrain", "transfer")
 # a fresh model's architecture where neither the config nor a preset gives it: a tiny DiT for digits
 TINY_ARCH = {"hidden_size": 64, "depth": 4, "num_heads": 4, "patch_size": 2, "mlp_ratio": 4.0, "learn_sigma": True}
 ARCH_KEYS = tuple(TINY_ARCH)
-PRESET_KEYS = ("depth", "hidden_size", "num_heads", "patch_size")  # the order of kind_fast.dit.DiT_models
+PRESET_KEYS = ("depth", "hidden_size", "num_heads", "patch_size")  # the order of kind_fast.models.dit.DiT_models
 # a fresh model's KIND settings where the config does not give them (they suit the tiny model)
 FRESH_KIND = {"tailor_rank": 16, "active": 4}
 PRETRAIN_METHODS = ("kind", "dense", "tleg")
@@ -222,7 +222,7 @@ class RunConfig:
         need(m.null in ("off", "all", "class"), "model.null", f"off, all or class, got {m.null!r}")
         need(m.qkv in ("split", "fused"), "model.qkv", f"split or fused, got {m.qkv!r}")
         if m.name is not None:
-            from kind_fast.dit import DiT_models
+            from kind_fast.models.dit import DiT_models
 
             need(m.name in DiT_models, "model.name", f"unknown DiT preset {m.name!r}; one of {sorted(DiT_models)}")
         me = self.method

@@ -168,7 +168,7 @@ class TensorData:
 
 def digits_dataset(classes: Sequence[int] | None, mode: str = "pretrain") -> TensorData:
     """sklearn digits (8×8, 1 channel); default classes 0-7 for pretrain and 8, 9 for transfer."""
-    from kind_fast.data import load_digits
+    from kind_fast.train.digits import load_digits
 
     classes = list(classes) if classes is not None else DIGIT_DEFAULTS[mode]
     x, y = load_digits(classes)

@@ -189,7 +189,7 @@ def evaluate_npz(npz_path, *, digits: list[int] | None = None, ref=None, incepti
     from kind_fast.train import metrics as M
 
     if digits is not None:
-        from kind_fast.data import load_digits
+        from kind_fast.train.digits import load_digits
 
         clf, report = M.train_digit_classifier(seed)
         pooled, spatial = M.DigitFeatures(clf), M.DigitSpatialFeatures(clf)

@@ -53,8 +53,8 @@ import torch
 from torch import Tensor, nn
 
 from kind_fast.atomic import remove_stale_temps_under
-from kind_fast.caching import training_scope
-from kind_fast.diffusion import GaussianDiffusion
+from kind_fast.nn.caching import training_scope
+from kind_fast.models.diffusion import GaussianDiffusion
 from kind_fast.train import checkpoint as ck
 from kind_fast.train.config import RunConfig
 from kind_fast.train.data import GlobalBatchSampler, batch_stream, build_dataset, rank_slice, step_generator
@@ -411,7 +411,7 @@ class Trainer:
         """``kind_fast.weight_cache()`` (W_G reused across steps) while every learngene is
         frozen: the trainer then writes the live model only through the optimizer, which does
         not hold them. Whoever writes learngenes of the live model through ``.data`` inside
-        ``train()`` must call ``kind_fast.caching.invalidate()``. A no-op scope otherwise."""
+        ``train()`` must call ``kind_fast.nn.caching.invalidate()``. A no-op scope otherwise."""
         return training_scope(unwrap(self.ddp))
 
     # ------------------------------------------------------------------ non-finite guard
@@ -581,7 +581,7 @@ class Trainer:
     # ------------------------------------------------------------------ outputs
     def export(self) -> dict[str, Path]:
         """Write ``<out>/model`` and ``<out>/ema`` (rank 0), and for a KIND transfer the EMA
-        weights' task folder ``<out>/task`` (``kind_fast.tasks``); returns their paths."""
+        weights' task folder ``<out>/task`` (``kind_fast.deploy.tasks``); returns their paths."""
         self.check_finite_state("exporting the weights")
         state = self.full_model_state()
         ema = self.full_ema_state()
@@ -591,7 +591,7 @@ class Trainer:
             ema_model = model_from_state(self.spec, {**state, **ema})
             paths["ema"] = save_weights(ema_model, self.spec, self.out / "ema")
             if self.spec["mode"] == "transfer" and self.spec["method"] == "kind":
-                from kind_fast.tasks import save_task  # the task alone, beside its base (docs/design.md §7)
+                from kind_fast.deploy.tasks import save_task  # the task alone, beside its base (docs/design.md §7)
                 from kind_fast.train.models import resolve_init
 
                 base = resolve_init(self.cfg.method.init, self.cfg.method.init_weights)

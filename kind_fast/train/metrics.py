@@ -98,7 +98,7 @@ def train_digit_classifier(seed: int = 0, *, epochs: int = 25, holdout: float = 
 
     Returns the classifier (eval mode, frozen) and {"train_acc", "test_acc", "n_test"}.
     """
-    from kind_fast.data import load_digits
+    from kind_fast.train.digits import load_digits
 
     x, y = load_digits()
     g = torch.Generator().manual_seed(seed)

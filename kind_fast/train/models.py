@@ -5,11 +5,11 @@ Methods (all trained by the same loop):
 ==================  ===================================================================
 pretrain/kind       KIND-DiT, every component trainable; the class gate diverts tailors.
 pretrain/dense      a plain DiT (fused qkv), all trainable: the dense reference.
-pretrain/tleg       TLEG's ancestry (``kind_fast.baselines.TLEGDiT``): every block is
+pretrain/tleg       TLEG's ancestry (``kind_fast.models.baselines.TLEGDiT``): every block is
                     θ_A + (l/L)·θ_B of two learngene blocks; θ_A, θ_B, embedders, final layer train.
 pretrain + init     ``--init SRC`` continues from existing weights: a dense DiT (facebookresearch
                     ``.pt``, diffusers folder, kind_fast dense save) is converted by exact SVD
-                    (``kind_fast.dit.kindify_dit``) with the run's KIND settings; a KIND save (e.g. from
+                    (``kind_fast.models.dit.kindify_dit``) with the run's KIND settings; a KIND save (e.g. from
                     ``kind-fast convert``) is loaded as it is. The init's architecture wins over
                     ``model.*``; a different class count gets a fresh label table and gate.
 transfer/kind       KIND transfer: learngenes only are loaded (``load_learngenes``), fresh
@@ -46,7 +46,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from kind_fast.dit import DiT, KindConfig, kind_config_dict
+from kind_fast.models.dit import DiT, KindConfig, kind_config_dict
 from kind_fast.train.config import ARCH_KEYS, FRESH_KIND, PRESET_KEYS, TINY_ARCH, RunConfig
 
 SPEC_FILE = "train_spec.json"
@@ -58,7 +58,7 @@ DENSE_WEIGHTS = "model.safetensors"
 # =====================================================================================
 def _preset(cfg: RunConfig) -> dict:
     """The sizes ``model.name`` fixes ({} without a preset)."""
-    from kind_fast.dit import DiT_models
+    from kind_fast.models.dit import DiT_models
 
     return dict(zip(PRESET_KEYS, DiT_models[cfg.model.name])) if cfg.model.name is not None else {}
 
@@ -133,10 +133,10 @@ def init_info(init_dir: Path) -> dict:
     cfg = _read_json(init_dir / "kind_config.json")
     model = cfg.get("model") or {}
     if not isinstance(model, dict) or model.get("class") != "kind_fast.dit.DiT":
-        raise ValueError(f"{init_dir} does not hold a kind_fast.dit.DiT save")
+        raise ValueError(f"{init_dir} does not hold a kind_fast.models.dit.DiT save")
     if cfg.get("kindify") and not model.get("kind"):
         raise ValueError(f"{init_dir} holds a DiT kindified with custom target_modules (a partial KIND model); "
-                         "the trainer needs a KIND-DiT: kindify with the default targets, or kind_fast.dit.from_dense")
+                         "the trainer needs a KIND-DiT: kindify with the default targets, or kind_fast.models.dit.from_dense")
     return {"arch": model["arch"], "kind": model.get("kind"), "method": "kind"}
 
 
@@ -161,7 +161,7 @@ def _pretrain_init_spec(cfg: RunConfig, num_classes: int, sample_shape) -> dict:
         kind = dict(info["kind"])
         if kind.get("gate") == "custom":
             raise ValueError(f"{src} has an explicitly given (custom) gate, which a run config cannot describe; "
-                             "continue it with your own loop (kind_fast.serialization.load_pretrained)")
+                             "continue it with your own loop (kind_fast.deploy.serialization.load_pretrained)")
         arch, init_kind = dict(info["arch"]), True
     else:
         arch = dict(info["arch"]) if info is not None else dict(_load_dense_init(cfg).arch)
@@ -182,7 +182,7 @@ def _pretrain_init_spec(cfg: RunConfig, num_classes: int, sample_shape) -> dict:
 def _load_dense_init(cfg: RunConfig) -> nn.Module:
     """The dense DiT of ``pretrain --init FILE``; the heads come from ``method.init_num_heads``
     when the width is not a preset's (they are not in the weights)."""
-    from kind_fast.dit import load_dense
+    from kind_fast.models.dit import load_dense
 
     me = cfg.method
     try:
@@ -196,7 +196,7 @@ def _load_dense_init(cfg: RunConfig) -> nn.Module:
 
 def _pretrain_init_model(cfg: RunConfig, spec: dict) -> nn.Module:
     """The model of ``pretrain --init``: the init's weights as a KIND-DiT (or dense DiT)."""
-    from kind_fast.dit import kindify_dit
+    from kind_fast.models.dit import kindify_dit
 
     me = cfg.method
     src = Path(me.init)
@@ -324,14 +324,14 @@ def build_from_spec(spec: dict, *, empty: bool = False) -> nn.Module:
         with torch.device("meta"):
             model = build_from_spec(spec)
         return model.to_empty(device="cpu")
-    from kind_fast.baselines import apply_lora, apply_svdiff
-    from kind_fast.utils import freeze_learngenes
+    from kind_fast.models.baselines import apply_lora, apply_svdiff
+    from kind_fast.nn.utils import freeze_learngenes
 
     method, arch = spec["method"], dict(spec["arch"])
     kind = KindConfig(**spec["kind"]) if spec.get("kind") else None
     if spec["mode"] == "pretrain":
         if method == "tleg":
-            from kind_fast.baselines import TLEGDiT
+            from kind_fast.models.baselines import TLEGDiT
 
             return TLEGDiT(**arch).set_mode("pretrain")
         return DiT(**arch, kind=kind).set_mode("pretrain")
@@ -352,9 +352,9 @@ def build_from_spec(spec: dict, *, empty: bool = False) -> nn.Module:
 
 def build_model(cfg: RunConfig, spec: dict) -> nn.Module:
     """A fresh model for a new run: random init (seeded) or loaded from ``method.init``."""
-    from kind_fast.baselines import apply_lora, apply_svdiff
-    from kind_fast.serialization import load_learngenes
-    from kind_fast.utils import freeze_learngenes
+    from kind_fast.models.baselines import apply_lora, apply_svdiff
+    from kind_fast.deploy.serialization import load_learngenes
+    from kind_fast.nn.utils import freeze_learngenes
 
     torch.manual_seed(cfg.seed)
     method, arch = spec["method"], dict(spec["arch"])
@@ -372,7 +372,7 @@ def build_model(cfg: RunConfig, spec: dict) -> nn.Module:
         if not spec.get("freeze_learngenes", True):
             freeze_learngenes(model, False)
         return model
-    from kind_fast.baselines import TLEGDiT, as_plain_dit, heur_lg_descendant
+    from kind_fast.models.baselines import TLEGDiT, as_plain_dit, heur_lg_descendant
 
     if method == "tleg":
         ancestry = load_weights(init)
@@ -409,7 +409,7 @@ def save_weights(model: nn.Module, spec: dict, directory: str | os.PathLike) -> 
     from safetensors.torch import save
 
     from kind_fast.atomic import atomic_write_bytes, atomic_write_text
-    from kind_fast.serialization import CONFIG_FILE, file_record, save_pretrained
+    from kind_fast.deploy.serialization import CONFIG_FILE, file_record, save_pretrained
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -446,7 +446,7 @@ def load_weights(directory: str | os.PathLike, map_location: str | torch.device 
     """Rebuild a model written by ``save_weights`` (or any ``save_pretrained`` KIND-DiT)."""
     from safetensors.torch import load
 
-    from kind_fast.serialization import load_pretrained, verify_file
+    from kind_fast.deploy.serialization import load_pretrained, verify_file
 
     d = Path(directory)
     if not d.is_dir():

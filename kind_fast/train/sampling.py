@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from kind_fast.caching import weight_cache
-from kind_fast.diffusion import GaussianDiffusion, space_timesteps
+from kind_fast.nn.caching import weight_cache
+from kind_fast.models.diffusion import GaussianDiffusion, space_timesteps
 
 
 def cfg_model_fn(model: nn.Module, y: Tensor, cfg_scale: float, null_id: int | Tensor, channels: int,
@@ -137,15 +137,15 @@ def sample_chunks(model: nn.Module, labels: Tensor, chunk_ids, *, shape: tuple[i
     ``merged``: declare each chunk's classes (and the null class under guidance) to the KIND
     layers, which then run path M3 on per-class weights merged once per chunk (the cost model
     decides per layer; same samples up to rounding). ``cuda_graphs``: capture the model call in
-    a CUDA graph per chunk (None: on for CUDA devices; see kind_fast.graphs). Each chunk runs
+    a CUDA graph per chunk (None: on for CUDA devices; see kind_fast.deploy.graphs). Each chunk runs
     in its own ``weight_cache()`` scope (the weights do not change while it samples; no scope
     stays open while the generator is suspended).
     """
     from contextlib import nullcontext
 
-    from kind_fast.graphs import graphed
+    from kind_fast.deploy.graphs import graphed
     from kind_fast.train.data import derived_seed
-    from kind_fast.utils import serving
+    from kind_fast.nn.utils import serving
 
     if labels.dim() != 1:
         raise ValueError(f"labels must be 1-D, got shape {tuple(labels.shape)}")

@@ -9,30 +9,30 @@ previous batch's labels. With an all-on gate the converted model reproduces the 
 output to float tolerance.
 
 Known layouts (target modules detected automatically):
-    DiT (facebookresearch layout, and kind_fast.dit.DiT with kind=None):
+    DiT (facebookresearch layout, and kind_fast.models.dit.DiT with kind=None):
         blocks.{i}.attn.qkv, blocks.{i}.attn.proj, blocks.{i}.mlp.fc1, blocks.{i}.mlp.fc2
     diffusers DiTTransformer2DModel:
         transformer_blocks.{i}.attn1.to_q/to_k/to_v, attn1.to_out.0, ff.net.0.proj, ff.net.2
 
-q, k and v run as one group (``kind_fast.layers.kind_group``: one pass over x), each layer keeping
+q, k and v run as one group (``kind_fast.nn.layers.kind_group``: one pass over x), each layer keeping
 its own components and state-dict keys: a split ``qkv`` (``SplitLinear``) calls the group
 directly, and diffusers' ``to_q``/``to_k``/``to_v``, which the attention processor calls one by one
-on the same tensor, share a ``kind_fast.layers.InputGroup`` (the first call computes all three;
+on the same tensor, share a ``kind_fast.nn.layers.InputGroup`` (the first call computes all three;
 ``model.kind_input_groups`` lists them, ``group.detach()`` turns one off).
 
 The hook routes the label *argument*. A model that replaces labels by the null class inside
 its forward (label dropout) gates those samples by their real class; do label dropout
-before calling the model (kind_fast's trainer does) or use kind_fast.dit.DiT with ``kind``.
+before calling the model (kind_fast's trainer does) or use kind_fast.models.dit.DiT with ``kind``.
 
-kind_fast's own dense DiT (``kind_fast.dit.DiT`` with ``kind=None``, default targets) is not
-hooked: it becomes a native KIND-DiT (``kind_fast.dit.kindify_dit``: q, k, v separate with
+kind_fast's own dense DiT (``kind_fast.models.dit.DiT`` with ``kind=None``, default targets) is not
+hooked: it becomes a native KIND-DiT (``kind_fast.models.dit.kindify_dit``: q, k, v separate with
 ``split_qkv=True``, ``model.kind`` set, labels routed by ``DiT.forward`` after label dropout), so
 it saves, loads and transfers like any KIND-DiT.
 
 Round trip (docs/design.md §3.2): kindify's settings (targets, qkv split, label argument, ranks)
-are kept in ``model._kind_fast_kindify`` and written by ``kind_fast.serialization.save_pretrained``
+are kept in ``model._kind_fast_kindify`` and written by ``kind_fast.deploy.serialization.save_pretrained``
 beside the gate and the weights; ``kind_fast.kindify_from_pretrained(base_model, dir)`` (in
-``kind_fast.serialization``) rebuilds the same model, and ``load_pretrained(dir)`` does it alone
+``kind_fast.deploy.serialization``) rebuilds the same model, and ``load_pretrained(dir)`` does it alone
 for kind_fast DiTs and diffusers models (whose config is saved too). A kindified model's own
 ``save_pretrained`` (diffusers, transformers) is replaced by one that raises: it would write the
 KIND components under names its ``from_pretrained`` does not know, and loading that folder would
@@ -49,8 +49,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from kind_fast.gate import ClassGate
-from kind_fast.layers import FastKindLinear, InputGroup, _group_problem, kind_group
+from kind_fast.nn.gate import ClassGate
+from kind_fast.nn.layers import FastKindLinear, InputGroup, _group_problem, kind_group
 
 __all__ = ["kindify", "SplitLinear", "DIT_TARGETS", "DIFFUSERS_DIT_TARGETS"]
 
@@ -62,7 +62,7 @@ LABEL_ARGS = ("y", "class_labels", "labels", "class_label")
 class SplitLinear(nn.Module):
     """Several layers whose outputs are concatenated on the last dim (a fused qkv split into
     separate q, k, v KIND layers, each with its own components). KIND parts sharing one gate run
-    as one group (``kind_fast.layers.kind_group``)."""
+    as one group (``kind_fast.nn.layers.kind_group``)."""
 
     def __init__(self, parts: Sequence[nn.Module]):
         super().__init__()
@@ -127,15 +127,15 @@ class _ForeignSaveGuard:
 
     def __call__(self, *args, **kwargs):
         raise RuntimeError(
-            f"this {self.cls_name} was converted by kind_fast.kindify: {self.cls_name}.save_pretrained would "
+            f"this {self.cls_name} was converted by kind_fast.models.kindify: {self.cls_name}.save_pretrained would "
             "write the KIND components (u_g, sigma_g, ...) under names its from_pretrained does not know, and "
             "loading that folder would re-initialise every converted linear. Save it with "
-            "kind_fast.serialization.save_pretrained(model, folder) and load it with "
-            "kind_fast.serialization.load_pretrained(folder) or kind_fast.kindify_from_pretrained(base_model, folder)")
+            "kind_fast.deploy.serialization.save_pretrained(model, folder) and load it with "
+            "kind_fast.deploy.serialization.load_pretrained(folder) or kind_fast.kindify_from_pretrained(base_model, folder)")
 
 
 def _is_native_dit(model: nn.Module, target_modules) -> bool:
-    from kind_fast.dit import DiT
+    from kind_fast.models.dit import DiT
 
     return isinstance(model, DiT) and model.kind is None and target_modules in (None, DIT_TARGETS)
 
@@ -143,7 +143,7 @@ def _is_native_dit(model: nn.Module, target_modules) -> bool:
 def _kind_config_for(gate: ClassGate, tailor_rank: int, learngene_rank: int | None, split_qkv: bool):
     """The KindConfig of a native conversion with ``gate``: balanced/block/random_k/all_on when the
     config rebuilds exactly this gate, else ``gate="custom"`` (the gate is saved with the model)."""
-    from kind_fast.dit import KindConfig
+    from kind_fast.models.dit import KindConfig
 
     base = dict(tailor_rank=tailor_rank, learngene_rank=learngene_rank, qkv="split" if split_qkv else "fused")
     cfg = gate.to_config()
@@ -186,7 +186,7 @@ def kindify(
 
     Args:
         gate: the shared class gate (its num_classes must match the model's labels). Default:
-            ``kind_fast.gate.default_gate`` for the model's classes (the ``DEFAULT_GATE`` kind,
+            ``kind_fast.nn.gate.default_gate`` for the model's classes (the ``DEFAULT_GATE`` kind,
             ``tailor_rank`` tailors, default 96, a third of them active per class; docs/design.md §1.4).
         tailor_rank: N_T per layer (default: ``gate.tailor_rank``; they must agree).
         learngene_rank: N_G per layer (default: min(in, out) - tailor_rank).
@@ -198,13 +198,13 @@ def kindify(
         svd: set the components from the SVD of the dense weights (default). ``False`` leaves
             them uninitialised, for loading saved weights right after (kindify_from_pretrained).
     Returns:
-        the same model, with ``model.kind_gate`` registered. A ``kind_fast.dit.DiT`` with
+        the same model, with ``model.kind_gate`` registered. A ``kind_fast.models.dit.DiT`` with
         ``kind=None`` (and default targets) becomes a native KIND-DiT instead (module docstring).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if gate is None:
-        from kind_fast.gate import default_gate
+        from kind_fast.nn.gate import default_gate
 
         gate = default_gate(_detect_num_classes(model), 96 if tailor_rank is None else tailor_rank)
     if not isinstance(gate, ClassGate):
@@ -217,10 +217,10 @@ def kindify(
     if tailor_rank != gate.tailor_rank:
         raise ValueError(f"tailor_rank {tailor_rank} != gate.tailor_rank {gate.tailor_rank}")
     if _is_native_dit(model, target_modules):
-        from kind_fast.dit import kindify_dit
+        from kind_fast.models.dit import kindify_dit
 
         if label_arg not in (None, "y"):
-            raise ValueError(f"kind_fast.dit.DiT takes its labels as y, not {label_arg!r}")
+            raise ValueError(f"kind_fast.models.dit.DiT takes its labels as y, not {label_arg!r}")
         kind_fast_kind = _kind_config_for(gate, tailor_rank, learngene_rank, split_qkv)
         kindify_dit(model, kind_fast_kind, gate, svd=svd)
         model._kind_fast_kindify = dict(target_modules=DIT_TARGETS, label_arg="y", split_qkv=bool(split_qkv),

@@ -15,7 +15,7 @@ Run the code on ``meta`` tensors (the kernel launchers plan for the reference GP
 the static audit uses them) or on CUDA-device fake tensors (``torch._subclasses.FakeTensorMode``
 on a machine without a GPU). Nothing runs: Triton kernels are recorded instead, aten ops run
 their meta kernels. tests/test_launch_budget.py counts the launches of one KIND layer with it;
-kind_fast.timemodel prices each recorded launch.
+kind_fast.perf.timemodel prices each recorded launch.
 """
 
 from __future__ import annotations

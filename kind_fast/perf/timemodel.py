@@ -1,13 +1,13 @@
 """Time model of the kind_linear op family on the reference GPU: every number here is MODELLED.
 
-``python -m kind_fast.timemodel [--markdown bench/results/model_dit_xl.md]`` prints, for every
+``python -m kind_fast.perf.timemodel [--markdown bench/results/model_dit_xl.md]`` prints, for every
 DiT-XL/2 layer at M = 8192 and 65536 tokens and for the DiT-XL/2 steps, each goal of
 docs/design.md §6 as a modelled ratio, at our main-loop efficiency e = 1.00 (cuBLAS parity)
 and e = 0.85, and the break-even efficiency e* at which the ratio meets the goal.
 
-How a time is made (no GPU; kind_fast.launches records what the code launches):
+How a time is made (no GPU; kind_fast.perf.launches records what the code launches):
 
-1. The code under test runs on ``meta`` tensors inside ``kind_fast.launches.record_launches``:
+1. The code under test runs on ``meta`` tensors inside ``kind_fast.perf.launches.record_launches``:
    the Triton launchers plan for the reference GPU there and every kernel launch is recorded
    (Triton launches with grid, sizes and constexprs; aten ops with shapes). So the model prices
    exactly the launches the code makes, and follows every change of a launcher or a plan.
@@ -21,7 +21,7 @@ How a time is made (no GPU; kind_fast.launches records what the code launches):
      FLOP relative to cuBLAS's. ``exposed`` is the part of a program that issues no MMA:
      its pipeline fill and the latency chain of its epilogue (each kernel's chain is spelled
      out in its model); ``ctas`` resident programs per SM hide each other's exposed parts,
-     hence the factor. HBM time = modelled bytes (kind_fast.perfmodel's L2 replay where it has
+     hence the factor. HBM time = modelled bytes (kind_fast.perf.perfmodel's L2 replay where it has
      one, else compulsory bytes) / bandwidth, where bandwidth is capped by
      ``resident programs × cta_bandwidth`` (a program keeps only a few stages in flight).
      Kernel time = max(compute, HBM) + one launch.
@@ -52,8 +52,8 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
-from kind_fast import perfmodel as pm
-from kind_fast.launches import Launch, TensorInfo
+from kind_fast.perf import perfmodel as pm
+from kind_fast.perf.launches import Launch, TensorInfo
 
 __all__ = ["GpuTime", "H100_TIME", "price", "price_all", "KernelTime", "layer_goal_rows", "step_goal_rows",
            "break_even", "markdown", "main", "GOALS", "dit_step_launches", "dit_step_rows", "price_custom",
@@ -79,7 +79,7 @@ class GpuTime:
     l2_latency: float = 0.35 * US  # one L2 round trip (a flag atomic, a small load)
     store_bandwidth: float = 110e9  # bytes/s one SM issues plain stores of an output tile
     wgmma_sync: float = 0.05 * US  # a K-step that must wait for its own warpgroup MMA (wait_group 0)
-    l2: pm.Gpu = pm.REFERENCE      # the L2 model of kind_fast.perfmodel (25 MB budget)
+    l2: pm.Gpu = pm.REFERENCE      # the L2 model of kind_fast.perf.perfmodel (25 MB budget)
 
     def rate_sm(self, e: float) -> float:
         """MMA FLOP/s of one SM in our main loops at efficiency e (relative to cuBLAS)."""
@@ -167,7 +167,7 @@ def price(r: Launch, gpu: GpuTime = H100_TIME, e: float = 1.0) -> KernelTime:
     if r.kind == "triton":
         fn = TRITON_MODELS.get(r.name)
         if fn is None:
-            raise KeyError(f"no time model for Triton kernel {r.name} (add one to kind_fast.timemodel)")
+            raise KeyError(f"no time model for Triton kernel {r.name} (add one to kind_fast.perf.timemodel)")
         return _cached(fn, r, gpu, e)
     if r.kind == "model":  # a stand-in recorded by a replay (attention)
         return _attention(r, gpu)
@@ -274,7 +274,7 @@ def _fused(r: Launch, gpu: GpuTime, e: float) -> KernelTime:
     tailor-gradient partials: owners run the dU_T dot too (FLOPs) and each of its steps waits
     for it (``wgmma_sync`` per K-step); every program loads its x tile after its output tile
     (HBM latency), runs the dV_T dot and stores its partial. HBM bytes: the L2 replay of
-    kind_fast.perfmodel for the GEMM's operands, plus x and the partials once; the shrink parts
+    kind_fast.perf.perfmodel for the GEMM's operands, plus x and the partials once; the shrink parts
     that replay finds recomputed (an owner not done when a tile of its row ends: the tile
     recomputes the part, KP/NSH columns over the whole reduction) are added as MMA work."""
     s, m_ = r.sizes, r.meta
@@ -501,7 +501,7 @@ def _layer_launches(shape: LayerShape, what: str) -> tuple[Launch, ...]:
     import torch
     import torch.nn.functional as F
 
-    from kind_fast.launches import record_launches
+    from kind_fast.perf.launches import record_launches
 
     m, n_in, n_out, k, n_t, t = shape.m, shape.n_in, shape.n_out, shape.k, shape.n_t, shape.t
     b = m // t
@@ -675,11 +675,11 @@ def _custom(r: Launch, gpu: GpuTime, e: float) -> KernelTime:
 # =====================================================================================
 # DiT-XL/2 steps
 # =====================================================================================
-# DiT-XL/2 steps in the time model (kind_fast.timemodel): every number here is MODELLED.
+# DiT-XL/2 steps in the time model (kind_fast.perf.timemodel): every number here is MODELLED.
 #
-# A whole step of a real DiT-XL/2 (kind_fast.dit, batch 32, 256 tokens per image) runs on
-# ``meta`` tensors inside ``kind_fast.launches.record_launches``; every launch is priced by
-# kind_fast.timemodel. What is substituted, and why (stated assumptions):
+# A whole step of a real DiT-XL/2 (kind_fast.models.dit, batch 32, 256 tokens per image) runs on
+# ``meta`` tensors inside ``kind_fast.perf.launches.record_launches``; every launch is priced by
+# kind_fast.perf.timemodel. What is substituted, and why (stated assumptions):
 #
 # * The KIND layers run the reference op on ``meta`` tensors; each call of
 #   ``kind_fast::kind_linear`` / ``kind_fast::kind_linear_backward`` (recorded as one custom-op
@@ -698,7 +698,7 @@ def _custom(r: Launch, gpu: GpuTime, e: float) -> KernelTime:
 #   path, replayed on ``meta``). Known understatement: W_G's build and projections, which the
 #   layer runs in fp32 with autocast off (TF32 GEMMs), are priced as bf16 here; the layer rows
 #   (``timemodel.layer_launches("wg_fwd_bwd")``) price them in fp32.
-# * Transfer steps run inside ``kind_fast.caching.training_scope`` as the trainer runs them
+# * Transfer steps run inside ``kind_fast.nn.caching.training_scope`` as the trainer runs them
 #   (W_G built once and reused while the learngenes are frozen; bench/gpu_check.py does the same).
 # * Peak memory (the transfer step's ≤ 0.75 × goal): fp32 parameters + bf16 copies of what a
 #   forward reads + fp32 gradients and AdamW state of the trainable parameters + the distinct
@@ -779,8 +779,8 @@ def _flash_attention(rec: list) -> Iterator[None]:
 
 
 def _model(mode: str):
-    """DiT-XL/2 of ``mode`` (kind_fast.benchmark.build_model) on meta tensors (fp32)."""
-    from kind_fast.benchmark import build_model
+    """DiT-XL/2 of ``mode`` (kind_fast.perf.benchmark.build_model) on meta tensors (fp32)."""
+    from kind_fast.perf.benchmark import build_model
 
     return build_model(MODEL, mode, device="meta", num_classes=CLASSES)
 
@@ -803,7 +803,7 @@ def _as_autocast(rec) -> list[Launch]:
 def _weights_read(model) -> int:
     """Elements of the bf16 weights a forward reads under autocast: a dense layer's matrix, a
     KIND layer's W_G (out × in) and its tailors U_T, V_T."""
-    from kind_fast.layers import FastKindLinear
+    from kind_fast.nn.layers import FastKindLinear
 
     n, kind_params = 0, set()
     for m in model.modules():
@@ -819,8 +819,8 @@ def _autocast_extras(model, trainable_only: bool) -> list[Launch]:
     built: not per step), and AdamW (foreach) over fp32 copies of the trainable parameters."""
     import torch
 
-    from kind_fast.launches import record_launches
-    from kind_fast.layers import FastKindLinear
+    from kind_fast.perf.launches import record_launches
+    from kind_fast.nn.layers import FastKindLinear
 
     out = []
     kind_params = {id(p) for m in model.modules() if isinstance(m, FastKindLinear) for p in m.parameters()}
@@ -849,7 +849,7 @@ def _triton_paths() -> Iterator[None]:
     their fake kernels here), so the op family's cost model picks the paths it picks there;
     the recording dispatch mode is hidden from the entry point (it would otherwise keep to the
     op paths, as it does under FlopCounterMode)."""
-    import kind_fast.backends as B
+    import kind_fast.ops.backends as B
     import kind_fast.ops.paths as P
     from kind_fast.ops import kind_linear_triton as T
 
@@ -879,12 +879,12 @@ def _dit_step_launches(mode: str) -> tuple[tuple[Launch, ...], dict]:
     """(launches, info) of one DiT-XL/2 step: ``full_ft``, ``transfer``, ``pretrain`` (forward,
     ε-loss, backward, AdamW) or ``dense_sample`` / ``kind_sample`` (one guided sampling step:
     the model on 32 images of one class and their 32 null rows; KIND inside
-    ``kind_fast.utils.serving`` on cached merged weights, as the sampler runs it)."""
+    ``kind_fast.nn.utils.serving`` on cached merged weights, as the sampler runs it)."""
     import torch
 
-    from kind_fast.caching import training_scope, weight_cache
-    from kind_fast.diffusion import GaussianDiffusion
-    from kind_fast.launches import record_launches
+    from kind_fast.nn.caching import training_scope, weight_cache
+    from kind_fast.models.diffusion import GaussianDiffusion
+    from kind_fast.perf.launches import record_launches
 
     info: dict = {}
     if mode in ("dense_sample", "kind_sample"):
@@ -893,7 +893,7 @@ def _dit_step_launches(mode: str) -> tuple[tuple[Launch, ...], dict]:
         x = torch.empty(2 * BATCH, model.in_channels, size, size, device="meta")
         t = torch.zeros(2 * BATCH, dtype=torch.int64, device="meta")
         y = torch.tensor([3] * BATCH + [CLASSES] * BATCH).to("meta")
-        from kind_fast.utils import serving
+        from kind_fast.nn.utils import serving
 
         scope = contextlib.ExitStack()
         if mode == "kind_sample":
@@ -968,7 +968,7 @@ def dit_step_rows(gpu: GpuTime = H100_TIME) -> list[GoalRow]:
 # Report
 # =====================================================================================
 def launch_counts(shape: LayerShape) -> dict[str, int]:
-    from kind_fast.launches import kernel_launches
+    from kind_fast.perf.launches import kernel_launches
 
     return {p: len(kernel_launches(list(layer_launches(shape, p))))
             for p in ("kind_fwd", "kind_bwd_transfer", "kind_bwd_pretrain")}
@@ -1018,7 +1018,7 @@ def constants_table(gpu: GpuTime) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m kind_fast.timemodel", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m kind_fast.perf.timemodel", description=__doc__.splitlines()[0])
     ap.add_argument("--m", type=int, nargs="*", default=[8192, 65536])
     ap.add_argument("--no-steps", action="store_true", help="layer rows only")
     ap.add_argument("--markdown", metavar="PATH", help="also write the report (bench/results/model_dit_xl.md)")
@@ -1031,8 +1031,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows += step_goal_rows(gpu)
     counts = launch_counts(LayerShape("DiT-XL/2.q", 1152, 1152, 8192))
     text = ("# Time model of the kind_linear op family, DiT-XL/2 (MODELLED, not measured)\n\n"
-            "Generated by `python -m kind_fast.timemodel` (no GPU): the launches the code makes, recorded on "
-            "`meta` tensors, each priced by the model in `kind_fast/timemodel.py` (its docstring states how). "
+            "Generated by `python -m kind_fast.perf.timemodel` (no GPU): the launches the code makes, recorded on "
+            "`meta` tensors, each priced by the model in `kind_fast/perf/timemodel.py` (its docstring states how). "
             "e is our kernels' main-loop rate per FLOP relative to cuBLAS's; e* is the smallest e at which the "
             "modelled ratio meets the goal (∞: no e does). K = 32 of N_T = 96 tailors, T = 256, bf16, 10 classes.\n\n"
             "## Constants (assumptions, to be calibrated by `bash bench/gpu_check.sh`)\n\n" + constants_table(gpu) +
@@ -1048,7 +1048,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         import json
 
         with open(args.json, "w") as f:
-            json.dump({"note": "MODELLED (kind_fast.timemodel), not measured", "gpu": gpu.name,
+            json.dump({"note": "MODELLED (kind_fast.perf.timemodel), not measured", "gpu": gpu.name,
                        "rows": rows_json(rows)}, f, indent=1)
             f.write("\n")
     return 0

@@ -34,9 +34,9 @@ from torch import Tensor, nn
 
 from kind_fast._version import __version__
 from kind_fast.atomic import atomic_write_bytes, atomic_write_text
-from kind_fast.gate import ClassGate
-from kind_fast.layers import TAILOR_PARAMS
-from kind_fast.utils import kind_layers
+from kind_fast.nn.gate import ClassGate
+from kind_fast.nn.layers import TAILOR_PARAMS
+from kind_fast.nn.utils import kind_layers
 
 __all__ = [
     "save_kind", "load_learngenes", "load_tailors", "split_state_dict",
@@ -75,7 +75,7 @@ def split_state_dict(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, Ten
 
 
 def _model_config(model: nn.Module) -> dict:
-    from kind_fast.dit import DiT, kind_config_dict
+    from kind_fast.models.dit import DiT, kind_config_dict
 
     layers = {
         n: dict(in_features=m.in_features, out_features=m.out_features, learngene_rank=m.learngene_rank,
@@ -357,9 +357,9 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike) -> Path:
 
 
 def load_pretrained(directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild a model saved with ``save_pretrained``: a kind_fast.dit.DiT, or a kindified
+    """Rebuild a model saved with ``save_pretrained``: a kind_fast.models.dit.DiT, or a kindified
     model whose base kind_fast can build (a diffusers model; see ``kindify_from_pretrained``)."""
-    from kind_fast.dit import DiT, KindConfig
+    from kind_fast.models.dit import DiT, KindConfig
 
     d = Path(directory)
     cfg = _read_config(d)
@@ -367,7 +367,7 @@ def load_pretrained(directory: str | os.PathLike, map_location: str | torch.devi
     if cfg.get("kindify") and not (mcfg and mcfg.get("kind")):  # a kindified (hooked) model
         return load_kindified(d, cfg, map_location)
     if not mcfg or mcfg.get("class") != "kind_fast.dit.DiT":
-        raise ValueError(f"{d} does not hold a kind_fast.dit.DiT (saved model: {mcfg and mcfg.get('class')})")
+        raise ValueError(f"{d} does not hold a kind_fast.models.dit.DiT (saved model: {mcfg and mcfg.get('class')})")
     kind = KindConfig(**mcfg["kind"]) if mcfg.get("kind") else None
     learn, tail = _read_part(d, cfg, "learngenes"), _read_part(d, cfg, "tailors")
     gate = None
@@ -387,7 +387,7 @@ def load_pretrained(directory: str | os.PathLike, map_location: str | torch.devi
 
 
 # =====================================================================================
-# Kindified models (kind_fast.kindify): rebuild the base, kindify it again, load
+# Kindified models (kind_fast.models.kindify): rebuild the base, kindify it again, load
 # =====================================================================================
 def model_record(model: nn.Module) -> dict | None:
     """How ``load_pretrained`` rebuilds the base (dense) model of a kindified ``model``:
@@ -419,20 +419,20 @@ def build_base(record: dict) -> nn.Module:
 
 
 def kindify_from_pretrained(base_model: nn.Module, directory, *, map_location=None) -> nn.Module:
-    """Restore a kindified model saved with ``kind_fast.serialization.save_pretrained``.
+    """Restore a kindified model saved with ``kind_fast.deploy.serialization.save_pretrained``.
 
     ``base_model`` is the dense model kindify was applied to (its architecture; its weights are
     replaced by the saved ones). It is kindified with the saved settings and gate, then every
     saved tensor is loaded; the result equals the saved model exactly. In place; returns it.
     """
-    from kind_fast.kindify import kindify
+    from kind_fast.models.kindify import kindify
 
     d = Path(directory)
     cfg = _read_config(d)
     settings = cfg.get("kindify")
     if not settings:
         raise ValueError(f"{d} was not saved from a kindified model (no kindify settings in kind_config.json); "
-                         "for a kind_fast.dit.DiT use kind_fast.serialization.load_pretrained")
+                         "for a kind_fast.models.dit.DiT use kind_fast.deploy.serialization.load_pretrained")
     if cfg.get("gate") is None:
         raise ValueError(f"{d}: the save has no gate config")
     tensors = _read_part(d, cfg, "tailors")
@@ -463,7 +463,7 @@ def _is_gate_key(model: nn.Module, key: str) -> bool:
 
 def load_kindified(directory, cfg: dict, map_location="cpu") -> nn.Module:
     """``load_pretrained`` of a save written from a kindified (hooked) model."""
-    from kind_fast.dit import DiT
+    from kind_fast.models.dit import DiT
 
     record = cfg.get("model") or {}
     if record.get("class") == "kind_fast.dit.DiT":

@@ -231,7 +231,7 @@ def step_breakdown(kind_model, full_model, batch: int, sample_shape, *, reps: in
     see the same machine load): forward + backward of one training step of each model (the
     batch at the step's shape, labels, timesteps) and, inside it, of the decomposed layers alone:
     the KIND model's layer calls as the model makes them (q, k, v of a block as one group,
-    ``kind_fast.layers.kind_group``; proj, fc1, fc2 one by one; learngenes frozen, tailors
+    ``kind_fast.nn.layers.kind_group``; proj, fc1, fc2 one by one; learngenes frozen, tailors
     training) against the nn.Linear layers full fine-tuning trains in their place (weights
     training), each on an input that needs its gradient, as inside the model. Medians of ``reps``
     rounds after a warm-up; milliseconds per training step."""
@@ -240,8 +240,8 @@ def step_breakdown(kind_model, full_model, batch: int, sample_shape, *, reps: in
     import torch
     from torch import nn
 
-    from kind_fast.dit import Attention
-    from kind_fast.layers import FastKindLinear, _group_problem, kind_group
+    from kind_fast.models.dit import Attention
+    from kind_fast.nn.layers import FastKindLinear, _group_problem, kind_group
 
     patch = kind_model.patch_size
     tokens = (sample_shape[1] // patch) * (sample_shape[2] // patch)
@@ -345,7 +345,7 @@ def run(args: argparse.Namespace) -> int:
         train_digit_classifier,
     )
     from kind_fast.train.sampling import sample, save_grid
-    from kind_fast.utils import parameter_breakdown
+    from kind_fast.nn.utils import parameter_breakdown
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     bad = [m for m in methods if m not in METHODS]

@@ -16,7 +16,7 @@ W_G is kept across calls while the learngenes are frozen (transfer, deployment),
 a ``kind_fast.weight_cache()`` scope: the cache is keyed by the learngenes' identity, version
 counters and storage, so optimizer steps, ``load_state_dict``, ``copy_`` under no_grad, ``to()``,
 unfreezing and replacing a parameter are all seen. Writes through ``.data`` are not (they bypass
-the version counter): after one, call ``kind_fast.caching.invalidate()``. While the learngenes
+the version counter): after one, call ``kind_fast.nn.caching.invalidate()``. While the learngenes
 train (pretraining), W_G is rebuilt every call outside a scope, as before.
 
 Groups: several KIND layers that read the same input (attention's q, k, v) run as one op through
@@ -34,9 +34,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kind_fast import caching
-from kind_fast.gate import ClassGate, check_labels
-from kind_fast.merged_cache import MergedWeightCache, tokens
+from kind_fast.nn import caching
+from kind_fast.nn.gate import ClassGate, check_labels
+from kind_fast.nn.merged_cache import MergedWeightCache, tokens
 from kind_fast.ops.kind_linear import SUPPORTED_DTYPES, acc_dtype, sample_rows
 from kind_fast.ops.paths import kind_linear_group_layer, kind_linear_layer
 
@@ -237,7 +237,7 @@ class FastKindLinear(nn.Module):
         storage, so a freed address can never match): in-place writes through autograd-aware ops
         (optimizer steps, ``load_state_dict``, ``copy_`` under no_grad), ``to()``, unfreezing and
         replacing a parameter all rebuild it. Writes through ``.data`` are not seen: call
-        ``kind_fast.caching.invalidate()`` after one. Never cached while gradients flow to the
+        ``kind_fast.nn.caching.invalidate()`` after one. Never cached while gradients flow to the
         learngenes or under ``torch.compile``; a W_G cached under ``torch.inference_mode`` is
         not reused outside it.
         """
@@ -263,7 +263,7 @@ class FastKindLinear(nn.Module):
         return w
 
     def clear_weight_cache(self) -> None:
-        """Drop the cached W_G and merged per-class weights (``kind_fast.caching.invalidate``
+        """Drop the cached W_G and merged per-class weights (``kind_fast.nn.caching.invalidate``
         does it for every layer, and leaving the outermost ``weight_cache()`` scope too)."""
         self._wg_cache = None
         self.__dict__["_group_cache"] = None
@@ -346,7 +346,7 @@ class FastKindLinear(nn.Module):
         # the op family picks the path (M0-M5) from shapes and the batch's classes; W_G comes
         # from this layer's cache (kept while the learngenes are frozen), merged per-class weights
         # (M3) from its merged-weight cache, which lives only inside a kind_fast.weight_cache()
-        # scope (kind_fast.caching).
+        # scope (kind_fast.nn.caching).
         merged = None
         if caching.enabled() and not torch.compiler.is_compiling():
             merged = self.merged_cache

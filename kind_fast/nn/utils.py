@@ -7,8 +7,8 @@ from contextlib import ExitStack, contextmanager
 
 from torch import nn
 
-from kind_fast.gate import ClassGate
-from kind_fast.layers import LEARNGENE_PARAMS, TAILOR_PARAMS, FastKindLinear
+from kind_fast.nn.gate import ClassGate
+from kind_fast.nn.layers import LEARNGENE_PARAMS, TAILOR_PARAMS, FastKindLinear
 
 __all__ = ["kind_layers", "parameter_breakdown", "print_trainable_parameters", "freeze_learngenes", "class_gates",
            "serving"]

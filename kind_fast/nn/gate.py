@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from kind_fast.ops.labels import LabelsMemo
+from kind_fast.ops.labels import check_labels  # noqa: F401 - re-exported: the gate's labels check
 
 NULL_POLICIES = ("off", "all", "class")
 GATE_KINDS = ("balanced", "block", "random_k", "dense", "all_on")
@@ -312,7 +312,7 @@ class ClassGate(nn.Module):
 
         The block is also a ``kind_fast.weight_cache()`` scope (merged weights are cached only
         there): inside it, write parameters only through in-place ops or the optimizer, not
-        through ``.data``, or call ``kind_fast.caching.invalidate()`` after such a write."""
+        through ``.data``, or call ``kind_fast.nn.caching.invalidate()`` after such a write."""
         served = []
         for c in classes:
             c = int(c)
@@ -321,7 +321,7 @@ class ClassGate(nn.Module):
             served.append(c)
         if not served:
             raise ValueError("serving needs at least one class")
-        from kind_fast.caching import weight_cache
+        from kind_fast.nn.caching import weight_cache
 
         previous = self.served
         self.served = tuple(sorted(set(served)))
@@ -493,48 +493,3 @@ def default_gate(num_classes: int, tailor_rank: int = 96, active: int | None = N
     if DEFAULT_GATE == "random_k":
         return ClassGate.random_k(num_classes, tailor_rank, active, seed=seed, null=null)
     return ClassGate.block(num_classes, tailor_rank, active, null=null)
-
-
-def check_labels(labels: Any, num_classes: int, *, name: str = "labels") -> Tensor:
-    """Validate per-sample labels: a 1-D integer tensor with values in [0, num_classes].
-
-    ``num_classes`` is the gate's C; the value C is the null class. The range check reads
-    the values, so it runs where that is free: on CPU tensors, and on GPU tensors only as an
-    asynchronous device assertion (no host sync). Under torch.compile the range check is traced
-    as a device assertion (``torch._assert_async``, lowered by Inductor into the graph): it
-    survives tracing and still names the range.
-    """
-    if not isinstance(labels, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor of class ids, got {type(labels).__name__}")
-    if labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
-        raise TypeError(f"{name} must have an integer dtype, got {labels.dtype}")
-    if labels.dim() != 1:
-        raise ValueError(f"{name} must be 1-D (one class id per sample), got shape {tuple(labels.shape)}")
-    if torch.compiler.is_compiling():
-        torch._assert_async(((labels >= 0) & (labels <= num_classes)).all(),
-                            f"{name} out of range: expected class ids in [0, {num_classes}] "
-                            f"({num_classes} classes; {num_classes} is the null class)")
-        return labels
-    if labels.numel() == 0:
-        return labels
-    # Every KIND layer of a model sees the same labels tensor: check it once while it is unchanged
-    # (kind_fast.ops.labels: the same tensor, version and values; inference tensors every call).
-    if _CHECKED.get(labels, num_classes) is not None:
-        return labels
-    if labels.device.type == "cpu":
-        lo, hi = int(labels.min()), int(labels.max())
-        if lo < 0 or hi > num_classes:
-            raise ValueError(
-                f"{name} out of range: got values in [{lo}, {hi}], expected [0, {num_classes}] "
-                f"({num_classes} classes; {num_classes} is the null class)"
-            )
-    elif labels.device.type == "cuda" and not torch.cuda.is_current_stream_capturing():
-        torch._assert_async(
-            ((labels >= 0) & (labels <= num_classes)).all(),
-            f"{name} out of range [0, {num_classes}]",
-        )
-    _CHECKED.put(labels, True, num_classes)
-    return labels
-
-
-_CHECKED = LabelsMemo()  # the last labels tensor that passed the check, per num_classes

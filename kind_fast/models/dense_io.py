@@ -1,8 +1,8 @@
 """Reading dense DiT checkpoints into kind_fast's DiT layout (docs/design.md §3.4).
 
-Each reader returns ``(arch, state)``: the ``kind_fast.dit.DiT`` constructor arguments and a
-state dict with DiT's module names. ``kind_fast.dit.load_dense`` / ``from_dense`` build the
-model from them (this module does not import ``kind_fast.dit``, which imports it).
+Each reader returns ``(arch, state)``: the ``kind_fast.models.dit.DiT`` constructor arguments and a
+state dict with DiT's module names. ``kind_fast.models.dit.load_dense`` / ``from_dense`` build the
+model from them (this module does not import ``kind_fast.models.dit``, which imports it).
 
 Sources:
 
@@ -36,8 +36,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from kind_fast.gate import ClassGate
-from kind_fast.layers import FastKindLinear
+from kind_fast.nn.gate import ClassGate
+from kind_fast.nn.layers import FastKindLinear
 
 __all__ = ["read_dense", "state_from_checkpoint", "state_from_diffusers", "load_diffusers_folder",
            "is_diffusers_folder", "check_conversion"]
@@ -59,7 +59,7 @@ def _clean(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
 def state_from_checkpoint(obj: Mapping, *, presets: Mapping[str, tuple], which: str = "ema",
                           num_heads: int | None = None, class_dropout_prob: float = 0.1) -> tuple[dict, dict]:
     """(arch, state) of a facebookresearch-layout state dict or training checkpoint dict.
-    ``presets``: ``kind_fast.dit.DiT_models`` (name -> (depth, hidden, heads, patch))."""
+    ``presets``: ``kind_fast.models.dit.DiT_models`` (name -> (depth, hidden, heads, patch))."""
     if not isinstance(obj, Mapping):
         raise TypeError(f"expected a state dict (a mapping of tensors), got {type(obj).__name__}")
     args = obj.get("args")
@@ -71,7 +71,7 @@ def state_from_checkpoint(obj: Mapping, *, presets: Mapping[str, tuple], which: 
     state = _clean(state)
     if any(k.endswith((".u_g", ".u_t")) for k in state):
         raise ValueError("this state dict is already a KIND-DiT (it has u_g/u_t components); "
-                         "load it with kind_fast.serialization.load_pretrained or DiT.load_state_dict")
+                         "load it with kind_fast.deploy.serialization.load_pretrained or DiT.load_state_dict")
     missing = [k for k in _REQUIRED if k not in state]
     if missing:
         raise ValueError(f"not a DiT state dict in the facebookresearch layout: missing {missing} "
@@ -123,8 +123,8 @@ def state_from_diffusers(transformer: nn.Module) -> tuple[dict, dict]:
                 diff = (v.float() - ref[k].float()).abs().max().item()
                 raise ValueError(
                     f"transformer_blocks.{i}.norm1.emb.{k} differs from block 0's (max |diff| {diff:.3g}): "
-                    "this DiT has per-block timestep/label embedders, which kind_fast.dit.DiT (one shared "
-                    "embedder, as the original DiT) cannot hold. Use kind_fast.kindify(transformer, gate=...) "
+                    "this DiT has per-block timestep/label embedders, which kind_fast.models.dit.DiT (one shared "
+                    "embedder, as the original DiT) cannot hold. Use kind_fast.models.kindify(transformer, gate=...) "
                     "to make it a KIND model in diffusers' own layout instead")
     heads, head_dim = cfg["num_attention_heads"], cfg["attention_head_dim"]
     hidden = heads * head_dim
@@ -223,7 +223,7 @@ def read_dense(src, *, presets: Mapping[str, tuple], which: str = "ema", num_hea
         if type(src).__name__ == "DiTTransformer2DModel":
             return state_from_diffusers(src)
         raise TypeError(f"cannot import a {type(src).__name__}: expected a DiT state dict, a kind_fast DiT or "
-                        "a diffusers DiTTransformer2DModel (for other models use kind_fast.kindify)")
+                        "a diffusers DiTTransformer2DModel (for other models use kind_fast.models.kindify)")
     kw = dict(presets=presets, which=which, num_heads=num_heads, class_dropout_prob=class_dropout_prob)
     if isinstance(src, Mapping):
         return state_from_checkpoint(src, **kw)
@@ -234,7 +234,7 @@ def read_dense(src, *, presets: Mapping[str, tuple], which: str = "ema", num_hea
         if is_diffusers_folder(path):
             return state_from_diffusers(load_diffusers_folder(path))
         raise ValueError(f"{path} is not a diffusers folder; a kind_fast run or weights folder is read by "
-                         "kind_fast.convert.load_dense (or kind_fast.train.models.load_weights)")
+                         "kind_fast.train.convert.load_dense (or kind_fast.train.models.load_weights)")
     return state_from_checkpoint(read_file(path), **kw)
 
 

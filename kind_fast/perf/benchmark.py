@@ -1,6 +1,6 @@
 """Model-level measurements: one DiT training step per mode, and CFG sampling throughput.
 
-Modes are those of ``kind_fast.flops``: full_ft (dense DiT, everything trains), pretrain
+Modes are those of ``kind_fast.perf.flops``: full_ft (dense DiT, everything trains), pretrain
 (KIND-DiT, everything trains), transfer (KIND-DiT, learngenes frozen, tailors + label table +
 final layer train), lora (dense DiT + rank-r adapters), svdiff (dense DiT whose block linears
 train only σ). One step = forward + DDPM ε-loss + backward + AdamW step.
@@ -11,7 +11,7 @@ right scale instead of DiT's init (one float64 SVD per KIND layer: ~72 for KIND-
 each).
 
 ``measure_step`` returns time per step, images/s, peak device memory (CUDA), bytes held for
-backward, optimizer-state bytes and achieved TFLOP/s (analytic FLOPs of ``kind_fast.flops``
+backward, optimizer-state bytes and achieved TFLOP/s (analytic FLOPs of ``kind_fast.perf.flops``
 divided by the time). ``kind-fast bench --report`` runs (or loads) such measurements and writes
 a markdown table and a PNG plot. The pytest-benchmark suite is ``bench/bench_model_step.py``.
 """
@@ -31,9 +31,9 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from kind_fast.caching import training_scope, weight_cache
-from kind_fast.dit import DiT, KindConfig, build_dit
-from kind_fast.flops import MODE_TITLES, SIZES, TRAIN_MODES, dit_flops
+from kind_fast.nn.caching import training_scope, weight_cache
+from kind_fast.models.dit import DiT, KindConfig, build_dit
+from kind_fast.perf.flops import MODE_TITLES, SIZES, TRAIN_MODES, dit_flops
 
 __all__ = [
     "build_model",
@@ -97,8 +97,8 @@ def build_model(
     ``"real"`` (DiT's init with SVDs; transfer re-initialises tailors as ``prepare_transfer``).
     Inference modes ``dense`` / ``kind`` return an eval-mode model with nothing trainable.
     """
-    from kind_fast.baselines import apply_lora, apply_svdiff
-    from kind_fast.flops import MODES
+    from kind_fast.models.baselines import apply_lora, apply_svdiff
+    from kind_fast.perf.flops import MODES
 
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -160,7 +160,7 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
 def make_train_step(model: DiT, batch: int, *, autocast: torch.dtype | None = None,
                     lr: float = 1e-4, seed: int = 0) -> tuple[Callable[[], None], Optimizer]:
     """A closure running one step (DDPM ε-loss, backward, AdamW) on a fixed batch."""
-    from kind_fast.diffusion import GaussianDiffusion
+    from kind_fast.models.diffusion import GaussianDiffusion
 
     diffusion = GaussianDiffusion()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -319,7 +319,7 @@ def measure_step(
         mem_offset = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
         model = build_model(name, mode, device=device, depth=depth, lora_rank=lora_rank, kind=kind)
     step, opt = make_train_step(model, batch, autocast=autocast)
-    from kind_fast.diffusion import GaussianDiffusion
+    from kind_fast.models.diffusion import GaussianDiffusion
 
     x, _, y = make_batch(model, batch)
     with _autocast(device, autocast):
@@ -516,7 +516,7 @@ def format_bench_markdown(results: dict) -> str:
     lines += ["Columns: `step ms` median time of forward + loss + backward + AdamW step; "
               "`× full FT` against the full fine-tuning step of the same model, batch and device "
               "(timed interleaved in one process where the bench suite measured it); "
-              "`TFLOP/s` analytic FLOPs (`kind_fast.flops`, per step) / time; `peak MiB` CUDA "
+              "`TFLOP/s` analytic FLOPs (`kind_fast.perf.flops`, per step) / time; `peak MiB` CUDA "
               "max_memory_allocated over one step (GPU only); `saved-for-bwd MiB` non-parameter "
               "tensors autograd keeps for backward; `optim MiB` AdamW state.", ""]
     return "\n".join(lines)
@@ -524,7 +524,7 @@ def format_bench_markdown(results: dict) -> str:
 
 def plot_bench(results: dict, path: str | Path) -> Path:
     """Two panels: step time by mode and model, and analytic TFLOP per step by mode and model."""
-    from kind_fast.flops import pyplot
+    from kind_fast.perf.flops import pyplot
 
     plt = pyplot()
     steps = results.get("steps", [])

@@ -40,8 +40,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from kind_fast.kindify import _detect_targets, replace_linears
-from kind_fast.layers import FastKindLinear
+from kind_fast.models.kindify import _detect_targets, replace_linears
+from kind_fast.nn.layers import FastKindLinear
 
 __all__ = ["lora_config", "apply_lora", "apply_svdiff", "HEAD_MODULES", "heur_lg_descendant", "TLEGDiT",
            "as_plain_dit"]
@@ -118,11 +118,11 @@ def apply_svdiff(model: nn.Module, *, target_modules=None,
 # Learngene baselines: Heur-LG and TLEG
 # =====================================================================================
 def heur_lg_descendant(ancestry: nn.Module, num_classes: int, *, blocks: int | None = None) -> nn.Module:
-    """Heur-LG's descendant of a dense ``kind_fast.dit.DiT`` ``ancestry``: a new DiT of the same
+    """Heur-LG's descendant of a dense ``kind_fast.models.dit.DiT`` ``ancestry``: a new DiT of the same
     architecture for ``num_classes`` classes, initialised as ``DiT`` initialises (draws from the
     global RNG: seed it first), then the ancestry's top ``blocks`` DiT blocks (default: the top
     half) and its final layer copied in. Everything trains (``set_mode("full_finetune")``)."""
-    from kind_fast.dit import DiT
+    from kind_fast.models.dit import DiT
 
     if not isinstance(ancestry, DiT) or ancestry.kind is not None or isinstance(ancestry, TLEGDiT):
         raise TypeError(f"Heur-LG inherits from a plain dense DiT, got a {type(ancestry).__name__}"
@@ -162,7 +162,7 @@ class _ExpandedBlock(nn.Module):
 
 
 def _tleg_base():
-    from kind_fast.dit import DiT
+    from kind_fast.models.dit import DiT
 
     return DiT
 
@@ -208,7 +208,7 @@ class TLEGDiT(_tleg_base()):
         """A plain dense ``DiT`` of ``depth`` blocks (default: this model's L) whose block l is
         θ_A + (l/depth)·θ_B, with this model's embedders and final layer: TLEG's descendant
         initialisation. With ``depth`` = L it computes exactly what this model computes."""
-        from kind_fast.dit import DiT
+        from kind_fast.models.dit import DiT
 
         depth = len(self.blocks) if depth is None else depth
         if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:

@@ -24,7 +24,7 @@ LoRA's dA/dB, the projection of dW_G onto U_G, σ_G, V_G). The first layers whos
 data (the patch embedding's conv and the timestep MLP's first linear) never compute dX,
 because autograd does not ask for it.
 
-What each mode computes in this package (``kind_fast.dit``, ``kind_fast.baselines``):
+What each mode computes in this package (``kind_fast.models.dit``, ``kind_fast.models.baselines``):
     dense      a dense DiT, inference forward (DiT's table)
     kind       a KIND-DiT, inference forward: cached W_G GEMM + K active tailors (shrink+expand)
     full_ft    dense DiT, everything trains: forward, dX and dW for every layer (~3× forward)
@@ -38,7 +38,7 @@ What each mode computes in this package (``kind_fast.dit``, ``kind_fast.baseline
     svdiff     dense DiT whose block linears are spectral layers: W = Uᵀ diag(σ) V materialised
                every step, dense forward, dX and dW (dW is needed for dσ = diag(U dW Vᵀ)), plus
                the projection out·in·r per step; label table and final layer train
-  learngene baselines (``LEARNGENE_MODES``, ``kind_fast.baselines``):
+  learngene baselines (``LEARNGENE_MODES``, ``kind_fast.models.baselines``):
     heur_lg    Heur-LG's descendant: a dense DiT (inherited top blocks, fresh lower ones) that
                trains every weight: the cost and trainable count of full_ft
     tleg       TLEG's descendant: the ancestry expanded to a dense DiT, every weight trains:
@@ -62,7 +62,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from kind_fast.dit import DiT_models, KindConfig
+from kind_fast.models.dit import DiT_models, KindConfig
 from kind_fast.ops.kind_linear import kind_linear_flops
 
 __all__ = [
@@ -301,7 +301,7 @@ def dit_flops(
     learn_sigma: bool = True,
     depth: int | None = None,
 ) -> ModelFlops:
-    """Analytic FLOPs of ``model`` (a name in ``kind_fast.dit.DiT_models``) in ``mode``.
+    """Analytic FLOPs of ``model`` (a name in ``kind_fast.models.dit.DiT_models``) in ``mode``.
 
     Args:
         mode: dense / kind (inference) or full_ft / pretrain / transfer / lora / svdiff.
@@ -572,7 +572,7 @@ def format_markdown(results: Sequence[ModelFlops], *, image_size: int, batch: in
     lines = [
         "# FLOPs of DiT training: KIND vs full fine-tuning, LoRA, SVDiff, Heur-LG and TLEG",
         "",
-        f"Analytic model `kind_fast.flops` at {image_size}×{image_size} "
+        f"Analytic model `kind_fast.perf.flops` at {image_size}×{image_size} "
         f"({results[0].tokens} tokens per image for /2 models), per-step terms amortised over "
         f"batch {batch} (images per device per step), label table of "
         f"{results[0].num_classes} classes + null. MAC = multiply-accumulate, FLOP = 2 × MAC. "

@@ -1,7 +1,7 @@
 """Per-shape choice between fused backends under ``use_backend("auto")`` (issue 4).
 
 When more than one fused backend is ready for a CUDA device and dtype (Triton and the CUDA
-extension), ``kind_fast.backends.resolve_op`` returns a ``PerShapeOp``: on the first eager
+extension), ``kind_fast.ops.backends.resolve_op`` returns a ``PerShapeOp``: on the first eager
 call for a shape bucket it times each candidate once on the real arguments (device events,
 forward, plus backward when gradients are needed), caches the fastest, and from then on calls
 it directly. The key buckets M and the rows per sample to the next power of two and keeps the

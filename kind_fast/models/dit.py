@@ -22,8 +22,8 @@ from einops import rearrange
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from kind_fast.gate import DEFAULT_GATE, ClassGate
-from kind_fast.layers import FastKindLinear, _group_problem, kind_group
+from kind_fast.nn.gate import DEFAULT_GATE, ClassGate
+from kind_fast.nn.layers import FastKindLinear, _group_problem, kind_group
 
 
 # =====================================================================================
@@ -36,7 +36,7 @@ class KindConfig:
     tailor_rank: int = 96  # N_T per matrix
     active: int = 32  # tailors each class switches on
     # balanced | block | random_k | all_on | custom (a ClassGate given explicitly, see make_gate);
-    # the default is kind_fast.gate.DEFAULT_GATE (docs/design.md §1.4)
+    # the default is kind_fast.nn.gate.DEFAULT_GATE (docs/design.md §1.4)
     gate: str = DEFAULT_GATE
     null: str = "off"  # null (CFG) class: off | all | class
     qkv: str = "split"  # split: q, k, v are separate KIND layers; fused: one 3d×d layer
@@ -151,7 +151,7 @@ def _apply(layer: nn.Module, x: Tensor, labels: Tensor | None) -> Tensor:
 class Attention(nn.Module):
     """Multi-head self-attention; q, k, v separate (KIND split) or one fused qkv layer.
 
-    Split q, k, v KIND layers run as one group (``kind_fast.layers.kind_group``: one pass over x,
+    Split q, k, v KIND layers run as one group (``kind_fast.nn.layers.kind_group``: one pass over x,
     each layer its own components and state-dict keys); ``group_qkv = False`` on the class or an
     instance runs them one by one (benchmarks compare the two), and so do layers with forward
     hooks (called as modules, so their hooks run)."""
@@ -278,7 +278,7 @@ class DiT(nn.Module):
                          hidden_size=hidden_size, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
                          class_dropout_prob=class_dropout_prob, num_classes=num_classes,
                          learn_sigma=learn_sigma)
-        # conventions of diffusers' DiTTransformer2DModel (kind_fast.convert maps them exactly);
+        # conventions of diffusers' DiTTransformer2DModel (kind_fast.train.convert maps them exactly);
         # recorded only when they differ from DiT's, so older saves and specs stay unchanged
         if time_freq_shift:
             self.arch["time_freq_shift"] = time_freq_shift
@@ -363,7 +363,7 @@ class DiT(nn.Module):
         return rearrange(x, "n (h w) (p q c) -> n c (h p) (w q)", h=h, p=self.patch_size, q=self.patch_size)
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor, force_drop_ids: Tensor | None = None) -> Tensor:
-        from kind_fast.gate import check_labels
+        from kind_fast.ops.labels import check_labels
 
         check_labels(y, self.num_classes, name="y (class labels)")
         if isinstance(x, Tensor) and y.shape[0] != x.shape[0]:
@@ -489,8 +489,8 @@ class DiT(nn.Module):
         (docs/design.md §7). ``form``: ``"merged"`` (one dense weight per served label,
         segmented GEMM: dense speed), ``"reduced"`` (W_G dense + only the tailors the labels
         use: small), ``"dense"`` (one class, ``guidance=False``: a plain dense DiT).
-        See ``kind_fast.export``; save with ``kind_fast.save_export``."""
-        from kind_fast.export import export_dit
+        See ``kind_fast.models.export``; save with ``kind_fast.save_export``."""
+        from kind_fast.models.export import export_dit
 
         return export_dit(self, classes, form, guidance=guidance)
 
@@ -512,7 +512,7 @@ class DenseExportDiT(DiT):
     refuses every label but c with a ValueError that names c, and ``forward_with_cfg`` is
     refused (no null label). Built by ``DiT.to_dense_export`` / ``export(c, "dense")`` and by
     ``kind_fast.load_export`` of a dense export; the label check reads the labels on the host
-    once per labels tensor (``kind_fast.export.per_labels``)."""
+    once per labels tensor (``kind_fast.models.export.per_labels``)."""
 
     export_classes: list[int]
     _plan_cache: tuple | None = None
@@ -540,7 +540,7 @@ class DenseExportDiT(DiT):
         return {**self.__dict__, "_plan_cache": None}
 
     def _check(self, y: Tensor, labels: list[int]) -> bool:
-        from kind_fast.export import check_served
+        from kind_fast.models.export import check_served
 
         c = self.export_classes[0]
         check_served(labels, self.export_classes, self.num_classes, False,
@@ -550,7 +550,7 @@ class DenseExportDiT(DiT):
         return True
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor, force_drop_ids: Tensor | None = None) -> Tensor:
-        from kind_fast.export import per_labels
+        from kind_fast.models.export import per_labels
 
         if force_drop_ids is not None and bool(force_drop_ids.any()):
             raise ValueError(f"this dense export serves class {self.export_classes[0]} only: it has no null label "
@@ -613,14 +613,14 @@ def _kind_layer(weight: Tensor, bias: Tensor | None, kind: KindConfig, gate: Cla
 
 @torch.no_grad()
 def kindify_dit(model: DiT, kind: KindConfig, gate: ClassGate | None = None, *, svd: bool = True) -> DiT:
-    """Turn a dense ``kind_fast.dit.DiT`` into a KIND-DiT **in place**: the same modules and
+    """Turn a dense ``kind_fast.models.dit.DiT`` into a KIND-DiT **in place**: the same modules and
     parameter names as ``DiT(..., kind=kind)``, every block linear set by an exact SVD
     (``svd=False``: left uninitialised, for loading saved weights right after).
 
     ``gate`` defaults to ``kind.make_gate(model.num_classes)``. Returns ``model``.
     """
     if not isinstance(model, DiT):
-        raise TypeError(f"kindify_dit expects a kind_fast.dit.DiT, got {type(model).__name__}")
+        raise TypeError(f"kindify_dit expects a kind_fast.models.dit.DiT, got {type(model).__name__}")
     if model.kind is not None:
         raise ValueError("the model is already a KIND-DiT (kind is set)")
     if not isinstance(kind, KindConfig):
@@ -667,11 +667,11 @@ def load_dense(src, *, which: str = "ema", num_heads: int | None = None, class_d
 
     ``src``: a facebookresearch-layout state dict or checkpoint dict, the path of a ``.pt`` /
     ``.safetensors`` file, a diffusers ``DiTTransformer2DModel`` or its local folder
-    (``kind_fast.dense_io``), or a dense ``DiT`` (copied). kind_fast run/weights folders are
-    read by ``kind_fast.convert.load_dense``. ``which``: ``ema`` or ``model`` weights of a
+    (``kind_fast.models.dense_io``), or a dense ``DiT`` (copied). kind_fast run/weights folders are
+    read by ``kind_fast.train.convert.load_dense``. ``which``: ``ema`` or ``model`` weights of a
     training checkpoint. ``num_heads``: when neither the checkpoint nor the preset says.
     """
-    from kind_fast.dense_io import read_dense
+    from kind_fast.models.dense_io import read_dense
 
     if which not in ("ema", "model"):
         raise ValueError(f"which must be 'ema' or 'model', got {which!r}")
@@ -699,10 +699,10 @@ def from_dense(src, kind: KindConfig | None = None, *, gate: ClassGate | None = 
 
     Args:
         src: see ``load_dense`` (state dict, checkpoint file, dense DiT, diffusers
-            ``DiTTransformer2DModel`` object or folder); ``kind_fast.convert.from_dense`` also
+            ``DiTTransformer2DModel`` object or folder); ``kind_fast.train.convert.from_dense`` also
             reads kind_fast run and weights folders.
         kind: the decomposition (default ``KindConfig()``: 96 tailors, 32 active per class, the
-            default gate ``kind_fast.gate.DEFAULT_GATE``).
+            default gate ``kind_fast.nn.gate.DEFAULT_GATE``).
         gate: a ClassGate to use instead of ``kind.make_gate(num_classes)``.
     Returns:
         a new KIND-DiT in eval mode, on the CPU. With ``KindConfig(gate="all_on")`` it

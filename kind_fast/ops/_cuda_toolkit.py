@@ -1,7 +1,7 @@
 """Where the CUDA toolkit is (nvcc, the runtime headers, libcudart), for building kind_fast._C.
 
 Standard library only: ``setup.py`` loads this file by its path before the package is installed
-(no ``import kind_fast``, no torch), and ``kind_fast._ext`` uses it for ``kind-fast build-ext``.
+(no ``import kind_fast``, no torch), and ``kind_fast.ops._ext`` uses it for ``kind-fast build-ext``.
 
 A ``CUDA_HOME`` (or ``CUDA_PATH``) that is set is the user's explicit choice: when it is not a
 toolkit, that is an error naming the folder and what it lacks (``ToolkitError``), never a silent

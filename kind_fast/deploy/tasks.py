@@ -41,8 +41,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kind_fast._version import __version__
-from kind_fast.gate import ClassGate
-from kind_fast.layers import TAILOR_PARAMS
+from kind_fast.nn.gate import ClassGate
+from kind_fast.nn.layers import TAILOR_PARAMS
 
 __all__ = ["save_task", "load_task", "load_base", "read_task", "base_fingerprint", "task_state_dict",
            "MultiTaskDiT", "TaskHeads"]
@@ -59,15 +59,15 @@ GATE_PREFIX = "kind_gate."
 
 
 def _check_kind_dit(model, what: str):
-    from kind_fast.dit import DiT
+    from kind_fast.models.dit import DiT
 
     if not isinstance(model, DiT) or model.kind is None:
-        raise TypeError(f"{what} needs a KIND-DiT (kind_fast.dit.DiT with kind set), got {type(model).__name__}"
+        raise TypeError(f"{what} needs a KIND-DiT (kind_fast.models.dit.DiT with kind set), got {type(model).__name__}"
                         + (" with kind=None" if isinstance(model, DiT) else ""))
 
 
 def _tailor_keys(model) -> set[str]:
-    from kind_fast.utils import kind_layers
+    from kind_fast.nn.utils import kind_layers
 
     return {f"{n}.{p}" for n, _ in kind_layers(model) for p in TAILOR_PARAMS}
 
@@ -117,8 +117,8 @@ def save_task(model, directory: str | os.PathLike, *, name: str | None = None, o
     from safetensors.torch import save
 
     from kind_fast.atomic import atomic_directory
-    from kind_fast.dit import kind_config_dict
-    from kind_fast.serialization import file_record
+    from kind_fast.models.dit import kind_config_dict
+    from kind_fast.deploy.serialization import file_record
 
     _check_kind_dit(model, "save_task")
     d = Path(directory)
@@ -141,7 +141,7 @@ def save_task(model, directory: str | os.PathLike, *, name: str | None = None, o
 
 
 def _task_digest(cfg: dict) -> str:
-    from kind_fast.serialization import config_digest
+    from kind_fast.deploy.serialization import config_digest
 
     base = cfg.get("base")
     if isinstance(base, dict):  # where the base came from is for people; its fingerprint is checked
@@ -155,7 +155,7 @@ def read_task(directory: str | os.PathLike) -> tuple[dict, dict[str, Tensor]]:
     from safetensors.torch import load
 
     from kind_fast.atomic import refuse_missing_folder
-    from kind_fast.serialization import (
+    from kind_fast.deploy.serialization import (
         check_config_digest,
         config_dtype,
         read_folder_config,
@@ -190,7 +190,7 @@ def read_task(directory: str | os.PathLike) -> tuple[dict, dict[str, Tensor]]:
 
 def _check_base(model, cfg: dict, directory, fingerprint: str | None = None) -> None:
     """Refuse a task whose base is not ``model``'s (architecture, KIND layout, tensors)."""
-    from kind_fast.dit import kind_config_dict
+    from kind_fast.models.dit import kind_config_dict
 
     base = cfg["base"]
     name = cfg.get("name", Path(directory).name)
@@ -226,8 +226,8 @@ def load_task(model, directory: str | os.PathLike, *, fingerprint: str | None = 
 
     ``fingerprint``: the model's ``base_fingerprint`` if already known (skips rehashing).
     """
-    from kind_fast.dit import LabelEmbedder
-    from kind_fast.serialization import _copy_into
+    from kind_fast.models.dit import LabelEmbedder
+    from kind_fast.deploy.serialization import _copy_into
 
     _check_kind_dit(model, "load_task")
     cfg, tensors = read_task(directory)
@@ -272,14 +272,14 @@ def load_base(path: str | os.PathLike, map_location: str | torch.device = "cpu",
     Only the learngene part is read. The result has zero tailors and a zero label table (it is
     the learngene-only model) until ``load_task`` puts a task on it.
     """
-    from kind_fast.dit import DiT, KindConfig
-    from kind_fast.serialization import _read_config, _read_part, load_learngenes
+    from kind_fast.models.dit import DiT, KindConfig
+    from kind_fast.deploy.serialization import _read_config, _read_part, load_learngenes
 
     d = _resolve_base_dir(path, which)
     cfg = _read_config(d)
     mcfg = cfg.get("model") or {}
     if mcfg.get("class") != "kind_fast.dit.DiT" or not mcfg.get("kind"):
-        raise ValueError(f"{d} does not hold a KIND-DiT (kind_fast.dit.DiT with kind set)")
+        raise ValueError(f"{d} does not hold a KIND-DiT (kind_fast.models.dit.DiT with kind set)")
     with torch.device("meta"):
         model = DiT(**mcfg["arch"], kind=KindConfig(**mcfg["kind"]))
     model.to_empty(device=map_location)
@@ -348,7 +348,7 @@ class MultiTaskDiT(nn.Module):
 
     def __init__(self, base, tasks: Sequence[tuple[str, dict, dict[str, Tensor]]]):
         super().__init__()
-        from kind_fast.utils import kind_layers
+        from kind_fast.nn.utils import kind_layers
 
         _check_kind_dit(base, "MultiTaskDiT")
         if not tasks:
@@ -486,7 +486,7 @@ class MultiTaskDiT(nn.Module):
         c = self.t_embedder(t) + self.label_table(y)
         for block in self.blocks:
             x = block(x, c, y)  # labels passed explicitly: nothing is left on the gate
-        from kind_fast.dit import DiT
+        from kind_fast.models.dit import DiT
 
         return DiT.unpatchify(self, self.heads(x, c, task))
 

@@ -1,13 +1,13 @@
 """Bring your own DiT: ``kind-fast convert`` and imports that read kind_fast folders too
 (docs/design.md §3.4).
 
-``kind_fast.dit.from_dense`` / ``load_dense`` read state dicts, checkpoint files and diffusers
-models (``kind_fast.dense_io``). This module adds kind_fast's own folders, so every dense DiT
+``kind_fast.models.dit.from_dense`` / ``load_dense`` read state dicts, checkpoint files and diffusers
+models (``kind_fast.models.dense_io``). This module adds kind_fast's own folders, so every dense DiT
 the package can produce converts the same way:
 
 * a trainer run folder (its ``ema/`` or ``model/``) or a weights folder of a dense run
   (``pretrain --method dense``, ``transfer --method full|scratch``);
-* a ``save_pretrained`` folder of a dense ``kind_fast.dit.DiT``.
+* a ``save_pretrained`` folder of a dense ``kind_fast.models.dit.DiT``.
 
     kind-fast convert DiT-XL-2-256x256.pt --out runs/xl-kind --tailor-rank 96 --active 32 --check
     kind-fast pretrain --init runs/xl-kind ...       # continue as KIND (or --init the .pt directly)
@@ -19,10 +19,10 @@ import argparse
 import copy
 from pathlib import Path
 
-from kind_fast.dense_io import check_conversion, is_diffusers_folder
-from kind_fast.dit import DiT, KindConfig, kindify_dit
-from kind_fast.dit import load_dense as _load_dense
-from kind_fast.gate import DEFAULT_GATE, ClassGate
+from kind_fast.models.dense_io import check_conversion, is_diffusers_folder
+from kind_fast.models.dit import DiT, KindConfig, kindify_dit
+from kind_fast.models.dit import load_dense as _load_dense
+from kind_fast.nn.gate import DEFAULT_GATE, ClassGate
 
 __all__ = ["load_dense", "from_dense", "is_kind_fast_folder"]
 
@@ -35,7 +35,7 @@ def is_kind_fast_folder(path: Path, which: str = "ema") -> bool:
 
 
 def _from_folder(path: Path, which: str) -> DiT:
-    from kind_fast.baselines import as_plain_dit
+    from kind_fast.models.baselines import as_plain_dit
     from kind_fast.train.models import load_weights, resolve_init
 
     model = as_plain_dit(load_weights(resolve_init(path, which)))  # a TLEG ancestry: its expanded DiT
@@ -43,12 +43,12 @@ def _from_folder(path: Path, which: str) -> DiT:
         raise ValueError(f"{path} holds a {type(model).__name__}, not a plain DiT (a LoRA/SVDiff run: "
                          "merge or export it to a dense DiT first)")
     if model.kind is not None:
-        raise ValueError(f"{path} already holds a KIND-DiT: load it with kind_fast.serialization.load_pretrained")
+        raise ValueError(f"{path} already holds a KIND-DiT: load it with kind_fast.deploy.serialization.load_pretrained")
     return model.eval()
 
 
 def load_dense(src, *, which: str = "ema", num_heads: int | None = None, class_dropout_prob: float = 0.1) -> DiT:
-    """``kind_fast.dit.load_dense``, plus kind_fast run / weights / save folders."""
+    """``kind_fast.models.dit.load_dense``, plus kind_fast run / weights / save folders."""
     if isinstance(src, (str, Path)) and Path(src).is_dir() and not is_diffusers_folder(Path(src)):
         if which not in ("ema", "model"):
             raise ValueError(f"which must be 'ema' or 'model', got {which!r}")
@@ -62,7 +62,7 @@ def load_dense(src, *, which: str = "ema", num_heads: int | None = None, class_d
 
 def from_dense(src, kind: KindConfig | None = None, *, gate: ClassGate | None = None, which: str = "ema",
                num_heads: int | None = None, class_dropout_prob: float = 0.1) -> DiT:
-    """``kind_fast.dit.from_dense``, plus kind_fast run / weights / save folders."""
+    """``kind_fast.models.dit.from_dense``, plus kind_fast run / weights / save folders."""
     kind = KindConfig() if kind is None else kind
     dense = load_dense(src, which=which, num_heads=num_heads, class_dropout_prob=class_dropout_prob)
     return kindify_dit(dense, kind, gate).eval()
@@ -93,7 +93,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import sys
 
-    from kind_fast.serialization import save_pretrained
+    from kind_fast.deploy.serialization import save_pretrained
 
     try:
         kind = KindConfig(tailor_rank=args.tailor_rank, active=args.active, gate=args.gate, null=args.null,

@@ -8,7 +8,7 @@ Backends:
 ``auto`` (the default, or ``KIND_FAST_BACKEND``) picks per device: on a GPU the fused backends of
 ``AUTO_ORDER`` that are ready (available, supporting the dtype, and passing the backend's
 optional ``auto_ready`` gate, e.g. the CUDA backend's one-time self-check); with several ready,
-the fastest per shape from measurements it caches (kind_fast.autoselect); elsewhere the
+the fastest per shape from measurements it caches (kind_fast.ops.autoselect); elsewhere the
 reference. ``use_backend`` switches it::
 
     with kind_fast.use_backend("torch"):
@@ -164,7 +164,7 @@ def resolve_op(device: torch.device, dtype: torch.dtype) -> Callable:
     if not torch.compiler.is_compiling():
         candidates = _auto_candidates(device.type, dtype)
         if len(candidates) > 1:  # several fused backends ready: the fastest per shape
-            from kind_fast.autoselect import PerShapeOp
+            from kind_fast.ops.autoselect import PerShapeOp
 
             return PerShapeOp(candidates, [_auto_op(_MODULES[n][0]) for n in candidates])
     return _auto_op(_MODULES[name][0])

@@ -71,7 +71,7 @@ def training_scope(model):
     """``weight_cache()`` while every learngene of ``model`` is frozen (an optimizer over the
     trainable parameters never writes them, so W_G may be reused across training steps), else
     a no-op scope (trainable learngenes rebuild W_G every step anyway)."""
-    # KIND layers by what they hold (importing kind_fast.layers here would be an import cycle)
+    # KIND layers by what they hold (importing kind_fast.nn.layers here would be an import cycle)
     kind = [m for m in model.modules() if hasattr(m, "clear_weight_cache") and hasattr(m, "u_g")]
     lg = [p for m in kind for p in (m.u_g, m.sigma_g, m.v_g)]
     return weight_cache() if lg and not any(p.requires_grad for p in lg) else contextlib.nullcontext()

@@ -1,4 +1,4 @@
-"""Save and load deployment exports (``kind_fast.export``) as a folder.
+"""Save and load deployment exports (``kind_fast.models.export``) as a folder.
 
     export_config.json   form, architecture, served classes, guidance, dtype, and the SHA-256
                          and size of the weights file (checked on load)
@@ -16,8 +16,8 @@ load without the second check. An unknown ``dtype`` is refused at load.
 The folder is written under a temporary name and renamed into place as a whole
 (``kind_fast.atomic.atomic_directory``); a re-export killed between its two renames leaves
 the previous export in a hidden ``.<name>.old-<pid>-<host>`` sibling, and ``load_export``
-says where it is and how to restore it. This module is apart from ``kind_fast.export``
-because it builds ``kind_fast.dit`` modules, and ``kind_fast.dit`` imports ``kind_fast.export``.
+says where it is and how to restore it. This module is apart from ``kind_fast.models.export``
+because it builds ``kind_fast.models.dit`` modules, and ``kind_fast.models.dit`` imports ``kind_fast.models.export``.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from kind_fast._version import __version__
-from kind_fast.export import FORMAT, FORMAT_VERSION, FORMS, ExportedDiT
+from kind_fast.models.export import FORMAT, FORMAT_VERSION, FORMS, ExportedDiT
 
 __all__ = ["save_export", "load_export", "read_export_config"]
 
@@ -57,8 +57,8 @@ def save_export(model: nn.Module, directory: str | os.PathLike, *, overwrite: bo
     from safetensors.torch import save
 
     from kind_fast.atomic import atomic_directory
-    from kind_fast.dit import DenseExportDiT
-    from kind_fast.serialization import config_digest, file_record
+    from kind_fast.models.dit import DenseExportDiT
+    from kind_fast.deploy.serialization import config_digest, file_record
 
     if isinstance(model, ExportedDiT):
         cfg = model.config()
@@ -94,7 +94,7 @@ def save_export(model: nn.Module, directory: str | os.PathLike, *, overwrite: bo
 def read_export_config(directory: str | os.PathLike) -> dict:
     """The checked ``export_config.json`` of an export folder (format, form, file records, dtype)."""
     from kind_fast.atomic import refuse_missing_folder
-    from kind_fast.serialization import config_dtype, read_folder_config
+    from kind_fast.deploy.serialization import config_dtype, read_folder_config
 
     refuse_missing_folder(directory, "export", "export it again")
     path = Path(directory) / CONFIG_FILE
@@ -113,14 +113,14 @@ def read_export_config(directory: str | os.PathLike) -> dict:
 
 def _read_weights(d: Path, cfg: dict, name: str) -> bytes:
     """The bytes of the export's weights file, checked against the config's SHA-256."""
-    from kind_fast.serialization import read_recorded_file
+    from kind_fast.deploy.serialization import read_recorded_file
 
     return read_recorded_file(d, name, cfg, CONFIG_FILE)
 
 
 def _check_bound(d: Path, cfg: dict, name: str, recorded) -> None:
     """The weights' record of their config must match the config (format version >= 2)."""
-    from kind_fast.serialization import check_config_digest
+    from kind_fast.deploy.serialization import check_config_digest
 
     if cfg["format_version"] >= 2:
         check_config_digest(recorded, cfg, CONFIG_IGNORED, d / CONFIG_FILE, d / name, "export it again")
@@ -130,8 +130,8 @@ def load_export(directory: str | os.PathLike, map_location: str | torch.device =
     """Rebuild what ``save_export`` wrote: an ``ExportedDiT`` (merged, reduced) or a
     ``DenseExportDiT`` (dense: a DiT that serves its one class only), in eval mode on
     ``map_location``."""
-    from kind_fast.dit import DenseExportDiT, FinalLayer, PatchEmbed, TimestepEmbedder
-    from kind_fast.serialization import config_dtype, safetensors_metadata
+    from kind_fast.models.dit import DenseExportDiT, FinalLayer, PatchEmbed, TimestepEmbedder
+    from kind_fast.deploy.serialization import config_dtype, safetensors_metadata
 
     d = Path(directory)
     cfg = read_export_config(d)

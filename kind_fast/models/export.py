@@ -15,7 +15,7 @@ standalone module that serves a fixed set of labels exactly:
              ``kind_linear`` op with the gate rows of the served labels (the ICML paper's
              "decomposable model"). Small on disk.
     dense    ``to_dense(c)`` for one class and no guidance: a plain DiT that refuses every
-             other label (``kind_fast.dit.DenseExportDiT``), saved as a
+             other label (``kind_fast.models.dit.DenseExportDiT``), saved as a
              facebookresearch-layout ``.pt`` state dict.
 
 The served labels are the given classes plus, with ``guidance=True`` (default), the null
@@ -24,7 +24,7 @@ model's class ids and raises a clear error for any label it does not serve. Samp
 export therefore match the KIND model's for the same seed (fp32: to rounding).
 
 No ClassGate and no FastKindLinear are involved: the export's parameters are plain tensors,
-saved as safetensors + a JSON config by ``kind_fast.export_io`` (``save_export`` / ``load_export``).
+saved as safetensors + a JSON config by ``kind_fast.deploy.export_io`` (``save_export`` / ``load_export``).
 """
 
 from __future__ import annotations
@@ -44,11 +44,11 @@ __all__ = ["ExportedDiT", "export_dit", "segmented_linear", "SegmentPlan", "FORM
 
 FORMS = ("merged", "reduced", "dense")
 FORMAT = "kind_fast.export"
-FORMAT_VERSION = 2  # 2: the config is bound to the weights (kind_fast.export_io)
+FORMAT_VERSION = 2  # 2: the config is bound to the weights (kind_fast.deploy.export_io)
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
-    """adaLN modulation, as ``kind_fast.dit.modulate`` (this module does not import kind_fast.dit:
+    """adaLN modulation, as ``kind_fast.models.dit.modulate`` (this module does not import kind_fast.models.dit:
     ``DiT.export`` imports it, and the package has no import cycles)."""
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
@@ -264,7 +264,7 @@ class ExportedDiT(nn.Module):
     forward(x (N, C, H, W), t (N,), y (N,)) with y the KIND model's label ids (the null label
     is ``num_classes``); ``forward_with_cfg`` as DiT's. Build with ``DiT.export`` or
     ``load_export``; the constructor lays out (uninitialised) per-label linears around the
-    given DiT embedders and final layer (``kind_fast.dit`` modules, taken as they are).
+    given DiT embedders and final layer (``kind_fast.models.dit`` modules, taken as they are).
     """
 
     def __init__(self, arch: dict, classes: list[int], *, form: str, x_embedder: nn.Module, t_embedder: nn.Module,
@@ -406,14 +406,14 @@ def export_dit(model, classes, form: str = "merged", *, guidance: bool = True) -
     """Standalone model serving ``classes`` (and the null label with ``guidance``) exactly.
 
     ``form``: merged | reduced → an ``ExportedDiT``; dense → a ``DenseExportDiT`` (a
-    ``kind_fast.dit.DiT(kind=None)`` equal to ``model.to_dense(c)`` that serves class c only:
+    ``kind_fast.models.dit.DiT(kind=None)`` equal to ``model.to_dense(c)`` that serves class c only:
     one class, ``guidance=False``, since a dense DiT cannot also hold the null label's
     weights). See the module docstring.
     """
-    from kind_fast.layers import FastKindLinear
+    from kind_fast.nn.layers import FastKindLinear
 
     if getattr(model, "kind", None) is None or not hasattr(model, "kind_gate") or not hasattr(model, "blocks"):
-        raise TypeError("export needs a KIND-DiT (kind_fast.dit.DiT with kind set); a dense DiT is its own export")
+        raise TypeError("export needs a KIND-DiT (kind_fast.models.dit.DiT with kind set); a dense DiT is its own export")
     if form not in FORMS:
         raise ValueError(f"form must be one of {FORMS}, got {form!r}")
     classes = _check_classes(classes, model.num_classes)
@@ -421,7 +421,7 @@ def export_dit(model, classes, form: str = "merged", *, guidance: bool = True) -
         if guidance or len(classes) != 1:
             raise ValueError("form='dense' exports one class without guidance (guidance=False): the null label "
                              "CFG evaluates needs other block weights. Use form='merged' or 'reduced' for CFG")
-        return model.to_dense_export(classes[0])  # a kind_fast.dit.DenseExportDiT
+        return model.to_dense_export(classes[0])  # a kind_fast.models.dit.DenseExportDiT
     if not classes and not guidance:
         raise ValueError("nothing to export: no classes and no guidance")
     dtype = model.final_layer.linear.weight.dtype

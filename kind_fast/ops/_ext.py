@@ -173,8 +173,8 @@ def cache_root() -> Path:
 
 def source_folder() -> Path | None:
     """The CUDA sources: kind_fast/csrc/ in a wheel, else csrc/ of the source checkout."""
-    here = Path(__file__).resolve().parent
-    for folder in (here / "csrc", here.parent / "csrc"):
+    package = Path(__file__).resolve().parent.parent  # kind_fast/ (this file is kind_fast/ops/_ext.py)
+    for folder in (package / "csrc", package.parent / "csrc"):
         if any(folder.glob("*.cu")):
             return folder
     return None
@@ -276,7 +276,7 @@ def why_cannot_build() -> str | None:
     CUDA_HOME/CUDA_PATH set to a folder that is not a toolkit is named)."""
     import torch
 
-    from kind_fast._cuda_toolkit import ToolkitError, find_cuda_home
+    from kind_fast.ops._cuda_toolkit import ToolkitError, find_cuda_home
 
     problems = []
     if source_folder() is None:
@@ -312,7 +312,7 @@ def build_extension(*, quiet: bool = False) -> tuple[ModuleType | None, str]:
         return _state["result"]
     import torch
 
-    from kind_fast._cuda_toolkit import find_cuda_home
+    from kind_fast.ops._cuda_toolkit import find_cuda_home
 
     folder, home, archs = source_folder(), find_cuda_home(), _target_archs()
     build = cache_root() / f"{_build_key(folder)}-sm{_arch_key(archs)}"
