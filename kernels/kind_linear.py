@@ -92,11 +92,14 @@ recomputes; under
 Tiles: ``tl.dot`` needs dims >= 16 and ``tl.arange`` powers of two, so K is padded to
 KP = next_pow2(max(K, 16)) with masked loads (padded slots load σ = val = 0); KP <= 128 (the
 BM×KP shrink accumulator lives in registers). Tile sizes, owner splits and splits come from
-kind_fast/perf/perfmodel.py (``plan_fused``, ``plan_tailor_reduce``, ``plan_tailor_grad``), whose
-traffic model checks the schedules (kind_fast/perf/timemodel.py prices them); ``KIND_FAST_AUTOTUNE=1``
-tunes the fused kernel over a small space instead (never
-while a CUDA graph is being captured). ``audit_specs()`` lists every config the launchers can
-launch for ``python -m kind_fast.perf.audit``.
+kernels/kind_linear_plans.py (``plan_fused``, ``plan_tailor_reduce``, ``plan_tailor_grad``), whose
+schedules kind_fast/perf/perfmodel.py's traffic model checks (kind_fast/perf/timemodel.py prices
+them); ``KIND_FAST_AUTOTUNE=1`` tunes the fused kernel over a small space instead (never while a
+CUDA graph is being captured). kind_fast/perf/replay.py replays these launchers on ``meta`` tensors
+for ``python -m kind_fast.perf.audit``, which compiles every config they can launch.
+
+This module imports torch, Triton and its sibling kind_linear_plans only, nothing of the package
+(tests/test_layering.py).
 """
 
 from __future__ import annotations
@@ -108,7 +111,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kind_fast.perf.perfmodel import (
+from kind_fast.kernels.kind_linear_plans import (
     MAX_ACTIVE,
     FusedPlan,
     TailorPlan,
@@ -1043,7 +1046,7 @@ def kind_linear_gate_grad_kernel(
 
 
 # =====================================================================================
-# Configs: pinned from kind_fast.perf.perfmodel; KIND_FAST_AUTOTUNE=1 tunes the fused kernel
+# Configs: pinned from kind_linear_plans; KIND_FAST_AUTOTUNE=1 tunes the fused kernel
 # =====================================================================================
 def bucket(n: int) -> int:
     """Autotune key bucket of a row count: the next power of two."""
@@ -1072,7 +1075,7 @@ def _interpret(device: torch.device) -> bool:
 
 def fused_config(m: int, n: int, kd: int, kp: int, t: int, device: torch.device, *, has_base: bool = True,
                  has_out: bool = True) -> dict:
-    """The pinned plan of the fused / rows kernel for one shape, as a dict (kind_fast.perf.perfmodel)."""
+    """The pinned plan of the fused / rows kernel for one shape, as a dict (kernels/kind_linear_plans.py)."""
     return _plan(m, n, kd, kp, t, device, has_base, has_out).as_dict()
 
 
@@ -1082,9 +1085,19 @@ def _plan(m, n, kd, k, t, device, has_base, has_out) -> FusedPlan:
 
 
 def _capturing() -> bool:
-    from kind_fast._tracing import capturing_or_tracing
+    """True inside torch.compile tracing or CUDA-graph capture (the test of
+    ``kind_fast._tracing.capturing_or_tracing``, written with torch alone: the kernels import
+    nothing of the package; tests/test_kind_linear_triton_schedule.py checks they agree)."""
+    if torch.compiler.is_compiling():
+        return True
+    try:
+        from torch._guards import TracingContext
 
-    return capturing_or_tracing()
+        if TracingContext.try_get() is not None:
+            return True
+    except ImportError:  # pragma: no cover - very old torch
+        pass
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 def _autotune_enabled(device: torch.device) -> bool:
@@ -1208,7 +1221,7 @@ def fused(
     dx pass False (B = W_G). ``base=None`` drops the dense term (path M2: the learngenes are
     slots of P/Q); ``with_out=False`` runs the shrink only. With ``h_saved`` the per-tile
     partials of Σ dh_s ⊙ h come back too. Returns (out, shrink (M, K) fp32, partials, config).
-    ``plan`` overrides kind_fast.perf.perfmodel's plan (tests); ``force_local`` makes every program
+    ``plan`` overrides the pinned plan (``plan_fused``; tests); ``force_local`` makes every program
     of the fused kernel recompute the shrink instead of taking the owners' parts, and
     ``reverse_owners`` runs a row's owners in reverse order (tests, see REVERSE_OWNERS);
     ``autotune`` overrides the KIND_FAST_AUTOTUNE rule (the static audit lists the space).
@@ -1451,107 +1464,9 @@ def gate_grads(
     return dval, dsig
 
 
-# =====================================================================================
-# Static audit (python -m kind_fast.perf.audit): every config the launchers above can launch
-# =====================================================================================
-AUDIT_LAYERS = (("DiT-XL/2.q/k/v/proj", 1152, 1152), ("DiT-XL/2.qkv", 1152, 3456), ("DiT-XL/2.fc1", 1152, 4608),
-                ("DiT-XL/2.fc2", 4608, 1152), ("DiT-S/2.proj", 384, 384), ("DiT-S/2.fc1", 384, 1536))
-
-
-# Gradient masks (the backward op's order: dx, dW_G, db, dU_T, dσ_T, dV_T, dval) the replays run:
-# transfer, transfer with a trainable gate, pretrain, pretrain with a trainable gate, dx alone
-# (a frozen layer inside a trained model), and no dx (the separate tailor-gradient kernels).
-REPLAY_MASKS = ((1, 0, 0, 1, 1, 1, 0), (1, 0, 0, 1, 1, 1, 1), (1, 1, 1, 1, 1, 1, 0), (1, 1, 1, 1, 1, 1, 1),
-                (1, 0, 0, 0, 0, 0, 0), (0, 0, 0, 1, 1, 1, 0))
-
-
-def replay_launches(n_in, n_out, m, k, n_t, t, dtype, *, m1=True, m2_learngenes=None, autotune=False):
-    """Run the Triton backend's op implementations for one layer shape the way the op family
-    does (path M1: forward, then the backward under each of REPLAY_MASKS; path M2 with
-    ``m2_learngenes`` learngene slots: forward and backward) on ``meta`` tensors. Inside
-    kind_fast.perf.audit.capture_launches each kernel launch is recorded instead of run, so this
-    lists exactly the configs those calls launch (the static audit; the self-check's coverage
-    test; kind_fast.perf.timemodel prices the same launches)."""
-    from kind_fast.ops import kind_linear_triton as T
-    from kind_fast.perf.perfmodel import fused_unsupported
-
-    dev = torch.device("meta")
-    b = m // t
-    # the Triton backend runs the reference for the shapes these kernels do not take on a GPU
-    m1 = m1 and not fused_unsupported(t, k)
-    if m2_learngenes and fused_unsupported(t, m2_learngenes + k):
-        m2_learngenes = None
-
-    def e(*shape, dt=dtype):
-        return torch.empty(shape, dtype=dt, device=dev)
-
-    x, g, bias, labels = e(m, n_in), e(m, n_out), e(n_out), e(b, dt=torch.int64)
-    if m1:
-        w_g, u_t, v_t, sigma = e(n_out, n_in), e(n_t, n_out), e(n_t, n_in), e(n_t, dt=torch.float32)
-        idx, val = e(11, k, dt=torch.int32), e(11, k, dt=torch.float32)
-        if autotune:
-            _, h, _, _ = fused(x, w_g, True, bias, v_t, u_t, sigma, idx, val, labels, autotune=True)
-            return
-        _, h = T.kind_linear_triton_forward(x, w_g, bias, u_t, sigma, v_t, idx, val, labels)
-        for mask in REPLAY_MASKS:
-            T.kind_linear_triton_backward(g, x, w_g, u_t, sigma, v_t, idx, val, labels, h, [bool(v) for v in mask])
-    if m2_learngenes:
-        n_s, ks = m2_learngenes + n_t, m2_learngenes + k
-        u, v, sig = e(n_s, n_out), e(n_s, n_in), e(n_s, dt=torch.float32)
-        ids, vals = e(11, ks, dt=torch.int32), e(11, ks, dt=torch.float32)
-        _, h2, _, _ = fused(x, None, True, bias, v, u, sig, ids, vals, labels)
-        T.kind_linear_triton_backward(g, x, None, u, sig, v, ids, vals, labels, h2, [True, False, True, True, True,
-                                                                                     True, True])
-
-
-def audit_specs(full: bool = True):
-    """Every (kernel, config) the launchers of this module can launch on a GPU, for
-    ``python -m kind_fast.perf.audit``. ``full``: the pinned plans of the DiT layer shapes (S/2 and
-    XL/2) at M = 512 / 8192 / 65536 rows, K = 16 / 32 / 48 / 100 active tailors (KP 16 / 32 /
-    64 / 128), T = 256 (one class per tile) and T = 16 / 37 (mixed tiles), bf16 and fp16, both
-    paths and every backward kernel, plus the autotune space of the fused kernel
-    (``pinned=False``). Otherwise (the CI test): what DiT-XL/2 runs (every layer shape, B = 32
-    and 256, K = 32, T = 256, bf16 and fp16, M1 and M2) and one shape for each other KP, for
-    mixed tiles and for the narrow (BN = 64) layers of DiT-S/2, bf16."""
-    from kind_fast.perf.audit import capture_launches
-
-    specs = []
-
-    def add(label, *args, **kwargs):
-        with capture_launches(label) as got:
-            replay_launches(*args, **kwargs)
-        specs.extend(got)
-
-    if not full:
-        for dtype, dt in ((torch.bfloat16, "bf16"), (torch.float16, "fp16")):
-            for name, n_in, n_out in AUDIT_LAYERS[:4]:
-                for m in (8192, 65536):
-                    add(f"{name} M={m} K=32 T=256 {dt}", n_in, n_out, m, 32, 96, 256, dtype, m2_learngenes=64)
-        for k, t, (name, n_in, n_out) in ((16, 256, AUDIT_LAYERS[0]), (48, 256, AUDIT_LAYERS[0]),
-                                          (100, 256, AUDIT_LAYERS[0]), (32, 37, AUDIT_LAYERS[0]),
-                                          (32, 256, AUDIT_LAYERS[4])):
-            add(f"{name} M=8192 K={k} T={t} bf16", n_in, n_out, 8192, k, 128 if k > 96 else 96, t, torch.bfloat16,
-                m2_learngenes=min(128 - k, 64))
-        return specs
-    for dtype in (torch.bfloat16, torch.float16):
-        dt = "bf16" if dtype == torch.bfloat16 else "fp16"
-        for name, n_in, n_out in AUDIT_LAYERS:
-            for m in (512, 8192, 65536):
-                for k in (16, 32, 48, 100):
-                    for t in (256, 37, 16):
-                        if (m != 8192 or dtype != torch.bfloat16) and (t != 256 or k != 32):
-                            continue  # the other M, fp16 and T only for the DiT default K = 32
-                        n_t = 128 if k > 96 else 96
-                        label = f"{name} M={m} K={k} T={t} {dt}"
-                        add(label, n_in, n_out, m, k, n_t, t, dtype, m2_learngenes=min(128 - k, 64))
-                        if t == 256 and m == 8192:
-                            add(label, n_in, n_out, m, k, n_t, t, dtype, autotune=True)
-    return specs
-
-
 __all__ = [
     "INTERPRETED", "MAX_ACTIVE", "fused", "fused_dx", "tailor_reduce", "device_state", "fused_config", "gate_tables",
-    "tailor_grad", "tile_lists", "REPLAY_MASKS",
+    "tailor_grad", "tile_lists", "PERSISTENT_KERNELS",
     "sample_ds", "gate_grads", "padded_active", "bucket", "row_tile", "num_sms", "samples_per_tile",
-    "autotune_configs", "audit_specs", "replay_launches",
+    "autotune_configs",
 ]

@@ -35,10 +35,11 @@ b = m // T) and g = dL/dy:
     slot reads another slot's rows, so all slots together do the work of one dense dW. No
     atomics: the result is bitwise reproducible.
 
-The launch plans (tile sizes, warps, stages) come from kind_fast/perf/perfmodel.py
-(``plan_merged_gemm``, ``plan_merged_dw``), which also models the segmented GEMM's HBM
-traffic. ``meta`` tensors plan for the GPU (``audit_specs`` replays the launchers on them
-for the static sm_90 audit, kind_fast/perf/audit.py).
+The launch plans (tile sizes, warps, stages) come from kernels/kind_linear_plans.py
+(``plan_merged_gemm``, ``plan_merged_dw``); kind_fast/perf/perfmodel.py models the segmented
+GEMM's HBM traffic under them. ``meta`` tensors plan for the GPU (kind_fast/perf/replay.py
+replays the launchers on them for the static sm_90 audit, kind_fast/perf/audit.py). This module
+imports torch, Triton and kind_linear_plans only, nothing of the package.
 
 fp32 accumulation throughout; outputs in the input dtype. Under TRITON_INTERPRET=1 the kernels
 run on CPU tensors (fp32/fp16) with small tiles; that is how CI tests them.
@@ -52,7 +53,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kind_fast.perf.perfmodel import merged_row_tile, plan_merged_dw, plan_merged_gemm, rotation_stride
+from kind_fast.kernels.kind_linear_plans import merged_row_tile, plan_merged_dw, plan_merged_gemm, rotation_stride
 
 # Whether these kernels were decorated for the interpreter (TRITON_INTERPRET=1 at import time);
 # kind_fast.ops.kind_linear_merged_triton reloads this module when the environment changes.
@@ -201,19 +202,19 @@ def _interpret(device: torch.device) -> bool:
 
 
 def row_tile(t: int, interpret: bool) -> tuple[int, bool]:
-    """(BM, ONE_SLOT) of the segmented GEMM (kind_fast.perf.perfmodel.merged_row_tile)."""
+    """(BM, ONE_SLOT) of the segmented GEMM (kind_linear_plans.merged_row_tile)."""
     return merged_row_tile(t, interpret)
 
 
 def gemm_config(m: int, n: int, kd: int, t: int, device: torch.device) -> dict:
-    """Pinned config of the segmented GEMM for one shape (kind_fast.perf.perfmodel.plan_merged_gemm)."""
+    """Pinned config of the segmented GEMM for one shape (kind_linear_plans.plan_merged_gemm)."""
     p = plan_merged_gemm(m, n, kd, t, interpret=_interpret(device))
     return dict(BM=p.BM, BN=p.BN, BK=p.BK, GROUP_M=p.GROUP_M, ONE_SLOT=p.ONE_SLOT, num_warps=p.num_warps,
                 num_stages=p.num_stages, ROT=rotation_stride(triton.cdiv(kd, p.BK)) if p.ROTATE else 0)
 
 
 def dw_config(n: int, kd: int, t: int, device: torch.device) -> dict:
-    """Pinned config of the dW kernel for one shape (kind_fast.perf.perfmodel.plan_merged_dw)."""
+    """Pinned config of the dW kernel for one shape (kind_linear_plans.plan_merged_dw)."""
     p = plan_merged_dw(n, kd, t, interpret=_interpret(device))
     return dict(BN=p.BN, BK=p.BK, BR=p.BR, FULL=p.FULL, num_warps=p.num_warps, num_stages=p.num_stages)
 
@@ -277,78 +278,7 @@ def merged_dw(g: torch.Tensor, x: torch.Tensor, slots: torch.Tensor, num_slots: 
     return dw
 
 
-# =====================================================================================
-# Static audit (kind_fast/perf/audit.py)
-# =====================================================================================
-# DiT layer shapes (hidden d, MLP 4d): (name, in, out); q/k/v/proj share d -> d
-AUDIT_MODELS = (("DiT-S", 384), ("DiT-B", 768), ("DiT-L", 1024), ("DiT-XL", 1152))
-
-
-def audit_layers(d: int) -> tuple[tuple[str, int, int], ...]:
-    return (("q/k/v/proj", d, d), ("qkv", d, 3 * d), ("fc1", d, 4 * d), ("fc2", 4 * d, d))
-
-
-def replay_launches(n_in: int, n_out: int, b: int, t: int, slots: int, dtype: torch.dtype, *,
-                    backward: bool = True) -> None:
-    """Run this module's launchers for one layer shape the way the Triton backend's M3 ops do
-    (kind_fast/ops/kind_linear_merged_triton.py: the forward with bias; the backward's dx and
-    dW) on ``meta`` tensors, B samples of T rows and ``slots`` merged weights. Inside
-    kind_fast.perf.audit.capture_launches each kernel launch is recorded instead of run. The merge
-    itself (a rank-K update of W_G per slot, kind_fast.ops.kind_linear_merged.merge_weights)
-    is one batched torch GEMM, not a kernel of this module."""
-    dev = torch.device("meta")
-    m = b * t
-
-    def e(*shape, dt=dtype):
-        return torch.empty(shape, dtype=dt, device=dev)
-
-    x, w, bias, sl = e(m, n_in), e(slots, n_out, n_in), e(n_out), e(b, dt=torch.int64)
-    merged_gemm(x, w, bias, sl, True)
-    if backward:
-        g = e(m, n_out)
-        merged_gemm(g, w, None, sl, False)
-        merged_dw(g, x, sl, slots, dtype)
-
-
-def audit_specs(full: bool = True):
-    """Every (kernel, config) this module's launchers pick at DiT shapes, for
-    ``python -m kind_fast.perf.audit``. ``full``: DiT-S/B/L/XL (hidden 384/768/1024/1152, MLP 4×;
-    q/k/v/proj, fused qkv, fc1, fc2), T = 256 (/2 patches at 256 px: 128-row one-slot tiles),
-    1024 (512 px), 64 (/4: 64-row one-slot tiles) and 16 (/8: 64-row tiles over several
-    slots), a CFG batch (B = 32, 2 slots) and a few classes (B = 8, 4 slots), bf16 and fp16,
-    forward, dx and dW. T = 37 (tests' odd size: mixed tiles, masked dW chunks). No config is
-    autotuned. Otherwise (the CI test): DiT-XL at T = 256, 64, 16 and 37, B = 32, bf16 and
-    fp16: every distinct config of the full list (the configs depend on T and the dtype, not
-    on the layer width; tests/test_audit.py checks that the short list covers the full one)."""
-    from kind_fast.perf.audit import capture_launches
-
-    specs = []
-
-    def add(label, *args, **kwargs):
-        with capture_launches(label) as got:
-            replay_launches(*args, **kwargs)
-        specs.extend(got)
-
-    dtypes = ((torch.bfloat16, "bf16"), (torch.float16, "fp16"))
-    if not full:
-        for dtype, dt in dtypes:
-            for name, n_in, n_out in audit_layers(1152):
-                add(f"M3 DiT-XL.{name} T=256 B=32 CFG {dt}", n_in, n_out, 32, 256, 2, dtype)
-            for t in (64, 16, 37):
-                add(f"M3 DiT-XL.fc1 T={t} B=32 CFG {dt}", 1152, 4608, 32, t, 2, dtype)
-        return specs
-    for dtype, dt in dtypes:
-        for model, d in AUDIT_MODELS:
-            for name, n_in, n_out in audit_layers(d):
-                for t in (256, 1024, 64, 16):
-                    for b, n_slots, what in ((32, 2, "CFG"), (8, 4, "4 classes")):
-                        add(f"M3 {model}.{name} T={t} B={b} {what} {dt}", n_in, n_out, b, t, n_slots, dtype)
-        add(f"M3 DiT-XL.fc1 T=37 B=32 CFG {dt}", 1152, 4608, 32, 37, 2, dtype)
-    return specs
-
-
 __all__ = [
     "INTERPRETED", "kind_linear_merged_gemm_kernel", "kind_linear_merged_dw_kernel", "merged_gemm", "merged_dw",
-    "gemm_config", "dw_config", "row_tile", "slot_runs", "replay_launches", "audit_specs", "audit_layers",
-    "AUDIT_MODELS",
+    "gemm_config", "dw_config", "row_tile", "slot_runs",
 ]

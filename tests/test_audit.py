@@ -1,7 +1,8 @@
 """The static kernel audit (kind_fast/perf/audit.py): sm_90a builds of every pinned kernel config,
 checked for spills, shared memory, warpgroup MMA and software-pipelined K-loops; no GPU.
 
-CI compiles the short lists of the kernel modules' ``audit_specs(full=False)``: from
+CI compiles the short lists of audit cases (kind_fast/perf/replay.py, ``full=False``; the
+kernels import nothing of the package, so their replays live there): from
 kernels/kind_linear.py every config DiT-XL/2 runs (all layer shapes, B = 32 and 256, bf16 and
 fp16, paths M1 and M2) and one shape for each other KP, for mixed-class tiles and for the
 narrow DiT-S/2 layers; from kernels/kind_linear_merged.py (path M3) every distinct config of its
@@ -141,6 +142,20 @@ def pinned():
     return list(zip(specs, rows))
 
 
+def test_a_kernel_module_without_audit_cases_is_refused(monkeypatch):
+    """Every module of kind_fast.kernels that defines Triton kernels has audit cases in
+    kind_fast.perf.replay.AUDIT_CASES (the plans module defines none and needs none): the audit
+    refuses one that has no entry, so a new kernel file cannot go unaudited."""
+    pytest.importorskip("triton")
+    from kind_fast.perf import replay
+
+    assert set(replay.AUDIT_CASES) == {"kind_linear", "kind_linear_merged"}
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(replay, "AUDIT_CASES", {k: v for k, v in replay.AUDIT_CASES.items() if k != "kind_linear"})
+    with pytest.raises(RuntimeError, match=r"kind_fast\.kernels\.kind_linear defines Triton kernels"):
+        audit.collect_specs(include_autotune=False, full=False)
+
+
 M3_KERNELS = ("kind_linear_merged_gemm_kernel", "kind_linear_merged_dw_kernel")
 DOT_KERNELS = ("kind_linear_fused_kernel", "kind_linear_rows_kernel", "kind_linear_tailor_grad_kernel", *M3_KERNELS)
 
@@ -202,11 +217,9 @@ def test_the_m3_ci_list_holds_every_distinct_config_of_the_full_list(pinned):
     """Path M3's configs depend on T (row tile, dW chunk) and the dtype, not on the layer
     width: the short list CI compiles covers every distinct config of the full DiT-S/B/L/XL
     list (T = 16 ... 1024, CFG and 4-class batches)."""
-    from kind_fast.kernels import kind_linear_merged as km
-
     old = os.environ.pop("TRITON_INTERPRET", None)
     try:
-        full = {s.key for s in km.audit_specs(full=True)}
+        full = {s.key for s in audit.audit_specs("kind_linear_merged", full=True)}
     finally:
         if old is not None:
             os.environ["TRITON_INTERPRET"] = old

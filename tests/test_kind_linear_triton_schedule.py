@@ -329,6 +329,28 @@ def test_no_autotuning_while_a_cuda_graph_is_captured(K, monkeypatch):
         torch.use_deterministic_algorithms(False)
 
 
+def test_the_kernels_capture_probe_agrees_with_the_package(K, monkeypatch):
+    """The kernels import nothing of the package, so kernels/kind_linear.py asks torch itself
+    whether it runs under torch.compile tracing or CUDA-graph capture: the same answer as
+    kind_fast._tracing.capturing_or_tracing in each of the states that test looks at."""
+    from torch._guards import TracingContext, tracing
+
+    from kind_fast._tracing import capturing_or_tracing
+
+    assert K._capturing() is False and capturing_or_tracing() is False
+    with tracing(TracingContext(None)):  # inside dynamo's/AOTAutograd's tracing context
+        assert K._capturing() is True and capturing_or_tracing() is True
+    with monkeypatch.context() as m:
+        m.setattr(torch.compiler, "is_compiling", lambda: True)
+        assert K._capturing() is True and capturing_or_tracing() is True
+    with monkeypatch.context() as m:  # a CUDA graph being captured on the current stream
+        m.setattr(torch.cuda, "is_available", lambda: True)
+        m.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+        assert K._capturing() is True and capturing_or_tracing() is True
+        m.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+        assert K._capturing() is False and capturing_or_tracing() is False
+
+
 # ------------------------------------------------------------------ GPU (skipped without CUDA)
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -154,12 +154,13 @@ def test_triton_gate_checks_the_production_cases_and_path_m2(monkeypatch):
     assert kt._gate.check(torch.device("cpu"), torch.float16)[0]
 
 
-def _specs(kernels, *args, **kwargs):
-    """{key: spec} of every launch kernels.replay_launches(*args, **kwargs) makes."""
+def _specs(*args, **kwargs):
+    """{key: spec} of every launch kind_fast.perf.replay.replay_kind_linear(*args, **kwargs) makes."""
     from kind_fast.perf.audit import capture_launches
+    from kind_fast.perf.replay import replay_kind_linear
 
     with capture_launches("") as got:
-        kernels.replay_launches(*args, **kwargs)
+        replay_kind_linear(*args, **kwargs)
     return {s.key: s for s in got}
 
 
@@ -173,20 +174,18 @@ def test_check_cases_select_the_production_configs(monkeypatch):
     several N-groups."""
     pytest.importorskip("triton")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    from kind_fast.ops.kind_linear_triton import _kernels
     from kind_fast.ops.self_check import FACTORED_CASES, TRITON_CASES
     from kind_fast.perf.perfmodel import plan_fused, plan_tailor_grad
 
-    K = _kernels()
     prod, cases = {}, {}
     for dtype in (torch.bfloat16, torch.float16):
         for n_in, n_out in ((1152, 1152), (1152, 3456), (1152, 4608), (4608, 1152)):
             for m in (8192, 65536):
-                prod.update(_specs(K, n_in, n_out, m, 32, 96, 256, dtype))
+                prod.update(_specs(n_in, n_out, m, 32, 96, 256, dtype))
         for i, o, n_t, k, b, t, _ in TRITON_CASES:
-            cases.update(_specs(K, i, o, b * t, k, n_t, t, dtype))
+            cases.update(_specs(i, o, b * t, k, n_t, t, dtype))
         for i, o, n_g, n_t, k, b, t, _ in FACTORED_CASES:
-            cases.update(_specs(K, i, o, b * t, k, n_t, t, dtype, m1=False, m2_learngenes=n_g))
+            cases.update(_specs(i, o, b * t, k, n_t, t, dtype, m1=False, m2_learngenes=n_g))
     missing = [(s.kernel, dict(s.constexprs), s.num_warps, s.num_stages) for k, s in prod.items() if k not in cases]
     assert not missing, f"production configs the self-check never runs: {missing}"
 
@@ -236,20 +235,18 @@ def test_merged_cases_select_the_production_configs(monkeypatch):
     several slots and dW with masked run ends."""
     pytest.importorskip("triton")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    from kind_fast.perf.audit import capture_launches
-    from kind_fast.ops.kind_linear_merged_triton import _kernels
     from kind_fast.ops.self_check import MERGED_CASES
-
-    K = _kernels()
+    from kind_fast.perf.audit import capture_launches
+    from kind_fast.perf.replay import audit_layers, replay_kind_linear_merged
 
     def specs(*args):
         with capture_launches("") as got:
-            K.replay_launches(*args)
+            replay_kind_linear_merged(*args)
         return {s.key: s for s in got}
 
     prod, cases = {}, {}
     for dtype in (torch.bfloat16, torch.float16):
-        for _, n_in, n_out in K.audit_layers(1152):
+        for _, n_in, n_out in audit_layers(1152):
             for b in (32, 256):
                 prod.update(specs(n_in, n_out, b, 256, 2, dtype))
         for n_in, n_out, n_slots, t, slot_of in MERGED_CASES:

@@ -16,13 +16,12 @@ only when no regular package of that name exists anywhere on the path (docs/desi
 One file per op, named after the op (``kind_linear.py`` for ``kind_fast::kind_linear``).
 Nothing here is imported by ``import kind_fast``: the Triton backend loads it on first use.
 
-Every module here may define ``audit_specs(full: bool = True) -> list[kind_fast.perf.audit.AuditSpec]``:
-the configs its launchers can launch on a GPU. ``python -m kind_fast.perf.audit`` (and
-tests/test_audit.py with ``full=False``, the short list CI compiles) builds each one for sm_90a
-and checks spills, shared memory, warpgroup MMA and pipelined K-loops. The easy way to write
-it: run the module's own launchers on ``meta`` tensors inside
-``kind_fast.perf.audit.capture_launches(label)``, which records each launch as a spec (see
-``kind_linear.audit_specs`` / ``replay_launches``).
+The modules here import nothing of the package (only torch, Triton, the standard library and
+each other, as ``kind_fast.kernels.<module>``; tests/test_layering.py): ``kind_linear_plans`` holds
+the launch plans the launchers take (pure Python; ``kind_fast.perf.perfmodel`` re-exports them).
+The static audit's cases, the replays of each kernel module's launchers on ``meta`` tensors, live
+above them in ``kind_fast.perf.replay`` (``AUDIT_CASES``); ``python -m kind_fast.perf.audit``
+refuses a module here that defines Triton kernels and has no entry there.
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ choice and tile config to stderr):
     M0  the reference (no active tailors, K > 128 active tailors: the fused kernels keep a BM×K
         shrink accumulator in registers; M·max(in, out) >= 2^31: int32 offsets; on a GPU, rows
         per sample that would put more than 4 samples in a 64-row tile, or K > 64 with tiles
-        that mix samples: kind_fast.perf.perfmodel.fused_unsupported).
+        that mix samples: kind_fast.kernels.kind_linear_plans.fused_unsupported).
     M3 (per-class merged weights for sampling): kind_fast/ops/kind_linear_merged_triton.py.
 
 Supported: CUDA tensors in float16/bfloat16 (float32 runs the reference through the
@@ -127,11 +127,11 @@ def _debug_log(kind: str, x: Tensor, n_out: int, k: int, n_t: int, b: int, extra
 def _fallback(m: int, k: int, n_t: int, width: int = 0, b: int = 1, device: torch.device | None = None) -> bool:
     """Shapes the kernels do not take: no rows/tailors, K > 128, offsets past int32, and on a
     GPU rows per sample that would need tiles mixing too many samples (or K > 64 with mixed
-    tiles; kind_fast.perf.perfmodel.fused_unsupported: Hopper's MMA needs 64-row tiles)."""
+    tiles; kind_fast.kernels.kind_linear_plans.fused_unsupported: Hopper's MMA needs 64-row tiles)."""
     if m == 0 or k == 0 or n_t == 0 or k > MAX_ACTIVE or m * max(width, k) >= 2**31:
         return True
     if device is not None and device.type == "cuda" and not _interpret():
-        from kind_fast.perf.perfmodel import fused_unsupported
+        from kind_fast.kernels.kind_linear_plans import fused_unsupported
 
         return bool(fused_unsupported(m // max(b, 1), k))
     return False
@@ -171,7 +171,7 @@ def kind_linear_triton_backward(
     dw = g.t() @ x if need_dw else empty()
     db = g.sum(0) if need_db else empty()  # one launch (accumulated in fp32 by torch for half inputs)
     need_part = need_ds or need_dval
-    from kind_fast.perf.perfmodel import partials_supported
+    from kind_fast.kernels.kind_linear_plans import partials_supported
 
     if need_dx and w_g is not None and partials_supported(m // labels.shape[0], k, _interpret()):
         # ---- path M1, one class per row tile: two launches. The dx kernel writes dx, the ds

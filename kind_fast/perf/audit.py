@@ -24,15 +24,16 @@ with ``nvcc -Xptxas -v`` (where nvcc is present), then reads the compiler's own 
               has a loop over tiles around the K-loops and whose launch grid is no larger than
               the GPU holds at once (SMs × CTAs/SM): its CTAs stay resident and loop
 
-Where the configs come from. Every module of ``kind_fast.kernels`` may define
-``audit_specs() -> list[AuditSpec]``; the audit imports each module (compiled, never
-interpreted) and compiles what it lists. A spec is one launch of one kernel: the argument
-types and the specialisation Triton's JIT would apply (pointer alignment, integers equal to 1
-or divisible by 16), the constexprs, num_warps and num_stages, and whether the config is
-pinned by a launcher or only reachable through autotuning. ``capture_launches`` builds specs
-from a launcher itself: it runs the launcher on ``meta`` tensors (launchers plan for the
-reference GPU, 132 SMs, on ``meta``) and records each kernel launch instead of running it, so
-the audit sees exactly what the launcher would launch.
+Where the configs come from. Every module of ``kind_fast.kernels`` that defines kernels has an
+entry in ``kind_fast.perf.replay.AUDIT_CASES``: (label, replay) pairs, each replay running the
+module's launchers on ``meta`` tensors (launchers plan for the reference GPU, 132 SMs, on
+``meta``). ``audit_specs`` runs them inside ``capture_launches``, which records each kernel
+launch instead of running it, so the audit sees exactly what the launchers would launch; the
+audit imports each kernel module compiled, never interpreted, and compiles what they launch. A
+spec is one launch of one kernel: the argument types and the specialisation Triton's JIT would
+apply (pointer alignment, integers equal to 1 or divisible by 16), the constexprs, num_warps and
+num_stages, and whether the config is pinned by a launcher or only reachable through
+autotuning.
 
 CUDA: ``csrc/*.cu`` compiled device-only (``--cubin -arch=sm_90a``) against the installed
 torch's headers. A CPU build of torch ships the headers but not the generated
@@ -65,7 +66,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["AuditSpec", "AuditRow", "SM90", "audit_spec", "collect_specs", "capture_launches",
+__all__ = ["AuditSpec", "AuditRow", "SM90", "audit_spec", "audit_specs", "collect_specs", "capture_launches",
            "audit_cuda", "sass_stats", "run_audit", "compile_all", "problem", "markdown_table", "main"]
 
 ROOT = Path(__file__).resolve().parents[2]  # the checkout (this file is kind_fast/perf/audit.py)
@@ -235,11 +236,29 @@ def capture_launches(variant: str) -> Iterator[list[AuditSpec]]:
         JITFunction.run, Autotuner.run = saved
 
 
+def audit_specs(module: str, full: bool = True) -> list[AuditSpec]:
+    """The specs the launchers of ``kind_fast.kernels.<module>`` launch in its audit cases
+    (``kind_fast.perf.replay.AUDIT_CASES``; ``full=False``: the short list CI compiles), in
+    order, labelled by case. Run with TRITON_INTERPRET unset (``collect_specs`` does)."""
+    from kind_fast.perf.replay import AUDIT_CASES
+
+    specs: list[AuditSpec] = []
+    for label, replay in AUDIT_CASES[module](full):
+        with capture_launches(label) as got:
+            replay()
+        specs.extend(got)
+    return specs
+
+
 def collect_specs(include_autotune: bool = True, full: bool = True) -> list[AuditSpec]:
-    """Every spec the modules of kind_fast.kernels declare (compiled mode), deduplicated (a
-    config listed as pinned anywhere counts as pinned). ``full=False`` asks modules whose
-    ``audit_specs`` takes ``full`` for their short list (what CI compiles)."""
-    import inspect
+    """Every spec the audit cases of the modules of kind_fast.kernels list (compiled mode),
+    deduplicated (a config listed as pinned anywhere counts as pinned). ``full=False``: the
+    short lists (what CI compiles). A kernel module that defines Triton kernels and has no
+    audit cases is an error, so a new kernel file cannot go unaudited."""
+    from triton.runtime.autotuner import Autotuner
+    from triton.runtime.jit import JITFunction
+
+    from kind_fast.perf.replay import AUDIT_CASES
 
     with _compiled_mode():
         import kind_fast.kernels as pkg
@@ -249,12 +268,13 @@ def collect_specs(include_autotune: bool = True, full: bool = True) -> list[Audi
             mod = importlib.import_module(f"kind_fast.kernels.{info.name}")
             if getattr(mod, "INTERPRETED", False):
                 mod = importlib.reload(mod)
-            fn = getattr(mod, "audit_specs", None)
-            if fn is None:
+            if info.name not in AUDIT_CASES:
+                if any(isinstance(v, (JITFunction, Autotuner)) for v in vars(mod).values()):
+                    raise RuntimeError(f"kind_fast.kernels.{info.name} defines Triton kernels but "
+                                       "kind_fast.perf.replay.AUDIT_CASES lists no audit cases for it")
                 continue
-            listed = fn(full=full) if "full" in inspect.signature(fn).parameters else fn()
             persistent = set(getattr(mod, "PERSISTENT_KERNELS", ()))
-            for s in listed:
+            for s in audit_specs(info.name, full=full):
                 if s.kernel in persistent:
                     s = dataclasses.replace(s, persistent=True)
                 if not include_autotune and not s.pinned:
