@@ -44,6 +44,28 @@ def _check_null(null: str) -> str:
     return null
 
 
+def _set_rows(num_classes: int, tailor_rank: int, active: int, null: str) -> int:
+    """Check the sizes of a gate whose classes switch on sets of ``active`` tailors; the rows
+    that get a set (the classes, and the null class with ``null="class"``)."""
+    _check_int("num_classes", num_classes, 1)
+    _check_int("tailor_rank", tailor_rank, 1)
+    _check_int("active", active, 1)
+    if active > tailor_rank:
+        raise ValueError(f"active ({active}) must be <= tailor_rank ({tailor_rank})")
+    _check_null(null)
+    return num_classes + (1 if null == "class" else 0)
+
+
+def _with_null_row(sets: Tensor, num_classes: int, null: str) -> Tensor:
+    """The (num_classes + 1, tailor_rank) table of ``sets`` (one row per ``_set_rows`` row): the
+    null row is its own set ("class"), every tailor ("all") or none ("off")."""
+    table = torch.zeros(num_classes + 1, sets.shape[1], device="cpu")
+    table[: sets.shape[0]] = sets
+    if null == "all":
+        table[num_classes] = 1.0
+    return table
+
+
 class ClassGate(nn.Module):
     """Class gate shared by all KIND layers of a model; build it with a classmethod builder.
 
@@ -125,20 +147,13 @@ class ClassGate(nn.Module):
     @classmethod
     def block(cls, num_classes: int, tailor_rank: int, active: int, *, null: str = "off") -> ClassGate:
         """Class c switches on block c mod (tailor_rank // active) of ``active`` contiguous tailors."""
-        _check_int("num_classes", num_classes, 1)
-        _check_int("tailor_rank", tailor_rank, 1)
-        _check_int("active", active, 1)
-        if active > tailor_rank:
-            raise ValueError(f"active ({active}) must be <= tailor_rank ({tailor_rank})")
-        _check_null(null)
+        rows = _set_rows(num_classes, tailor_rank, active, null)
         n_blocks = tailor_rank // active
-        rows = num_classes + (1 if null == "class" else 0)
-        table = torch.zeros(num_classes + 1, tailor_rank, device="cpu")
+        sets = torch.zeros(rows, tailor_rank, device="cpu")
         for c in range(rows):
             b = c % n_blocks
-            table[c, b * active : (b + 1) * active] = 1.0
-        if null == "all":
-            table[num_classes] = 1.0
+            sets[c, b * active : (b + 1) * active] = 1.0
+        table = _with_null_row(sets, num_classes, null)
         cfg = dict(num_classes=num_classes, tailor_rank=tailor_rank, active=active, null=null)
         return cls(table, kind="block", null=null, config=cfg)
 
@@ -156,19 +171,10 @@ class ClassGate(nn.Module):
         design. Distinct sets exist only for C ≤ binomial(N_T, K); beyond that (tiny N_T, many
         classes) sets repeat, as evenly as the rest of the design allows, with a warning.
         """
-        _check_int("num_classes", num_classes, 1)
-        _check_int("tailor_rank", tailor_rank, 1)
-        _check_int("active", active, 1)
-        if active > tailor_rank:
-            raise ValueError(f"active ({active}) must be <= tailor_rank ({tailor_rank})")
+        rows = _set_rows(num_classes, tailor_rank, active, null)
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-        _check_null(null)
-        rows = num_classes + (1 if null == "class" else 0)
-        table = torch.zeros(num_classes + 1, tailor_rank, device="cpu")
-        table[:rows] = balanced_sets(rows, tailor_rank, active, seed=seed).float()
-        if null == "all":
-            table[num_classes] = 1.0
+        table = _with_null_row(balanced_sets(rows, tailor_rank, active, seed=seed).float(), num_classes, null)
         cfg = dict(num_classes=num_classes, tailor_rank=tailor_rank, active=active, null=null, seed=seed)
         return cls(table, kind="balanced", null=null, config=cfg)
 
@@ -177,19 +183,12 @@ class ClassGate(nn.Module):
         cls, num_classes: int, tailor_rank: int, active: int, *, seed: int = 0, null: str = "off"
     ) -> ClassGate:
         """Each class switches on a seeded random subset of ``active`` tailors."""
-        _check_int("num_classes", num_classes, 1)
-        _check_int("tailor_rank", tailor_rank, 1)
-        _check_int("active", active, 1)
-        if active > tailor_rank:
-            raise ValueError(f"active ({active}) must be <= tailor_rank ({tailor_rank})")
-        _check_null(null)
+        rows = _set_rows(num_classes, tailor_rank, active, null)
         gen = torch.Generator().manual_seed(int(seed))
-        rows = num_classes + (1 if null == "class" else 0)
-        table = torch.zeros(num_classes + 1, tailor_rank, device="cpu")
+        sets = torch.zeros(rows, tailor_rank, device="cpu")
         for c in range(rows):
-            table[c, torch.randperm(tailor_rank, generator=gen, device="cpu")[:active]] = 1.0
-        if null == "all":
-            table[num_classes] = 1.0
+            sets[c, torch.randperm(tailor_rank, generator=gen, device="cpu")[:active]] = 1.0
+        table = _with_null_row(sets, num_classes, null)
         cfg = dict(num_classes=num_classes, tailor_rank=tailor_rank, active=active, null=null, seed=seed)
         return cls(table, kind="random_k", null=null, config=cfg)
 

@@ -112,8 +112,7 @@ def run_training(args: argparse.Namespace, mode: str) -> int:
 
     try:
         cfg = config_from_args(args, mode)
-        if args.threads < 0:
-            raise ValueError(f"--threads must be >= 0 (0: choose), got {args.threads}")
+        cpu_threads.check(args.threads)
     except (ValueError, FileNotFoundError, ImportError) as e:
         print(f"kind-fast {mode}: {e}", file=sys.stderr)
         return 2
@@ -238,6 +237,7 @@ def add_sample_arguments(p: argparse.ArgumentParser) -> None:
 def run_sample(args: argparse.Namespace) -> int:
     import torch
 
+    from kind_fast.train import cpu_threads
     from kind_fast.train.distributed import cleanup, init_distributed
     from kind_fast.train.models import SPEC_FILE, load_weights
     from kind_fast.train.sample_ddp import sample_labels, sample_to_files
@@ -257,14 +257,11 @@ def run_sample(args: argparse.Namespace) -> int:
         if args.n_per_class < 1 or args.batch_size < 1:
             raise ValueError("--n-per-class and --batch-size must be >= 1")
         check_sampling_args(args.steps, args.cfg_scale, args.eta, names=("--steps", "--cfg-scale", "--eta"))
-        if args.threads < 0:
-            raise ValueError(f"--threads must be >= 0 (0: choose), got {args.threads}")
+        cpu_threads.check(args.threads)
         env = init_distributed(args.device)  # under torchrun: every rank samples its share
     except (ValueError, FileNotFoundError) as e:
         print(f"kind-fast sample: {e}", file=sys.stderr)
         return 2
-    from kind_fast.train import cpu_threads
-
     threads = cpu_threads.apply(args.threads, env.device)
     if threads and env.is_main:
         print(threads, flush=True)

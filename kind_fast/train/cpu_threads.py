@@ -22,7 +22,7 @@ import os
 
 import torch
 
-__all__ = ["choose", "apply"]
+__all__ = ["check", "choose", "apply"]
 
 
 def _cores() -> int:
@@ -36,11 +36,16 @@ def _load() -> float | None:
         return None
 
 
+def check(requested: int) -> None:
+    """ValueError unless ``requested`` is a thread count or 0 (choose)."""
+    if requested < 0:
+        raise ValueError(f"--threads must be >= 0 (0: choose), got {requested}")
+
+
 def choose(requested: int = 0) -> tuple[int, str]:
     """(threads, why): ``requested`` if > 0; torch's count if ``OMP_NUM_THREADS`` is set or the
     machine is idle; else the cores the 1-minute load average leaves free (at least 1)."""
-    if requested < 0:
-        raise ValueError(f"--threads must be >= 0 (0: choose), got {requested}")
+    check(requested)
     default = torch.get_num_threads()
     if requested:
         return requested, "as requested"

@@ -272,18 +272,22 @@ def _covered(points: Tensor, centres: Tensor, radii: Tensor, batch: int) -> Tens
                       for i in range(0, points.shape[0], batch)])
 
 
-@torch.no_grad()
-def knn_precision_recall(real: Tensor, fake: Tensor, *, k: int = 3, batch: int = 2048) -> tuple[float, float]:
-    """Improved precision and recall (Kynkäänniemi et al. 2019) of feature sets (N, d), (M, d):
-    the k-NN manifold of a set is the union of balls around its samples, each reaching the
-    sample's k-th nearest neighbour in its own set. precision = fraction of ``fake`` inside the
-    real manifold; recall = fraction of ``real`` inside the fake manifold. float64, batched."""
+def _check_precision_recall_args(real: Tensor, fake: Tensor, k) -> None:
     _check_feature_pair(real, fake)
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be an int >= 1, got {k!r}")
     if min(real.shape[0], fake.shape[0]) <= k:
         raise ValueError(f"precision/recall with k={k} needs more than {k} samples per set, "
                          f"got {real.shape[0]} real and {fake.shape[0]} generated")
+
+
+@torch.no_grad()
+def knn_precision_recall(real: Tensor, fake: Tensor, *, k: int = 3, batch: int = 2048) -> tuple[float, float]:
+    """Improved precision and recall (Kynkäänniemi et al. 2019) of feature sets (N, d), (M, d):
+    the k-NN manifold of a set is the union of balls around its samples, each reaching the
+    sample's k-th nearest neighbour in its own set. precision = fraction of ``fake`` inside the
+    real manifold; recall = fraction of ``real`` inside the fake manifold. float64, batched."""
+    _check_precision_recall_args(real, fake, k)
     real, fake = real.double(), fake.double()
     precision = _covered(fake, real, _kth_neighbour_radii(real, k, batch), batch).double().mean()
     recall = _covered(real, fake, _kth_neighbour_radii(fake, k, batch), batch).double().mean()
@@ -304,12 +308,7 @@ def precision_recall(real: Tensor, fake: Tensor, *, k: int = 3, backend: str = "
     "ours" (``knn_precision_recall``), or "auto" (torch-fidelity where it imports, else ours)."""
     if backend not in ("auto", "torch_fidelity", "ours"):
         raise ValueError(f"backend must be auto, torch_fidelity or ours, got {backend!r}")
-    _check_feature_pair(real, fake)
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"k must be an int >= 1, got {k!r}")
-    if min(real.shape[0], fake.shape[0]) <= k:
-        raise ValueError(f"precision/recall with k={k} needs more than {k} samples per set, "
-                         f"got {real.shape[0]} real and {fake.shape[0]} generated")
+    _check_precision_recall_args(real, fake, k)
     if backend != "ours":
         try:
             from torch_fidelity.metric_prc import prc_features_to_metric
