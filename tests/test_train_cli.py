@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -220,6 +221,10 @@ def test_wall_time_note_reports_what_it_measured_either_way():
     assert "1.50× full fine-tuning's time" in slow and "0.75× its FLOPs" in slow
     assert "the 6 KIND layers in 4 calls" in slow and "the 4 nn.Linear layers" in slow and "64 token rows" in slow
     assert "the difference" in slow
+    # it points to where the per-layer numbers and the eager floor are (files that exist)
+    root = Path(__file__).resolve().parents[1]
+    for path in ("bench/results/cpu_demo_wall_time.md", "bench/cpu_demo_floor.py"):
+        assert path in slow and (root / path).is_file()
 
 
 def test_comparison_figure_labels_and_enlarges_every_row(tmp_path):

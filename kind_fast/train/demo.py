@@ -327,7 +327,9 @@ def wall_time_note(kind: dict, full: dict, kind_model, full_model, batch: int, s
             "term (the tailors the batch's classes switch on, in skinny GEMMs that run well below the dense rate) "
             "and the fixed per-call work of a Python op, and its optimizer steps more, smaller tensors; the "
             "training loop's own work (data, noise draws, loss, EMA) is the same for both. "
-            "bench/results/cpu_demo_wall_time.md has the per-layer and per-step numbers.")
+            "bench/results/cpu_demo_wall_time.md has the per-layer and per-step numbers, and the floor that "
+            "the tailor term's bare tensor ops set for any eager implementation at this width "
+            "(bench/cpu_demo_floor.py measures it on this machine).")
 
 
 def run(args: argparse.Namespace) -> int:
