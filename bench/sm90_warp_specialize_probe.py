@@ -7,17 +7,20 @@ Triton (3.6 and 3.9 checked) runs a Hopper warp-specialization pass on loops wri
 
 1. a plain persistent GEMM (TMA descriptors, static tile schedule ``tl.range(pid, tiles, CTAs)``)
    with and without ``warp_specialize=True``;
-2. path M1's forward (``kind_linear_fused_kernel``, the production config of DiT-XL/2.q at
+2. the same GEMM with a KIND-like epilogue ``acc += h·U``: h and U through TMA descriptors, by
+   pointer loads, and through TMA after a spin on another CTA's flag;
+3. path M1's forward (``kind_linear_fused_kernel``, the production config of DiT-XL/2.q at
    M = 8192) with its tile loop rewritten the same way: the dynamic tile counter's
    ``while pid < total`` loop becomes ``for pid in tl.range(cta, total, ctas, warp_specialize=True)``
    (a static schedule; a copy of kernels/kind_linear.py is rewritten, the repository's is not touched);
 
 and reports for each the warp-specialized regions and partitions in the TTGIR, ``setmaxnreg`` in
 the PTX (the register split between producer and consumer warps), warpgroup MMAs, TMA loads and
-the warps the kernel runs with. Docs/design.md §6 cites the result: the plain GEMM is
-partitioned, our forward is not (its tile body branches between owner and plain tiles and waits
-on other CTAs' flags, which the pass does not partition), so overlapping its epilogue needs a
-different kernel structure, not a flag.
+the warps the kernel runs with (a compile error where the pass fails). docs/design.md §6 cites
+the result (bench/results/sm90_warp_specialize_probe.md): the pass splits the GEMM as long as
+the loop body loads through TMA only and waits on no other CTA; our forward gathers factor rows
+by pointer and waits on the owners' flags, so overlapping its epilogue needs a different kernel
+structure, not a flag.
 """
 
 from __future__ import annotations
@@ -51,6 +54,37 @@ def _persistent_gemm(a_ptr, b_ptr, c_ptr, M, N, K, CTAS: tl.constexpr, BM: tl.co
         for k in range(tl.cdiv(K, BK)):
             acc = tl.dot(a_desc.load([pm * BM, k * BK]), b_desc.load([pn * BN, k * BK]).T, acc)
         c_desc.store([pm * BM, pn * BN], acc.to(tl.bfloat16))
+
+
+@triton.jit
+def _persistent_gemm_epilogue(a_ptr, b_ptr, c_ptr, h_ptr, u_ptr, flag_ptr, M, N, K, CTAS: tl.constexpr,
+                              BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, KP: tl.constexpr,
+                              LOADS: tl.constexpr, WAIT: tl.constexpr):
+    """The plain GEMM with a KIND-like epilogue, warp-specialized: acc += h[rows] · U[:, cols]
+    (h (M, KP), U (KP, N)) loaded through TMA descriptors (LOADS = "tma") or pointers
+    ("pointer"); WAIT: first spin on the row's flag (another CTA publishes h)."""
+    a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[K, 1], block_shape=[BM, BK])
+    b_desc = tl.make_tensor_descriptor(b_ptr, shape=[N, K], strides=[K, 1], block_shape=[BN, BK])
+    c_desc = tl.make_tensor_descriptor(c_ptr, shape=[M, N], strides=[N, 1], block_shape=[BM, BN])
+    h_desc = tl.make_tensor_descriptor(h_ptr, shape=[M, KP], strides=[KP, 1], block_shape=[BM, KP])
+    u_desc = tl.make_tensor_descriptor(u_ptr, shape=[KP, N], strides=[N, 1], block_shape=[KP, BN])
+    tiles_n = tl.cdiv(N, BN)
+    for tile in tl.range(tl.program_id(0), tl.cdiv(M, BM) * tiles_n, CTAS, warp_specialize=True):
+        pm, pn = tile // tiles_n, tile % tiles_n
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for k in range(tl.cdiv(K, BK)):
+            acc = tl.dot(a_desc.load([pm * BM, k * BK]), b_desc.load([pn * BN, k * BK]).T, acc)
+        if WAIT:
+            f = tl.atomic_add(flag_ptr + pm, 0, sem="acquire", scope="gpu")
+            while f == 0:
+                f = tl.atomic_add(flag_ptr + pm, 0, sem="acquire", scope="gpu")
+        if LOADS == "tma":
+            h, u = h_desc.load([pm * BM, 0]), u_desc.load([0, pn * BN])
+        else:
+            rm, rj, rn = pm * BM + tl.arange(0, BM), tl.arange(0, KP), pn * BN + tl.arange(0, BN)
+            h = tl.load(h_ptr + rm[:, None] * KP + rj[None, :])
+            u = tl.load(u_ptr + rj[:, None] * N + rn[None, :])
+        c_desc.store([pm * BM, pn * BN], tl.dot(h, u, acc).to(tl.bfloat16))
 
 
 def _report(name: str, compiled) -> str:
@@ -95,6 +129,20 @@ def main() -> None:
     for ws in (False, True):
         ck = _compile(_persistent_gemm, sig, dict(CTAS=132, BM=128, BN=128, BK=64, WS=ws), warps=4, stages=3)
         rows.append(_report(f"plain persistent TMA GEMM, warp_specialize={ws}", ck))
+    esig = dict(sig, h_ptr="*bf16", u_ptr="*bf16", flag_ptr="*i32", KP="constexpr", LOADS="constexpr",
+                WAIT="constexpr")
+    del esig["WS"]
+    for loads, wait, what in (("tma", False, "h and U through TMA"), ("pointer", False, "h and U by pointer loads"),
+                              ("tma", True, "h and U through TMA after a spin on the row's flag")):
+        name = f"the same GEMM, warp_specialize=True, epilogue += h·U: {what}"
+        try:
+            ck = _compile(_persistent_gemm_epilogue, esig,
+                          dict(CTAS=132, BM=128, BN=128, BK=64, KP=32, LOADS=loads, WAIT=wait), warps=4, stages=3)
+        except Exception as e:  # noqa: BLE001 - the pass failing is a result
+            rows.append(f"| {name} | compile error: {type(e).__name__} (the warp-specialization pass failed) "
+                        "| - | - | - | - | - |")
+            continue
+        rows.append(_report(name, ck))
     spec = next(s for s in audit.audit_specs("kind_linear", full=False)
                 if s.kernel == "kind_linear_fused_kernel" and s.variant.startswith("DiT-XL/2.q"))
     for name, fn in (("path M1 forward (as shipped: dynamic tile counter)", spec.fn),
