@@ -148,8 +148,8 @@ def main() -> None:
             frozen = copy.deepcopy(full.train_model)
             for blk in frozen.blocks:
                 blk.requires_grad_(False)
-            drop = kind._draws(kind.step)[2]
-            labels = torch.where(drop, torch.full_like(y, kind.train_model.num_classes), y)
+            # the post-dropout labels the KIND layers see (the trainer's draws, the model's own rule)
+            labels = kind.train_model.y_embedder.drop(y, kind._draws(kind.step)[2].long())
             rows = x.shape[0] * kind.train_model.x_embedder.num_patches
             raw, raw_hot, rank, n_ops = _raw_tailor_ops(kind.train_model, labels, rows)
 

@@ -42,34 +42,20 @@ from triton.compiler import ASTSource  # noqa: E402
 
 
 @triton.jit
-def _persistent_gemm(a_ptr, b_ptr, c_ptr, M, N, K, CTAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                     BK: tl.constexpr, WS: tl.constexpr):
+def _persistent_gemm(a_ptr, b_ptr, c_ptr, h_ptr, u_ptr, flag_ptr, M, N, K, CTAS: tl.constexpr, BM: tl.constexpr,
+                     BN: tl.constexpr, BK: tl.constexpr, KP: tl.constexpr, WS: tl.constexpr, EPILOGUE: tl.constexpr,
+                     WAIT: tl.constexpr):
+    """A persistent TMA GEMM c = a·bᵀ over a static tile schedule; EPILOGUE "none", or a KIND-like
+    ``acc += h[rows] · U[:, cols]`` (h (M, KP), U (KP, N)) loaded through TMA descriptors ("tma")
+    or pointers ("pointer"); WAIT: first spin on the row's flag (another CTA publishes h)."""
     a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[K, 1], block_shape=[BM, BK])
     b_desc = tl.make_tensor_descriptor(b_ptr, shape=[N, K], strides=[K, 1], block_shape=[BN, BK])
     c_desc = tl.make_tensor_descriptor(c_ptr, shape=[M, N], strides=[N, 1], block_shape=[BM, BN])
+    if EPILOGUE == "tma":
+        h_desc = tl.make_tensor_descriptor(h_ptr, shape=[M, KP], strides=[KP, 1], block_shape=[BM, KP])
+        u_desc = tl.make_tensor_descriptor(u_ptr, shape=[KP, N], strides=[N, 1], block_shape=[KP, BN])
     tiles_n = tl.cdiv(N, BN)
     for tile in tl.range(tl.program_id(0), tl.cdiv(M, BM) * tiles_n, CTAS, warp_specialize=WS):
-        pm, pn = tile // tiles_n, tile % tiles_n
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
-        for k in range(tl.cdiv(K, BK)):
-            acc = tl.dot(a_desc.load([pm * BM, k * BK]), b_desc.load([pn * BN, k * BK]).T, acc)
-        c_desc.store([pm * BM, pn * BN], acc.to(tl.bfloat16))
-
-
-@triton.jit
-def _persistent_gemm_epilogue(a_ptr, b_ptr, c_ptr, h_ptr, u_ptr, flag_ptr, M, N, K, CTAS: tl.constexpr,
-                              BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, KP: tl.constexpr,
-                              LOADS: tl.constexpr, WAIT: tl.constexpr):
-    """The plain GEMM with a KIND-like epilogue, warp-specialized: acc += h[rows] · U[:, cols]
-    (h (M, KP), U (KP, N)) loaded through TMA descriptors (LOADS = "tma") or pointers
-    ("pointer"); WAIT: first spin on the row's flag (another CTA publishes h)."""
-    a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[K, 1], block_shape=[BM, BK])
-    b_desc = tl.make_tensor_descriptor(b_ptr, shape=[N, K], strides=[K, 1], block_shape=[BN, BK])
-    c_desc = tl.make_tensor_descriptor(c_ptr, shape=[M, N], strides=[N, 1], block_shape=[BM, BN])
-    h_desc = tl.make_tensor_descriptor(h_ptr, shape=[M, KP], strides=[KP, 1], block_shape=[BM, KP])
-    u_desc = tl.make_tensor_descriptor(u_ptr, shape=[KP, N], strides=[N, 1], block_shape=[KP, BN])
-    tiles_n = tl.cdiv(N, BN)
-    for tile in tl.range(tl.program_id(0), tl.cdiv(M, BM) * tiles_n, CTAS, warp_specialize=True):
         pm, pn = tile // tiles_n, tile % tiles_n
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         for k in range(tl.cdiv(K, BK)):
@@ -78,13 +64,13 @@ def _persistent_gemm_epilogue(a_ptr, b_ptr, c_ptr, h_ptr, u_ptr, flag_ptr, M, N,
             f = tl.atomic_add(flag_ptr + pm, 0, sem="acquire", scope="gpu")
             while f == 0:
                 f = tl.atomic_add(flag_ptr + pm, 0, sem="acquire", scope="gpu")
-        if LOADS == "tma":
-            h, u = h_desc.load([pm * BM, 0]), u_desc.load([0, pn * BN])
-        else:
+        if EPILOGUE == "tma":
+            acc = tl.dot(h_desc.load([pm * BM, 0]), u_desc.load([0, pn * BN]), acc)
+        elif EPILOGUE == "pointer":
             rm, rj, rn = pm * BM + tl.arange(0, BM), tl.arange(0, KP), pn * BN + tl.arange(0, BN)
-            h = tl.load(h_ptr + rm[:, None] * KP + rj[None, :])
-            u = tl.load(u_ptr + rj[:, None] * N + rn[None, :])
-        c_desc.store([pm * BM, pn * BN], tl.dot(h, u, acc).to(tl.bfloat16))
+            acc = tl.dot(tl.load(h_ptr + rm[:, None] * KP + rj[None, :]),
+                         tl.load(u_ptr + rj[:, None] * N + rn[None, :]), acc)
+        c_desc.store([pm * BM, pn * BN], acc.to(tl.bfloat16))
 
 
 def _report(name: str, compiled) -> str:
@@ -124,20 +110,19 @@ def main() -> None:
 
     rows = ["| kernel | warp-specialized regions | partitions | setmaxnreg | wgmma | TMA loads | warps |",
             "|---|---|---|---|---|---|---|"]
-    sig = {"a_ptr": "*bf16", "b_ptr": "*bf16", "c_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32",
-           "CTAS": "constexpr", "BM": "constexpr", "BN": "constexpr", "BK": "constexpr", "WS": "constexpr"}
-    for ws in (False, True):
-        ck = _compile(_persistent_gemm, sig, dict(CTAS=132, BM=128, BN=128, BK=64, WS=ws), warps=4, stages=3)
-        rows.append(_report(f"plain persistent TMA GEMM, warp_specialize={ws}", ck))
-    esig = dict(sig, h_ptr="*bf16", u_ptr="*bf16", flag_ptr="*i32", KP="constexpr", LOADS="constexpr",
-                WAIT="constexpr")
-    del esig["WS"]
-    for loads, wait, what in (("tma", False, "h and U through TMA"), ("pointer", False, "h and U by pointer loads"),
-                              ("tma", True, "h and U through TMA after a spin on the row's flag")):
-        name = f"the same GEMM, warp_specialize=True, epilogue += h·U: {what}"
+    sig = {n: "*bf16" for n in ("a_ptr", "b_ptr", "c_ptr", "h_ptr", "u_ptr")} | {
+        "flag_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32",
+        **{n: "constexpr" for n in ("CTAS", "BM", "BN", "BK", "KP", "WS", "EPILOGUE", "WAIT")}}
+    cases = [(False, "none", False, "plain persistent TMA GEMM, warp_specialize=False"),
+             (True, "none", False, "plain persistent TMA GEMM, warp_specialize=True")]
+    cases += [(True, epi, wait, f"the same GEMM, warp_specialize=True, epilogue += h·U: {what}")
+              for epi, wait, what in (("tma", False, "h and U through TMA"),
+                                      ("pointer", False, "h and U by pointer loads"),
+                                      ("tma", True, "h and U through TMA after a spin on the row's flag"))]
+    for ws, epi, wait, name in cases:
         try:
-            ck = _compile(_persistent_gemm_epilogue, esig,
-                          dict(CTAS=132, BM=128, BN=128, BK=64, KP=32, LOADS=loads, WAIT=wait), warps=4, stages=3)
+            ck = _compile(_persistent_gemm, sig, dict(CTAS=132, BM=128, BN=128, BK=64, KP=32, WS=ws, EPILOGUE=epi,
+                                                      WAIT=wait), warps=4, stages=3)
         except Exception as e:  # noqa: BLE001 - the pass failing is a result
             rows.append(f"| {name} | compile error: {type(e).__name__} (the warp-specialization pass failed) "
                         "| - | - | - | - | - |")
